@@ -1,0 +1,47 @@
+# dpo_xpu: `make demo` and `make test` set everything up on a fresh machine (CPU here).
+# Intel GPU users install PyTorch's XPU wheels instead of the CPU one:
+#   make setup TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/xpu"
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.dpo_xpu-installed
+IPEX_VENV ?= .venv-ipex-llm
+DEMO_DIR ?= runs/demo
+DEMO_MODEL ?= runs/demo-model
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+.PHONY: setup demo test lint kernel docs ipex-llm-env clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[test,notebooks,docs]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on the embedded default: the tiny ChatML model and the shipped sample, on CPU in minutes.
+# An earlier demo run is kept as $(DEMO_DIR).previous, never silently lost.
+demo: setup
+	$(BIN)/dpo-xpu demo-model $(DEMO_MODEL)
+	@if [ -e $(DEMO_DIR) ]; then rm -rf $(DEMO_DIR).previous && mv $(DEMO_DIR) $(DEMO_DIR).previous \
+		&& echo "previous demo run moved to $(DEMO_DIR).previous"; fi
+	$(BIN)/dpo-xpu train --recipe recipes/cpu_demo.yaml --set output_dir=$(DEMO_DIR) --set model_name_or_path=$(DEMO_MODEL)
+	@echo "demo done: metrics, reward curves and adapter are in $(DEMO_DIR)/"
+
+lint: setup
+	$(BIN)/ruff check dpo_xpu tests scripts benchmarks
+	$(BIN)/ruff format --check dpo_xpu tests scripts benchmarks
+
+# The whole suite. pytest's exit code 5 ("no tests collected") is not a failure of the project.
+test: setup
+	$(BIN)/python -m pytest -q -ra tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+
+kernel: setup
+	$(BIN)/python -m ipykernel install --user --name dpo-xpu --display-name "Python (dpo_xpu)"
+
+clean:
+	rm -rf runs site .pytest_cache .ruff_cache

@@ -1,0 +1,68 @@
+"""dpo_xpu: Direct Preference Optimization of chat models with NF4 + LoRA on Intel GPUs.
+
+The public API is re-exported here and imported lazily, so ``import dpo_xpu`` (and ``dpo-xpu --help``)
+stays fast: torch, transformers and TRL load on first use of a function that needs them.
+
+    >>> import dpo_xpu
+    >>> report = dpo_xpu.check_environment()
+    >>> device = dpo_xpu.select_device("auto")   # xpu, then cuda, then cpu
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # environment
+    "check_environment": "environment",
+    "select_device": "environment",
+    "EnvironmentReport": "environment",
+    # data
+    "load_orca_dpo_pairs": "data",
+    "chatml_format": "data",
+    "format_orca_dataset": "data",
+    "train_eval_split": "data",
+    "DEMO_SAMPLE_PATH": "data",
+    # models
+    "load_tokenizer": "models",
+    "load_policy_model": "models",
+    "load_reference_model": "models",
+    "LoraSettings": "models",
+    # recipes and training
+    "Recipe": "recipes",
+    "load_recipe": "recipes",
+    "make_dpo_trainer": "training",
+    "run_training": "training",
+    # callbacks and plots
+    "MetricsLoggerCallback": "callbacks",
+    "LiveRewardPlotCallback": "callbacks",
+    "read_metrics": "plotting",
+    "plot_reward_curves": "plotting",
+    # demo assets
+    "build_demo_model": "demo",
+    # errors
+    "DpoXpuError": "errors",
+    "PreferenceDataError": "errors",
+    "DeviceNotAvailableError": "errors",
+    "RecipeError": "errors",
+    "ModelLoadError": "errors",
+    "RunFolderError": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dpo_xpu' has no attribute {name!r}")
+    value = getattr(import_module(f"dpo_xpu.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

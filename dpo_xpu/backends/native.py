@@ -1,0 +1,150 @@
+"""The native backend: PyTorch's own device (xpu, cuda or cpu), bitsandbytes NF4, PEFT LoRA, TRL 1.x.
+
+NF4 is bitsandbytes' 4-bit NormalFloat (Dettmers et al. 2023, "QLoRA", section 3) with bf16 compute;
+bitsandbytes >= 0.48 runs it on XPU, CUDA and CPU. The policy gets PEFT's
+``prepare_model_for_kbit_training`` (norms and embeddings upcast to float32) and LoRA adapters; a
+``separate`` reference gets the same upcast, frozen, so both compute the same numbers at step 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from dpo_xpu.errors import ModelLoadError
+from dpo_xpu.models import LoraSettings, _from_pretrained
+
+logger = logging.getLogger(__name__)
+
+#: bitsandbytes repacks NF4 weights for its AVX512-BF16 CPU kernel in blocks of this many output rows.
+CPU_REPACK_BLOCK = 32
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
+    """``dtype=`` for transformers >= 4.56, ``torch_dtype=`` before (the keyword was renamed)."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: dtype}
+
+
+def disable_cpu_nf4_repack(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes from repacking NF4 weights for its AVX512-BF16 CPU inference kernel.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit`` at its first eval-mode, no-grad call on such CPUs and fails
+    ("N must be divisible by block_n") when the layer's output size is not a multiple of 32 (stories260K's
+    MLP has 172). The repacked kernel also rounds differently from the training kernel, so a reference in
+    eval mode would not match the adapter-off policy. Keeping one kernel for train and eval fixes both.
+
+    Returns:
+        The number of ``Linear4bit`` layers changed (0 for a model without NF4 layers).
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def _load_base(model_name_or_path: str, quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
+    kwargs: dict[str, Any] = {**_dtype_kwarg(dtype), "device_map": {"": str(device)}}
+    if quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+        )
+    elif quantization != "none":
+        raise ModelLoadError(f"quantization {quantization!r} is not supported by the native backend (nf4, none)")
+    model = _from_pretrained(AutoModelForCausalLM, model_name_or_path, **kwargs)
+    if quantization == "nf4" and device.type == "cpu":
+        disable_cpu_nf4_repack(model)
+    return model
+
+
+def _upcast_for_training(model: PreTrainedModel, quantization: str, gradient_checkpointing: bool) -> None:
+    if quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+
+def lora_targets_present(model: torch.nn.Module, wanted: list[str]) -> list[str]:
+    """Return the names in ``wanted`` that name at least one ``nn.Linear``-like layer of ``model``.
+
+    Raises:
+        ModelLoadError: none of them exists (the message lists the model's linear layer names).
+    """
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")
+    }
+    present = [t for t in wanted if t in names]
+    if not present:
+        raise ModelLoadError(
+            f"none of the LoRA target modules {wanted} exists in this model; its linear layers are "
+            f"{sorted(names)}: set lora_target_modules to some of them"
+        )
+    missing = sorted(set(wanted) - set(present))
+    if missing:
+        logger.info("LoRA targets absent from this model, skipped: %s", ", ".join(missing))
+    return present
+
+
+def load_policy_model(
+    model_name_or_path: str,
+    quantization: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    lora: LoraSettings,
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
+    """Base model (NF4 or plain) + ``prepare_model_for_kbit_training`` + PEFT LoRA adapters.
+
+    See :func:`dpo_xpu.models.load_policy_model` for the arguments.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    model = _load_base(model_name_or_path, quantization, device, dtype)
+    _upcast_for_training(model, quantization, gradient_checkpointing)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_targets_present(model, lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    policy = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    logger.info("policy loaded on %s (%s): %d trainable LoRA parameters", device, quantization, trainable)
+    return policy
+
+
+def load_reference_model(
+    model_name_or_path: str,
+    quantization: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> PreTrainedModel:
+    """A frozen copy of the base in eval mode, with the policy's dtype handling (the ``separate`` strategy)."""
+    model = _load_base(model_name_or_path, quantization, device, dtype)
+    _upcast_for_training(model, quantization, gradient_checkpointing=False)
+    model.requires_grad_(False)
+    model.eval()
+    return model

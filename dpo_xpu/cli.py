@@ -1,0 +1,117 @@
+"""The ``dpo-xpu`` command line.
+
+    dpo-xpu env [--json] [--backend native|ipex-llm]    # environment report; exit 1 on an error verdict
+    dpo-xpu train --recipe FILE [--set key=value ...] [--overwrite]
+    dpo-xpu plot RUN_DIR                                  # redraw RUN_DIR/reward_curves.png
+    dpo-xpu demo-model [DEST]                             # build the offline demo's tiny model
+
+Errors a user can cause print one line (``dpo-xpu: error: ...``) and exit 2, without a traceback.
+Heavy imports happen inside the commands, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dpo_xpu.errors import DpoXpuError
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from dpo_xpu.environment import check_environment
+
+    report = check_environment(backend=args.backend)
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_table())
+    return 1 if report.has_errors else 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dpo_xpu.recipes import load_recipe
+    from dpo_xpu.training import run_training
+
+    recipe = load_recipe(args.recipe, overrides=args.set)
+    result = run_training(recipe, overwrite=args.overwrite, live_plot=False)
+    last = next((row for row in reversed(result.metrics) if "loss" in row), {})
+    print(f"run folder: {result.run_dir}")
+    print(f"  metrics:       {result.run_dir / 'metrics.jsonl'} ({len(result.metrics)} rows)")
+    print(f"  reward curves: {result.curves_png}")
+    print(f"  adapter:       {result.adapter_dir}")
+    if last:
+        print(
+            f"  last step {last['step']}: loss {last.get('loss'):.4f}, "
+            f"accuracy {last.get('rewards/accuracies', float('nan')):.2f}, "
+            f"margin {last.get('rewards/margins', float('nan')):.4f}"
+        )
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from dpo_xpu.plotting import CURVES_FILE, METRICS_FILE, plot_reward_curves
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / METRICS_FILE).is_file():
+        raise DpoXpuError(f"{run_dir / METRICS_FILE} does not exist: give a run folder written by 'dpo-xpu train'")
+    out = run_dir / CURVES_FILE
+    plot_reward_curves(run_dir, out_path=out)
+    print(out)
+    return 0
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    from dpo_xpu.demo import build_demo_model
+
+    print(build_demo_model(args.dest, force=args.force))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``dpo-xpu`` (sub-commands env, train, plot, demo-model)."""
+    parser = argparse.ArgumentParser(prog="dpo-xpu", description="DPO with NF4 + LoRA on Intel GPUs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    env = sub.add_parser("env", help="report the device, driver, oneAPI and package versions")
+    env.add_argument("--json", action="store_true", help="print the report as JSON")
+    env.add_argument("--backend", choices=("native", "ipex-llm"), default=None)
+    env.set_defaults(func=_cmd_env)
+
+    train = sub.add_parser("train", help="train with DPO from a recipe")
+    train.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)"
+    )
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    train.set_defaults(func=_cmd_train)
+
+    plot = sub.add_parser("plot", help="draw RUN_DIR/reward_curves.png from RUN_DIR/metrics.jsonl")
+    plot.add_argument("run_dir")
+    plot.set_defaults(func=_cmd_plot)
+
+    demo = sub.add_parser("demo-model", help="build the offline demo's tiny ChatML model")
+    demo.add_argument("dest", nargs="?", default="runs/demo-model")
+    demo.add_argument("--force", action="store_true", help="rebuild even if already built")
+    demo.set_defaults(func=_cmd_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dpo-xpu``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except DpoXpuError as exc:
+        print(f"dpo-xpu: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dpo-xpu: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The embedded demo's model: a tiny Qwen2-architecture model with a ChatML tokenizer, built offline.
+
+Nothing is downloaded. The tokenizer is a byte-level BPE trained on the shipped orca-format sample
+(:data:`dpo_xpu.data.DEMO_SAMPLE_PATH`) with the ChatML special tokens; the model is randomly initialised
+from a fixed seed. Same inputs and versions give the same files (checked by the tests).
+
+    $ python scripts/build_demo_model.py runs/demo-model
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CHATML_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+#: Sizes are multiples of 32 so every NF4 layer suits bitsandbytes' CPU kernels.
+DEMO_CONFIG = {
+    "vocab_size": 1024,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+DEMO_SEED = 0
+_MARKER = "dpo_xpu_demo.json"
+
+
+def _training_texts(sample_path: Path) -> list[str]:
+    texts = []
+    for line in sample_path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            texts.extend(str(row.get(k, "")) for k in ("system", "question", "chosen", "rejected"))
+    texts.extend(["system", "user", "assistant"])
+    return texts
+
+
+def build_demo_tokenizer(sample_path: Path | None = None, vocab_size: int = DEMO_CONFIG["vocab_size"]):
+    """Train a byte-level BPE tokenizer with ChatML special tokens on the shipped sample.
+
+    Args:
+        sample_path: orca-format JSONL to learn merges from; default the shipped demo sample.
+        vocab_size: total vocabulary size including the 256 byte tokens and 3 special tokens.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast`` with the ChatML chat template, ``<|endoftext|>`` as EOS
+        and pad token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from dpo_xpu.data import CHATML_TEMPLATE, DEMO_SAMPLE_PATH
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=CHATML_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_texts(Path(sample_path or DEMO_SAMPLE_PATH)), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def _files_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("model.safetensors", "tokenizer.json"):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def build_demo_model(dest: str | Path = "runs/demo-model", force: bool = False) -> Path:
+    """Build (or reuse) the demo's tiny ChatML model in ``dest`` and return the folder.
+
+    The model is ``Qwen2ForCausalLM`` with :data:`DEMO_CONFIG` (about 0.2M parameters), initialised from
+    seed :data:`DEMO_SEED`, saved in float32 with its tokenizer. A folder already built by this function
+    is reused unless ``force``.
+
+    Raises:
+        FileExistsError: ``dest`` exists, is not empty, and was not built by this function.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    dest = Path(dest)
+    marker = dest / _MARKER
+    if marker.exists() and not force:
+        return dest
+    if dest.exists() and any(dest.iterdir()) and not marker.exists():
+        raise FileExistsError(f"{dest} exists and was not built by build_demo_model: choose another folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_demo_tokenizer()
+    config = Qwen2Config(
+        **{**DEMO_CONFIG, "vocab_size": len(tokenizer)},
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(DEMO_SEED)
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    marker.write_text(json.dumps({"seed": DEMO_SEED, "config": DEMO_CONFIG, "sha256": _files_digest(dest)}))
+    logger.info("demo model built in %s", dest)
+    return dest

@@ -1,0 +1,376 @@
+"""Environment check and device selection: what this machine can run, and what to fix where it can't.
+
+    >>> report = check_environment()          # versions, accelerators, oneAPI, backends, verdicts
+    >>> print(report)                         # a readable table; report.to_dict() for environment.json
+    >>> device = select_device("auto")        # xpu, then cuda, then cpu
+
+The check gathers facts into a :class:`Probe` and judges them with the pure function :func:`_verdicts`, so the
+judgement is tested with fake probes on any machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform as _platform
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, Literal
+
+from packaging.version import InvalidVersion, Version
+
+from .errors import DeviceNotAvailableError, RecipeError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate")
+IPEX = "intel-extension-for-pytorch"
+INTEL_PACKAGES = (IPEX, "ipex-llm")
+BACKENDS = ("native", "ipex-llm")
+XPU_WHEELS = "pip install torch --index-url https://download.pytorch.org/whl/xpu"
+XPU_FIX = f"install the Intel GPU driver and PyTorch's XPU wheels: {XPU_WHEELS}"
+ONEAPI_FIX = "source setup_oneapi.sh, then start Python or Jupyter from that shell"
+BNB_FIX = 'pip install -U "bitsandbytes>=0.48"'
+NATIVE_FIX = 'pip install -U "transformers>=4.53" "trl>=1.0" "peft>=0.17" "bitsandbytes>=0.48" "accelerate>=1.0"'
+IPEX_LLM_FIX = "conda env create -f environment-ipex-llm.yml (transformers 4.45.x, trl<0.12, accelerate>=0.26)"
+
+
+@dataclass
+class Accelerator:
+    """One device PyTorch sees: ``kind`` is ``"xpu"`` or ``"cuda"``, memory in MiB."""
+
+    kind: str
+    index: int
+    name: str
+    total_memory_mib: int
+
+
+@dataclass
+class Probe:
+    """The raw facts the check judges; built by :func:`_probe`, or by hand in tests.
+
+    Args:
+        versions (`dict[str, str | None]`): installed version per distribution name, ``None`` when absent.
+        accelerators (`list[Accelerator]`): devices PyTorch sees.
+        torch_xpu (`str | None`): ``torch.version.xpu``; ``None`` for a build without XPU support.
+        torch_cuda (`str | None`): ``torch.version.cuda``; ``None`` for a build without CUDA support.
+        env (`dict[str, str]`): ``ONEAPI_ROOT`` and ``SETVARS_COMPLETED`` where they are set.
+        sycl_ls (`list[str] | None`): Level Zero GPU lines of ``sycl-ls``; ``None`` when absent or failed.
+        python (`str`), platform (`str`): Python version and platform string.
+    """
+
+    versions: dict[str, str | None] = field(default_factory=dict)
+    accelerators: list[Accelerator] = field(default_factory=list)
+    torch_xpu: str | None = None
+    torch_cuda: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    sycl_ls: list[str] | None = None
+    python: str = field(default_factory=_platform.python_version)
+    platform: str = field(default_factory=_platform.platform)
+
+
+@dataclass
+class Verdict:
+    """One judgement: ``level`` is ``"ok"``, ``"warning"`` or ``"error"``; ``fix`` says what to do."""
+
+    level: Literal["ok", "warning", "error"]
+    topic: str
+    message: str
+    fix: str = ""
+
+
+@dataclass
+class BackendStatus:
+    """Whether a backend (``native`` or ``ipex-llm``) can run here; ``reasons`` say why not."""
+
+    name: str
+    usable: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EnvironmentReport:
+    """The result of :func:`check_environment`: facts, backend usability and verdicts for ``backend``."""
+
+    backend: str
+    probe: Probe
+    backends: list[BackendStatus]
+    verdicts: list[Verdict]
+
+    @property
+    def has_errors(self) -> bool:
+        """`bool`: whether any verdict has level ``"error"``."""
+        return any(v.level == "error" for v in self.verdicts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (for ``runs/<name>/environment.json``)."""
+        return {**dataclasses.asdict(self), "has_errors": self.has_errors}
+
+    def to_table(self) -> str:
+        """A plain-text table of everything the check found, verdicts last."""
+        p = self.probe
+        rows = ["dpo_xpu environment check", f"  python      {p.python} on {p.platform}", "packages"]
+        rows += [f"  {name:<28}{p.versions.get(name) or 'not installed'}" for name in PACKAGES + INTEL_PACKAGES]
+        rows.append(f"accelerators (torch.version.xpu={p.torch_xpu}, torch.version.cuda={p.torch_cuda})")
+        devices = [f"  {a.kind}:{a.index}  {a.name}  {a.total_memory_mib} MiB" for a in p.accelerators]
+        rows += devices or ["  none"]
+        rows.append("oneAPI")
+        rows.append(f"  ONEAPI_ROOT                 {p.env.get('ONEAPI_ROOT', '(unset)')}")
+        rows.append(f"  setvars.sh sourced          {'yes' if _setvars_sourced(p) else 'no'}")
+        sycl = "(not on PATH)" if p.sycl_ls is None else (f"{len(p.sycl_ls)} Level Zero GPU(s)")
+        rows.append(f"  sycl-ls                     {sycl}")
+        rows += [f"    {line}" for line in p.sycl_ls or []]
+        rows.append(f"backends (checked: {self.backend})")
+        for b in self.backends:
+            rows.append(f"  {b.name:<10}{'usable' if b.usable else 'not usable: ' + '; '.join(b.reasons)}")
+        rows.append("verdicts")
+        for v in self.verdicts:
+            rows.append(f"  [{v.level.upper():<7}] {v.topic}: {v.message}")
+            rows += [f"            fix: {v.fix}"] if v.fix else []
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.to_table()
+
+
+def _version(text: str | None) -> Version | None:
+    try:
+        return Version(text) if text else None
+    except InvalidVersion:
+        return None
+
+
+def _setvars_sourced(probe: Probe) -> bool:
+    return probe.env.get("SETVARS_COMPLETED") == "1"
+
+
+def _backend_status(name: str, probe: Probe) -> BackendStatus:
+    """Judge one backend against the installed versions (pure)."""
+    v = {k: _version(s) for k, s in probe.versions.items()}
+    need = ["torch", "transformers", "trl", "peft", "accelerate"]
+    need += ["bitsandbytes"] if name == "native" else ["ipex-llm"]
+    reasons = [f"{pkg} is not installed" for pkg in need if not probe.versions.get(pkg)]
+    if name == "native":
+        checks = [("transformers", ">=", "4.53"), ("trl", ">=", "1.0"), ("bitsandbytes", ">=", "0.48")]
+    else:
+        checks = [("transformers", "<", "4.46"), ("trl", "<", "0.12"), ("accelerate", ">=", "0.26")]
+    for pkg, op, bound in checks:
+        have = v.get(pkg)
+        if have is not None and (have < Version(bound) if op == ">=" else have >= Version(bound)):
+            reasons.append(f"{name} needs {pkg}{op}{bound}, found {probe.versions[pkg]}")
+    return BackendStatus(name, not reasons, reasons)
+
+
+def _verdicts(probe: Probe, backend: str = "native") -> list[Verdict]:
+    """Judge a probe for ``backend``, pure (no imports, no I/O): one :class:`Verdict` per finding."""
+    out: list[Verdict] = []
+
+    def add(level: str, topic: str, message: str, fix: str = "") -> None:
+        out.append(Verdict(level, topic, message, fix))  # type: ignore[arg-type]
+
+    ver = {k: _version(s) for k, s in probe.versions.items()}
+    torch_v = probe.versions.get("torch")
+    if probe.accelerators:
+        names = ", ".join(f"{a.kind}:{a.index} {a.name}" for a in probe.accelerators)
+        add("ok", "accelerator", f"training runs on {names}")
+    else:
+        build = " (a CPU-only build)" if torch_v and not (probe.torch_xpu or probe.torch_cuda) else ""
+        sycl = " and sycl-ls lists no Level Zero GPU" if probe.sycl_ls == [] else ""
+        msg = f"no accelerator visible to PyTorch {torch_v}{build}{sycl}: training runs on CPU, slowly"
+        add("warning", "accelerator", msg, XPU_FIX)
+    status = _backend_status(backend, probe)
+    if status.usable:
+        add("ok", "backend", f"the {backend} backend can run here")
+    else:
+        msg = f"the {backend} backend cannot run: {'; '.join(status.reasons)}"
+        add("error", "backend", msg, NATIVE_FIX if backend == "native" else IPEX_LLM_FIX)
+    bnb = ver.get("bitsandbytes")
+    if backend == "native" and bnb is None:
+        add("error", "bitsandbytes", "bitsandbytes is not installed: no NF4 quantisation", BNB_FIX)
+    elif backend == "native" and bnb < Version("0.48"):
+        level = "warning" if any(a.kind == "cuda" for a in probe.accelerators) else "error"
+        msg = f"bitsandbytes {probe.versions['bitsandbytes']} has NF4 on CUDA only; CPU and XPU need >= 0.48"
+        add(level, "bitsandbytes", msg, BNB_FIX)
+    if probe.versions.get("ipex-llm"):
+        msg = f"ipex-llm {probe.versions['ipex-llm']} was archived upstream on 2026-01-28: no more fixes, "
+        msg += "security fixes included"
+        add("warning", "ipex-llm", msg, "prefer the native backend (PyTorch XPU + bitsandbytes) for new work")
+        if not _setvars_sourced(probe):
+            msg = "ipex-llm is installed but oneAPI's setvars.sh was not sourced in this shell"
+            add("warning", "oneapi", msg, ONEAPI_FIX)
+        else:
+            add("ok", "oneapi", f"oneAPI set up from {probe.env.get('ONEAPI_ROOT', '?')}")
+    ipex, ipex_text = ver.get(IPEX), probe.versions.get(IPEX)
+    if ipex is not None:
+        msg = f"{IPEX} {ipex_text} is discontinued after 2.8 (no further releases)"
+        add("warning", IPEX, msg, "the native backend needs only PyTorch's XPU wheels")
+        torch_ver = ver.get("torch")
+        if torch_ver is not None and ipex.release[:2] != torch_ver.release[:2]:
+            mm = ".".join(map(str, ipex.release[:2]))
+            msg = f"{IPEX} {ipex_text} does not match torch {torch_v}: their major.minor must agree"
+            fix = f"install the matching pair: pip install torch=={mm}.* {IPEX}=={mm}.*"
+            add("error", "ipex-torch-pair", msg, fix)
+    return out
+
+
+def _import_torch() -> Any:
+    """Import torch, and intel-extension-for-pytorch where torch has no ``torch.xpu`` (torch < 2.4)."""
+    import torch
+
+    if not hasattr(torch, "xpu") and _installed(IPEX):
+        try:
+            import intel_extension_for_pytorch  # noqa: F401
+        except Exception as exc:  # a broken ipex must not break the check
+            logger.warning("intel_extension_for_pytorch failed to import: %s", exc)
+    return torch
+
+
+def _installed(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _sycl_ls(timeout: float = 30.0) -> list[str] | None:
+    """Level Zero GPU lines of ``sycl-ls``; ``None`` when it is not on PATH or fails."""
+    exe = shutil.which("sycl-ls")
+    if exe is None:
+        return None
+    try:
+        res = subprocess.run([exe], capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("sycl-ls failed: %s", exc)
+        return None
+    lines = [line.strip() for line in res.stdout.splitlines()]
+    return [line for line in lines if "level_zero" in line.lower() and "gpu" in line.lower()]
+
+
+def _probe() -> Probe:
+    """Gather the facts about this machine (imports torch; runs ``sycl-ls`` when it is on PATH)."""
+    probe = Probe(versions={name: _installed(name) for name in PACKAGES + INTEL_PACKAGES})
+    probe.env = {k: os.environ[k] for k in ("ONEAPI_ROOT", "SETVARS_COMPLETED") if k in os.environ}
+    probe.sycl_ls = _sycl_ls()
+    if probe.versions["torch"] is None:
+        return probe
+    try:
+        torch = _import_torch()
+    except Exception as exc:
+        logger.warning("torch is installed but failed to import: %s", exc)
+        return probe
+    probe.torch_xpu = getattr(torch.version, "xpu", None)
+    probe.torch_cuda = torch.version.cuda
+    for kind in ("xpu", "cuda"):
+        try:
+            for i in range(_device_count(kind)):
+                props = getattr(torch, kind).get_device_properties(i)
+                mib = int(props.total_memory) // 2**20
+                probe.accelerators.append(Accelerator(kind, i, str(props.name), mib))
+        except Exception as exc:  # a broken driver must not break the check
+            logger.warning("could not query %s devices: %s", kind, exc)
+    return probe
+
+
+def check_environment(backend: str | None = None) -> EnvironmentReport:
+    """Check this machine for DPO training: stack versions, accelerators, oneAPI, backends, with fixes.
+
+    Args:
+        backend (`str`, *optional*, defaults to `None`):
+            The backend to judge, ``"native"`` or ``"ipex-llm"``. ``None`` picks ``"ipex-llm"`` when
+            ipex-llm is installed, else ``"native"``.
+
+    Returns:
+        `EnvironmentReport`: print it for a table; ``.verdicts``, ``.has_errors``, ``.to_dict()``.
+
+    Raises:
+        `RecipeError`: ``backend`` is not one of ``"native"``, ``"ipex-llm"``.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise RecipeError(f"backend must be one of {list(BACKENDS)}, found {backend!r}")
+    probe = _probe()
+    backend = backend or ("ipex-llm" if probe.versions.get("ipex-llm") else "native")
+    statuses = [_backend_status(name, probe) for name in BACKENDS]
+    report = EnvironmentReport(backend, probe, statuses, _verdicts(probe, backend))
+    for verdict in report.verdicts:
+        logger.debug("%s %s: %s", verdict.level, verdict.topic, verdict.message)
+    return report
+
+
+def _device_count(kind: str) -> int:
+    """How many ``kind`` (``"xpu"``/``"cuda"``) devices PyTorch sees; 0 when it has no such support."""
+    torch = _import_torch()
+    mod = getattr(torch, kind, None)
+    if mod is None or not mod.is_available():
+        return 0
+    return int(mod.device_count())
+
+
+def _missing_message(kind: str) -> str:
+    import torch
+
+    version = torch.__version__
+    if kind == "xpu":
+        build = " (a build without XPU support: torch.version.xpu is None)"
+        build = build if getattr(torch.version, "xpu", None) is None else ""
+        return (
+            f"no Intel GPU (XPU) is visible to PyTorch {version}{build}: install the Intel GPU driver and "
+            f"PyTorch's XPU wheels ({XPU_WHEELS}), check `sycl-ls` lists a Level Zero GPU, "
+            "or run with device='cpu'"
+        )
+    build = " (a build without CUDA support: torch.version.cuda is None)"
+    build = build if torch.version.cuda is None else ""
+    return (
+        f"no NVIDIA GPU (CUDA) is visible to PyTorch {version}{build}: install the NVIDIA driver and a CUDA "
+        "build of PyTorch (pip install torch --index-url https://download.pytorch.org/whl/cu128), "
+        "or run with device='cpu'"
+    )
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """Pick the torch device to train on.
+
+    Args:
+        device (`str`, *optional*, defaults to `"auto"`):
+            ``"auto"`` picks ``xpu``, then ``cuda``, then ``cpu``. ``"xpu"``, ``"cuda"`` or ``"cpu"``,
+            optionally with an index (``"xpu:0"``, ``"cuda:1"``), asks for that device.
+
+    Returns:
+        `torch.device`: the device.
+
+    Raises:
+        `DeviceNotAvailableError`: the device asked for is not visible to PyTorch (the message says how to
+            fix it), its index is out of range, or ``device`` is not a valid choice.
+    """
+    import torch
+
+    match = re.fullmatch(r"(auto|cpu|xpu|cuda)(?::(\d+))?", str(device).strip().lower())
+    if match is None or (match[1] == "auto" and match[2] is not None):
+        raise DeviceNotAvailableError(
+            "device must be 'auto', 'cpu', 'xpu' or 'cuda', optionally with an index ('xpu:0', 'cuda:1'), "
+            f"found {device!r}"
+        )
+    kind, index = match[1], match[2]
+    if kind == "auto":
+        for candidate in ("xpu", "cuda"):
+            if _device_count(candidate) > 0:
+                logger.info("select_device('auto') picked %s", candidate)
+                return torch.device(candidate)
+        logger.info("select_device('auto'): no xpu or cuda device, using cpu")
+        return torch.device("cpu")
+    if kind == "cpu":
+        return torch.device("cpu")
+    count = _device_count(kind)
+    if count == 0:
+        raise DeviceNotAvailableError(_missing_message(kind))
+    if index is not None and int(index) >= count:
+        raise DeviceNotAvailableError(
+            f"device {device!r} asked for, but PyTorch sees {count} {kind} device(s) (indices 0..{count - 1})"
+        )
+    return torch.device(kind if index is None else f"{kind}:{index}")

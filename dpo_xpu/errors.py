@@ -1,0 +1,30 @@
+"""Errors a user can cause, each with a message that says what was wrong and how to fix it.
+
+The CLI prints any :class:`DpoXpuError` as one line and exits non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DpoXpuError(Exception):
+    """Base class for errors caused by user input or the machine's set-up (not by a bug)."""
+
+
+class PreferenceDataError(DpoXpuError, ValueError):
+    """A preference data set is malformed: the message names the row, the column and the fix."""
+
+
+class DeviceNotAvailableError(DpoXpuError, RuntimeError):
+    """The requested device (``xpu``, ``cuda``) is not visible to PyTorch: the message says how to fix it."""
+
+
+class RecipeError(DpoXpuError, ValueError):
+    """A recipe has an unknown key, a bad value, or a value the installed TRL cannot honour."""
+
+
+class ModelLoadError(DpoXpuError, OSError):
+    """A model or tokenizer path does not exist or cannot be loaded."""
+
+
+class RunFolderError(DpoXpuError, FileExistsError):
+    """A run folder already holds a run and would be overwritten."""

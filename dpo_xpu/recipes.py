@@ -1,0 +1,228 @@
+"""Recipes: every hyperparameter of a run in one flat dataclass, loadable from YAML.
+
+A recipe names the model, the data, the backend and the training values. Training keys keep TRL's
+names (``beta``, ``learning_rate``, ``max_length``, ...) and are mapped onto ``trl.DPOConfig`` by
+:func:`dpo_xpu.training.make_dpo_trainer`. The recipe is our own dataclass rather than a subclass of
+``DPOConfig`` because one recipe must serve both TRL generations (0.11 for ipex-llm, 1.x for the native
+backend), whose ``DPOConfig`` fields differ, and because it also holds model and data keys TRL lacks.
+
+    >>> recipe = load_recipe("recipes/cpu_demo.yaml", overrides=["max_steps=5"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from dpo_xpu.errors import RecipeError
+
+REFERENCE_STRATEGIES = ("adapter-off", "separate", "precomputed")
+QUANTIZATIONS = ("nf4", "none")
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Recipe:
+    """All settings of a DPO run. Defaults are the original recipe (Labonne, "Fine-tune a Mistral-7b model
+    with DPO", as ported to Intel GPUs by ipex-llm's DPO example), except ``reference``.
+
+    Model and data:
+        model_name_or_path: hub id or local folder of the base (SFT) model.
+        dataset_name_or_path: hub id (``Intel/orca_dpo_pairs``) or a local ``.jsonl``/``.json``/``.parquet``.
+        limit: keep this many rows (seeded shuffle), ``None`` for all.
+        eval_fraction: fraction of rows held out for evaluation (0 disables evaluation).
+        output_dir: the run folder (metrics, picture, adapter).
+    Stack and device:
+        backend: ``"native"`` (bitsandbytes + PEFT + TRL 1.x) or ``"ipex-llm"`` (the original stack).
+        device: ``"auto"`` (xpu, then cuda, then cpu), ``"xpu"``, ``"cuda"``, ``"cpu"`` (optionally ``:N``).
+        quantization: ``"nf4"`` (4-bit NormalFloat, Dettmers et al. 2023) or ``"none"`` (bf16 weights).
+        reference: ``"adapter-off"`` (policy's base with LoRA disabled; one copy of the weights),
+            ``"separate"`` (a second frozen copy, as the original recipe) or ``"precomputed"``
+            (reference log-probs computed once before training).
+    LoRA (Hu et al. 2021): ``lora_r`` rank, ``lora_alpha`` scaling numerator (update scaled by alpha / r),
+        ``lora_dropout``, ``lora_target_modules`` (names of linear layers; those absent from the model are
+        skipped).
+    DPO and optimisation (TRL's names): ``beta`` (the KL strength of Rafailov et al. 2023, eq. 7),
+        ``loss_type``, ``learning_rate`` (AdamW), ``lr_scheduler_type``, ``warmup_steps``, ``max_steps``
+        (-1: use ``num_train_epochs``), ``num_train_epochs``, ``per_device_train_batch_size`` (pairs),
+        ``gradient_accumulation_steps``, ``max_length`` (tokens, prompt + answer), ``max_prompt_length``
+        (tokens; longer prompts keep their end), ``gradient_checkpointing``, ``bf16``, ``logging_steps``,
+        ``save_steps``, ``seed``.
+    """
+
+    model_name_or_path: str = "teknium/OpenHermes-2.5-Mistral-7B"
+    dataset_name_or_path: str = "Intel/orca_dpo_pairs"
+    output_dir: str = "runs/dpo"
+    backend: str = "native"
+    device: str = "auto"
+    quantization: str = "nf4"
+    reference: str = "adapter-off"
+    limit: int | None = None
+    eval_fraction: float = 0.0
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    learning_rate: float = 5e-5
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 100
+    max_steps: int = 200
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    max_length: int = 1536
+    max_prompt_length: int | None = 1024
+    gradient_checkpointing: bool = True
+    bf16: bool = True
+    logging_steps: int = 1
+    save_steps: int = 100
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check_choice("backend", self.backend, ("native", "ipex-llm"))
+        _check_choice("quantization", self.quantization, QUANTIZATIONS)
+        _check_choice("reference", self.reference, REFERENCE_STRATEGIES)
+        if not re.fullmatch(r"(auto|cpu|xpu|cuda)(:\d+)?", self.device):
+            raise RecipeError(f"device: {self.device!r} is not one of auto, xpu, cuda, cpu (optionally ':N')")
+        for name in (
+            "beta",
+            "learning_rate",
+            "max_length",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "lora_r",
+            "lora_alpha",
+            "logging_steps",
+        ):
+            if getattr(self, name) <= 0:
+                raise RecipeError(f"{name}: must be > 0, found {getattr(self, name)}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise RecipeError(f"eval_fraction: must be in [0, 1), found {self.eval_fraction}")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise RecipeError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                f"({self.max_length}), or the answers would be cut away"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as a plain dict (YAML/JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the recipe as YAML to ``path`` and return the path."""
+        path = Path(path)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        return path
+
+
+def recipe_keys() -> list[str]:
+    """Names of every recipe key, in declaration order."""
+    return [f.name for f in fields(Recipe)]
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise RecipeError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML or ``--set`` value to the field's type (PyYAML reads ``5e-5`` as a string)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if value is None:
+        if type(None) in get_args(annotation):
+            return None
+        raise RecipeError(f"{name}: null is not allowed (expected {getattr(annotation, '__name__', annotation)})")
+    target = args[0] if args and get_origin(annotation) is not list else annotation
+    if get_origin(target) is list or target is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RecipeError(f"{name}: expected a list of strings, found {value!r}")
+        return value
+    try:
+        if target is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if target is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if target is float:
+            return float(value)
+        if target is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise RecipeError(f"{name}: expected {target.__name__}, found {value!r}")
+
+
+def make_recipe(values: dict[str, Any]) -> Recipe:
+    """Build a :class:`Recipe` from a dict, rejecting unknown keys and converting types.
+
+    Raises:
+        RecipeError: an unknown key (the message lists the valid ones), a value of the wrong type,
+            or a value out of range.
+    """
+    valid = recipe_keys()
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)}. Valid keys: {', '.join(valid)}")
+    hints = get_type_hints(Recipe)
+    return Recipe(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """Parse ``["key=value", ...]`` (the CLI's ``--set``) into a dict; values are read as YAML scalars.
+
+    Raises:
+        RecipeError: an item without ``=``.
+    """
+    result: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set expects key=value, found {item!r}")
+        result[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return result
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+    """Load a recipe from a YAML file (a mapping of recipe keys) and apply overrides.
+
+    Args:
+        path: YAML file; ``None`` starts from the defaults.
+        overrides: ``["key=value", ...]`` as given to ``--set``, or a dict; applied after the file.
+
+    Raises:
+        RecipeError: the file is missing, is not a YAML mapping, or has unknown keys or bad values.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(
+                f"recipe file {path} must be a mapping of recipe keys (key: value), found {type(loaded).__name__}"
+            )
+        values.update(loaded)
+    values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    return make_recipe(values)

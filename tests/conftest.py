@@ -1,0 +1,53 @@
+"""Shared test settings: where ../shared lives, and the skip conditions declared once.
+
+Real input (the 284 orca rows, stories260K, the Qwen2 tokenizer) is found through one setting,
+``DPO_XPU_SHARED`` (default: ``../shared`` next to the project root). Tests that need it skip with
+the reason when it is absent, so the suite still runs on a machine that has only the project.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DPO_XPU_SHARED", PROJECT_ROOT.parent / "shared")).resolve()
+
+ORCA_ROWS = SHARED / "data" / "orca_dpo_pairs" / "sample-284.jsonl"
+STORIES260K = SHARED / "models" / "stories260K"
+QWEN2_TOKENIZER = SHARED / "tokenizers" / "qwen2"
+
+
+def _require(path: Path) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(
+        not path.exists(),
+        reason=f"shared asset {path} is absent (set DPO_XPU_SHARED to the folder holding ../shared)",
+    )
+
+
+require_orca_rows = _require(ORCA_ROWS)
+require_stories260k = _require(STORIES260K)
+require_qwen2_tokenizer = _require(QWEN2_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def orca_rows_path() -> Path:
+    if not ORCA_ROWS.exists():
+        pytest.skip(f"shared asset {ORCA_ROWS} is absent (set DPO_XPU_SHARED)")
+    return ORCA_ROWS
+
+
+@pytest.fixture(scope="session")
+def stories260k_path() -> Path:
+    if not STORIES260K.exists():
+        pytest.skip(f"shared asset {STORIES260K} is absent (set DPO_XPU_SHARED)")
+    return STORIES260K
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer_path() -> Path:
+    if not QWEN2_TOKENIZER.exists():
+        pytest.skip(f"shared asset {QWEN2_TOKENIZER} is absent (set DPO_XPU_SHARED)")
+    return QWEN2_TOKENIZER
