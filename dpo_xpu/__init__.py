@@ -31,16 +31,34 @@ _EXPORTS = {
     "load_policy_model": "models",
     "load_reference_model": "models",
     "LoraSettings": "models",
+    "load_trained_policy": "models",
     # recipes and training
     "Recipe": "recipes",
     "load_recipe": "recipes",
     "make_dpo_trainer": "training",
     "run_training": "training",
+    "prepare_run_dir": "training",
+    "load_run_data": "training",
+    "load_run_models": "training",
+    "save_adapter": "training",
+    "make_recipe": "recipes",
     # callbacks and plots
     "MetricsLoggerCallback": "callbacks",
     "LiveRewardPlotCallback": "callbacks",
     "read_metrics": "plotting",
     "plot_reward_curves": "plotting",
+    # data inspection
+    "token_lengths": "lengths",
+    "length_summary": "lengths",
+    "plot_token_lengths": "lengths",
+    # evaluation and export
+    "sequence_log_probs": "evaluation",
+    "evaluate_preferences": "evaluation",
+    "generate_samples": "evaluation",
+    "load_run_recipe": "evaluation",
+    "write_evaluation": "evaluation",
+    "merge_and_save": "export",
+    "check_merged_logits": "export",
     # demo assets
     "build_demo_model": "demo",
     # errors

@@ -160,6 +160,38 @@ def load_reference_model(
     )
 
 
+def load_trained_policy(
+    model_name_or_path: str | Path,
+    adapter_dir: str | Path,
+    quantization: str = "nf4",
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
+    backend: str = "native",
+) -> PreTrainedModel:
+    """Load the base as for training and put a saved LoRA adapter (``<run>/adapter``) on it.
+
+    The base gets the same quantization and dtype handling as during training, so the result computes the
+    same logits as the trained policy did. Returned in eval mode with no trainable parameter.
+
+    Raises:
+        ModelLoadError: the base or the adapter folder cannot be found.
+    """
+    import torch
+
+    from dpo_xpu.environment import select_device
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json): give a run's adapter/ folder")
+    return get_backend(backend).load_trained_policy(
+        resolve_model_path(model_name_or_path),
+        str(adapter_dir),
+        quantization=quantization,
+        device=device if isinstance(device, torch.device) else select_device(device),
+        dtype=dtype or torch.bfloat16,
+    )
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """Return ``(trainable, total)`` parameter counts (4-bit packed weights count as stored elements)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

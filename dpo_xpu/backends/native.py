@@ -148,3 +148,20 @@ def load_reference_model(
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def load_trained_policy(
+    model_name_or_path: str,
+    adapter_dir: str,
+    quantization: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> PreTrainedModel:
+    """The base prepared as for training, with a saved LoRA adapter loaded on it (eval mode, frozen)."""
+    from peft import PeftModel
+
+    model = _load_base(model_name_or_path, quantization, device, dtype)
+    _upcast_for_training(model, quantization, gradient_checkpointing=False)
+    policy = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    policy.eval()
+    return policy

@@ -1,0 +1,148 @@
+"""The dpo-xpu command line: one-line errors, no tracebacks, refusals, and a short real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "dpo_xpu.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dpo-xpu: error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_help_is_fast_and_lists_commands():
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("env", "train", "plot", "demo-model"):
+        assert command in result.stdout
+
+
+def test_env_json_reports_versions_and_exit_code():
+    result = cli("env", "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == (1 if report["has_errors"] else 0)
+    assert any(v["topic"] == "accelerator" for v in report["verdicts"])
+
+
+def test_unknown_recipe_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lerning_rate: 1e-4\n")
+    assert "lerning_rate" in one_line_error(cli("train", "--recipe", str(recipe)))
+
+
+def test_missing_model_folder(tmp_path):
+    line = one_line_error(
+        cli(
+            "train",
+            "--recipe",
+            "recipes/cpu_demo.yaml",
+            "--set",
+            f"output_dir={tmp_path}/r",
+            "--set",
+            "model_name_or_path=./no/such/model",
+        )
+    )
+    assert "no/such/model" in line and "does not exist" in line
+
+
+def test_unknown_device():
+    line = one_line_error(cli("train", "--recipe", "recipes/cpu_demo.yaml", "--set", "device=tpu"))
+    assert "device" in line
+
+
+def test_absent_xpu_says_how_to_fix(tmp_path):
+    line = one_line_error(
+        cli(
+            "train",
+            "--recipe",
+            "recipes/cpu_demo.yaml",
+            "--set",
+            f"output_dir={tmp_path}/r",
+            "--set",
+            "device=xpu",
+            "--set",
+            "model_name_or_path=teknium/x",
+        )
+    )
+    assert "xpu" in line.lower() and "device='cpu'" in line
+
+
+def test_bad_data_is_one_line_naming_row_and_column(tmp_path, stories260k_path):
+    data = tmp_path / "bad.jsonl"
+    good = {"system": "", "question": "q", "chosen": "a", "rejected": "b"}
+    data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "chosen": None}) + "\n")
+    line = one_line_error(
+        cli(
+            "train",
+            "--recipe",
+            "recipes/cpu_demo.yaml",
+            "--set",
+            f"output_dir={tmp_path}/r",
+            "--set",
+            f"dataset_name_or_path={data}",
+            "--set",
+            f"model_name_or_path={stories260k_path}",
+            "--set",
+            "device=cpu",
+        )
+    )
+    assert "line 2" in line and "chosen" in line
+
+
+def test_plot_needs_a_run_folder(tmp_path):
+    assert "metrics.jsonl" in one_line_error(cli("plot", str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_train_writes_a_run_and_refuses_to_overwrite_it(tmp_path, stories260k_path, orca_rows_path):
+    run = tmp_path / "cli-run"
+    args = [
+        "train",
+        "--recipe",
+        "recipes/cpu_demo.yaml",
+        "--set",
+        f"output_dir={run}",
+        "--set",
+        f"model_name_or_path={stories260k_path}",
+        "--set",
+        f"dataset_name_or_path={orca_rows_path}",
+        "--set",
+        "max_steps=3",
+        "--set",
+        "limit=12",
+        "--set",
+        "max_length=1024",
+        "--set",
+        "max_prompt_length=512",
+        "--set",
+        "device=cpu",
+    ]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"run folder: {run}" in first.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    again = cli(*args)
+    assert "already holds a run" in one_line_error(again)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3  # untouched
+    replot = cli("plot", str(run))
+    assert replot.returncode == 0 and (run / "reward_curves.png").is_file()

@@ -1,0 +1,117 @@
+"""Recipes: YAML loading, unknown keys, type conversion, and every shipped recipe parses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpo_xpu.errors import RecipeError
+from dpo_xpu.recipes import Recipe, load_recipe, make_recipe, parse_overrides, recipe_keys
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_issue_keys_are_all_recipe_keys():
+    issue_keys = (
+        "model_name_or_path dataset_name_or_path output_dir backend quantization reference lora_r lora_alpha "
+        "lora_dropout lora_target_modules beta learning_rate lr_scheduler_type warmup_steps max_steps "
+        "num_train_epochs per_device_train_batch_size gradient_accumulation_steps max_length max_prompt_length "
+        "logging_steps save_steps seed device limit"
+    ).split()
+    assert set(issue_keys) <= set(recipe_keys())
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_parses(path):
+    raw = yaml.safe_load(path.read_text())
+    recipe = load_recipe(path)
+    assert set(raw) <= set(recipe_keys())
+    assert recipe.learning_rate == float(raw["learning_rate"])
+    assert recipe.max_prompt_length is None or recipe.max_prompt_length < recipe.max_length
+
+
+def test_at_least_three_recipes_ship():
+    names = {p.stem for p in RECIPES}
+    assert {"original_openhermes_mistral7b", "cpu_demo"} <= names
+    assert len(names) >= 3
+
+
+def test_original_recipe_values():
+    recipe = load_recipe(Path(RECIPES[0]).parent / "original_openhermes_mistral7b.yaml")
+    assert recipe.model_name_or_path == "teknium/OpenHermes-2.5-Mistral-7B"
+    assert (recipe.learning_rate, recipe.lr_scheduler_type, recipe.warmup_steps, recipe.max_steps) == (
+        5e-5,
+        "cosine",
+        100,
+        200,
+    )
+    assert (recipe.per_device_train_batch_size, recipe.gradient_accumulation_steps, recipe.beta) == (4, 4, 0.1)
+    assert (recipe.max_prompt_length, recipe.max_length) == (1024, 1536)
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("learning_rate: 1e-4\nbeta_typo: 0.2\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert "beta_typo" in str(err.value)
+    assert "Valid keys:" in str(err.value) and "beta" in str(err.value)
+
+
+def test_yaml_exponent_without_dot_is_read_as_float(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("learning_rate: 5e-4\n")  # PyYAML reads this as a string
+    assert load_recipe(path).learning_rate == pytest.approx(5e-4)
+
+
+def test_overrides_convert_types_and_win_over_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("max_steps: 10\n")
+    recipe = load_recipe(path, ["max_steps=3", "bf16=false", "lora_target_modules=q_proj,v_proj", "limit=null"])
+    assert recipe.max_steps == 3 and recipe.bf16 is False
+    assert recipe.lora_target_modules == ["q_proj", "v_proj"]
+    assert recipe.limit is None
+
+
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"max_steps": "ten"}, "max_steps: expected int"),
+        ({"device": "gpu"}, "device"),
+        ({"backend": "openvino"}, "backend"),
+        ({"reference": "frozen"}, "reference"),
+        ({"beta": 0}, "beta: must be > 0"),
+        ({"max_prompt_length": 2000, "max_length": 1024}, "max_prompt_length"),
+        ({"bf16": "maybe"}, "bf16"),
+        ({"max_steps": 2.5}, "max_steps"),
+    ],
+)
+def test_bad_values_are_refused_with_the_field(values, fragment):
+    with pytest.raises(RecipeError, match=fragment.split(":")[0]) as err:
+        make_recipe(values)
+    assert fragment in str(err.value)
+
+
+def test_parse_overrides_requires_equals():
+    with pytest.raises(RecipeError, match="key=value"):
+        parse_overrides(["max_steps"])
+
+
+def test_not_a_mapping(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        load_recipe(path)
+
+
+def test_missing_file():
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe("no/such/recipe.yaml")
+
+
+def test_round_trip_through_yaml(tmp_path):
+    recipe = Recipe(max_steps=7, lora_target_modules=["q_proj"])
+    again = load_recipe(recipe.save(tmp_path / "r.yaml"))
+    assert again == recipe

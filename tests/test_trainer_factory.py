@@ -1,0 +1,86 @@
+"""The trainer factory on the installed TRL generation (each environment runs this file with its own TRL:
+TRL 1.x in .venv, TRL 0.11 in .venv-ipex-llm)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dpo_xpu.errors import RecipeError
+from dpo_xpu.models import load_tokenizer
+from dpo_xpu.recipes import Recipe
+from dpo_xpu.training import dpo_config_kwargs, run_training, trl_generation, truncate_prompts
+
+
+@pytest.mark.parametrize(
+    "loss_type, generation",
+    [("sigmoid_norm", "0.11"), ("discopop", "0.11"), ("aot_pair", "1.x")],
+)
+def test_a_loss_the_installed_trl_lacks_is_refused(loss_type, generation):
+    with pytest.raises(RecipeError) as err:
+        dpo_config_kwargs(Recipe(loss_type=loss_type), generation)
+    assert "loss_type" in str(err.value) and f"TRL {generation}" in str(err.value)
+
+
+def test_config_kwargs_per_generation():
+    recipe = Recipe(max_prompt_length=100, max_length=300)
+    old, new = dpo_config_kwargs(recipe, "0.11"), dpo_config_kwargs(recipe, "1.x")
+    assert old["max_prompt_length"] == 100 and "max_prompt_length" not in new
+    assert old["loss_type"] == "sigmoid" and new["loss_type"] == ["sigmoid"]
+    assert new["optim"] == "adamw_torch" and new["bf16"] is True
+
+
+def test_installed_trl_accepts_the_config(tmp_path):
+    from trl import DPOConfig
+
+    config = DPOConfig(**dpo_config_kwargs(Recipe(output_dir=str(tmp_path), bf16=False), use_cpu=True))
+    assert config.beta == 0.1 and config.learning_rate == 5e-5 and config.lr_scheduler_type == "cosine"
+
+
+def test_truncate_prompts_keeps_the_end_on_a_token_boundary(qwen2_tokenizer_path):
+    from datasets import Dataset
+
+    tok = load_tokenizer(qwen2_tokenizer_path)
+    long_prompt = (
+        "<|im_start|>user\n" + " ".join(f"word{i}" for i in range(200)) + "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    short_prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    ds = Dataset.from_list([{"prompt": long_prompt}, {"prompt": short_prompt}])
+    out = truncate_prompts(ds, tok, 32)
+    cut = out[0]["prompt"]
+    assert long_prompt.endswith(cut) and len(cut) < len(long_prompt)
+    ids = tok(cut, add_special_tokens=False)["input_ids"]
+    full = tok(long_prompt, add_special_tokens=False)["input_ids"]
+    assert ids == full[-32:]
+    assert out[1]["prompt"] == short_prompt
+
+
+@pytest.mark.slow
+def test_factory_trains_with_max_prompt_length_on_the_installed_trl(stories260k_path, orca_rows_path, tmp_path):
+    """The original recipe's max_prompt_length works on both generations (dpo_xpu cuts prompts on TRL 1.x)."""
+    recipe = Recipe(
+        model_name_or_path=str(stories260k_path),
+        dataset_name_or_path=str(orca_rows_path),
+        output_dir=str(tmp_path / "run"),
+        device="cpu",
+        quantization="none",
+        limit=6,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_length=700,
+        max_prompt_length=64,
+        learning_rate=5e-4,
+        warmup_steps=0,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_steps=1000,
+    )
+    result = run_training(recipe, live_plot=False)
+    rows = [r for r in result.metrics if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=0.01)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert result.trainer.__class__.__module__.startswith("trl.")
+    assert trl_generation() in ("0.11", "1.x")

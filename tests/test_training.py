@@ -1,0 +1,130 @@
+"""Training end to end on real input: the 284 real orca rows and the pretrained stories260K (NF4 + LoRA)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dpo_xpu.errors import RunFolderError
+from dpo_xpu.models import load_tokenizer, load_trained_policy
+from dpo_xpu.recipes import Recipe
+from dpo_xpu.training import prepare_run_dir, run_training
+
+LN2 = math.log(2)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def shared_recipe(model, data, output_dir, **overrides) -> Recipe:
+    """The CPU settings for stories260K on orca rows (~475-670 tokens per row with its 512-piece vocab)."""
+    values = dict(
+        model_name_or_path=str(model),
+        dataset_name_or_path=str(data),
+        output_dir=str(output_dir),
+        device="cpu",
+        quantization="nf4",
+        reference="adapter-off",
+        learning_rate=5e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        max_steps=20,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_length=1024,
+        max_prompt_length=512,
+        gradient_checkpointing=False,
+        bf16=False,
+        logging_steps=1,
+        save_steps=1000,
+        seed=42,
+    )
+    values.update(overrides)
+    return Recipe(**values)
+
+
+@pytest.fixture(scope="module")
+def trained(stories260k_path, orca_rows_path, tmp_path_factory):
+    recipe = shared_recipe(stories260k_path, orca_rows_path, tmp_path_factory.mktemp("run") / "shared-run")
+    return recipe, run_training(recipe, live_plot=False)
+
+
+@pytest.mark.slow
+def test_first_step_is_ln2_with_zero_rewards(trained):
+    _, result = trained
+    first = result.metrics[0]
+    assert first["step"] == 1
+    assert first["loss"] == pytest.approx(LN2, abs=0.01)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert first[key] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_all_logged_values_are_finite_and_training_separates_pairs(trained):
+    recipe, result = trained
+    rows = [r for r in result.metrics if "loss" in r]
+    assert len(rows) == recipe.max_steps
+    for row in rows:
+        for key, value in row.items():
+            assert isinstance(value, (int, float)) and math.isfinite(value), (row["step"], key, value)
+    last = rows[-1]
+    assert last["rewards/accuracies"] > 0.5
+    assert last["rewards/margins"] > 0
+    assert min(r["loss"] for r in rows[-5:]) < LN2
+
+
+@pytest.mark.slow
+def test_run_folder_holds_everything(trained):
+    _, result = trained
+    run = result.run_dir
+    for name in ("recipe.yaml", "environment.json", "metrics.jsonl", "reward_curves.png"):
+        assert (run / name).is_file(), name
+    assert (run / "reward_curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((run / "environment.json").read_text())["backend"] == "native"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json"):
+        assert (result.adapter_dir / name).is_file(), name
+    assert not (result.adapter_dir / "ref").exists()
+
+
+@pytest.mark.slow
+def test_saved_adapter_reproduces_the_trained_logits(trained, stories260k_path):
+    recipe, result = trained
+    tok = load_tokenizer(stories260k_path)
+    inputs = tok(["<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n4"], return_tensors="pt")
+    trained_model = result.trainer.model
+    trained_model.eval()
+    reloaded = load_trained_policy(stories260k_path, result.adapter_dir, "nf4", "cpu", dtype=torch.float32)
+    with torch.no_grad():
+        expected = trained_model(**inputs).logits
+        got = reloaded(**inputs).logits
+        with trained_model.disable_adapter():
+            base = trained_model(**inputs).logits
+    assert (expected - base).abs().max() > 1e-3  # the adapter really changed the model
+    assert (expected - got).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_separate_and_adapter_off_agree_at_the_first_step(stories260k_path, orca_rows_path, tmp_path):
+    firsts = {}
+    for reference in ("adapter-off", "separate"):
+        recipe = shared_recipe(
+            stories260k_path, orca_rows_path, tmp_path / reference, reference=reference, max_steps=1, limit=8
+        )
+        firsts[reference] = run_training(recipe, live_plot=False).metrics[0]
+    a, b = firsts["adapter-off"], firsts["separate"]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+        assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+def test_run_folder_is_never_overwritten_silently(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="--overwrite"):
+        prepare_run_dir(run)
+    assert (run / "metrics.jsonl").exists()
+    prepare_run_dir(run, overwrite=True)
+    assert not (run / "metrics.jsonl").exists()
+    assert (run / "notes.txt").read_text() == "mine"  # files we did not write are kept
