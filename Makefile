@@ -51,6 +51,10 @@ test: setup ipex-llm-env
 	$(IPEX_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider $(IPEX_TESTS) || { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
 	exit $$rc
 
+# The documentation site, built strictly (a broken link or reference fails) into site/.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
+
 kernel: setup
 	$(BIN)/python -m ipykernel install --user --name dpo-xpu --display-name "Python (dpo_xpu)"
 

@@ -22,6 +22,10 @@ import yaml
 from dpo_xpu.errors import RecipeError
 
 REFERENCE_STRATEGIES = ("adapter-off", "separate", "precomputed")
+#: Loss types dpo_xpu computes itself where the installed TRL does not (see dpo_xpu.losses).
+OWN_LOSS_TYPES = ("dpo_norm", "simpo")
+DATA_FORMATS = ("auto", "orca", "prompt-chosen-rejected")
+EXPORT_FORMATS = ("adapter", "merged")
 QUANTIZATIONS = ("nf4", "none")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -35,7 +39,17 @@ class Recipe:
         model_name_or_path: hub id or local folder of the base (SFT) model.
         dataset_name_or_path: hub id (``Intel/orca_dpo_pairs``) or a local ``.jsonl``/``.json``/``.parquet``.
         limit: keep this many rows (seeded shuffle), ``None`` for all.
-        eval_fraction: fraction of rows held out for evaluation (0 disables evaluation).
+        eval_fraction: fraction of rows held out for evaluation (the eval split; 0 disables evaluation).
+        data_format: ``"orca"`` (system, question, chosen, rejected), ``"prompt-chosen-rejected"`` (plain
+            prompt/chosen/rejected strings), or ``"auto"`` (decided from the columns).
+        dataset_mixture: several sources with proportions (``{source: weight}``, normalised to sum 1),
+            instead of ``dataset_name_or_path``; mixed with ``seed``.
+        drop_long_rows: drop pairs longer than ``max_length`` tokens (reported) instead of truncating them.
+        sft_checkpoint: an SFT state dict file (``policy.pt``, a dict under the key ``state``, as written by
+            the original DPO code) applied to both policy and reference before quantization.
+        adapter_name_or_path: an existing LoRA adapter to continue training from.
+        reference_device: ``"same"`` as the policy, or ``"cpu"`` to keep a ``separate`` reference off the
+            accelerator.
         output_dir: the run folder (metrics, picture, adapter).
     Stack and device:
         backend: ``"native"`` (bitsandbytes + PEFT + TRL 1.x) or ``"ipex-llm"`` (the original stack).
@@ -48,7 +62,13 @@ class Recipe:
         ``lora_dropout``, ``lora_target_modules`` (names of linear layers; those absent from the model are
         skipped).
     DPO and optimisation (TRL's names): ``beta`` (the KL strength of Rafailov et al. 2023, eq. 7),
-        ``loss_type``, ``learning_rate`` (AdamW), ``lr_scheduler_type``, ``warmup_steps``, ``max_steps``
+        ``loss_type`` (``sigmoid`` = DPO, ``ipo``, ``hinge``, ``dpo_norm``, ``simpo`` and TRL's others),
+        ``label_smoothing`` (conservative DPO's epsilon), ``reference_free`` (a uniform reference),
+        ``nll_loss_coef`` (weight of an NLL term on the chosen answers), ``simpo_gamma`` (SimPO's target
+        margin), ``eval_steps`` (evaluate every so many steps and at step 0; ``None``: no evaluation during
+        training), ``eval_samples`` / ``num_eval_samples`` / ``max_new_tokens`` (generated samples per
+        evaluation), ``export`` (``adapter`` or ``merged`` into a bf16 copy of the base),
+        ``learning_rate`` (AdamW), ``lr_scheduler_type``, ``warmup_steps``, ``max_steps``
         (-1: use ``num_train_epochs``), ``num_train_epochs``, ``per_device_train_batch_size`` (pairs),
         ``gradient_accumulation_steps``, ``max_length`` (tokens, prompt + answer), ``max_prompt_length``
         (tokens; longer prompts keep their end), ``gradient_checkpointing``, ``bf16``, ``logging_steps``,
@@ -64,12 +84,22 @@ class Recipe:
     reference: str = "adapter-off"
     limit: int | None = None
     eval_fraction: float = 0.0
+    data_format: str = "auto"
+    dataset_mixture: dict[str, float] | None = None
+    drop_long_rows: bool = False
+    sft_checkpoint: str | None = None
+    adapter_name_or_path: str | None = None
+    reference_device: str = "same"
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     beta: float = 0.1
     loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    nll_loss_coef: float = 0.0
+    simpo_gamma: float = 0.5
     learning_rate: float = 5e-5
     lr_scheduler_type: str = "cosine"
     warmup_steps: int = 100
@@ -83,12 +113,32 @@ class Recipe:
     bf16: bool = True
     logging_steps: int = 1
     save_steps: int = 100
+    eval_steps: int | None = None
+    eval_samples: bool = True
+    num_eval_samples: int = 4
+    max_new_tokens: int = 64
+    export: str = "adapter"
     seed: int = 42
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, ("native", "ipex-llm"))
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
         _check_choice("reference", self.reference, REFERENCE_STRATEGIES)
+        _check_choice("data_format", self.data_format, DATA_FORMATS)
+        _check_choice("export", self.export, EXPORT_FORMATS)
+        _check_choice("reference_device", self.reference_device, ("same", "cpu"))
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise RecipeError(f"label_smoothing: must be in [0, 0.5) (conservative DPO), found {self.label_smoothing}")
+        if self.nll_loss_coef < 0:
+            raise RecipeError(f"nll_loss_coef: must be >= 0, found {self.nll_loss_coef}")
+        if self.reference_device == "cpu" and self.reference != "separate":
+            raise RecipeError("reference_device: 'cpu' needs reference: separate (only a separate model can move)")
+        if self.dataset_mixture is not None:
+            if not self.dataset_mixture or any(w <= 0 for w in self.dataset_mixture.values()):
+                raise RecipeError(
+                    "dataset_mixture must map each source to a positive proportion. Expected format: "
+                    f"{{'Intel/orca_dpo_pairs': 0.7, 'my_pairs.jsonl': 0.3}}; found {self.dataset_mixture!r}"
+                )
         if not re.fullmatch(r"(auto|cpu|xpu|cuda)(:\d+)?", self.device):
             raise RecipeError(f"device: {self.device!r} is not one of auto, xpu, cuda, cpu (optionally ':N')")
         for name in (
@@ -139,7 +189,14 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if type(None) in get_args(annotation):
             return None
         raise RecipeError(f"{name}: null is not allowed (expected {getattr(annotation, '__name__', annotation)})")
-    target = args[0] if args and get_origin(annotation) is not list else annotation
+    target = args[0] if args and get_origin(annotation) not in (list, dict) else annotation
+    if get_origin(target) is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{name}: expected a mapping (source: proportion), found {value!r}")
+        try:
+            return {str(k): float(v) for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise RecipeError(f"{name}: proportions must be numbers, found {value!r}") from None
     if get_origin(target) is list or target is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
