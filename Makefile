@@ -23,14 +23,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the embedded default: the tiny ChatML model and the shipped sample, on CPU in minutes.
-# An earlier demo run is kept as $(DEMO_DIR).previous, never silently lost.
+# The main job on the embedded default: the four notebooks, executed by papermill on the tiny ChatML model
+# (built offline) and the orca-format sample shipped in dpo_xpu/assets/, on CPU in a few minutes. Leaves the
+# executed notebooks in $(DEMO_DIR)/notebooks/ next to the run's metrics, picture and adapter. An earlier demo
+# run is moved to $(DEMO_DIR).previous, never silently lost.
 demo: setup
-	$(BIN)/dpo-xpu demo-model $(DEMO_MODEL)
-	@if [ -e $(DEMO_DIR) ]; then rm -rf $(DEMO_DIR).previous && mv $(DEMO_DIR) $(DEMO_DIR).previous \
-		&& echo "previous demo run moved to $(DEMO_DIR).previous"; fi
-	$(BIN)/dpo-xpu train --recipe recipes/cpu_demo.yaml --set output_dir=$(DEMO_DIR) --set model_name_or_path=$(DEMO_MODEL)
-	@echo "demo done: metrics, reward curves and adapter are in $(DEMO_DIR)/"
+	$(BIN)/python scripts/run_notebooks.py --preset demo
+	@echo "demo done: executed notebooks, metrics.jsonl, reward_curves.png and adapter/ are in $(DEMO_DIR)/"
 
 lint: setup
 	$(BIN)/ruff check dpo_xpu tests scripts benchmarks

@@ -1,0 +1,163 @@
+"""Run the four tutorial notebooks in order with papermill; executed copies go to <output_dir>/notebooks/.
+
+    .venv/bin/python scripts/run_notebooks.py --preset demo         # the embedded demo on CPU (`make demo`)
+    .venv/bin/python scripts/run_notebooks.py --preset shared       # stories260K + the 284 orca rows in ../shared
+    .venv/bin/python scripts/run_notebooks.py --param max_steps=50 --param output_dir=../runs/mine
+    .venv/bin/python scripts/run_notebooks.py --preset demo --only 03 04 --overwrite
+
+Each notebook gets only the parameters its `parameters` cell declares; values are read as YAML scalars
+(`5e-4`, `true`, `null`). Relative paths are relative to notebooks/, where the notebooks run. An earlier run in
+output_dir is moved to <output_dir>.previous unless --overwrite is given (then notebook 03 replaces its files).
+The kernel is `python3`, which jupyter_client starts with this interpreter (sys.executable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS_DIR = ROOT / "notebooks"
+NOTEBOOKS = (
+    "01_environment_check.ipynb",
+    "02_preference_data.ipynb",
+    "03_dpo_training.ipynb",
+    "04_evaluation_and_export.ipynb",
+)
+SHARED = Path(os.environ.get("DPO_XPU_SHARED", ROOT.parent / "shared")).resolve()
+
+CPU_TRAINING = {
+    "bf16": False,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "warmup_steps": 3,
+    "gradient_checkpointing": False,
+    "learning_rate": 5e-4,
+    "eval_fraction": 0.1,
+    "num_samples": 3,
+    "max_new_tokens": 48,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {  # the embedded default: tiny ChatML model built offline + the shipped sample (as recipes/cpu_demo.yaml)
+        **CPU_TRAINING,
+        "model_name_or_path": str(ROOT / "runs" / "demo-model"),
+        "dataset_name_or_path": str(ROOT / "dpo_xpu" / "assets" / "orca_demo_sample.jsonl"),
+        "output_dir": str(ROOT / "runs" / "demo"),
+        "limit": None,
+        "max_length": 512,
+        "max_prompt_length": 256,
+        "max_steps": 30,
+    },
+    "shared": {  # real inputs from ../shared: stories260K (no ChatML tokens) and 64 of the 284 orca rows
+        **CPU_TRAINING,
+        "model_name_or_path": str(SHARED / "models" / "stories260K"),
+        "dataset_name_or_path": str(SHARED / "data" / "orca_dpo_pairs" / "sample-284.jsonl"),
+        "output_dir": str(ROOT / "runs" / "shared"),
+        "limit": 64,
+        "eval_fraction": 0.125,
+        "max_length": 1024,
+        "max_prompt_length": 512,
+        "max_steps": 12,
+    },
+}
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """The names and literal values assigned in the notebook's cell tagged ``parameters``.
+
+    Raises:
+        ValueError: not exactly one such cell, or it holds something other than ``name = literal`` lines.
+    """
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path.name}: expected exactly one cell tagged 'parameters', found {len(cells)}")
+    values = {}
+    for node in ast.parse(cells[0].source).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ValueError(
+                f"{path.name}: the parameters cell may hold only `name = literal` lines: {ast.unparse(node)}"
+            )
+        values[node.targets[0].id] = ast.literal_eval(node.value)
+    return values
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"run_notebooks: --param expects key=value, found {item!r}")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a set of parameter values (default: none)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
+    parser.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks (01 02 03 04)")
+    parser.add_argument("--overwrite", action="store_true", help="let notebook 03 replace a run in output_dir")
+    args = parser.parse_args(argv)
+
+    import papermill
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
+    if argv0 not in ("python", "python3", sys.executable):
+        raise SystemExit(
+            f"run_notebooks: the 'python3' kernel starts {argv0}, not this interpreter ({sys.executable}). "
+            f"Fix: {sys.executable} -m ipykernel install --sys-prefix"
+        )
+    declared = {name: notebook_parameters(NOTEBOOKS_DIR / name) for name in NOTEBOOKS}
+    values = {**PRESETS.get(args.preset, {}), **parse_params(args.param)}
+    unknown = sorted(set(values) - set().union(*declared.values()))
+    if unknown:
+        raise SystemExit(f"run_notebooks: no notebook has the parameter(s) {', '.join(unknown)}")
+    if args.overwrite:
+        values["overwrite"] = True
+    selected = [n for n in NOTEBOOKS if not args.only or n[:2] in {o.zfill(2) for o in args.only}]
+
+    if args.preset == "demo" and not Path(values["model_name_or_path"]).exists():
+        from dpo_xpu.demo import build_demo_model
+
+        print(f"building the demo model in {build_demo_model(values['model_name_or_path'])}")
+    output_dir = (NOTEBOOKS_DIR / values.get("output_dir", declared[NOTEBOOKS[2]]["output_dir"])).resolve()
+    if "03_dpo_training.ipynb" in selected and not args.overwrite and output_dir.exists() and any(output_dir.iterdir()):
+        previous = output_dir.with_name(output_dir.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        output_dir.rename(previous)
+        print(f"earlier run moved to {previous}")
+    executed_dir = output_dir / "notebooks"
+    executed_dir.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    for name in selected:
+        params = {k: v for k, v in values.items() if k in declared[name]}
+        began = time.perf_counter()
+        print(f"{name} {params}", flush=True)
+        papermill.execute_notebook(
+            str(NOTEBOOKS_DIR / name),
+            str(executed_dir / name),
+            parameters=params,
+            kernel_name="python3",
+            cwd=str(NOTEBOOKS_DIR),
+            progress_bar=False,
+        )
+        print(f"  done in {time.perf_counter() - began:.1f} s -> {executed_dir / name}", flush=True)
+    print(f"all {len(selected)} notebook(s) in {time.perf_counter() - start:.1f} s; run folder: {output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The four notebooks: committed clean, one literal `parameters` cell each, and run in order with papermill.
+
+The run (marker `notebook`, a few minutes on 2 CPU cores) uses the real inputs in ../shared: stories260K and 64
+of the 284 orca rows, 12 steps, then asserts on what the notebooks recorded in the run folder. The live-plot
+callback itself is unit-tested outside Jupyter in test_plotting_callbacks.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+CLEAR = "jupyter nbconvert --clear-output --inplace notebooks/*.ipynb"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+#: Parameters each notebook must declare (its step's inputs), beyond its own extras.
+REQUIRED = {
+    "01": {"device", "backend"},
+    "02": {"model_name_or_path", "dataset_name_or_path", "limit", "seed", "max_length", "max_prompt_length"},
+    "03": {"model_name_or_path", "dataset_name_or_path", "output_dir", "max_steps", "device", "backend", "limit"}
+    | {"eval_fraction", "seed", "max_length", "max_prompt_length", "learning_rate", "beta", "bf16"},
+    "04": {"model_name_or_path", "dataset_name_or_path", "output_dir", "device", "backend", "limit"}
+    | {"eval_fraction", "seed", "bf16", "num_samples", "max_new_tokens"},
+}
+RUN = {"limit": 64, "eval_fraction": 0.125, "max_steps": 12, "num_samples": 2, "max_new_tokens": 24}
+
+
+def _parameters(path: Path) -> dict:
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{path.name}: {len(cells)} cells tagged 'parameters', expected exactly one"
+    values = {}
+    for node in ast.parse(cells[0].source).body:
+        assert isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name), (
+            f"{path.name}: the parameters cell may hold only `name = literal` lines, found {ast.unparse(node)!r}"
+        )
+        values[node.targets[0].id] = ast.literal_eval(node.value)  # raises on anything but a literal
+    return values
+
+
+def test_the_four_notebooks_exist():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not dirty, f"{path.name} has outputs in cells {dirty}. Fix: {CLEAR}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_one_literal_parameters_cell_with_the_step_inputs(path):
+    values = _parameters(path)
+    missing = REQUIRED[path.name[:2]] - set(values)
+    assert not missing, f"{path.name}: the parameters cell lacks {sorted(missing)}"
+
+
+def test_shared_parameters_have_the_same_defaults_everywhere():
+    seen: dict[str, tuple[str, object]] = {}
+    for path in NOTEBOOKS:
+        for name, value in _parameters(path).items():
+            first = seen.setdefault(name, (path.name, value))
+            assert first[1] == value, f"{name}: {first[1]!r} in {first[0]} but {value!r} in {path.name}"
+
+
+def test_notebooks_match_their_generator():
+    result = subprocess.run(
+        [sys.executable, "scripts/make_notebooks.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_run_notebooks_presets_name_declared_parameters():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import run_notebooks
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    declared = set().union(*(_parameters(p) for p in NOTEBOOKS))
+    for preset, values in run_notebooks.PRESETS.items():
+        assert set(values) <= declared, f"preset {preset}: unknown {sorted(set(values) - declared)}"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, stories260k_path, orca_rows_path):
+    out = tmp_path_factory.mktemp("notebooks") / "run"
+    params = {
+        **RUN,
+        "model_name_or_path": stories260k_path,
+        "dataset_name_or_path": orca_rows_path,
+        "output_dir": out,
+    }
+    command = [sys.executable, "scripts/run_notebooks.py", "--preset", "shared"]
+    command += [f"--param={key}={value}" for key, value in params.items()]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out
+
+
+@pytest.mark.notebook
+def test_every_notebook_ran_without_errors(run_dir):
+    for path in NOTEBOOKS:
+        executed = nbformat.read(run_dir / "notebooks" / path.name, as_version=4)
+        errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, f"{path.name}: {errors}"
+
+
+@pytest.mark.notebook
+def test_metrics_start_at_ln2_and_stay_finite(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, RUN["max_steps"] + 1))
+    assert abs(rows[0]["loss"] - math.log(2)) < 0.01
+    for row in rows:
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]), (key, row)
+
+
+@pytest.mark.notebook
+def test_reward_curves_png_and_live_image_in_the_training_cell(run_dir):
+    assert (run_dir / "reward_curves.png").read_bytes()[:8] == PNG_MAGIC
+    executed = nbformat.read(run_dir / "notebooks" / "03_dpo_training.ipynb", as_version=4)
+    train_cell = next(c for c in executed.cells if "trainer.train()" in c.source)
+    images = [o for o in train_cell.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1, "the live curves should be one display, updated in place"
+
+
+@pytest.mark.notebook
+def test_run_folder_holds_the_training_record(run_dir):
+    for name in ("recipe.yaml", "environment.json", "adapter/adapter_config.json", "merged/config.json"):
+        assert (run_dir / name).exists(), name
+
+
+@pytest.mark.notebook
+def test_evaluation_json_has_finite_figures_and_a_matching_merge(run_dir):
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert evaluation["n_pairs"] == math.ceil(RUN["limit"] * RUN["eval_fraction"])
+    assert 0.0 <= evaluation["reward_accuracy"] <= 1.0
+    for key in ("mean_margin", "mean_chosen_reward", "mean_rejected_reward", "drift_chosen_logratio"):
+        assert math.isfinite(evaluation[key]), key
+    merge = evaluation["merge"]
+    assert merge["matches"] and merge["max_abs_diff"] <= 0.02 * merge["max_abs_logit"]
+    assert merge["max_abs_diff"] < merge["adapter_effect"], "the merge lost the adapter's update"
+
+
+@pytest.mark.notebook
+def test_samples_answer_held_out_prompts_with_policy_and_reference(run_dir):
+    from dpo_xpu import load_recipe, load_run_data, load_tokenizer
+
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == RUN["num_samples"]
+    assert all(isinstance(s["policy"], str) and isinstance(s["reference"], str) for s in samples)
+    assert any(s["policy"] or s["reference"] for s in samples)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    train, heldout = load_run_data(recipe, load_tokenizer(recipe.model_name_or_path))
+    prompts = {s["prompt"] for s in samples}
+    assert prompts <= set(heldout["prompt"]) and not prompts & set(train["prompt"])
