@@ -26,12 +26,19 @@ _EXPORTS = {
     "format_orca_dataset": "data",
     "train_eval_split": "data",
     "DEMO_SAMPLE_PATH": "data",
+    "load_preference_pairs": "sources",
+    "mix_sources": "sources",
+    "drop_long_pairs": "length_filter",
+    # checkpoints and resume
+    "find_resume_checkpoint": "checkpoints",
+    "EvalSamplesCallback": "callbacks",
     # models
     "load_tokenizer": "models",
     "load_policy_model": "models",
     "load_reference_model": "models",
     "LoraSettings": "models",
     "load_trained_policy": "models",
+    "load_sft_state_dict": "models",
     # recipes and training
     "Recipe": "recipes",
     "load_recipe": "recipes",
@@ -41,6 +48,10 @@ _EXPORTS = {
     "load_run_data": "training",
     "load_run_models": "training",
     "save_adapter": "training",
+    "export_merged": "training",
+    "sigmoid_loss": "losses",
+    "dpo_norm_loss": "losses",
+    "simpo_loss": "losses",
     "make_recipe": "recipes",
     # callbacks and plots
     "MetricsLoggerCallback": "callbacks",
@@ -68,6 +79,7 @@ _EXPORTS = {
     "RecipeError": "errors",
     "ModelLoadError": "errors",
     "RunFolderError": "errors",
+    "TrainingInterrupted": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -46,7 +46,10 @@ class MetricsLoggerCallback(TrainerCallback):
 
     Train rows hold ``step``, ``epoch``, ``elapsed_s`` (seconds since training began) and the
     :data:`TRAIN_KEYS` the trainer logged. Evaluation rows hold the trainer's ``eval_*`` values renamed
-    ``eval/*`` (``eval_rewards/margins`` -> ``eval/rewards/margins``).
+    ``eval/*`` (``eval_rewards/margins`` -> ``eval/rewards/margins``), plus ``eval/drift_chosen_logratio``:
+    ``eval/rewards/chosen / beta``, the mean ``log pi(y_w|x) - log pi_ref(y_w|x)`` over the chosen answers (TRL's
+    reward is ``beta`` times that log-ratio, Rafailov et al. 2023, eq. 5; the same estimate as
+    :func:`dpo_xpu.evaluation.evaluate_preferences`). Not written for ``reference_free`` runs.
 
     Args:
         run_dir: the run folder; created if absent.
@@ -67,6 +70,10 @@ class MetricsLoggerCallback(TrainerCallback):
             row.update({key: _clean(logs[key]) for key in TRAIN_KEYS if key in logs})
         elif "eval_loss" in logs:
             row.update({"eval/" + key[5:]: _clean(v) for key, v in logs.items() if key.startswith("eval_")})
+            beta, chosen = getattr(args, "beta", None), row.get("eval/rewards/chosen")
+            if beta and isinstance(chosen, (int, float)) and not getattr(args, "reference_free", False):
+                # drift: mean log pi(y_w|x) - log pi_ref(y_w|x) over the chosen answers (TRL's reward / beta)
+                row["eval/drift_chosen_logratio"] = chosen / beta
         else:
             return  # the end-of-training summary (train_runtime, ...) is not a step
         row["elapsed_s"] = round(time.perf_counter() - self._start, 3)
@@ -134,3 +141,67 @@ class LiveRewardPlotCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.redraw()
+
+
+EVAL_SAMPLES_FILE = "eval_samples.jsonl"
+
+
+class _AdapterView:
+    """The policy seen through one named adapter (TRL's frozen ``ref`` copy), for ``generate_samples``."""
+
+    def __init__(self, model: Any, adapter: str) -> None:
+        self.model, self.adapter = model, adapter
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def eval(self) -> Any:
+        return self.model.eval()
+
+    def train(self, mode: bool = True) -> Any:
+        return self.model.train(mode)
+
+    def generate(self, **kwargs: Any) -> Any:
+        from trl.trainer.utils import use_adapter
+
+        with use_adapter(self.model, adapter_name=self.adapter):
+            return self.model.generate(**kwargs)
+
+
+class EvalSamplesCallback(TrainerCallback):
+    """At each evaluation, greedy answers of the policy and of the reference to fixed eval prompts, appended to
+    ``<run_dir>/eval_samples.jsonl`` (one ``{"step", "prompt", "policy", "reference"}`` line per prompt).
+
+    Uses :func:`dpo_xpu.evaluation.generate_samples`. The reference is ``reference`` when given (the
+    ``separate`` strategy), else TRL's frozen ``ref`` adapter when the policy has one (TRL adds it to a PEFT
+    policy: a copy of the adapter as training began), else the policy with its adapters disabled.
+
+    Args:
+        run_dir: the run folder.
+        tokenizer: the run's tokenizer.
+        prompts: the ChatML prompts (e.g. the first ``num_eval_samples`` of the eval split).
+        max_new_tokens: tokens generated at most per answer.
+        reference: a separate reference model, or ``None``.
+    """
+
+    def __init__(
+        self, run_dir: str | Path, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64, reference: Any = None
+    ) -> None:
+        self.path = Path(run_dir) / EVAL_SAMPLES_FILE
+        self.tokenizer, self.prompts, self.reference = tokenizer, prompts, reference
+        self.max_new_tokens = max_new_tokens
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        from dpo_xpu.evaluation import generate_samples
+
+        if model is None or not self.prompts or not state.is_world_process_zero:
+            return
+        reference = self.reference
+        if reference is None and "ref" in getattr(model, "peft_config", {}):
+            reference = _AdapterView(model, "ref")
+        samples = generate_samples(model, self.tokenizer, self.prompts, self.max_new_tokens, reference=reference)
+        with self.path.open("a", encoding="utf-8") as handle:
+            for sample in samples:
+                handle.write(json.dumps({"step": state.global_step, **sample}, ensure_ascii=False) + "\n")
+        logger.info("Wrote %d policy/reference samples at step %d to %s", len(samples), state.global_step, self.path)

@@ -1,7 +1,7 @@
 """The ``dpo-xpu`` command line.
 
     dpo-xpu env [--json] [--backend native|ipex-llm]    # environment report; exit 1 on an error verdict
-    dpo-xpu train --recipe FILE [--set key=value ...] [--overwrite]
+    dpo-xpu train --recipe FILE [--set key=value ...] [--overwrite | --resume]
     dpo-xpu plot RUN_DIR                                  # redraw RUN_DIR/reward_curves.png
     dpo-xpu demo-model [DEST]                             # build the offline demo's tiny model
 
@@ -29,11 +29,18 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from dpo_xpu.errors import TrainingInterrupted
     from dpo_xpu.recipes import load_recipe
     from dpo_xpu.training import run_training
 
     recipe = load_recipe(args.recipe, overrides=args.set)
-    result = run_training(recipe, overwrite=args.overwrite, live_plot=False)
+    try:
+        result = run_training(recipe, overwrite=args.overwrite, live_plot=False, resume=args.resume)
+    except TrainingInterrupted as exc:
+        sets = "".join(f" --set {item}" for item in args.set)
+        print(f"dpo-xpu: {exc}", file=sys.stderr)
+        print(f"dpo-xpu: resume with: dpo-xpu train --recipe {args.recipe}{sets} --resume", file=sys.stderr)
+        return exc.exit_code
     last = next((row for row in reversed(result.metrics) if "loss" in row), {})
     print(f"run folder: {result.run_dir}")
     print(f"  metrics:       {result.run_dir / 'metrics.jsonl'} ({len(result.metrics)} rows)")
@@ -84,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)"
     )
     train.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in output_dir from its newest complete checkpoint"
+    )
     train.set_defaults(func=_cmd_train)
 
     plot = sub.add_parser("plot", help="draw RUN_DIR/reward_curves.png from RUN_DIR/metrics.jsonl")

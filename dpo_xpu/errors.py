@@ -28,3 +28,14 @@ class ModelLoadError(DpoXpuError, OSError):
 
 class RunFolderError(DpoXpuError, FileExistsError):
     """A run folder already holds a run and would be overwritten."""
+
+
+class TrainingInterrupted(DpoXpuError):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint: the message says how to resume.
+
+    ``exit_code`` is the shell's code for the signal (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from dpo_xpu.models import dtype_kwarg
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ def _base_with_adapter(adapter_dir: Path, base: str | Path | None, dtype: torch.
     from transformers import AutoModelForCausalLM
 
     base = base or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(str(base), **dtype_kwarg(dtype), device_map={"": device})
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
 
 
@@ -109,7 +111,7 @@ def check_merged_logits(
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(list(texts), add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
     mask = batch["attention_mask"].bool()
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=compute_dtype).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), **dtype_kwarg(compute_dtype)).eval()
     merged_logits = merged(**batch).logits[mask]
     del merged
     adapted = _base_with_adapter(Path(adapter_dir), base_model_name_or_path, dtype, "cpu").to(compute_dtype)

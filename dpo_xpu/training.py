@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
-from dpo_xpu.errors import RecipeError, RunFolderError
-from dpo_xpu.recipes import Recipe
+from dpo_xpu.errors import RecipeError, RunFolderError, TrainingInterrupted
+from dpo_xpu.recipes import OWN_LOSS_TYPES, Recipe
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -63,10 +63,107 @@ TRL_LOSS_TYPES = {
         "sigmoid_norm",
     ),
 }
+#: TRL's loss types that use ``DPOConfig.label_smoothing``, per generation (TRL >= 0.29 dropped it from sigmoid).
+TRL_LABEL_SMOOTHING_LOSSES = {
+    "0.11": ("sigmoid", "robust", "exo_pair", "aot", "aot_pair"),
+    "1.x": ("robust", "exo_pair", "aot", "aot_unpaired"),
+}
+
+
+def own_loss_type(recipe: Recipe, generation: str | None = None) -> str | None:
+    """The loss dpo_xpu computes itself (:mod:`dpo_xpu.losses`) for this recipe, or ``None`` where TRL does.
+
+    On TRL 1.x: ``simpo`` always; ``sigmoid`` and ``dpo_norm`` when ``label_smoothing`` > 0 (TRL's ``sigmoid``
+    and ``sigmoid_norm`` have none). On TRL 0.11 always ``None`` (its ``DPOTrainer`` is not extended).
+    """
+    generation = generation or trl_generation()
+    if generation == "0.11":
+        return None
+    if recipe.loss_type == "simpo":
+        return "simpo"
+    if recipe.loss_type in ("sigmoid", "dpo_norm") and recipe.label_smoothing > 0:
+        return recipe.loss_type
+    return None
+
+
+def _check_loss_settings(recipe: Recipe, generation: str) -> None:
+    """Refuse loss settings neither the TRL generation nor dpo_xpu can honour (see :func:`dpo_config_kwargs`)."""
+    import trl
+
+    version = f"the installed TRL {trl.__version__} (TRL {generation})"
+    own = OWN_LOSS_TYPES if generation == "1.x" else ()
+    if recipe.loss_type not in TRL_LOSS_TYPES[generation] + own:
+        hint = (
+            f"; dpo_xpu computes {', '.join(OWN_LOSS_TYPES)} on TRL >= 0.12 only (the native backend)"
+            if recipe.loss_type in OWN_LOSS_TYPES
+            else ""
+        )
+        raise RecipeError(
+            f"loss_type: {recipe.loss_type!r} is not computed by the installed TRL {trl.__version__} "
+            f"(TRL {generation}); it offers "
+            f"{', '.join(TRL_LOSS_TYPES[generation] + own)}{hint}. Choose one of those, or use the environment "
+            "whose TRL has it"
+        )
+    if recipe.label_smoothing > 0 and not (
+        own_loss_type(recipe, generation) or recipe.loss_type in TRL_LABEL_SMOOTHING_LOSSES[generation]
+    ):
+        raise RecipeError(
+            f"label_smoothing: {recipe.label_smoothing} has no effect on loss_type {recipe.loss_type!r} with "
+            f"{version}; "
+            f"it applies to sigmoid, dpo_norm, simpo and TRL's {', '.join(TRL_LABEL_SMOOTHING_LOSSES[generation])}. "
+            "Set label_smoothing: 0 or choose one of those"
+        )
+    reference_free = recipe.reference_free or recipe.loss_type == "simpo"
+    if reference_free and recipe.reference != "adapter-off":
+        raise RecipeError(
+            f"reference: {recipe.reference!r} loads or precomputes a reference that a reference-free loss "
+            f"(reference_free: {recipe.reference_free}, loss_type: {recipe.loss_type!r}) never uses; set "
+            "reference: adapter-off"
+        )
+    if generation == "0.11" and recipe.reference_device != "same":
+        raise RecipeError(
+            f"reference_device: {recipe.reference_device!r} needs TRL >= 0.12 (the native backend); {version} "
+            "keeps the reference on the policy's device. Set reference_device: same"
+        )
+
+
+def _loss_kwargs(recipe: Recipe, generation: str) -> dict[str, Any]:
+    """``DPOConfig`` loss keywords. TRL 0.11 takes ``label_smoothing``, ``reference_free`` and ``rpo_alpha`` (the NLL
+    term) itself. TRL 1.x gets a ``loss_type`` list: the TRL loss (``dpo_norm`` is its ``sigmoid_norm``) or, for an
+    own loss, a zero-weighted ``sigmoid`` placeholder, plus ``sft`` weighted by ``nll_loss_coef``."""
+    if generation == "0.11":
+        return {
+            "loss_type": recipe.loss_type,
+            "label_smoothing": recipe.label_smoothing,
+            "reference_free": recipe.reference_free,
+            "rpo_alpha": recipe.nll_loss_coef or None,
+        }
+    own = own_loss_type(recipe, generation)
+    types = ["sigmoid" if own else "sigmoid_norm" if recipe.loss_type == "dpo_norm" else recipe.loss_type]
+    weights = [0.0 if own else 1.0]
+    if recipe.nll_loss_coef > 0:
+        types.append("sft")
+        weights.append(recipe.nll_loss_coef)
+    kwargs: dict[str, Any] = {"loss_type": types}
+    if weights != [1.0]:
+        kwargs["loss_weights"] = weights
+    if recipe.label_smoothing > 0 and not own:
+        kwargs["label_smoothing"] = recipe.label_smoothing
+    return kwargs
+
 
 #: Files a finished or running run leaves in its folder; any of them present means "a run is here".
-RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "environment.json", "reward_curves.png", "adapter")
+RUN_MARKERS = (
+    "recipe.yaml",
+    "metrics.jsonl",
+    "environment.json",
+    "reward_curves.png",
+    "adapter",
+    "data_report.json",
+    "eval_samples.jsonl",
+)
 ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
 
 
 def trl_generation() -> str:
@@ -112,31 +209,29 @@ def truncate_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_p
     return dataset
 
 
-def dpo_config_kwargs(recipe: Recipe, generation: str | None = None, use_cpu: bool = False) -> dict[str, Any]:
+def dpo_config_kwargs(
+    recipe: Recipe, generation: str | None = None, use_cpu: bool = False, has_eval_dataset: bool | None = None
+) -> dict[str, Any]:
     """Map a recipe onto ``trl.DPOConfig`` keyword arguments for a TRL generation.
 
     Args:
         recipe: the run's recipe.
         generation: ``"0.11"`` or ``"1.x"``; default the installed TRL's.
         use_cpu: train on the CPU even where an accelerator is visible.
+        has_eval_dataset: whether the trainer gets an eval split; ``None``: ``recipe.eval_fraction > 0``.
+            With one and ``recipe.eval_steps``, evaluation runs every ``eval_steps`` and at step 0
+            (transformers' ``eval_on_start``), with the training batch size.
 
     Raises:
         RecipeError: a recipe value the TRL generation cannot honour (for example a ``loss_type`` only TRL
             1.x has, asked of TRL 0.11); the message names the field and the TRL version.
     """
     generation = generation or trl_generation()
-    if recipe.loss_type not in TRL_LOSS_TYPES[generation]:
-        import trl
-
-        raise RecipeError(
-            f"loss_type: {recipe.loss_type!r} is not computed by the installed TRL {trl.__version__} "
-            f"(TRL {generation}); it offers {', '.join(TRL_LOSS_TYPES[generation])}. Choose one of those, or use "
-            "the environment whose TRL has it"
-        )
+    _check_loss_settings(recipe, generation)
     kwargs: dict[str, Any] = {
         "output_dir": recipe.output_dir,
         "beta": recipe.beta,
-        "loss_type": recipe.loss_type if generation == "0.11" else [recipe.loss_type],
+        **_loss_kwargs(recipe, generation),
         "learning_rate": recipe.learning_rate,
         "lr_scheduler_type": recipe.lr_scheduler_type,
         "warmup_steps": recipe.warmup_steps,
@@ -160,6 +255,13 @@ def dpo_config_kwargs(recipe: Recipe, generation: str | None = None, use_cpu: bo
     }
     if generation == "0.11":
         kwargs["max_prompt_length"] = recipe.max_prompt_length
+    if recipe.eval_steps and (recipe.eval_fraction > 0 if has_eval_dataset is None else has_eval_dataset):
+        kwargs.update(
+            eval_strategy="steps",
+            eval_steps=recipe.eval_steps,
+            eval_on_start=True,
+            per_device_eval_batch_size=recipe.per_device_train_batch_size,
+        )
     return kwargs
 
 
@@ -197,7 +299,8 @@ def make_dpo_trainer(
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_xpu.callbacks import LiveRewardPlotCallback, MetricsLoggerCallback
+    from dpo_xpu.callbacks import EvalSamplesCallback, LiveRewardPlotCallback, MetricsLoggerCallback
+    from dpo_xpu.checkpoints import CheckpointCallback
 
     if recipe.reference == "separate" and ref_model is None:
         raise RecipeError("reference: 'separate' needs a reference model (load_reference_model)")
@@ -205,7 +308,9 @@ def make_dpo_trainer(
         raise RecipeError(f"reference: {recipe.reference!r} uses no separate model; pass ref_model=None")
     generation = trl_generation()
     device = next(model.parameters()).device
-    config = DPOConfig(**dpo_config_kwargs(recipe, generation, use_cpu=device.type == "cpu"))
+    config = DPOConfig(
+        **dpo_config_kwargs(recipe, generation, use_cpu=device.type == "cpu", has_eval_dataset=eval_dataset is not None)
+    )
     if generation == "1.x" and recipe.max_prompt_length is not None:
         train_dataset = truncate_prompts(train_dataset, tokenizer, recipe.max_prompt_length)
         if eval_dataset is not None:
@@ -213,11 +318,31 @@ def make_dpo_trainer(
     all_callbacks = [
         MetricsLoggerCallback(recipe.output_dir),
         LiveRewardPlotCallback(recipe.output_dir, display=live_plot),
+        CheckpointCallback(),
         *(callbacks or []),
     ]
+    if recipe.eval_steps and recipe.eval_samples and eval_dataset is not None and recipe.num_eval_samples > 0:
+        prompts = list(eval_dataset["prompt"][: recipe.num_eval_samples])
+        all_callbacks.append(
+            EvalSamplesCallback(recipe.output_dir, tokenizer, prompts, recipe.max_new_tokens, reference=ref_model)
+        )
     tokenizer_kw = "processing_class" if "processing_class" in inspect.signature(DPOTrainer).parameters else "tokenizer"
     torch.manual_seed(recipe.seed)
-    return DPOTrainer(
+    trainer_class, extra = DPOTrainer, {}
+    own = own_loss_type(recipe, generation)
+    reference_free = recipe.reference_free or recipe.loss_type == "simpo"
+    if generation == "1.x" and (own or reference_free or recipe.reference_device != "same"):
+        from dpo_xpu.trainer import DpoXpuTrainer
+
+        trainer_class = DpoXpuTrainer
+        extra = dict(
+            own_loss_type=own,
+            reference_free=reference_free,
+            label_smoothing=recipe.label_smoothing,
+            simpo_gamma=recipe.simpo_gamma,
+            reference_device=recipe.reference_device if recipe.reference_device != "same" else None,
+        )
+    trainer = trainer_class(
         model=model,
         ref_model=ref_model,
         args=config,
@@ -225,7 +350,13 @@ def make_dpo_trainer(
         eval_dataset=eval_dataset,
         callbacks=all_callbacks,
         **{tokenizer_kw: tokenizer},
+        **extra,
     )
+    if generation == "1.x" and recipe.adapter_name_or_path:
+        from dpo_xpu.trainer import match_reference_adapter_dtype
+
+        match_reference_adapter_dtype(trainer.model)  # reference == starting policy at step 0
+    return trainer
 
 
 def prepare_run_dir(output_dir: str | Path, overwrite: bool = False) -> Path:
@@ -263,17 +394,42 @@ class RunResult:
     adapter_dir: Path
     curves_png: Path
     trainer: Any
+    merged_dir: Path | None = None  # with ``export: merged``
 
 
-def load_run_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset | None]:
-    """Load, validate and ChatML-format the recipe's data; split off ``eval_fraction`` when > 0."""
-    from dpo_xpu.data import format_orca_dataset, load_orca_dpo_pairs, train_eval_split
+def load_run_data(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, report_path: str | Path | None = None
+) -> tuple[Dataset, Dataset | None]:
+    """Load, validate and ChatML-format the recipe's data; split off ``eval_fraction`` when > 0.
 
-    rows = load_orca_dpo_pairs(recipe.dataset_name_or_path, limit=recipe.limit, seed=recipe.seed)
+    The steps, in order: load ``dataset_name_or_path`` in ``data_format`` (or draw the ``dataset_mixture``,
+    see :func:`dpo_xpu.sources.mix_sources`), keeping ``limit`` rows; ChatML formatting; with ``drop_long_rows``,
+    the length filter (:func:`dpo_xpu.length_filter.drop_long_pairs`); the eval split. What each step kept is
+    logged and, with ``report_path``, written there as JSON (``data_report.json`` in the run folder).
+    """
+    from dpo_xpu.data import format_orca_dataset, train_eval_split
+    from dpo_xpu.length_filter import drop_long_pairs
+    from dpo_xpu.sources import load_preference_pairs, mix_sources
+
+    report: dict[str, Any] = {"data_format": recipe.data_format}
+    if recipe.dataset_mixture:
+        rows, report["mixture"] = mix_sources(recipe.dataset_mixture, recipe.limit, recipe.seed, recipe.data_format)
+    else:
+        rows = load_preference_pairs(
+            recipe.dataset_name_or_path, recipe.data_format, limit=recipe.limit, seed=recipe.seed
+        )
+    report["rows"] = len(rows)
     formatted = format_orca_dataset(rows, tokenizer)
+    if recipe.drop_long_rows:
+        formatted, report["length_filter"] = drop_long_pairs(formatted, tokenizer, recipe.max_length)
+    splits = (formatted, None)
     if recipe.eval_fraction > 0:
-        return train_eval_split(formatted, eval_fraction=recipe.eval_fraction, seed=recipe.seed)
-    return formatted, None
+        splits = train_eval_split(formatted, eval_fraction=recipe.eval_fraction, seed=recipe.seed)
+    report.update(train_rows=len(splits[0]), eval_rows=len(splits[1]) if splits[1] is not None else 0)
+    logger.info("Data: %s", report)
+    if report_path is not None:
+        Path(report_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return splits
 
 
 def load_run_models(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedModel | None]:
@@ -281,13 +437,20 @@ def load_run_models(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedModel | 
     import torch
 
     from dpo_xpu.environment import select_device
-    from dpo_xpu.models import LoraSettings, load_policy_model, load_reference_model
+    from dpo_xpu.models import LoraSettings, load_policy_model, load_reference_model, load_sft_state_dict
 
+    if recipe.adapter_name_or_path and recipe.reference == "separate":
+        raise RecipeError(
+            "adapter_name_or_path with reference: separate is not supported: use reference: adapter-off, whose "
+            "reference is then a frozen copy of the starting adapter (the starting policy), as DPO's reference is"
+        )
     device = select_device(recipe.device)
     # bf16 compute on accelerators; float32 when bf16 is off (on CPUs without AMX, bf16 is emulated and
     # about 6x slower: 9.5 vs 1.6 s per step for stories260K, measured on the 2-core CI machine).
     dtype = torch.bfloat16 if recipe.bf16 else torch.float32
     lora = LoraSettings(recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout, recipe.lora_target_modules)
+    # One SFT state dict (read once) for both models, applied before quantization.
+    sft = load_sft_state_dict(recipe.sft_checkpoint, recipe.model_name_or_path) if recipe.sft_checkpoint else None
     policy = load_policy_model(
         recipe.model_name_or_path,
         recipe.quantization,
@@ -296,11 +459,19 @@ def load_run_models(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedModel | 
         lora=lora,
         backend=recipe.backend,
         gradient_checkpointing=recipe.gradient_checkpointing,
+        sft_state_dict=sft,
+        adapter_name_or_path=recipe.adapter_name_or_path,
     )
     reference = None
     if recipe.reference == "separate":
+        ref_device = select_device("cpu") if recipe.reference_device == "cpu" else device
         reference = load_reference_model(
-            recipe.model_name_or_path, recipe.quantization, device, dtype=dtype, backend=recipe.backend
+            recipe.model_name_or_path,
+            recipe.quantization,
+            ref_device,
+            dtype=dtype,
+            backend=recipe.backend,
+            sft_state_dict=sft,
         )
     return policy, reference
 
@@ -315,31 +486,84 @@ def save_adapter(trainer: Any, tokenizer: PreTrainedTokenizerBase, run_dir: str 
     return adapter_dir
 
 
+def export_merged(recipe: Recipe, adapter_dir: str | Path, run_dir: str | Path) -> Path:
+    """Merge the run's adapter into a bf16 copy of the base and save it, with the tokenizer, to ``<run>/merged``.
+
+    The merge is :func:`dpo_xpu.export.merge_and_save` (unquantized base in bf16, PEFT ``merge_and_unload``), on
+    the CPU. With ``sft_checkpoint``, the base the adapter was trained on is the SFT weights: they are written once
+    in bf16 to a temporary folder, which is then the merge's base.
+
+    Returns:
+        The folder, loadable with ``AutoModelForCausalLM.from_pretrained`` (no PEFT, no bitsandbytes needed).
+    """
+    import tempfile
+
+    import torch
+
+    from dpo_xpu.backends import get_backend
+    from dpo_xpu.export import merge_and_save
+    from dpo_xpu.models import load_sft_state_dict, resolve_model_path
+
+    out_dir = Path(run_dir) / MERGED_DIR
+    base = resolve_model_path(recipe.model_name_or_path)
+    if not recipe.sft_checkpoint:
+        return merge_and_save(adapter_dir, base, out_dir=out_dir)
+    state = load_sft_state_dict(recipe.sft_checkpoint, base)
+    with tempfile.TemporaryDirectory(prefix="dpo-xpu-sft-base-") as scratch:
+        sft_base = get_backend("native")._load_base(base, "none", torch.device("cpu"), torch.bfloat16, state)
+        sft_base.save_pretrained(scratch)
+        del sft_base, state
+        return merge_and_save(adapter_dir, scratch, out_dir=out_dir)
+
+
 def run_training(
     recipe: Recipe,
     overwrite: bool = False,
     callbacks: list[TrainerCallback] | None = None,
     live_plot: bool | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run DPO end to end and write the run folder.
 
     The folder ``recipe.output_dir`` gets ``recipe.yaml`` (resolved), ``environment.json``,
-    ``metrics.jsonl``, ``reward_curves.png`` and ``adapter/`` (LoRA adapter + tokenizer).
+    ``data_report.json``, ``metrics.jsonl``, ``reward_curves.png``, ``checkpoint-N/`` every ``save_steps`` and
+    at the last step, ``adapter/`` (LoRA adapter + tokenizer) and, with ``export: merged``, ``merged/``
+    (:func:`export_merged`). SIGINT / SIGTERM during training save a
+    checkpoint at the end of the current step, then stop (:class:`~dpo_xpu.interrupts.StopOnSignal`).
+
+    Args:
+        resume: continue the run in ``recipe.output_dir`` from its newest complete checkpoint
+            (:func:`dpo_xpu.checkpoints.prepare_resume`); the recipe must match the run's on every key that
+            changes the result.
 
     Raises:
-        RunFolderError: the folder already holds a run (see ``overwrite``).
+        RunFolderError: the folder already holds a run (see ``overwrite``), or, with ``resume``, holds no run
+            or no complete checkpoint.
+        TrainingInterrupted: a signal stopped training; a checkpoint was saved and the message says how to resume.
         PreferenceDataError, ModelLoadError, DeviceNotAvailableError, RecipeError: bad input (clear message).
     """
+    from transformers import set_seed
+
+    from dpo_xpu.checkpoints import KeepTrainableDtypes, prepare_resume
     from dpo_xpu.environment import check_environment
+    from dpo_xpu.interrupts import StopOnSignal
     from dpo_xpu.models import load_tokenizer
     from dpo_xpu.plotting import CURVES_FILE, plot_reward_curves, read_metrics
 
-    run_dir = prepare_run_dir(recipe.output_dir, overwrite=overwrite)
-    recipe.save(run_dir / "recipe.yaml")
+    if resume and overwrite:
+        raise RunFolderError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
+    from dpo_xpu.environment import select_device
+
+    select_device(recipe.device)  # an absent device fails here, before anything is loaded or written
+    checkpoint = prepare_resume(recipe, recipe.output_dir) if resume else None
+    run_dir = Path(recipe.output_dir) if resume else prepare_run_dir(recipe.output_dir, overwrite=overwrite)
+    if not resume:
+        recipe.save(run_dir / "recipe.yaml")
     report = check_environment(backend=recipe.backend)
     (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
     tokenizer = load_tokenizer(recipe.model_name_or_path)
-    train_dataset, eval_dataset = load_run_data(recipe, tokenizer)
+    train_dataset, eval_dataset = load_run_data(recipe, tokenizer, report_path=run_dir / "data_report.json")
+    set_seed(recipe.seed)  # LoRA's random init draws from the global RNG: same seed, same run, in any process
     policy, reference = load_run_models(recipe)
     trainer = make_dpo_trainer(
         recipe,
@@ -351,8 +575,23 @@ def run_training(
         callbacks=callbacks,
         live_plot=live_plot,
     )
-    trainer.train()
+    stopper = StopOnSignal()
+    trainer.add_callback(stopper)
+    if checkpoint is not None:
+        trainer.args.eval_on_start = False  # the checkpoint's step was evaluated (if due) before it was saved
+        trainer.add_callback(KeepTrainableDtypes(trainer.model))
+    with stopper:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+        plot_reward_curves(read_metrics(run_dir), out_path=run_dir / CURVES_FILE)
+        raise TrainingInterrupted(
+            f"training stopped by {stopper.signal_name} at step {trainer.state.global_step}; a checkpoint is in "
+            f"{run_dir / f'checkpoint-{trainer.state.global_step}'}. Continue with: dpo-xpu train --recipe FILE "
+            "--resume (the same recipe), or run_training(recipe, resume=True)",
+            exit_code=stopper.exit_code,
+        )
     adapter_dir = save_adapter(trainer, tokenizer, run_dir)
+    merged_dir = export_merged(recipe, adapter_dir, run_dir) if recipe.export == "merged" else None
     metrics = read_metrics(run_dir)
     plot_reward_curves(metrics, out_path=run_dir / CURVES_FILE)
-    return RunResult(run_dir, metrics, adapter_dir, run_dir / CURVES_FILE, trainer)
+    return RunResult(run_dir, metrics, adapter_dir, run_dir / CURVES_FILE, trainer, merged_dir)

@@ -7,41 +7,14 @@ import math
 
 import pytest
 import torch
+from helpers import cpu_recipe as shared_recipe
 
 from dpo_xpu.errors import RunFolderError
 from dpo_xpu.models import load_tokenizer, load_trained_policy
-from dpo_xpu.recipes import Recipe
 from dpo_xpu.training import prepare_run_dir, run_training
 
 LN2 = math.log(2)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def shared_recipe(model, data, output_dir, **overrides) -> Recipe:
-    """The CPU settings for stories260K on orca rows (~475-670 tokens per row with its 512-piece vocab)."""
-    values = dict(
-        model_name_or_path=str(model),
-        dataset_name_or_path=str(data),
-        output_dir=str(output_dir),
-        device="cpu",
-        quantization="nf4",
-        reference="adapter-off",
-        learning_rate=5e-4,
-        lr_scheduler_type="cosine",
-        warmup_steps=2,
-        max_steps=20,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        max_length=1024,
-        max_prompt_length=512,
-        gradient_checkpointing=False,
-        bf16=False,
-        logging_steps=1,
-        save_steps=1000,
-        seed=42,
-    )
-    values.update(overrides)
-    return Recipe(**values)
 
 
 @pytest.fixture(scope="module")

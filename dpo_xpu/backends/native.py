@@ -15,21 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from dpo_xpu.errors import ModelLoadError
-from dpo_xpu.models import LoraSettings, _from_pretrained
+from dpo_xpu.models import LoraSettings, _from_pretrained, dtype_kwarg
 
 logger = logging.getLogger(__name__)
 
 #: bitsandbytes repacks NF4 weights for its AVX512-BF16 CPU kernel in blocks of this many output rows.
 CPU_REPACK_BLOCK = 32
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
-    """``dtype=`` for transformers >= 4.56, ``torch_dtype=`` before (the keyword was renamed)."""
-    import transformers
-    from packaging.version import Version
-
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {key: dtype}
 
 
 def disable_cpu_nf4_repack(model: torch.nn.Module) -> int:
@@ -55,8 +46,14 @@ def disable_cpu_nf4_repack(model: torch.nn.Module) -> int:
     return changed
 
 
-def _load_base(model_name_or_path: str, quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
-    kwargs: dict[str, Any] = {**_dtype_kwarg(dtype), "device_map": {"": str(device)}}
+def _load_base(
+    model_name_or_path: str,
+    quantization: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Any:
+    kwargs: dict[str, Any] = {**dtype_kwarg(dtype), "device_map": {"": str(device)}}
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
 
@@ -67,9 +64,36 @@ def _load_base(model_name_or_path: str, quantization: str, device: torch.device,
         )
     elif quantization != "none":
         raise ModelLoadError(f"quantization {quantization!r} is not supported by the native backend (nf4, none)")
-    model = _from_pretrained(AutoModelForCausalLM, model_name_or_path, **kwargs)
+    if state_dict is None:
+        model = _from_pretrained(AutoModelForCausalLM, model_name_or_path, **kwargs)
+    else:
+        model = _from_state_dict(model_name_or_path, state_dict, **kwargs)
     if quantization == "nf4" and device.type == "cpu":
         disable_cpu_nf4_repack(model)
+    return model
+
+
+def _from_state_dict(model_name_or_path: str, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+    """The base's architecture with the weights of ``state_dict`` (an SFT checkpoint), quantized as ``kwargs`` say.
+
+    transformers takes ``state_dict=`` only without a model path, so the concrete class is looked up from the
+    config; the weights then go through the same loading (and NF4 quantization) as weights read from disk.
+    """
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+        None, config=config, state_dict=state_dict, **kwargs
+    )
+    model.name_or_path = model.config._name_or_path = model_name_or_path
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(model_name_or_path)
+    except OSError:
+        pass  # the folder has no generation_config.json: keep the one built from the config
+    logger.info(
+        "base weights from the SFT state dict (%d tensors), architecture of %s", len(state_dict), model_name_or_path
+    )
     return model
 
 
@@ -113,15 +137,28 @@ def load_policy_model(
     dtype: torch.dtype,
     lora: LoraSettings,
     gradient_checkpointing: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name_or_path: str | None = None,
 ) -> PreTrainedModel:
     """Base model (NF4 or plain) + ``prepare_model_for_kbit_training`` + PEFT LoRA adapters.
 
-    See :func:`dpo_xpu.models.load_policy_model` for the arguments.
+    See :func:`dpo_xpu.models.load_policy_model` for the arguments (``state_dict`` is its ``sft_state_dict``).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    model = _load_base(model_name_or_path, quantization, device, dtype)
+    model = _load_base(model_name_or_path, quantization, device, dtype, state_dict)
     _upcast_for_training(model, quantization, gradient_checkpointing)
+    if adapter_name_or_path is not None:
+        try:
+            policy = PeftModel.from_pretrained(model, adapter_name_or_path, is_trainable=True)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"adapter_name_or_path {adapter_name_or_path!r} cannot be loaded onto {model_name_or_path} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): give a LoRA adapter folder (with "
+                "adapter_config.json) trained on this base, such as a run's adapter/"
+            ) from None
+        logger.info("policy continues from the adapter %s (its own LoRA settings)", adapter_name_or_path)
+        return policy
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -141,9 +178,10 @@ def load_reference_model(
     quantization: str,
     device: torch.device,
     dtype: torch.dtype,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> PreTrainedModel:
     """A frozen copy of the base in eval mode, with the policy's dtype handling (the ``separate`` strategy)."""
-    model = _load_base(model_name_or_path, quantization, device, dtype)
+    model = _load_base(model_name_or_path, quantization, device, dtype, state_dict)
     _upcast_for_training(model, quantization, gradient_checkpointing=False)
     model.requires_grad_(False)
     model.eval()
@@ -163,5 +201,10 @@ def load_trained_policy(
     model = _load_base(model_name_or_path, quantization, device, dtype)
     _upcast_for_training(model, quantization, gradient_checkpointing=False)
     policy = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    if quantization == "nf4":
+        # TRL trains QLoRA adapters in bf16 (QLoRA paper, section 3); keep them so to compute the same logits.
+        for name, param in policy.named_parameters():
+            if "lora_" in name and "lora_magnitude_vector" not in name:
+                param.data = param.data.to(torch.bfloat16)
     policy.eval()
     return policy

@@ -1,0 +1,155 @@
+"""``DpoXpuTrainer``: TRL 1.x's ``DPOTrainer`` with dpo_xpu's own losses, a reference-free mode and a CPU reference.
+
+:func:`dpo_xpu.training.make_dpo_trainer` picks it only when a recipe needs one of these; otherwise the plain
+``DPOTrainer`` runs. It changes one method, ``_compute_loss``, and leaves TRL's forward passes, its loss loop and
+its metrics in place:
+
+1. the reference log-probs are handed to TRL as if precomputed: zeros for a reference-free loss (no reference
+   forward at all), or computed by TRL's own ``compute_ref_log_probs`` on the reference's device (a ``separate``
+   reference kept on the CPU gets its inputs moved there and its log-probs moved back);
+2. for an own loss (see :mod:`dpo_xpu.losses`), TRL's loss list holds a zero-weighted ``sigmoid`` placeholder (plus
+   TRL's ``sft`` NLL term when ``nll_loss_coef`` > 0); the policy's per-token log-probs are read from the forward
+   pass TRL already made (a forward hook), the own loss is added to TRL's, and TRL's ``rewards/*`` metrics are
+   replaced by the own loss's rewards. Every other metric (``logps/*``, ``logits/*``, entropy) is TRL's.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from trl import DPOTrainer
+
+from dpo_xpu.losses import own_loss
+
+logger = logging.getLogger(__name__)
+
+
+class DpoXpuTrainer(DPOTrainer):
+    """TRL 1.x ``DPOTrainer`` plus dpo_xpu's losses, reference-free training and a reference on another device.
+
+    Args:
+        own_loss_type (`str`, *optional*): ``"sigmoid"`` (conservative DPO), ``"dpo_norm"`` or ``"simpo"``
+            computed by :mod:`dpo_xpu.losses`; ``None`` keeps TRL's loss.
+        reference_free (`bool`, defaults to `False`): take every reference log-prob as 0 (no reference forward).
+        label_smoothing (`float`, defaults to 0): the own loss's label smoothing (conservative DPO's epsilon).
+        simpo_gamma (`float`, defaults to 0.5): SimPO's target margin.
+        reference_device (`str`, *optional*): keep ``ref_model`` on this device (``"cpu"``) instead of the
+            accelerator: accelerate is told not to place it, and its inputs go there.
+        *args, **kwargs: as ``trl.DPOTrainer``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        own_loss_type: str | None = None,
+        reference_free: bool = False,
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
+        reference_device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        ref_model = kwargs.get("ref_model")
+        if reference_device is not None and ref_model is not None:
+            # accelerate's prepare_model returns a model marked as prepared unchanged: no move to the accelerator
+            # (and no refusal of a 4-bit model that lives on another device).
+            ref_model._is_accelerate_prepared = True
+        super().__init__(*args, **kwargs)
+        self.own_loss_type = own_loss_type
+        self.reference_free = reference_free
+        self.own_label_smoothing = label_smoothing
+        self.simpo_gamma = simpo_gamma
+        self.reference_device = torch.device(reference_device) if reference_device is not None else None
+        if self.reference_device is not None and self.ref_model is not None:
+            logger.info("reference model kept on %s", next(self.ref_model.parameters()).device)
+
+    def _reference_logps(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs ``(chosen [B], rejected [B])`` for a padded batch (chosen rows, then rejected)."""
+        input_ids = inputs["input_ids"]
+        if self.reference_free:
+            zeros = torch.zeros(input_ids.size(0) // 2, device=input_ids.device, dtype=torch.float32)
+            return zeros, zeros.clone()
+        model = self.ref_model if self.ref_model is not None else self.model
+        if self.reference_device is None or self.ref_model is None:
+            return self.compute_ref_log_probs(model, inputs)
+        moved = {k: v.to(self.reference_device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        chosen, rejected = self.compute_ref_log_probs(model, moved)
+        return chosen.to(input_ids.device), rejected.to(input_ids.device)
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        inputs = dict(inputs)
+        if "ref_chosen_logps" not in inputs or self.reference_free:
+            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self._reference_logps(inputs)
+        recorded: list[Any] = []
+        handle = None
+        if self.own_loss_type is not None:
+            handle = model.register_forward_hook(lambda module, args, output: recorded.append(output))
+        precompute = self.precompute_ref_logps
+        self.precompute_ref_logps = True  # TRL reads the reference log-probs from the batch
+        try:
+            result = super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            self.precompute_ref_logps = precompute
+            if handle is not None:
+                handle.remove()
+        if self.own_loss_type is None:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        loss = loss + self._own_loss(recorded[0].log_probs, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _own_loss(self, per_token_logps: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        """The own loss (batch mean) from the policy's per-token log-probs ``[2B, T-1]``; replaces ``rewards/*``."""
+        completion_mask = inputs["completion_mask"]
+        shift_mask = completion_mask[..., 1:]
+        per_token_logps = per_token_logps[:, -shift_mask.size(1) :]
+        logps = (per_token_logps * shift_mask).sum(dim=1)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        # answer lengths as TRL's sigmoid_norm and ipo count them
+        chosen_lengths, rejected_lengths = completion_mask.sum(dim=1).clamp(min=1).to(logps.dtype).chunk(2, dim=0)
+        losses, chosen_rewards, rejected_rewards = own_loss(
+            self.own_loss_type,
+            chosen_logps,
+            rejected_logps,
+            inputs["ref_chosen_logps"].to(logps.dtype),
+            inputs["ref_rejected_logps"].to(logps.dtype),
+            chosen_lengths,
+            rejected_lengths,
+            beta=self.beta,
+            label_smoothing=self.own_label_smoothing,
+            simpo_gamma=self.simpo_gamma,
+        )
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        gather = self.accelerator.gather
+        metrics["rewards/chosen"][-1] = gather(chosen_rewards).mean().item()
+        metrics["rewards/rejected"][-1] = gather(rejected_rewards).mean().item()
+        metrics["rewards/accuracies"][-1] = gather((chosen_rewards > rejected_rewards).float()).mean().item()
+        metrics["rewards/margins"][-1] = gather(chosen_rewards - rejected_rewards).mean().item()
+        return losses.mean()
+
+
+def match_reference_adapter_dtype(model: torch.nn.Module) -> int:
+    """Give TRL's frozen "ref" adapter the dtype of the trained "default" adapter it was copied from.
+
+    TRL 1.x, given a model that already has an adapter (``adapter_name_or_path``), copies it as a frozen "ref"
+    adapter (the reference = the starting policy), then casts the trainable adapter of a quantized model to bf16
+    (QLoRA's recipe), but not the copy. PEFT runs an adapter in its weights' dtype, so the policy and its reference
+    would differ at step 0 (stories260K: 9.6 nats on one answer, a first loss of 0.51 instead of ln 2). Casting the
+    copy the same way makes both the same bf16-rounded adapter.
+
+    Returns:
+        The number of "ref" parameters cast (0 when the model has no "ref" adapter or the dtypes already match).
+    """
+    params = dict(model.named_parameters())
+    changed = 0
+    for name, param in params.items():
+        if ".ref." not in name:
+            continue
+        default = params.get(name.replace(".ref.", ".default."))
+        if default is not None and param.dtype != default.dtype:
+            param.data = param.data.to(default.dtype)
+            changed += 1
+    if changed:
+        logger.info("cast %d parameters of the reference adapter to the trained adapter's dtype", changed)
+    return changed
