@@ -1,6 +1,6 @@
 """Preference losses that the installed TRL does not compute, as pure functions of per-sequence log-probs.
 
-TRL computes most losses itself (see :data:`dpo_xpu.training.TRL_LOSS_TYPES`); dpo_xpu adds the ones TRL lacks:
+TRL computes most losses itself (see :data:`dpo_xpu.trl_compat.TRL_LOSS_TYPES`); dpo_xpu adds the ones TRL lacks:
 
 * conservative DPO (``sigmoid`` with ``label_smoothing`` > 0): TRL >= 0.29 dropped label smoothing from ``sigmoid``;
 * length-normalised DPO (``dpo_norm``) with label smoothing (without it, TRL 1.x's ``sigmoid_norm`` is the same loss);

@@ -4,8 +4,9 @@ TRL computes the DPO loss (Rafailov et al. 2023, "Direct Preference Optimization
 
     L = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
 
-and runs the loop; this module only maps recipe values onto ``DPOConfig`` for TRL 0.11 (ipex-llm) and
-TRL 1.x (native), and refuses a value the installed TRL cannot honour instead of dropping it.
+and runs the loop; this module builds the trainer for the installed TRL generation (the mapping of recipe values
+onto ``DPOConfig`` is in :mod:`dpo_xpu.trl_compat`) and runs whole runs: run folder, data, models, training,
+adapter and export.
 """
 
 from __future__ import annotations
@@ -18,139 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from packaging.version import Version
-
 from dpo_xpu.errors import RecipeError, RunFolderError, TrainingInterrupted
-from dpo_xpu.recipes import OWN_LOSS_TYPES, Recipe
+from dpo_xpu.recipes import Recipe
+from dpo_xpu.trl_compat import dpo_config_kwargs, own_loss_type, trl_generation, truncate_prompts
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 logger = logging.getLogger(__name__)
-
-#: Loss types each TRL generation computes itself (``DPOConfig.loss_type``).
-TRL_LOSS_TYPES = {
-    "0.11": (
-        "sigmoid",
-        "hinge",
-        "ipo",
-        "exo_pair",
-        "nca_pair",
-        "robust",
-        "bco_pair",
-        "sppo_hard",
-        "aot",
-        "aot_pair",
-        "apo_zero",
-        "apo_down",
-    ),
-    "1.x": (
-        "sigmoid",
-        "hinge",
-        "ipo",
-        "exo_pair",
-        "nca_pair",
-        "robust",
-        "bco_pair",
-        "sppo_hard",
-        "aot",
-        "aot_unpaired",
-        "apo_zero",
-        "apo_down",
-        "discopop",
-        "sft",
-        "sigmoid_norm",
-    ),
-}
-#: TRL's loss types that use ``DPOConfig.label_smoothing``, per generation (TRL >= 0.29 dropped it from sigmoid).
-TRL_LABEL_SMOOTHING_LOSSES = {
-    "0.11": ("sigmoid", "robust", "exo_pair", "aot", "aot_pair"),
-    "1.x": ("robust", "exo_pair", "aot", "aot_unpaired"),
-}
-
-
-def own_loss_type(recipe: Recipe, generation: str | None = None) -> str | None:
-    """The loss dpo_xpu computes itself (:mod:`dpo_xpu.losses`) for this recipe, or ``None`` where TRL does.
-
-    On TRL 1.x: ``simpo`` always; ``sigmoid`` and ``dpo_norm`` when ``label_smoothing`` > 0 (TRL's ``sigmoid``
-    and ``sigmoid_norm`` have none). On TRL 0.11 always ``None`` (its ``DPOTrainer`` is not extended).
-    """
-    generation = generation or trl_generation()
-    if generation == "0.11":
-        return None
-    if recipe.loss_type == "simpo":
-        return "simpo"
-    if recipe.loss_type in ("sigmoid", "dpo_norm") and recipe.label_smoothing > 0:
-        return recipe.loss_type
-    return None
-
-
-def _check_loss_settings(recipe: Recipe, generation: str) -> None:
-    """Refuse loss settings neither the TRL generation nor dpo_xpu can honour (see :func:`dpo_config_kwargs`)."""
-    import trl
-
-    version = f"the installed TRL {trl.__version__} (TRL {generation})"
-    own = OWN_LOSS_TYPES if generation == "1.x" else ()
-    if recipe.loss_type not in TRL_LOSS_TYPES[generation] + own:
-        hint = (
-            f"; dpo_xpu computes {', '.join(OWN_LOSS_TYPES)} on TRL >= 0.12 only (the native backend)"
-            if recipe.loss_type in OWN_LOSS_TYPES
-            else ""
-        )
-        raise RecipeError(
-            f"loss_type: {recipe.loss_type!r} is not computed by the installed TRL {trl.__version__} "
-            f"(TRL {generation}); it offers "
-            f"{', '.join(TRL_LOSS_TYPES[generation] + own)}{hint}. Choose one of those, or use the environment "
-            "whose TRL has it"
-        )
-    if recipe.label_smoothing > 0 and not (
-        own_loss_type(recipe, generation) or recipe.loss_type in TRL_LABEL_SMOOTHING_LOSSES[generation]
-    ):
-        raise RecipeError(
-            f"label_smoothing: {recipe.label_smoothing} has no effect on loss_type {recipe.loss_type!r} with "
-            f"{version}; "
-            f"it applies to sigmoid, dpo_norm, simpo and TRL's {', '.join(TRL_LABEL_SMOOTHING_LOSSES[generation])}. "
-            "Set label_smoothing: 0 or choose one of those"
-        )
-    reference_free = recipe.reference_free or recipe.loss_type == "simpo"
-    if reference_free and recipe.reference != "adapter-off":
-        raise RecipeError(
-            f"reference: {recipe.reference!r} loads or precomputes a reference that a reference-free loss "
-            f"(reference_free: {recipe.reference_free}, loss_type: {recipe.loss_type!r}) never uses; set "
-            "reference: adapter-off"
-        )
-    if generation == "0.11" and recipe.reference_device != "same":
-        raise RecipeError(
-            f"reference_device: {recipe.reference_device!r} needs TRL >= 0.12 (the native backend); {version} "
-            "keeps the reference on the policy's device. Set reference_device: same"
-        )
-
-
-def _loss_kwargs(recipe: Recipe, generation: str) -> dict[str, Any]:
-    """``DPOConfig`` loss keywords. TRL 0.11 takes ``label_smoothing``, ``reference_free`` and ``rpo_alpha`` (the NLL
-    term) itself. TRL 1.x gets a ``loss_type`` list: the TRL loss (``dpo_norm`` is its ``sigmoid_norm``) or, for an
-    own loss, a zero-weighted ``sigmoid`` placeholder, plus ``sft`` weighted by ``nll_loss_coef``."""
-    if generation == "0.11":
-        return {
-            "loss_type": recipe.loss_type,
-            "label_smoothing": recipe.label_smoothing,
-            "reference_free": recipe.reference_free,
-            "rpo_alpha": recipe.nll_loss_coef or None,
-        }
-    own = own_loss_type(recipe, generation)
-    types = ["sigmoid" if own else "sigmoid_norm" if recipe.loss_type == "dpo_norm" else recipe.loss_type]
-    weights = [0.0 if own else 1.0]
-    if recipe.nll_loss_coef > 0:
-        types.append("sft")
-        weights.append(recipe.nll_loss_coef)
-    kwargs: dict[str, Any] = {"loss_type": types}
-    if weights != [1.0]:
-        kwargs["loss_weights"] = weights
-    if recipe.label_smoothing > 0 and not own:
-        kwargs["label_smoothing"] = recipe.label_smoothing
-    return kwargs
-
 
 #: Files a finished or running run leaves in its folder; any of them present means "a run is here".
 RUN_MARKERS = (
@@ -164,105 +41,6 @@ RUN_MARKERS = (
 )
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
-
-
-def trl_generation() -> str:
-    """``"1.x"`` for TRL >= 0.12's API (``processing_class=``, no ``max_prompt_length``), else ``"0.11"``."""
-    import trl
-
-    return "1.x" if Version(trl.__version__) >= Version("0.12") else "0.11"
-
-
-def truncate_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> Dataset:
-    """Cut each ``prompt`` to its last ``max_prompt_length`` tokens, as TRL 0.11's ``keep_end`` did.
-
-    TRL 1.x dropped ``max_prompt_length``; this keeps the original recipe's behaviour there. The cut is
-    made on a token boundary of the prompt text (via the fast tokenizer's offsets), so no token is split.
-
-    Args:
-        dataset: rows with a ``prompt`` string column.
-        tokenizer: the run's tokenizer (a fast one, for offsets).
-        max_prompt_length: tokens to keep, counted without special tokens added by the tokenizer.
-
-    Returns:
-        The dataset with long prompts shortened (others unchanged).
-    """
-
-    def cut(example: dict[str, Any]) -> dict[str, Any]:
-        enc = tokenizer(example["prompt"], add_special_tokens=False, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        if len(offsets) <= max_prompt_length:
-            return {"prompt": example["prompt"]}
-        start = offsets[len(offsets) - max_prompt_length][0]
-        return {"prompt": example["prompt"][start:]}
-
-    before = dataset["prompt"]
-    dataset = dataset.map(cut, desc="Truncating prompts (keep end)")
-    cut_count = sum(a != b for a, b in zip(before, dataset["prompt"]))
-    if cut_count:
-        logger.info(
-            "%d of %d prompts were longer than %d tokens and kept their end",
-            cut_count,
-            len(before),
-            max_prompt_length,
-        )
-    return dataset
-
-
-def dpo_config_kwargs(
-    recipe: Recipe, generation: str | None = None, use_cpu: bool = False, has_eval_dataset: bool | None = None
-) -> dict[str, Any]:
-    """Map a recipe onto ``trl.DPOConfig`` keyword arguments for a TRL generation.
-
-    Args:
-        recipe: the run's recipe.
-        generation: ``"0.11"`` or ``"1.x"``; default the installed TRL's.
-        use_cpu: train on the CPU even where an accelerator is visible.
-        has_eval_dataset: whether the trainer gets an eval split; ``None``: ``recipe.eval_fraction > 0``.
-            With one and ``recipe.eval_steps``, evaluation runs every ``eval_steps`` and at step 0
-            (transformers' ``eval_on_start``), with the training batch size.
-
-    Raises:
-        RecipeError: a recipe value the TRL generation cannot honour (for example a ``loss_type`` only TRL
-            1.x has, asked of TRL 0.11); the message names the field and the TRL version.
-    """
-    generation = generation or trl_generation()
-    _check_loss_settings(recipe, generation)
-    kwargs: dict[str, Any] = {
-        "output_dir": recipe.output_dir,
-        "beta": recipe.beta,
-        **_loss_kwargs(recipe, generation),
-        "learning_rate": recipe.learning_rate,
-        "lr_scheduler_type": recipe.lr_scheduler_type,
-        "warmup_steps": recipe.warmup_steps,
-        "max_steps": recipe.max_steps,
-        "num_train_epochs": recipe.num_train_epochs,
-        "per_device_train_batch_size": recipe.per_device_train_batch_size,
-        "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
-        "max_length": recipe.max_length,
-        "logging_steps": recipe.logging_steps,
-        "save_strategy": "steps",
-        "save_steps": recipe.save_steps,
-        "seed": recipe.seed,
-        "bf16": recipe.bf16,
-        "gradient_checkpointing": recipe.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False},
-        "optim": "adamw_torch",  # paged AdamW is not supported on XPU
-        "precompute_ref_log_probs": recipe.reference == "precomputed",
-        "report_to": [],
-        "remove_unused_columns": False,
-        "use_cpu": use_cpu,
-    }
-    if generation == "0.11":
-        kwargs["max_prompt_length"] = recipe.max_prompt_length
-    if recipe.eval_steps and (recipe.eval_fraction > 0 if has_eval_dataset is None else has_eval_dataset):
-        kwargs.update(
-            eval_strategy="steps",
-            eval_steps=recipe.eval_steps,
-            eval_on_start=True,
-            per_device_eval_batch_size=recipe.per_device_train_batch_size,
-        )
-    return kwargs
 
 
 def make_dpo_trainer(

@@ -13,7 +13,8 @@ from helpers import cpu_recipe as shared_recipe
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.losses import dpo_norm_loss, own_loss, sigmoid_loss, simpo_loss
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.training import dpo_config_kwargs, own_loss_type, run_training, trl_generation
+from dpo_xpu.training import run_training
+from dpo_xpu.trl_compat import dpo_config_kwargs, own_loss_type, trl_generation
 
 LN2 = math.log(2)
 BETA = 0.1

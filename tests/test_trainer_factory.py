@@ -10,7 +10,8 @@ import pytest
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.models import load_tokenizer
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.training import dpo_config_kwargs, run_training, trl_generation, truncate_prompts
+from dpo_xpu.training import run_training
+from dpo_xpu.trl_compat import dpo_config_kwargs, trl_generation, truncate_prompts
 
 
 @pytest.mark.parametrize(
