@@ -364,8 +364,8 @@ How to read them:
 - **Rewards** start at 0 for the same reason. The *margin* (chosen minus rejected) should grow. The chosen reward
   itself often *falls*: the policy lowers the probability of both answers, the rejected one faster. That is normal
   for DPO, as long as the margin grows.
-- **Accuracy** is the fraction of pairs whose chosen reward beats the rejected one. It starts near 0.5 and rises.
-  Stuck at 0.5 for many steps: the adapters are not learning (learning rate, frozen weights). At 1.0 within a few
+- **Accuracy** is the fraction of pairs whose chosen reward beats the rejected one. It is 0 at the first step
+  (both rewards are exactly 0, and a tie does not count), then rises. Stuck near 0.5 for many steps: the adapters are not learning (learning rate, frozen weights). At 1.0 within a few
   steps: the task is too easy or the policy is moving too far (learning rate too high, `beta` too small); check
   the samples in notebook 4.""",
     ),
