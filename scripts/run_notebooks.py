@@ -43,16 +43,36 @@ CPU_TRAINING = {
     "num_samples": 3,
     "max_new_tokens": 48,
 }
+#: Training values the demo preset takes from recipes/cpu_demo.yaml, so `make demo` and
+#: `dpo-xpu train --recipe recipes/cpu_demo.yaml` train the same way.
+DEMO_RECIPE_KEYS = (
+    "bf16",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "warmup_steps",
+    "gradient_checkpointing",
+    "learning_rate",
+    "max_length",
+    "max_prompt_length",
+    "max_steps",
+    "limit",
+)
+
+
+def _demo_recipe_values() -> dict[str, Any]:
+    from dpo_xpu.recipes import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "cpu_demo.yaml")
+    return {key: getattr(recipe, key) for key in DEMO_RECIPE_KEYS}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {  # the embedded default: tiny ChatML model built offline + the shipped sample (as recipes/cpu_demo.yaml)
+    "demo": {  # the embedded default: tiny ChatML model built offline + the shipped sample (recipes/cpu_demo.yaml)
         **CPU_TRAINING,
+        **_demo_recipe_values(),
         "model_name_or_path": str(ROOT / "runs" / "demo-model"),
         "dataset_name_or_path": str(ROOT / "dpo_xpu" / "assets" / "orca_demo_sample.jsonl"),
         "output_dir": str(ROOT / "runs" / "demo"),
-        "limit": None,
-        "max_length": 512,
-        "max_prompt_length": 256,
-        "max_steps": 30,
     },
     "shared": {  # real inputs from ../shared: stories260K (no ChatML tokens) and 64 of the 284 orca rows
         **CPU_TRAINING,
