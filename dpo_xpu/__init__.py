@@ -72,6 +72,10 @@ _EXPORTS = {
     "check_merged_logits": "export",
     # demo assets
     "build_demo_model": "demo",
+    # performance: cached reference log-probs, memory planner
+    "attach_precomputed_reference": "reference_cache",
+    "estimate_memory": "memory",
+    "recipe_fits": "memory",
     # errors
     "DpoXpuError": "errors",
     "PreferenceDataError": "errors",

@@ -86,9 +86,16 @@ def make_dpo_trainer(
         raise RecipeError(f"reference: {recipe.reference!r} uses no separate model; pass ref_model=None")
     generation = trl_generation()
     device = next(model.parameters()).device
-    config = DPOConfig(
-        **dpo_config_kwargs(recipe, generation, use_cpu=device.type == "cpu", has_eval_dataset=eval_dataset is not None)
+    config_kwargs = dpo_config_kwargs(
+        recipe, generation, use_cpu=device.type == "cpu", has_eval_dataset=eval_dataset is not None
     )
+    # TRL 1.x's own precompute cache is keyed by the data fingerprint and the weights only (not by max_length or
+    # truncation) and has no corruption check: dpo_xpu.reference_cache computes and caches the reference
+    # log-probs after construction instead.
+    own_cache = generation == "1.x" and recipe.reference == "precomputed"
+    if own_cache:
+        config_kwargs["precompute_ref_log_probs"] = False
+    config = DPOConfig(**config_kwargs)
     if generation == "1.x" and recipe.max_prompt_length is not None:
         train_dataset = truncate_prompts(train_dataset, tokenizer, recipe.max_prompt_length)
         if eval_dataset is not None:
@@ -134,6 +141,11 @@ def make_dpo_trainer(
         from dpo_xpu.trainer import match_reference_adapter_dtype
 
         match_reference_adapter_dtype(trainer.model)  # reference == starting policy at step 0
+    if own_cache:
+        from dpo_xpu.reference_cache import attach_precomputed_reference
+
+        info = attach_precomputed_reference(trainer, recipe)
+        logger.info("reference log-probs %s: %s", "reused from cache" if info.hit else "computed", info.path)
     return trainer
 
 

@@ -101,3 +101,32 @@ def test_run_folder_is_never_overwritten_silently(tmp_path):
     prepare_run_dir(run, overwrite=True)
     assert not (run / "metrics.jsonl").exists()
     assert (run / "notes.txt").read_text() == "mine"  # files we did not write are kept
+
+
+@pytest.mark.slow
+def test_precomputed_reference_matches_adapter_off_and_reuses_its_cache(
+    stories260k_path, orca_rows_path, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DPO_XPU_CACHE_DIR", str(tmp_path / "cache"))
+    runs = {}
+    for name, reference in (("adapter-off", "adapter-off"), ("cold", "precomputed"), ("warm", "precomputed")):
+        recipe = shared_recipe(
+            stories260k_path,
+            orca_rows_path,
+            tmp_path / name,
+            reference=reference,
+            max_steps=3,
+            limit=6,
+            learning_rate=1e-2,
+            warmup_steps=0,
+        )
+        runs[name] = run_training(recipe, live_plot=False).metrics
+        if name == "cold":
+            assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # the warm run reused the file
+    for step in range(3):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+            expected = runs["adapter-off"][step][key]
+            assert runs["cold"][step][key] == pytest.approx(expected, abs=1e-4), (step, key)
+            assert runs["warm"][step][key] == pytest.approx(expected, abs=1e-4), (step, key)
+    assert runs["adapter-off"][2]["loss"] != pytest.approx(runs["adapter-off"][0]["loss"], abs=1e-3)  # it trained

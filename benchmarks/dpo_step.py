@@ -1,0 +1,542 @@
+"""DPO step benchmark: throughput, peak memory, losses and MFU of each reference strategy, on one machine.
+
+The strategies run in this one process, one after the other, on the same model, data, batch and step count:
+
+- ``original``: a separate frozen NF4 reference, loaded as the original recipe does (``reference: separate``);
+- ``adapter-off``: the policy's own NF4 base with its LoRA adapters disabled (one copy of the weights);
+- ``precomputed-cold``: reference log-probs computed first (time included) and written to an empty cache,
+  then training runs the policy only (``dpo_xpu.reference_cache``);
+- ``precomputed-warm``: the same, reading the cache the cold run wrote;
+- ``ipex-llm``: the original stack (``backend: ipex-llm``, separate reference), only when ``import ipex_llm``
+  works in the running environment; skipped otherwise.
+
+Commands (from the project root)::
+
+    python benchmarks/dpo_step.py --quick                    # CPU, < 10 min on 2 cores, Qwen2-0.5B size
+    python benchmarks/dpo_step.py --device xpu               # Intel GPU: 20 steps, batch 2, max_length 1024
+    python benchmarks/dpo_step.py --device cuda --steps 20   # same path on a CUDA GPU
+    python benchmarks/dpo_step.py --model tiny --steps 2     # seconds: the tests run this end to end
+
+The default model is the Qwen2 architecture at the size of Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads,
+2 key-value heads, intermediate 4864, vocabulary 151,936, tied embeddings) with random weights (seed 0),
+saved once in bf16 under ``.cache/benchmark-models/`` and NF4-quantized at load time, with the real Qwen2
+tokenizer and the real orca rows from ``../shared`` (``DPO_XPU_SHARED``). Results go to a JSON file
+(``--out``, default ``benchmarks/results/dpo_step-<device>[-quick].json``) and a table on stdout.
+
+Measurements:
+
+- ``pairs_per_s``: preference pairs trained / wall seconds of the timed part (precompute, for the cold cache,
+  plus ``trainer.train()``). ``tokens_per_s``: non-padding tokens (prompt + answer, both answers) the same way.
+- ``peak_memory_mib``: on CPU, the highest process RSS during the timed part, sampled every 10 ms by a thread
+  (psutil), minus the RSS before the strategy loaded its models (after ``gc.collect()`` and ``malloc_trim``
+  of the previous strategy's memory), with glibc's mmap threshold fixed at 1 MiB so that freed tensors
+  leave the RSS (:func:`fix_malloc_mmap_threshold`; ``--keep-malloc`` turns that off). The OS high-water
+  mark is monotone over a process, so per-strategy peaks need this sampler, which can miss a spike shorter
+  than 10 ms. On a GPU, the allocator's peak (``max_memory_allocated`` after ``reset_peak_memory_stats``,
+  taken after loading, so weights count).
+- ``mfu``: model FLOPs per second / the bf16 matrix-multiply ceiling measured here (``matmul_bf16_gflops``,
+  best of a few ``n x n`` bf16 matmuls). Model FLOPs follow Kaplan et al. 2020 (sec. 2.1) and PaLM
+  (Chowdhery et al. 2022, appendix B): ``6 N T`` for the policy's forward and backward plus ``2 N T`` per
+  reference forward (each step for ``original``/``adapter-off``, once in the precompute for the cold cache,
+  none for the warm cache), with the attention term ``12 L H Q S`` per token (``4 L H Q S`` forward only),
+  ``N`` the parameters of the matrix multiplies (transformer layers and the output head; embeddings tied to
+  the head count once), ``T`` the non-padding tokens, ``S`` the mean sequence length. Recompute by gradient
+  checkpointing is not counted (that would be hardware FLOPs utilisation), and neither is the fact that the
+  frozen NF4 base needs no weight gradient (the executed work of the policy is nearer ``4 N T``): the
+  standard formula keeps numbers comparable across strategies and machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DPO_XPU_SHARED", PROJECT_ROOT.parent / "shared")).resolve()
+ORCA_ROWS = SHARED / "data" / "orca_dpo_pairs" / "sample-284.jsonl"
+QWEN2_TOKENIZER = SHARED / "tokenizers" / "qwen2"
+CACHE = PROJECT_ROOT / ".cache"
+STRATEGIES = ("original", "adapter-off", "precomputed-cold", "precomputed-warm", "ipex-llm")
+RESULT_KEYS = ("strategy", "pairs_per_s", "tokens_per_s", "peak_memory_mib", "first_loss", "last_loss", "mfu")
+
+#: Qwen2 at the size of Qwen2.5-0.5B (its published config.json), and a tiny one with the same vocabulary.
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2-0.5b": {
+        "hidden_size": 896,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "intermediate_size": 4864,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+    },
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 4096,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+    },
+}
+
+logger = logging.getLogger("dpo_step")
+
+
+def build_random_model(name: str, cache_dir: Path = CACHE / "benchmark-models", seed: int = 0) -> Path:
+    """Build (once) and return the folder of a randomly initialised Qwen2 model saved in bf16.
+
+    Args:
+        name: a key of :data:`MODEL_CONFIGS`.
+        cache_dir: parent folder (git-ignored ``.cache/`` by default).
+        seed: ``torch.manual_seed`` before initialisation, so every machine builds the same weights.
+
+    Returns:
+        ``<cache_dir>/<name>-random-seed<seed>``, holding ``config.json`` and ``model.safetensors``.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = cache_dir / f"{name}-random-seed{seed}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    config = Qwen2Config(
+        **MODEL_CONFIGS[name], bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, dtype="bfloat16"
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    del model
+    return folder
+
+
+def matmul_gflops(device: str, dtype_name: str = "bfloat16", n: int = 2048, repeats: int = 3) -> float:
+    """The best GFLOP/s of ``repeats`` timed ``n x n @ n x n`` matmuls (``2 n^3`` FLOPs each) after a warm-up."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for i in range(repeats + 1):
+        _synchronize(device)
+        start = time.perf_counter()
+        (a @ b).sum().item()
+        _synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    kind = device.split(":")[0]
+    if kind in ("cuda", "xpu"):
+        getattr(torch, kind).synchronize()
+
+
+def fix_malloc_mmap_threshold(threshold: int = 1 << 20) -> bool:
+    """Make glibc return freed blocks of ``threshold`` bytes or more to the OS at once (``mallopt``).
+
+    By default glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+    freed tensors stay resident in the heap: the process's RSS then shows the allocator's high-water mark, not
+    the memory the step needs (on the quick run, about 350 MiB more for ``adapter-off``). Fixing the
+    threshold (the same as ``MALLOC_MMAP_THRESHOLD_``) costs page faults on fresh tensors, the same for every
+    strategy. Returns ``False`` where glibc is absent.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, threshold)) and bool(libc.mallopt(-1, threshold))  # M_MMAP/TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def _trim_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class RssSampler:
+    """A thread recording the process's highest resident set size (MiB) since the last :meth:`reset`."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self.interval_s = interval_s
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def current_mib(self) -> float:
+        return self._process.memory_info().rss / 2**20
+
+    def reset(self) -> None:
+        self.peak_mib = self.current_mib()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, self.current_mib())
+            time.sleep(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def model_flops(config: Any, tokens: int, mean_seq_len: float, forward_only: bool = False) -> float:
+    """Model FLOPs of a pass over ``tokens`` tokens (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, app. B).
+
+    ``6 N + 12 L H Q S`` per token for forward and backward, ``2 N + 4 L H Q S`` for a forward only, where
+    ``N`` counts the parameters of the matrix multiplies (layers + output head, tied embeddings once), ``L``
+    layers, ``H`` heads, ``Q`` head dimension, ``S`` the mean sequence length.
+    """
+    from dpo_xpu.memory import matmul_parameters
+
+    n = matmul_parameters(config)
+    head_dim = config.hidden_size // config.num_attention_heads
+    attention = config.num_hidden_layers * config.num_attention_heads * head_dim * mean_seq_len
+    per_token = 2 * n + 4 * attention if forward_only else 6 * n + 12 * attention
+    return per_token * tokens
+
+
+@dataclass
+class Settings:
+    model: str
+    model_path: str
+    device: str
+    steps: int
+    batch: int
+    max_length: int
+    max_prompt_length: int
+    gradient_checkpointing: bool
+    bf16: bool
+    learning_rate: float
+    rows: int
+
+
+def _recipe(settings: Settings, reference: str, backend: str, output_dir: Path) -> Any:
+    from dpo_xpu.recipes import make_recipe
+
+    return make_recipe(
+        {
+            "model_name_or_path": settings.model_path,
+            "dataset_name_or_path": str(ORCA_ROWS),
+            "output_dir": str(output_dir),
+            "backend": backend,
+            "device": settings.device,
+            "quantization": "nf4",
+            "reference": reference,
+            "limit": settings.rows,
+            "max_steps": settings.steps,
+            "per_device_train_batch_size": settings.batch,
+            "gradient_accumulation_steps": 1,
+            "max_length": settings.max_length,
+            "max_prompt_length": settings.max_prompt_length,
+            "gradient_checkpointing": settings.gradient_checkpointing,
+            "bf16": settings.bf16,
+            "learning_rate": settings.learning_rate,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+            "logging_steps": 1,
+            "save_steps": 100000,
+        }
+    )
+
+
+def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, sampler: RssSampler) -> dict:
+    """Load, train ``settings.steps`` steps and measure one strategy; returns one result row."""
+    import torch
+
+    from dpo_xpu.reference_cache import attach_precomputed_reference
+    from dpo_xpu.training import load_run_data, load_run_models, make_dpo_trainer
+
+    precomputed = strategy.startswith("precomputed")
+    # The precomputed runs build an adapter-off trainer (no per-step reference) and attach the cache
+    # themselves, so the precompute is inside the timed part and uses this benchmark's cache folder.
+    reference = {"original": "separate", "ipex-llm": "separate"}.get(strategy, "adapter-off")
+    backend = "ipex-llm" if strategy == "ipex-llm" else "native"
+    recipe = _recipe(settings, reference, backend, work / "runs" / strategy)
+    shutil.rmtree(recipe.output_dir, ignore_errors=True)
+    ref_cache = work / "reference-logps"
+    if strategy == "precomputed-cold":
+        shutil.rmtree(ref_cache, ignore_errors=True)
+    train_dataset, _ = load_run_data(recipe, tokenizer)
+    device = settings.device.split(":")[0]
+    on_gpu = device in ("cuda", "xpu")
+
+    _trim_memory()
+    baseline = sampler.current_mib()
+    torch.manual_seed(recipe.seed)
+    policy, reference_model = load_run_models(recipe)
+    trainer = make_dpo_trainer(recipe, policy, reference_model, tokenizer, train_dataset, live_plot=False)
+    del policy, reference_model
+    _trim_memory()
+    if on_gpu:
+        getattr(torch, device).reset_peak_memory_stats()
+    sampler.reset()
+    start = time.perf_counter()
+    info = attach_precomputed_reference(trainer, recipe, cache_dir=ref_cache) if precomputed else None
+    trainer.train()
+    _synchronize(settings.device)
+    elapsed = time.perf_counter() - start
+    peak_rss = sampler.peak_mib - baseline
+    peak_device = getattr(torch, device).max_memory_allocated() / 2**20 if on_gpu else None
+
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    pairs = settings.steps * settings.batch
+    tokens = int(logs[-1].get("num_tokens", 0)) if logs else 0
+    config = trainer.model.get_base_model().config if hasattr(trainer.model, "get_base_model") else None
+    config = config or trainer.model.config
+    mean_seq = tokens / (2 * pairs) if pairs else 0.0
+    flops = model_flops(config, tokens, mean_seq)
+    if strategy in ("original", "adapter-off", "ipex-llm") or (precomputed and info is not None and not info.hit):
+        flops += model_flops(config, tokens, mean_seq, forward_only=True)
+    row = {
+        "strategy": strategy,
+        "pairs_per_s": pairs / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "peak_memory_mib": peak_device if on_gpu else peak_rss,
+        "first_loss": float(logs[0]["loss"]) if logs else None,
+        "last_loss": float(logs[-1]["loss"]) if logs else None,
+        "mfu": None,
+        "seconds": elapsed,
+        "steps": settings.steps,
+        "pairs": pairs,
+        "tokens": tokens,
+        "model_flops": flops,
+        "peak_rss_mib": peak_rss,
+        "baseline_rss_mib": baseline,
+        "losses": [float(r["loss"]) for r in logs],
+        "reference_cache_hit": None if info is None else info.hit,
+        "precompute_seconds": None if info is None else info.seconds,
+    }
+    del trainer
+    _trim_memory()
+    for kind in ("cuda", "xpu"):
+        if on_gpu and kind == device:
+            getattr(torch, kind).empty_cache()
+    return row
+
+
+def _ipex_llm_available() -> tuple[bool, str]:
+    try:
+        import ipex_llm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not this environment"
+        return False, f"import ipex_llm failed ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def _machine(device: str) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "torch": torch.__version__,
+    }
+    kind = device.split(":")[0]
+    if kind in ("cuda", "xpu") and getattr(torch, kind).is_available():
+        info["device_name"] = getattr(torch, kind).get_device_name()
+    try:
+        import psutil
+
+        info["memory_mib"] = psutil.virtual_memory().total / 2**20
+    except ImportError:
+        pass
+    return info
+
+
+def estimate_rows(settings: Settings, config: Any) -> list[dict[str, Any]]:
+    """The memory planner's estimate for each strategy's settings (``dpo_xpu.memory.estimate_memory``)."""
+    from dpo_xpu.memory import estimate_memory
+
+    rows = []
+    for strategy in ("original", "adapter-off", "precomputed"):
+        est = estimate_memory(
+            config,
+            quantization="nf4",
+            reference={"original": "separate"}.get(strategy, strategy),
+            batch=settings.batch,
+            max_length=settings.max_length,
+            gradient_checkpointing=settings.gradient_checkpointing,
+            compute_dtype="bfloat16" if settings.bf16 else "float32",
+            device="cpu" if settings.device.startswith("cpu") else "gpu",
+        )
+        rows.append({"strategy": strategy, **est.to_dict()})
+    return rows
+
+
+def write_results(path: Path, machine: dict, gflops: float, results: list[dict], extra: dict | None = None) -> dict:
+    """Write the benchmark JSON and return it.
+
+    Schema: ``{"machine": {...}, "matmul_bf16_gflops": float, "results": [{"strategy", "pairs_per_s",
+    "tokens_per_s", "peak_memory_mib", "first_loss", "last_loss", "mfu", ...}, ...], ...extra}``; ``mfu`` is
+    filled here from each row's ``model_flops`` and ``seconds``.
+    """
+    for row in results:
+        if row.get("model_flops") is not None and row.get("seconds"):
+            row["mfu"] = row["model_flops"] / row["seconds"] / (gflops * 1e9)
+        missing = [k for k in RESULT_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"result row {row.get('strategy')!r} lacks {missing}")
+    payload = {"machine": machine, "matmul_bf16_gflops": gflops, "results": results, **(extra or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    return payload
+
+
+def format_table(payload: dict) -> str:
+    """The results as a fixed-width text table, with ratios to ``original``."""
+    rows = payload["results"]
+    base = next((r for r in rows if r["strategy"] == "original" and r.get("pairs_per_s")), None)
+    head = (
+        f"{'strategy':<18}{'pairs/s':>9}{'tokens/s':>10}{'peak MiB':>10}{'first loss':>12}{'last loss':>11}"
+        f"{'MFU':>8}{'x speed':>9}{'x mem':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.get("skipped"):
+            lines.append(f"{r['strategy']:<18}skipped: {r['skipped']}")
+            continue
+        speed = r["pairs_per_s"] / base["pairs_per_s"] if base else float("nan")
+        mem = r["peak_memory_mib"] / base["peak_memory_mib"] if base and base["peak_memory_mib"] else float("nan")
+        lines.append(
+            f"{r['strategy']:<18}{r['pairs_per_s']:>9.4f}{r['tokens_per_s']:>10.1f}{r['peak_memory_mib']:>10.0f}"
+            f"{r['first_loss']:>12.6f}{r['last_loss']:>11.6f}{100 * (r['mfu'] or 0):>7.2f}%{speed:>9.2f}{mem:>7.2f}"
+        )
+    lines.append(f"bf16 matmul ceiling: {payload['matmul_bf16_gflops']:.1f} GFLOP/s on {payload['machine']['device']}")
+    for e in payload.get("memory_estimates", []):
+        lines.append(f"planner {e['strategy']:<12} {e['total_mib']:>8.0f} MiB  {e['components_mib']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen2-0.5b", help="qwen2-0.5b (default), tiny, or a local model folder")
+    parser.add_argument("--device", default="cpu", help="cpu (default), xpu, cuda (optionally :N)")
+    parser.add_argument("--quick", action="store_true", help="CPU-sized run: 3 steps, batch 1, max_length 256")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per strategy (default 20; quick 3)")
+    parser.add_argument("--batch", type=int, default=None, help="pairs per step (default 2; quick 1)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default 1024; quick 256)")
+    parser.add_argument("--max-prompt-length", type=int, default=None, help="default max_length // 2")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true", help="default: checkpointing on")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="auto: on for GPUs only")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output path")
+    parser.add_argument(
+        "--keep-malloc", action="store_true", help="CPU: keep glibc's dynamic mmap threshold (RSS = heap high-water)"
+    )
+    parser.add_argument("--work-dir", type=Path, default=CACHE / "benchmark-work", help="run folders and cache")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("httpx", "datasets", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import torch
+    from transformers import AutoConfig
+
+    from dpo_xpu.models import load_tokenizer
+
+    for path in (ORCA_ROWS, QWEN2_TOKENIZER):
+        if not path.exists():
+            sys.exit(f"missing shared asset {path}: set DPO_XPU_SHARED to the folder holding ../shared")
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown:
+        sys.exit(f"unknown strategies {unknown}: choose from {', '.join(STRATEGIES)}")
+    steps = args.steps or (3 if args.quick else 20)
+    batch = args.batch or (1 if args.quick else 2)
+    max_length = args.max_length or (256 if args.quick else 1024)
+    on_gpu = args.device.split(":")[0] in ("cuda", "xpu")
+    torch.set_num_threads(os.cpu_count() or 1)
+    fixed_malloc = not on_gpu and not args.keep_malloc and fix_malloc_mmap_threshold()
+    model_path = Path(args.model) if args.model not in MODEL_CONFIGS else build_random_model(args.model)
+    settings = Settings(
+        model=args.model,
+        model_path=str(model_path),
+        device=args.device,
+        steps=steps,
+        batch=batch,
+        max_length=max_length,
+        max_prompt_length=args.max_prompt_length or max_length // 2,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        bf16=on_gpu if args.bf16 == "auto" else args.bf16 == "on",
+        learning_rate=5e-5,
+        rows=steps * batch,
+    )
+    logger.info("settings: %s", settings)
+    out = args.out or PROJECT_ROOT / "benchmarks" / "results" / (
+        f"dpo_step-{args.device.split(':')[0]}{'-quick' if args.quick else ''}.json"
+    )
+    tokenizer = load_tokenizer(QWEN2_TOKENIZER)
+    size = 512 if args.model == "tiny" else 2048  # the tiny run checks the script, not the machine
+    gflops = matmul_gflops(args.device, "bfloat16", n=size)
+    gflops_fp32 = matmul_gflops(args.device, "float32", n=size)
+    logger.info("matmul ceiling: bf16 %.1f GFLOP/s, float32 %.1f GFLOP/s", gflops, gflops_fp32)
+    sampler = RssSampler()
+    results = []
+    for strategy in strategies:
+        if strategy == "ipex-llm":
+            ok, why = _ipex_llm_available()
+            if not ok:
+                logger.info("ipex-llm skipped: %s", why)
+                results.append({**dict.fromkeys(RESULT_KEYS), "strategy": strategy, "skipped": why})
+                continue
+        logger.info("strategy %s ...", strategy)
+        row = run_strategy(strategy, settings, tokenizer, args.work_dir, sampler)
+        logger.info("strategy %s: %s", strategy, {k: row[k] for k in RESULT_KEYS})
+        results.append(row)
+    sampler.stop()
+    config = AutoConfig.from_pretrained(model_path)
+    payload = write_results(
+        out,
+        _machine(args.device),
+        gflops,
+        results,
+        extra={
+            "matmul_fp32_gflops": gflops_fp32,
+            "malloc_mmap_threshold_fixed": fixed_malloc,
+            "settings": asdict(settings),
+            "memory_estimates": estimate_rows(settings, config),
+        },
+    )
+    print(format_table(payload))
+    print(f"written: {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

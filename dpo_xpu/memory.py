@@ -1,0 +1,309 @@
+"""Memory planner: the expected peak memory of a DPO training step, by component, before loading anything.
+
+The estimate is built from the model config (a decoder-only transformer of the Llama / Mistral / Qwen2 kind)
+and the recipe's settings:
+
+- ``weights``: NF4 linear layers at 4 bits plus one float32 absmax per 64-value block (bitsandbytes' default
+  blocksize; Dettmers et al. 2023, "QLoRA", sec. 3), and every other parameter (embeddings, untied output
+  head, norms, biases) in float32, since PEFT's ``prepare_model_for_kbit_training`` upcasts them; twice that
+  for a ``separate`` reference;
+- ``lora_and_optimizer``: LoRA matrices (Hu et al. 2021) in float32 with their gradient and AdamW's two
+  moments: 16 bytes per adapter parameter;
+- ``activations``: what autograd keeps for the backward pass. Without gradient checkpointing that is
+  ``ACT_PER_TOKEN_LAYER`` values per token and layer (a count of the tensors a Llama-style layer saves:
+  norms, projections' inputs and outputs, rotary embeddings, the gated MLP); with it, one hidden state per
+  token and layer plus one layer's worth recomputed in the backward pass (Chen et al. 2016, "Training deep
+  nets with sublinear memory cost");
+- ``logits``: TRL 1.x computes per-token log-probabilities in tiles of at most 4,096 tokens by 32,768
+  vocabulary entries (``trl.kernels.chunked_logprob``), a few float32 temporaries of that size, instead of
+  the full ``(2 * batch, max_length, vocab)`` float32 logits and their log-softmax (reported as
+  ``full_logits_mib`` for comparison: the term that dominates on 150k-token vocabularies);
+- ``transients``: one layer's backward temporaries and, on CPU, one dequantised NF4 weight matrix (float32);
+- ``runtime``: on CPU, what the libraries allocate at first use (``CPU_RUNTIME_MIB``, measured).
+
+Sequences are assumed padded to ``max_length`` (the worst case a recipe allows). The constants were checked
+against ``benchmarks/dpo_step.py --quick`` on CPU (float32 compute, the Qwen2-0.5B-sized model, RSS with
+glibc's mmap threshold fixed so that freed tensors leave it).
+
+```python
+from transformers import AutoConfig
+from dpo_xpu.memory import estimate_memory, recipe_fits
+
+est = estimate_memory(AutoConfig.from_pretrained("Qwen/Qwen2.5-0.5B"), "nf4", "adapter-off", batch=2, max_length=1024)
+verdict = recipe_fits(recipe, device_memory_mib=16 * 1024)
+print(verdict.message)
+```
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dpo_xpu.recipes import Recipe
+
+logger = logging.getLogger(__name__)
+
+MIB = 2**20
+#: bitsandbytes' default NF4 block size: one float32 absmax per this many weights.
+NF4_BLOCKSIZE = 64
+#: Bytes per NF4 weight: 4 bits plus the block's float32 absmax.
+NF4_BYTES_PER_PARAM = 0.5 + 4 / NF4_BLOCKSIZE
+#: Values autograd keeps per token and layer without checkpointing, as ``a * hidden + b * intermediate``.
+ACT_PER_TOKEN_LAYER = (16, 5)
+#: TRL's chunked log-prob tile: tokens x vocabulary entries, and float32 temporaries of that size alive at once
+#: (the backward recomputes a tile and turns it into its gradient beside the forward's statistics).
+LOGPROB_TILE = (4096, 32768, 4)
+#: Memory the libraries allocate at first use on CPU (bitsandbytes and PEFT state, oneDNN primitive caches),
+#: measured on the quick benchmark as the RSS growth of loading beyond the weights; not counted on GPUs.
+CPU_RUNTIME_MIB = 150
+#: Share of the device's memory a recipe may plan to use (the rest: allocator fragmentation, runtime).
+FIT_FRACTION = 0.9
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if isinstance(text, dict):
+        return text.get(name, default)
+    return getattr(text, name, default)
+
+
+def _dims(config: Any) -> tuple[int, int, int, int, int, int, bool]:
+    hidden = _get(config, "hidden_size")
+    heads = _get(config, "num_attention_heads")
+    kv = _get(config, "num_key_value_heads") or heads
+    head_dim = _get(config, "head_dim") or hidden // heads
+    return (
+        hidden,
+        _get(config, "intermediate_size"),
+        _get(config, "num_hidden_layers"),
+        kv * head_dim,
+        heads * head_dim,
+        _get(config, "vocab_size"),
+        bool(_get(config, "tie_word_embeddings", False)),
+    )
+
+
+def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """``{name: (in_features, out_features)}`` of one Llama-style decoder layer's projections."""
+    hidden, inter, _, kv_dim, q_dim, _, _ = _dims(config)
+    return {
+        "q_proj": (hidden, q_dim),
+        "k_proj": (hidden, kv_dim),
+        "v_proj": (hidden, kv_dim),
+        "o_proj": (q_dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+
+
+def matmul_parameters(config: Any) -> int:
+    """Parameters used in matrix multiplies per token: every layer's projections plus the output head.
+
+    This is the ``N`` of the ``6 N T`` training-FLOPs rule (Kaplan et al. 2020, sec. 2.1); the input embedding
+    is a lookup, so with tied embeddings the shared matrix counts once (as the head).
+    """
+    hidden, _, layers, _, _, vocab, _ = _dims(config)
+    per_layer = sum(i * o for i, o in linear_shapes(config).values())
+    return layers * per_layer + vocab * hidden
+
+
+@dataclass
+class MemoryEstimate:
+    """The expected peak memory of one training step, in MiB, by component.
+
+    Attributes:
+        components_mib: ``weights``, ``lora_and_optimizer``, ``activations``, ``logits``, ``transients``,
+            ``runtime``.
+        total_mib: their sum, the expected peak (MiB = 2**20 bytes).
+        full_logits_mib: what the full float32 logits of policy and reference (with the policy's
+            log-softmax and its gradient) would take without TRL's chunking; not part of the total.
+        settings: the arguments the estimate was made for.
+    """
+
+    components_mib: dict[str, float]
+    total_mib: float
+    full_logits_mib: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_mib": round(self.total_mib, 1),
+            "components_mib": {k: round(v, 1) for k, v in self.components_mib.items()},
+            "full_logits_mib": round(self.full_logits_mib, 1),
+            "settings": self.settings,
+        }
+
+
+def estimate_memory(
+    config: Any,
+    quantization: str = "nf4",
+    reference: str = "adapter-off",
+    batch: int = 1,
+    max_length: int = 1024,
+    gradient_checkpointing: bool = True,
+    compute_dtype: str = "bfloat16",
+    lora_r: int = 16,
+    lora_targets: tuple[str, ...] | list[str] | None = None,
+    device: str = "gpu",
+) -> MemoryEstimate:
+    """Estimate the peak memory of a DPO training step (policy + reference), by component.
+
+    Args:
+        config: the model's ``PretrainedConfig`` (or a dict of its fields): ``hidden_size``,
+            ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``,
+            ``vocab_size``, ``tie_word_embeddings``.
+        quantization: ``"nf4"`` (default) or ``"none"`` (weights in ``compute_dtype``).
+        reference: ``"adapter-off"`` (default), ``"separate"`` (a second copy of the weights) or
+            ``"precomputed"`` (no reference forward during the step).
+        batch: pairs per step (each pair is two sequences, chosen and rejected). Default 1.
+        max_length: tokens per sequence (prompt + answer); sequences are assumed padded to it. Default 1024.
+        gradient_checkpointing: recompute activations in the backward pass. Default ``True``.
+        compute_dtype: ``"bfloat16"`` (default), ``"float16"`` or ``"float32"``: the dtype of activations.
+        lora_r: LoRA rank. Default 16.
+        lora_targets: projection names with adapters; default all seven of :func:`linear_shapes`.
+        device: ``"gpu"`` (the allocator's peak) or ``"cpu"`` (resident memory); on CPU the bitsandbytes
+            NF4 kernels dequantise a whole weight matrix per call, counted in ``transients``.
+
+    Returns:
+        A :class:`MemoryEstimate`, sizes in MiB.
+
+    Raises:
+        ValueError: an unknown ``quantization``, ``reference`` or ``compute_dtype``, or a non-positive size.
+    """
+    if quantization not in ("nf4", "none"):
+        raise ValueError(f"quantization must be 'nf4' or 'none', found {quantization!r}")
+    if reference not in ("adapter-off", "separate", "precomputed"):
+        raise ValueError(f"reference must be 'adapter-off', 'separate' or 'precomputed', found {reference!r}")
+    if compute_dtype not in DTYPE_BYTES:
+        raise ValueError(f"compute_dtype must be one of {sorted(DTYPE_BYTES)}, found {compute_dtype!r}")
+    if batch <= 0 or max_length <= 0 or lora_r <= 0:
+        raise ValueError(f"batch, max_length and lora_r must be > 0, found {batch}, {max_length}, {lora_r}")
+    hidden, inter, layers, _, _, vocab, tied = _dims(config)
+    act_bytes = DTYPE_BYTES[compute_dtype]
+    shapes = linear_shapes(config)
+    linear_params = layers * sum(i * o for i, o in shapes.values())
+    other_params = vocab * hidden * (1 if tied else 2) + layers * 2 * hidden + hidden
+    if quantization == "nf4":
+        one_copy = linear_params * NF4_BYTES_PER_PARAM + other_params * 4
+    else:
+        one_copy = (linear_params + other_params) * act_bytes
+    weights = one_copy * (2 if reference == "separate" else 1)
+
+    targets = lora_targets or list(shapes)
+    lora_params = layers * lora_r * sum(i + o for name, (i, o) in shapes.items() if name in targets)
+    lora = lora_params * 16
+
+    tokens = 2 * batch * max_length
+    per_layer_full = (ACT_PER_TOKEN_LAYER[0] * hidden + ACT_PER_TOKEN_LAYER[1] * inter) * act_bytes
+    if gradient_checkpointing:
+        activations = tokens * (layers * hidden * act_bytes + per_layer_full)
+    else:
+        activations = tokens * layers * per_layer_full
+    tile_tokens, tile_vocab, tile_copies = LOGPROB_TILE
+    logits = min(tokens, tile_tokens) * min(vocab, tile_vocab) * 4 * tile_copies
+    largest = max(i * o for i, o in shapes.values())
+    # backward temporaries of one layer (gradients of its activations), and on CPU one dequantised weight
+    transients = tokens * per_layer_full / 2 + (largest * 4 if device == "cpu" and quantization == "nf4" else 0)
+    # policy: logits, log-softmax, gradient (3 copies); reference: logits and log-softmax (2 copies)
+    full_logits = tokens * vocab * 4 * (3 + (0 if reference == "precomputed" else 2))
+    components = {
+        "weights": weights / MIB,
+        "lora_and_optimizer": lora / MIB,
+        "activations": activations / MIB,
+        "logits": logits / MIB,
+        "transients": transients / MIB,
+        "runtime": CPU_RUNTIME_MIB if device == "cpu" else 0.0,
+    }
+    settings = {
+        "quantization": quantization,
+        "reference": reference,
+        "batch": batch,
+        "max_length": max_length,
+        "gradient_checkpointing": gradient_checkpointing,
+        "compute_dtype": compute_dtype,
+        "lora_r": lora_r,
+        "device": device,
+    }
+    return MemoryEstimate(components, sum(components.values()), full_logits / MIB, settings)
+
+
+@dataclass
+class FitVerdict:
+    """Whether a recipe's training step is expected to fit in a device's memory.
+
+    Attributes:
+        fits: ``estimate.total_mib <= FIT_FRACTION * device_memory_mib``.
+        estimate: the :class:`MemoryEstimate`.
+        device_memory_mib: the memory considered (MiB).
+        headroom_mib: ``FIT_FRACTION * device_memory_mib - estimate.total_mib`` (negative: short by that much).
+        message: one line for people, with what to change when it does not fit.
+    """
+
+    fits: bool
+    estimate: MemoryEstimate
+    device_memory_mib: float
+    headroom_mib: float
+    message: str
+
+
+def recipe_fits(recipe: Recipe, device_memory_mib: float, config: Any = None) -> FitVerdict:
+    """Say whether ``recipe`` is expected to fit in ``device_memory_mib`` of device (or host) memory.
+
+    Args:
+        recipe: the run's recipe (model, quantization, reference, batch, max_length, checkpointing, bf16,
+            LoRA rank and targets, device).
+        device_memory_mib: the memory of the device that will train (MiB); for a CPU run, the host's.
+        config: the model config; default ``AutoConfig.from_pretrained(recipe.model_name_or_path)``.
+
+    Returns:
+        A :class:`FitVerdict`; ``fits`` leaves ``1 - FIT_FRACTION`` of the memory for the runtime.
+
+    Raises:
+        ModelLoadError: ``config`` is not given and the model's config cannot be found.
+    """
+    from dpo_xpu.models import _from_pretrained, resolve_model_path
+
+    if config is None:
+        from transformers import AutoConfig
+
+        config = _from_pretrained(AutoConfig, resolve_model_path(recipe.model_name_or_path))
+    estimate = estimate_memory(
+        config,
+        quantization=recipe.quantization,
+        reference=recipe.reference,
+        batch=recipe.per_device_train_batch_size,
+        max_length=recipe.max_length,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        compute_dtype="bfloat16" if recipe.bf16 else "float32",
+        lora_r=recipe.lora_r,
+        lora_targets=recipe.lora_target_modules,
+        device="cpu" if recipe.device.startswith("cpu") else "gpu",
+    )
+    budget = FIT_FRACTION * device_memory_mib
+    headroom = budget - estimate.total_mib
+    parts = ", ".join(f"{k} {v:,.0f}" for k, v in estimate.components_mib.items())
+    if headroom >= 0:
+        message = (
+            f"fits: about {estimate.total_mib:,.0f} MiB expected ({parts}) of {device_memory_mib:,.0f} MiB "
+            f"({headroom:,.0f} MiB to spare)"
+        )
+    else:
+        hints = []
+        if recipe.reference == "separate":
+            hints.append("reference: adapter-off or precomputed (one copy of the weights)")
+        if not recipe.gradient_checkpointing:
+            hints.append("gradient_checkpointing: true")
+        if recipe.per_device_train_batch_size > 1:
+            hints.append("a smaller per_device_train_batch_size with more gradient_accumulation_steps")
+        hints.append("a smaller max_length")
+        message = (
+            f"does not fit: about {estimate.total_mib:,.0f} MiB expected ({parts}), "
+            f"{-headroom:,.0f} MiB more than {FIT_FRACTION:.0%} of {device_memory_mib:,.0f} MiB. Try "
+            + "; ".join(hints)
+        )
+    return FitVerdict(headroom >= 0, estimate, device_memory_mib, headroom, message)

@@ -1,0 +1,85 @@
+"""The memory planner: component arithmetic, strategy ordering, the fit verdict, and parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpo_xpu.memory import MIB, NF4_BYTES_PER_PARAM, estimate_memory, matmul_parameters, recipe_fits
+from dpo_xpu.recipes import make_recipe
+
+#: Qwen2.5-0.5B's published config (the benchmark's default model size).
+QWEN05 = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
+
+
+def test_matmul_parameters_match_a_real_model():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    small = {**QWEN05, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4}
+    small["vocab_size"] = 1000
+    model = Qwen2ForCausalLM(Qwen2Config(**small))
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("_proj"))
+    assert matmul_parameters(small) == linear + 1000 * 64  # + the tied output head
+
+
+def test_qwen_05b_weights_and_strategies():
+    one = estimate_memory(QWEN05, "nf4", "adapter-off", batch=1, max_length=320, device="cpu")
+    two = estimate_memory(QWEN05, "nf4", "separate", batch=1, max_length=320, device="cpu")
+    pre = estimate_memory(QWEN05, "nf4", "precomputed", batch=1, max_length=320, device="cpu")
+    linear = matmul_parameters(QWEN05) - 151936 * 896
+    assert linear == pytest.approx(358e6, rel=0.01)  # Qwen2.5-0.5B: 494M parameters, 136M of them embeddings
+    expected = (linear * NF4_BYTES_PER_PARAM + (151936 * 896 + 49 * 896) * 4) / MIB
+    assert one.components_mib["weights"] == pytest.approx(expected)
+    assert two.components_mib["weights"] == pytest.approx(2 * expected)
+    assert two.total_mib > one.total_mib >= pre.total_mib
+    assert pre.full_logits_mib < one.full_logits_mib  # no reference logits at all
+    # full float32 logits of policy + reference dwarf the chunked tiles on a 150k vocabulary
+    assert one.full_logits_mib > 5 * one.components_mib["logits"]
+    assert set(one.to_dict()["components_mib"]) == {
+        "weights",
+        "lora_and_optimizer",
+        "activations",
+        "logits",
+        "transients",
+        "runtime",
+    }
+
+
+def test_checkpointing_and_length_scale_activations():
+    on = estimate_memory(QWEN05, batch=2, max_length=1024, gradient_checkpointing=True)
+    off = estimate_memory(QWEN05, batch=2, max_length=1024, gradient_checkpointing=False)
+    assert off.components_mib["activations"] > 5 * on.components_mib["activations"]
+    longer = estimate_memory(QWEN05, batch=2, max_length=2048, gradient_checkpointing=False)
+    assert longer.components_mib["activations"] == pytest.approx(2 * off.components_mib["activations"])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"quantization": "int8"}, {"reference": "other"}, {"compute_dtype": "int4"}, {"batch": 0}]
+)
+def test_bad_arguments_raise(kwargs):
+    with pytest.raises(ValueError):
+        estimate_memory(QWEN05, **kwargs)
+
+
+def test_recipe_fits_verdicts():
+    recipe = make_recipe(
+        {
+            "model_name_or_path": "x",
+            "reference": "separate",
+            "max_length": 1024,
+            "per_device_train_batch_size": 2,
+            "max_prompt_length": 512,
+        }
+    )
+    big = recipe_fits(recipe, 64 * 1024, config=QWEN05)
+    assert big.fits and big.headroom_mib > 0 and big.message.startswith("fits")
+    small = recipe_fits(recipe, 1024, config=QWEN05)
+    assert not small.fits and small.headroom_mib < 0
+    assert "adapter-off or precomputed" in small.message and "max_length" in small.message

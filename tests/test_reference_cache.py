@@ -1,0 +1,226 @@
+"""The ``precomputed`` reference: cache hit, a miss on each key change, rebuild of a damaged file, and the
+same per-step losses and rewards as ``adapter-off`` (stories260K, a few steps on CPU).
+
+Also checks TRL's chunked per-token log-probs (which every strategy uses instead of full logits) against
+``log_softmax`` + ``gather`` on random logits.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo_xpu.reference_cache import (
+    CacheFileError,
+    attach_precomputed_reference,
+    load_reference_logps,
+    reference_cache_key,
+    weights_digest,
+)
+
+pytest.importorskip("trl")
+
+
+def _recipe(model: Path, rows: Path, out: Path, **overrides):
+    from dpo_xpu.recipes import make_recipe
+
+    values = {
+        "model_name_or_path": str(model),
+        "dataset_name_or_path": str(rows),
+        "output_dir": str(out),
+        "device": "cpu",
+        "reference": "adapter-off",
+        "limit": 6,
+        "max_steps": 3,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_length": 320,
+        "max_prompt_length": 192,
+        "learning_rate": 1e-2,
+        "warmup_steps": 0,
+        "lr_scheduler_type": "constant",
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "save_steps": 10000,
+    }
+    values.update(overrides)
+    return make_recipe(values)
+
+
+def _trainer(recipe, tokenizer=None):
+    from dpo_xpu.models import load_tokenizer
+    from dpo_xpu.training import load_run_data, load_run_models, make_dpo_trainer
+
+    tokenizer = tokenizer or load_tokenizer(recipe.model_name_or_path)
+    train, _ = load_run_data(recipe, tokenizer)
+    torch.manual_seed(recipe.seed)
+    policy, reference = load_run_models(recipe)
+    return make_dpo_trainer(recipe, policy, reference, tokenizer, train, live_plot=False)
+
+
+@pytest.fixture(scope="module")
+def base(stories260k_path, orca_rows_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    recipe = _recipe(stories260k_path, orca_rows_path, out / "run")
+    return recipe, _trainer(recipe), out / "cache"
+
+
+def _key(trainer, recipe, cache):
+    return reference_cache_key(trainer, trainer.train_dataset, recipe, memo_dir=cache)[0]
+
+
+def test_hit_after_miss_gives_same_values(base, tmp_path):
+    recipe, _, cache = base
+    first = _trainer(recipe)
+    info = attach_precomputed_reference(first, recipe, cache_dir=cache)
+    assert not info.hit and info.path.is_file() and info.rows == 6
+    assert first.precompute_ref_logps and "ref_chosen_logps" in first.train_dataset.column_names
+    second = _trainer(recipe)
+    info2 = attach_precomputed_reference(second, recipe, cache_dir=cache)
+    assert info2.hit and info2.key == info.key and info2.path == info.path
+    assert first.train_dataset["ref_chosen_logps"] == second.train_dataset["ref_chosen_logps"]
+    assert first.train_dataset["ref_rejected_logps"] == second.train_dataset["ref_rejected_logps"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"max_length": 256},
+        {"limit": 5},  # the data
+        {"max_prompt_length": 128},
+        {"quantization": "none"},
+        {"bf16": True},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_key_changes_with_setting(base, change):
+    recipe, trainer, cache = base
+    changed = _recipe(
+        Path(recipe.model_name_or_path), Path(recipe.dataset_name_or_path), Path(recipe.output_dir), **change
+    )
+    assert _key(_trainer(changed), changed, cache) != _key(trainer, recipe, cache)
+
+
+def test_key_changes_with_truncation_mode(base):
+    recipe, trainer, cache = base
+    before = _key(trainer, recipe, cache)
+    trainer.data_collator.truncation_mode = "keep_end"
+    try:
+        assert _key(trainer, recipe, cache) != before
+    finally:
+        trainer.data_collator.truncation_mode = "keep_start"
+    assert _key(trainer, recipe, cache) == before
+
+
+def test_key_changes_with_tokenizer_and_chat_template(base):
+    recipe, trainer, cache = base
+    before = _key(trainer, recipe, cache)
+    tokenizer = trainer.processing_class
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = "{{ messages }}"
+    try:
+        assert _key(trainer, recipe, cache) != before
+    finally:
+        tokenizer.chat_template = saved
+    tokenizer.add_tokens(["<dpo_xpu_test_token>"])
+    assert _key(trainer, recipe, cache) != before
+
+
+def test_key_changes_with_weights(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    recipe, trainer, cache = base
+    copy = tmp_path / "model"
+    shutil.copytree(recipe.model_name_or_path, copy)
+    assert weights_digest(copy) == weights_digest(recipe.model_name_or_path)
+    tensors = load_file(copy / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    assert weights_digest(copy) != weights_digest(recipe.model_name_or_path)
+    assert weights_digest("org/model", "abc") != weights_digest("org/model", "abd")
+    changed = _recipe(copy, Path(recipe.dataset_name_or_path), Path(recipe.output_dir))
+    assert _key(_trainer(changed), changed, cache) != _key(trainer, recipe, cache)
+
+
+def test_miss_on_changed_key_computes(base):
+    recipe, _, cache = base
+    changed = _recipe(
+        Path(recipe.model_name_or_path), Path(recipe.dataset_name_or_path), Path(recipe.output_dir), max_length=288
+    )
+    first = attach_precomputed_reference(_trainer(recipe), recipe, cache_dir=cache)
+    other = attach_precomputed_reference(_trainer(changed), changed, cache_dir=cache)
+    assert not other.hit and other.key != first.key and other.path.is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_damaged_file_is_rebuilt(base, tmp_path, damage):
+    recipe, _, _ = base
+    cache = tmp_path / "cache"
+    good = _trainer(recipe)
+    info = attach_precomputed_reference(good, recipe, cache_dir=cache)
+    data = info.path.read_bytes()
+    if damage == "truncate":
+        info.path.write_bytes(data[: len(data) - 7])
+    elif damage == "flip":
+        info.path.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
+    else:
+        info.path.write_bytes(b"not a safetensors file")
+    with pytest.raises(CacheFileError):
+        load_reference_logps(info.path, info.key, info.rows)
+    again = _trainer(recipe)
+    rebuilt = attach_precomputed_reference(again, recipe, cache_dir=cache)
+    assert not rebuilt.hit and rebuilt.rebuilt
+    assert again.train_dataset["ref_chosen_logps"] == good.train_dataset["ref_chosen_logps"]
+    load_reference_logps(rebuilt.path, rebuilt.key, rebuilt.rows)  # valid again
+
+
+def test_wrong_rows_or_key_rejected(base, tmp_path):
+    recipe, _, _ = base
+    info = attach_precomputed_reference(_trainer(recipe), recipe, cache_dir=tmp_path)
+    with pytest.raises(CacheFileError, match="rows"):
+        load_reference_logps(info.path, info.key, info.rows + 1)
+    with pytest.raises(CacheFileError, match="key"):
+        load_reference_logps(info.path, "0" * 64, info.rows)
+
+
+def test_precomputed_equals_adapter_off_per_step(base, tmp_path):
+    """Losses and rewards of each of 3 steps agree within 1e-4 (lr 1e-2, so the policy moves)."""
+    recipe, _, _ = base
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")
+
+    def steps(precomputed: bool) -> list[dict]:
+        trainer = _trainer(recipe)
+        if precomputed:
+            attach_precomputed_reference(trainer, recipe, cache_dir=tmp_path / "cache")
+        trainer.train()
+        return [{k: row[k] for k in keys} for row in trainer.state.log_history if "loss" in row]
+
+    adapter_off, precomputed = steps(False), steps(True)
+    assert len(adapter_off) == len(precomputed) == 3
+    assert adapter_off[-1]["rewards/margins"] != 0.0  # the policy did move away from the reference
+    for a, b in zip(adapter_off, precomputed):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], abs=1e-4), (k, a, b)
+
+
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy")])
+def test_trl_chunked_logprobs_equal_log_softmax_gather(outputs):
+    """TRL's chunked log-prob kernel (torch path on CPU) equals log_softmax + gather within 1e-5, with grads."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    torch.manual_seed(0)
+    tokens, hidden_size, vocab = 37, 16, 1000
+    hidden = torch.randn(tokens, hidden_size, dtype=torch.float64).float().requires_grad_()
+    weight = torch.randn(vocab, hidden_size).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,))
+    chunked = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, outputs)[0]
+    plain = torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    assert torch.allclose(chunked, plain, atol=1e-5, rtol=0)
+    g1 = torch.autograd.grad(chunked.sum(), (hidden, weight))
+    g2 = torch.autograd.grad(plain.sum(), (hidden, weight))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
