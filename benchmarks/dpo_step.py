@@ -277,6 +277,7 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
 
     from dpo_xpu.reference_cache import attach_precomputed_reference
     from dpo_xpu.training import load_run_data, load_run_models, make_dpo_trainer
+    from dpo_xpu.trl_compat import score_answer_tokens_only_on_cpu
 
     precomputed = strategy.startswith("precomputed")
     # The precomputed runs build an adapter-off trainer (no per-step reference) and attach the cache
@@ -297,6 +298,9 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     torch.manual_seed(recipe.seed)
     policy, reference_model = load_run_models(recipe)
     trainer = make_dpo_trainer(recipe, policy, reference_model, tokenizer, train_dataset, live_plot=False)
+    # `original` computes as the recipe did: TRL's defaults, which on the CPU score every position in the LM head;
+    # dpo_xpu's strategies score only the answer tokens there (as TRL itself does on XPU and CUDA).
+    score_answer_tokens_only_on_cpu(enabled=strategy != "original")
     del policy, reference_model
     _trim_memory()
     if on_gpu:

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from dpo_xpu.errors import RecipeError, RunFolderError, TrainingInterrupted
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.trl_compat import dpo_config_kwargs, own_loss_type, trl_generation, truncate_prompts
+from dpo_xpu.trl_compat import (
+    dpo_config_kwargs,
+    own_loss_type,
+    score_answer_tokens_only_on_cpu,
+    trl_generation,
+    truncate_prompts,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -92,6 +98,8 @@ def make_dpo_trainer(
     # TRL 1.x's own precompute cache is keyed by the data fingerprint and the weights only (not by max_length or
     # truncation) and has no corruption check: dpo_xpu.reference_cache computes and caches the reference
     # log-probs after construction instead.
+    if generation == "1.x" and device.type == "cpu":
+        score_answer_tokens_only_on_cpu()
     own_cache = generation == "1.x" and recipe.reference == "precomputed"
     if own_cache:
         config_kwargs["precompute_ref_log_probs"] = False

@@ -243,3 +243,42 @@ def dpo_config_kwargs(
             per_device_eval_batch_size=recipe.per_device_train_batch_size,
         )
     return kwargs
+
+
+def score_answer_tokens_only_on_cpu(enabled: bool = True) -> bool:
+    """Let TRL 1.x's fused LM head score only the answer tokens on the CPU, as it already does on XPU and CUDA.
+
+    TRL computes per-token log-probs in vocabulary chunks without materialising the logits. On Triton devices
+    (XPU, CUDA) it scores only the positions with a label (the answer tokens); elsewhere it scores every position,
+    prompt and padding included, because on Neuron a changing number of positions would recompile the graph
+    (``trl.trainer.utils``, the ``compact`` switch). The CPU compiles nothing, so there the extra positions are
+    pure waste: the LM head (vocabulary x hidden) dominates a step's FLOPs and memory on 150k-token vocabularies.
+    This opens the switch for the CPU only; the kernels stay TRL's, and each scored token's log-prob is
+    computed exactly as before (its row of the chunked log-softmax does not depend on the other rows).
+    No library offers this, hence these few lines of our own. :func:`~dpo_xpu.training.make_dpo_trainer`
+    calls it for CPU runs.
+
+    Args:
+        enabled: ``True`` opens the switch for the CPU; ``False`` restores TRL's own behaviour.
+
+    Returns:
+        ``True`` when TRL has the switch, ``False`` for a TRL without it (0.11 has no fused LM head).
+    """
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError:  # pragma: no cover - TRL is a dependency
+        return False
+    current = getattr(trl_utils, "_use_triton", None)
+    if current is None:
+        return False
+    trl_own = getattr(current, "trl_own", current)
+    if not enabled:
+        trl_utils._use_triton = trl_own
+    elif current is trl_own:
+
+        def compact_positions(device: Any) -> bool:
+            return device.type == "cpu" or trl_own(device)
+
+        compact_positions.trl_own = trl_own  # type: ignore[attr-defined]
+        trl_utils._use_triton = compact_positions
+    return True

@@ -85,3 +85,46 @@ def test_factory_trains_with_max_prompt_length_on_the_installed_trl(stories260k_
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert result.trainer.__class__.__module__.startswith("trl.")
     assert trl_generation() in ("0.11", "1.x")
+
+
+def test_cpu_scores_only_answer_tokens_with_the_same_log_probs(stories260k_path, monkeypatch):
+    """TRL 1.x's fused LM head: dpo_xpu opens its answer-tokens-only switch on the CPU; numbers stay the same."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    if not hasattr(trl_utils, "add_fused_lm_head"):
+        pytest.skip("this TRL has no fused LM head (TRL 0.11)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo_xpu.trl_compat import score_answer_tokens_only_on_cpu
+
+    model = AutoModelForCausalLM.from_pretrained(stories260k_path, dtype=torch.float32).eval()
+    trl_utils.add_fused_lm_head(model)
+    tok = load_tokenizer(stories260k_path)
+    batch = tok(
+        ["Once upon a time there was a cat.", "Lily saw a dog in the big park today."],
+        return_tensors="pt",
+        padding=True,
+    )
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[:, :4] = -100  # the "prompt": not scored
+    rows_scored = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(
+        trl_utils._ChunkedLogProbFunction,
+        "apply",
+        lambda hidden, *a: rows_scored.append(hidden.shape[0]) or apply(hidden, *a),
+    )
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    with torch.no_grad():
+        assert score_answer_tokens_only_on_cpu(enabled=False)
+        every = model(**batch, labels=labels, fused_lm_head=True).log_probs
+        assert score_answer_tokens_only_on_cpu()
+        compact = model(**batch, labels=labels, fused_lm_head=True).log_probs
+        assert score_answer_tokens_only_on_cpu(enabled=False)
+        again = model(**batch, labels=labels, fused_lm_head=True).log_probs
+    n_labels = int((labels[:, 1:] != -100).sum())
+    total = labels[:, 1:].numel()
+    assert rows_scored == [total, n_labels, total] and n_labels < total
+    assert torch.equal(every, again)
+    assert torch.allclose(every, compact, atol=1e-6)
+    assert every.abs().sum() > 0
