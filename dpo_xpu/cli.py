@@ -1,6 +1,6 @@
 """The ``dpo-xpu`` command line.
 
-    dpo-xpu env [--json] [--backend native|ipex-llm]    # environment report; exit 1 on an error verdict
+    dpo-xpu env [--json] [--backend native|ipex-llm] [--recipe FILE]   # report; exit 1 on an error verdict
     dpo-xpu train --recipe FILE [--set key=value ...] [--overwrite | --resume]
     dpo-xpu plot RUN_DIR                                  # redraw RUN_DIR/reward_curves.png
     dpo-xpu demo-model [DEST]                             # build the offline demo's tiny model
@@ -23,7 +23,12 @@ from dpo_xpu.errors import DpoXpuError
 def _cmd_env(args: argparse.Namespace) -> int:
     from dpo_xpu.environment import check_environment
 
-    report = check_environment(backend=args.backend)
+    recipe = None
+    if args.recipe:
+        from dpo_xpu.recipes import load_recipe
+
+        recipe = load_recipe(args.recipe, overrides=args.set)
+    report = check_environment(backend=args.backend, recipe=recipe)
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_table())
     return 1 if report.has_errors else 0
 
@@ -83,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="report the device, driver, oneAPI and package versions")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
     env.add_argument("--backend", choices=("native", "ipex-llm"), default=None)
+    env.add_argument("--recipe", help="also say whether this recipe is expected to fit the device's memory")
+    env.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     env.set_defaults(func=_cmd_env)
 
     train = sub.add_parser("train", help="train with DPO from a recipe")

@@ -28,6 +28,8 @@ from .errors import DeviceNotAvailableError, RecipeError
 if TYPE_CHECKING:
     import torch
 
+    from dpo_xpu.recipes import Recipe
+
 logger = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate")
@@ -278,13 +280,16 @@ def _probe() -> Probe:
     return probe
 
 
-def check_environment(backend: str | None = None) -> EnvironmentReport:
+def check_environment(backend: str | None = None, recipe: Recipe | None = None) -> EnvironmentReport:
     """Check this machine for DPO training: stack versions, accelerators, oneAPI, backends, with fixes.
 
     Args:
         backend (`str`, *optional*, defaults to `None`):
             The backend to judge, ``"native"`` or ``"ipex-llm"``. ``None`` picks ``"ipex-llm"`` when
-            ipex-llm is installed, else ``"native"``.
+            ipex-llm is installed, else ``recipe.backend`` or ``"native"``.
+        recipe (`Recipe`, *optional*, defaults to `None`):
+            When given, a ``memory`` verdict says whether the recipe is expected to fit the device it would
+            train on (:func:`dpo_xpu.memory.recipe_fits`; the host's RAM for a CPU run).
 
     Returns:
         `EnvironmentReport`: print it for a table; ``.verdicts``, ``.has_errors``, ``.to_dict()``.
@@ -295,12 +300,44 @@ def check_environment(backend: str | None = None) -> EnvironmentReport:
     if backend is not None and backend not in BACKENDS:
         raise RecipeError(f"backend must be one of {list(BACKENDS)}, found {backend!r}")
     probe = _probe()
-    backend = backend or ("ipex-llm" if probe.versions.get("ipex-llm") else "native")
+    backend = backend or ("ipex-llm" if probe.versions.get("ipex-llm") else recipe.backend if recipe else "native")
     statuses = [_backend_status(name, probe) for name in BACKENDS]
     report = EnvironmentReport(backend, probe, statuses, _verdicts(probe, backend))
+    if recipe is not None:
+        report.verdicts.append(_memory_verdict(recipe, probe))
     for verdict in report.verdicts:
         logger.debug("%s %s: %s", verdict.level, verdict.topic, verdict.message)
     return report
+
+
+def _host_memory_mib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
+def _memory_verdict(recipe: Recipe, probe: Probe) -> Verdict:
+    """Whether ``recipe`` is expected to fit the memory of the device it would train on."""
+    from dpo_xpu.errors import DpoXpuError
+    from dpo_xpu.memory import recipe_fits
+
+    kind = recipe.device.split(":")[0]
+    accelerators = [a for a in probe.accelerators if kind == "auto" or a.kind == kind]
+    if kind != "cpu" and accelerators:
+        target = accelerators[0]
+        where, memory_mib = f"{target.kind}:{target.index} ({target.name})", float(target.total_memory_mib)
+    else:
+        where, memory_mib = "the CPU (host memory)", _host_memory_mib()
+    try:
+        fit = recipe_fits(recipe, memory_mib)
+    except DpoXpuError as exc:
+        return Verdict("warning", "memory", f"cannot estimate the memory of {recipe.model_name_or_path}: {exc}")
+    if fit.fits:
+        return Verdict("ok", "memory", f"on {where}: {fit.message}")
+    return Verdict(
+        "warning",
+        "memory",
+        f"on {where}: {fit.message}",
+        "change the recipe as the message says (docs/troubleshooting.md: out of device memory)",
+    )
 
 
 def _device_count(kind: str) -> int:

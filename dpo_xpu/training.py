@@ -357,7 +357,7 @@ def run_training(
     run_dir = Path(recipe.output_dir) if resume else prepare_run_dir(recipe.output_dir, overwrite=overwrite)
     if not resume:
         recipe.save(run_dir / "recipe.yaml")
-    report = check_environment(backend=recipe.backend)
+    report = check_environment(backend=recipe.backend, recipe=recipe)
     (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
     tokenizer = load_tokenizer(recipe.model_name_or_path)
     train_dataset, eval_dataset = load_run_data(recipe, tokenizer, report_path=run_dir / "data_report.json")

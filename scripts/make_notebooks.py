@@ -50,22 +50,41 @@ The two backends: `native` (the default) uses PyTorch's own `xpu` device with bi
 needs only the GPU driver; `ipex-llm` is the original recipe's stack (intel-extension-for-pytorch, TRL < 0.12), which
 needs oneAPI sourced before Python starts.""",
     ),
-    ("params", params(device=DEVICE, backend=BACKEND)),
+    (
+        "params",
+        params(
+            model_name_or_path=MODEL,
+            device=DEVICE,
+            backend=BACKEND,
+            max_length=MAX_LENGTH,
+            max_prompt_length=MAX_PROMPT_LENGTH,
+            bf16=BF16,
+            per_device_train_batch_size="2  # pairs per forward pass",
+            gradient_checkpointing="True  # recompute activations: less memory, ~30% slower",
+        ),
+    ),
     (
         "md",
         """## The report
 
 `check_environment` gathers the facts (package versions, devices, oneAPI variables, `sycl-ls`) and judges them for
-the chosen backend. The table lists everything it found; the verdicts at the end say what is wrong and how to fix
-it.""",
+the chosen backend. Given the training settings above, it also estimates the peak memory of one DPO step (NF4
+weights, LoRA and AdamW state, activations, the chunked log-prob tiles) and says whether it fits the device that
+would train: the `memory` verdict. The table lists everything it found; the verdicts at the end say what is wrong
+and how to fix it.""",
     ),
     (
         "code",
         """import pandas as pd
 
-from dpo_xpu import check_environment, select_device
+from dpo_xpu import check_environment, make_recipe, select_device
 
-report = check_environment(backend=backend)
+recipe = make_recipe(dict(
+    model_name_or_path=model_name_or_path, device=device, backend=backend, max_length=max_length,
+    max_prompt_length=max_prompt_length, bf16=bf16, per_device_train_batch_size=per_device_train_batch_size,
+    gradient_checkpointing=gradient_checkpointing,
+))
+report = check_environment(backend=backend, recipe=recipe)
 print(report.to_table())""",
     ),
     (
@@ -365,9 +384,9 @@ How to read them:
   itself often *falls*: the policy lowers the probability of both answers, the rejected one faster. That is normal
   for DPO, as long as the margin grows.
 - **Accuracy** is the fraction of pairs whose chosen reward beats the rejected one. It is 0 at the first step
-  (both rewards are exactly 0, and a tie does not count), then rises. Stuck near 0.5 for many steps: the adapters are not learning (learning rate, frozen weights). At 1.0 within a few
-  steps: the task is too easy or the policy is moving too far (learning rate too high, `beta` too small); check
-  the samples in notebook 4.""",
+  (both rewards are exactly 0, and a tie does not count), then rises. Stuck near 0.5 for many steps: the adapters
+  are not learning (learning rate, frozen weights). At 1.0 within a few steps: the task is too easy or the policy
+  is moving too far (learning rate too high, `beta` too small); check the samples in notebook 4.""",
     ),
     (
         "code",

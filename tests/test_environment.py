@@ -316,3 +316,37 @@ def test_sycl_ls_absent_and_present(monkeypatch, tmp_path) -> None:
     )
     fake.chmod(0o755)
     assert env._sycl_ls() == ["[level_zero:gpu][level_zero:0] Intel(R) Level-Zero, Intel(R) Arc(TM) A770 Graphics 1.3"]
+
+
+def _stories_recipe(stories260k_path, **overrides):
+    from dpo_xpu.recipes import Recipe
+
+    values = dict(model_name_or_path=str(stories260k_path), max_length=1024, max_prompt_length=512, bf16=False)
+    return Recipe(**{**values, **overrides})
+
+
+def test_memory_verdict_fits_the_host_for_a_cpu_run(stories260k_path) -> None:
+    verdict = env._memory_verdict(_stories_recipe(stories260k_path, device="cpu"), _probe())
+    assert verdict.level == "ok" and "host memory" in verdict.message and "fits" in verdict.message
+
+
+def test_memory_verdict_uses_the_accelerator_the_recipe_trains_on(stories260k_path) -> None:
+    tiny_gpu = Accelerator("xpu", 0, "Intel(R) Arc(TM) A770 Graphics", total_memory_mib=16)
+    verdict = env._memory_verdict(_stories_recipe(stories260k_path, device="auto"), _probe(accelerators=[tiny_gpu]))
+    assert verdict.level == "warning"
+    assert "xpu:0 (Intel(R) Arc(TM) A770 Graphics)" in verdict.message and "does not fit" in verdict.message
+    assert "troubleshooting" in verdict.fix
+
+
+def test_memory_verdict_without_a_config_says_it_cannot_estimate(tmp_path) -> None:
+    from dpo_xpu.recipes import Recipe
+
+    verdict = env._memory_verdict(Recipe(model_name_or_path=str(tmp_path / "absent"), device="cpu"), _probe())
+    assert verdict.level == "warning" and verdict.message.startswith("cannot estimate")
+
+
+def test_check_environment_adds_the_memory_verdict_only_with_a_recipe(stories260k_path) -> None:
+    assert "memory" not in _topics(env.check_environment().verdicts)
+    report = env.check_environment(recipe=_stories_recipe(stories260k_path, device="cpu"))
+    assert _find(report.verdicts, "memory").level == "ok"
+    assert json.loads(json.dumps(report.to_dict()))["verdicts"][-1]["topic"] == "memory"
