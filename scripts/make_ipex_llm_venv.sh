@@ -22,6 +22,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-$ROOT/.venv-ipex-llm}"
+mkdir -p "$VENV"
+VENV="$(cd "$VENV" && pwd)"   # absolute: the import check below runs from inside the venv folder
 PYTHON="${PYTHON:-python3}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 IPEX_LLM_VERSION="${IPEX_LLM_VERSION:-2.2.0}"
