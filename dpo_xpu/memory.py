@@ -131,6 +131,7 @@ class MemoryEstimate:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The estimate as a JSON-serialisable dict (MiB rounded to 0.1)."""
         return {
             "total_mib": round(self.total_mib, 1),
             "components_mib": {k: round(v, 1) for k, v in self.components_mib.items()},

@@ -289,6 +289,10 @@ policy move further from the reference; a large one keeps it close and makes the
             warmup_steps="50",
             gradient_checkpointing="True  # recompute activations: less memory, ~30% slower",
             overwrite="False  # True replaces a run already in output_dir",
+            recipe_overrides=(
+                "{}  # any other recipe key (docs: Recipes and options), e.g. "
+                '{"loss_type": "ipo", "eval_steps": 20, "reference": "precomputed"}'
+            ),
         ),
     ),
     (
@@ -316,11 +320,12 @@ recipe = make_recipe(dict(
     max_steps=max_steps, device=device, backend=backend, limit=limit, eval_fraction=eval_fraction, seed=seed,
     max_length=max_length, max_prompt_length=max_prompt_length, learning_rate=learning_rate, beta=beta, bf16=bf16,
     per_device_train_batch_size=per_device_train_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
-    warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing,
+    warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing, **recipe_overrides,
 ))
 run_dir = prepare_run_dir(recipe.output_dir, overwrite=overwrite)
 recipe.save(run_dir / "recipe.yaml")
-(run_dir / "environment.json").write_text(json.dumps(check_environment(backend).to_dict(), indent=2, default=str))
+report = check_environment(backend, recipe=recipe)
+(run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
 print(run_dir.resolve())""",
     ),
     (
@@ -361,7 +366,9 @@ builds TRL's `DPOTrainer`, which computes the loss above. It adds two callbacks:
     ),
     (
         "code",
-        """trainer = make_dpo_trainer(recipe, policy, reference, tokenizer, train_pairs)""",
+        """# the held-out pairs are evaluated during training only when the recipe sets eval_steps
+eval_pairs = heldout_pairs if recipe.eval_steps else None
+trainer = make_dpo_trainer(recipe, policy, reference, tokenizer, train_pairs, eval_pairs)""",
     ),
     (
         "md",

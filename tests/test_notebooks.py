@@ -117,9 +117,14 @@ def test_every_notebook_ran_without_errors(run_dir):
 
 @pytest.mark.notebook
 def test_metrics_start_at_ln2_and_stay_finite(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    all_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in all_rows if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, RUN["max_steps"] + 1))
     assert abs(rows[0]["loss"] - math.log(2)) < 0.01
+    # the shared preset's recipe_overrides turn on evaluation every 6 steps (and at step 0) in notebook 03
+    evals = [r for r in all_rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert abs(evals[0]["eval/loss"] - math.log(2)) < 0.01 and math.isfinite(evals[-1]["eval/rewards/margins"])
     for row in rows:
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
             assert isinstance(row[key], float) and math.isfinite(row[key]), (key, row)
