@@ -153,7 +153,7 @@ def test_troubleshooting_quotes_the_package_messages(site: Path) -> None:
     text = " ".join(_text(site / "troubleshooting" / "index.html").split())
     fragments = {
         "environment.py": ["is visible to PyTorch", "ipex-llm is installed but oneAPI's setvars.sh was not sourced"],
-        "training.py": ["is not computed by the installed TRL"],
+        "trl_compat.py": ["is not computed by the installed TRL"],
         "data.py": ["pair states no preference"],
     }
     for module, quotes in fragments.items():
