@@ -115,3 +115,22 @@ def test_round_trip_through_yaml(tmp_path):
     recipe = Recipe(max_steps=7, lora_target_modules=["q_proj"])
     again = load_recipe(recipe.save(tmp_path / "r.yaml"))
     assert again == recipe
+
+
+def test_readme_lists_every_option_with_its_default():
+    import dataclasses
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in readme.splitlines() if line.startswith("| `")}
+    for f in dataclasses.fields(Recipe):
+        assert f.name in rows, f"README.md's options table lacks {f.name}"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = rows[f.name].split("|")[2].strip().strip("`")
+        if isinstance(default, bool):
+            assert shown == str(default).lower(), f.name
+        elif default is None:
+            assert shown == "null", f.name
+        elif isinstance(default, list):
+            assert shown == ", ".join(default), f.name
+        else:
+            assert shown == str(default), f.name
