@@ -85,6 +85,18 @@ def _from_pretrained(loader: Any, model_name_or_path: str, **kwargs: Any) -> Any
         ) from None
 
 
+def _device_and_dtype(device: str | torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The backend loaders' ``device`` (resolved: ``"auto"`` -> xpu, cuda or cpu) and ``dtype`` (default bf16)."""
+    import torch
+
+    from dpo_xpu.environment import select_device
+
+    return {
+        "device": device if isinstance(device, torch.device) else select_device(device),
+        "dtype": dtype or torch.bfloat16,
+    }
+
+
 def load_tokenizer(model_name_or_path: str | Path, padding_side: str = "left") -> PreTrainedTokenizerBase:
     """Load the tokenizer with left padding (for batched generation) and a pad token.
 
@@ -142,17 +154,12 @@ def load_policy_model(
         ModelLoadError: the model, the SFT checkpoint or the adapter cannot be found or do not fit the model, or
             the backend cannot apply them. DeviceNotAvailableError: ``device`` is absent.
     """
-    import torch
-
-    from dpo_xpu.environment import select_device
-
     loader = get_backend(backend).load_policy_model
     path = resolve_model_path(model_name_or_path)
     return loader(
         path,
         quantization=quantization,
-        device=device if isinstance(device, torch.device) else select_device(device),
-        dtype=dtype or torch.bfloat16,
+        **_device_and_dtype(device, dtype),
         lora=lora or LoraSettings(),
         gradient_checkpointing=gradient_checkpointing,
         **_starting_point(loader, backend, path, sft_state_dict, adapter_name_or_path),
@@ -171,17 +178,12 @@ def load_reference_model(
     eval mode, no parameter requiring grad. Arguments as :func:`load_policy_model`; give the policy's
     ``sft_state_dict`` so both start from the same SFT weights.
     """
-    import torch
-
-    from dpo_xpu.environment import select_device
-
     loader = get_backend(backend).load_reference_model
     path = resolve_model_path(model_name_or_path)
     return loader(
         path,
         quantization=quantization,
-        device=device if isinstance(device, torch.device) else select_device(device),
-        dtype=dtype or torch.bfloat16,
+        **_device_and_dtype(device, dtype),
         **_starting_point(loader, backend, path, sft_state_dict, None),
     )
 
@@ -291,10 +293,6 @@ def load_trained_policy(
     Raises:
         ModelLoadError: the base or the adapter folder cannot be found.
     """
-    import torch
-
-    from dpo_xpu.environment import select_device
-
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json): give a run's adapter/ folder")
@@ -302,8 +300,7 @@ def load_trained_policy(
         resolve_model_path(model_name_or_path),
         str(adapter_dir),
         quantization=quantization,
-        device=device if isinstance(device, torch.device) else select_device(device),
-        dtype=dtype or torch.bfloat16,
+        **_device_and_dtype(device, dtype),
     )
 
 
