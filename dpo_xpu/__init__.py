@@ -45,6 +45,7 @@ _EXPORTS = {
     "make_dpo_trainer": "training",
     "run_training": "training",
     "prepare_run_dir": "training",
+    "start_run": "training",
     "load_run_data": "training",
     "load_run_models": "training",
     "save_adapter": "training",

@@ -183,6 +183,28 @@ def prepare_run_dir(output_dir: str | Path, overwrite: bool = False) -> Path:
     return run_dir
 
 
+def start_run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
+    """Open the run folder: create it (see :func:`prepare_run_dir`), save the resolved recipe as ``recipe.yaml``
+    and the environment report (with the recipe's memory verdict) as ``environment.json``.
+
+    Args:
+        recipe: the run's recipe; ``recipe.output_dir`` is the folder.
+        overwrite: replace an earlier run in the folder.
+        resume: continue the run already there: its ``recipe.yaml`` is kept, ``environment.json`` rewritten.
+
+    Raises:
+        RunFolderError: the folder holds a run and neither ``overwrite`` nor ``resume`` is set.
+    """
+    from dpo_xpu.environment import check_environment
+
+    run_dir = Path(recipe.output_dir) if resume else prepare_run_dir(recipe.output_dir, overwrite=overwrite)
+    if not resume:
+        recipe.save(run_dir / "recipe.yaml")
+    report = check_environment(backend=recipe.backend, recipe=recipe)
+    (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    return run_dir
+
+
 @dataclass
 class RunResult:
     """What :func:`run_training` leaves: the folder, the logged rows and the trainer (for evaluation)."""
@@ -343,22 +365,16 @@ def run_training(
     from transformers import set_seed
 
     from dpo_xpu.checkpoints import KeepTrainableDtypes, prepare_resume
-    from dpo_xpu.environment import check_environment
+    from dpo_xpu.environment import select_device
     from dpo_xpu.interrupts import StopOnSignal
     from dpo_xpu.models import load_tokenizer
-    from dpo_xpu.plotting import CURVES_FILE, plot_reward_curves, read_metrics
+    from dpo_xpu.plotting import CURVES_FILE, read_metrics
 
     if resume and overwrite:
         raise RunFolderError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
-    from dpo_xpu.environment import select_device
-
     select_device(recipe.device)  # an absent device fails here, before anything is loaded or written
     checkpoint = prepare_resume(recipe, recipe.output_dir) if resume else None
-    run_dir = Path(recipe.output_dir) if resume else prepare_run_dir(recipe.output_dir, overwrite=overwrite)
-    if not resume:
-        recipe.save(run_dir / "recipe.yaml")
-    report = check_environment(backend=recipe.backend, recipe=recipe)
-    (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    run_dir = start_run(recipe, overwrite=overwrite, resume=resume)
     tokenizer = load_tokenizer(recipe.model_name_or_path)
     train_dataset, eval_dataset = load_run_data(recipe, tokenizer, report_path=run_dir / "data_report.json")
     set_seed(recipe.seed)  # LoRA's random init draws from the global RNG: same seed, same run, in any process
@@ -378,10 +394,11 @@ def run_training(
     if checkpoint is not None:
         trainer.args.eval_on_start = False  # the checkpoint's step was evaluated (if due) before it was saved
         trainer.add_callback(KeepTrainableDtypes(trainer.model))
+    # reward_curves.png is drawn from the last logged row by make_dpo_trainer's LiveRewardPlotCallback at the end
+    # of training, interrupted or not
     with stopper:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
-        plot_reward_curves(read_metrics(run_dir), out_path=run_dir / CURVES_FILE)
         raise TrainingInterrupted(
             f"training stopped by {stopper.signal_name} at step {trainer.state.global_step}; a checkpoint is in "
             f"{run_dir / f'checkpoint-{trainer.state.global_step}'}. Continue with: dpo-xpu train --recipe FILE "
@@ -390,6 +407,4 @@ def run_training(
         )
     adapter_dir = save_adapter(trainer, tokenizer, run_dir)
     merged_dir = export_merged(recipe, adapter_dir, run_dir) if recipe.export == "merged" else None
-    metrics = read_metrics(run_dir)
-    plot_reward_curves(metrics, out_path=run_dir / CURVES_FILE)
-    return RunResult(run_dir, metrics, adapter_dir, run_dir / CURVES_FILE, trainer, merged_dir)
+    return RunResult(run_dir, read_metrics(run_dir), adapter_dir, run_dir / CURVES_FILE, trainer, merged_dir)

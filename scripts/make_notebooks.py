@@ -306,13 +306,11 @@ first, so a run can always be traced back to what produced it. An existing run i
     (
         "code",
         """%matplotlib inline
-import json
-
 import pandas as pd
 
 from dpo_xpu import (
-    check_environment, load_run_data, load_run_models, load_tokenizer, make_dpo_trainer, make_recipe,
-    plot_reward_curves, prepare_run_dir, read_metrics, save_adapter,
+    load_run_data, load_run_models, load_tokenizer, make_dpo_trainer, make_recipe, plot_reward_curves,
+    read_metrics, save_adapter, start_run,
 )
 
 recipe = make_recipe(dict(
@@ -322,10 +320,7 @@ recipe = make_recipe(dict(
     per_device_train_batch_size=per_device_train_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
     warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing, **recipe_overrides,
 ))
-run_dir = prepare_run_dir(recipe.output_dir, overwrite=overwrite)
-recipe.save(run_dir / "recipe.yaml")
-report = check_environment(backend, recipe=recipe)
-(run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+run_dir = start_run(recipe, overwrite=overwrite)  # recipe.yaml and environment.json first
 print(run_dir.resolve())""",
     ),
     (
