@@ -23,39 +23,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Loss types each TRL generation computes itself (``DPOConfig.loss_type``).
+#: Loss types both TRL generations compute (``DPOConfig.loss_type``).
+_SHARED_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "apo_zero",
+    "apo_down",
+)
+#: Loss types each TRL generation computes itself.
 TRL_LOSS_TYPES = {
-    "0.11": (
-        "sigmoid",
-        "hinge",
-        "ipo",
-        "exo_pair",
-        "nca_pair",
-        "robust",
-        "bco_pair",
-        "sppo_hard",
-        "aot",
-        "aot_pair",
-        "apo_zero",
-        "apo_down",
-    ),
-    "1.x": (
-        "sigmoid",
-        "hinge",
-        "ipo",
-        "exo_pair",
-        "nca_pair",
-        "robust",
-        "bco_pair",
-        "sppo_hard",
-        "aot",
-        "aot_unpaired",
-        "apo_zero",
-        "apo_down",
-        "discopop",
-        "sft",
-        "sigmoid_norm",
-    ),
+    "0.11": _SHARED_LOSS_TYPES + ("aot_pair",),
+    "1.x": _SHARED_LOSS_TYPES + ("aot_unpaired", "discopop", "sft", "sigmoid_norm"),
 }
 #: TRL's loss types that use ``DPOConfig.label_smoothing``, per generation (TRL >= 0.29 dropped it from sigmoid).
 TRL_LABEL_SMOOTHING_LOSSES = {
