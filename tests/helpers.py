@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from dpo_xpu.recipes import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_recipe(model: str | Path, data: str | Path, output_dir: str | Path, **overrides: Any) -> Recipe:
@@ -35,3 +40,16 @@ def cpu_recipe(model: str | Path, data: str | Path, output_dir: str | Path, **ov
     )
     values.update(overrides)
     return Recipe(**values)
+
+
+def set_args(**values: Any) -> list[str]:
+    """``--set key=value`` arguments for ``dpo-xpu train``, one pair per keyword."""
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run ``dpo-xpu`` with this interpreter (hub offline, no progress bars) and capture its output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "dpo_xpu.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+    )

@@ -6,10 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,12 +13,12 @@ import torch
 pytest.importorskip("ipex_llm", reason="ipex-llm is not installed here: run in .venv-ipex-llm (make test builds it)")
 pytestmark = pytest.mark.ipex_llm
 
+from helpers import cpu_recipe, run_cli, set_args  # noqa: E402
+
 from dpo_xpu.backends.ipex_llm import lora_targets, low_bit_format  # noqa: E402
 from dpo_xpu.errors import ModelLoadError  # noqa: E402
 from dpo_xpu.recipes import Recipe  # noqa: E402
 from dpo_xpu.training import run_training  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_nf4_on_xpu_and_sym_int4_where_nf4_is_refused(caplog):
@@ -47,27 +43,10 @@ def test_lora_targets_follow_a_fused_qkv():
 
 
 def ipex_recipe(model, data, out, **kw) -> Recipe:
-    values = dict(
-        model_name_or_path=str(model),
-        dataset_name_or_path=str(data),
-        output_dir=str(out),
-        backend="ipex-llm",
-        device="cpu",
-        reference="separate",
-        limit=24,
-        max_steps=5,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        learning_rate=5e-4,
-        warmup_steps=0,
-        max_length=1024,
-        max_prompt_length=512,
-        bf16=True,
-        gradient_checkpointing=False,
-        save_steps=1000,
-    )
-    values.update(kw)
-    return Recipe(**values)
+    """The original recipe's shape on CPU: ipex-llm, a separate low-bit reference, bf16 autocast (what ipex-llm
+    runs on the CPU with a bf16 model)."""
+    values = dict(backend="ipex-llm", reference="separate", limit=24, max_steps=5, warmup_steps=0, bf16=True)
+    return cpu_recipe(model, data, out, **{**values, **kw})
 
 
 @pytest.mark.slow
@@ -90,39 +69,19 @@ def test_original_recipe_trains_with_a_separate_low_bit_reference(stories260k_pa
 @pytest.mark.slow
 def test_cli_train_with_the_ipex_llm_backend(stories260k_path, orca_rows_path, tmp_path):
     run = tmp_path / "cli"
-    args = [
-        "train",
-        "--recipe",
-        "recipes/cpu_demo.yaml",
-        "--set",
-        "backend=ipex-llm",
-        "--set",
-        "reference=separate",
-        "--set",
-        f"model_name_or_path={stories260k_path}",
-        "--set",
-        f"dataset_name_or_path={orca_rows_path}",
-        "--set",
-        f"output_dir={run}",
-        "--set",
-        "max_steps=2",
-        "--set",
-        "limit=8",
-        "--set",
-        "max_length=1024",
-        "--set",
-        "max_prompt_length=512",
-        "--set",
-        "device=cpu",
-    ]
-    result = subprocess.run(
-        [sys.executable, "-m", "dpo_xpu.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TQDM_DISABLE": "1"},
-        timeout=600,
+    args = set_args(
+        backend="ipex-llm",
+        reference="separate",
+        model_name_or_path=stories260k_path,
+        dataset_name_or_path=orca_rows_path,
+        output_dir=run,
+        max_steps=2,
+        limit=8,
+        max_length=1024,
+        max_prompt_length=512,
+        device="cpu",
     )
+    result = run_cli("train", "--recipe", "recipes/cpu_demo.yaml", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert (run / "adapter" / "adapter_config.json").is_file()

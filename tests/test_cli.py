@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "dpo_xpu.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
-    )
+from helpers import run_cli as cli
+from helpers import set_args
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -118,22 +108,16 @@ def test_train_writes_a_run_and_refuses_to_overwrite_it(tmp_path, stories260k_pa
         "train",
         "--recipe",
         "recipes/cpu_demo.yaml",
-        "--set",
-        f"output_dir={run}",
-        "--set",
-        f"model_name_or_path={stories260k_path}",
-        "--set",
-        f"dataset_name_or_path={orca_rows_path}",
-        "--set",
-        "max_steps=3",
-        "--set",
-        "limit=12",
-        "--set",
-        "max_length=1024",
-        "--set",
-        "max_prompt_length=512",
-        "--set",
-        "device=cpu",
+        *set_args(
+            output_dir=run,
+            model_name_or_path=stories260k_path,
+            dataset_name_or_path=orca_rows_path,
+            max_steps=3,
+            limit=12,
+            max_length=1024,
+            max_prompt_length=512,
+            device="cpu",
+        ),
     ]
     first = cli(*args)
     assert first.returncode == 0, first.stderr[-2000:]
