@@ -91,6 +91,12 @@ KEY_DOCS: dict[str, tuple[str, str, str]] = {
         "how reference log-probs are computed (see [reference strategies](how-dpo-works.md#reference-strategies))",
         f"{OURS} (the original loaded a `separate` NF4 copy)",
     ),
+    "prefix_sharing": (
+        "bool",
+        "run each pair as one sequence with the prompt computed once, for policy and reference (see "
+        "[prefix sharing](how-dpo-works.md#prefix-sharing)); native backend, sdpa or eager attention",
+        f"{OURS} (off: TRL's two sequences per pair), after Wang et al. 2024 (arXiv:2410.20305)",
+    ),
     "limit": ("rows", "keep this many rows after a seeded shuffle; `null` keeps all", f"{OURS} (all rows)"),
     "eval_fraction": ("fraction of rows, in [0, 1)", "rows held out for evaluation; 0 disables it", OURS),
     "data_format": (

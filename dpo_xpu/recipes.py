@@ -58,6 +58,9 @@ class Recipe:
         reference: ``"adapter-off"`` (policy's base with LoRA disabled; one copy of the weights),
             ``"separate"`` (a second frozen copy, as the original recipe) or ``"precomputed"``
             (reference log-probs computed once before training).
+        prefix_sharing: run each pair as one sequence with the prompt computed once (Wang et al. 2024,
+            arXiv:2410.20305), for the policy and the reference; same log-probs up to float rounding. Native
+            backend (TRL 1.x) with sdpa or eager attention.
     LoRA (Hu et al. 2021): ``lora_r`` rank, ``lora_alpha`` scaling numerator (update scaled by alpha / r),
         ``lora_dropout``, ``lora_target_modules`` (names of linear layers; those absent from the model are
         skipped).
@@ -82,6 +85,7 @@ class Recipe:
     device: str = "auto"
     quantization: str = "nf4"
     reference: str = "adapter-off"
+    prefix_sharing: bool = False
     limit: int | None = None
     eval_fraction: float = 0.0
     data_format: str = "auto"
@@ -131,6 +135,11 @@ class Recipe:
             raise RecipeError(f"label_smoothing: must be in [0, 0.5) (conservative DPO), found {self.label_smoothing}")
         if self.nll_loss_coef < 0:
             raise RecipeError(f"nll_loss_coef: must be >= 0, found {self.nll_loss_coef}")
+        if self.prefix_sharing and self.backend == "ipex-llm":
+            raise RecipeError(
+                "prefix_sharing: needs the native backend (TRL 1.x's fused LM head); the ipex-llm stack pins TRL "
+                "0.11. Set prefix_sharing: false, or backend: native"
+            )
         if self.reference_device == "cpu" and self.reference != "separate":
             raise RecipeError("reference_device: 'cpu' needs reference: separate (only a separate model can move)")
         if self.dataset_mixture is not None:

@@ -205,6 +205,9 @@ def reference_cache_key(
 ) -> tuple[str, dict[str, Any]]:
     """The cache key for the reference log-probs of ``dataset`` under ``trainer``.
 
+    ``prefix_sharing`` is not part of the key: packing a pair into one sequence changes the log-probs only by
+    float rounding (the tests bound it at 1e-4), so a cache written with or without it serves both.
+
     Args:
         trainer: a TRL 1.x ``DPOTrainer`` (its model, tokenizer, collator settings and device are read).
         dataset: the TRL-tokenized rows (with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``).

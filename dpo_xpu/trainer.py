@@ -1,4 +1,5 @@
-"""``DpoXpuTrainer``: TRL 1.x's ``DPOTrainer`` with dpo_xpu's own losses, a reference-free mode and a CPU reference.
+"""``DpoXpuTrainer``: TRL 1.x's ``DPOTrainer`` with dpo_xpu's own losses, a reference-free mode, a CPU reference and
+prefix sharing.
 
 :func:`dpo_xpu.training.make_dpo_trainer` picks it only when a recipe needs one of these; otherwise the plain
 ``DPOTrainer`` runs. It changes one method, ``_compute_loss``, and leaves TRL's forward passes, its loss loop and
@@ -10,11 +11,14 @@ its metrics in place:
 2. for an own loss (see :mod:`dpo_xpu.losses`), TRL's loss list holds a zero-weighted ``sigmoid`` placeholder (plus
    TRL's ``sft`` NLL term when ``nll_loss_coef`` > 0); the policy's per-token log-probs are read from the forward
    pass TRL already made (a forward hook), the own loss is added to TRL's, and TRL's ``rewards/*`` metrics are
-   replaced by the own loss's rewards. Every other metric (``logps/*``, ``logits/*``, entropy) is TRL's.
+   replaced by the own loss's rewards. Every other metric (``logps/*``, ``logits/*``, entropy) is TRL's;
+3. with ``prefix_sharing``, every model call TRL makes (policy and reference) runs one packed sequence per pair
+   (:mod:`dpo_xpu.prefix_sharing`) and hands TRL the per-token outputs in its own layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -22,6 +26,7 @@ import torch
 from trl import DPOTrainer
 
 from dpo_xpu.losses import own_loss
+from dpo_xpu.prefix_sharing import PrefixSharing
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,9 @@ class DpoXpuTrainer(DPOTrainer):
         simpo_gamma (`float`, defaults to 0.5): SimPO's target margin.
         reference_device (`str`, *optional*): keep ``ref_model`` on this device (``"cpu"``) instead of the
             accelerator: accelerate is told not to place it, and its inputs go there.
+        prefix_sharing (`bool`, defaults to `False`): run each pair as one packed sequence, the prompt computed
+            once (:mod:`dpo_xpu.prefix_sharing`). ``prefix_sharing_tokens`` then counts the real tokens in TRL's
+            layout (``"sequence"``) and in the packed one (``"packed"``).
         *args, **kwargs: as ``trl.DPOTrainer``.
     """
 
@@ -48,6 +56,7 @@ class DpoXpuTrainer(DPOTrainer):
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
         reference_device: str | None = None,
+        prefix_sharing: bool = False,
         **kwargs: Any,
     ) -> None:
         ref_model = kwargs.get("ref_model")
@@ -61,6 +70,9 @@ class DpoXpuTrainer(DPOTrainer):
         self.own_label_smoothing = label_smoothing
         self.simpo_gamma = simpo_gamma
         self.reference_device = torch.device(reference_device) if reference_device is not None else None
+        self.prefix_sharing = prefix_sharing
+        self.prefix_sharing_tokens = {"sequence": 0, "packed": 0}
+        self._sharing: set[int] = set()
         if self.reference_device is not None and self.ref_model is not None:
             logger.info("reference model kept on %s", next(self.ref_model.parameters()).device)
 
@@ -77,7 +89,23 @@ class DpoXpuTrainer(DPOTrainer):
         chosen, rejected = self.compute_ref_log_probs(model, moved)
         return chosen.to(input_ids.device), rejected.to(input_ids.device)
 
+    def _shared_prefix(self, model: Any) -> Any:
+        """A :class:`PrefixSharing` context on ``model`` when enabled and not already active on it, else a no-op."""
+        if not self.prefix_sharing or id(model) in self._sharing:
+            return contextlib.nullcontext()
+        return _CountedSharing(self, model)
+
+    def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """TRL's reference log-probs ``(chosen [B], rejected [B])``, packed per pair with ``prefix_sharing``."""
+        with self._shared_prefix(model):
+            return super().compute_ref_log_probs(model, inputs)
+
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        # entered before the own loss's recorder hook, so that the recorder sees the unpacked outputs
+        with self._shared_prefix(model):
+            return self._compute_loss_inner(model, inputs, return_outputs)
+
+    def _compute_loss_inner(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
         inputs = dict(inputs)
         if "ref_chosen_logps" not in inputs or self.reference_free:
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self._reference_logps(inputs)
@@ -127,6 +155,24 @@ class DpoXpuTrainer(DPOTrainer):
         metrics["rewards/accuracies"][-1] = gather((chosen_rewards > rejected_rewards).float()).mean().item()
         metrics["rewards/margins"][-1] = gather(chosen_rewards - rejected_rewards).mean().item()
         return losses.mean()
+
+
+class _CountedSharing(PrefixSharing):
+    """:class:`PrefixSharing` that marks the model as shared while active and adds its token counts to the trainer."""
+
+    def __init__(self, trainer: DpoXpuTrainer, model: Any) -> None:
+        super().__init__(model)
+        self.trainer = trainer
+
+    def __enter__(self) -> PrefixSharing:
+        self.trainer._sharing.add(id(self.module))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self.trainer._sharing.discard(id(self.module))
+        self.trainer.prefix_sharing_tokens["sequence"] += self.sequence_tokens
+        self.trainer.prefix_sharing_tokens["packed"] += self.packed_tokens
 
 
 def match_reference_adapter_dtype(model: torch.nn.Module) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpo_xpu.errors import RecipeError, RunFolderError, TrainingInterrupted
+from dpo_xpu.prefix_sharing import check_prefix_sharing
 from dpo_xpu.recipes import Recipe
 from dpo_xpu.trl_compat import (
     dpo_config_kwargs,
@@ -124,7 +125,9 @@ def make_dpo_trainer(
     trainer_class, extra = DPOTrainer, {}
     own = own_loss_type(recipe, generation)
     reference_free = recipe.reference_free or recipe.loss_type == "simpo"
-    if generation == "1.x" and (own or reference_free or recipe.reference_device != "same"):
+    if recipe.prefix_sharing:
+        check_prefix_sharing(model, generation)
+    if generation == "1.x" and (own or reference_free or recipe.reference_device != "same" or recipe.prefix_sharing):
         from dpo_xpu.trainer import DpoXpuTrainer
 
         trainer_class = DpoXpuTrainer
@@ -134,6 +137,7 @@ def make_dpo_trainer(
             label_smoothing=recipe.label_smoothing,
             simpo_gamma=recipe.simpo_gamma,
             reference_device=recipe.reference_device if recipe.reference_device != "same" else None,
+            prefix_sharing=recipe.prefix_sharing,
         )
     trainer = trainer_class(
         model=model,

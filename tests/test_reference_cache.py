@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_trainer, short_recipe
 
 from dpo_xpu.reference_cache import (
     CacheFileError,
@@ -24,48 +25,11 @@ from dpo_xpu.reference_cache import (
 pytest.importorskip("trl")
 
 
-def _recipe(model: Path, rows: Path, out: Path, **overrides):
-    from dpo_xpu.recipes import make_recipe
-
-    values = {
-        "model_name_or_path": str(model),
-        "dataset_name_or_path": str(rows),
-        "output_dir": str(out),
-        "device": "cpu",
-        "reference": "adapter-off",
-        "limit": 6,
-        "max_steps": 3,
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "max_length": 320,
-        "max_prompt_length": 192,
-        "learning_rate": 1e-2,
-        "warmup_steps": 0,
-        "lr_scheduler_type": "constant",
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "save_steps": 10000,
-    }
-    values.update(overrides)
-    return make_recipe(values)
-
-
-def _trainer(recipe, tokenizer=None):
-    from dpo_xpu.models import load_tokenizer
-    from dpo_xpu.training import load_run_data, load_run_models, make_dpo_trainer
-
-    tokenizer = tokenizer or load_tokenizer(recipe.model_name_or_path)
-    train, _ = load_run_data(recipe, tokenizer)
-    torch.manual_seed(recipe.seed)
-    policy, reference = load_run_models(recipe)
-    return make_dpo_trainer(recipe, policy, reference, tokenizer, train, live_plot=False)
-
-
 @pytest.fixture(scope="module")
 def base(stories260k_path, orca_rows_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
-    recipe = _recipe(stories260k_path, orca_rows_path, out / "run")
-    return recipe, _trainer(recipe), out / "cache"
+    recipe = short_recipe(stories260k_path, orca_rows_path, out / "run")
+    return recipe, make_trainer(recipe), out / "cache"
 
 
 def _key(trainer, recipe, cache):
@@ -74,11 +38,11 @@ def _key(trainer, recipe, cache):
 
 def test_hit_after_miss_gives_same_values(base, tmp_path):
     recipe, _, cache = base
-    first = _trainer(recipe)
+    first = make_trainer(recipe)
     info = attach_precomputed_reference(first, recipe, cache_dir=cache)
     assert not info.hit and info.path.is_file() and info.rows == 6
     assert first.precompute_ref_logps and "ref_chosen_logps" in first.train_dataset.column_names
-    second = _trainer(recipe)
+    second = make_trainer(recipe)
     info2 = attach_precomputed_reference(second, recipe, cache_dir=cache)
     assert info2.hit and info2.key == info.key and info2.path == info.path
     assert first.train_dataset["ref_chosen_logps"] == second.train_dataset["ref_chosen_logps"]
@@ -98,10 +62,10 @@ def test_hit_after_miss_gives_same_values(base, tmp_path):
 )
 def test_key_changes_with_setting(base, change):
     recipe, trainer, cache = base
-    changed = _recipe(
+    changed = short_recipe(
         Path(recipe.model_name_or_path), Path(recipe.dataset_name_or_path), Path(recipe.output_dir), **change
     )
-    assert _key(_trainer(changed), changed, cache) != _key(trainer, recipe, cache)
+    assert _key(make_trainer(changed), changed, cache) != _key(trainer, recipe, cache)
 
 
 def test_key_changes_with_truncation_mode(base):
@@ -142,17 +106,17 @@ def test_key_changes_with_weights(base, tmp_path):
     save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
     assert weights_digest(copy) != weights_digest(recipe.model_name_or_path)
     assert weights_digest("org/model", "abc") != weights_digest("org/model", "abd")
-    changed = _recipe(copy, Path(recipe.dataset_name_or_path), Path(recipe.output_dir))
-    assert _key(_trainer(changed), changed, cache) != _key(trainer, recipe, cache)
+    changed = short_recipe(copy, Path(recipe.dataset_name_or_path), Path(recipe.output_dir))
+    assert _key(make_trainer(changed), changed, cache) != _key(trainer, recipe, cache)
 
 
 def test_miss_on_changed_key_computes(base):
     recipe, _, cache = base
-    changed = _recipe(
+    changed = short_recipe(
         Path(recipe.model_name_or_path), Path(recipe.dataset_name_or_path), Path(recipe.output_dir), max_length=288
     )
-    first = attach_precomputed_reference(_trainer(recipe), recipe, cache_dir=cache)
-    other = attach_precomputed_reference(_trainer(changed), changed, cache_dir=cache)
+    first = attach_precomputed_reference(make_trainer(recipe), recipe, cache_dir=cache)
+    other = attach_precomputed_reference(make_trainer(changed), changed, cache_dir=cache)
     assert not other.hit and other.key != first.key and other.path.is_file()
 
 
@@ -160,7 +124,7 @@ def test_miss_on_changed_key_computes(base):
 def test_damaged_file_is_rebuilt(base, tmp_path, damage):
     recipe, _, _ = base
     cache = tmp_path / "cache"
-    good = _trainer(recipe)
+    good = make_trainer(recipe)
     info = attach_precomputed_reference(good, recipe, cache_dir=cache)
     data = info.path.read_bytes()
     if damage == "truncate":
@@ -171,7 +135,7 @@ def test_damaged_file_is_rebuilt(base, tmp_path, damage):
         info.path.write_bytes(b"not a safetensors file")
     with pytest.raises(CacheFileError):
         load_reference_logps(info.path, info.key, info.rows)
-    again = _trainer(recipe)
+    again = make_trainer(recipe)
     rebuilt = attach_precomputed_reference(again, recipe, cache_dir=cache)
     assert not rebuilt.hit and rebuilt.rebuilt
     assert again.train_dataset["ref_chosen_logps"] == good.train_dataset["ref_chosen_logps"]
@@ -180,7 +144,7 @@ def test_damaged_file_is_rebuilt(base, tmp_path, damage):
 
 def test_wrong_rows_or_key_rejected(base, tmp_path):
     recipe, _, _ = base
-    info = attach_precomputed_reference(_trainer(recipe), recipe, cache_dir=tmp_path)
+    info = attach_precomputed_reference(make_trainer(recipe), recipe, cache_dir=tmp_path)
     with pytest.raises(CacheFileError, match="rows"):
         load_reference_logps(info.path, info.key, info.rows + 1)
     with pytest.raises(CacheFileError, match="key"):
@@ -193,7 +157,7 @@ def test_precomputed_equals_adapter_off_per_step(base, tmp_path):
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")
 
     def steps(precomputed: bool) -> list[dict]:
-        trainer = _trainer(recipe)
+        trainer = make_trainer(recipe)
         if precomputed:
             attach_precomputed_reference(trainer, recipe, cache_dir=tmp_path / "cache")
         trainer.train()
