@@ -7,6 +7,9 @@ The strategies run in this one process, one after the other, on the same model, 
 - ``precomputed-cold``: reference log-probs computed first (time included) and written to an empty cache,
   then training runs the policy only (``dpo_xpu.reference_cache``);
 - ``precomputed-warm``: the same, reading the cache the cold run wrote;
+- ``prefix-sharing-cold`` / ``prefix-sharing-warm``: ``precomputed`` (cold, then warm cache) plus prefix sharing
+  (``prefix_sharing: true``, :mod:`dpo_xpu.prefix_sharing`): each pair runs as one sequence, the prompt computed
+  once, in the precompute and in training;
 - ``ipex-llm``: the original stack (``backend: ipex-llm``, separate reference), only when ``import ipex_llm``
   works in the running environment; skipped otherwise.
 
@@ -26,7 +29,8 @@ tokenizer and the real orca rows from ``../shared`` (``DPO_XPU_SHARED``). Result
 Measurements:
 
 - ``pairs_per_s``: preference pairs trained / wall seconds of the timed part (precompute, for the cold cache,
-  plus ``trainer.train()``). ``tokens_per_s``: non-padding tokens (prompt + answer, both answers) the same way.
+  plus ``trainer.train()``). ``tokens_per_s``: non-padding tokens (prompt + answer, both answers) the same way,
+  counted in TRL's two-sequence layout for every strategy (prefix sharing runs fewer: ``prefix_token_ratio``).
 - ``peak_memory_mib``: on CPU, the highest process RSS during the timed part, sampled every 10 ms by a thread
   (psutil), minus the RSS before the strategy loaded its models (after ``gc.collect()`` and ``malloc_trim``
   of the previous strategy's memory), with glibc's mmap threshold fixed at 1 MiB so that freed tensors
@@ -40,7 +44,8 @@ Measurements:
   reference forward (each step for ``original``/``adapter-off``, once in the precompute for the cold cache,
   none for the warm cache), with the attention term ``12 L H Q S`` per token (``4 L H Q S`` forward only),
   ``N`` the parameters of the matrix multiplies (transformer layers and the output head; embeddings tied to
-  the head count once), ``T`` the non-padding tokens, ``S`` the mean sequence length. Recompute by gradient
+  the head count once), ``T`` the non-padding tokens (with prefix sharing, the tokens actually run: the prompt
+  once per pair), ``S`` the mean sequence length (a token's context, unchanged by prefix sharing). Recompute by gradient
   checkpointing is not counted (that would be hardware FLOPs utilisation), and neither is the fact that the
   frozen NF4 base needs no weight gradient (the executed work of the policy is nearer ``4 N T``): the
   standard formula keeps numbers comparable across strategies and machines.
@@ -68,7 +73,15 @@ SHARED = Path(os.environ.get("DPO_XPU_SHARED", PROJECT_ROOT.parent / "shared")).
 ORCA_ROWS = SHARED / "data" / "orca_dpo_pairs" / "sample-284.jsonl"
 QWEN2_TOKENIZER = SHARED / "tokenizers" / "qwen2"
 CACHE = PROJECT_ROOT / ".cache"
-STRATEGIES = ("original", "adapter-off", "precomputed-cold", "precomputed-warm", "ipex-llm")
+STRATEGIES = (
+    "original",
+    "adapter-off",
+    "precomputed-cold",
+    "precomputed-warm",
+    "prefix-sharing-cold",
+    "prefix-sharing-warm",
+    "ipex-llm",
+)
 RESULT_KEYS = ("strategy", "pairs_per_s", "tokens_per_s", "peak_memory_mib", "first_loss", "last_loss", "mfu")
 
 #: Qwen2 at the size of Qwen2.5-0.5B (its published config.json), and a tiny one with the same vocabulary.
@@ -211,7 +224,7 @@ class RssSampler:
         self._thread.join()
 
 
-def model_flops(config: Any, tokens: int, mean_seq_len: float, forward_only: bool = False) -> float:
+def model_flops(config: Any, tokens: float, mean_seq_len: float, forward_only: bool = False) -> float:
     """Model FLOPs of a pass over ``tokens`` tokens (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, app. B).
 
     ``6 N + 12 L H Q S`` per token for forward and backward, ``2 N + 4 L H Q S`` for a forward only, where
@@ -242,7 +255,7 @@ class Settings:
     rows: int
 
 
-def _recipe(settings: Settings, reference: str, backend: str, output_dir: Path) -> Any:
+def _recipe(settings: Settings, reference: str, backend: str, output_dir: Path, prefix_sharing: bool = False) -> Any:
     from dpo_xpu.recipes import make_recipe
 
     return make_recipe(
@@ -254,6 +267,7 @@ def _recipe(settings: Settings, reference: str, backend: str, output_dir: Path) 
             "device": settings.device,
             "quantization": "nf4",
             "reference": reference,
+            "prefix_sharing": prefix_sharing,
             "limit": settings.rows,
             "max_steps": settings.steps,
             "per_device_train_batch_size": settings.batch,
@@ -279,15 +293,16 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     from dpo_xpu.training import load_run_data, load_run_models, make_dpo_trainer
     from dpo_xpu.trl_compat import score_answer_tokens_only_on_cpu
 
-    precomputed = strategy.startswith("precomputed")
+    prefix_sharing = strategy.startswith("prefix-sharing")
+    precomputed = strategy.startswith("precomputed") or prefix_sharing
     # The precomputed runs build an adapter-off trainer (no per-step reference) and attach the cache
     # themselves, so the precompute is inside the timed part and uses this benchmark's cache folder.
     reference = {"original": "separate", "ipex-llm": "separate"}.get(strategy, "adapter-off")
     backend = "ipex-llm" if strategy == "ipex-llm" else "native"
-    recipe = _recipe(settings, reference, backend, work / "runs" / strategy)
+    recipe = _recipe(settings, reference, backend, work / "runs" / strategy, prefix_sharing)
     shutil.rmtree(recipe.output_dir, ignore_errors=True)
     ref_cache = work / "reference-logps"
-    if strategy == "precomputed-cold":
+    if strategy.endswith("-cold"):
         shutil.rmtree(ref_cache, ignore_errors=True)
     train_dataset, _ = load_run_data(recipe, tokenizer)
     device = settings.device.split(":")[0]
@@ -320,9 +335,12 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     config = trainer.model.get_base_model().config if hasattr(trainer.model, "get_base_model") else None
     config = config or trainer.model.config
     mean_seq = tokens / (2 * pairs) if pairs else 0.0
-    flops = model_flops(config, tokens, mean_seq)
+    # prefix sharing runs the prompt once per pair: count the tokens it ran (the same ratio in precompute and steps)
+    shared = getattr(trainer, "prefix_sharing_tokens", None) if prefix_sharing else None
+    ratio = shared["packed"] / shared["sequence"] if shared and shared["sequence"] else 1.0
+    flops = model_flops(config, tokens * ratio, mean_seq)
     if strategy in ("original", "adapter-off", "ipex-llm") or (precomputed and info is not None and not info.hit):
-        flops += model_flops(config, tokens, mean_seq, forward_only=True)
+        flops += model_flops(config, tokens * ratio, mean_seq, forward_only=True)
     row = {
         "strategy": strategy,
         "pairs_per_s": pairs / elapsed,
@@ -341,6 +359,8 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         "losses": [float(r["loss"]) for r in logs],
         "reference_cache_hit": None if info is None else info.hit,
         "precompute_seconds": None if info is None else info.seconds,
+        "prefix_token_ratio": ratio,
+        "answer_share": answer_share(trainer.train_dataset, settings.max_length),
     }
     del trainer
     _trim_memory()
@@ -380,10 +400,29 @@ def _machine(device: str) -> dict[str, Any]:
     return info
 
 
-def estimate_rows(settings: Settings, config: Any) -> list[dict[str, Any]]:
-    """The memory planner's estimate for each strategy's settings (``dpo_xpu.memory.estimate_memory``)."""
+def answer_share(dataset: Any, max_length: int) -> float:
+    """The largest share of a pair's ``2 * max_length`` positions that are answer tokens (scored by the LM head).
+
+    Rows are TRL-tokenized (``prompt_ids``, ``chosen_ids``, ``rejected_ids``), answers cut as TRL's collator
+    cuts them (``keep_start`` at ``max_length``); the largest pair bounds the scored tile of a batch.
+    """
+    shares = [
+        (max(0, min(len(c), max_length - len(p))) + max(0, min(len(r), max_length - len(p)))) / (2 * max_length)
+        for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+    ]
+    return max(shares, default=1.0) or 1.0
+
+
+def estimate_rows(settings: Settings, config: Any, scored: float = 1.0) -> list[dict[str, Any]]:
+    """The memory planner's estimate for each strategy's settings (``dpo_xpu.memory.estimate_memory``).
+
+    ``scored`` is the answer tokens' share of the positions (:func:`answer_share`): the LM head's share for
+    dpo_xpu's strategies, and for every strategy on a GPU (TRL scores answer tokens only there); TRL's CPU path,
+    which ``original`` keeps, scores every position.
+    """
     from dpo_xpu.memory import estimate_memory
 
+    on_cpu = settings.device.startswith("cpu")
     rows = []
     for strategy in ("original", "adapter-off", "precomputed"):
         est = estimate_memory(
@@ -394,7 +433,8 @@ def estimate_rows(settings: Settings, config: Any) -> list[dict[str, Any]]:
             max_length=settings.max_length,
             gradient_checkpointing=settings.gradient_checkpointing,
             compute_dtype="bfloat16" if settings.bf16 else "float32",
-            device="cpu" if settings.device.startswith("cpu") else "gpu",
+            device="cpu" if on_cpu else "gpu",
+            scored_fraction=1.0 if strategy == "original" and on_cpu else scored,
         )
         rows.append({"strategy": strategy, **est.to_dict()})
     return rows
@@ -424,18 +464,18 @@ def format_table(payload: dict) -> str:
     rows = payload["results"]
     base = next((r for r in rows if r["strategy"] == "original" and r.get("pairs_per_s")), None)
     head = (
-        f"{'strategy':<18}{'pairs/s':>9}{'tokens/s':>10}{'peak MiB':>10}{'first loss':>12}{'last loss':>11}"
+        f"{'strategy':<20}{'pairs/s':>9}{'tokens/s':>10}{'peak MiB':>10}{'first loss':>12}{'last loss':>11}"
         f"{'MFU':>8}{'x speed':>9}{'x mem':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"{r['strategy']:<18}skipped: {r['skipped']}")
+            lines.append(f"{r['strategy']:<20}skipped: {r['skipped']}")
             continue
         speed = r["pairs_per_s"] / base["pairs_per_s"] if base else float("nan")
         mem = r["peak_memory_mib"] / base["peak_memory_mib"] if base and base["peak_memory_mib"] else float("nan")
         lines.append(
-            f"{r['strategy']:<18}{r['pairs_per_s']:>9.4f}{r['tokens_per_s']:>10.1f}{r['peak_memory_mib']:>10.0f}"
+            f"{r['strategy']:<20}{r['pairs_per_s']:>9.4f}{r['tokens_per_s']:>10.1f}{r['peak_memory_mib']:>10.0f}"
             f"{r['first_loss']:>12.6f}{r['last_loss']:>11.6f}{100 * (r['mfu'] or 0):>7.2f}%{speed:>9.2f}{mem:>7.2f}"
         )
     lines.append(f"bf16 matmul ceiling: {payload['matmul_bf16_gflops']:.1f} GFLOP/s on {payload['machine']['device']}")
@@ -534,7 +574,9 @@ def main(argv: list[str] | None = None) -> dict:
             "matmul_fp32_gflops": gflops_fp32,
             "malloc_mmap_threshold_fixed": fixed_malloc,
             "settings": asdict(settings),
-            "memory_estimates": estimate_rows(settings, config),
+            "memory_estimates": estimate_rows(
+                settings, config, max((r["answer_share"] for r in results if r.get("answer_share")), default=1.0)
+            ),
         },
     )
     print(format_table(payload))

@@ -17,7 +17,8 @@ and the recipe's settings:
 - ``logits``: TRL 1.x computes per-token log-probabilities in tiles of at most 4,096 tokens by 32,768
   vocabulary entries (``trl.kernels.chunked_logprob``), a few float32 temporaries of that size, instead of
   the full ``(2 * batch, max_length, vocab)`` float32 logits and their log-softmax (reported as
-  ``full_logits_mib`` for comparison: the term that dominates on 150k-token vocabularies);
+  ``full_logits_mib`` for comparison: the term that dominates on 150k-token vocabularies). Where TRL scores only
+  the answer tokens (XPU and CUDA, and the CPU under dpo_xpu), the tile holds only those: ``scored_fraction``;
 - ``transients``: one layer's backward temporaries and, on CPU, one dequantised NF4 weight matrix (float32);
 - ``runtime``: on CPU, what the libraries allocate at first use (``CPU_RUNTIME_MIB``, measured).
 
@@ -151,6 +152,7 @@ def estimate_memory(
     lora_r: int = 16,
     lora_targets: tuple[str, ...] | list[str] | None = None,
     device: str = "gpu",
+    scored_fraction: float = 1.0,
 ) -> MemoryEstimate:
     """Estimate the peak memory of a DPO training step (policy + reference), by component.
 
@@ -169,12 +171,17 @@ def estimate_memory(
         lora_targets: projection names with adapters; default all seven of :func:`linear_shapes`.
         device: ``"gpu"`` (the allocator's peak) or ``"cpu"`` (resident memory); on CPU the bitsandbytes
             NF4 kernels dequantise a whole weight matrix per call, counted in ``transients``.
+        scored_fraction: the share of the ``2 * batch * max_length`` positions that go through the LM head, in
+            (0, 1]: 1.0 (default, the worst case) where every position is scored (TRL's own CPU path), the
+            answer tokens' share where only those are (XPU and CUDA, and dpo_xpu on the CPU; about 0.5 on orca
+            pairs at 256 tokens).
 
     Returns:
         A :class:`MemoryEstimate`, sizes in MiB.
 
     Raises:
-        ValueError: an unknown ``quantization``, ``reference`` or ``compute_dtype``, or a non-positive size.
+        ValueError: an unknown ``quantization``, ``reference`` or ``compute_dtype``, a non-positive size, or a
+            ``scored_fraction`` outside (0, 1].
     """
     if quantization not in ("nf4", "none"):
         raise ValueError(f"quantization must be 'nf4' or 'none', found {quantization!r}")
@@ -184,6 +191,8 @@ def estimate_memory(
         raise ValueError(f"compute_dtype must be one of {sorted(DTYPE_BYTES)}, found {compute_dtype!r}")
     if batch <= 0 or max_length <= 0 or lora_r <= 0:
         raise ValueError(f"batch, max_length and lora_r must be > 0, found {batch}, {max_length}, {lora_r}")
+    if not 0.0 < scored_fraction <= 1.0:
+        raise ValueError(f"scored_fraction must be in (0, 1], found {scored_fraction}")
     hidden, inter, layers, _, _, vocab, tied = _dims(config)
     act_bytes = DTYPE_BYTES[compute_dtype]
     shapes = linear_shapes(config)
@@ -206,7 +215,7 @@ def estimate_memory(
     else:
         activations = tokens * layers * per_layer_full
     tile_tokens, tile_vocab, tile_copies = LOGPROB_TILE
-    logits = min(tokens, tile_tokens) * min(vocab, tile_vocab) * 4 * tile_copies
+    logits = min(tokens * scored_fraction, tile_tokens) * min(vocab, tile_vocab) * 4 * tile_copies
     largest = max(i * o for i, o in shapes.values())
     # backward temporaries of one layer (gradients of its activations), and on CPU one dequantised weight
     transients = tokens * per_layer_full / 2 + (largest * 4 if device == "cpu" and quantization == "nf4" else 0)
@@ -229,6 +238,7 @@ def estimate_memory(
         "compute_dtype": compute_dtype,
         "lora_r": lora_r,
         "device": device,
+        "scored_fraction": scored_fraction,
     }
     return MemoryEstimate(components, sum(components.values()), full_logits / MIB, settings)
 

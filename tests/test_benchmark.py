@@ -55,7 +55,7 @@ def test_tiny_run_writes_the_schema(tmp_path):
     assert written["matmul_bf16_gflops"] > 0
     by_name = {row["strategy"]: row for row in written["results"]}
     assert list(by_name) == list(script.STRATEGIES)
-    for name in ("original", "adapter-off", "precomputed-cold", "precomputed-warm"):
+    for name in script.STRATEGIES[:-1]:  # all but ipex-llm
         row = by_name[name]
         assert set(script.RESULT_KEYS) <= set(row)
         for key in ("pairs_per_s", "tokens_per_s", "mfu"):
@@ -65,6 +65,11 @@ def test_tiny_run_writes_the_schema(tmp_path):
         assert row["last_loss"] == pytest.approx(by_name["original"]["last_loss"], abs=1e-4)
     assert by_name["precomputed-cold"]["reference_cache_hit"] is False
     assert by_name["precomputed-warm"]["reference_cache_hit"] is True
+    assert by_name["prefix-sharing-cold"]["reference_cache_hit"] is False
+    assert by_name["prefix-sharing-warm"]["reference_cache_hit"] is True
+    # the prompt runs once per pair: fewer tokens than TRL's two sequences, never more
+    assert 0.3 < by_name["prefix-sharing-warm"]["prefix_token_ratio"] < 1.0
+    assert by_name["precomputed-warm"]["prefix_token_ratio"] == 1.0
     ipex = by_name["ipex-llm"]
     assert ipex.get("skipped") or ipex["pairs_per_s"] > 0
     assert {e["strategy"] for e in written["memory_estimates"]} == {"original", "adapter-off", "precomputed"}

@@ -60,8 +60,26 @@ def test_checkpointing_and_length_scale_activations():
     assert longer.components_mib["activations"] == pytest.approx(2 * off.components_mib["activations"])
 
 
+def test_scoring_answer_tokens_only_shrinks_the_logit_tile():
+    every = estimate_memory(QWEN05, batch=1, max_length=256, device="cpu")
+    answers = estimate_memory(QWEN05, batch=1, max_length=256, device="cpu", scored_fraction=0.5)
+    assert answers.components_mib["logits"] == pytest.approx(every.components_mib["logits"] / 2)
+    assert every.total_mib - answers.total_mib == pytest.approx(every.components_mib["logits"] / 2)
+    # a batch beyond the tile's 4,096 tokens: the tile, not the batch, bounds the term
+    big = estimate_memory(QWEN05, batch=16, max_length=1024, scored_fraction=0.5)
+    assert big.components_mib["logits"] == estimate_memory(QWEN05, batch=16, max_length=1024).components_mib["logits"]
+
+
 @pytest.mark.parametrize(
-    "kwargs", [{"quantization": "int8"}, {"reference": "other"}, {"compute_dtype": "int4"}, {"batch": 0}]
+    "kwargs",
+    [
+        {"quantization": "int8"},
+        {"reference": "other"},
+        {"compute_dtype": "int4"},
+        {"batch": 0},
+        {"scored_fraction": 0.0},
+        {"scored_fraction": 1.5},
+    ],
 )
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
