@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -332,6 +333,8 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     logs = [row for row in trainer.state.log_history if "loss" in row]
     pairs = settings.steps * settings.batch
     tokens = int(logs[-1].get("num_tokens", 0)) if logs else 0
+    if not tokens:  # TRL 0.11 logs no token count: every row is trained once (rows = steps x batch)
+        tokens = trl011_tokens(trainer.train_dataset)
     config = trainer.model.get_base_model().config if hasattr(trainer.model, "get_base_model") else None
     config = config or trainer.model.config
     mean_seq = tokens / (2 * pairs) if pairs else 0.0
@@ -378,6 +381,23 @@ def _ipex_llm_available() -> tuple[bool, str]:
     return True, ""
 
 
+def _unavailable(strategy: str) -> str | None:
+    """Why ``strategy`` cannot run in this environment, or ``None`` when it can."""
+    if strategy == "ipex-llm":
+        ok, why = _ipex_llm_available()
+        return None if ok else why
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "needs bitsandbytes for NF4 (the native environment, .venv); this one lacks it"
+    if strategy.startswith(("precomputed", "prefix-sharing")):
+        import trl
+
+        from dpo_xpu.trl_compat import trl_generation
+
+        if trl_generation() != "1.x":
+            return f"needs TRL >= 1.0 (dpo_xpu's reference cache and prefix sharing); found TRL {trl.__version__}"
+    return None
+
+
 def _machine(device: str) -> dict[str, Any]:
     import torch
 
@@ -400,12 +420,23 @@ def _machine(device: str) -> dict[str, Any]:
     return info
 
 
-def answer_share(dataset: Any, max_length: int) -> float:
+def trl011_tokens(dataset: Any) -> int:
+    """Non-padding tokens of both sequences of every row, from TRL 0.11's tokenized columns (0 without them)."""
+    columns = ("chosen_input_ids", "rejected_input_ids")
+    if not set(columns) <= set(dataset.column_names):
+        return 0
+    return sum(len(ids) for column in columns for ids in dataset[column])
+
+
+def answer_share(dataset: Any, max_length: int) -> float | None:
     """The largest share of a pair's ``2 * max_length`` positions that are answer tokens (scored by the LM head).
 
-    Rows are TRL-tokenized (``prompt_ids``, ``chosen_ids``, ``rejected_ids``), answers cut as TRL's collator
-    cuts them (``keep_start`` at ``max_length``); the largest pair bounds the scored tile of a batch.
+    Rows are TRL 1.x-tokenized (``prompt_ids``, ``chosen_ids``, ``rejected_ids``), answers cut as TRL's collator
+    cuts them (``keep_start`` at ``max_length``); the largest pair bounds the scored tile of a batch. ``None``
+    for TRL 0.11's columns (it has no answer-only scoring).
     """
+    if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
+        return None
     shares = [
         (max(0, min(len(c), max_length - len(p))) + max(0, min(len(r), max_length - len(p)))) / (2 * max_length)
         for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
@@ -553,12 +584,11 @@ def main(argv: list[str] | None = None) -> dict:
     sampler = RssSampler()
     results = []
     for strategy in strategies:
-        if strategy == "ipex-llm":
-            ok, why = _ipex_llm_available()
-            if not ok:
-                logger.info("ipex-llm skipped: %s", why)
-                results.append({**dict.fromkeys(RESULT_KEYS), "strategy": strategy, "skipped": why})
-                continue
+        why = _unavailable(strategy)
+        if why is not None:
+            logger.info("%s skipped: %s", strategy, why)
+            results.append({**dict.fromkeys(RESULT_KEYS), "strategy": strategy, "skipped": why})
+            continue
         logger.info("strategy %s ...", strategy)
         row = run_strategy(strategy, settings, tokenizer, args.work_dir, sampler)
         logger.info("strategy %s: %s", strategy, {k: row[k] for k in RESULT_KEYS})
