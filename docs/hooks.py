@@ -148,7 +148,12 @@ KEY_DOCS: dict[str, tuple[str, str, str]] = {
     ),
     "lora_r": ("rank", "rank of the LoRA matrices (Hu et al. 2021)", ORIGINAL),
     "lora_alpha": ("scale numerator", "the LoRA update is scaled by `lora_alpha / lora_r`", ORIGINAL),
-    "lora_dropout": ("probability", "dropout on the adapter input", ORIGINAL),
+    "lora_dropout": (
+        "probability",
+        "dropout on the adapter input; TRL's DPO trainer sets every dropout to 0 (its `disable_dropout`, on by "
+        "default in TRL 0.11 and 1.x), so it acts only where the adapter is trained outside DPO",
+        ORIGINAL,
+    ),
     "lora_target_modules": (
         "layer names",
         "linear layers that get adapters; names the model lacks are skipped",
