@@ -127,6 +127,7 @@ def make_dpo_trainer(
     reference_free = recipe.reference_free or recipe.loss_type == "simpo"
     if recipe.prefix_sharing:
         check_prefix_sharing(model, generation)
+        logger.info("prefix sharing: each pair runs as one sequence, its prompt computed once")
     if generation == "1.x" and (own or reference_free or recipe.reference_device != "same" or recipe.prefix_sharing):
         from dpo_xpu.trainer import DpoXpuTrainer
 

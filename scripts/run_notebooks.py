@@ -81,8 +81,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "output_dir": str(ROOT / "runs" / "shared"),
         "limit": 64,
         "eval_fraction": 0.125,
-        # any recipe key reaches notebook 03 this way: here, evaluation of the held-out pairs during training
-        "recipe_overrides": {"eval_steps": 6, "eval_samples": False},
+        # any recipe key reaches notebook 03 this way: here, evaluation of the held-out pairs during training,
+        # with each pair run as one sequence (prefix sharing) in training and evaluation
+        "recipe_overrides": {"eval_steps": 6, "eval_samples": False, "prefix_sharing": True},
         "max_length": 1024,
         "max_prompt_length": 512,
         "max_steps": 12,

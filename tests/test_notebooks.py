@@ -121,7 +121,9 @@ def test_metrics_start_at_ln2_and_stay_finite(run_dir):
     rows = [r for r in all_rows if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, RUN["max_steps"] + 1))
     assert abs(rows[0]["loss"] - math.log(2)) < 0.01
-    # the shared preset's recipe_overrides turn on evaluation every 6 steps (and at step 0) in notebook 03
+    # the shared preset's recipe_overrides turn on evaluation every 6 steps (and at step 0) in notebook 03, and
+    # prefix sharing: the loss still starts at ln 2 in training and evaluation
+    assert "prefix_sharing: true" in (run_dir / "recipe.yaml").read_text()
     evals = [r for r in all_rows if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 6, 12]
     assert abs(evals[0]["eval/loss"] - math.log(2)) < 0.01 and math.isfinite(evals[-1]["eval/rewards/margins"])
