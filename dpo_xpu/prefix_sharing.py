@@ -209,21 +209,21 @@ class PrefixSharing:
     per-token outputs (``log_probs``, ``entropy``, ``mean_logits``, ...) back to TRL's ``[2B, T - 1]`` layout. Any
     other call passes unchanged, and so does a batch :func:`pack_pairs` declines.
 
+    Contexts nest: an inner one on the same module sees the packed call (no ``labels``) and passes it through.
+
     Args:
         module: the model TRL calls (the PEFT model, or a plain model with TRL's fused LM head).
-
-    Attributes:
-        sequence_tokens / packed_tokens: real tokens seen in TRL's layout and run in the packed one, summed over
-            the packed calls (for throughput and FLOPs accounting).
+        tokens: a dict to add the token counts to (``"sequence"``: real tokens in TRL's layout, ``"packed"``: run
+            in the packed one, summed over the packed calls, for throughput and FLOPs accounting); default a new
+            one, kept as ``self.tokens``.
 
     Raises:
         RecipeError: (on a call) the model's attention implementation cannot take a 4-D mask.
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, tokens: dict[str, int] | None = None) -> None:
         self.module = module
-        self.sequence_tokens = 0
-        self.packed_tokens = 0
+        self.tokens = tokens if tokens is not None else {"sequence": 0, "packed": 0}
         self._handles: list[Any] = []
         self._pending: dict[int, PackedPairs] = {}
 
@@ -257,8 +257,8 @@ class PrefixSharing:
             shift_labels=packed.shift_labels,
         )
         self._pending[id(packed.input_ids)] = packed
-        self.sequence_tokens += packed.sequence_tokens
-        self.packed_tokens += packed.packed_tokens
+        self.tokens["sequence"] += packed.sequence_tokens
+        self.tokens["packed"] += packed.packed_tokens
         return args, new
 
     def _unpack(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:

@@ -72,7 +72,6 @@ class DpoXpuTrainer(DPOTrainer):
         self.reference_device = torch.device(reference_device) if reference_device is not None else None
         self.prefix_sharing = prefix_sharing
         self.prefix_sharing_tokens = {"sequence": 0, "packed": 0}
-        self._sharing: set[int] = set()
         if self.reference_device is not None and self.ref_model is not None:
             logger.info("reference model kept on %s", next(self.ref_model.parameters()).device)
 
@@ -90,10 +89,10 @@ class DpoXpuTrainer(DPOTrainer):
         return chosen.to(input_ids.device), rejected.to(input_ids.device)
 
     def _shared_prefix(self, model: Any) -> Any:
-        """A :class:`PrefixSharing` context on ``model`` when enabled and not already active on it, else a no-op."""
-        if not self.prefix_sharing or id(model) in self._sharing:
+        """A :class:`PrefixSharing` context on ``model`` counting into ``prefix_sharing_tokens``, else a no-op."""
+        if not self.prefix_sharing:
             return contextlib.nullcontext()
-        return _CountedSharing(self, model)
+        return PrefixSharing(model, tokens=self.prefix_sharing_tokens)
 
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """TRL's reference log-probs ``(chosen [B], rejected [B])``, packed per pair with ``prefix_sharing``."""
@@ -155,24 +154,6 @@ class DpoXpuTrainer(DPOTrainer):
         metrics["rewards/accuracies"][-1] = gather((chosen_rewards > rejected_rewards).float()).mean().item()
         metrics["rewards/margins"][-1] = gather(chosen_rewards - rejected_rewards).mean().item()
         return losses.mean()
-
-
-class _CountedSharing(PrefixSharing):
-    """:class:`PrefixSharing` that marks the model as shared while active and adds its token counts to the trainer."""
-
-    def __init__(self, trainer: DpoXpuTrainer, model: Any) -> None:
-        super().__init__(model)
-        self.trainer = trainer
-
-    def __enter__(self) -> PrefixSharing:
-        self.trainer._sharing.add(id(self.module))
-        return super().__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        super().__exit__(*exc)
-        self.trainer._sharing.discard(id(self.module))
-        self.trainer.prefix_sharing_tokens["sequence"] += self.sequence_tokens
-        self.trainer.prefix_sharing_tokens["packed"] += self.packed_tokens
 
 
 def match_reference_adapter_dtype(model: torch.nn.Module) -> int:

@@ -109,7 +109,7 @@ def test_packed_forward_equals_two_sequences(tmp_path, attn):
         if shared:
             with PrefixSharing(model) as sharing:
                 out = model(**kwargs, labels=batch["labels"], fused_lm_head=True)
-            assert sharing.packed_tokens < sharing.sequence_tokens
+            assert sharing.tokens["packed"] < sharing.tokens["sequence"]
         else:
             out = model(**kwargs, labels=batch["labels"], fused_lm_head=True)
         sums = out.log_probs.sum(dim=1)
