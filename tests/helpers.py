@@ -57,29 +57,18 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 def short_recipe(model: Path, rows: Path, out: Path, **overrides: Any) -> Recipe:
     """A 3-step run on 6 rows (batch 2, max_length 320, lr 1e-2, constant) for comparing strategies step by step."""
-    from dpo_xpu.recipes import make_recipe
-
-    values = {
-        "model_name_or_path": str(model),
-        "dataset_name_or_path": str(rows),
-        "output_dir": str(out),
-        "device": "cpu",
-        "reference": "adapter-off",
-        "limit": 6,
-        "max_steps": 3,
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "max_length": 320,
-        "max_prompt_length": 192,
-        "learning_rate": 1e-2,
-        "warmup_steps": 0,
-        "lr_scheduler_type": "constant",
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "save_steps": 10000,
-    }
+    values: dict[str, Any] = dict(
+        limit=6,
+        max_steps=3,
+        max_length=320,
+        max_prompt_length=192,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        save_steps=10000,
+    )
     values.update(overrides)
-    return make_recipe(values)
+    return cpu_recipe(model, rows, out, **values)
 
 
 def make_trainer(recipe: Recipe, tokenizer: Any = None) -> Any:

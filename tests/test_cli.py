@@ -39,39 +39,19 @@ def test_unknown_recipe_key(tmp_path):
 
 
 def test_missing_model_folder(tmp_path):
-    line = one_line_error(
-        cli(
-            "train",
-            "--recipe",
-            "recipes/cpu_demo.yaml",
-            "--set",
-            f"output_dir={tmp_path}/r",
-            "--set",
-            "model_name_or_path=./no/such/model",
-        )
-    )
+    args = set_args(output_dir=f"{tmp_path}/r", model_name_or_path="./no/such/model")
+    line = one_line_error(cli("train", "--recipe", "recipes/cpu_demo.yaml", *args))
     assert "no/such/model" in line and "does not exist" in line
 
 
 def test_unknown_device():
-    line = one_line_error(cli("train", "--recipe", "recipes/cpu_demo.yaml", "--set", "device=tpu"))
+    line = one_line_error(cli("train", "--recipe", "recipes/cpu_demo.yaml", *set_args(device="tpu")))
     assert "device" in line
 
 
 def test_absent_xpu_says_how_to_fix(tmp_path):
-    line = one_line_error(
-        cli(
-            "train",
-            "--recipe",
-            "recipes/cpu_demo.yaml",
-            "--set",
-            f"output_dir={tmp_path}/r",
-            "--set",
-            "device=xpu",
-            "--set",
-            "model_name_or_path=teknium/x",
-        )
-    )
+    args = set_args(output_dir=f"{tmp_path}/r", device="xpu", model_name_or_path="teknium/x")
+    line = one_line_error(cli("train", "--recipe", "recipes/cpu_demo.yaml", *args))
     assert "xpu" in line.lower() and "device='cpu'" in line
 
 
@@ -79,21 +59,10 @@ def test_bad_data_is_one_line_naming_row_and_column(tmp_path, stories260k_path):
     data = tmp_path / "bad.jsonl"
     good = {"system": "", "question": "q", "chosen": "a", "rejected": "b"}
     data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "chosen": None}) + "\n")
-    line = one_line_error(
-        cli(
-            "train",
-            "--recipe",
-            "recipes/cpu_demo.yaml",
-            "--set",
-            f"output_dir={tmp_path}/r",
-            "--set",
-            f"dataset_name_or_path={data}",
-            "--set",
-            f"model_name_or_path={stories260k_path}",
-            "--set",
-            "device=cpu",
-        )
+    args = set_args(
+        output_dir=f"{tmp_path}/r", dataset_name_or_path=data, model_name_or_path=stories260k_path, device="cpu"
     )
+    line = one_line_error(cli("train", "--recipe", "recipes/cpu_demo.yaml", *args))
     assert "line 2" in line and "chosen" in line
 
 

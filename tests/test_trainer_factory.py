@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from helpers import cpu_recipe
 
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.models import load_tokenizer
@@ -60,23 +61,16 @@ def test_truncate_prompts_keeps_the_end_on_a_token_boundary(qwen2_tokenizer_path
 @pytest.mark.slow
 def test_factory_trains_with_max_prompt_length_on_the_installed_trl(stories260k_path, orca_rows_path, tmp_path):
     """The original recipe's max_prompt_length works on both generations (dpo_xpu cuts prompts on TRL 1.x)."""
-    recipe = Recipe(
-        model_name_or_path=str(stories260k_path),
-        dataset_name_or_path=str(orca_rows_path),
-        output_dir=str(tmp_path / "run"),
-        device="cpu",
+    recipe = cpu_recipe(
+        stories260k_path,
+        orca_rows_path,
+        tmp_path / "run",
         quantization="none",
         limit=6,
         max_steps=2,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
         max_length=700,
         max_prompt_length=64,
-        learning_rate=5e-4,
         warmup_steps=0,
-        bf16=False,
-        gradient_checkpointing=False,
-        save_steps=1000,
     )
     result = run_training(recipe, live_plot=False)
     rows = [r for r in result.metrics if "loss" in r]
