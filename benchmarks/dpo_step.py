@@ -386,8 +386,10 @@ def _unavailable(strategy: str) -> str | None:
     if strategy == "ipex-llm":
         ok, why = _ipex_llm_available()
         return None if ok else why
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "needs bitsandbytes for NF4 (the native environment, .venv); this one lacks it"
+    from dpo_xpu.trl_compat import trl_generation
+
+    if importlib.util.find_spec("bitsandbytes") is None or trl_generation() != "1.x":
+        return "needs the native stack (bitsandbytes >= 0.48 NF4, TRL 1.x: the environment .venv); this one lacks it"
     if strategy.startswith(("precomputed", "prefix-sharing")):
         import trl
 

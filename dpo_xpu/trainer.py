@@ -13,7 +13,10 @@ its metrics in place:
    pass TRL already made (a forward hook), the own loss is added to TRL's, and TRL's ``rewards/*`` metrics are
    replaced by the own loss's rewards. Every other metric (``logps/*``, ``logits/*``, entropy) is TRL's;
 3. with ``prefix_sharing``, every model call TRL makes (policy and reference) runs one packed sequence per pair
-   (:mod:`dpo_xpu.prefix_sharing`) and hands TRL the per-token outputs in its own layout.
+   (:mod:`dpo_xpu.prefix_sharing`) and hands TRL the per-token outputs in its own layout;
+4. for ``ipo``, whose loss acts on length-averaged log-ratios (TRL's ``ipo`` divides by the answer length), the
+   logged ``rewards/*`` are ``beta`` times those averaged log-ratios, as TRL 0.11 logs them, instead of TRL 1.x's
+   summed ones: every ``rewards/*`` metric is the quantity whose difference the loss acts on.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class DpoXpuTrainer(DPOTrainer):
         prefix_sharing (`bool`, defaults to `False`): run each pair as one packed sequence, the prompt computed
             once (:mod:`dpo_xpu.prefix_sharing`). ``prefix_sharing_tokens`` then counts the real tokens in TRL's
             layout (``"sequence"``) and in the packed one (``"packed"``).
+        length_normalised_rewards (`bool`, defaults to `False`): log ``rewards/*`` as ``beta`` times the
+            length-averaged log-ratio (for ``ipo``, whose loss uses that average).
         *args, **kwargs: as ``trl.DPOTrainer``.
     """
 
@@ -57,6 +62,7 @@ class DpoXpuTrainer(DPOTrainer):
         simpo_gamma: float = 0.5,
         reference_device: str | None = None,
         prefix_sharing: bool = False,
+        length_normalised_rewards: bool = False,
         **kwargs: Any,
     ) -> None:
         ref_model = kwargs.get("ref_model")
@@ -71,6 +77,7 @@ class DpoXpuTrainer(DPOTrainer):
         self.simpo_gamma = simpo_gamma
         self.reference_device = torch.device(reference_device) if reference_device is not None else None
         self.prefix_sharing = prefix_sharing
+        self.length_normalised_rewards = length_normalised_rewards
         self.prefix_sharing_tokens = {"sequence": 0, "packed": 0}
         if self.reference_device is not None and self.ref_model is not None:
             logger.info("reference model kept on %s", next(self.ref_model.parameters()).device)
@@ -110,7 +117,7 @@ class DpoXpuTrainer(DPOTrainer):
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self._reference_logps(inputs)
         recorded: list[Any] = []
         handle = None
-        if self.own_loss_type is not None:
+        if self.own_loss_type is not None or self.length_normalised_rewards:
             handle = model.register_forward_hook(lambda module, args, output: recorded.append(output))
         precompute = self.precompute_ref_logps
         self.precompute_ref_logps = True  # TRL reads the reference log-probs from the batch
@@ -121,38 +128,60 @@ class DpoXpuTrainer(DPOTrainer):
             if handle is not None:
                 handle.remove()
         if self.own_loss_type is None:
+            if self.length_normalised_rewards:
+                chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = self._answer_logps(
+                    recorded[0].log_probs, inputs
+                )
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+                self._replace_rewards(
+                    self.beta * (chosen_logps - ref_chosen.to(chosen_logps.dtype)).detach() / chosen_lengths,
+                    self.beta * (rejected_logps - ref_rejected.to(rejected_logps.dtype)).detach() / rejected_lengths,
+                )
             return result
         loss, outputs = result if return_outputs else (result, None)
         loss = loss + self._own_loss(recorded[0].log_probs, inputs)
         return (loss, outputs) if return_outputs else loss
 
-    def _own_loss(self, per_token_logps: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        """The own loss (batch mean) from the policy's per-token log-probs ``[2B, T-1]``; replaces ``rewards/*``."""
+    @staticmethod
+    def _answer_logps(
+        per_token_logps: torch.Tensor, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed answer log-probs ``(chosen [B], rejected [B])`` from the per-token ones ``[2B, T-1]``, and the
+        answer lengths ``(chosen [B], rejected [B])`` in tokens, counted as TRL's ``sigmoid_norm`` and ``ipo`` count
+        them (the completion mask, at least 1)."""
         completion_mask = inputs["completion_mask"]
         shift_mask = completion_mask[..., 1:]
         per_token_logps = per_token_logps[:, -shift_mask.size(1) :]
         logps = (per_token_logps * shift_mask).sum(dim=1)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-        # answer lengths as TRL's sigmoid_norm and ipo count them
         chosen_lengths, rejected_lengths = completion_mask.sum(dim=1).clamp(min=1).to(logps.dtype).chunk(2, dim=0)
-        losses, chosen_rewards, rejected_rewards = own_loss(
-            self.own_loss_type,
-            chosen_logps,
-            rejected_logps,
-            inputs["ref_chosen_logps"].to(logps.dtype),
-            inputs["ref_rejected_logps"].to(logps.dtype),
-            chosen_lengths,
-            rejected_lengths,
-            beta=self.beta,
-            label_smoothing=self.own_label_smoothing,
-            simpo_gamma=self.simpo_gamma,
-        )
+        return chosen_logps, rejected_logps, chosen_lengths, rejected_lengths
+
+    def _replace_rewards(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
+        """Put these rewards ``[B]`` in place of the ``rewards/*`` TRL just logged for this micro-batch."""
         metrics = self._metrics["train" if self.model.training else "eval"]
         gather = self.accelerator.gather
         metrics["rewards/chosen"][-1] = gather(chosen_rewards).mean().item()
         metrics["rewards/rejected"][-1] = gather(rejected_rewards).mean().item()
         metrics["rewards/accuracies"][-1] = gather((chosen_rewards > rejected_rewards).float()).mean().item()
         metrics["rewards/margins"][-1] = gather(chosen_rewards - rejected_rewards).mean().item()
+
+    def _own_loss(self, per_token_logps: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        """The own loss (batch mean) from the policy's per-token log-probs ``[2B, T-1]``; replaces ``rewards/*``."""
+        chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = self._answer_logps(per_token_logps, inputs)
+        losses, chosen_rewards, rejected_rewards = own_loss(
+            self.own_loss_type,
+            chosen_logps,
+            rejected_logps,
+            inputs["ref_chosen_logps"].to(chosen_logps.dtype),
+            inputs["ref_rejected_logps"].to(chosen_logps.dtype),
+            chosen_lengths,
+            rejected_lengths,
+            beta=self.beta,
+            label_smoothing=self.own_label_smoothing,
+            simpo_gamma=self.simpo_gamma,
+        )
+        self._replace_rewards(chosen_rewards, rejected_rewards)
         return losses.mean()
 
 

@@ -30,7 +30,8 @@ NR = torch.tensor([45.0, 20.0, 90.0], dtype=torch.float64)
 # The first-step runs use the native backend's NF4 (bitsandbytes), which the ipex-llm environment does not have;
 # there the file still checks each loss's equation and the refusals of its TRL generation.
 requires_native_nf4 = pytest.mark.skipif(
-    importlib.util.find_spec("bitsandbytes") is None, reason="native NF4 needs bitsandbytes (absent in .venv-ipex-llm)"
+    importlib.util.find_spec("bitsandbytes") is None or trl_generation() != "1.x",
+    reason="native NF4 needs bitsandbytes >= 0.48 and TRL 1.x (the .venv environment, not .venv-ipex-llm)",
 )
 
 
@@ -95,7 +96,7 @@ def test_own_loss_dispatches_and_refuses_unknown_names():
     [
         ({}, ["sigmoid"], None, None),
         ({"label_smoothing": 0.1}, ["sigmoid"], [0.0], "sigmoid"),
-        ({"loss_type": "dpo_norm"}, ["sigmoid_norm"], None, None),
+        ({"loss_type": "dpo_norm"}, ["sigmoid"], [0.0], "dpo_norm"),
         ({"loss_type": "dpo_norm", "label_smoothing": 0.1}, ["sigmoid"], [0.0], "dpo_norm"),
         ({"loss_type": "simpo"}, ["sigmoid"], [0.0], "simpo"),
         ({"loss_type": "ipo", "nll_loss_coef": 0.2}, ["ipo", "sft"], [1.0, 0.2], None),
@@ -163,9 +164,9 @@ def first_step(stories260k_path, orca_rows_path, tmp_path_factory, **overrides):
     return row, result
 
 
-def answer_lengths(result, max_length: int = 1024) -> tuple[int, int]:
-    """Answer tokens TRL scores for the one pair (prompt + answer cut to max_length, keeping the start)."""
-    example = result.trainer.train_dataset[0]
+def answer_lengths(result, max_length: int = 1024, index: int = 0) -> tuple[int, int]:
+    """Answer tokens TRL scores for pair ``index`` (prompt + answer cut to max_length, keeping the start)."""
+    example = result.trainer.train_dataset[index]
     room = max_length - len(example["prompt_ids"])
     return min(len(example["chosen_ids"]), room), min(len(example["rejected_ids"]), room)
 
@@ -185,7 +186,7 @@ hinge_run = _fixture(loss_type="hinge")
 reference_free_run = _fixture(reference_free=True)
 simpo_run = _fixture(loss_type="simpo", simpo_gamma=0.5)
 dpo_norm_run = _fixture(loss_type="dpo_norm")
-nll_run = _fixture(nll_loss_coef=0.5)
+nll_run = _fixture(nll_loss_coef=0.5, per_device_train_batch_size=2, limit=2)
 
 
 @pytest.mark.slow
@@ -240,15 +241,59 @@ def test_simpo_matches_eq6_on_the_logged_log_probs(simpo_run):
 
 @pytest.mark.slow
 @requires_native_nf4
-def test_first_step_dpo_norm_is_ln2_through_trl_sigmoid_norm(dpo_norm_run):
+def test_first_step_dpo_norm_is_ln2_through_dpo_xpu(dpo_norm_run):
     row, result = dpo_norm_run
-    assert result.trainer.args.loss_type == ["sigmoid_norm"]
+    assert type(result.trainer).__name__ == "DpoXpuTrainer" and result.trainer.own_loss_type == "dpo_norm"
     assert row["loss"] == pytest.approx(LN2, abs=1e-5)
+    assert row["step0/logratio_gap"] == pytest.approx(0.0, abs=1e-5) and "step0/warning" not in row
 
 
 @pytest.mark.slow
 @requires_native_nf4
-def test_nll_term_adds_the_mean_nll_of_the_chosen_answer(nll_run):
+def test_nll_term_is_the_token_mean_nll_of_the_chosen_answers_of_the_micro_batch(nll_run):
+    """TRL's ``sft`` term (``rpo_alpha`` on TRL 0.11): -sum of the chosen answers' token log-probs over the micro-batch
+    / their token count, not OpenRLHF's mean of per-pair means. Batch 2: the logged ``logps/chosen`` is the mean of
+    the two summed log-probs."""
     row, result = nll_run
-    n_chosen, _ = answer_lengths(result)
-    assert row["loss"] == pytest.approx(LN2 + 0.5 * (-row["logps/chosen"] / n_chosen), rel=1e-4)
+    lengths = [answer_lengths(result, index=i)[0] for i in range(2)]
+    assert lengths[0] != lengths[1]  # where the token mean and the per-pair mean differ
+    token_mean_nll = -(2 * row["logps/chosen"]) / sum(lengths)
+    assert row["loss"] == pytest.approx(LN2 + 0.5 * token_mean_nll, rel=1e-4)
+
+
+def two_steps_on_one_pair(stories260k_path, orca_rows_path, tmp_path, **overrides):
+    """Two steps on the same pair: step 1's policy is the reference, so step 1's summed log-probs are the
+    reference's for step 2 (the first step is exact: see the ln 2 tests)."""
+    values = dict(max_steps=2, limit=1, per_device_train_batch_size=1, warmup_steps=0, learning_rate=5e-3)
+    values.update(overrides)
+    recipe = shared_recipe(stories260k_path, orca_rows_path, tmp_path / "run", **values)
+    result = run_training(recipe, live_plot=False)
+    first, second = [r for r in result.metrics if "loss" in r]
+    return first, second, answer_lengths(result)
+
+
+@pytest.mark.slow
+@requires_native_nf4
+@pytest.mark.parametrize(
+    "overrides, averaged",
+    [
+        (dict(loss_type="sigmoid"), False),
+        (dict(loss_type="ipo"), True),
+        (dict(loss_type="dpo_norm"), True),
+        (dict(loss_type="dpo_norm", label_smoothing=0.1), True),
+    ],
+    ids=["sigmoid", "ipo", "dpo_norm", "dpo_norm-smoothed"],
+)
+def test_rewards_are_what_the_loss_compares(stories260k_path, orca_rows_path, tmp_path, overrides, averaged):
+    """rewards/* = beta * the log-ratio the loss acts on: summed for sigmoid, length-averaged for ipo and dpo_norm
+    (TRL 1.x's own ipo and sigmoid_norm log summed ones), whatever the label smoothing."""
+    first, second, lengths = two_steps_on_one_pair(stories260k_path, orca_rows_path, tmp_path, **overrides)
+    n_chosen, n_rejected = lengths
+    chosen_ratio = second["logps/chosen"] - first["logps/chosen"]
+    rejected_ratio = second["logps/rejected"] - first["logps/rejected"]
+    if averaged:
+        chosen_ratio, rejected_ratio = chosen_ratio / n_chosen, rejected_ratio / n_rejected
+    assert abs(chosen_ratio) > 1e-3  # the policy moved, so the test can tell the two normalisations apart
+    assert second["rewards/chosen"] == pytest.approx(BETA * chosen_ratio, rel=1e-3, abs=1e-6)
+    assert second["rewards/rejected"] == pytest.approx(BETA * rejected_ratio, rel=1e-3, abs=1e-6)
+    assert second["rewards/accuracies"] == float(chosen_ratio > rejected_ratio)

@@ -31,6 +31,9 @@ def test_config_kwargs_per_generation():
     assert old["max_prompt_length"] == 100 and "max_prompt_length" not in new
     assert old["loss_type"] == "sigmoid" and new["loss_type"] == ["sigmoid"]
     assert new["optim"] == "adamw_torch" and new["bf16"] is True
+    # the ipex-llm example's optimizer and checkpointing (reentrant: no kwargs) on TRL 0.11; non-reentrant on 1.x
+    assert old["optim"] == "adamw_hf" and "gradient_checkpointing_kwargs" not in old
+    assert new["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
 
 
 def test_installed_trl_accepts_the_config(tmp_path):
