@@ -1,12 +1,28 @@
 # dpo_xpu: `make demo` and `make test` set everything up on a fresh machine (CPU here).
-# Intel GPU users install PyTorch's XPU wheels instead of the CPU one:
+# Intel GPU users install PyTorch's XPU wheels instead of the CPU one (also into a .venv made by `make demo`):
 #   make setup TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/xpu"
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.dpo_xpu-installed
+
+# torch is installed first, from the spec TORCH_SPEC (pip arguments), and recorded in a stamp file whose name
+# carries a checksum of the spec and whose content is the spec. A TORCH_SPEC that differs from the recorded one
+# has no stamp yet, so make uninstalls torch and installs it from the new spec (a plain install would keep a
+# CPU wheel: 2.13.0+cpu already satisfies `torch`). Without TORCH_SPEC, the recorded spec is kept (`make kernel`
+# or `make test` after an XPU set-up keep the XPU wheels); a fresh .venv gets the CPU default.
+TORCH_DEFAULT := torch==2.13.0
+TORCH_RECORD := $(firstword $(wildcard $(VENV)/.dpo_xpu-torch-*))
+ifeq ($(origin TORCH_SPEC),undefined)
+  TORCH_SPEC := $(if $(TORCH_RECORD),$(shell cat '$(TORCH_RECORD)'),$(TORCH_DEFAULT))
+  # a .venv set up before torch stamps existed holds the default's torch: record it instead of reinstalling
+  ADOPT_TORCH := $(if $(TORCH_RECORD),,$(wildcard $(STAMP)))
+endif
+ifeq ($(strip $(TORCH_SPEC)),)
+  $(error TORCH_SPEC is empty: give pip's arguments for torch, e.g. TORCH_SPEC=$(TORCH_DEFAULT))
+endif
+TORCH_STAMP := $(VENV)/.dpo_xpu-torch-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
 IPEX_VENV ?= .venv-ipex-llm
 DEMO_DIR ?= runs/demo
 DEMO_MODEL ?= runs/demo-model
@@ -14,10 +30,25 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 .PHONY: setup demo test lint kernel docs ipex-llm-env clean
 
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+
+ifneq ($(ADOPT_TORCH),)
+$(TORCH_STAMP): | $(BIN)/python
+	@printf '%s\n' '$(TORCH_SPEC)' > $@ && touch -r $(STAMP) $@
+else
+$(TORCH_STAMP): | $(BIN)/python
+	@rm -f $(VENV)/.dpo_xpu-torch-*
+	@if $(BIN)/python -m pip show -q torch >/dev/null 2>&1; then \
+	  echo "TORCH_SPEC changed: reinstalling torch from '$(TORCH_SPEC)'"; \
+	  $(BIN)/python -m pip uninstall -q -y torch; \
+	fi
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	@printf '%s\n' '$(TORCH_SPEC)' > $@
+endif
+
+$(STAMP): pyproject.toml $(TORCH_STAMP)
 	$(BIN)/python -m pip install -q -e ".[test,notebooks,docs]"
 	@touch $(STAMP)
 

@@ -100,9 +100,11 @@ KEY_DOCS: dict[str, tuple[str, str, str]] = {
     "limit": ("rows", "keep this many rows after a seeded shuffle; `null` keeps all", f"{OURS} (all rows)"),
     "eval_fraction": ("fraction of rows, in [0, 1)", "rows held out for evaluation; 0 disables it", OURS),
     "data_format": (
-        "`auto` \\| `orca` \\| `prompt-chosen-rejected`",
-        "the columns of the data: orca (`system`, `question`, `chosen`, `rejected`) or plain "
-        "`prompt`/`chosen`/`rejected`; `auto` decides from the columns",
+        "`auto` \\| `orca` \\| `prompt-chosen-rejected` \\| `conversational`",
+        "the columns of the data: orca (`system`, `question`, `chosen`, `rejected`), plain "
+        "`prompt`/`chosen`/`rejected` strings, or TRL's conversational format (`prompt`/`chosen`/`rejected` as "
+        "lists of `{role, content}` messages, or only `chosen`/`rejected` holding whole conversations, whose "
+        "shared start is the prompt), formatted with the tokenizer's chat template; `auto` decides from the columns",
         OURS,
     ),
     "dataset_mixture": (
@@ -138,7 +140,8 @@ KEY_DOCS: dict[str, tuple[str, str, str]] = {
     ),
     "nll_loss_coef": (
         "weight",
-        "adds this times the per-token NLL of the chosen answers to the loss",
+        "adds this times the NLL of the chosen answers' tokens, averaged over all of them in the micro-batch "
+        "(TRL's `sft` term; `rpo_alpha` on TRL 0.11)",
         "OpenRLHF (0: off)",
     ),
     "simpo_gamma": (
@@ -179,8 +182,9 @@ KEY_DOCS: dict[str, tuple[str, str, str]] = {
     "max_length": ("tokens", "longest prompt + answer; longer sequences are cut", ORIGINAL),
     "max_prompt_length": (
         "tokens",
-        "longest prompt; longer prompts keep their end (`null`: no limit)",
-        ORIGINAL,
+        "longest prompt; longer prompts keep their end. `null` (unset): two thirds of `max_length`, so lowering "
+        "`max_length` alone keeps a valid recipe (1024 of the default 1536); set, it must be below `max_length`",
+        f"{ORIGINAL} (its ratio, 1024 of 1536)",
     ),
     "gradient_checkpointing": ("bool", "recompute activations in the backward pass: less memory, slower", ORIGINAL),
     "bf16": ("bool", "bfloat16 compute (float32 when false; use false on CPUs without AMX)", ORIGINAL),
@@ -204,6 +208,13 @@ KEY_DOCS: dict[str, tuple[str, str, str]] = {
     ),
     "save_steps": ("optimizer steps", "a checkpoint every this many steps", f"{OURS} (the original saved none)"),
     "seed": ("integer", "seed of the shuffle, the split and the LoRA initialisation", "transformers' default"),
+    "trl_options": (
+        "TRL option: value",
+        "every other option of the installed TRL's `DPOConfig` (and transformers' `TrainingArguments`), written "
+        "as a top-level key under its own name (`ld_alpha: 0.5`, `report_to: [tensorboard]`); `dpo-xpu train "
+        "--help` lists them",
+        "TRL's defaults",
+    ),
 }
 
 _state: dict[str, Any] = {}

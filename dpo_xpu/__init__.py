@@ -13,7 +13,10 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from dpo_xpu.noise import install as _filter_known_noise
+
 __version__ = "0.1.0"
+_filter_known_noise()  # known-harmless messages of the stack, by their exact text (dpo_xpu.noise)
 
 _EXPORTS = {
     # environment
@@ -44,7 +47,7 @@ _EXPORTS = {
     "load_recipe": "recipes",
     "make_dpo_trainer": "training",
     "run_training": "training",
-    "prepare_run_dir": "training",
+    "prepare_run_dir": "run_folder",
     "start_run": "training",
     "load_run_data": "training",
     "load_run_models": "training",
@@ -59,6 +62,8 @@ _EXPORTS = {
     "LiveRewardPlotCallback": "callbacks",
     "read_metrics": "plotting",
     "plot_reward_curves": "plotting",
+    "describe_step0": "step0",
+    "Step0Check": "step0",
     # data inspection
     "token_lengths": "lengths",
     "length_summary": "lengths",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from dpo_xpu.plotting import CURVES_FILE, METRICS_FILE, plot_reward_curves, read_metrics
 
@@ -51,23 +52,49 @@ class MetricsLoggerCallback(TrainerCallback):
     reward is ``beta`` times that log-ratio, Rafailov et al. 2023, eq. 5; the same estimate as
     :func:`dpo_xpu.evaluation.evaluate_preferences`). Not written for ``reference_free`` runs.
 
+    With ``step0``, the row logged at step 1 also gets the step-0 check's keys (:mod:`dpo_xpu.step0`).
+
     Args:
         run_dir: the run folder; created if absent.
+        step0: the run's :class:`~dpo_xpu.step0.Step0Check`, or ``None`` (no check: a reference-free loss).
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, step0: Any = None) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._start = time.perf_counter()
+        self.step0 = step0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Refuse to append to rows of another training (a second trainer on the same ``output_dir``): rows after
+        the step training starts from would be mixed with this run's.
+
+        Raises:
+            RunFolderError: ``metrics.jsonl`` already holds rows after ``state.global_step``.
+        """
+        from dpo_xpu.errors import RunFolderError
+
         self._start = time.perf_counter()
+        later = (
+            [row for row in read_metrics(self.path) if row.get("step", 0) > state.global_step]
+            if (self.path.is_file())
+            else []
+        )
+        if later or (state.global_step == 0 and self.path.is_file() and self.path.stat().st_size > 0):
+            raise RunFolderError(
+                f"{self.path} already holds the steps of another training (up to step "
+                f"{max((r.get('step', 0) for r in read_metrics(self.path)), default=0)}): this one would mix its "
+                "steps with them. Fix: give this trainer another output_dir, or resume the run "
+                "(run_training(recipe, resume=True))"
+            )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         logs = logs or {}
         row: dict[str, Any] = {"step": state.global_step, "epoch": _clean(state.epoch)}
         if "loss" in logs:
             row.update({key: _clean(logs[key]) for key in TRAIN_KEYS if key in logs})
+            if self.step0 is not None and state.global_step == 1:
+                row.update(self.step0(row))
         elif "eval_loss" in logs:
             row.update({"eval/" + key[5:]: _clean(v) for key, v in logs.items() if key.startswith("eval_")})
             beta, chosen = getattr(args, "beta", None), row.get("eval/rewards/chosen")
@@ -79,6 +106,82 @@ class MetricsLoggerCallback(TrainerCallback):
         row["elapsed_s"] = round(time.perf_counter() - self._start, 3)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
+
+
+def step_line(logs: dict[str, Any], state: Any) -> str | None:
+    """One concise line for a logged step (``None`` for the end-of-training summary).
+
+    ``"step 5/40  loss 0.6812  accuracy 0.75  margin 0.0310  lr 2.00e-04"``; evaluation rows start with ``eval``.
+    """
+    prefix = "eval_" if "eval_loss" in logs else ""
+    if f"{prefix}loss" not in logs:
+        return None
+    head = f"eval at step {state.global_step}" if prefix else f"step {state.global_step}/{state.max_steps}"
+    parts = [head, f"loss {logs[prefix + 'loss']:.4f}"]
+    for key, label, fmt in (
+        ("rewards/accuracies", "accuracy", ".2f"),
+        ("rewards/margins", "margin", ".4f"),
+        ("learning_rate", "lr", ".2e"),
+    ):
+        value = logs.get(prefix + key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{label} {value:{fmt}}")
+    return "  ".join(parts)
+
+
+class StepLineProgressCallback(ProgressCallback):
+    """transformers' progress bar, with one concise line per logged step (:func:`step_line`) instead of the raw
+    dict of every metric; ``lines=False`` (notebooks, where the live curves show the values) prints none."""
+
+    def __init__(self, lines: bool = True) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Write the step's line above the bar (rank 0 only)."""
+        line = step_line(logs or {}, state) if self.lines and state.is_world_process_zero else None
+        if line is not None and self.training_bar is not None:
+            self.training_bar.write(line)
+
+
+class StepLinePrinterCallback(TrainerCallback):
+    """One concise line per logged step (:func:`step_line`), for runs without a progress bar (``disable_tqdm``)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Print the step's line (rank 0 only)."""
+        line = step_line(logs or {}, state) if state.is_world_process_zero else None
+        if line is not None:
+            print(line, flush=True)
+
+
+def use_step_lines(trainer: Any, notebook: bool) -> None:
+    """Replace the trainer's progress callback (transformers' bar that prints every metric's dict, or its notebook
+    table that grows a row per step above the live curves) by :class:`StepLineProgressCallback` (a bar; in a
+    notebook without lines) or, with ``disable_tqdm``, :class:`StepLinePrinterCallback`."""
+    from transformers.trainer_callback import PrinterCallback
+
+    removed = [PrinterCallback, ProgressCallback]
+    try:
+        from transformers.utils.notebook import NotebookProgressCallback
+
+        removed.append(NotebookProgressCallback)
+    except ImportError:  # pragma: no cover - IPython missing
+        pass
+    for callback in removed:
+        trainer.remove_callback(callback)
+    trainer.add_callback(
+        StepLinePrinterCallback() if trainer.args.disable_tqdm else StepLineProgressCallback(lines=not notebook)
+    )
+
+
+class FirstStepCallback(TrainerCallback):
+    """Notes when the first optimizer step has ended (``done``): from then on the run folder holds a run."""
+
+    done = False
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Note that a step ended."""
+        self.done = True
 
 
 def _live_display_available() -> bool:

@@ -44,6 +44,20 @@ NON_RESULT_KEYS = (
     "num_eval_samples",
     "max_new_tokens",
     "export",
+    # TRL / transformers options that change where results go, not what is computed
+    "report_to",
+    "run_name",
+    "logging_dir",  # transformers < 5
+    "logging_first_step",
+    "save_total_limit",
+    "save_only_model",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_private_repo",
+    "dataloader_num_workers",
+    "dataset_num_proc",
+    "disable_tqdm",
 )
 #: Files of the run folder holding one JSON row per step, trimmed back to the checkpoint on resume.
 STEP_LOGS = ("metrics.jsonl", "eval_samples.jsonl")
@@ -139,9 +153,10 @@ def check_resume_recipe(recipe: Any, run_dir: str | Path) -> None:
     if not path.is_file():
         raise RunFolderError(f"{path} does not exist: there is no run to resume in {run_dir}; train without --resume")
     saved, given = load_recipe(path).to_dict(), recipe.to_dict()
-    differ = [key for key in given if key not in NON_RESULT_KEYS and given[key] != saved.get(key)]
+    keys = list(given) + [key for key in saved if key not in given]
+    differ = [key for key in keys if key not in NON_RESULT_KEYS and given.get(key) != saved.get(key)]
     if differ:
-        found = "; ".join(f"{key}: run has {saved.get(key)!r}, recipe has {given[key]!r}" for key in differ)
+        found = "; ".join(f"{key}: run has {saved.get(key)!r}, recipe has {given.get(key)!r}" for key in differ)
         raise RecipeError(
             f"cannot resume {run_dir}: the recipe differs from the run's {path.name} on keys that change the "
             f"result ({found}). Fix: use the run's values, or start a new run (another output_dir, or --overwrite)"
@@ -149,10 +164,14 @@ def check_resume_recipe(recipe: Any, run_dir: str | Path) -> None:
 
 
 def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
-    """Check the recipe, pick the newest complete checkpoint, remove the partial ones after it, and trim
+    """Check the recipe and the inputs' fingerprints (:func:`dpo_xpu.run_folder.check_fingerprints`), pick the
+    newest complete checkpoint, remove the partial ones after it, and trim
     ``metrics.jsonl`` / ``eval_samples.jsonl`` to the rows at or before its step (the resumed run appends the
     later ones again). Returns the checkpoint to pass to ``trainer.train(resume_from_checkpoint=...)``."""
+    from dpo_xpu.run_folder import check_fingerprints
+
     check_resume_recipe(recipe, run_dir)
+    check_fingerprints(recipe, run_dir)
     checkpoint = find_resume_checkpoint(run_dir)
     step = int(CHECKPOINT_PATTERN.fullmatch(checkpoint.name).group(1))
     for later, path in list_checkpoints(run_dir):
@@ -160,7 +179,7 @@ def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
             shutil.rmtree(path)  # partial (find_resume_checkpoint picked the newest complete one)
     for name in STEP_LOGS:
         trim_step_log(Path(run_dir) / name, step)
-    logger.info("Resuming %s from %s (step %d)", run_dir, checkpoint.name, step)
+    logger.warning("resuming %s from %s (step %d)", run_dir, checkpoint.name, step)
     return checkpoint
 
 

@@ -79,8 +79,39 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``dpo-xpu`` (sub-commands env, train, plot, demo-model)."""
+def _first_sentence(text: str, limit: int = 110) -> str:
+    text = " ".join(text.split())
+    end = text.find(". ")
+    text = text[: end + 1] if end >= 0 else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _train_epilog() -> str:
+    """The recipe keys for ``dpo-xpu train --help``: dpo_xpu's own (from the Recipe's docstring), then every option
+    of the installed TRL's DPOConfig with its default and the first sentence of TRL's help."""
+    import dataclasses
+
+    import trl
+    from trl import DPOConfig
+
+    from dpo_xpu.recipes import Recipe, recipe_keys, trl_option_names
+
+    defaults = dataclasses.asdict(Recipe())
+    lines = ["dpo_xpu's recipe keys (defaults; docs/options.md explains each):"]
+    lines += [f"  {key} = {defaults[key]!r}" for key in recipe_keys() if key != "trl_options"]
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(DPOConfig)}
+    lines += ["", f"TRL {trl.__version__}'s DPOConfig options, under their own names (TRL's defaults):"]
+    for name, default in sorted(trl_option_names().items()):
+        lines.append(f"  {name} = {default!r}: {_first_sentence(helps.get(name, ''))}".rstrip(": "))
+    return "\n".join(lines)
+
+
+def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of ``dpo-xpu`` (sub-commands env, train, plot, demo-model).
+
+    Args:
+        with_options: list every recipe key and TRL option in ``train --help`` (imports TRL, so only for help).
+    """
     parser = argparse.ArgumentParser(prog="dpo-xpu", description="DPO with NF4 + LoRA on Intel GPUs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,12 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     env.set_defaults(func=_cmd_env)
 
-    train = sub.add_parser("train", help="train with DPO from a recipe")
+    train = sub.add_parser(
+        "train",
+        help="train with DPO from a recipe",
+        description="Train with DPO from a recipe. Every recipe key can be set with --set KEY=VALUE.",
+        epilog=_train_epilog() if with_options else "dpo-xpu train --help lists every recipe key and TRL option.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)"
     )
-    train.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="move a run already in output_dir aside (to OUTPUT_DIR.previous) and start again",
+    )
     train.add_argument(
         "--resume", action="store_true", help="continue the run in output_dir from its newest complete checkpoint"
     )
@@ -116,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dpo-xpu``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(with_options="train" in words and ("-h" in words or "--help" in words)).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

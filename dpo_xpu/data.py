@@ -3,7 +3,8 @@
 The data flow is the original recipe's (Maxime Labonne's "Fine-tune Mistral-7b with DPO", Intel's ipex-llm
 DPO example): rows with the columns ``system``, ``question``, ``chosen`` and ``rejected`` become a ChatML
 ``prompt`` (system turn, user turn, then the opening of the assistant turn) and two answers that each end
-with ``<|im_end|>``.
+with ``<|im_end|>``. Rows in TRL's conversational format (lists of chat messages, see
+:func:`validate_conversational_rows`) become the same strings through :func:`conversational_format`.
 
 ```python
 from dpo_xpu.data import DEMO_SAMPLE_PATH, format_orca_dataset, load_orca_dpo_pairs, train_eval_split
@@ -56,6 +57,14 @@ _FIXES = {
     "chosen": "give every row a non-empty 'chosen' answer or remove the row",
     "rejected": "give every row a non-empty 'rejected' answer or remove the row",
 }
+
+
+_CONVERSATIONAL_HINT = (
+    " (for lists of chat messages, use data_format: conversational with 'prompt', 'chosen' and 'rejected' "
+    "message lists, or only 'chosen' and 'rejected' holding whole conversations)"
+)
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+"""The message roles the conversational format accepts."""
 
 
 def _fix(column: str) -> str:
@@ -112,8 +121,10 @@ def validate_preference_rows(
                 )
             value = row[column]
             if not isinstance(value, str):
+                hint = _CONVERSATIONAL_HINT if isinstance(value, list) else ""
                 raise PreferenceDataError(
-                    f"{where}, column {column!r}: expected a string, found {_describe(value)}. Fix: {_fix(column)}."
+                    f"{where}, column {column!r}: expected a string, found {_describe(value)}. "
+                    f"Fix: {_fix(column)}{hint}."
                 )
             if column not in allow_empty and not value.strip():
                 raise PreferenceDataError(
@@ -128,22 +139,208 @@ def validate_preference_rows(
     return count
 
 
-def _read_jsonl(path: Path) -> tuple[list[Any], list[int]]:
-    rows, line_numbers = [], []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                found = line.strip() if len(line.strip()) <= 60 else line.strip()[:57] + "..."
+_CONVERSATIONAL_FIX = (
+    ", with 'chosen' and 'rejected' holding the assistant answer after the 'prompt' messages (or, without "
+    "'prompt', the whole conversations, the same up to the answer)"
+)
+
+
+def _messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
+    """One column of a conversational row as `[{"role", "content"}, ...]`, checked message by message."""
+    if not isinstance(value, list) or not value:
+        strings = " (rows of plain strings: use data_format: auto or prompt-chosen-rejected)" * isinstance(value, str)
+        raise PreferenceDataError(
+            f"{where}, column {column!r}: expected a non-empty list of chat messages, found {_describe(value)}. "
+            f'Fix: write {column!r} as a list of {{"role": ..., "content": ...}} messages{_CONVERSATIONAL_FIX}'
+            f"{strings}."
+        )
+    messages = []
+    for number, message in enumerate(value, start=1):
+        at = f"{where}, column {column!r}, message {number}"
+        if not isinstance(message, Mapping):
+            raise PreferenceDataError(
+                f"{at}: expected a chat message {{'role': ..., 'content': ...}}, found {_describe(message)}. "
+                'Fix: write each message as {"role": "user", "content": "..."}.'
+            )
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or role not in ROLES:
+            found = _describe(role) if "role" in message else f"no 'role' (keys {sorted(message)})"
+            raise PreferenceDataError(
+                f"{at}, key 'role': expected one of {list(ROLES)}, found {found}. Fix: give every message a "
+                "'role' of 'system', 'user' or 'assistant'."
+            )
+        if not isinstance(content, str) or (role != "system" and not content.strip()):
+            found = _describe(content) if "content" in message else f"no 'content' (keys {sorted(message)})"
+            raise PreferenceDataError(
+                f"{at}, key 'content': expected a {'string' if role == 'system' else 'non-empty string'}, found "
+                f"{found}. Fix: give every {role!r} message its text as a string 'content', or remove the row."
+            )
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+_IMPLICIT_FIX = (
+    "make 'chosen' and 'rejected' the same conversation up to a user message, each ending with its own assistant "
+    "answer (or give the conversation so far as a 'prompt' list)"
+)
+_EXPLICIT_FIX = "'chosen' and 'rejected' hold only the assistant answer to the 'prompt' messages"
+
+
+def _stripped(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(message["role"], message["content"].strip()) for message in messages]
+
+
+def validate_conversational_rows(
+    rows: Iterable[Mapping[str, Any]], source_name: str = "rows", line_numbers: Sequence[int] | None = None
+) -> list[dict[str, list[dict[str, str]]]]:
+    """Check rows in TRL's conversational preference format and split implicit prompts off.
+
+    A row holds `chosen` and `rejected` lists of chat messages (`{"role": ..., "content": ...}`, role one of
+    `ROLES`) and either a `prompt` list (the conversation so far; `chosen`/`rejected` hold the assistant
+    answer) or no `prompt` (or a null one): then `chosen` and `rejected` hold whole conversations, and the
+    messages they share from the start are the prompt. The prompt must end with a user message; each answer
+    must start and end with an assistant message. Only `role` and `content` of each message are kept.
+
+    Args:
+        rows (`Iterable[Mapping[str, Any]]`): the rows, e.g. a list of dicts or a `datasets.Dataset`.
+        source_name (`str`, defaults to `"rows"`): what the rows came from (a file name), quoted in messages.
+        line_numbers (`Sequence[int]`, *optional*): the 1-based file line of each row, as in
+            :func:`validate_preference_rows`.
+
+    Returns:
+        `list[dict[str, list[dict[str, str]]]]`: one `{"prompt", "chosen", "rejected"}` of message lists a row.
+
+    Raises:
+        PreferenceDataError: a row is not a mapping, lacks `chosen` or `rejected`, holds a column that is not
+            a non-empty list of messages, a message without a known string `role` or a string `content`
+            (non-empty except for system messages), a prompt that does not end with a user message, an answer
+            that does not start and end with an assistant message, conversations that share no prompt, or equal
+            answers. The message names the line or row, the column, the message number and the fix.
+    """
+    pairs = []
+    for index, row in enumerate(rows):
+        where = f"{source_name} line {line_numbers[index]}" if line_numbers else f"{source_name} row {index + 1}"
+        if not isinstance(row, Mapping) or "chosen" not in row or "rejected" not in row:
+            found = f"the columns {sorted(row)}" if isinstance(row, Mapping) else _describe(row)
+            raise PreferenceDataError(
+                f"{where}: expected an object with 'chosen' and 'rejected' lists of chat messages (and an "
+                f"optional 'prompt' list), found {found}. Fix: give every row 'chosen' and 'rejected'."
+            )
+        chosen, rejected = _messages(row["chosen"], where, "chosen"), _messages(row["rejected"], where, "rejected")
+        if _stripped(chosen) == _stripped(rejected):
+            raise PreferenceDataError(
+                f"{where}, column 'rejected': identical to 'chosen' (after stripping whitespace), so the pair "
+                "states no preference. Fix: give a worse 'rejected' answer or remove the row."
+            )
+        if row.get("prompt") is None:
+            pairs_of_messages = enumerate(zip(chosen, rejected))
+            shared = next((i for i, (a, b) in pairs_of_messages if a != b), min(len(chosen), len(rejected)))
+            for column, messages in (("chosen", chosen), ("rejected", rejected)):
+                if shared == len(messages):
+                    raise PreferenceDataError(
+                        f"{where}, column {column!r}: no answer of its own (without a 'prompt' column, all its "
+                        f"messages also begin the other column). Fix: {_IMPLICIT_FIX}."
+                    )
+            if shared == 0:
                 raise PreferenceDataError(
-                    f"{path.name} line {number}: not valid JSON ({error.msg}, column {error.colno}); "
-                    f"found {found!r}. Fix: write one JSON object per line, "
-                    '{"system": "...", "question": "...", "chosen": "...", "rejected": "..."}.'
-                ) from error
-            line_numbers.append(number)
+                    f"{where}, column 'chosen', message 1: differs from 'rejected' from the first message, so "
+                    f"without a 'prompt' column there is no shared prompt. Fix: {_IMPLICIT_FIX}."
+                )
+            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+            prompt_column, fix = "chosen", _IMPLICIT_FIX
+        else:
+            prompt, shared, prompt_column = _messages(row["prompt"], where, "prompt"), 0, "prompt"
+            fix = _EXPLICIT_FIX
+        if prompt[-1]["role"] != "user":
+            raise PreferenceDataError(
+                f"{where}, column {prompt_column!r}, message {len(prompt)}: the prompt must end with a user "
+                f"message, found {prompt[-1]['role']!r}. Fix: {fix}."
+            )
+        for column, answer in (("chosen", chosen), ("rejected", rejected)):
+            for position in (0, len(answer) - 1):
+                if answer[position]["role"] != "assistant":
+                    raise PreferenceDataError(
+                        f"{where}, column {column!r}, message {shared + position + 1}: the answer must "
+                        f"{'start' if position == 0 else 'end'} with an assistant message, found "
+                        f"{answer[position]['role']!r}. Fix: {fix}."
+                    )
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+class _RepeatedKey(dict):
+    """A JSON object that repeats a key; `key` is the first key it repeats."""
+
+    key: str = ""
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json` object hook: keep the object, but mark it when a key repeats (plain `json` keeps the last value)."""
+    row = dict(pairs)
+    if len(row) == len(pairs):
+        return row
+    keys = [key for key, _ in pairs]
+    marked = _RepeatedKey(row)
+    marked.key = next(key for index, key in enumerate(keys) if key in keys[:index])
+    return marked
+
+
+def _repeated_key(value: Any, path: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
+    """The path to the first repeated key in a parsed JSON value (e.g. `('chosen', 0, 'content')`), or None."""
+    if isinstance(value, _RepeatedKey):
+        return (*path, value.key)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for name, item in items:
+        if (found := _repeated_key(item, (*path, name))) is not None:
+            return found
+    return None
+
+
+def _refuse_repeated_key(row: Any, where: str) -> None:
+    path = _repeated_key(row)
+    if path is None:
+        return
+    inside = "".join(f", message {part + 1}" if isinstance(part, int) else f", key {part!r}" for part in path[1:-1])
+    place = f", column {path[0]!r}{inside}" if len(path) > 1 else ""
+    raise PreferenceDataError(
+        f"{where}{place}: the key {path[-1]!r} appears more than once in one JSON object (only the last value "
+        f"would be kept). Fix: keep a single {path[-1]!r} in that object."
+    )
+
+
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (a leading byte-order mark is dropped); bad bytes are reported by line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        start = raw.rfind(b"\n", 0, error.start) + 1
+        line = raw.count(b"\n", 0, start) + 1
+        column = len(raw[start : error.start].decode("utf-8", errors="replace")) + 1
+        raise PreferenceDataError(
+            f"{path.name} line {line}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {column}, byte "
+            f"{error.start - start + 1} of the line). Fix: re-save the file as UTF-8 (e.g. your editor's "
+            "'save with encoding', or iconv -f <its encoding> -t utf-8)."
+        ) from None
+
+
+def _read_jsonl(path: Path, text: str | None = None) -> tuple[list[Any], list[int]]:
+    rows, line_numbers = [], []
+    for number, line in enumerate((_read_text(path) if text is None else text).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line, object_pairs_hook=_object_pairs)
+        except json.JSONDecodeError as error:
+            found = line.strip() if len(line.strip()) <= 60 else line.strip()[:57] + "..."
+            raise PreferenceDataError(
+                f"{path.name} line {number}: not valid JSON ({error.msg}, column {error.colno}); "
+                f"found {found!r}. Fix: write one JSON object per line, "
+                '{"system": "...", "question": "...", "chosen": "...", "rejected": "..."}.'
+            ) from error
+        _refuse_repeated_key(row, f"{path.name} line {number}")
+        rows.append(row)
+        line_numbers.append(number)
     return rows, line_numbers
 
 
@@ -153,19 +350,30 @@ def _read_local(path: Path) -> tuple[list[Any], list[int] | None]:
     if path.suffix == ".json":
         # Read with the json module, not pyarrow: pyarrow's type inference would cast or reject a stray
         # number or null before validation could name its row.
+        text = _read_text(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text, object_pairs_hook=_object_pairs)
         except json.JSONDecodeError:
-            return _read_jsonl(path)  # JSON lines saved as .json
+            return _read_jsonl(path, text)  # JSON lines saved as .json
         if not isinstance(data, list):
             raise PreferenceDataError(
                 f"{path.name}: expected a JSON list of row objects (or one object per line), "
                 f"found {type(data).__name__}. Fix: save the rows as [{{...}}, {{...}}] or as JSON lines."
             )
+        for index, row in enumerate(data):
+            _refuse_repeated_key(row, f"{path.name} row {index + 1}")
         return data, None
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist(), None
+    try:
+        return pq.read_table(path).to_pylist(), None
+    except (pa.ArrowException, OSError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise PreferenceDataError(
+            f"{path.name}: not a readable parquet file ({reason}). Fix: re-save the rows with a parquet writer "
+            "(e.g. pandas.DataFrame.to_parquet), or as .jsonl."
+        ) from None
 
 
 def load_orca_dpo_pairs(
@@ -189,7 +397,8 @@ def load_orca_dpo_pairs(
         `datasets.Dataset`: the columns `system`, `question`, `chosen`, `rejected` (others are dropped).
 
     Raises:
-        PreferenceDataError: the file does not exist, has an unsupported type or holds no rows, or a row fails
+        PreferenceDataError: the file does not exist, is a directory, has an unsupported type, is not UTF-8
+            (JSON files), repeats a key in a JSON object, or holds no rows, or a row fails
             :func:`validate_preference_rows` (the message names the line or row, the column and the fix).
         ValueError: `limit` is below 1.
     """
@@ -197,6 +406,11 @@ def load_orca_dpo_pairs(
         raise ValueError(f"limit must be a positive number of rows or None, got {limit!r}.")
     path = Path(source)
     if isinstance(source, Path) or path.suffix in LOCAL_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise PreferenceDataError(
+                f"{path} is a directory, not a data file. Fix: pass one .jsonl, .json or .parquet file (e.g. "
+                f"{path / 'train.jsonl'}), or a hub id such as 'Intel/orca_dpo_pairs'."
+            )
         if not path.is_file():
             raise PreferenceDataError(
                 f"{path} does not exist. Fix: pass an existing .jsonl, .json or .parquet file, or a hub id "
@@ -212,6 +426,9 @@ def load_orca_dpo_pairs(
         validate_preference_rows(rows, source_name=path.name, line_numbers=line_numbers)
         dataset = datasets.Dataset.from_dict({column: [row[column] for row in rows] for column in ORCA_COLUMNS})
     else:
+        from dpo_xpu.hub import check_hub_id
+
+        check_hub_id(str(source), "dataset", PreferenceDataError, "dataset_name_or_path")  # at once when offline
         dataset = datasets.load_dataset(str(source), split=split)
         validate_preference_rows(dataset, source_name=f"{source} [{split}]")
         dataset = dataset.select_columns(list(ORCA_COLUMNS))
@@ -224,6 +441,33 @@ def load_orca_dpo_pairs(
 
 def _is_chatml(template: Any) -> bool:
     return isinstance(template, str) and "<|im_start|>" in template and "<|im_end|>" in template
+
+
+def _chatml_prompt(messages: Sequence[Mapping[str, str]], tokenizer: Any) -> str:
+    """The chat template (the tokenizer's when ChatML, else `CHATML_TEMPLATE`) with the assistant turn opened."""
+    template = None if _is_chatml(getattr(tokenizer, "chat_template", None)) else CHATML_TEMPLATE
+    return tokenizer.apply_chat_template(
+        list(messages), chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+
+
+def _check_boundary(formatted: Mapping[str, str], tokenizer: Any, row: int | None) -> None:
+    """Refuse a pair whose prompt tokens are not a prefix of the prompt + answer tokens."""
+    prompt = formatted["prompt"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for column in ("chosen", "rejected"):
+        ids = tokenizer(prompt + formatted[column], add_special_tokens=False)["input_ids"]
+        if ids[: len(prompt_ids)] == prompt_ids:
+            continue
+        at = next(i for i, (a, b) in enumerate(zip(prompt_ids, ids, strict=False)) if a != b)
+        where = f"row {row}" if row is not None else "row"
+        raise PreferenceDataError(
+            f"{where}, column {column!r}: the prompt's last tokens merge with the start of the answer "
+            f"(prompt alone ends {tokenizer.convert_ids_to_tokens(prompt_ids[at:])}, prompt + {column} has "
+            f"{tokenizer.convert_ids_to_tokens(ids[at : len(prompt_ids) + 1])} there; answer starts "
+            f"{formatted[column][:20]!r}). Fix: strip leading whitespace and newlines from the {column!r} "
+            "answer, or remove the row."
+        )
 
 
 def chatml_format(example: Mapping[str, Any], tokenizer: Any, row: int | None = None) -> dict[str, str]:
@@ -251,41 +495,58 @@ def chatml_format(example: Mapping[str, Any], tokenizer: Any, row: int | None = 
     if example["system"]:
         messages.append({"role": "system", "content": example["system"]})
     messages.append({"role": "user", "content": example["question"]})
-    template = None if _is_chatml(getattr(tokenizer, "chat_template", None)) else CHATML_TEMPLATE
-    prompt = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
     formatted = {
-        "prompt": prompt,
+        "prompt": _chatml_prompt(messages, tokenizer),
         "chosen": example["chosen"] + IM_END,
         "rejected": example["rejected"] + IM_END,
     }
+    _check_boundary(formatted, tokenizer, example.get("_row") if row is None else row)
+    return formatted
 
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+def conversational_format(example: Mapping[str, Any], tokenizer: Any, row: int | None = None) -> dict[str, str]:
+    """Turn one conversational row into the same ChatML prompt and answers as :func:`chatml_format`.
+
+    The prompt is the chat template applied to the `prompt` messages with `add_generation_prompt=True` (the
+    tokenizer's template when it is ChatML, else `CHATML_TEMPLATE`). An answer is its first (assistant)
+    message's content plus `"<|im_end|>\\n"`, as in :func:`chatml_format`; any further messages of the
+    answer follow as whole ChatML turns.
+
+    Args:
+        example (`Mapping[str, Any]`): a row with `prompt`, `chosen` and `rejected` lists of messages, as
+            :func:`validate_conversational_rows` returns them (implicit prompts already split off).
+        tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
+        row (`int`, *optional*): the 1-based row number quoted in errors; defaults to `example.get("_row")`.
+
+    Returns:
+        `dict[str, str]`: `{"prompt", "chosen", "rejected"}`.
+
+    Raises:
+        PreferenceDataError: the token-boundary check of :func:`chatml_format` fails.
+    """
+    formatted = {"prompt": _chatml_prompt(example["prompt"], tokenizer)}
     for column in ("chosen", "rejected"):
-        ids = tokenizer(prompt + formatted[column], add_special_tokens=False)["input_ids"]
-        if ids[: len(prompt_ids)] == prompt_ids:
-            continue
-        at = next(i for i, (a, b) in enumerate(zip(prompt_ids, ids, strict=False)) if a != b)
-        row = example.get("_row") if row is None else row
-        where = f"row {row}" if row is not None else "row"
-        raise PreferenceDataError(
-            f"{where}, column {column!r}: the prompt's last tokens merge with the start of the answer "
-            f"(prompt alone ends {tokenizer.convert_ids_to_tokens(prompt_ids[at:])}, prompt + {column} has "
-            f"{tokenizer.convert_ids_to_tokens(ids[at : len(prompt_ids) + 1])} there; answer starts "
-            f"{example[column][:20]!r}). Fix: strip leading whitespace and newlines from the {column!r} "
-            "answer, or remove the row."
+        formatted[column] = "".join(
+            ("" if index == 0 else f"<|im_start|>{message['role']}\n") + message["content"] + IM_END
+            for index, message in enumerate(example[column])
         )
+    _check_boundary(formatted, tokenizer, example.get("_row") if row is None else row)
     return formatted
 
 
 def _format_row(example: dict[str, Any], index: int, tokenizer: Any) -> dict[str, str]:
-    return chatml_format(example, tokenizer, row=index + 1)
+    formatter = chatml_format if "question" in example else conversational_format
+    return formatter(example, tokenizer, row=index + 1)
 
 
 def format_orca_dataset(dataset: datasets.Dataset, tokenizer: Any, num_proc: int | None = None) -> datasets.Dataset:
-    """Apply :func:`chatml_format` to every row and keep only `prompt`, `chosen` and `rejected`.
+    """Apply :func:`chatml_format` (or, to conversational rows, :func:`conversational_format`) to every row and
+    keep only `prompt`, `chosen` and `rejected`.
 
     Args:
-        dataset (`datasets.Dataset`): orca-format rows, e.g. from :func:`load_orca_dpo_pairs`.
+        dataset (`datasets.Dataset`): orca-format rows, e.g. from :func:`load_orca_dpo_pairs`, or
+            conversational rows (`prompt`, `chosen`, `rejected` message lists) from
+            :func:`dpo_xpu.sources.load_preference_pairs`.
         tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
         num_proc (`int`, *optional*): worker processes for `Dataset.map`; `None` formats in this process.
 

@@ -1,13 +1,21 @@
 """Errors a user can cause, each with a message that says what was wrong and how to fix it.
 
-The CLI prints any :class:`DpoXpuError` as one line and exits non-zero, without a traceback.
+The CLI prints any :class:`DpoXpuError` as one line and exits non-zero (2), without a traceback; a notebook
+shows it as one line too.
 """
 
 from __future__ import annotations
 
 
 class DpoXpuError(Exception):
-    """Base class for errors caused by user input or the machine's set-up (not by a bug)."""
+    """Base class for errors caused by user input or the machine's set-up (not by a bug).
+
+    In a Jupyter notebook it shows as one line (``ModelLoadError: ...``), not as a traceback: IPython renders an
+    exception through its ``_render_traceback_`` when it has one.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
 
 
 class PreferenceDataError(DpoXpuError, ValueError):

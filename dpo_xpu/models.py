@@ -40,25 +40,39 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
 
-def resolve_model_path(model_name_or_path: str | Path) -> str:
+def resolve_model_path(model_name_or_path: str | Path, check_hub: bool = True) -> str:
     """Return a local folder as an absolute path, or a hub id unchanged.
 
-    A string is a hub id when no such local path exists and it has the hub's ``name`` or ``org/name``
-    form. Anything else that does not exist locally is an error here, before transformers tries the hub.
+    A string is a hub id when no such local path exists and it has the hub's ``name`` or ``org/name`` form, and
+    ``org`` is not a local folder (``runs/demo-model`` before ``make demo`` is a missing folder, not a hub id).
+    Anything else that does not exist locally is an error here, before transformers tries the hub. A hub id that
+    is not in the local cache while the hub is off or unreachable is an error at once, too
+    (:func:`dpo_xpu.hub.check_hub_id`), instead of after a minute of retries.
+
+    Args:
+        model_name_or_path: a local folder or a hub id.
+        check_hub: check at once that a hub id can be loaded (default); ``False`` skips that check.
 
     Raises:
-        ModelLoadError: the path looks local (absolute, ``./``, ``~``, or more than one ``/``) but is absent.
+        ModelLoadError: the path looks local (absolute, ``./``, ``~``, more than one ``/``, or inside an existing
+            folder) but is absent; or a hub id cannot be had.
     """
     text = str(model_name_or_path)
     path = Path(text).expanduser()
     if path.exists():
         return str(path.resolve())
-    looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+    parent_is_local = text.count("/") == 1 and Path(text.split("/", 1)[0]).expanduser().is_dir()
+    looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text or parent_is_local
     if looks_local:
+        hint = f" (for the demo model: make demo, or dpo-xpu demo-model {text})" if "demo-model" in text else ""
         raise ModelLoadError(
-            f"model folder {text} does not exist: give an existing local folder (with config.json and the "
-            "weights) or a hub id such as 'teknium/OpenHermes-2.5-Mistral-7B'"
+            f"model folder {text} does not exist (looked in {path.resolve()}){hint}: give an existing local folder "
+            "(with config.json and the weights) or a hub id such as 'teknium/OpenHermes-2.5-Mistral-7B'"
         )
+    if check_hub:
+        from dpo_xpu.hub import check_hub_id
+
+        check_hub_id(text, "model", ModelLoadError, "model_name_or_path")
     return text
 
 

@@ -24,7 +24,7 @@ from dpo_xpu.errors import RecipeError
 REFERENCE_STRATEGIES = ("adapter-off", "separate", "precomputed")
 #: Loss types dpo_xpu computes itself where the installed TRL does not (see dpo_xpu.losses).
 OWN_LOSS_TYPES = ("dpo_norm", "simpo")
-DATA_FORMATS = ("auto", "orca", "prompt-chosen-rejected")
+DATA_FORMATS = ("auto", "orca", "prompt-chosen-rejected", "conversational")
 EXPORT_FORMATS = ("adapter", "merged")
 QUANTIZATIONS = ("nf4", "none")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -41,7 +41,8 @@ class Recipe:
         limit: keep this many rows (seeded shuffle), ``None`` for all.
         eval_fraction: fraction of rows held out for evaluation (the eval split; 0 disables evaluation).
         data_format: ``"orca"`` (system, question, chosen, rejected), ``"prompt-chosen-rejected"`` (plain
-            prompt/chosen/rejected strings), or ``"auto"`` (decided from the columns).
+            prompt/chosen/rejected strings), ``"conversational"`` (TRL's conversational preference format:
+            message lists, with an explicit or implicit prompt), or ``"auto"`` (decided from the columns).
         dataset_mixture: several sources with proportions (``{source: weight}``, normalised to sum 1),
             instead of ``dataset_name_or_path``; mixed with ``seed``.
         drop_long_rows: drop pairs longer than ``max_length`` tokens (reported) instead of truncating them.
@@ -74,8 +75,16 @@ class Recipe:
         ``learning_rate`` (AdamW), ``lr_scheduler_type``, ``warmup_steps``, ``max_steps``
         (-1: use ``num_train_epochs``), ``num_train_epochs``, ``per_device_train_batch_size`` (pairs),
         ``gradient_accumulation_steps``, ``max_length`` (tokens, prompt + answer), ``max_prompt_length``
-        (tokens; longer prompts keep their end), ``gradient_checkpointing``, ``bf16``, ``logging_steps``,
+        (tokens; longer prompts keep their end; unset: two thirds of ``max_length``, the original recipe's
+        1024 of 1536), ``gradient_checkpointing``, ``bf16``, ``logging_steps``,
         ``save_steps``, ``seed``.
+    TRL's other options: ``trl_options`` holds every other option of the installed TRL's ``DPOConfig`` (and of
+        transformers' ``TrainingArguments`` under it), given as top-level recipe keys under their own names
+        (``ld_alpha: 0.5``, ``use_weighting: true``, ``save_total_limit: 2``, ``report_to: [tensorboard]``, ...;
+        see :func:`trl_option_names`), with TRL's defaults. They are passed to ``DPOConfig`` as they are, after the
+        keys above, except those dpo_xpu sets from its own keys (:data:`MANAGED_TRL_OPTIONS`, refused with the key to
+        use). ``warmup_ratio`` is accepted on every transformers (5.x has folded it into a fractional
+        ``warmup_steps``) and replaces ``warmup_steps``.
     """
 
     model_name_or_path: str = "teknium/OpenHermes-2.5-Mistral-7B"
@@ -112,7 +121,7 @@ class Recipe:
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 4
     max_length: int = 1536
-    max_prompt_length: int | None = 1024
+    max_prompt_length: int | None = None
     gradient_checkpointing: bool = True
     bf16: bool = True
     logging_steps: int = 1
@@ -123,6 +132,7 @@ class Recipe:
     max_new_tokens: int = 64
     export: str = "adapter"
     seed: int = 42
+    trl_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, ("native", "ipex-llm"))
@@ -164,15 +174,22 @@ class Recipe:
                 raise RecipeError(f"{name}: must be > 0, found {getattr(self, name)}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise RecipeError(f"eval_fraction: must be in [0, 1), found {self.eval_fraction}")
-        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+        _check_ranges(self)
+        if self.max_prompt_length is None:
+            # the original recipe's ratio (1024 of 1536), so that lowering max_length alone composes
+            self.max_prompt_length = max(1, self.max_length * 2 // 3)
+        if self.max_prompt_length >= self.max_length:
             raise RecipeError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                 f"({self.max_length}), or the answers would be cut away"
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as a plain dict (YAML/JSON-serialisable)."""
-        return dataclasses.asdict(self)
+        """The recipe as a plain dict (YAML/JSON-serialisable): dpo_xpu's keys, then TRL's options as top-level keys
+        (so the dict, and ``recipe.yaml``, read back through :func:`make_recipe`)."""
+        values = dataclasses.asdict(self)
+        values.update(values.pop("trl_options"))
+        return values
 
     def save(self, path: str | Path) -> Path:
         """Write the recipe as YAML to ``path`` and return the path."""
@@ -181,9 +198,107 @@ class Recipe:
         return path
 
 
+#: transformers' learning-rate schedules, where ``transformers.SchedulerType`` cannot be imported.
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
+
+
+def lr_schedulers() -> tuple[str, ...]:
+    """The learning-rate schedule names the installed transformers accepts (``transformers.SchedulerType``)."""
+    try:
+        from transformers.trainer_utils import SchedulerType
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return LR_SCHEDULERS
+    return tuple(item.value for item in SchedulerType)
+
+
+def _check_ranges(recipe: Recipe) -> None:
+    """Range-check the numeric keys (and the schedule's name) before anything is loaded or written.
+
+    Raises:
+        RecipeError: the first key out of range, with the range and the fix.
+    """
+    checks = [
+        ("warmup_steps", recipe.warmup_steps >= 0, ">= 0 (optimizer steps of linear warmup)"),
+        ("lora_dropout", 0.0 <= recipe.lora_dropout < 1.0, "in [0, 1) (a probability)"),
+        (
+            "max_steps",
+            recipe.max_steps > 0 or recipe.max_steps == -1,
+            "> 0, or -1 to train for num_train_epochs (0 and other negative values train nothing meaningful)",
+        ),
+        ("num_train_epochs", recipe.num_train_epochs > 0, "> 0 (passes over the data)"),
+        ("save_steps", recipe.save_steps > 0, "> 0 (optimizer steps between checkpoints)"),
+        ("eval_steps", recipe.eval_steps is None or recipe.eval_steps > 0, "> 0, or null for no evaluation"),
+        ("limit", recipe.limit is None or recipe.limit > 0, "> 0 rows, or null for all"),
+        ("num_eval_samples", recipe.num_eval_samples >= 0, ">= 0"),
+        ("max_new_tokens", recipe.max_new_tokens > 0, "> 0 tokens"),
+        ("max_prompt_length", recipe.max_prompt_length is None or recipe.max_prompt_length > 0, "> 0 tokens"),
+        ("simpo_gamma", recipe.simpo_gamma >= 0, ">= 0 nats"),
+        ("seed", recipe.seed >= 0, ">= 0"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise RecipeError(f"{name}: must be {expected}, found {getattr(recipe, name)}")
+    schedules = lr_schedulers()
+    if recipe.lr_scheduler_type not in schedules:
+        raise RecipeError(
+            f"lr_scheduler_type: {recipe.lr_scheduler_type!r} is not one of the installed transformers' schedules "
+            f"({', '.join(schedules)})"
+        )
+
+
 def recipe_keys() -> list[str]:
-    """Names of every recipe key, in declaration order."""
+    """Names of dpo_xpu's own recipe keys, in declaration order (TRL's other options: :func:`trl_option_names`)."""
     return [f.name for f in fields(Recipe)]
+
+
+#: ``DPOConfig`` options that dpo_xpu sets from its own keys: the key to use instead, and why.
+MANAGED_TRL_OPTIONS = {
+    "precompute_ref_log_probs": "set reference: precomputed (dpo_xpu computes and caches them itself)",
+    "use_cpu": "set device: cpu",
+    "remove_unused_columns": "dpo_xpu keeps its columns (it needs false)",
+    "model_init_kwargs": "dpo_xpu loads the models itself: use quantization, bf16 and device",
+    "ref_model_init_kwargs": "dpo_xpu loads the models itself: use quantization, bf16 and device",
+    "max_prompt_length": "set max_prompt_length (a dpo_xpu key on every TRL)",
+}
+#: Options accepted although the installed transformers may lack them (see the Recipe's docstring).
+TRL_OPTION_ALIASES = ("warmup_ratio",)
+
+
+def trl_option_names() -> dict[str, Any]:
+    """The installed TRL's ``DPOConfig`` options a recipe can set under their own names, with their defaults:
+    every field but dpo_xpu's own keys and :data:`MANAGED_TRL_OPTIONS`, plus :data:`TRL_OPTION_ALIASES`."""
+    from trl import DPOConfig
+
+    own = set(recipe_keys())
+    names = {
+        f.name: f.default if f.default is not dataclasses.MISSING else None
+        for f in fields(DPOConfig)
+        if f.init and not f.name.startswith("_") and f.name not in own and f.name not in MANAGED_TRL_OPTIONS
+    }
+    for alias in TRL_OPTION_ALIASES:
+        names.setdefault(alias, 0.0)
+    return names
+
+
+def _coerce_trl_option(name: str, value: Any, default: Any) -> Any:
+    """A ``--set`` value for a TRL option, converted to the type of its default where that is a plain scalar
+    (PyYAML reads ``5e-5`` as a string)."""
+    if isinstance(value, str) and isinstance(default, (bool, int, float)) and not isinstance(default, str):
+        return _coerce(name, value, type(default))
+    return value
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -242,11 +357,32 @@ def make_recipe(values: dict[str, Any]) -> Recipe:
             or a value out of range.
     """
     valid = recipe_keys()
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)}. Valid keys: {', '.join(valid)}")
+    values = dict(values)
+    options = dict(values.pop("trl_options", None) or {})
+    others = sorted(set(values) - set(valid))
+    if others or options:
+        for key in others:
+            options[key] = values.pop(key)
+        managed = sorted(set(options) & set(MANAGED_TRL_OPTIONS))
+        if managed:
+            raise RecipeError(
+                "; ".join(f"{key}: dpo_xpu sets this TRL option itself: {MANAGED_TRL_OPTIONS[key]}" for key in managed)
+            )
+        trl_names = trl_option_names()
+        unknown = sorted(set(options) - set(trl_names))
+        if unknown:
+            import trl
+
+            raise RecipeError(
+                f"unknown recipe key(s) {', '.join(unknown)}: neither dpo_xpu's nor an option of the installed TRL "
+                f"{trl.__version__}'s DPOConfig. Valid keys: {', '.join(valid)}, and TRL's options (dpo-xpu train "
+                "--help lists them)"
+            )
+        options = {key: _coerce_trl_option(key, value, trl_names[key]) for key, value in options.items()}
     hints = get_type_hints(Recipe)
-    return Recipe(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    recipe = Recipe(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    recipe.trl_options = options
+    return recipe
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:

@@ -1,11 +1,16 @@
 """Where preference pairs come from: the orca format, the generic ``prompt``/``chosen``/``rejected`` format,
-and mixtures of several sources.
+TRL's conversational format, and mixtures of several sources.
 
-Every source is read into the orca columns (``system``, ``question``, ``chosen``, ``rejected``), so one ChatML
-path (:func:`dpo_xpu.data.chatml_format`) formats them all. A generic row's ``prompt`` is the user's message:
-it becomes ``question`` with an empty ``system``, and so gets the same ``<|im_start|>user ... <|im_start|>assistant``
+Orca and generic sources are read into the orca columns (``system``, ``question``, ``chosen``, ``rejected``),
+formatted by :func:`dpo_xpu.data.chatml_format`. A generic row's ``prompt`` is the user's message: it becomes
+``question`` with an empty ``system``, and so gets the same ``<|im_start|>user ... <|im_start|>assistant``
 wrapping as an orca question without a system prompt. (A prompt that already holds a chat template would be
 wrapped twice: write the bare user message.)
+
+Conversational sources (``chosen`` and ``rejected`` lists of ``{"role", "content"}`` messages, with a
+``prompt`` list or, without one, whole conversations sharing their start) are read into ``prompt``,
+``chosen``, ``rejected`` message lists, formatted by :func:`dpo_xpu.data.conversational_format` into the same
+ChatML strings. A mixture holding a conversational source turns its orca sources into messages too.
 
 ```python
 from dpo_xpu.sources import load_preference_pairs, mix_sources
@@ -25,7 +30,14 @@ from typing import Any
 
 import datasets
 
-from dpo_xpu.data import LOCAL_SUFFIXES, ORCA_COLUMNS, _read_local, load_orca_dpo_pairs, validate_preference_rows
+from dpo_xpu.data import (
+    LOCAL_SUFFIXES,
+    ORCA_COLUMNS,
+    _read_local,
+    load_orca_dpo_pairs,
+    validate_conversational_rows,
+    validate_preference_rows,
+)
 from dpo_xpu.errors import PreferenceDataError
 
 logger = logging.getLogger(__name__)
@@ -34,20 +46,54 @@ PAIR_COLUMNS: tuple[str, ...] = ("prompt", "chosen", "rejected")
 """The columns of the generic preference format."""
 
 
-def detect_format(columns: Sequence[str], source_name: str = "rows") -> str:
-    """``"orca"`` when ``columns`` hold the orca columns, ``"prompt-chosen-rejected"`` when they hold
-    ``prompt``, ``chosen`` and ``rejected`` (orca wins when both are present).
+FORMATS: tuple[str, ...] = ("auto", "orca", "prompt-chosen-rejected", "conversational")
+"""The values of `data_format` that :func:`load_preference_pairs` accepts."""
+
+_REQUIRED: dict[str, tuple[str, ...]] = {"orca": ORCA_COLUMNS, "prompt-chosen-rejected": PAIR_COLUMNS}
+
+
+def detect_format(columns: Sequence[str], source_name: str = "rows", example: Mapping[str, Any] | None = None) -> str:
+    """Tell the data format from the columns (and, for conversational data, the first row's values).
+
+    ``"orca"`` when ``columns`` hold the orca columns; else ``"conversational"`` when ``example`` holds a list
+    in ``prompt``, ``chosen`` or ``rejected`` and ``columns`` hold ``chosen`` and ``rejected``; else
+    ``"prompt-chosen-rejected"`` when they hold ``prompt``, ``chosen`` and ``rejected``.
+
+    Args:
+        columns (`Sequence[str]`): the column names (of the first row, for a JSON file).
+        source_name (`str`, defaults to `"rows"`): where the columns come from, quoted in messages.
+        example (`Mapping[str, Any]`, *optional*): the first row, to tell message lists from strings.
+
+    Returns:
+        `str`: `"orca"`, `"prompt-chosen-rejected"` or `"conversational"`.
 
     Raises:
-        PreferenceDataError: neither set of columns is present; the message shows both formats.
+        PreferenceDataError: no format's columns are all present. When two or more columns of a format are
+            (or the row holds message lists), the message names the missing columns and that format;
+            otherwise it shows every format.
     """
-    if set(ORCA_COLUMNS) <= set(columns):
+    have = set(columns)
+    if set(ORCA_COLUMNS) <= have:
         return "orca"
-    if set(PAIR_COLUMNS) <= set(columns):
-        return "prompt-chosen-rejected"
+    listed = isinstance(example, Mapping) and any(isinstance(example.get(c), list) for c in PAIR_COLUMNS)
+    formats = {"conversational": ("chosen", "rejected")} if listed else _REQUIRED
+    for name, needed in formats.items():
+        if set(needed) <= have:
+            return name
+    name, needed = min(formats.items(), key=lambda item: (len(set(item[1]) - have), -len(set(item[1]) & have)))
+    missing = [column for column in needed if column not in have]
+    if listed or len(set(needed) & have) >= 2:
+        plural = "s" if len(missing) > 1 else ""
+        raise PreferenceDataError(
+            f"{source_name}: missing column{plural} {', '.join(map(repr, missing))} of the {name} format (found "
+            f"{sorted(have)}). Fix: add the column{plural} to every row (or rename the column{plural} holding "
+            f"{'them' if plural else 'it'}), for data_format: {name}."
+        )
     raise PreferenceDataError(
-        f"{source_name}: cannot tell the data format from the columns {sorted(columns)}. Expected either "
-        f"{list(ORCA_COLUMNS)} (data_format: orca) or {list(PAIR_COLUMNS)} (data_format: prompt-chosen-rejected)."
+        f"{source_name}: cannot tell the data format from the columns {sorted(columns)}. Fix: use the columns "
+        f"{list(ORCA_COLUMNS)} (data_format: orca), {list(PAIR_COLUMNS)} (data_format: prompt-chosen-rejected), "
+        "or 'chosen' and 'rejected' lists of chat messages with an optional 'prompt' list (data_format: "
+        "conversational)."
     )
 
 
@@ -67,6 +113,19 @@ def _generic_to_orca(rows: Sequence[Mapping[str, Any]] | datasets.Dataset) -> da
     )
 
 
+def _orca_to_conversational(rows: datasets.Dataset) -> datasets.Dataset:
+    def turn(role: str, content: str) -> dict[str, str]:
+        return {"role": role, "content": content}
+
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [[turn("system", r["system"])] * bool(r["system"]) + [turn("user", r["question"])] for r in rows],
+            "chosen": [[turn("assistant", r["chosen"])] for r in rows],
+            "rejected": [[turn("assistant", r["rejected"])] for r in rows],
+        }
+    )
+
+
 def load_preference_pairs(
     source: str | Path,
     data_format: str = "auto",
@@ -74,24 +133,29 @@ def load_preference_pairs(
     limit: int | None = None,
     seed: int = 42,
 ) -> datasets.Dataset:
-    """Load and validate preference pairs in either format, as orca columns.
+    """Load and validate preference pairs in any of the formats of `FORMATS`.
 
     Args:
         source (`str` or `Path`): a hub dataset id or a local `.jsonl` / `.json` / `.parquet` file.
-        data_format (`str`, defaults to `"auto"`): `"orca"`, `"prompt-chosen-rejected"` or `"auto"` (decided
-            from the columns of the first row, or of the hub dataset).
+        data_format (`str`, defaults to `"auto"`): `"orca"`, `"prompt-chosen-rejected"`, `"conversational"` or
+            `"auto"` (decided by :func:`detect_format` from the first row, or the hub dataset's columns).
         split (`str`, defaults to `"train"`): the hub split; ignored for local files.
         limit (`int`, *optional*): keep this many rows after a seeded shuffle (as `load_orca_dpo_pairs`).
         seed (`int`, defaults to 42): the shuffle seed used with `limit`.
 
     Returns:
-        `datasets.Dataset`: the columns `system`, `question`, `chosen`, `rejected`; generic rows get
-        `system=""` and `question=prompt`.
+        `datasets.Dataset`: the columns `system`, `question`, `chosen`, `rejected` (generic rows get
+        `system=""` and `question=prompt`), or, for conversational data, `prompt`, `chosen`, `rejected` lists
+        of `{"role", "content"}` messages (implicit prompts split off, see
+        :func:`dpo_xpu.data.validate_conversational_rows`).
 
     Raises:
-        PreferenceDataError: a missing or empty file, an undetectable format, or a bad row (the message names
-            the line or row, the column and the fix, as :func:`dpo_xpu.data.validate_preference_rows`).
+        PreferenceDataError: an unknown `data_format`, a missing, unreadable or empty file, an undetectable
+            format, or a bad row (the message names the line or row, the column and the fix, as
+            :func:`dpo_xpu.data.validate_preference_rows`).
     """
+    if data_format not in FORMATS:
+        raise PreferenceDataError(f"data_format: unknown {data_format!r}. Fix: use one of {list(FORMATS)}.")
     name = Path(source).name if _is_local(source) else str(source)
     if data_format == "orca":
         return load_orca_dpo_pairs(source, split=split, limit=limit, seed=seed)
@@ -104,15 +168,26 @@ def load_preference_pairs(
         first = rows[0] if isinstance(rows[0], Mapping) else {}
         columns: Sequence[str] = list(first)
     else:
+        from dpo_xpu.hub import check_hub_id
+
+        check_hub_id(str(source), "dataset", PreferenceDataError, "dataset_name_or_path")  # at once when offline
         rows = datasets.load_dataset(str(source), split=split)
         line_numbers, columns = None, rows.column_names
+        first = rows[0] if len(rows) else {}
         name = f"{source} [{split}]"
-    found = data_format if data_format != "auto" else detect_format(columns, name)
+    where = f"{name} line {line_numbers[0]}" if line_numbers else f"{name} row 1"
+    found = data_format if data_format != "auto" else detect_format(columns, where, first)
     if found == "orca":
         return load_orca_dpo_pairs(source, split=split, limit=limit, seed=seed)
-    validate_preference_rows(rows, columns=PAIR_COLUMNS, source_name=name, line_numbers=line_numbers, allow_empty=())
-    dataset = _generic_to_orca(rows)
-    logger.info("Loaded %d prompt/chosen/rejected pairs from %s", len(dataset), source)
+    if found == "conversational":
+        pairs = validate_conversational_rows(rows, source_name=name, line_numbers=line_numbers)
+        dataset = datasets.Dataset.from_dict({column: [pair[column] for pair in pairs] for column in PAIR_COLUMNS})
+    else:
+        validate_preference_rows(
+            rows, columns=PAIR_COLUMNS, source_name=name, line_numbers=line_numbers, allow_empty=()
+        )
+        dataset = _generic_to_orca(rows)
+    logger.info("Loaded %d %s pairs from %s", len(dataset), found, source)
     if limit is not None:
         dataset = dataset.shuffle(seed=seed).select(range(min(limit, len(dataset)))).flatten_indices()
     return dataset
@@ -164,12 +239,18 @@ def mix_sources(
         data_format (`str`, defaults to `"auto"`): the format of every source, or `"auto"` per source.
 
     Returns:
-        `tuple[datasets.Dataset, dict[str, int]]`: the mixed rows (orca columns) and the rows drawn per source.
+        `tuple[datasets.Dataset, dict[str, int]]`: the mixed rows (orca columns; conversational columns when a
+        source is conversational) and the rows drawn per source.
 
     Raises:
         PreferenceDataError: a source cannot be loaded or holds a bad row.
     """
     loaded = {name: load_preference_pairs(name, data_format=data_format, seed=seed) for name in mixture}
+    if len({tuple(rows.column_names) for rows in loaded.values()}) > 1:  # conversational and orca sources
+        loaded = {
+            name: rows if "prompt" in rows.column_names else _orca_to_conversational(rows)
+            for name, rows in loaded.items()
+        }
     counts = mixture_counts({name: len(rows) for name, rows in loaded.items()}, mixture, limit)
     parts = [loaded[name].shuffle(seed=seed).select(range(counts[name])) for name in mixture]
     mixed = datasets.concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()

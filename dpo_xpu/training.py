@@ -22,6 +22,17 @@ from typing import TYPE_CHECKING, Any
 from dpo_xpu.errors import RecipeError, RunFolderError, TrainingInterrupted
 from dpo_xpu.prefix_sharing import check_prefix_sharing
 from dpo_xpu.recipes import Recipe
+from dpo_xpu.run_folder import (
+    StartedRun,
+    disk_full,
+    disk_full_message,
+    lock_run_dir,
+    prepare_run_dir,
+    save_fingerprints,
+    undo_start,
+    unlock_run_dir,
+)
+from dpo_xpu.step0 import Step0Check, expected_step0_loss, step0_causes
 from dpo_xpu.trl_compat import (
     dpo_config_kwargs,
     own_loss_type,
@@ -36,16 +47,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Files a finished or running run leaves in its folder; any of them present means "a run is here".
-RUN_MARKERS = (
-    "recipe.yaml",
-    "metrics.jsonl",
-    "environment.json",
-    "reward_curves.png",
-    "adapter",
-    "data_report.json",
-    "eval_samples.jsonl",
-)
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 
@@ -84,7 +85,12 @@ def make_dpo_trainer(
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_xpu.callbacks import EvalSamplesCallback, LiveRewardPlotCallback, MetricsLoggerCallback
+    from dpo_xpu.callbacks import (
+        EvalSamplesCallback,
+        LiveRewardPlotCallback,
+        MetricsLoggerCallback,
+        use_step_lines,
+    )
     from dpo_xpu.checkpoints import CheckpointCallback
 
     if recipe.reference == "separate" and ref_model is None:
@@ -109,9 +115,18 @@ def make_dpo_trainer(
         train_dataset = truncate_prompts(train_dataset, tokenizer, recipe.max_prompt_length)
         if eval_dataset is not None:
             eval_dataset = truncate_prompts(eval_dataset, tokenizer, recipe.max_prompt_length)
+    reference_free = recipe.reference_free or recipe.loss_type == "simpo"
+    step0 = None
+    if not reference_free:
+        step0 = Step0Check(
+            beta=recipe.beta,
+            expected_loss=expected_step0_loss(recipe.loss_type, recipe.beta, recipe.nll_loss_coef),
+            causes=step0_causes(recipe, model, ref_model, device.type),
+        )
+    plot_callback = LiveRewardPlotCallback(recipe.output_dir, display=live_plot)
     all_callbacks = [
-        MetricsLoggerCallback(recipe.output_dir),
-        LiveRewardPlotCallback(recipe.output_dir, display=live_plot),
+        MetricsLoggerCallback(recipe.output_dir, step0=step0),
+        plot_callback,
         CheckpointCallback(),
         *(callbacks or []),
     ]
@@ -124,11 +139,16 @@ def make_dpo_trainer(
     torch.manual_seed(recipe.seed)
     trainer_class, extra = DPOTrainer, {}
     own = own_loss_type(recipe, generation)
-    reference_free = recipe.reference_free or recipe.loss_type == "simpo"
     if recipe.prefix_sharing:
         check_prefix_sharing(model, generation)
         logger.info("prefix sharing: each pair runs as one sequence, its prompt computed once")
-    if generation == "1.x" and (own or reference_free or recipe.reference_device != "same" or recipe.prefix_sharing):
+    ipo = recipe.loss_type == "ipo"
+    if generation == "0.11" and recipe.reference_free:
+        from dpo_xpu.backends.trl011_trainer import ReferenceFreeDPOTrainer
+
+        trainer_class = ReferenceFreeDPOTrainer
+    needs_own = own or reference_free or recipe.reference_device != "same" or recipe.prefix_sharing or ipo
+    if generation == "1.x" and needs_own:
         from dpo_xpu.trainer import DpoXpuTrainer
 
         trainer_class = DpoXpuTrainer
@@ -139,6 +159,7 @@ def make_dpo_trainer(
             simpo_gamma=recipe.simpo_gamma,
             reference_device=recipe.reference_device if recipe.reference_device != "same" else None,
             prefix_sharing=recipe.prefix_sharing,
+            length_normalised_rewards=ipo,
         )
     trainer = trainer_class(
         model=model,
@@ -150,6 +171,7 @@ def make_dpo_trainer(
         **{tokenizer_kw: tokenizer},
         **extra,
     )
+    use_step_lines(trainer, notebook=plot_callback.display)
     if generation == "1.x" and recipe.adapter_name_or_path:
         from dpo_xpu.trainer import match_reference_adapter_dtype
 
@@ -162,52 +184,39 @@ def make_dpo_trainer(
     return trainer
 
 
-def prepare_run_dir(output_dir: str | Path, overwrite: bool = False) -> Path:
-    """Create the run folder, refusing to reuse one that already holds a run.
+def _start(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> StartedRun:
+    from dpo_xpu.environment import check_environment
 
-    Args:
-        output_dir: the run folder.
-        overwrite: remove the earlier run's files (only those this package writes) and start again.
-
-    Raises:
-        RunFolderError: the folder holds a run and ``overwrite`` is false.
-    """
-    run_dir = Path(output_dir)
-    present = [name for name in RUN_MARKERS if (run_dir / name).exists()]
-    if present and not overwrite:
-        raise RunFolderError(
-            f"{run_dir} already holds a run ({', '.join(present)}): choose another output_dir, or pass "
-            "--overwrite (overwrite=True) to replace it"
-        )
-    for name in present:
-        target = run_dir / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    for stale in run_dir.glob("checkpoint-*") if overwrite else []:
-        shutil.rmtree(stale)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    run_dir = Path(recipe.output_dir)
+    if resume:
+        lock_run_dir(run_dir)
+        started = StartedRun(run_dir)
+    else:
+        started = prepare_run_dir(run_dir, overwrite=overwrite)
+        recipe.save(run_dir / "recipe.yaml")
+        save_fingerprints(recipe, run_dir)
+    report = check_environment(backend=recipe.backend, recipe=recipe)
+    (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    return started
 
 
 def start_run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
-    """Open the run folder: create it (see :func:`prepare_run_dir`), save the resolved recipe as ``recipe.yaml``
-    and the environment report (with the recipe's memory verdict) as ``environment.json``.
+    """Open the run folder: lock it for this process and make it ready (see
+    :func:`dpo_xpu.run_folder.prepare_run_dir`), save the resolved recipe as ``recipe.yaml``, the inputs'
+    fingerprints as ``fingerprints.json`` and the environment report (with the recipe's memory verdict) as
+    ``environment.json``. The lock is held until :func:`dpo_xpu.run_folder.unlock_run_dir` or the process ends
+    (in a notebook: the kernel).
 
     Args:
         recipe: the run's recipe; ``recipe.output_dir`` is the folder.
-        overwrite: replace an earlier run in the folder.
+        overwrite: move an earlier run in the folder aside (to ``<output_dir>.previous``) and start again.
         resume: continue the run already there: its ``recipe.yaml`` is kept, ``environment.json`` rewritten.
 
     Raises:
-        RunFolderError: the folder holds a run and neither ``overwrite`` nor ``resume`` is set.
+        RunFolderError: the folder holds a run and neither ``overwrite`` nor ``resume`` is set; another process
+            holds the folder; it is a file or not writable.
     """
-    from dpo_xpu.environment import check_environment
-
-    run_dir = Path(recipe.output_dir) if resume else prepare_run_dir(recipe.output_dir, overwrite=overwrite)
-    if not resume:
-        recipe.save(run_dir / "recipe.yaml")
-    report = check_environment(backend=recipe.backend, recipe=recipe)
-    (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
-    return run_dir
+    return _start(recipe, overwrite=overwrite, resume=resume).run_dir
 
 
 @dataclass
@@ -218,7 +227,7 @@ class RunResult:
     metrics: list[dict[str, Any]]
     adapter_dir: Path
     curves_png: Path
-    trainer: Any
+    trainer: Any  # ``None`` when ``resume`` found the run complete
     merged_dir: Path | None = None  # with ``export: merged``
 
 
@@ -301,13 +310,27 @@ def load_run_models(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedModel | 
     return policy, reference
 
 
-def save_adapter(trainer: Any, tokenizer: PreTrainedTokenizerBase, run_dir: str | Path) -> Path:
-    """Save the LoRA adapter (``adapter_model.safetensors``, ``adapter_config.json``) and the tokenizer
-    to ``<run_dir>/adapter`` and return that folder."""
+def save_adapter(
+    trainer: Any, tokenizer: PreTrainedTokenizerBase, run_dir: str | Path, recipe: Recipe | None = None
+) -> Path:
+    """Save the LoRA adapter (``adapter_model.safetensors``, ``adapter_config.json``), the tokenizer and the model
+    card (:mod:`dpo_xpu.model_card`: base model, data, recipe, last metrics; also as ``<run_dir>/README.md``) to
+    ``<run_dir>/adapter`` and return that folder.
+
+    Args:
+        recipe: the run's recipe; default the run folder's ``recipe.yaml`` (no card when there is none).
+    """
+    from dpo_xpu.model_card import write_model_cards
+    from dpo_xpu.recipes import load_recipe
+
     adapter_dir = Path(run_dir) / ADAPTER_DIR
     # Only the trained adapter: TRL may hold a frozen "ref" copy of it, which users do not need.
     trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])
     tokenizer.save_pretrained(adapter_dir)
+    if recipe is None and (Path(run_dir) / "recipe.yaml").is_file():
+        recipe = load_recipe(Path(run_dir) / "recipe.yaml")
+    if recipe is not None:
+        write_model_cards(recipe, run_dir, adapter_dir)
     return adapter_dir
 
 
@@ -367,49 +390,105 @@ def run_training(
         TrainingInterrupted: a signal stopped training; a checkpoint was saved and the message says how to resume.
         PreferenceDataError, ModelLoadError, DeviceNotAvailableError, RecipeError: bad input (clear message).
     """
-    from transformers import set_seed
-
+    from dpo_xpu.callbacks import FirstStepCallback
     from dpo_xpu.checkpoints import KeepTrainableDtypes, prepare_resume
     from dpo_xpu.environment import select_device
     from dpo_xpu.interrupts import StopOnSignal
-    from dpo_xpu.models import load_tokenizer
+    from dpo_xpu.models import resolve_model_path
     from dpo_xpu.plotting import CURVES_FILE, read_metrics
 
     if resume and overwrite:
         raise RunFolderError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
     select_device(recipe.device)  # an absent device fails here, before anything is loaded or written
-    checkpoint = prepare_resume(recipe, recipe.output_dir) if resume else None
-    run_dir = start_run(recipe, overwrite=overwrite, resume=resume)
+    resolve_model_path(recipe.model_name_or_path)  # so does a missing model folder or an unreachable hub id
+    run_dir = Path(recipe.output_dir)
+    try:
+        if resume:
+            if run_dir.is_dir():
+                lock_run_dir(run_dir)  # before prepare_resume trims the folder's logs
+            checkpoint = prepare_resume(recipe, run_dir)
+            finished = _finished_run(recipe, run_dir, checkpoint)
+            if finished is not None:
+                return finished
+        else:
+            checkpoint = None
+        started = _start(recipe, overwrite=overwrite, resume=resume)
+        first_step = FirstStepCallback()
+        try:
+            trainer, tokenizer = _build(recipe, run_dir, callbacks, live_plot)
+            trainer.add_callback(first_step)
+            if checkpoint is not None:
+                trainer.args.eval_on_start = False  # the checkpoint's step was evaluated (if due) before it was saved
+                trainer.add_callback(KeepTrainableDtypes(trainer.model))
+            stopper = StopOnSignal()
+            trainer.add_callback(stopper)
+            # reward_curves.png is drawn from the last logged row by make_dpo_trainer's LiveRewardPlotCallback at
+            # the end of training, interrupted or not
+            with stopper:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        except BaseException as exc:
+            if not resume and not first_step.done:
+                undo_start(started)  # nothing trained: leave the folder as it was, so the retry is not blocked
+            if isinstance(exc, Exception) and disk_full(exc):
+                raise RunFolderError(disk_full_message(run_dir, exc)) from None
+            raise
+        if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+            raise TrainingInterrupted(
+                f"training stopped by {stopper.signal_name} at step {trainer.state.global_step}; a checkpoint is in "
+                f"{run_dir / f'checkpoint-{trainer.state.global_step}'}. Continue with: dpo-xpu train --recipe FILE "
+                "--resume (the same recipe), or run_training(recipe, resume=True)",
+                exit_code=stopper.exit_code,
+            )
+        try:
+            adapter_dir = save_adapter(trainer, tokenizer, run_dir, recipe)
+            merged_dir = export_merged(recipe, adapter_dir, run_dir) if recipe.export == "merged" else None
+        except Exception as exc:
+            if disk_full(exc):
+                raise RunFolderError(disk_full_message(run_dir, exc)) from None
+            raise
+        return RunResult(run_dir, read_metrics(run_dir), adapter_dir, run_dir / CURVES_FILE, trainer, merged_dir)
+    finally:
+        unlock_run_dir(run_dir)
+
+
+def _build(
+    recipe: Recipe, run_dir: Path, callbacks: list[TrainerCallback] | None, live_plot: bool | None
+) -> tuple[Any, PreTrainedTokenizerBase]:
+    """The run's tokenizer, data, models and trainer (seeded as a fresh process would be)."""
+    from transformers import set_seed
+
+    from dpo_xpu.models import load_tokenizer
+
     tokenizer = load_tokenizer(recipe.model_name_or_path)
     train_dataset, eval_dataset = load_run_data(recipe, tokenizer, report_path=run_dir / "data_report.json")
     set_seed(recipe.seed)  # LoRA's random init draws from the global RNG: same seed, same run, in any process
     policy, reference = load_run_models(recipe)
     trainer = make_dpo_trainer(
-        recipe,
-        policy,
-        reference,
-        tokenizer,
-        train_dataset,
-        eval_dataset,
-        callbacks=callbacks,
-        live_plot=live_plot,
+        recipe, policy, reference, tokenizer, train_dataset, eval_dataset, callbacks=callbacks, live_plot=live_plot
     )
-    stopper = StopOnSignal()
-    trainer.add_callback(stopper)
-    if checkpoint is not None:
-        trainer.args.eval_on_start = False  # the checkpoint's step was evaluated (if due) before it was saved
-        trainer.add_callback(KeepTrainableDtypes(trainer.model))
-    # reward_curves.png is drawn from the last logged row by make_dpo_trainer's LiveRewardPlotCallback at the end
-    # of training, interrupted or not
-    with stopper:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-    if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
-        raise TrainingInterrupted(
-            f"training stopped by {stopper.signal_name} at step {trainer.state.global_step}; a checkpoint is in "
-            f"{run_dir / f'checkpoint-{trainer.state.global_step}'}. Continue with: dpo-xpu train --recipe FILE "
-            "--resume (the same recipe), or run_training(recipe, resume=True)",
-            exit_code=stopper.exit_code,
-        )
-    adapter_dir = save_adapter(trainer, tokenizer, run_dir)
-    merged_dir = export_merged(recipe, adapter_dir, run_dir) if recipe.export == "merged" else None
-    return RunResult(run_dir, read_metrics(run_dir), adapter_dir, run_dir / CURVES_FILE, trainer, merged_dir)
+    return trainer, tokenizer
+
+
+def _finished_run(recipe: Recipe, run_dir: Path, checkpoint: Path) -> RunResult | None:
+    """For ``resume`` on a run whose newest checkpoint is its last step: train nothing, re-save the final adapter
+    from that checkpoint if it is missing, and return the run; ``None`` when the run has steps left."""
+    from dpo_xpu.models import load_tokenizer
+    from dpo_xpu.plotting import CURVES_FILE, read_metrics
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    step, max_steps = state.get("global_step", 0), state.get("max_steps", 0)
+    if not (max_steps > 0 and step >= max_steps):
+        return None
+    adapter_dir = run_dir / ADAPTER_DIR
+    if not (adapter_dir / "adapter_config.json").is_file():
+        adapter_dir.mkdir(exist_ok=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, adapter_dir / name)
+        load_tokenizer(recipe.model_name_or_path).save_pretrained(adapter_dir)
+        from dpo_xpu.model_card import write_model_cards
+
+        write_model_cards(recipe, run_dir, adapter_dir)
+        logger.warning("the run's adapter was missing: saved it again from %s to %s", checkpoint.name, adapter_dir)
+    logger.warning("%s is complete (step %d of %d): nothing to train", run_dir, step, max_steps)
+    return RunResult(run_dir, read_metrics(run_dir), adapter_dir, run_dir / CURVES_FILE, None)

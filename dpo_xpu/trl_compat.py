@@ -52,15 +52,17 @@ TRL_LABEL_SMOOTHING_LOSSES = {
 def own_loss_type(recipe: Recipe, generation: str | None = None) -> str | None:
     """The loss dpo_xpu computes itself (:mod:`dpo_xpu.losses`) for this recipe, or ``None`` where TRL does.
 
-    On TRL 1.x: ``simpo`` always; ``sigmoid`` and ``dpo_norm`` when ``label_smoothing`` > 0 (TRL's ``sigmoid``
-    and ``sigmoid_norm`` have none). On TRL 0.11 always ``None`` (its ``DPOTrainer`` is not extended).
+    On TRL 1.x: ``simpo`` and ``dpo_norm`` always; ``sigmoid`` when ``label_smoothing`` > 0 (TRL's ``sigmoid`` has
+    none). ``dpo_norm`` is dpo_xpu's even without label smoothing, where TRL's ``sigmoid_norm`` computes the same
+    loss, because ``sigmoid_norm`` logs summed rewards while its loss acts on length-averaged ones: dpo_xpu's logs
+    the averaged ones, whatever the label smoothing. On TRL 0.11 always ``None`` (its loss is TRL's own).
     """
     generation = generation or trl_generation()
     if generation == "0.11":
         return None
-    if recipe.loss_type == "simpo":
-        return "simpo"
-    if recipe.loss_type in ("sigmoid", "dpo_norm") and recipe.label_smoothing > 0:
+    if recipe.loss_type in ("simpo", "dpo_norm"):
+        return recipe.loss_type
+    if recipe.loss_type == "sigmoid" and recipe.label_smoothing > 0:
         return recipe.loss_type
     return None
 
@@ -108,8 +110,8 @@ def _check_loss_settings(recipe: Recipe, generation: str) -> None:
 
 def _loss_kwargs(recipe: Recipe, generation: str) -> dict[str, Any]:
     """``DPOConfig`` loss keywords. TRL 0.11 takes ``label_smoothing``, ``reference_free`` and ``rpo_alpha`` (the NLL
-    term) itself. TRL 1.x gets a ``loss_type`` list: the TRL loss (``dpo_norm`` is its ``sigmoid_norm``) or, for an
-    own loss, a zero-weighted ``sigmoid`` placeholder, plus ``sft`` weighted by ``nll_loss_coef``."""
+    term) itself. TRL 1.x gets a ``loss_type`` list: the TRL loss or, for an own loss, a zero-weighted ``sigmoid``
+    placeholder, plus ``sft`` weighted by ``nll_loss_coef``."""
     if generation == "0.11":
         return {
             "loss_type": recipe.loss_type,
@@ -118,7 +120,7 @@ def _loss_kwargs(recipe: Recipe, generation: str) -> dict[str, Any]:
             "rpo_alpha": recipe.nll_loss_coef or None,
         }
     own = own_loss_type(recipe, generation)
-    types = ["sigmoid" if own else "sigmoid_norm" if recipe.loss_type == "dpo_norm" else recipe.loss_type]
+    types = ["sigmoid" if own else recipe.loss_type]
     weights = [0.0 if own else 1.0]
     if recipe.nll_loss_coef > 0:
         types.append("sft")
@@ -129,6 +131,57 @@ def _loss_kwargs(recipe: Recipe, generation: str) -> dict[str, Any]:
     if recipe.label_smoothing > 0 and not own:
         kwargs["label_smoothing"] = recipe.label_smoothing
     return kwargs
+
+
+def _trl_options(recipe: Recipe, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's TRL options (``recipe.trl_options``) as ``DPOConfig`` keywords, over ``kwargs``.
+
+    ``warmup_ratio`` replaces ``warmup_steps``; transformers >= 5 has no ``warmup_ratio`` and reads a fractional
+    ``warmup_steps`` as the ratio instead.
+
+    Raises:
+        RecipeError: ``loss_weights`` where dpo_xpu weighs TRL's loss terms itself (an own loss or ``nll_loss_coef``).
+    """
+    import dataclasses
+
+    from trl import DPOConfig
+
+    options = dict(recipe.trl_options)
+    if "loss_weights" in options and "loss_weights" in kwargs:
+        raise RecipeError(
+            "loss_weights: dpo_xpu weighs TRL's loss terms itself for this recipe (an own loss, or nll_loss_coef): "
+            "remove loss_weights, or use a TRL loss without nll_loss_coef"
+        )
+    if options.get("use_liger_kernel"):
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise RecipeError(
+                "use_liger_kernel: needs the liger-kernel package, which is not installed (pip install liger-kernel; "
+                "its Triton kernels run on CUDA and XPU, not on the CPU). Set use_liger_kernel: false"
+            )
+    if "warmup_ratio" in options:
+        ratio = float(options.pop("warmup_ratio"))
+        if "warmup_ratio" in {f.name for f in dataclasses.fields(DPOConfig)}:
+            options.update(warmup_ratio=ratio, warmup_steps=0)
+        else:
+            options["warmup_steps"] = ratio  # transformers >= 5: a float in [0, 1) is the ratio of total steps
+    return options
+
+
+def _optimizer_kwargs(generation: str) -> dict[str, Any]:
+    """The optimizer and checkpointing keywords of each generation's recipe.
+
+    TRL 0.11 (the ipex-llm backend) keeps the ipex-llm example's: ``optim="adamw_hf"`` (transformers' own AdamW;
+    the example notes that paged AdamW is not supported) and transformers 4.45's default reentrant checkpointing
+    (no ``gradient_checkpointing_kwargs``). Under reentrant checkpointing the policy's checkpointed layers run
+    their first forward without a graph, which picks ipex-llm's inference kernels, the reference's. TRL 1.x (the
+    native backend) uses ``adamw_torch`` and non-reentrant checkpointing, which PyTorch recommends and which
+    needs no input that requires grad.
+    """
+    if generation == "0.11":
+        return {"optim": "adamw_hf"}
+    return {"optim": "adamw_torch", "gradient_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 def trl_generation() -> str:
@@ -211,8 +264,7 @@ def dpo_config_kwargs(
         "seed": recipe.seed,
         "bf16": recipe.bf16,
         "gradient_checkpointing": recipe.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False},
-        "optim": "adamw_torch",  # paged AdamW is not supported on XPU
+        **_optimizer_kwargs(generation),
         "precompute_ref_log_probs": recipe.reference == "precomputed",
         "report_to": [],
         "remove_unused_columns": False,
@@ -220,6 +272,7 @@ def dpo_config_kwargs(
     }
     if generation == "0.11":
         kwargs["max_prompt_length"] = recipe.max_prompt_length
+    kwargs.update(_trl_options(recipe, kwargs))
     if recipe.eval_steps and (recipe.eval_fraction > 0 if has_eval_dataset is None else has_eval_dataset):
         kwargs.update(
             eval_strategy="steps",

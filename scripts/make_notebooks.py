@@ -6,13 +6,16 @@ Edit a notebook's text here, then regenerate all four, so the notebooks stay con
     .venv/bin/python scripts/make_notebooks.py --check    # exit 1 when a notebook differs from this script
 
 Each notebook: a title and what the step does, one cell tagged ``parameters`` (literals only, overridden by
-papermill), then sections of two or three sentences and one short code cell calling ``dpo_xpu``.
+papermill) that starts with ``preset``, the preset cell written by :func:`preset_cell` right after it, then
+sections of two or three sentences and one short code cell calling ``dpo_xpu``.
 Relative paths in the parameters are relative to notebooks/, where Jupyter and scripts/run_notebooks.py run them.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import sys
 from pathlib import Path
 
@@ -31,10 +34,72 @@ EVAL_FRACTION = "0.1  # share of rows held out from training, evaluated in 04"
 MAX_LENGTH = "1024  # tokens, prompt + answer"
 MAX_PROMPT_LENGTH = "512  # tokens; longer prompts keep their end"
 BF16 = "True  # bf16 compute (Intel GPUs); False computes in float32 (CPU: bf16 is emulated, ~6x slower)"
+PRESET = 'None  # None: the values below (an Intel GPU); "demo": the tiny offline demo on CPU (recipes/cpu_demo.yaml)'
+
+#: preset = "demo": recipes/cpu_demo.yaml (relative to notebooks/), plus what the recipe does not set but the
+#: notebooks need: pairs held out for notebook 4, and how many answers it generates, how long.
+DEMO_RECIPE = "../recipes/cpu_demo.yaml"
+DEMO_EXTRAS = {"eval_fraction": 0.1, "num_samples": 3, "max_new_tokens": 48}
+#: Parameters named like recipe keys; the preset sets these (and DEMO_EXTRAS), never the notebooks' own extras.
+RECIPE_PARAMETERS = (
+    "model_name_or_path", "dataset_name_or_path", "output_dir", "max_steps", "device", "backend", "limit",
+    "eval_fraction", "seed", "max_length", "max_prompt_length", "learning_rate", "beta", "bf16",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "warmup_steps", "gradient_checkpointing",
+    "max_new_tokens",
+)  # fmt: skip
 
 
 def params(**values: str) -> str:
-    return "\n".join(f"{name} = {value}" for name, value in values.items())
+    """The parameters cell: ``preset`` first, then ``name = value  # comment`` lines."""
+    return "\n".join(f"{name} = {value}" for name, value in {"preset": PRESET, **values}.items())
+
+
+def _literal(value: object) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def preset_cell(parameters: str) -> str:
+    """The code cell after the parameters: ``preset = "demo"`` gives the demo's values to the parameters that
+    still have their defaults (listed in the cell), so a value set above or passed by papermill is kept."""
+    defaults = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(parameters).body}
+    names = [name for name in defaults if name in RECIPE_PARAMETERS or name in DEMO_EXTRAS]
+    lines, line = [], "   "
+    for item in (f"{name}={_literal(defaults[name])}," for name in names):
+        if len(line) + 1 + len(item) > 116:
+            lines.append(line)
+            line = "   "
+        line += " " + item
+    lines.append(line)
+    extras = ", ".join(f'"{key}": {_literal(value)}' for key, value in DEMO_EXTRAS.items())
+    return "\n".join(
+        [
+            '# preset = "demo", for a CPU-only or offline machine: the parameters above that still have these',
+            "# defaults take the values of recipes/cpu_demo.yaml (the tiny demo model, built offline if missing;",
+            "# the shipped sample; CPU settings), with 10% of the pairs held out and 3 answers of at most 48 tokens",
+            "# for notebook 4. A parameter you changed above keeps your value.",
+            "defaults = dict(",
+            *lines,
+            ")",
+            'if preset == "demo":',
+            "    from pathlib import Path",
+            "",
+            "    from dpo_xpu import build_demo_model, load_recipe",
+            "",
+            f'    demo = load_recipe("{DEMO_RECIPE}").to_dict()',
+            f"    demo.update({{{extras}}})",
+            '    for key in ("model_name_or_path", "dataset_name_or_path", "output_dir"):',
+            '        demo[key] = str(Path("..", demo[key]).resolve())  # the recipe\'s paths start at the project root',
+            "    changed = {}",
+            "    for name, default in defaults.items():",
+            "        if globals()[name] == default != demo[name]:  # still at its default, and the demo's differs",
+            "            changed[name] = globals()[name] = demo[name]",
+            '    if "model_name_or_path" in changed:',
+            "        build_demo_model(model_name_or_path)  # offline, in seconds; reused once built",
+            '    print("preset demo:", ", ".join(f"{name}={value!r}" for name, value in changed.items()))',
+            "elif preset is not None:",
+            "    raise ValueError(f'preset = {preset!r}: use None (the defaults above) or \"demo\"')",
+        ]
+    )
 
 
 ENVIRONMENT = [
@@ -112,9 +177,12 @@ print(f"device={device!r} -> {chosen_device}; errors in the report: {report.has_
         "md",
         """## No XPU on Intel Tiber AI Cloud (or another Intel GPU machine)?
 
-1. **Kernel.** In JupyterLab choose the **PyTorch GPU** kernel (Intel's image, with PyTorch's XPU build) or this
-   project's **Python (dpo_xpu)** kernel (`make kernel` installs it). A plain `python3` kernel from another
-   environment may have a CPU-only PyTorch: the report then says `torch.version.xpu=None`.
+1. **Kernel.** Pick **Python (dpo_xpu)**: `make kernel` registers it for this project's `.venv`, where
+   `make setup TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/xpu"` put PyTorch's XPU wheels
+   (reload the JupyterLab page if it is not listed yet). Not a plain "Python 3" kernel from another environment:
+   it may have a CPU-only PyTorch, and the report then says `torch.version.xpu=None`. The preinstalled
+   **PyTorch GPU** kernel carries Intel's older stack (intel-extension-for-pytorch): use it only with the
+   ipex-llm backend, after `source setup_oneapi.sh max` in the terminal that starts Jupyter (point 4).
 2. **Driver.** In a terminal, `sycl-ls` (or `xpu-smi discovery`) must list a Level Zero GPU and `/dev/dri/renderD*`
    must exist and be readable by you (`groups` shows `render`). If not, install Intel's GPU driver
    (dgpu-docs.intel.com) or ask the cloud's support to attach the GPU.
@@ -154,7 +222,9 @@ ChatML text the model is trained on, and measures how long they are in tokens, w
         """## Load the pairs
 
 `load_orca_dpo_pairs` reads the hub dataset or a local `.jsonl`/`.json`/`.parquet` file and checks every row; a bad
-row stops here with its line number, its column and the fix. `limit` keeps a seeded random subset.""",
+row stops here with its line number, its column and the fix. `limit` keeps a seeded random subset. Offline or on a
+CPU-only machine, set `preset = "demo"` in the parameters cell: the shipped sample and the tiny demo model, nothing
+to download.""",
     ),
     (
         "code",
@@ -311,8 +381,8 @@ never overwritten silently.""",
 import pandas as pd
 
 from dpo_xpu import (
-    load_run_data, load_run_models, load_tokenizer, make_dpo_trainer, make_recipe, plot_reward_curves,
-    read_metrics, save_adapter, start_run,
+    DpoXpuError, describe_step0, load_run_data, load_run_models, load_tokenizer, make_dpo_trainer, make_recipe,
+    plot_reward_curves, read_metrics, save_adapter, start_run,
 )
 
 recipe = make_recipe(dict(
@@ -331,11 +401,21 @@ print(run_dir.resolve())""",
 
 The pairs are loaded and ChatML-formatted as in notebook 2, then split with a fixed seed: training sees only the
 `train` part; the `eval_fraction` held out is what notebook 4 evaluates, and it finds the same rows again from the
-recipe saved above.""",
+recipe saved above.
+
+The tokenizer here and the model below come from `model_name_or_path`. A hub id is downloaded on first use into
+the Hugging Face cache (`~/.cache/huggingface`; Qwen2.5-1.5B-Instruct is about 3.1 GB). **Offline or on a
+CPU-only machine, set `preset = "demo"` in the parameters cell**: the tiny demo model and the shipped sample, no
+download. Without a network a hub id fails here, after about a minute of retries, with one line that says what
+to do; `HF_HUB_OFFLINE=1` in the environment that starts Jupyter makes it fail at once.""",
     ),
     (
         "code",
-        """tokenizer = load_tokenizer(recipe.model_name_or_path)
+        """try:
+    tokenizer = load_tokenizer(recipe.model_name_or_path)
+except DpoXpuError as error:  # e.g. a hub id without network: show its message alone, not a traceback
+    error._render_traceback_ = lambda line=f"{type(error).__name__}: {error}": [line]  # what IPython displays
+    raise
 train_pairs, heldout_pairs = load_run_data(recipe, tokenizer)
 print(f"{len(train_pairs)} training pairs, {len(heldout_pairs) if heldout_pairs is not None else 0} held out")""",
     ),
@@ -390,12 +470,23 @@ How to read them:
 - **Accuracy** is the fraction of pairs whose chosen reward beats the rejected one. It is 0 at the first step
   (both rewards are exactly 0, and a tie does not count), then rises. Stuck near 0.5 for many steps: the adapters
   are not learning (learning rate, frozen weights). At 1.0 within a few steps: the task is too easy or the policy
-  is moving too far (learning rate too high, `beta` too small); check the samples in notebook 4.""",
+  is moving too far (learning rate too high, `beta` too small); check the samples in notebook 4.
+
+**With `preset = "demo"`** the accuracy reaches 1.0 within about five steps, which the point above calls a learning
+rate too high. Here that is deliberate: the demo model is tiny (about 0.2M parameters) and random, and
+`recipes/cpu_demo.yaml` sets `learning_rate: 2.0e-3`, 40 times a real run's 5e-5, so that the margin opens clearly
+within 30 steps on a CPU. With 2 pairs per step the accuracy can only be 0, 0.5 or 1. Do not take that learning
+rate to a real model.
+
+The line under the curves is the **step-0 check**: at the first step the rewards must be 0 (and the loss ln 2).
+When they are not, the reference does not compute what the policy computes (another dtype, device or kernel),
+every reward above is biased by the gap it prints, and it names the likely cause.""",
     ),
     (
         "code",
         """metrics = read_metrics(run_dir)
 display(plot_reward_curves(metrics))
+print(describe_step0(metrics))
 pd.DataFrame(metrics).iloc[[0, -1]]""",
     ),
     (
@@ -505,7 +596,17 @@ pd.Series(metrics).to_frame("held out")""",
 
 Greedy answers (no sampling, so they are reproducible) of the trained policy and of the reference to the first
 held-out prompts. Numbers say how often; these say how: look for the preferred style (steps, brevity, no refusal)
-and for damage (repetition, broken endings), which a too-high learning rate or too-small `beta` causes.""",
+and for damage (repetition, broken endings), which a too-high learning rate or too-small `beta` causes.
+
+**With `preset = "demo"`** the policy answers `""` to every prompt (in `samples.jsonl` too), and the reference
+answers random pieces of words. Both are what the demo's model can do, not a fault of the evaluation. The
+reference is the untrained demo model: random weights, so random tokens. The policy emits the space token at
+every one of its 48 steps, and answers are shown stripped of surrounding whitespace, hence `""`. That is the
+shortcut the deliberately high learning rate found: in the shipped sample the chosen answers are longer than the
+rejected ones (about 66 tokens against 40) and hold more lone spaces (4.5 against 1.7 per answer), so raising
+the space token's probability everywhere raises the chosen answers' reward more than the rejected ones', and a
+random model has nothing better to go on. A real model at a real learning rate answers in words; empty or
+repeated answers there are the damage described above.""",
     ),
     (
         "code",
@@ -561,7 +662,12 @@ def build(cells: list[tuple[str, str]], stem: str) -> object:
         "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
     }
-    for index, (kind, text) in enumerate(cells):
+    expanded = []
+    for kind, text in cells:
+        expanded.append((kind, text))
+        if kind == "params":  # every parameters cell is followed by its preset cell
+            expanded.append(("code", preset_cell(text)))
+    for index, (kind, text) in enumerate(expanded):
         cell_id = f"{stem}-{index:02d}"
         if kind == "md":
             nb.cells.append(nbformat.v4.new_markdown_cell(text, id=cell_id))

@@ -6,9 +6,12 @@
     .venv/bin/python scripts/run_notebooks.py --preset demo --only 03 04 --overwrite
 
 Each notebook gets only the parameters its `parameters` cell declares; values are read as YAML scalars
-(`5e-4`, `true`, `null`). Relative paths are relative to notebooks/, where the notebooks run. An earlier run in
-output_dir is moved to <output_dir>.previous unless --overwrite is given (then notebook 03 replaces its files).
-The kernel is `python3`, which jupyter_client starts with this interpreter (sys.executable).
+(`5e-4`, `true`, `null`). Relative paths are relative to notebooks/, where the notebooks run. `--preset demo`
+passes the notebooks' own `preset = "demo"`: each takes recipes/cpu_demo.yaml's values for the parameters not
+given with --param (and builds the demo model when missing). An earlier run in output_dir is moved to
+<output_dir>.previous unless --overwrite is given (then notebook 03 replaces its files).
+The kernel is `python3`, which jupyter_client starts with this interpreter (sys.executable), over an encrypted
+(CurveZMQ) connection where pyzmq and the kernel support it.
 """
 
 from __future__ import annotations
@@ -43,37 +46,13 @@ CPU_TRAINING = {
     "num_samples": 3,
     "max_new_tokens": 48,
 }
-#: Training values the demo preset takes from recipes/cpu_demo.yaml, so `make demo` and
-#: `dpo-xpu train --recipe recipes/cpu_demo.yaml` train the same way.
-DEMO_RECIPE_KEYS = (
-    "bf16",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "warmup_steps",
-    "gradient_checkpointing",
-    "learning_rate",
-    "max_length",
-    "max_prompt_length",
-    "max_steps",
-    "limit",
-)
-
-
-def _demo_recipe_values() -> dict[str, Any]:
-    from dpo_xpu.recipes import load_recipe
-
-    recipe = load_recipe(ROOT / "recipes" / "cpu_demo.yaml")
-    return {key: getattr(recipe, key) for key in DEMO_RECIPE_KEYS}
-
+DEMO_RECIPE = ROOT / "recipes" / "cpu_demo.yaml"
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {  # the embedded default: tiny ChatML model built offline + the shipped sample (recipes/cpu_demo.yaml)
-        **CPU_TRAINING,
-        **_demo_recipe_values(),
-        "model_name_or_path": str(ROOT / "runs" / "demo-model"),
-        "dataset_name_or_path": str(ROOT / "dpo_xpu" / "assets" / "orca_demo_sample.jsonl"),
-        "output_dir": str(ROOT / "runs" / "demo"),
-    },
+    # the embedded default: the notebooks' own preset, the tiny ChatML model built offline + the shipped sample
+    # with recipes/cpu_demo.yaml's values, so `make demo` and `dpo-xpu train --recipe recipes/cpu_demo.yaml` train
+    # the same way
+    "demo": {"preset": "demo"},
     "shared": {  # real inputs from ../shared: stories260K (no ChatML tokens) and 64 of the 284 orca rows
         **CPU_TRAINING,
         "model_name_or_path": str(SHARED / "models" / "stories260K"),
@@ -111,6 +90,20 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
             )
         values[node.targets[0].id] = ast.literal_eval(node.value)
     return values
+
+
+def kernel_config() -> Any:
+    """Config for the kernel papermill starts: CurveZMQ transport encryption (``transport_encryption="auto"``,
+    provisioned when the kernelspec declares support, as ipykernel's does), which also removes ipykernel's
+    "Kernel is running over TCP without encryption" warning at its cause. Empty where pyzmq lacks CurveZMQ or
+    jupyter_client predates the option: the kernel then runs as before."""
+    import zmq
+    from jupyter_client import KernelManager
+    from traitlets.config import Config
+
+    if zmq.has("curve") and "transport_encryption" in KernelManager.class_trait_names():
+        return Config({"KernelManager": {"transport_encryption": "auto"}})
+    return Config()
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -151,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         values["overwrite"] = True
     selected = [n for n in NOTEBOOKS if not args.only or n[:2] in {o.zfill(2) for o in args.only}]
 
-    if args.preset == "demo" and not Path(values["model_name_or_path"]).exists():
-        from dpo_xpu.demo import build_demo_model
+    if "output_dir" in values:
+        output_dir = (NOTEBOOKS_DIR / values["output_dir"]).resolve()
+    elif values.get("preset") == "demo":  # where the notebooks' demo preset puts the run
+        from dpo_xpu.recipes import load_recipe
 
-        print(f"building the demo model in {build_demo_model(values['model_name_or_path'])}")
-    output_dir = (NOTEBOOKS_DIR / values.get("output_dir", declared[NOTEBOOKS[2]]["output_dir"])).resolve()
+        output_dir = (ROOT / load_recipe(DEMO_RECIPE).output_dir).resolve()
+    else:
+        output_dir = (NOTEBOOKS_DIR / declared[NOTEBOOKS[2]]["output_dir"]).resolve()
     if "03_dpo_training.ipynb" in selected and not args.overwrite and output_dir.exists() and any(output_dir.iterdir()):
         previous = output_dir.with_name(output_dir.name + ".previous")
         shutil.rmtree(previous, ignore_errors=True)
@@ -164,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     executed_dir = output_dir / "notebooks"
     executed_dir.mkdir(parents=True, exist_ok=True)
 
+    config = kernel_config()
     start = time.perf_counter()
     for name in selected:
         params = {k: v for k, v in values.items() if k in declared[name]}
@@ -176,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             kernel_name="python3",
             cwd=str(NOTEBOOKS_DIR),
             progress_bar=False,
+            config=config,
         )
         print(f"  done in {time.perf_counter() - began:.1f} s -> {executed_dir / name}", flush=True)
     print(f"all {len(selected)} notebook(s) in {time.perf_counter() - start:.1f} s; run folder: {output_dir}")

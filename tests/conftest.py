@@ -51,3 +51,19 @@ def qwen2_tokenizer_path() -> Path:
     if not QWEN2_TOKENIZER.exists():
         pytest.skip(f"shared asset {QWEN2_TOKENIZER} is absent (set DPO_XPU_SHARED)")
     return QWEN2_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def qwen2(qwen2_tokenizer_path: Path):
+    """The real Qwen2 tokenizer (ChatML template and special tokens)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qwen2_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def stories(stories260k_path: Path):
+    """stories260K's tokenizer (no chat template, 512 pieces)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(stories260k_path)

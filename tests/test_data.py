@@ -27,16 +27,6 @@ GOOD = {"system": "Be brief.", "question": "What is 2 + 2?", "chosen": "4.", "re
 IM_START, IM_END = 151644, 151645
 
 
-@pytest.fixture(scope="module")
-def qwen2(qwen2_tokenizer_path: Path):
-    return AutoTokenizer.from_pretrained(qwen2_tokenizer_path)
-
-
-@pytest.fixture(scope="module")
-def stories(stories260k_path: Path):
-    return AutoTokenizer.from_pretrained(stories260k_path)
-
-
 def write_jsonl(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -138,6 +128,7 @@ def test_hub_source_goes_through_load_dataset_and_validation(monkeypatch: pytest
         return datasets.Dataset.from_list(rows if split == "bad" else rows[:1])
 
     monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr("dpo_xpu.hub.hub_unreachable_reason", lambda: None)  # as if the hub answered
     dataset = load_orca_dpo_pairs("Intel/orca_dpo_pairs")
     assert calls == [("Intel/orca_dpo_pairs", "train")]
     assert dataset.column_names == ["system", "question", "chosen", "rejected"]
@@ -324,3 +315,97 @@ def test_chatml_tokenizer_keeps_its_own_template(qwen2_tokenizer_path: Path) -> 
     assert chatml_format(example, own)["prompt"] == (
         "<|im_start|>system\nDefault.<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+# --- reading: encoding, directories, repeated keys, unreadable parquet ---------------------------------------
+
+
+def test_invalid_utf8_names_line_column_and_byte(tmp_path: Path) -> None:
+    good = json.dumps(GOOD).encode()
+    bad = json.dumps({**GOOD, "question": "Caf?"}).encode().replace(b"?", b"\xe9")  # Latin-1 "é"
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n\n" + bad + b"\n" + good + b"\n")
+    column = bad.index(b"\xe9") + 1
+    with pytest.raises(PreferenceDataError) as caught:
+        load_orca_dpo_pairs(path)
+    assert str(caught.value) == (
+        f"latin1.jsonl line 3: not valid UTF-8 (byte 0xe9 at column {column}, byte {column} of the line). "
+        "Fix: re-save the file as UTF-8 (e.g. your editor's 'save with encoding', or iconv -f <its encoding> "
+        "-t utf-8)."
+    )
+    # A character column counts characters, the byte offset bytes: two-byte "ü" before the bad byte.
+    path.write_bytes(json.dumps({**GOOD, "system": "ü"}, ensure_ascii=False).encode() + b"\n" + bad + b"\xff")
+    with pytest.raises(PreferenceDataError, match=r"^latin1\.jsonl line 2: not valid UTF-8 \(byte 0xe9 at column "):
+        load_orca_dpo_pairs(path)
+    first = json.dumps({**GOOD, "system": "ü"}, ensure_ascii=False).encode() + b"\xff"
+    path.write_bytes(first + b"\n")
+    with pytest.raises(PreferenceDataError) as caught:
+        load_orca_dpo_pairs(path)
+    assert f"(byte 0xff at column {len(first) - 1}, byte {len(first)} of the line)" in str(caught.value)
+
+
+def test_invalid_utf8_in_a_json_list_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.json"
+    text = json.dumps([GOOD, {**GOOD, "chosen": "Ol\u00e1"}], ensure_ascii=False, indent=1)
+    path.write_bytes(text.encode("latin-1"))
+    line = next(n for n, row in enumerate(text.splitlines(), start=1) if "Ol" in row)
+    with pytest.raises(
+        PreferenceDataError, match=rf"^pairs\.json line {line}: not valid UTF-8 .*re-save the file as UTF-8"
+    ):
+        load_orca_dpo_pairs(path)
+
+
+def test_utf8_with_byte_order_mark_loads(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode())
+    assert load_orca_dpo_pairs(path)[0] == GOOD
+
+
+def test_directory_says_it_is_a_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    with pytest.raises(PreferenceDataError) as caught:
+        load_orca_dpo_pairs(folder)
+    assert str(caught.value) == (
+        f"{folder} is a directory, not a data file. Fix: pass one .jsonl, .json or .parquet file (e.g. "
+        f"{folder / 'train.jsonl'}), or a hub id such as 'Intel/orca_dpo_pairs'."
+    )
+    with pytest.raises(PreferenceDataError, match="is a directory"):
+        load_orca_dpo_pairs(str(folder))  # a string path too
+    with pytest.raises(PreferenceDataError, match="does not exist"):
+        load_orca_dpo_pairs(folder / "missing.jsonl")
+
+
+def test_repeated_key_in_a_jsonl_row_is_refused(tmp_path: Path) -> None:
+    repeated = '{"system": "", "question": "Q", "chosen": "A", "rejected": "B", "chosen": "C"}'
+    path = write_jsonl(tmp_path / "dup.jsonl", [json.dumps(GOOD), repeated])
+    with pytest.raises(PreferenceDataError) as caught:
+        load_orca_dpo_pairs(path)
+    assert str(caught.value) == (
+        "dup.jsonl line 2: the key 'chosen' appears more than once in one JSON object (only the last value "
+        "would be kept). Fix: keep a single 'chosen' in that object."
+    )
+    path = write_jsonl(tmp_path / "dup.jsonl", [json.dumps(GOOD), repeated.replace('"chosen": "C"', '"x": "C"')])
+    assert len(load_orca_dpo_pairs(path)) == 2  # the same keys without the repeat load
+
+
+def test_repeated_key_in_a_json_list_names_row_and_nesting(tmp_path: Path) -> None:
+    path = tmp_path / "dup.json"
+    path.write_text(
+        '[{"system": "", "question": "Q", "chosen": "A", "rejected": "B"},'
+        ' {"system": "", "system": "S", "question": "Q", "chosen": "A", "rejected": "B"}]',
+        encoding="utf-8",
+    )
+    with pytest.raises(PreferenceDataError, match=r"^dup\.json row 2: the key 'system' appears more than once"):
+        load_orca_dpo_pairs(path)
+    path.write_text('[{"a": {"b": 1}, "c": [{"d": 1, "d": 2}]}]', encoding="utf-8")
+    with pytest.raises(PreferenceDataError, match=r"^dup\.json row 1, column 'c', message 1: the key 'd' appears"):
+        load_orca_dpo_pairs(path)
+
+
+def test_unreadable_parquet_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 not really")
+    with pytest.raises(PreferenceDataError, match=r"^broken\.parquet: not a readable parquet file \(.*\)\. Fix: ") as e:
+        load_orca_dpo_pairs(path)
+    assert "\n" not in str(e.value)

@@ -1,11 +1,24 @@
-"""The offline demo model: built without downloads, deterministic, ChatML, NF4-friendly sizes."""
+"""The offline demo: its model (built without downloads, deterministic, ChatML, NF4-friendly sizes), the notebooks'
+`preset = "demo"` under papermill, and the set-up `make demo` starts with (torch follows TORCH_SPEC)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
 import pytest
 from transformers import AutoTokenizer
 
 from dpo_xpu.demo import DEMO_CONFIG, build_demo_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = ROOT / "recipes" / "cpu_demo.yaml"
+XPU_SPEC = "torch --index-url https://download.pytorch.org/whl/xpu"
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +54,116 @@ def test_reuse_and_refusal(demo_dir, tmp_path):
     with pytest.raises(FileExistsError):
         build_demo_model(other)
     assert (other / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.notebook
+def test_notebook_03_with_preset_demo_trains_the_cpu_demo_recipe(tmp_path):
+    """`--preset demo` passes the notebooks' preset = "demo"; max_steps given with --param is kept (2 steps here)."""
+    from dpo_xpu import load_recipe
+
+    out = tmp_path / "run"
+    command = [sys.executable, "scripts/run_notebooks.py", "--preset", "demo", "--only", "03"]
+    command += [f"--param=output_dir={out}", "--param=max_steps=2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+    recipe, demo = load_recipe(out / "recipe.yaml"), load_recipe(DEMO_RECIPE)
+    assert recipe.learning_rate == demo.learning_rate and recipe.learning_rate != 5e-5  # not the notebook's default
+    assert Path(recipe.model_name_or_path) == (ROOT / demo.model_name_or_path).resolve()
+    assert Path(recipe.dataset_name_or_path) == (ROOT / demo.dataset_name_or_path).resolve()
+    for key in ("max_length", "max_prompt_length", "bf16", "per_device_train_batch_size", "warmup_steps"):
+        assert getattr(recipe, key) == getattr(demo, key), key
+    assert recipe.gradient_accumulation_steps == demo.gradient_accumulation_steps
+    assert recipe.gradient_checkpointing == demo.gradient_checkpointing
+    assert recipe.max_steps == 2 and recipe.eval_fraction == 0.1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]
+
+    executed = nbformat.read(out / "notebooks" / "03_dpo_training.ipynb", as_version=4)
+    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    preset_line = next(line for line in printed.splitlines() if line.startswith("preset demo:"))
+    assert f"learning_rate={demo.learning_rate!r}" in preset_line and "max_steps" not in preset_line
+    import zmq
+
+    if zmq.has("curve"):  # run_notebooks starts the kernel with CurveZMQ: ipykernel's plain-TCP warning is gone
+        assert "without encryption" not in result.stdout + result.stderr
+
+
+# --- make setup: torch follows TORCH_SPEC -------------------------------------------------------------------------
+
+
+def _make(venv: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "TORCH_SPEC", "VENV")}
+    command = ["make", "--no-print-directory", "-C", str(ROOT), f"VENV={venv}", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture
+def fake_venv(tmp_path):
+    """A .venv whose python only records its arguments (pip show says torch is installed): make's decisions
+    become visible as the pip commands it ran."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "calls.log"
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
+    python.chmod(0o755)
+
+    def calls() -> list[str]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.write_text("")
+        return lines
+
+    return venv, calls
+
+
+def _torch_stamps(venv: Path) -> dict[str, str]:
+    return {p.name: p.read_text().strip() for p in venv.glob(".dpo_xpu-torch-*")}
+
+
+def test_make_setup_reinstalls_torch_only_when_torch_spec_changes(fake_venv):
+    venv, calls = fake_venv
+    _make(venv, "setup")  # first set-up: the default spec, the CPU wheel
+    assert "-m pip install -q torch==2.13.0" in calls()
+    assert list(_torch_stamps(venv).values()) == ["torch==2.13.0"]
+
+    for same in ((), ("TORCH_SPEC=torch==2.13.0",)):  # unchanged: `make setup`, `make test` do nothing for torch
+        assert "Nothing to be done" in _make(venv, "setup", *same).stdout
+        assert calls() == []
+        assert "pip" not in _make(venv, "-n", "setup", *same).stdout
+
+    dry = _make(venv, "-n", "setup", f"TORCH_SPEC={XPU_SPEC}").stdout  # changed: torch is replaced, not kept
+    assert "pip uninstall -q -y torch" in dry and f"pip install -q {XPU_SPEC}" in dry
+    _make(venv, "setup", f"TORCH_SPEC={XPU_SPEC}")
+    assert calls() == [
+        "-m pip show -q torch",
+        "-m pip uninstall -q -y torch",
+        f"-m pip install -q {XPU_SPEC}",
+        "-m pip install -q -e .[test,notebooks,docs]",
+    ]
+    assert list(_torch_stamps(venv).values()) == [XPU_SPEC]
+
+    _make(venv, "setup")  # no TORCH_SPEC (`make kernel`, `make test` after the XPU set-up): the XPU wheels stay
+    assert calls() == []
+    dry = _make(venv, "-n", "setup", "TORCH_SPEC=torch==2.13.0").stdout  # back to CPU only when asked
+    assert "pip uninstall -q -y torch" in dry and "pip install -q torch==2.13.0" in dry
+
+
+def test_make_setup_adopts_a_venv_set_up_before_torch_stamps(fake_venv):
+    venv, calls = fake_venv
+    _make(venv, "setup")
+    calls()
+    for stamp in venv.glob(".dpo_xpu-torch-*"):  # as an older Makefile left it: only .dpo_xpu-installed
+        stamp.unlink()
+    dry = _make(venv, "-n", "setup").stdout
+    assert "pip uninstall" not in dry and "pip install -q torch" not in dry
+    _make(venv, "setup")
+    assert calls() == [] and list(_torch_stamps(venv).values()) == ["torch==2.13.0"]
+    _make(venv, "setup", f"TORCH_SPEC={XPU_SPEC}")  # a spec given explicitly still replaces torch
+    assert f"-m pip install -q {XPU_SPEC}" in calls()

@@ -25,13 +25,24 @@ def test_missing_local_folder_names_the_path(tmp_path):
         resolve_model_path("./models/nope")
 
 
-def test_hub_id_is_kept_for_users():
+def test_hub_id_is_kept_for_users(monkeypatch):
+    monkeypatch.setattr("dpo_xpu.hub.hub_unreachable_reason", lambda: None)  # as if the hub answered
     assert resolve_model_path("teknium/OpenHermes-2.5-Mistral-7B") == "teknium/OpenHermes-2.5-Mistral-7B"
+    monkeypatch.undo()
+    assert (
+        resolve_model_path("teknium/OpenHermes-2.5-Mistral-7B", check_hub=False) == "teknium/OpenHermes-2.5-Mistral-7B"
+    )
 
 
 def test_unreachable_hub_id_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="could not load 'no-such-org/no-such-model'"):
+    with pytest.raises(ModelLoadError, match=r"'no-such-org/no-such-model' is a hub id, the hub is switched off"):
+        load_tokenizer("no-such-org/no-such-model")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(
+        "dpo_xpu.hub.socket.create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("no route"))
+    )
+    with pytest.raises(ModelLoadError, match=r"the hub \(huggingface.co\) cannot be reached \(OSError: no route\)"):
         load_tokenizer("no-such-org/no-such-model")
 
 

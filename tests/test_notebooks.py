@@ -2,7 +2,8 @@
 
 The run (marker `notebook`, a few minutes on 2 CPU cores) uses the real inputs in ../shared: stories260K and 64
 of the 284 orca rows, 12 steps, then asserts on what the notebooks recorded in the run folder. The live-plot
-callback itself is unit-tested outside Jupyter in test_plotting_callbacks.py.
+callback itself is unit-tested outside Jupyter in test_plotting_callbacks.py. The `preset` cell of each notebook is
+run here without a kernel; test_demo.py runs notebook 03 with `preset = "demo"` under papermill.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
@@ -32,6 +34,10 @@ REQUIRED = {
     | {"eval_fraction", "seed", "bf16", "num_samples", "max_new_tokens"},
 }
 RUN = {"limit": 64, "eval_fraction": 0.125, "max_steps": 12, "num_samples": 2, "max_new_tokens": 24}
+DEMO_RECIPE = ROOT / "recipes" / "cpu_demo.yaml"
+#: What preset = "demo" sets beyond recipes/cpu_demo.yaml (the notebooks' DEMO_EXTRAS).
+DEMO_EXTRAS = {"eval_fraction": 0.1, "num_samples": 3, "max_new_tokens": 48}
+DEMO_PATHS = ("model_name_or_path", "dataset_name_or_path", "output_dir")
 
 
 def _parameters(path: Path) -> dict:
@@ -45,6 +51,26 @@ def _parameters(path: Path) -> dict:
         )
         values[node.targets[0].id] = ast.literal_eval(node.value)  # raises on anything but a literal
     return values
+
+
+def _preset_cell(path: Path) -> str:
+    """The code cell right after the parameters cell."""
+    nb = nbformat.read(path, as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    return nb.cells[index + 1].source
+
+
+def _run_preset_cell(path: Path, monkeypatch, **given) -> tuple[dict, list]:
+    """Run the preset cell as Jupyter would (cwd notebooks/), after the parameters and what papermill injects;
+    build_demo_model is recorded, not run. Returns the notebook's variables and the folders it would build."""
+    import dpo_xpu
+
+    built: list = []
+    monkeypatch.setattr(dpo_xpu, "build_demo_model", lambda dest, **kwargs: built.append(str(dest)) or Path(dest))
+    monkeypatch.chdir(ROOT / "notebooks")
+    namespace = {**_parameters(path), **given}
+    exec(compile(_preset_cell(path), f"{path.name}:preset", "exec"), namespace)
+    return namespace, built
 
 
 def test_the_four_notebooks_exist():
@@ -63,6 +89,89 @@ def test_one_literal_parameters_cell_with_the_step_inputs(path):
     values = _parameters(path)
     missing = REQUIRED[path.name[:2]] - set(values)
     assert not missing, f"{path.name}: the parameters cell lacks {sorted(missing)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_has_a_preset_parameter_and_cell(path):
+    values = _parameters(path)
+    assert "preset" in values, f"{path.name}: the parameters cell lacks `preset`"
+    assert values["preset"] is None, "the default must stay the real user's GPU run"
+    cell = _preset_cell(path)
+    assert 'if preset == "demo":' in cell and "cpu_demo.yaml" in cell and "build_demo_model" in cell
+    # the defaults the cell compares with are the parameters cell's own, so only untouched values are replaced
+    node = next(n for n in ast.parse(cell).body if isinstance(n, ast.Assign) and n.targets[0].id == "defaults")
+    defaults = {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.value.keywords}
+    assert "model_name_or_path" in defaults
+    assert {name: values[name] for name in defaults} == defaults
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_preset_demo_takes_the_demo_recipes_values(path, monkeypatch):
+    from dpo_xpu import load_recipe
+
+    demo = {**load_recipe(DEMO_RECIPE).to_dict(), **DEMO_EXTRAS}
+    for key in DEMO_PATHS:
+        demo[key] = str((ROOT / demo[key]).resolve())
+    declared = _parameters(path)
+    values, built = _run_preset_cell(path, monkeypatch, preset="demo")
+    covered = [name for name in declared if name in demo]
+    assert "model_name_or_path" in covered
+    for name in covered:
+        assert values[name] == demo[name], (path.name, name, values[name], demo[name])
+    assert built == [demo["model_name_or_path"]], "the demo model is built (or reused) where the preset points"
+    for name in set(declared) - set(demo) - {"preset"}:  # the notebook's own extras keep their defaults
+        assert values[name] == declared[name], name
+
+
+def test_preset_demo_in_notebook_03_is_the_cpu_demo_training(monkeypatch):
+    from dpo_xpu import load_recipe
+
+    demo = load_recipe(DEMO_RECIPE)
+    path = ROOT / "notebooks" / "03_dpo_training.ipynb"
+    declared = _parameters(path)
+    values, _ = _run_preset_cell(path, monkeypatch, preset="demo")
+    assert values["learning_rate"] == demo.learning_rate != declared["learning_rate"]
+    assert values["max_steps"] == demo.max_steps != declared["max_steps"]
+    assert values["bf16"] is False and values["eval_fraction"] == DEMO_EXTRAS["eval_fraction"]
+    assert Path(values["model_name_or_path"]) == ROOT / "runs" / "demo-model"
+
+
+def test_preset_demo_keeps_the_values_you_changed(monkeypatch):
+    path = ROOT / "notebooks" / "03_dpo_training.ipynb"
+    values, built = _run_preset_cell(path, monkeypatch, preset="demo", max_steps=7, model_name_or_path="mine")
+    assert values["max_steps"] == 7 and values["model_name_or_path"] == "mine"
+    assert built == [], "no demo model is built for a model you chose"
+    assert values["learning_rate"] != _parameters(path)["learning_rate"], "the untouched values still change"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_preset_none_changes_nothing_and_an_unknown_preset_is_refused(path, monkeypatch):
+    declared = _parameters(path)
+    values, built = _run_preset_cell(path, monkeypatch)
+    assert {name: values[name] for name in declared} == declared and built == []
+    with pytest.raises(ValueError, match="preset = 'gpu'"):
+        _run_preset_cell(path, monkeypatch, preset="gpu")
+
+
+def test_notebook_03_shows_a_model_it_cannot_load_as_one_line(tmp_path, capsys):
+    """Offline, a hub id fails in the loading cell: the cell shows the error's message alone, no traceback."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from dpo_xpu import DpoXpuError, ModelLoadError, load_tokenizer
+
+    nb = nbformat.read(ROOT / "notebooks" / "03_dpo_training.ipynb", as_version=4)
+    cell = next(c.source for c in nb.cells if "load_tokenizer(recipe.model_name_or_path)" in c.source)
+    shell = InteractiveShell.instance()
+    try:
+        recipe = SimpleNamespace(model_name_or_path=str(tmp_path / "missing-model"))
+        shell.user_ns.update(recipe=recipe, DpoXpuError=DpoXpuError, load_tokenizer=load_tokenizer)
+        result = shell.run_cell(cell)
+    finally:
+        InteractiveShell.clear_instance()
+    assert isinstance(result.error_in_exec, ModelLoadError)
+    shown = capsys.readouterr()
+    lines = [line for line in (shown.out + shown.err).splitlines() if line.strip()]
+    assert lines == [f"ModelLoadError: {result.error_in_exec}"]
 
 
 def test_shared_parameters_have_the_same_defaults_everywhere():

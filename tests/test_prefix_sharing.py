@@ -146,7 +146,8 @@ def test_prefix_sharing_trains_to_the_same_losses(stories260k_path, orca_rows_pa
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")
 
     def steps(precompute: bool = False, **overrides) -> tuple[list[dict], dict | None]:
-        recipe = short_recipe(stories260k_path, orca_rows_path, tmp_path / "run", learning_rate=5e-5, **overrides)
+        out = tmp_path / f"run-{precompute}-{sorted(overrides.items())}"  # one folder per run: no mixed metrics
+        recipe = short_recipe(stories260k_path, orca_rows_path, out, learning_rate=5e-5, **overrides)
         trainer = make_trainer(recipe)
         if precompute:
             attach_precomputed_reference(trainer, recipe, cache_dir=tmp_path / "cache")

@@ -7,6 +7,7 @@ Also checks TRL's chunked per-token log-probs (which every strategy uses instead
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -157,7 +158,8 @@ def test_precomputed_equals_adapter_off_per_step(base, tmp_path):
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")
 
     def steps(precomputed: bool) -> list[dict]:
-        trainer = make_trainer(recipe)
+        # one run folder per trainer: a second training on one folder is refused (its metrics would mix)
+        trainer = make_trainer(dataclasses.replace(recipe, output_dir=str(tmp_path / f"run-{precomputed}")))
         if precomputed:
             attach_precomputed_reference(trainer, recipe, cache_dir=tmp_path / "cache")
         trainer.train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -88,11 +89,73 @@ def test_generic_rows_are_validated_with_line_column_and_fix(tmp_path):
     assert loaded[0] == {"system": "", "question": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
 
 
-def test_format_detection_names_both_formats():
+def test_format_detection_names_every_format():
     assert detect_format(["system", "question", "chosen", "rejected"]) == "orca"
     assert detect_format(["prompt", "chosen", "rejected", "id"]) == "prompt-chosen-rejected"
-    with pytest.raises(PreferenceDataError, match=r"\['chosen', 'instruction', 'rejected'\].*data_format: orca"):
-        detect_format(["instruction", "chosen", "rejected"])
+    messages = [{"role": "assistant", "content": "A"}]
+    assert detect_format(["chosen", "rejected"], example={"chosen": messages, "rejected": messages}) == "conversational"
+    assert detect_format(["prompt", "chosen", "rejected"], example={"chosen": messages}) == "conversational"
+    with pytest.raises(PreferenceDataError) as caught:
+        detect_format(["text", "label"], "pairs.jsonl line 1")
+    assert str(caught.value) == (
+        "pairs.jsonl line 1: cannot tell the data format from the columns ['label', 'text']. Fix: use the columns "
+        "['system', 'question', 'chosen', 'rejected'] (data_format: orca), ['prompt', 'chosen', 'rejected'] "
+        "(data_format: prompt-chosen-rejected), or 'chosen' and 'rejected' lists of chat messages with an "
+        "optional 'prompt' list (data_format: conversational)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("columns", "missing", "fmt"),
+    [
+        (["system", "question", "chosen"], "column 'rejected'", "orca"),
+        (["question", "chosen", "rejected"], "column 'system'", "orca"),
+        (["prompt", "chosen"], "column 'rejected'", "prompt-chosen-rejected"),
+        (["instruction", "chosen", "rejected"], "column 'prompt'", "prompt-chosen-rejected"),
+        (["system", "question", "id"], "columns 'chosen', 'rejected'", "orca"),
+    ],
+)
+def test_near_miss_columns_name_what_is_missing(columns, missing, fmt):
+    with pytest.raises(PreferenceDataError) as caught:
+        detect_format(columns, "pairs.jsonl line 1")
+    plural = "s" if "columns" in missing else ""
+    assert str(caught.value) == (
+        f"pairs.jsonl line 1: missing {missing} of the {fmt} format (found {sorted(columns)}). Fix: add the "
+        f"column{plural} to every row (or rename the column{plural} holding {'them' if plural else 'it'}), "
+        f"for data_format: {fmt}."
+    )
+
+
+def test_parquet_json_and_jsonl_without_rejected_name_the_missing_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    orca = [{"system": "S", "question": "Q", "chosen": "A"}] * 2
+    pq.write_table(pa.Table.from_pylist(orca), tmp_path / "orca.parquet")
+    with pytest.raises(PreferenceDataError, match=r"^orca\.parquet row 1: missing column 'rejected' of the orca fo"):
+        load_preference_pairs(tmp_path / "orca.parquet")
+    generic = [{"prompt": "Q", "chosen": "A"}] * 2
+    (tmp_path / "generic.json").write_text(json.dumps(generic))
+    with pytest.raises(PreferenceDataError, match=r"^generic\.json row 1: missing column 'rejected' of the prompt-"):
+        load_preference_pairs(tmp_path / "generic.json")
+    path = tmp_path / "generic.jsonl"
+    path.write_text("\n" + json.dumps(generic[0]) + "\n")
+    with pytest.raises(PreferenceDataError, match=r"^generic\.jsonl line 2: missing column 'rejected' of the prompt-"):
+        load_preference_pairs(path)
+    conversational = {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "A"}]}
+    write_jsonl(path, [conversational])
+    with pytest.raises(PreferenceDataError, match=r"^generic\.jsonl line 1: missing column 'rejected' of the convers"):
+        load_preference_pairs(path)
+
+
+def test_directory_and_unknown_format_are_one_line(tmp_path):
+    folder = re.escape(str(tmp_path))
+    with pytest.raises(PreferenceDataError, match=rf"^{folder} is a directory, not a data file\. Fix: pass one "):
+        load_preference_pairs(tmp_path)
+    with pytest.raises(PreferenceDataError, match=rf"^{folder} is a directory"):
+        load_preference_pairs(str(tmp_path), data_format="orca")
+    with pytest.raises(PreferenceDataError, match=r"^data_format: unknown 'chatml'\. Fix: use one of \['auto', "):
+        load_preference_pairs(tmp_path, data_format="chatml")
 
 
 def test_generic_prompt_is_the_user_turn_of_the_same_chatml(qwen2_tokenizer_path):

@@ -9,9 +9,8 @@ import pytest
 import torch
 from helpers import cpu_recipe as shared_recipe
 
-from dpo_xpu.errors import RunFolderError
 from dpo_xpu.models import load_tokenizer, load_trained_policy
-from dpo_xpu.training import prepare_run_dir, run_training
+from dpo_xpu.training import run_training
 
 LN2 = math.log(2)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -88,19 +87,6 @@ def test_separate_and_adapter_off_agree_at_the_first_step(stories260k_path, orca
     a, b = firsts["adapter-off"], firsts["separate"]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
         assert a[key] == pytest.approx(b[key], abs=1e-5), key
-
-
-def test_run_folder_is_never_overwritten_silently(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text('{"step": 1}\n')
-    (run / "notes.txt").write_text("mine")
-    with pytest.raises(RunFolderError, match="--overwrite"):
-        prepare_run_dir(run)
-    assert (run / "metrics.jsonl").exists()
-    prepare_run_dir(run, overwrite=True)
-    assert not (run / "metrics.jsonl").exists()
-    assert (run / "notes.txt").read_text() == "mine"  # files we did not write are kept
 
 
 @pytest.mark.slow

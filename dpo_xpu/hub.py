@@ -1,0 +1,75 @@
+"""Whether a Hugging Face Hub id can be loaded here, decided at once instead of after the hub client's retries.
+
+With no network, ``from_pretrained("org/name")`` and ``load_dataset("org/name")`` retry for over a minute, then
+raise a traceback. :func:`check_hub_id` answers in well under a second: the id is in the local cache, or the hub
+is switched off (``HF_HUB_OFFLINE=1``) or cannot be reached, and then one line says how to pass a local file or
+folder instead. huggingface_hub offers the cache lookup (``try_to_load_from_cache``) and the endpoint; the
+reachability probe (one TCP connection, 3 s at most) is ours, as the library has none that does not retry.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+from dpo_xpu.errors import DpoXpuError
+
+#: Seconds the reachability probe waits for the hub's host.
+PROBE_TIMEOUT_S = 3.0
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _cached(repo_id: str, repo_type: str) -> bool:
+    try:
+        from huggingface_hub import scan_cache_dir
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return False
+    try:
+        cache = scan_cache_dir()
+    except Exception:  # noqa: BLE001 - no cache folder yet, or an unreadable one: nothing cached
+        return False
+    return any(repo.repo_id == repo_id and repo.repo_type == repo_type for repo in cache.repos)
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here, or ``None`` when its host accepts a connection."""
+    if _offline():
+        return "the hub is switched off here (HF_HUB_OFFLINE=1)"
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"the hub ({host}) cannot be reached ({type(exc).__name__}: {exc})"
+    return None
+
+
+def check_hub_id(repo_id: str, repo_type: str, error: type[DpoXpuError], key: str) -> None:
+    """Raise ``error`` at once when the hub id ``repo_id`` can neither come from the cache nor from the hub.
+
+    Args:
+        repo_id: the id, ``name`` or ``org/name``.
+        repo_type: ``"model"`` or ``"dataset"``.
+        error: the error class to raise (``ModelLoadError``, ``PreferenceDataError``).
+        key: the recipe key that named it (``model_name_or_path``, ``dataset_name_or_path``), quoted in the message.
+
+    Raises:
+        error: the id is not cached and the hub is off or unreachable; the message says how to pass a local path.
+    """
+    if _cached(repo_id, repo_type):
+        return
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return
+    what = "folder (with config.json and the weights)" if repo_type == "model" else ".jsonl/.json/.parquet file"
+    download = f"huggingface-cli download {'--repo-type dataset ' if repo_type == 'dataset' else ''}{repo_id}"
+    raise error(
+        f"{key}: {repo_id!r} is a hub id, {reason}, and it is not in the local cache. Fix: give a local {what} "
+        f"as {key}, or download it on a machine that reaches the hub ({download} --local-dir DIR) and give DIR"
+    )

@@ -1,0 +1,41 @@
+"""Known-harmless messages of the stack, filtered at their source by their exact text (never all warnings).
+
+- bitsandbytes >= 0.49 logs "Failed to load CPU gemm_4bit_forward from kernels-community" on every CPU with
+  AVX512-BF16 when the optional ``kernels`` package (a hub download) is absent; it then uses its own kernel, which
+  is what dpo_xpu wants anyway (:mod:`dpo_xpu.backends.native` keeps the training and inference kernels equal).
+- transformers 5 warns ``FutureWarning: `gradient_checkpointing_enable` is deprecated`` (and ``_disable``,
+  ``is_gradient_checkpointing``) whenever PEFT or TRL call the old names, three or four times a run, also with
+  checkpointing off; nothing a user can change.
+
+:func:`install` runs when ``dpo_xpu`` is imported. Python's ``warnings`` and ``logging`` filters are the tools;
+no library filters another library's messages, hence these few lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+#: Start of the bitsandbytes log line dropped by :func:`install`.
+BNB_KERNELS_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+#: transformers' deprecation warnings of the old gradient-checkpointing names (a regular expression).
+CHECKPOINTING_DEPRECATION = (
+    r"`(gradient_checkpointing_enable|gradient_checkpointing_disable|is_gradient_checkpointing)` is deprecated"
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+def install() -> None:
+    """Filter the messages above (idempotent)."""
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropMessage) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_DropMessage(BNB_KERNELS_MESSAGE))
+    warnings.filterwarnings("ignore", message=CHECKPOINTING_DEPRECATION, category=FutureWarning)

@@ -1,0 +1,40 @@
+"""Known-harmless messages are filtered by their exact text, and nothing else is."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import dpo_xpu  # noqa: F401 - importing the package installs the filters
+from dpo_xpu.noise import BNB_KERNELS_MESSAGE
+
+
+def test_the_bitsandbytes_kernels_line_is_dropped_and_other_lines_are_not(caplog):
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning(BNB_KERNELS_MESSAGE + ": %s. Please make sure you already `pip install kernels`", "no network")
+        log.warning("some other bitsandbytes warning")
+    assert BNB_KERNELS_MESSAGE not in caplog.text
+    assert "some other bitsandbytes warning" in caplog.text
+
+
+def test_only_the_checkpointing_deprecations_are_silenced():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        dpo_xpu.noise.install()
+        warnings.warn(
+            "`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1
+        )
+        warnings.warn(
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1
+        )
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
+
+
+def test_user_errors_show_as_one_line_in_a_notebook():
+    from dpo_xpu.errors import ModelLoadError
+
+    assert ModelLoadError("model folder x does not exist")._render_traceback_() == [
+        "ModelLoadError: model folder x does not exist"
+    ]

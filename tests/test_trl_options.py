@@ -1,0 +1,112 @@
+"""TRL's options under TRL's own names: accepted in recipes and on the CLI, passed to DPOConfig, honoured."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from helpers import cpu_recipe
+
+from dpo_xpu.errors import RecipeError
+from dpo_xpu.recipes import load_recipe, make_recipe, trl_option_names
+from dpo_xpu.training import run_training
+from dpo_xpu.trl_compat import dpo_config_kwargs, trl_generation
+
+pytestmark = pytest.mark.skipif(trl_generation() != "1.x", reason="TRL 1.x's options (the native environment)")
+
+
+def test_every_dpo_config_option_is_accepted_except_those_dpo_xpu_sets():
+    from trl import DPOConfig
+
+    names = trl_option_names()
+    own = {f.name for f in dataclasses.fields(DPOConfig)} - set(names)
+    assert {"ld_alpha", "use_weighting", "save_total_limit", "report_to", "sync_ref_model", "optim"} <= set(names)
+    assert "precompute_ref_log_probs" in own and "beta" in own  # set through dpo_xpu's keys
+
+
+def test_options_round_trip_through_yaml_and_reach_dpo_config(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("ld_alpha: 0.5\nuse_weighting: true\nsave_total_limit: 2\nreport_to: [tensorboard]\n")
+    recipe = load_recipe(path, overrides=["f_divergence_type=js_divergence", "precompute_ref_batch_size=8"])
+    assert recipe.trl_options["ld_alpha"] == 0.5 and recipe.trl_options["precompute_ref_batch_size"] == 8
+    assert load_recipe(recipe.save(tmp_path / "again.yaml")) == recipe
+    kwargs = dpo_config_kwargs(recipe, "1.x")
+    assert (kwargs["ld_alpha"], kwargs["use_weighting"], kwargs["report_to"]) == (0.5, True, ["tensorboard"])
+    assert kwargs["f_divergence_type"] == "js_divergence"
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"bogus_option": 1}, "unknown recipe key.*bogus_option.*installed TRL"),
+        ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs: .*reference: precomputed"),
+        ({"use_cpu": True}, "use_cpu: .*device: cpu"),
+    ],
+)
+def test_unknown_and_managed_options_are_one_clear_line(values, match):
+    with pytest.raises(RecipeError, match=match):
+        make_recipe(values)
+
+
+def test_loss_weights_are_refused_where_dpo_xpu_weighs_the_terms():
+    with pytest.raises(RecipeError, match="loss_weights: dpo_xpu weighs"):
+        dpo_config_kwargs(make_recipe({"nll_loss_coef": 0.5, "loss_weights": [1.0, 0.5]}), "1.x")
+
+
+def test_liger_kernel_is_refused_with_the_reason_where_it_is_missing():
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    with pytest.raises(RecipeError, match="use_liger_kernel: needs the liger-kernel package"):
+        dpo_config_kwargs(make_recipe({"use_liger_kernel": True}), "1.x")
+
+
+def test_train_help_documents_the_options():
+    from helpers import run_cli
+
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    for name in ("ld_alpha", "use_weighting", "save_total_limit", "warmup_ratio", "report_to", "learning_rate"):
+        assert f"\n  {name} = " in result.stdout, name
+
+
+@pytest.mark.slow
+def test_trl_only_options_train_and_are_honoured(stories260k_path, orca_rows_path, tmp_path):
+    """ld_alpha, use_weighting, save_total_limit, warmup_ratio and report_to: [tensorboard] in one run."""
+    pytest.importorskip("tensorboard", reason="report_to: [tensorboard] needs the tensorboard package")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    recipe = make_recipe(
+        {
+            **cpu_recipe(
+                stories260k_path,
+                orca_rows_path,
+                run,
+                limit=6,
+                max_steps=4,
+                max_length=320,
+                max_prompt_length=192,
+                warmup_steps=0,  # so that any warmup comes from warmup_ratio
+            ).to_dict(),
+            "save_steps": 1,
+            "lr_scheduler_type": "linear",
+            "ld_alpha": 0.5,
+            "use_weighting": True,
+            "save_total_limit": 2,
+            "warmup_ratio": 0.5,
+            "report_to": ["tensorboard"],
+        }
+    )
+    result = run_training(recipe, live_plot=False)
+    trainer = result.trainer
+    assert trainer.ld_alpha == 0.5 and trainer.use_weighting is True
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]  # the limit of 2
+    lrs = [row["learning_rate"] for row in result.metrics if "loss" in row]
+    # warmup over half of the 4 steps (the logged rate is the one of the step: 0, half, peak), then linear decay
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(recipe.learning_rate) and lrs[3] < lrs[2]
+    events = EventAccumulator(str(next(run.rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    losses = [scalar.value for scalar in events.Scalars("train/loss")]
+    assert losses == pytest.approx([row["loss"] for row in result.metrics if "loss" in row], rel=1e-5)
