@@ -205,6 +205,7 @@ def test_resume_on_a_finished_run_trains_nothing_and_resaves_a_missing_adapter(
     adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
     result = run_training(recipe, resume=True, live_plot=False)
     assert result.trainer is None and "is complete (step 2 of 2)" in caplog.text
+    assert f"resuming {run} from checkpoint-2 (step 2)" in caplog.text
     assert (run / "metrics.jsonl").read_text() == rows  # no step 3
     shutil.rmtree(run / "adapter")  # as after a final save that failed on a full disk
     run_training(recipe, resume=True, live_plot=False)
@@ -302,3 +303,24 @@ def test_the_model_card_names_the_base_model_data_recipe_and_metrics(stories260k
         assert f"- {orca_rows_path}" in text and "| `learning_rate` | `0.0005` |" in text
         last = result.metrics[-1]
         assert f"| loss | {last['loss']:.4f} |" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", [False, True])
+def test_one_progress_callback_with_concise_lines_replaces_transformers_own(
+    stories260k_path, orca_rows_path, tmp_path, notebook
+):
+    """In a notebook transformers' table grows a row per step above the live curves; it is replaced by a bar."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from dpo_xpu.callbacks import StepLineProgressCallback, use_step_lines
+
+    trainer = make_trainer(quick_recipe(stories260k_path, orca_rows_path, tmp_path / "run", max_steps=1))
+    use_step_lines(trainer, notebook=notebook)
+    progress = [
+        cb
+        for cb in trainer.callback_handler.callbacks
+        if isinstance(cb, (ProgressCallback, PrinterCallback)) or type(cb).__name__ == "NotebookProgressCallback"
+    ]
+    assert len(progress) == 1 and isinstance(progress[0], StepLineProgressCallback)
+    assert progress[0].lines is (not notebook)
