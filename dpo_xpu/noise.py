@@ -4,7 +4,8 @@
   AVX512-BF16 when the optional ``kernels`` package (a hub download) is absent; it then uses its own kernel, which
   is what dpo_xpu wants anyway (:mod:`dpo_xpu.backends.native` keeps the training and inference kernels equal).
 - transformers 5 warns ``FutureWarning: `gradient_checkpointing_enable` is deprecated`` (and ``_disable``,
-  ``is_gradient_checkpointing``) whenever PEFT or TRL call the old names, three or four times a run, also with
+  ``is_gradient_checkpointing``, and the ``gradient_checkpointing`` / ``gradient_checkpointing_kwargs`` arguments
+  TRL's ``DPOConfig`` still takes) whenever PEFT or TRL use the old names, several times a run, also with
   checkpointing off; nothing a user can change.
 
 :func:`install` runs when ``dpo_xpu`` is imported. Python's ``warnings`` and ``logging`` filters are the tools;
@@ -20,7 +21,7 @@ import warnings
 BNB_KERNELS_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 #: transformers' deprecation warnings of the old gradient-checkpointing names (a regular expression).
 CHECKPOINTING_DEPRECATION = (
-    r"`(gradient_checkpointing_enable|gradient_checkpointing_disable|is_gradient_checkpointing)` is deprecated"
+    r"`(gradient_checkpointing(_enable|_disable|_kwargs)?|is_gradient_checkpointing)` is deprecated"
 )
 
 

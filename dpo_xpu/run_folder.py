@@ -129,6 +129,7 @@ class RunLock:
     def release(self) -> None:
         """Drop the lock (the lock file stays: deleting it would let two processes lock two files)."""
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # no holder any more: only a process that died leaves its name behind
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 

@@ -133,6 +133,11 @@ def test_max_prompt_length_follows_max_length_unless_set():
     assert Recipe(max_length=1024, max_prompt_length=900).max_prompt_length == 900
     with pytest.raises(RecipeError, match="must be smaller than max_length"):
         Recipe(max_length=512, max_prompt_length=600)
+    from dpo_xpu.recipes import load_recipe
+
+    original = Path(__file__).resolve().parents[1] / "recipes" / "original_openhermes_mistral7b.yaml"
+    assert load_recipe(original).max_prompt_length == 1024
+    assert load_recipe(original, overrides=["max_length=1024"]).max_prompt_length == 682  # lowering one key composes
 
 
 def test_a_missing_relative_model_folder_is_an_error_at_once(tmp_path, monkeypatch):
