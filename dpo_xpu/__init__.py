@@ -78,6 +78,7 @@ _EXPORTS = {
     "check_merged_logits": "export",
     # demo assets
     "build_demo_model": "demo",
+    "apply_preset": "presets",
     # performance: cached reference log-probs, memory planner
     "attach_precomputed_reference": "reference_cache",
     "estimate_memory": "memory",

@@ -3,7 +3,9 @@
 The run (marker `notebook`, a few minutes on 2 CPU cores) uses the real inputs in ../shared: stories260K and 64
 of the 284 orca rows, 12 steps, then asserts on what the notebooks recorded in the run folder. The live-plot
 callback itself is unit-tested outside Jupyter in test_plotting_callbacks.py. The `preset` cell of each notebook is
-run here without a kernel; test_demo.py runs notebook 03 with `preset = "demo"` under papermill.
+run here without a kernel; test_demo.py runs notebook 03 with `preset = "demo"` under papermill. Each notebook
+is paired (jupytext.toml) with a py:percent text file holding the same cells, checked here without running
+anything: scripts/sync_notebooks.py syncs the pairs and its --check mode finds a pair out of sync.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +25,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-CLEAR = "jupyter nbconvert --clear-output --inplace notebooks/*.ipynb"
+CLEAR = "python scripts/sync_notebooks.py"  # syncs the pairs and clears the outputs
+SYNC = ROOT / "scripts" / "sync_notebooks.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 #: Parameters each notebook must declare (its step's inputs), beyond its own extras.
@@ -35,7 +40,7 @@ REQUIRED = {
 }
 RUN = {"limit": 64, "eval_fraction": 0.125, "max_steps": 12, "num_samples": 2, "max_new_tokens": 24}
 DEMO_RECIPE = ROOT / "recipes" / "cpu_demo.yaml"
-#: What preset = "demo" sets beyond recipes/cpu_demo.yaml (the notebooks' DEMO_EXTRAS).
+#: What preset = "demo" sets beyond recipes/cpu_demo.yaml (dpo_xpu.presets.DEMO_EXTRAS, written out here).
 DEMO_EXTRAS = {"eval_fraction": 0.1, "num_samples": 3, "max_new_tokens": 48}
 DEMO_PATHS = ("model_name_or_path", "dataset_name_or_path", "output_dir")
 
@@ -97,7 +102,7 @@ def test_every_notebook_has_a_preset_parameter_and_cell(path):
     assert "preset" in values, f"{path.name}: the parameters cell lacks `preset`"
     assert values["preset"] is None, "the default must stay the real user's GPU run"
     cell = _preset_cell(path)
-    assert 'if preset == "demo":' in cell and "cpu_demo.yaml" in cell and "build_demo_model" in cell
+    assert "changed = apply_preset(preset, defaults, globals())" in cell  # the package does the work
     # the defaults the cell compares with are the parameters cell's own, so only untouched values are replaced
     node = next(n for n in ast.parse(cell).body if isinstance(n, ast.Assign) and n.targets[0].id == "defaults")
     defaults = {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.value.keywords}
@@ -182,11 +187,112 @@ def test_shared_parameters_have_the_same_defaults_everywhere():
             assert first[1] == value, f"{name}: {first[1]!r} in {first[0]} but {value!r} in {path.name}"
 
 
-def test_notebooks_match_their_generator():
-    result = subprocess.run(
-        [sys.executable, "scripts/make_notebooks.py", "--check"], cwd=ROOT, capture_output=True, text=True
-    )
+def _cells(nb) -> list[tuple[str, str, list[str]]]:
+    return [(c.cell_type, c.source, list(c.metadata.get("tags", []))) for c in nb.cells]
+
+
+def _sync(*args: str, folder: Path | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SYNC), *args, *(["--dir", str(folder)] if folder else [])]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _copy_pairs(tmp_path: Path) -> Path:
+    """A copy of the project's notebooks and jupytext.toml (the pairing), to edit in a test."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "jupytext.toml").write_bytes((ROOT / "jupytext.toml").read_bytes())
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for path in (ROOT / "notebooks").glob("[0-9][0-9]_*.*"):
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def test_jupytext_pairs_each_notebook_with_a_py_percent_file():
+    from jupytext.config import load_jupytext_config
+
+    config = load_jupytext_config(str(ROOT / "notebooks"))
+    assert config is not None, "no jupytext configuration found for notebooks/ (jupytext.toml at the project root)"
+    for path in NOTEBOOKS:
+        assert config.default_formats(f"notebooks/{path.name}") == "ipynb,py:percent", path.name
+    texts = sorted((ROOT / "notebooks").glob("*.py"))
+    assert [p.stem for p in texts] == [p.stem for p in NOTEBOOKS], "every notebook has one paired .py, and only them"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_paired_py_file_holds_the_notebooks_cells(path):
+    import jupytext
+
+    text = path.with_suffix(".py")
+    assert text.is_file(), f"{text.name} is missing. Fix: {CLEAR}"
+    assert text.read_text(encoding="utf-8").startswith("# ---\n# jupyter:\n"), "the jupytext header comes first"
+    paired = jupytext.read(text)
+    assert paired.metadata["jupytext"]["text_representation"]["format_name"] == "percent"
+    nb = nbformat.read(path, as_version=4)
+    assert _cells(paired) == _cells(nb), f"{text.name} and {path.name} differ. Fix: {CLEAR}"
+    assert [tags for _, _, tags in _cells(paired)].count(["parameters"]) == 1
+    assert not [c for c in nb.cells if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+
+
+def test_sync_check_passes_on_the_committed_notebooks():
+    result = _sync("--check")
     assert result.returncode == 0, result.stderr
+
+
+def test_sync_check_finds_an_edited_text_file_and_sync_carries_the_edit(tmp_path):
+    folder = _copy_pairs(tmp_path)
+    text = folder / "02_preference_data.py"
+    edited = text.read_text(encoding="utf-8").replace("# # 2. Preference data", "# # 2. Preference data (edited)")
+    assert edited != text.read_text(encoding="utf-8")
+    text.write_text(edited, encoding="utf-8")
+    result = _sync("--check", folder=folder)
+    assert result.returncode == 1
+    assert "02_preference_data" in result.stderr and "01_environment_check" not in result.stderr, result.stderr
+    assert text.read_text(encoding="utf-8") == edited, "--check changed the file"
+
+    os.utime(text, (time.time() + 10, time.time() + 10))  # the text file is the newer one: its cells win
+    synced = _sync(folder=folder)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    assert _sync("--check", folder=folder).returncode == 0
+    nb = nbformat.read(folder / "02_preference_data.ipynb", as_version=4)
+    original = nbformat.read(ROOT / "notebooks" / "02_preference_data.ipynb", as_version=4)
+    assert nb.cells[0].source.startswith("# 2. Preference data (edited)")
+    assert [c.id for c in nb.cells] == [c.id for c in original.cells], "syncing keeps the cell ids"
+    for name in ("01_environment_check.ipynb", "03_dpo_training.ipynb"):
+        assert (folder / name).read_bytes() == (ROOT / "notebooks" / name).read_bytes(), f"{name} was rewritten"
+
+
+def test_sync_check_finds_outputs_and_sync_clears_them(tmp_path):
+    folder = _copy_pairs(tmp_path)
+    path = folder / "03_dpo_training.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    code = next(c for c in nb.cells if c.cell_type == "code")
+    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="hello\n")]
+    code.execution_count = 1
+    nbformat.write(nb, path)
+    result = _sync("--check", folder=folder)
+    assert result.returncode == 1 and "03_dpo_training.ipynb has outputs" in result.stderr, result.stderr
+    synced = _sync(folder=folder)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    assert path.read_bytes() == (ROOT / "notebooks" / path.name).read_bytes(), "the cleared notebook is the original"
+
+
+def test_sync_check_finds_a_missing_text_file_and_a_second_parameters_cell(tmp_path):
+    folder = _copy_pairs(tmp_path)
+    (folder / "04_evaluation_and_export.py").unlink()
+    result = _sync("--check", folder=folder)
+    assert result.returncode == 1 and "04_evaluation_and_export.py is missing" in result.stderr, result.stderr
+
+    folder = _copy_pairs(tmp_path / "second")
+    text = folder / "01_environment_check.py"
+    text.write_text(text.read_text(encoding="utf-8").replace("# %%\n", '# %% tags=["parameters"]\n', 1))
+    result = _sync("--check", folder=folder)
+    assert result.returncode == 1 and "01_environment_check.ipynb and 01_environment_check.py hold different" in (
+        result.stderr
+    ), result.stderr
+    os.utime(text, (time.time() + 10, time.time() + 10))
+    result = _sync(folder=folder)  # the second tag reaches the .ipynb, and the check after the sync refuses it
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "01_environment_check.ipynb has 2 cells tagged 'parameters', expected exactly one" in result.stderr
 
 
 def test_run_notebooks_presets_name_declared_parameters():
