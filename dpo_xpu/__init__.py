@@ -79,6 +79,7 @@ _EXPORTS = {
     # demo assets
     "build_demo_model": "demo",
     "apply_preset": "presets",
+    "gguf_to_folder": "gguf_import",
     # performance: cached reference log-probs, memory planner
     "attach_precomputed_reference": "reference_cache",
     "estimate_memory": "memory",

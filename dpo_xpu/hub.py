@@ -68,7 +68,7 @@ def check_hub_id(repo_id: str, repo_type: str, error: type[DpoXpuError], key: st
     if reason is None:
         return
     what = "folder (with config.json and the weights)" if repo_type == "model" else ".jsonl/.json/.parquet file"
-    download = f"huggingface-cli download {'--repo-type dataset ' if repo_type == 'dataset' else ''}{repo_id}"
+    download = f"hf download {'--repo-type dataset ' if repo_type == 'dataset' else ''}{repo_id}"  # huggingface_hub CLI
     raise error(
         f"{key}: {repo_id!r} is a hub id, {reason}, and it is not in the local cache. Fix: give a local {what} "
         f"as {key}, or download it on a machine that reaches the hub ({download} --local-dir DIR) and give DIR"

@@ -67,3 +67,17 @@ def stories(stories260k_path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(stories260k_path)
+
+
+SMOLLM2_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (a real ChatML chat model) as a Hugging Face folder, converted once from its GGUF."""
+    if not SMOLLM2_GGUF.exists():
+        pytest.skip(f"shared asset {SMOLLM2_GGUF} is absent (set DPO_XPU_SHARED)")
+    pytest.importorskip("gguf", reason="reading the GGUF file needs the gguf package (the test extra has it)")
+    from dpo_xpu.gguf_import import gguf_to_folder
+
+    return gguf_to_folder(SMOLLM2_GGUF, cache_dir=tmp_path_factory.mktemp("gguf"))

@@ -1,0 +1,62 @@
+"""A real instruction-tuned chat model end to end: SmolLM2-135M-Instruct (Llama architecture, ChatML template) on
+real orca rows, NF4 + LoRA on the CPU. Slow (about 10 s per step on 2 cores); stories260K keeps the fast tests."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from helpers import cpu_recipe
+
+from dpo_xpu.data import chatml_format
+from dpo_xpu.models import load_tokenizer
+
+
+def test_the_prompt_is_the_models_own_chatml_template(smollm2_path):
+    """Its template inserts a default system turn when a row has none; the ChatML markers are single tokens."""
+    tokenizer = load_tokenizer(smollm2_path)
+    row = {"system": "", "question": "What is the capital of France?", "chosen": "Paris.", "rejected": "Rome."}
+    formatted = chatml_format(row, tokenizer)
+    assert formatted["prompt"].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert formatted["prompt"].endswith(
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert formatted["chosen"] == "Paris.<|im_end|>\n"
+    ids = tokenizer("<|im_start|>user<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>") and len(ids) == 3
+
+
+@pytest.mark.slow
+def test_dpo_on_the_real_chat_model_generalises_to_held_out_pairs(smollm2_path, orca_rows_path, tmp_path):
+    from dpo_xpu.evaluation import evaluate_preferences, generate_samples
+    from dpo_xpu.training import load_run_data, run_training
+
+    recipe = cpu_recipe(
+        smollm2_path,
+        orca_rows_path,
+        tmp_path / "run",
+        drop_long_rows=True,  # the rows that fit whole in 320 tokens: 30 of the 284
+        max_length=320,
+        max_prompt_length=200,
+        eval_fraction=0.3,
+        learning_rate=5e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_steps=12,
+    )
+    result = run_training(recipe, live_plot=False)
+    rows = [r for r in result.metrics if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert rows[0]["step0/logratio_gap"] < 1e-3 and "step0/warning" not in rows[0]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+    tokenizer = load_tokenizer(smollm2_path)
+    _, heldout = load_run_data(recipe, tokenizer)
+    policy = result.trainer.model
+    report = evaluate_preferences(
+        policy, tokenizer, heldout, beta=recipe.beta, max_length=recipe.max_length, max_prompt_length=200
+    )
+    assert report["n_pairs"] == len(heldout) >= 8
+    assert report["reward_accuracy"] > 0.5 and report["mean_margin"] > 0, report
+    samples = generate_samples(policy, tokenizer, list(heldout["prompt"][:3]), max_new_tokens=24)
+    assert any(s["policy"] != s["reference"] for s in samples), samples
