@@ -63,7 +63,8 @@ NON_RESULT_KEYS = (
 STEP_LOGS = ("metrics.jsonl", "eval_samples.jsonl")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of a file's bytes (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -76,7 +77,7 @@ def write_marker(checkpoint: str | Path, step: int) -> Path:
     file and an atomic rename, so the marker itself is never partial)."""
     checkpoint = Path(checkpoint)
     files = {
-        str(path.relative_to(checkpoint)): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        str(path.relative_to(checkpoint)): {"size": path.stat().st_size, "sha256": file_sha256(path)}
         for path in sorted(checkpoint.rglob("*"))
         if path.is_file() and not path.name.startswith(MARKER_FILE)
     }
@@ -103,7 +104,7 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
         path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
+        if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
             return f"{name} differs from its checksum"
     return None
 

@@ -10,7 +10,6 @@ library keeps such a conversion, hence this module.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -19,14 +18,6 @@ from pathlib import Path
 from dpo_xpu.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, dtype: str = "bfloat16") -> Path:
@@ -46,6 +37,7 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
     """
     import torch
 
+    from dpo_xpu.checkpoints import file_sha256
     from dpo_xpu.models import dtype_kwarg
     from dpo_xpu.reference_cache import default_cache_dir
 
@@ -53,7 +45,7 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
     if not gguf_path.is_file():
         raise ModelLoadError(f"{gguf_path} does not exist: give the path of a .gguf file")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "gguf"
-    out = cache / f"{gguf_path.stem}-{_file_sha256(gguf_path)[:16]}-{dtype}"
+    out = cache / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}-{dtype}"
     if (out / "config.json").is_file() and (out / "dpo_xpu_gguf.json").is_file():
         return out
     try:
