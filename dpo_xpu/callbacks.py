@@ -75,15 +75,12 @@ class MetricsLoggerCallback(TrainerCallback):
         from dpo_xpu.errors import RunFolderError
 
         self._start = time.perf_counter()
-        later = (
-            [row for row in read_metrics(self.path) if row.get("step", 0) > state.global_step]
-            if (self.path.is_file())
-            else []
-        )
-        if later or (state.global_step == 0 and self.path.is_file() and self.path.stat().st_size > 0):
+        rows = read_metrics(self.path) if self.path.is_file() else []
+        fresh_start_on_rows = state.global_step == 0 and self.path.is_file() and self.path.stat().st_size > 0
+        if fresh_start_on_rows or any(row.get("step", 0) > state.global_step for row in rows):
             raise RunFolderError(
                 f"{self.path} already holds the steps of another training (up to step "
-                f"{max((r.get('step', 0) for r in read_metrics(self.path)), default=0)}): this one would mix its "
+                f"{max((r.get('step', 0) for r in rows), default=0)}): this one would mix its "
                 "steps with them. Fix: give this trainer another output_dir, or resume the run "
                 "(run_training(recipe, resume=True))"
             )

@@ -15,7 +15,6 @@ which ``Trainer`` skips to on resume). :class:`CheckpointCallback` adds two thin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from dpo_xpu.errors import RecipeError, RunFolderError
+from dpo_xpu.run_folder import check_fingerprints, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +61,6 @@ NON_RESULT_KEYS = (
 )
 #: Files of the run folder holding one JSON row per step, trimmed back to the checkpoint on resume.
 STEP_LOGS = ("metrics.jsonl", "eval_samples.jsonl")
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 hex digest of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_marker(checkpoint: str | Path, step: int) -> Path:
@@ -169,8 +160,6 @@ def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
     newest complete checkpoint, remove the partial ones after it, and trim
     ``metrics.jsonl`` / ``eval_samples.jsonl`` to the rows at or before its step (the resumed run appends the
     later ones again). Returns the checkpoint to pass to ``trainer.train(resume_from_checkpoint=...)``."""
-    from dpo_xpu.run_folder import check_fingerprints
-
     check_resume_recipe(recipe, run_dir)
     check_fingerprints(recipe, run_dir)
     checkpoint = find_resume_checkpoint(run_dir)
@@ -182,6 +171,11 @@ def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
         trim_step_log(Path(run_dir) / name, step)
     logger.warning("resuming %s from %s (step %d)", run_dir, checkpoint.name, step)
     return checkpoint
+
+
+def newest_complete_step(run_dir: str | Path) -> int | None:
+    """The step of the newest complete checkpoint in ``run_dir``, or ``None`` when there is none."""
+    return next((step for step, path in list_checkpoints(run_dir) if checkpoint_problem(path) is None), None)
 
 
 def trim_step_log(path: Path, step: int) -> int:

@@ -376,6 +376,20 @@ def _read_local(path: Path) -> tuple[list[Any], list[int] | None]:
         ) from None
 
 
+def load_hub_split(source: str, split: str) -> datasets.Dataset:
+    """``datasets.load_dataset(source, split=split)`` for a hub id, after checking at once that the id can be had
+    (:func:`dpo_xpu.hub.check_hub_id`: cached, or the hub on and reachable).
+
+    Raises:
+        PreferenceDataError: the id is not cached and the hub is off or unreachable (the message says how to pass
+            a local file instead).
+    """
+    from dpo_xpu.hub import check_hub_id
+
+    check_hub_id(source, "dataset", PreferenceDataError, "dataset_name_or_path")
+    return datasets.load_dataset(source, split=split)
+
+
 def load_orca_dpo_pairs(
     source: str | Path = "Intel/orca_dpo_pairs",
     split: str = "train",
@@ -426,10 +440,7 @@ def load_orca_dpo_pairs(
         validate_preference_rows(rows, source_name=path.name, line_numbers=line_numbers)
         dataset = datasets.Dataset.from_dict({column: [row[column] for row in rows] for column in ORCA_COLUMNS})
     else:
-        from dpo_xpu.hub import check_hub_id
-
-        check_hub_id(str(source), "dataset", PreferenceDataError, "dataset_name_or_path")  # at once when offline
-        dataset = datasets.load_dataset(str(source), split=split)
+        dataset = load_hub_split(str(source), split)
         validate_preference_rows(dataset, source_name=f"{source} [{split}]")
         dataset = dataset.select_columns(list(ORCA_COLUMNS))
     logger.info("Loaded %d preference pairs from %s", len(dataset), source)

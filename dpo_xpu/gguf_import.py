@@ -37,9 +37,9 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
     """
     import torch
 
-    from dpo_xpu.checkpoints import file_sha256
     from dpo_xpu.models import dtype_kwarg
     from dpo_xpu.reference_cache import default_cache_dir
+    from dpo_xpu.run_folder import file_sha256
 
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():

@@ -9,6 +9,7 @@ reachability probe (one TCP connection, 3 s at most) is ours, as the library has
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from urllib.parse import urlparse
@@ -35,19 +36,25 @@ def _cached(repo_id: str, repo_type: str) -> bool:
     return any(repo.repo_id == repo_id and repo.repo_type == repo_type for repo in cache.repos)
 
 
-def hub_unreachable_reason() -> str | None:
-    """Why the Hugging Face Hub cannot be reached from here, or ``None`` when its host accepts a connection."""
-    if _offline():
-        return "the hub is switched off here (HF_HUB_OFFLINE=1)"
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+@functools.lru_cache(maxsize=8)
+def _probe(host: str, port: int) -> str | None:
+    """Connect once per process to the hub's host (a run resolves its model several times)."""
     try:
         socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
     except OSError as exc:
         return f"the hub ({host}) cannot be reached ({type(exc).__name__}: {exc})"
     return None
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here, or ``None`` when its host accepts a connection (the
+    probe's answer is kept for the process)."""
+    if _offline():
+        return "the hub is switched off here (HF_HUB_OFFLINE=1)"
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    return _probe(url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80))
 
 
 def check_hub_id(repo_id: str, repo_type: str, error: type[DpoXpuError], key: str) -> None:

@@ -271,15 +271,21 @@ def undo_start(started: StartedRun) -> None:
         logger.warning("the start failed before its first step: the earlier run is back in %s", run_dir)
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of a file's bytes (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with file.open("rb") as handle:
-            for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    """``"sha256:..."`` of a file, or of a folder's files (their relative names and digests, in name order)."""
+    if not path.is_dir():
+        return "sha256:" + file_sha256(path)
+    lines = [f"{p.relative_to(path)}:{file_sha256(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def input_fingerprints(recipe: Any) -> dict[str, str]:
@@ -352,12 +358,9 @@ def disk_full(exc: BaseException) -> bool:
     return "No space left on device" in text or ("unexpected pos" in text and "inline_container" in text)
 
 
-def disk_full_message(run_dir: str | Path, exc: BaseException) -> str:
-    """One line for a full disk: what was kept and how to continue."""
-    from dpo_xpu.checkpoints import checkpoint_problem, list_checkpoints
-
-    complete = [step for step, path in list_checkpoints(run_dir) if checkpoint_problem(path) is None]
-    kept = f"the complete checkpoints up to step {complete[0]}" if complete else "no complete checkpoint yet"
+def disk_full_message(run_dir: str | Path, exc: BaseException, kept_step: int | None) -> str:
+    """One line for a full disk: what was kept (``kept_step``: the newest complete checkpoint) and how to continue."""
+    kept = f"the complete checkpoints up to step {kept_step}" if kept_step is not None else "no complete checkpoint yet"
     try:
         free = shutil.disk_usage(run_dir).free // 2**20
     except OSError:

@@ -34,6 +34,7 @@ from dpo_xpu.data import (
     LOCAL_SUFFIXES,
     ORCA_COLUMNS,
     _read_local,
+    load_hub_split,
     load_orca_dpo_pairs,
     validate_conversational_rows,
     validate_preference_rows,
@@ -168,10 +169,7 @@ def load_preference_pairs(
         first = rows[0] if isinstance(rows[0], Mapping) else {}
         columns: Sequence[str] = list(first)
     else:
-        from dpo_xpu.hub import check_hub_id
-
-        check_hub_id(str(source), "dataset", PreferenceDataError, "dataset_name_or_path")  # at once when offline
-        rows = datasets.load_dataset(str(source), split=split)
+        rows = load_hub_split(str(source), split)
         line_numbers, columns = None, rows.column_names
         first = rows[0] if len(rows) else {}
         name = f"{source} [{split}]"

@@ -429,8 +429,7 @@ def run_training(
         except BaseException as exc:
             if not resume and not first_step.done:
                 undo_start(started)  # nothing trained: leave the folder as it was, so the retry is not blocked
-            if isinstance(exc, Exception) and disk_full(exc):
-                raise RunFolderError(disk_full_message(run_dir, exc)) from None
+            _raise_if_disk_full(run_dir, exc)
             raise
         if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
             raise TrainingInterrupted(
@@ -443,12 +442,19 @@ def run_training(
             adapter_dir = save_adapter(trainer, tokenizer, run_dir, recipe)
             merged_dir = export_merged(recipe, adapter_dir, run_dir) if recipe.export == "merged" else None
         except Exception as exc:
-            if disk_full(exc):
-                raise RunFolderError(disk_full_message(run_dir, exc)) from None
+            _raise_if_disk_full(run_dir, exc)
             raise
         return RunResult(run_dir, read_metrics(run_dir), adapter_dir, run_dir / CURVES_FILE, trainer, merged_dir)
     finally:
         unlock_run_dir(run_dir)
+
+
+def _raise_if_disk_full(run_dir: Path, exc: BaseException) -> None:
+    """Raise the one-line :class:`RunFolderError` for a full disk (what was kept, how to resume) in place of ``exc``."""
+    from dpo_xpu.checkpoints import newest_complete_step
+
+    if isinstance(exc, Exception) and disk_full(exc):
+        raise RunFolderError(disk_full_message(run_dir, exc, newest_complete_step(run_dir))) from None
 
 
 def _build(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dpo_xpu import hub
 from dpo_xpu.backends import get_backend
 from dpo_xpu.backends.native import disable_cpu_nf4_repack, lora_targets_present
 from dpo_xpu.errors import ModelLoadError, RecipeError
@@ -39,6 +40,7 @@ def test_unreachable_hub_id_gives_a_clear_error(monkeypatch):
     with pytest.raises(ModelLoadError, match=r"'no-such-org/no-such-model' is a hub id, the hub is switched off"):
         load_tokenizer("no-such-org/no-such-model")
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    hub._probe.cache_clear()  # the probe's answer is kept per process: probe again through the patched socket
     monkeypatch.setattr(
         "dpo_xpu.hub.socket.create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("no route"))
     )
