@@ -73,7 +73,7 @@ ipex-llm-env:
 # The whole suite: the native environment runs everything (ipex-llm tests skip there), then the ipex-llm
 # environment runs its backend and the trainer factory on TRL 0.11. pytest's exit code 5 ("no tests
 # collected") is not a failure of the project.
-IPEX_TESTS := tests/test_backend_ipex_llm.py tests/test_trainer_factory.py tests/test_losses.py
+IPEX_TESTS := tests/test_backend_ipex_llm.py tests/test_trainer_factory.py tests/test_losses.py tests/test_trl_internals.py
 test: setup ipex-llm-env
 	@rc=0; \
 	$(BIN)/python -m pytest -q -ra tests || rc=$$?; [ $$rc -eq 5 ] && rc=0; \

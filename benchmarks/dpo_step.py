@@ -5,10 +5,10 @@ The strategies run in this one process, one after the other, on the same model, 
 - ``original``: a separate frozen NF4 reference, loaded as the original recipe does (``reference: separate``);
 - ``adapter-off``: the policy's own NF4 base with its LoRA adapters disabled (one copy of the weights);
 - ``precomputed-cold``: reference log-probs computed first (time included) and written to an empty cache,
-  then training runs the policy only (``dpo_xpu.reference_cache``);
+  then training runs the policy only (``dpo_xpu.train.reference_cache``);
 - ``precomputed-warm``: the same, reading the cache the cold run wrote;
 - ``prefix-sharing-cold`` / ``prefix-sharing-warm``: ``precomputed`` (cold, then warm cache) plus prefix sharing
-  (``prefix_sharing: true``, :mod:`dpo_xpu.prefix_sharing`): each pair runs as one sequence, the prompt computed
+  (``prefix_sharing: true``, :mod:`dpo_xpu.train.prefix_sharing`): each pair runs as one sequence, the prompt computed
   once, in the precompute and in training;
 - ``ipex-llm``: the original stack (``backend: ipex-llm``, separate reference), only when ``import ipex_llm``
   works in the running environment; skipped otherwise.
@@ -290,9 +290,9 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     """Load, train ``settings.steps`` steps and measure one strategy; returns one result row."""
     import torch
 
-    from dpo_xpu.reference_cache import attach_precomputed_reference
-    from dpo_xpu.training import load_run_data, load_run_models, make_dpo_trainer
-    from dpo_xpu.trl_compat import score_answer_tokens_only_on_cpu
+    from dpo_xpu.pipeline import load_run_data, load_run_models, make_dpo_trainer
+    from dpo_xpu.train.reference_cache import attach_precomputed_reference
+    from dpo_xpu.train.trl_internals import score_answer_tokens_only_on_cpu
 
     prefix_sharing = strategy.startswith("prefix-sharing")
     precomputed = strategy.startswith("precomputed") or prefix_sharing
@@ -386,14 +386,14 @@ def _unavailable(strategy: str) -> str | None:
     if strategy == "ipex-llm":
         ok, why = _ipex_llm_available()
         return None if ok else why
-    from dpo_xpu.trl_compat import trl_generation
+    from dpo_xpu.train.trl_config import trl_generation
 
     if importlib.util.find_spec("bitsandbytes") is None or trl_generation() != "1.x":
         return "needs the native stack (bitsandbytes >= 0.48 NF4, TRL 1.x: the environment .venv); this one lacks it"
     if strategy.startswith(("precomputed", "prefix-sharing")):
         import trl
 
-        from dpo_xpu.trl_compat import trl_generation
+        from dpo_xpu.train.trl_config import trl_generation
 
         if trl_generation() != "1.x":
             return f"needs TRL >= 1.0 (dpo_xpu's reference cache and prefix sharing); found TRL {trl.__version__}"
@@ -437,10 +437,13 @@ def answer_share(dataset: Any, max_length: int) -> float | None:
     cuts them (``keep_start`` at ``max_length``); the largest pair bounds the scored tile of a batch. ``None``
     for TRL 0.11's columns (it has no answer-only scoring).
     """
+    from dpo_xpu.data.truncation import kept_answer_length
+
     if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
         return None
     shares = [
-        (max(0, min(len(c), max_length - len(p))) + max(0, min(len(r), max_length - len(p)))) / (2 * max_length)
+        (kept_answer_length(len(p), len(c), max_length) + kept_answer_length(len(p), len(r), max_length))
+        / (2 * max_length)
         for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
     ]
     return max(shares, default=1.0) or 1.0
@@ -545,7 +548,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from dpo_xpu.models import load_tokenizer
+    from dpo_xpu.models.loading import load_tokenizer
 
     for path in (ORCA_ROWS, QWEN2_TOKENIZER):
         if not path.exists():

@@ -10,9 +10,9 @@ dirties the work tree and a page never goes stale.
 - API reference: one page per public module of the package, found on disk (a module added later gets its page
   without any change here; :data:`API_ORDER` only sets the order).
 - ``assets/reward_curves.png``: the demo run's picture when ``runs/demo/reward_curves.png`` exists, else drawn
-  by :func:`dpo_xpu.plotting.plot_reward_curves` from the committed ``docs/assets/demo_metrics.jsonl``.
-- The recipe options table, from :class:`dpo_xpu.recipes.Recipe` and :data:`KEY_DOCS`; a recipe key without an
-  entry in :data:`KEY_DOCS` is a warning, so ``mkdocs build --strict`` fails until it is documented.
+  by :func:`dpo_xpu.outputs.plotting.plot_reward_curves` from the committed ``docs/assets/demo_metrics.jsonl``.
+- The recipe options table, from the metadata of :class:`dpo_xpu.recipes.Recipe`'s fields
+  (:func:`dpo_xpu.recipes.options_table`), where each key is declared once with its unit, meaning and source.
 - Math: ``pymdownx.arithmatex`` (generic mode) marks TeX in the pages, and notebooks keep ``$...$`` in their
   prose; this hook turns both into MathML, which browsers render natively: no MathJax, nothing fetched at run
   time. (mkdocs-jupyter still writes an empty MathJax ``<script src="">``, which loads nothing.)
@@ -48,174 +48,44 @@ CURVES_URI = "assets/reward_curves.png"
 #: The nav order of the API pages. Every module of the package gets a page: those listed here first, in this
 #: order, when their file exists; any other module after them, alphabetically.
 API_ORDER = [
-    "environment",
-    "data",
-    "lengths",
-    "models",
     "recipes",
-    "training",
-    "reference_cache",
-    "callbacks",
-    "plotting",
-    "evaluation",
-    "export",
+    "presets",
+    "device",
+    "environment",
+    "memory",
+    "data.preferences",
+    "data.sources",
+    "data.lengths",
+    "data.truncation",
+    "models.base",
+    "models.loading",
+    "models.gguf",
+    "models.backends",
+    "models.backends.native",
+    "models.backends.ipex_llm",
+    "models.backends.ipex_llm_config",
+    "models.backends.ipex_llm_trainer",
+    "train.trl_config",
+    "train.reference",
+    "train.trainer",
+    "train.losses",
+    "train.prefix_sharing",
+    "train.reference_cache",
+    "train.trl_internals",
+    "callbacks.metrics",
+    "callbacks.checkpoints",
+    "callbacks.interrupts",
+    "callbacks.step0",
+    "outputs.run_folder",
+    "outputs.plotting",
+    "outputs.model_card",
+    "eval.heldout",
+    "eval.export",
+    "pipeline",
     "demo",
     "errors",
-    "backends",
-    "backends.native",
-    "backends.ipex_llm",
     "cli",
 ]
-
-ORIGINAL = "original recipe"
-OURS = "dpo_xpu"
-#: Recipe key -> (unit or allowed values, meaning, where the default comes from). "original recipe" is
-#: Labonne's "Fine-tune a Mistral-7b model with DPO" (2024) as ported to Intel GPUs by ipex-llm's DPO example.
-KEY_DOCS: dict[str, tuple[str, str, str]] = {
-    "model_name_or_path": ("hub id or folder", "the base (SFT) model", ORIGINAL),
-    "dataset_name_or_path": (
-        "hub id or file",
-        "`Intel/orca_dpo_pairs` or a local `.jsonl` / `.json` / `.parquet` with its columns",
-        ORIGINAL,
-    ),
-    "output_dir": ("folder", "the run folder (recipe, metrics, curves, adapter); never overwritten silently", OURS),
-    "backend": ("`native` \\| `ipex-llm`", "the software stack (see [Backends](backends.md))", OURS),
-    "device": (
-        "`auto` \\| `xpu` \\| `cuda` \\| `cpu`, optionally `:N`",
-        "`auto` picks xpu, then cuda, then cpu",
-        OURS,
-    ),
-    "quantization": ("`nf4` \\| `none`", "4-bit NormalFloat base weights (QLoRA, Dettmers et al. 2023)", ORIGINAL),
-    "reference": (
-        "`adapter-off` \\| `separate` \\| `precomputed`",
-        "how reference log-probs are computed (see [reference strategies](how-dpo-works.md#reference-strategies))",
-        f"{OURS} (the original loaded a `separate` NF4 copy)",
-    ),
-    "prefix_sharing": (
-        "bool",
-        "run each pair as one sequence with the prompt computed once, for policy and reference (see "
-        "[prefix sharing](how-dpo-works.md#prefix-sharing)); native backend, sdpa or eager attention",
-        f"{OURS} (off: TRL's two sequences per pair), after Wang et al. 2024 (arXiv:2410.20305)",
-    ),
-    "limit": ("rows", "keep this many rows after a seeded shuffle; `null` keeps all", f"{OURS} (all rows)"),
-    "eval_fraction": ("fraction of rows, in [0, 1)", "rows held out for evaluation; 0 disables it", OURS),
-    "data_format": (
-        "`auto` \\| `orca` \\| `prompt-chosen-rejected` \\| `conversational`",
-        "the columns of the data: orca (`system`, `question`, `chosen`, `rejected`), plain "
-        "`prompt`/`chosen`/`rejected` strings, or TRL's conversational format (`prompt`/`chosen`/`rejected` as "
-        "lists of `{role, content}` messages, or only `chosen`/`rejected` holding whole conversations, whose "
-        "shared start is the prompt), formatted with the tokenizer's chat template; `auto` decides from the columns",
-        OURS,
-    ),
-    "dataset_mixture": (
-        "mapping source: proportion",
-        "several sources mixed with these proportions (normalised) and `seed`, instead of `dataset_name_or_path`",
-        f"{OURS} (off), as open-instruct's dataset mixer",
-    ),
-    "drop_long_rows": (
-        "bool",
-        "drop pairs longer than `max_length` tokens (counts reported) instead of truncating them",
-        f"{OURS} (off), as open-instruct's length filter",
-    ),
-    "sft_checkpoint": (
-        "file or `null`",
-        "an SFT state dict (`policy.pt`, key `state`) loaded into policy and reference before quantization",
-        "the original DPO code's starting point (off)",
-    ),
-    "adapter_name_or_path": ("folder or `null`", "an existing LoRA adapter to continue training from", OURS),
-    "reference_device": (
-        "`same` \\| `cpu`",
-        "`cpu` keeps a `separate` reference off the accelerator (less device memory, slower steps)",
-        f"{OURS} (`same`), as OpenRLHF's reference offload",
-    ),
-    "label_smoothing": (
-        "probability in [0, 0.5)",
-        "conservative DPO: the assumed rate of flipped preference labels (Mitchell 2023)",
-        "the original DPO code (0: plain DPO)",
-    ),
-    "reference_free": (
-        "bool",
-        "take the reference log-probs as 0 (a uniform reference)",
-        "the original DPO code (off)",
-    ),
-    "nll_loss_coef": (
-        "weight",
-        "adds this times the NLL of the chosen answers' tokens, averaged over all of them in the micro-batch "
-        "(TRL's `sft` term; `rpo_alpha` on TRL 0.11)",
-        "OpenRLHF (0: off)",
-    ),
-    "simpo_gamma": (
-        "nats",
-        "SimPO's target reward margin (Meng et al. 2024, eq. 6); used by `loss_type: simpo`",
-        "SimPO's paper range, as TRL's CPO default (0.5)",
-    ),
-    "lora_r": ("rank", "rank of the LoRA matrices (Hu et al. 2021)", ORIGINAL),
-    "lora_alpha": ("scale numerator", "the LoRA update is scaled by `lora_alpha / lora_r`", ORIGINAL),
-    "lora_dropout": (
-        "probability",
-        "dropout on the adapter input; TRL's DPO trainer sets every dropout to 0 (its `disable_dropout`, on by "
-        "default in TRL 0.11 and 1.x), so it acts only where the adapter is trained outside DPO",
-        ORIGINAL,
-    ),
-    "lora_target_modules": (
-        "layer names",
-        "linear layers that get adapters; names the model lacks are skipped",
-        f"{ORIGINAL} (all attention and MLP projections)",
-    ),
-    "beta": (
-        "dimensionless",
-        "strength of the pull towards the reference (Rafailov et al. 2023, eq. 7); rewards are scaled by it",
-        f"{ORIGINAL} (also TRL's default)",
-    ),
-    "loss_type": ("TRL loss name", "`sigmoid` is the DPO loss of eq. 7; others as TRL documents", "TRL's default"),
-    "learning_rate": ("AdamW step size", "peak learning rate, reached after the warmup", ORIGINAL),
-    "lr_scheduler_type": ("scheduler name", "learning-rate schedule after the warmup (transformers' names)", ORIGINAL),
-    "warmup_steps": ("optimizer steps", "linear warmup from 0; the first logged step has learning rate 0", ORIGINAL),
-    "max_steps": ("optimizer steps", "training length; `-1` uses `num_train_epochs`", ORIGINAL),
-    "num_train_epochs": ("passes over the data", "used only when `max_steps` is `-1`", OURS),
-    "per_device_train_batch_size": ("preference pairs", "pairs per device per forward pass", ORIGINAL),
-    "gradient_accumulation_steps": (
-        "micro-batches",
-        "micro-batches per optimizer step (pairs per update = batch size x this)",
-        ORIGINAL,
-    ),
-    "max_length": ("tokens", "longest prompt + answer; longer sequences are cut", ORIGINAL),
-    "max_prompt_length": (
-        "tokens",
-        "longest prompt; longer prompts keep their end. `null` (unset): two thirds of `max_length`, so lowering "
-        "`max_length` alone keeps a valid recipe (1024 of the default 1536); set, it must be below `max_length`",
-        f"{ORIGINAL} (its ratio, 1024 of 1536)",
-    ),
-    "gradient_checkpointing": ("bool", "recompute activations in the backward pass: less memory, slower", ORIGINAL),
-    "bf16": ("bool", "bfloat16 compute (float32 when false; use false on CPUs without AMX)", ORIGINAL),
-    "logging_steps": (
-        "optimizer steps",
-        "one `metrics.jsonl` row and one curve redraw every this many steps",
-        ORIGINAL,
-    ),
-    "eval_steps": (
-        "optimizer steps or `null`",
-        "evaluate the held-out split every this many steps and at step 0; `null`: no evaluation during training",
-        OURS,
-    ),
-    "eval_samples": ("bool", "also generate policy and reference answers at each evaluation", f"{OURS} (on)"),
-    "num_eval_samples": ("prompts", "how many fixed eval prompts are answered at each evaluation", OURS),
-    "max_new_tokens": ("tokens", "length limit of each generated sample", OURS),
-    "export": (
-        "`adapter` \\| `merged`",
-        "save the LoRA adapter only, or merged into a bf16 copy of the base",
-        f"{OURS} (`adapter`), as OpenRLHF's LoRA-only save",
-    ),
-    "save_steps": ("optimizer steps", "a checkpoint every this many steps", f"{OURS} (the original saved none)"),
-    "seed": ("integer", "seed of the shuffle, the split and the LoRA initialisation", "transformers' default"),
-    "trl_options": (
-        "TRL option: value",
-        "every other option of the installed TRL's `DPOConfig` (and transformers' `TrainingArguments`), written "
-        "as a top-level key under its own name (`ld_alpha: 0.5`, `report_to: [tensorboard]`); `dpo-xpu train "
-        "--help` lists them",
-        "TRL's defaults",
-    ),
-}
 
 _state: dict[str, Any] = {}
 
@@ -287,7 +157,7 @@ def _reward_curves_source() -> tuple[Path, str]:
     if demo_png.is_file():
         shown = demo_png.relative_to(ROOT) if demo_png.is_relative_to(ROOT) else demo_png
         return demo_png, f"`{shown}`, left by `make demo` on the machine that built this site"
-    from dpo_xpu.plotting import plot_reward_curves
+    from dpo_xpu.outputs.plotting import plot_reward_curves
 
     out = CACHE / "reward_curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -324,47 +194,10 @@ def on_files(files: Files, config: Any) -> Files:
     return files
 
 
-def _type_text(field: dataclasses.Field) -> str:
-    text = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-    return f"`{text}`"  # a pipe inside a code span does not split a table cell
-
-
-def _default_text(field: dataclasses.Field) -> str:
-    if field.default is not dataclasses.MISSING:
-        value = field.default
-    elif field.default_factory is not dataclasses.MISSING:
-        value = field.default_factory()
-    else:
-        return "(required)"
-    if value is None:
-        return "`null`"
-    if isinstance(value, list):
-        return ", ".join(f"`{v}`" for v in value)
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    return f"`{value}`"
-
-
 def _options_table() -> str:
-    from dpo_xpu.recipes import Recipe
+    from dpo_xpu.recipes import options_table
 
-    rows = ["| key | type | default | unit / values | meaning | default from |", "|---|---|---|---|---|---|"]
-    for field in dataclasses.fields(Recipe):
-        doc = KEY_DOCS.get(field.name)
-        if doc is None:
-            log.warning(
-                "recipe key %r has no entry in KEY_DOCS (docs/hooks.py): add (unit, meaning, default source)",
-                field.name,
-            )
-            doc = ("?", "(not documented yet)", "?")
-        unit, meaning, origin = doc
-        rows.append(
-            f"| `{field.name}` | {_type_text(field)} | {_default_text(field)} | {unit} | {meaning} | {origin} |"
-        )
-    stale = sorted(set(KEY_DOCS) - {f.name for f in dataclasses.fields(Recipe)})
-    if stale:
-        log.warning("KEY_DOCS (docs/hooks.py) documents keys the Recipe no longer has: %s", ", ".join(stale))
-    return "\n".join(rows)
+    return options_table(full=True)
 
 
 def _recipe_header(path: Path) -> str:

@@ -35,8 +35,8 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dpo_xpu.errors import TrainingInterrupted
+    from dpo_xpu.pipeline import run_training
     from dpo_xpu.recipes import load_recipe
-    from dpo_xpu.training import run_training
 
     recipe = load_recipe(args.recipe, overrides=args.set)
     try:
@@ -61,7 +61,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from dpo_xpu.plotting import CURVES_FILE, METRICS_FILE, plot_reward_curves
+    from dpo_xpu.outputs.plotting import CURVES_FILE, METRICS_FILE, plot_reward_curves
 
     run_dir = Path(args.run_dir)
     if not (run_dir / METRICS_FILE).is_file():
@@ -86,19 +86,30 @@ def _first_sentence(text: str, limit: int = 110) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _plain(markdown: str) -> str:
+    """The docs' Markdown as terminal text: no code backticks, no escaped pipes, links as their text."""
+    import re
+
+    return re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", markdown.replace("\\|", "|").replace("`", ""))
+
+
 def _train_epilog() -> str:
-    """The recipe keys for ``dpo-xpu train --help``: dpo_xpu's own (from the Recipe's docstring), then every option
-    of the installed TRL's DPOConfig with its default and the first sentence of TRL's help."""
+    """The recipe keys for ``dpo-xpu train --help``: dpo_xpu's own (default, unit and meaning from the Recipe's field
+    metadata, TRL's default where it differs), then every option of the installed TRL's DPOConfig with its default
+    and the first sentence of TRL's help."""
     import dataclasses
 
     import trl
     from trl import DPOConfig
 
-    from dpo_xpu.recipes import Recipe, recipe_keys, trl_option_names
+    from dpo_xpu.recipes import key_docs, trl_default_differences, trl_option_names
 
-    defaults = dataclasses.asdict(Recipe())
-    lines = ["dpo_xpu's recipe keys (defaults; docs/options.md explains each):"]
-    lines += [f"  {key} = {defaults[key]!r}" for key in recipe_keys() if key != "trl_options"]
+    differs = trl_default_differences()
+    lines = ["dpo_xpu's recipe keys (default [unit]: meaning; docs/options.md has the sources):"]
+    for key, doc in key_docs().items():
+        trl_default = f" (TRL's default: {differs[key][1]!r})" if key in differs else ""
+        meaning = _first_sentence(_plain(doc["help"]))
+        lines.append(f"  {key} = {doc['default']!r}{trl_default} [{_plain(doc['unit'])}]: {meaning}")
     helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(DPOConfig)}
     lines += ["", f"TRL {trl.__version__}'s DPOConfig options, under their own names (TRL's defaults):"]
     for name, default in sorted(trl_option_names().items()):
@@ -112,13 +123,15 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     Args:
         with_options: list every recipe key and TRL option in ``train --help`` (imports TRL, so only for help).
     """
+    from dpo_xpu.recipes import BACKENDS
+
     parser = argparse.ArgumentParser(prog="dpo-xpu", description="DPO with NF4 + LoRA on Intel GPUs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
     env = sub.add_parser("env", help="report the device, driver, oneAPI and package versions")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
-    env.add_argument("--backend", choices=("native", "ipex-llm"), default=None)
+    env.add_argument("--backend", choices=BACKENDS, default=None)
     env.add_argument("--recipe", help="also say whether this recipe is expected to fit the device's memory")
     env.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     env.set_defaults(func=_cmd_env)

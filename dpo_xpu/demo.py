@@ -1,7 +1,7 @@
 """The embedded demo's model: a tiny Qwen2-architecture model with a ChatML tokenizer, built offline.
 
 Nothing is downloaded. The tokenizer is a byte-level BPE trained on the shipped orca-format sample
-(:data:`dpo_xpu.data.DEMO_SAMPLE_PATH`) with the ChatML special tokens; the model is randomly initialised
+(:data:`dpo_xpu.data.preferences.DEMO_SAMPLE_PATH`) with the ChatML special tokens; the model is randomly initialised
 from a fixed seed. Same inputs and versions give the same files (checked by the tests).
 
     $ python scripts/build_demo_model.py runs/demo-model
@@ -56,7 +56,7 @@ def build_demo_tokenizer(sample_path: Path | None = None, vocab_size: int = DEMO
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from dpo_xpu.data import CHATML_TEMPLATE, DEMO_SAMPLE_PATH
+    from dpo_xpu.data.preferences import CHATML_TEMPLATE, DEMO_SAMPLE_PATH
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,8 +1,8 @@
-"""Environment check and device selection: what this machine can run, and what to fix where it can't.
+"""Environment check: what this machine can run, and what to fix where it can't (the device itself:
+:mod:`dpo_xpu.device`).
 
     >>> report = check_environment()          # versions, accelerators, oneAPI, backends, verdicts
     >>> print(report)                         # a readable table; report.to_dict() for environment.json
-    >>> device = select_device("auto")        # xpu, then cuda, then cpu
 
 The check gathers facts into a :class:`Probe` and judges them with the pure function :func:`_verdicts`, so the
 judgement is tested with fake probes on any machine.
@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import platform as _platform
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -23,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from packaging.version import InvalidVersion, Version
 
-from .errors import DeviceNotAvailableError, RecipeError
+from dpo_xpu.device import XPU_WHEELS, device_count, import_torch
+from dpo_xpu.errors import RecipeError
+from dpo_xpu.recipes import BACKENDS
 
 if TYPE_CHECKING:
-    import torch
-
     from dpo_xpu.recipes import Recipe
 
 logger = logging.getLogger(__name__)
@@ -35,8 +34,6 @@ logger = logging.getLogger(__name__)
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate")
 IPEX = "intel-extension-for-pytorch"
 INTEL_PACKAGES = (IPEX, "ipex-llm")
-BACKENDS = ("native", "ipex-llm")
-XPU_WHEELS = "pip install torch --index-url https://download.pytorch.org/whl/xpu"
 XPU_FIX = f"install the Intel GPU driver and PyTorch's XPU wheels: {XPU_WHEELS}"
 ONEAPI_FIX = "source setup_oneapi.sh, then start Python or Jupyter from that shell"
 BNB_FIX = 'pip install -U "bitsandbytes>=0.48"'
@@ -222,18 +219,6 @@ def _verdicts(probe: Probe, backend: str = "native") -> list[Verdict]:
     return out
 
 
-def _import_torch() -> Any:
-    """Import torch, and intel-extension-for-pytorch where torch has no ``torch.xpu`` (torch < 2.4)."""
-    import torch
-
-    if not hasattr(torch, "xpu") and _installed(IPEX):
-        try:
-            import intel_extension_for_pytorch  # noqa: F401
-        except Exception as exc:  # a broken ipex must not break the check
-            logger.warning("intel_extension_for_pytorch failed to import: %s", exc)
-    return torch
-
-
 def _installed(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -263,7 +248,7 @@ def _probe() -> Probe:
     if probe.versions["torch"] is None:
         return probe
     try:
-        torch = _import_torch()
+        torch = import_torch()
     except Exception as exc:
         logger.warning("torch is installed but failed to import: %s", exc)
         return probe
@@ -271,7 +256,7 @@ def _probe() -> Probe:
     probe.torch_cuda = torch.version.cuda
     for kind in ("xpu", "cuda"):
         try:
-            for i in range(_device_count(kind)):
+            for i in range(device_count(kind)):
                 props = getattr(torch, kind).get_device_properties(i)
                 mib = int(props.total_memory) // 2**20
                 probe.accelerators.append(Accelerator(kind, i, str(props.name), mib))
@@ -338,76 +323,3 @@ def _memory_verdict(recipe: Recipe, probe: Probe) -> Verdict:
         f"on {where}: {fit.message}",
         "change the recipe as the message says (docs/troubleshooting.md: out of device memory)",
     )
-
-
-def _device_count(kind: str) -> int:
-    """How many ``kind`` (``"xpu"``/``"cuda"``) devices PyTorch sees; 0 when it has no such support."""
-    torch = _import_torch()
-    mod = getattr(torch, kind, None)
-    if mod is None or not mod.is_available():
-        return 0
-    return int(mod.device_count())
-
-
-def _missing_message(kind: str) -> str:
-    import torch
-
-    version = torch.__version__
-    if kind == "xpu":
-        build = " (a build without XPU support: torch.version.xpu is None)"
-        build = build if getattr(torch.version, "xpu", None) is None else ""
-        return (
-            f"no Intel GPU (XPU) is visible to PyTorch {version}{build}: install the Intel GPU driver and "
-            f"PyTorch's XPU wheels ({XPU_WHEELS}), check `sycl-ls` lists a Level Zero GPU, "
-            "or run with device='cpu'"
-        )
-    build = " (a build without CUDA support: torch.version.cuda is None)"
-    build = build if torch.version.cuda is None else ""
-    return (
-        f"no NVIDIA GPU (CUDA) is visible to PyTorch {version}{build}: install the NVIDIA driver and a CUDA "
-        "build of PyTorch (pip install torch --index-url https://download.pytorch.org/whl/cu128), "
-        "or run with device='cpu'"
-    )
-
-
-def select_device(device: str = "auto") -> torch.device:
-    """Pick the torch device to train on.
-
-    Args:
-        device (`str`, *optional*, defaults to `"auto"`):
-            ``"auto"`` picks ``xpu``, then ``cuda``, then ``cpu``. ``"xpu"``, ``"cuda"`` or ``"cpu"``,
-            optionally with an index (``"xpu:0"``, ``"cuda:1"``), asks for that device.
-
-    Returns:
-        `torch.device`: the device.
-
-    Raises:
-        `DeviceNotAvailableError`: the device asked for is not visible to PyTorch (the message says how to
-            fix it), its index is out of range, or ``device`` is not a valid choice.
-    """
-    import torch
-
-    match = re.fullmatch(r"(auto|cpu|xpu|cuda)(?::(\d+))?", str(device).strip().lower())
-    if match is None or (match[1] == "auto" and match[2] is not None):
-        raise DeviceNotAvailableError(
-            "device must be 'auto', 'cpu', 'xpu' or 'cuda', optionally with an index ('xpu:0', 'cuda:1'), "
-            f"found {device!r}"
-        )
-    kind, index = match[1], match[2]
-    if kind == "auto":
-        for candidate in ("xpu", "cuda"):
-            if _device_count(candidate) > 0:
-                logger.info("select_device('auto') picked %s", candidate)
-                return torch.device(candidate)
-        logger.info("select_device('auto'): no xpu or cuda device, using cpu")
-        return torch.device("cpu")
-    if kind == "cpu":
-        return torch.device("cpu")
-    count = _device_count(kind)
-    if count == 0:
-        raise DeviceNotAvailableError(_missing_message(kind))
-    if index is not None and int(index) >= count:
-        raise DeviceNotAvailableError(
-            f"device {device!r} asked for, but PyTorch sees {count} {kind} device(s) (indices 0..{count - 1})"
-        )
-    return torch.device(kind if index is None else f"{kind}:{index}")

@@ -277,12 +277,12 @@ def recipe_fits(recipe: Recipe, device_memory_mib: float, config: Any = None) ->
     Raises:
         ModelLoadError: ``config`` is not given and the model's config cannot be found.
     """
-    from dpo_xpu.models import _from_pretrained, resolve_model_path
+    from dpo_xpu.models.base import from_pretrained, resolve_model_path
 
     if config is None:
         from transformers import AutoConfig
 
-        config = _from_pretrained(AutoConfig, resolve_model_path(recipe.model_name_or_path))
+        config = from_pretrained(AutoConfig, resolve_model_path(recipe.model_name_or_path))
     estimate = estimate_memory(
         config,
         quantization=recipe.quantization,

@@ -2,7 +2,7 @@
 
 - bitsandbytes >= 0.49 logs "Failed to load CPU gemm_4bit_forward from kernels-community" on every CPU with
   AVX512-BF16 when the optional ``kernels`` package (a hub download) is absent; it then uses its own kernel, which
-  is what dpo_xpu wants anyway (:mod:`dpo_xpu.backends.native` keeps the training and inference kernels equal).
+  is what dpo_xpu wants anyway (:mod:`dpo_xpu.models.backends.native` keeps the training and inference kernels equal).
 - transformers 5 warns ``FutureWarning: `gradient_checkpointing_enable` is deprecated`` (and ``_disable``,
   ``is_gradient_checkpointing``, and the ``gradient_checkpointing`` / ``gradient_checkpointing_kwargs`` arguments
   TRL's ``DPOConfig`` still takes) whenever PEFT or TRL use the old names, several times a run, also with

@@ -2,7 +2,7 @@
 
 A recipe names the model, the data, the backend and the training values. Training keys keep TRL's
 names (``beta``, ``learning_rate``, ``max_length``, ...) and are mapped onto ``trl.DPOConfig`` by
-:func:`dpo_xpu.training.make_dpo_trainer`. The recipe is our own dataclass rather than a subclass of
+:func:`dpo_xpu.pipeline.make_dpo_trainer`. The recipe is our own dataclass rather than a subclass of
 ``DPOConfig`` because one recipe must serve both TRL generations (0.11 for ipex-llm, 1.x for the native
 backend), whose ``DPOConfig`` fields differ, and because it also holds model and data keys TRL lacks.
 
@@ -19,15 +19,32 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from dpo_xpu.device import DEVICE_PATTERN
 from dpo_xpu.errors import RecipeError
 
+#: The software stacks behind the one API (dpo_xpu.models.backends.<name>).
+BACKENDS = ("native", "ipex-llm")
 REFERENCE_STRATEGIES = ("adapter-off", "separate", "precomputed")
-#: Loss types dpo_xpu computes itself where the installed TRL does not (see dpo_xpu.losses).
-OWN_LOSS_TYPES = ("dpo_norm", "simpo")
 DATA_FORMATS = ("auto", "orca", "prompt-chosen-rejected", "conversational")
 EXPORT_FORMATS = ("adapter", "merged")
 QUANTIZATIONS = ("nf4", "none")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+ORIGINAL = "original recipe"
+OURS = "dpo_xpu"
+
+
+def _key(
+    *, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, unit: str, help: str, default_from: str
+) -> Any:
+    """A recipe key: its default and, in the field's metadata (as TRL's ``DPOConfig`` keeps its help), the unit or
+    allowed values, the meaning, and where the default comes from. ``dpo-xpu train --help``, the docs' options page
+    and the README's table are all made from this metadata (:func:`key_docs`)."""
+    metadata = {"unit": unit, "help": help, "default_from": default_from}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -35,49 +52,11 @@ class Recipe:
     """All settings of a DPO run. Defaults are the original recipe (Labonne, "Fine-tune a Mistral-7b model
     with DPO", as ported to Intel GPUs by ipex-llm's DPO example), except ``reference``.
 
-    Model and data:
-        model_name_or_path: hub id or local folder of the base (SFT) model.
-        dataset_name_or_path: hub id (``Intel/orca_dpo_pairs``) or a local ``.jsonl``/``.json``/``.parquet``.
-        limit: keep this many rows (seeded shuffle), ``None`` for all.
-        eval_fraction: fraction of rows held out for evaluation (the eval split; 0 disables evaluation).
-        data_format: ``"orca"`` (system, question, chosen, rejected), ``"prompt-chosen-rejected"`` (plain
-            prompt/chosen/rejected strings), ``"conversational"`` (TRL's conversational preference format:
-            message lists, with an explicit or implicit prompt), or ``"auto"`` (decided from the columns).
-        dataset_mixture: several sources with proportions (``{source: weight}``, normalised to sum 1),
-            instead of ``dataset_name_or_path``; mixed with ``seed``.
-        drop_long_rows: drop pairs longer than ``max_length`` tokens (reported) instead of truncating them.
-        sft_checkpoint: an SFT state dict file (``policy.pt``, a dict under the key ``state``, as written by
-            the original DPO code) applied to both policy and reference before quantization.
-        adapter_name_or_path: an existing LoRA adapter to continue training from.
-        reference_device: ``"same"`` as the policy, or ``"cpu"`` to keep a ``separate`` reference off the
-            accelerator.
-        output_dir: the run folder (metrics, picture, adapter).
-    Stack and device:
-        backend: ``"native"`` (bitsandbytes + PEFT + TRL 1.x) or ``"ipex-llm"`` (the original stack).
-        device: ``"auto"`` (xpu, then cuda, then cpu), ``"xpu"``, ``"cuda"``, ``"cpu"`` (optionally ``:N``).
-        quantization: ``"nf4"`` (4-bit NormalFloat, Dettmers et al. 2023) or ``"none"`` (bf16 weights).
-        reference: ``"adapter-off"`` (policy's base with LoRA disabled; one copy of the weights),
-            ``"separate"`` (a second frozen copy, as the original recipe) or ``"precomputed"``
-            (reference log-probs computed once before training).
-        prefix_sharing: run each pair as one sequence with the prompt computed once (Wang et al. 2024,
-            arXiv:2410.20305), for the policy and the reference; same log-probs up to float rounding. Native
-            backend (TRL 1.x) with sdpa or eager attention.
-    LoRA (Hu et al. 2021): ``lora_r`` rank, ``lora_alpha`` scaling numerator (update scaled by alpha / r),
-        ``lora_dropout``, ``lora_target_modules`` (names of linear layers; those absent from the model are
-        skipped).
-    DPO and optimisation (TRL's names): ``beta`` (the KL strength of Rafailov et al. 2023, eq. 7),
-        ``loss_type`` (``sigmoid`` = DPO, ``ipo``, ``hinge``, ``dpo_norm``, ``simpo`` and TRL's others),
-        ``label_smoothing`` (conservative DPO's epsilon), ``reference_free`` (a uniform reference),
-        ``nll_loss_coef`` (weight of an NLL term on the chosen answers), ``simpo_gamma`` (SimPO's target
-        margin), ``eval_steps`` (evaluate every so many steps and at step 0; ``None``: no evaluation during
-        training), ``eval_samples`` / ``num_eval_samples`` / ``max_new_tokens`` (generated samples per
-        evaluation), ``export`` (``adapter`` or ``merged`` into a bf16 copy of the base),
-        ``learning_rate`` (AdamW), ``lr_scheduler_type``, ``warmup_steps``, ``max_steps``
-        (-1: use ``num_train_epochs``), ``num_train_epochs``, ``per_device_train_batch_size`` (pairs),
-        ``gradient_accumulation_steps``, ``max_length`` (tokens, prompt + answer), ``max_prompt_length``
-        (tokens; longer prompts keep their end; unset: two thirds of ``max_length``, the original recipe's
-        1024 of 1536), ``gradient_checkpointing``, ``bf16``, ``logging_steps``,
-        ``save_steps``, ``seed``.
+    Each key is declared once below, with its unit, meaning and the source of its default in the field's metadata
+    (:func:`key_docs`; the docs' options page, the README's table and ``dpo-xpu train --help`` show them). Keys that
+    TRL's ``DPOConfig`` also has keep TRL's names; where their default differs from TRL's,
+    :func:`trl_default_differences` lists both, and the options page shows TRL's next to the reason for ours.
+
     TRL's other options: ``trl_options`` holds every other option of the installed TRL's ``DPOConfig`` (and of
         transformers' ``TrainingArguments`` under it), given as top-level recipe keys under their own names
         (``ld_alpha: 0.5``, ``use_weighting: true``, ``save_total_limit: 2``, ``report_to: [tensorboard]``, ...;
@@ -87,55 +66,295 @@ class Recipe:
         ``warmup_steps``) and replaces ``warmup_steps``.
     """
 
-    model_name_or_path: str = "teknium/OpenHermes-2.5-Mistral-7B"
-    dataset_name_or_path: str = "Intel/orca_dpo_pairs"
-    output_dir: str = "runs/dpo"
-    backend: str = "native"
-    device: str = "auto"
-    quantization: str = "nf4"
-    reference: str = "adapter-off"
-    prefix_sharing: bool = False
-    limit: int | None = None
-    eval_fraction: float = 0.0
-    data_format: str = "auto"
-    dataset_mixture: dict[str, float] | None = None
-    drop_long_rows: bool = False
-    sft_checkpoint: str | None = None
-    adapter_name_or_path: str | None = None
-    reference_device: str = "same"
-    lora_r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    reference_free: bool = False
-    nll_loss_coef: float = 0.0
-    simpo_gamma: float = 0.5
-    learning_rate: float = 5e-5
-    lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 100
-    max_steps: int = 200
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 4
-    max_length: int = 1536
-    max_prompt_length: int | None = None
-    gradient_checkpointing: bool = True
-    bf16: bool = True
-    logging_steps: int = 1
-    save_steps: int = 100
-    eval_steps: int | None = None
-    eval_samples: bool = True
-    num_eval_samples: int = 4
-    max_new_tokens: int = 64
-    export: str = "adapter"
-    seed: int = 42
-    trl_options: dict[str, Any] = field(default_factory=dict)
+    model_name_or_path: str = _key(
+        default="teknium/OpenHermes-2.5-Mistral-7B",
+        unit="hub id or folder",
+        help="the base (SFT) model",
+        default_from=f"{ORIGINAL}",
+    )
+    dataset_name_or_path: str = _key(
+        default="Intel/orca_dpo_pairs",
+        unit="hub id or file",
+        help="`Intel/orca_dpo_pairs` or a local `.jsonl` / `.json` / `.parquet` with its columns",
+        default_from=f"{ORIGINAL}",
+    )
+    output_dir: str = _key(
+        default="runs/dpo",
+        unit="folder",
+        help="the run folder (recipe, metrics, curves, adapter); never overwritten silently",
+        default_from=f"{OURS}",
+    )
+    backend: str = _key(
+        default="native",
+        unit="`native` \\| `ipex-llm`",
+        help="the software stack (see [Backends](backends.md))",
+        default_from=f"{OURS}",
+    )
+    device: str = _key(
+        default="auto",
+        unit="`auto` \\| `xpu` \\| `cuda` \\| `cpu`, optionally `:N`",
+        help="`auto` picks xpu, then cuda, then cpu",
+        default_from=f"{OURS}",
+    )
+    quantization: str = _key(
+        default="nf4",
+        unit="`nf4` \\| `none`",
+        help="4-bit NormalFloat base weights (QLoRA, Dettmers et al. 2023)",
+        default_from=f"{ORIGINAL}",
+    )
+    reference: str = _key(
+        default="adapter-off",
+        unit="`adapter-off` \\| `separate` \\| `precomputed`",
+        help="how reference log-probs are computed (see [reference strategies](how-dpo-works.md#reference-strategies))",
+        default_from=f"{OURS} (the original loaded a `separate` NF4 copy)",
+    )
+    prefix_sharing: bool = _key(
+        default=False,
+        unit="bool",
+        help=(
+            "run each pair as one sequence with the prompt computed once, for policy and reference (see [prefix "
+            "sharing](how-dpo-works.md#prefix-sharing)); native backend, sdpa or eager attention"
+        ),
+        default_from=f"{OURS} (off: TRL's two sequences per pair), after Wang et al. 2024 (arXiv:2410.20305)",
+    )
+    limit: int | None = _key(
+        default=None,
+        unit="rows",
+        help="keep this many rows after a seeded shuffle; `null` keeps all",
+        default_from=f"{OURS} (all rows)",
+    )
+    eval_fraction: float = _key(
+        default=0.0,
+        unit="fraction of rows, in [0, 1)",
+        help="rows held out for evaluation; 0 disables it",
+        default_from=f"{OURS}",
+    )
+    data_format: str = _key(
+        default="auto",
+        unit="`auto` \\| `orca` \\| `prompt-chosen-rejected` \\| `conversational`",
+        help=(
+            "the columns of the data: orca (`system`, `question`, `chosen`, `rejected`), plain "
+            "`prompt`/`chosen`/`rejected` strings, or TRL's conversational format (`prompt`/`chosen`/`rejected` as "
+            "lists of `{role, content}` messages, or only `chosen`/`rejected` holding whole conversations, whose "
+            "shared start is the prompt), formatted with the tokenizer's chat template; `auto` decides from the "
+            "columns"
+        ),
+        default_from=f"{OURS}",
+    )
+    dataset_mixture: dict[str, float] | None = _key(
+        default=None,
+        unit="mapping source: proportion",
+        help="several sources mixed with these proportions (normalised) and `seed`, instead of `dataset_name_or_path`",
+        default_from=f"{OURS} (off), as open-instruct's dataset mixer",
+    )
+    drop_long_rows: bool = _key(
+        default=False,
+        unit="bool",
+        help="drop pairs longer than `max_length` tokens (counts reported) instead of truncating them",
+        default_from=f"{OURS} (off), as open-instruct's length filter",
+    )
+    sft_checkpoint: str | None = _key(
+        default=None,
+        unit="file or `null`",
+        help="an SFT state dict (`policy.pt`, key `state`) loaded into policy and reference before quantization",
+        default_from="the original DPO code's starting point (off)",
+    )
+    adapter_name_or_path: str | None = _key(
+        default=None,
+        unit="folder or `null`",
+        help="an existing LoRA adapter to continue training from",
+        default_from=f"{OURS}",
+    )
+    reference_device: str = _key(
+        default="same",
+        unit="`same` \\| `cpu`",
+        help="`cpu` keeps a `separate` reference off the accelerator (less device memory, slower steps)",
+        default_from=f"{OURS} (`same`), as OpenRLHF's reference offload",
+    )
+    lora_r: int = _key(
+        default=16, unit="rank", help="rank of the LoRA matrices (Hu et al. 2021)", default_from=f"{ORIGINAL}"
+    )
+    lora_alpha: int = _key(
+        default=16,
+        unit="scale numerator",
+        help="the LoRA update is scaled by `lora_alpha / lora_r`",
+        default_from=f"{ORIGINAL}",
+    )
+    lora_dropout: float = _key(
+        default=0.05,
+        unit="probability",
+        help=(
+            "dropout on the adapter input; TRL's DPO trainer sets every dropout to 0 (its `disable_dropout`, on by "
+            "default in TRL 0.11 and 1.x), so it acts only where the adapter is trained outside DPO"
+        ),
+        default_from=f"{ORIGINAL}",
+    )
+    lora_target_modules: list[str] = _key(
+        factory=lambda: list(DEFAULT_LORA_TARGETS),
+        unit="layer names",
+        help="linear layers that get adapters; names the model lacks are skipped",
+        default_from=f"{ORIGINAL} (all attention and MLP projections)",
+    )
+    beta: float = _key(
+        default=0.1,
+        unit="dimensionless",
+        help="strength of the pull towards the reference (Rafailov et al. 2023, eq. 7); rewards are scaled by it",
+        default_from=f"{ORIGINAL} (also TRL's default)",
+    )
+    loss_type: str = _key(
+        default="sigmoid",
+        unit="TRL loss name",
+        help="`sigmoid` is the DPO loss of eq. 7; others as TRL documents",
+        default_from="TRL's default",
+    )
+    label_smoothing: float = _key(
+        default=0.0,
+        unit="probability in [0, 0.5)",
+        help="conservative DPO: the assumed rate of flipped preference labels (Mitchell 2023)",
+        default_from="the original DPO code (0: plain DPO)",
+    )
+    reference_free: bool = _key(
+        default=False,
+        unit="bool",
+        help="take the reference log-probs as 0 (a uniform reference)",
+        default_from="the original DPO code (off)",
+    )
+    nll_loss_coef: float = _key(
+        default=0.0,
+        unit="weight",
+        help=(
+            "adds this times the NLL of the chosen answers' tokens, averaged over all of them in the micro-batch "
+            "(TRL's `sft` term; `rpo_alpha` on TRL 0.11)"
+        ),
+        default_from="OpenRLHF (0: off)",
+    )
+    simpo_gamma: float = _key(
+        default=0.5,
+        unit="nats",
+        help="SimPO's target reward margin (Meng et al. 2024, eq. 6); used by `loss_type: simpo`",
+        default_from="SimPO's paper range, as TRL's CPO default (0.5)",
+    )
+    learning_rate: float = _key(
+        default=5e-5,
+        unit="AdamW step size",
+        help="peak learning rate, reached after the warmup",
+        default_from=f"{ORIGINAL}",
+    )
+    lr_scheduler_type: str = _key(
+        default="cosine",
+        unit="scheduler name",
+        help="learning-rate schedule after the warmup (transformers' names)",
+        default_from=f"{ORIGINAL}",
+    )
+    warmup_steps: int = _key(
+        default=100,
+        unit="optimizer steps",
+        help="linear warmup from 0; the first logged step has learning rate 0",
+        default_from=f"{ORIGINAL}",
+    )
+    max_steps: int = _key(
+        default=200,
+        unit="optimizer steps",
+        help="training length; `-1` uses `num_train_epochs`",
+        default_from=f"{ORIGINAL}",
+    )
+    num_train_epochs: float = _key(
+        default=1.0, unit="passes over the data", help="used only when `max_steps` is `-1`", default_from=f"{OURS}"
+    )
+    per_device_train_batch_size: int = _key(
+        default=4, unit="preference pairs", help="pairs per device per forward pass", default_from=f"{ORIGINAL}"
+    )
+    gradient_accumulation_steps: int = _key(
+        default=4,
+        unit="micro-batches",
+        help="micro-batches per optimizer step (pairs per update = batch size x this)",
+        default_from=f"{ORIGINAL}",
+    )
+    max_length: int = _key(
+        default=1536,
+        unit="tokens",
+        help="longest prompt + answer; longer sequences are cut",
+        default_from=f"{ORIGINAL}",
+    )
+    max_prompt_length: int | None = _key(
+        default=None,
+        unit="tokens",
+        help=(
+            "longest prompt; longer prompts keep their end. `null` (unset): two thirds of `max_length`, so lowering "
+            "`max_length` alone keeps a valid recipe (1024 of the default 1536); set, it must be below `max_length`"
+        ),
+        default_from=f"{ORIGINAL} (its ratio, 1024 of 1536)",
+    )
+    gradient_checkpointing: bool = _key(
+        default=True,
+        unit="bool",
+        help="recompute activations in the backward pass: less memory, slower",
+        default_from=f"{ORIGINAL}",
+    )
+    bf16: bool = _key(
+        default=True,
+        unit="bool",
+        help="bfloat16 compute (float32 when false; use false on CPUs without AMX)",
+        default_from=f"{ORIGINAL}",
+    )
+    logging_steps: int = _key(
+        default=1,
+        unit="optimizer steps",
+        help="one `metrics.jsonl` row and one curve redraw every this many steps",
+        default_from=f"{ORIGINAL}",
+    )
+    save_steps: int = _key(
+        default=100,
+        unit="optimizer steps",
+        help="a checkpoint every this many steps",
+        default_from=f"{OURS} (the original saved none)",
+    )
+    eval_steps: int | None = _key(
+        default=None,
+        unit="optimizer steps or `null`",
+        help="evaluate the held-out split every this many steps and at step 0; `null`: no evaluation during training",
+        default_from=f"{OURS}",
+    )
+    eval_samples: bool = _key(
+        default=True,
+        unit="bool",
+        help="also generate policy and reference answers at each evaluation",
+        default_from=f"{OURS} (on)",
+    )
+    num_eval_samples: int = _key(
+        default=4,
+        unit="prompts",
+        help="how many fixed eval prompts are answered at each evaluation",
+        default_from=f"{OURS}",
+    )
+    max_new_tokens: int = _key(
+        default=64, unit="tokens", help="length limit of each generated sample", default_from=f"{OURS}"
+    )
+    export: str = _key(
+        default="adapter",
+        unit="`adapter` \\| `merged`",
+        help="save the LoRA adapter only, or merged into a bf16 copy of the base",
+        default_from=f"{OURS} (`adapter`), as OpenRLHF's LoRA-only save",
+    )
+    seed: int = _key(
+        default=42,
+        unit="integer",
+        help="seed of the shuffle, the split and the LoRA initialisation",
+        default_from="transformers' default",
+    )
+    trl_options: dict[str, Any] = _key(
+        factory=dict,
+        unit="TRL option: value",
+        help=(
+            "every other option of the installed TRL's `DPOConfig` (and transformers' `TrainingArguments`), written "
+            "as a top-level key under its own name (`ld_alpha: 0.5`, `report_to: [tensorboard]`); `dpo-xpu train "
+            "--help` lists them"
+        ),
+        default_from="TRL's defaults",
+    )
 
     def __post_init__(self) -> None:
-        _check_choice("backend", self.backend, ("native", "ipex-llm"))
+        _check_choice("backend", self.backend, BACKENDS)
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
         _check_choice("reference", self.reference, REFERENCE_STRATEGIES)
         _check_choice("data_format", self.data_format, DATA_FORMATS)
@@ -158,7 +377,7 @@ class Recipe:
                     "dataset_mixture must map each source to a positive proportion. Expected format: "
                     f"{{'Intel/orca_dpo_pairs': 0.7, 'my_pairs.jsonl': 0.3}}; found {self.dataset_mixture!r}"
                 )
-        if not re.fullmatch(r"(auto|cpu|xpu|cuda)(:\d+)?", self.device):
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise RecipeError(f"device: {self.device!r} is not one of auto, xpu, cuda, cpu (optionally ':N')")
         for name in (
             "beta",
@@ -262,6 +481,65 @@ def _check_ranges(recipe: Recipe) -> None:
 def recipe_keys() -> list[str]:
     """Names of dpo_xpu's own recipe keys, in declaration order (TRL's other options: :func:`trl_option_names`)."""
     return [f.name for f in fields(Recipe)]
+
+
+def key_docs() -> dict[str, dict[str, Any]]:
+    """Every dpo_xpu recipe key, in declaration order: ``{"default", "unit", "help", "default_from"}`` (the default
+    as a recipe file would hold it)."""
+    docs = {}
+    for f in fields(Recipe):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        docs[f.name] = {"default": default, **f.metadata}
+    return docs
+
+
+def trl_default_differences() -> dict[str, tuple[Any, Any]]:
+    """dpo_xpu's keys that the installed TRL's ``DPOConfig`` also has, with another default: ``{key: (dpo_xpu's
+    default, TRL's default)}``. Each is deliberate: the original recipe's value (see each key's ``default_from``)."""
+    from trl import DPOConfig
+
+    trl_defaults = {f.name: f.default for f in fields(DPOConfig) if f.default is not dataclasses.MISSING}
+    return {
+        name: (doc["default"], trl_defaults[name])
+        for name, doc in key_docs().items()
+        if name in trl_defaults and doc["default"] != trl_defaults[name]
+    }
+
+
+def _markdown_value(value: Any) -> str:
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, list):
+        return ", ".join(f"`{v}`" for v in value)
+    return f"`{value}`"
+
+
+def options_table(full: bool = True) -> str:
+    """dpo_xpu's recipe keys as a Markdown table: key, type, default, unit or values, meaning and where the default
+    comes from, with TRL's default where it differs (:func:`trl_default_differences`). ``full=False`` gives the
+    README's short table: key, default, unit or values, where the default comes from."""
+    differs = trl_default_differences()
+    types = {f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "") for f in fields(Recipe)}
+    header = ["key", "type", "default", "unit / values", "meaning", "default from"]
+    if not full:
+        header = ["key", "default", "unit / values", "default from"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, doc in key_docs().items():
+        origin = doc["default_from"]
+        if name in differs:
+            origin += f"; TRL's default: {_markdown_value(differs[name][1])}"
+        cells = {
+            "key": f"`{name}`",
+            "type": f"`{types[name]}`",  # python-markdown does not split a cell at a pipe inside a code span
+            "default": _markdown_value(doc["default"]),
+            "unit / values": doc["unit"],
+            "meaning": doc["help"],
+            "default from": origin,
+        }
+        rows.append("| " + " | ".join(cells[h] for h in header) + " |")
+    return "\n".join(rows)
 
 
 #: ``DPOConfig`` options that dpo_xpu sets from its own keys: the key to use instead, and why.

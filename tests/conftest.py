@@ -78,6 +78,6 @@ def smollm2_path(tmp_path_factory) -> Path:
     if not SMOLLM2_GGUF.exists():
         pytest.skip(f"shared asset {SMOLLM2_GGUF} is absent (set DPO_XPU_SHARED)")
     pytest.importorskip("gguf", reason="reading the GGUF file needs the gguf package (the test extra has it)")
-    from dpo_xpu.gguf_import import gguf_to_folder
+    from dpo_xpu.models.gguf import gguf_to_folder
 
     return gguf_to_folder(SMOLLM2_GGUF, cache_dir=tmp_path_factory.mktemp("gguf"))

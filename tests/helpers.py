@@ -75,8 +75,8 @@ def make_trainer(recipe: Recipe, tokenizer: Any = None) -> Any:
     """The run's tokenizer, data, models and TRL trainer, as ``run_training`` builds them (seeded)."""
     import torch
 
-    from dpo_xpu.models import load_tokenizer
-    from dpo_xpu.training import load_run_data, load_run_models, make_dpo_trainer
+    from dpo_xpu.models.loading import load_tokenizer
+    from dpo_xpu.pipeline import load_run_data, load_run_models, make_dpo_trainer
 
     tokenizer = tokenizer or load_tokenizer(recipe.model_name_or_path)
     train, _ = load_run_data(recipe, tokenizer)

@@ -15,10 +15,10 @@ pytestmark = pytest.mark.ipex_llm
 
 from helpers import cpu_recipe, run_cli, set_args  # noqa: E402
 
-from dpo_xpu.backends.ipex_llm import lora_targets, low_bit_format  # noqa: E402
 from dpo_xpu.errors import ModelLoadError  # noqa: E402
+from dpo_xpu.models.backends.ipex_llm import lora_targets, low_bit_format  # noqa: E402
+from dpo_xpu.pipeline import run_training  # noqa: E402
 from dpo_xpu.recipes import Recipe  # noqa: E402
-from dpo_xpu.training import run_training  # noqa: E402
 
 
 def test_nf4_on_xpu_and_sym_int4_where_nf4_is_refused(caplog):
@@ -116,7 +116,7 @@ def test_reference_free_runs_no_reference_forward_on_trl_011(stories260k_path, o
     logs beta * log pi, the quantities the loss compares."""
     from helpers import make_trainer
 
-    from dpo_xpu.backends.trl011_trainer import ReferenceFreeDPOTrainer
+    from dpo_xpu.models.backends.ipex_llm_trainer import ReferenceFreeDPOTrainer
 
     recipe = ipex_recipe(
         stories260k_path,

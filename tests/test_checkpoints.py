@@ -17,7 +17,7 @@ import yaml
 from helpers import cpu_recipe
 from transformers import TrainerCallback
 
-from dpo_xpu.checkpoints import (
+from dpo_xpu.callbacks.checkpoints import (
     MARKER_FILE,
     check_resume_recipe,
     checkpoint_problem,
@@ -25,12 +25,12 @@ from dpo_xpu.checkpoints import (
     trim_step_log,
     write_marker,
 )
-from dpo_xpu.data import DEMO_SAMPLE_PATH
+from dpo_xpu.data.preferences import DEMO_SAMPLE_PATH
 from dpo_xpu.demo import build_demo_model
 from dpo_xpu.errors import RecipeError, RunFolderError
-from dpo_xpu.plotting import read_metrics
+from dpo_xpu.outputs.plotting import read_metrics
+from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.training import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 

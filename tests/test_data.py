@@ -1,4 +1,4 @@
-"""Tests for dpo_xpu.data: loading, validation, ChatML formatting and the train/eval split."""
+"""Tests for dpo_xpu.data.preferences: loading, validation, ChatML formatting and the train/eval split."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dpo_xpu import data
-from dpo_xpu.data import (
+from dpo_xpu.data.preferences import (
     CHATML_TEMPLATE,
     DEMO_SAMPLE_PATH,
     chatml_format,

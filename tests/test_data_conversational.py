@@ -9,16 +9,16 @@ from pathlib import Path
 import datasets
 import pytest
 
-from dpo_xpu.data import (
+from dpo_xpu.data.preferences import (
     conversational_format,
     format_orca_dataset,
     load_orca_dpo_pairs,
     validate_conversational_rows,
 )
+from dpo_xpu.data.sources import load_preference_pairs, mix_sources
 from dpo_xpu.errors import PreferenceDataError
+from dpo_xpu.pipeline import load_run_data
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.sources import load_preference_pairs, mix_sources
-from dpo_xpu.training import load_run_data
 
 
 def m(role: str, content: str) -> dict[str, str]:
@@ -335,7 +335,7 @@ def test_load_run_data_gives_the_orca_strings(stories, orca_rows_path: Path, tmp
 def test_conversational_rows_train(stories260k_path: Path, orca_rows_path: Path, tmp_path: Path) -> None:
     from helpers import short_recipe
 
-    from dpo_xpu.training import run_training
+    from dpo_xpu.pipeline import run_training
 
     rows = write_jsonl(tmp_path / "conv.jsonl", [implicit(row) for row in orca_rows(orca_rows_path, 12)])
     recipe = short_recipe(stories260k_path, rows, tmp_path / "run", max_steps=2)

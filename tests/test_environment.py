@@ -1,4 +1,4 @@
-"""dpo_xpu.environment: device selection (monkeypatched probes) and the verdicts of the environment check."""
+"""dpo_xpu.device and dpo_xpu.environment: device selection (monkeypatched probes), the environment verdicts."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import json
 import pytest
 import torch
 
+import dpo_xpu.device as device_module
 import dpo_xpu.environment as env
+from dpo_xpu.device import select_device
 from dpo_xpu.environment import (
     Accelerator,
     EnvironmentReport,
     Probe,
     Verdict,
     check_environment,
-    select_device,
 )
 from dpo_xpu.errors import DeviceNotAvailableError, RecipeError
 
@@ -60,7 +61,7 @@ def _topics(verdicts: list[Verdict]) -> set[str]:
 
 
 def _devices(monkeypatch: pytest.MonkeyPatch, xpu: int = 0, cuda: int = 0) -> None:
-    monkeypatch.setattr(env, "_device_count", lambda kind: {"xpu": xpu, "cuda": cuda}[kind])
+    monkeypatch.setattr(device_module, "device_count", lambda kind: {"xpu": xpu, "cuda": cuda}[kind])
 
 
 @pytest.mark.parametrize(("xpu", "cuda", "expected"), [(1, 1, "xpu"), (2, 0, "xpu"), (0, 1, "cuda"), (0, 0, "cpu")])

@@ -8,10 +8,10 @@ import json
 import pytest
 from helpers import cpu_recipe
 
-from dpo_xpu.callbacks import EVAL_SAMPLES_FILE
+from dpo_xpu.callbacks.metrics import EVAL_SAMPLES_FILE
+from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.training import run_training
-from dpo_xpu.trl_compat import dpo_config_kwargs
+from dpo_xpu.train.trl_config import dpo_config_kwargs
 
 
 def test_eval_settings_need_eval_steps_and_an_eval_split():

@@ -1,4 +1,4 @@
-"""dpo_xpu.evaluation, dpo_xpu.export and dpo_xpu.lengths on the real stories260K model and orca rows."""
+"""dpo_xpu.eval.heldout, dpo_xpu.eval.export and dpo_xpu.data.lengths on the real stories260K model and orca rows."""
 
 from __future__ import annotations
 

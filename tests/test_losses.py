@@ -1,4 +1,4 @@
-"""Losses: dpo_xpu's own (dpo_xpu.losses) against their equations written out here, the recipe -> TRL mapping per
+"""Losses: dpo_xpu's own (dpo_xpu.train.losses) against their equations written out here, the recipe -> TRL mapping per
 TRL generation, and every loss's first-step value through run_training on the real stories260K + orca rows."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch
 from helpers import cpu_recipe as shared_recipe
 
 from dpo_xpu.errors import RecipeError
-from dpo_xpu.losses import dpo_norm_loss, own_loss, sigmoid_loss, simpo_loss
+from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.training import run_training
-from dpo_xpu.trl_compat import dpo_config_kwargs, own_loss_type, trl_generation
+from dpo_xpu.train.losses import dpo_norm_loss, own_loss, sigmoid_loss, simpo_loss
+from dpo_xpu.train.trl_config import dpo_config_kwargs, own_loss_type, trl_generation
 
 LN2 = math.log(2)
 BETA = 0.1

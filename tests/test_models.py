@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from dpo_xpu import hub
-from dpo_xpu.backends import get_backend
-from dpo_xpu.backends.native import disable_cpu_nf4_repack, lora_targets_present
 from dpo_xpu.errors import ModelLoadError, RecipeError
-from dpo_xpu.models import LoraSettings, load_policy_model, load_reference_model, load_tokenizer, resolve_model_path
+from dpo_xpu.models.backends import get_backend
+from dpo_xpu.models.backends.native import disable_cpu_nf4_repack, lora_targets_present
+from dpo_xpu.models.base import LoraSettings, resolve_model_path
+from dpo_xpu.models.loading import load_policy_model, load_reference_model, load_tokenizer
 
 CPU = torch.device("cpu")
 

@@ -6,8 +6,8 @@ import json
 import math
 from types import SimpleNamespace
 
-from dpo_xpu.callbacks import LiveRewardPlotCallback, MetricsLoggerCallback
-from dpo_xpu.plotting import plot_reward_curves, read_metrics
+from dpo_xpu.callbacks.metrics import LiveRewardPlotCallback, MetricsLoggerCallback
+from dpo_xpu.outputs.plotting import plot_reward_curves, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dpo_xpu.errors import RecipeError
-from dpo_xpu.prefix_sharing import PrefixSharing, check_prefix_sharing, pack_pairs
+from dpo_xpu.train.prefix_sharing import PrefixSharing, check_prefix_sharing, pack_pairs
 
 pytest.importorskip("trl")
 
@@ -141,7 +141,7 @@ def test_prefix_sharing_trains_to_the_same_losses(stories260k_path, orca_rows_pa
     """
     from helpers import make_trainer, short_recipe
 
-    from dpo_xpu.reference_cache import attach_precomputed_reference
+    from dpo_xpu.train.reference_cache import attach_precomputed_reference
 
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")
 

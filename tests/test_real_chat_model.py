@@ -8,8 +8,8 @@ import math
 import pytest
 from helpers import cpu_recipe
 
-from dpo_xpu.data import chatml_format
-from dpo_xpu.models import load_tokenizer
+from dpo_xpu.data.preferences import chatml_format
+from dpo_xpu.models.loading import load_tokenizer
 
 
 def test_the_prompt_is_the_models_own_chatml_template(smollm2_path):
@@ -28,8 +28,8 @@ def test_the_prompt_is_the_models_own_chatml_template(smollm2_path):
 
 @pytest.mark.slow
 def test_dpo_on_the_real_chat_model_generalises_to_held_out_pairs(smollm2_path, orca_rows_path, tmp_path):
-    from dpo_xpu.evaluation import evaluate_preferences, generate_samples
-    from dpo_xpu.training import load_run_data, run_training
+    from dpo_xpu.eval.heldout import evaluate_preferences, generate_samples
+    from dpo_xpu.pipeline import load_run_data, run_training
 
     recipe = cpu_recipe(
         smollm2_path,

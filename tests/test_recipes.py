@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,36 @@ def test_readme_lists_every_option_with_its_default():
             assert shown == ", ".join(default), f.name
         else:
             assert shown == str(default), f.name
+
+
+def test_readme_table_is_made_from_the_field_metadata():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "sync_readme.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_key_is_documented_once_in_its_field():
+    from dpo_xpu.recipes import key_docs
+
+    for name, doc in key_docs().items():
+        assert doc["unit"] and doc["help"] and doc["default_from"], name
+
+
+def test_defaults_that_differ_from_trls_are_listed_with_their_reason():
+    from trl import DPOConfig
+
+    from dpo_xpu.recipes import key_docs, options_table, trl_default_differences
+
+    differs = trl_default_differences()
+    trl_defaults = {f.name: f.default for f in dataclasses.fields(DPOConfig)}
+    assert differs["learning_rate"] == (5e-5, trl_defaults["learning_rate"])  # the original recipe's 5e-5
+    assert "beta" not in differs  # 0.1 in both
+    docs = key_docs()
+    table = {line.split(" | ")[0].strip("| `"): line for line in options_table().splitlines()[2:]}
+    for name, (ours, theirs) in differs.items():
+        assert ours != theirs
+        assert "TRL's default" not in docs[name]["default_from"], f"{name}: say why dpo_xpu differs from TRL"
+        assert f"TRL's default: `{theirs}`" in table[name] or theirs is None or isinstance(theirs, bool), name

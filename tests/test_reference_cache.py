@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import make_trainer, short_recipe
 
-from dpo_xpu.reference_cache import (
+from dpo_xpu.train.reference_cache import (
     CacheFileError,
     attach_precomputed_reference,
     load_reference_logps,

@@ -17,13 +17,13 @@ import pytest
 from helpers import cpu_recipe, make_trainer, run_cli, set_args
 
 from dpo_xpu.errors import ModelLoadError, PreferenceDataError, RecipeError, RunFolderError
+from dpo_xpu.outputs.run_folder import LOCK_FILE, prepare_run_dir, unlock_run_dir
+from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.run_folder import LOCK_FILE, prepare_run_dir, unlock_run_dir
-from dpo_xpu.training import run_training
 
 HOLD_LOCK = """
 import sys, time
-from dpo_xpu.run_folder import RunLock
+from dpo_xpu.outputs.run_folder import RunLock
 RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -141,7 +141,7 @@ def test_max_prompt_length_follows_max_length_unless_set():
 
 
 def test_a_missing_relative_model_folder_is_an_error_at_once(tmp_path, monkeypatch):
-    from dpo_xpu.models import resolve_model_path
+    from dpo_xpu.models.base import resolve_model_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
@@ -153,8 +153,8 @@ def test_a_missing_relative_model_folder_is_an_error_at_once(tmp_path, monkeypat
 
 @pytest.mark.parametrize("kind", ["model", "dataset"])
 def test_a_hub_id_offline_is_one_line_at_once(monkeypatch, kind):
-    from dpo_xpu.models import resolve_model_path
-    from dpo_xpu.sources import load_preference_pairs
+    from dpo_xpu.data.sources import load_preference_pairs
+    from dpo_xpu.models.base import resolve_model_path
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     load, error, key = {
@@ -318,7 +318,7 @@ def test_one_progress_callback_with_concise_lines_replaces_transformers_own(
     """In a notebook transformers' table grows a row per step above the live curves; it is replaced by a bar."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from dpo_xpu.callbacks import StepLineProgressCallback, use_step_lines
+    from dpo_xpu.callbacks.metrics import StepLineProgressCallback, use_step_lines
 
     trainer = make_trainer(quick_recipe(stories260k_path, orca_rows_path, tmp_path / "run", max_steps=1))
     use_step_lines(trainer, notebook=notebook)

@@ -7,13 +7,13 @@ import re
 
 import pytest
 
-from dpo_xpu.data import chatml_format
+from dpo_xpu.data.lengths import token_lengths
+from dpo_xpu.data.preferences import chatml_format
+from dpo_xpu.data.sources import detect_format, load_preference_pairs, mix_sources, mixture_counts
 from dpo_xpu.errors import PreferenceDataError
-from dpo_xpu.lengths import token_lengths
-from dpo_xpu.models import load_tokenizer
+from dpo_xpu.models.loading import load_tokenizer
+from dpo_xpu.pipeline import load_run_data
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.sources import detect_format, load_preference_pairs, mix_sources, mixture_counts
-from dpo_xpu.training import load_run_data
 
 
 def orca_rows(path, n=None):

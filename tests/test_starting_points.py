@@ -10,8 +10,9 @@ import torch
 from helpers import cpu_recipe as shared_recipe
 
 from dpo_xpu.errors import ModelLoadError
-from dpo_xpu.models import LoraSettings, load_policy_model, load_sft_state_dict, load_trained_policy
-from dpo_xpu.training import run_training
+from dpo_xpu.models.base import LoraSettings
+from dpo_xpu.models.loading import load_policy_model, load_sft_state_dict, load_trained_policy
+from dpo_xpu.pipeline import run_training
 
 LN2 = math.log(2)
 TEXT = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\nOnce upon a time"
@@ -152,7 +153,7 @@ def test_reference_on_cpu_stays_there(stories260k_path, orca_rows_path, tmp_path
 def test_merged_export_reproduces_the_adapter_logits(stories260k_path, orca_rows_path, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dpo_xpu.export import check_merged_logits
+    from dpo_xpu.eval.export import check_merged_logits
 
     # a large learning rate, so one step moves the adapter well beyond bf16's rounding of the merged weights
     recipe = shared_recipe(

@@ -1,4 +1,4 @@
-"""The step-0 check (dpo_xpu.step0): what the first logged step must show, and how a gap is reported."""
+"""The step-0 check (dpo_xpu.callbacks.step0): what the first logged step must show, and how a gap is reported."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import math
 import pytest
 import torch
 
-from dpo_xpu.callbacks import MetricsLoggerCallback
-from dpo_xpu.recipes import Recipe
-from dpo_xpu.step0 import (
+from dpo_xpu.callbacks.metrics import MetricsLoggerCallback
+from dpo_xpu.callbacks.step0 import (
     GAP_KEY,
     WARNING_KEY,
     Step0Check,
@@ -20,6 +19,7 @@ from dpo_xpu.step0 import (
     expected_step0_loss,
     step0_causes,
 )
+from dpo_xpu.recipes import Recipe
 
 LN2 = math.log(2)
 

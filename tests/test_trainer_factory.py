@@ -8,11 +8,12 @@ import math
 import pytest
 from helpers import cpu_recipe
 
+from dpo_xpu.data.truncation import truncate_prompts
 from dpo_xpu.errors import RecipeError
-from dpo_xpu.models import load_tokenizer
+from dpo_xpu.models.loading import load_tokenizer
+from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.training import run_training
-from dpo_xpu.trl_compat import dpo_config_kwargs, trl_generation, truncate_prompts
+from dpo_xpu.train.trl_config import dpo_config_kwargs, trl_generation
 
 
 @pytest.mark.parametrize(
@@ -92,7 +93,7 @@ def test_cpu_scores_only_answer_tokens_with_the_same_log_probs(stories260k_path,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dpo_xpu.trl_compat import score_answer_tokens_only_on_cpu
+    from dpo_xpu.train.trl_internals import score_answer_tokens_only_on_cpu
 
     model = AutoModelForCausalLM.from_pretrained(stories260k_path, dtype=torch.float32).eval()
     trl_utils.add_fused_lm_head(model)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import cpu_recipe as shared_recipe
 
-from dpo_xpu.models import load_tokenizer, load_trained_policy
-from dpo_xpu.training import run_training
+from dpo_xpu.models.loading import load_tokenizer, load_trained_policy
+from dpo_xpu.pipeline import run_training
 
 LN2 = math.log(2)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,9 +8,9 @@ import pytest
 from helpers import cpu_recipe
 
 from dpo_xpu.errors import RecipeError
+from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import load_recipe, make_recipe, trl_option_names
-from dpo_xpu.training import run_training
-from dpo_xpu.trl_compat import dpo_config_kwargs, trl_generation
+from dpo_xpu.train.trl_config import dpo_config_kwargs, trl_generation
 
 pytestmark = pytest.mark.skipif(trl_generation() != "1.x", reason="TRL 1.x's options (the native environment)")
 

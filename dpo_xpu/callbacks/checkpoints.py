@@ -1,0 +1,239 @@
+"""Checkpoints a run can resume from, and the checks that make resuming safe.
+
+transformers' ``Trainer`` writes ``<output_dir>/checkpoint-N/`` every ``save_steps``: the LoRA adapter, the
+optimizer and scheduler states, the RNG states and ``trainer_state.json`` (the step, hence the data position,
+which ``Trainer`` skips to on resume). :class:`CheckpointCallback` adds two things:
+
+- once ``Trainer`` has finished writing a checkpoint, a ``COMPLETE`` marker listing every file with its size
+  and SHA-256 checksum, written last and atomically. A checkpoint without a valid marker (interrupted while
+  saving, or a file changed since) is partial: :func:`find_resume_checkpoint` skips it and never loads it;
+- a checkpoint at the last step, so a finished run ends with one.
+
+    >>> checkpoint = find_resume_checkpoint("runs/dpo")      # newest complete checkpoint-N
+    >>> check_resume_recipe(recipe, "runs/dpo")               # refuses a recipe that changes the result
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from dpo_xpu.errors import RecipeError, RunFolderError
+from dpo_xpu.outputs.run_folder import check_fingerprints, file_sha256
+
+logger = logging.getLogger(__name__)
+
+MARKER_FILE = "COMPLETE"
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+#: Recipe keys that do not change what training computes; they may differ when resuming.
+NON_RESULT_KEYS = (
+    "output_dir",
+    "device",
+    "reference_device",
+    "logging_steps",
+    "save_steps",
+    "eval_steps",
+    "eval_samples",
+    "num_eval_samples",
+    "max_new_tokens",
+    "export",
+    # TRL / transformers options that change where results go, not what is computed
+    "report_to",
+    "run_name",
+    "logging_dir",  # transformers < 5
+    "logging_first_step",
+    "save_total_limit",
+    "save_only_model",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_private_repo",
+    "dataloader_num_workers",
+    "dataset_num_proc",
+    "disable_tqdm",
+)
+#: Files of the run folder holding one JSON row per step, trimmed back to the checkpoint on resume.
+STEP_LOGS = ("metrics.jsonl", "eval_samples.jsonl")
+
+
+def write_marker(checkpoint: str | Path, step: int) -> Path:
+    """Write ``checkpoint/COMPLETE``: the step and every file's size and SHA-256 (written via a temporary
+    file and an atomic rename, so the marker itself is never partial)."""
+    checkpoint = Path(checkpoint)
+    files = {
+        str(path.relative_to(checkpoint)): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        for path in sorted(checkpoint.rglob("*"))
+        if path.is_file() and not path.name.startswith(MARKER_FILE)
+    }
+    tmp = checkpoint / f"{MARKER_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
+    os.replace(tmp, checkpoint / MARKER_FILE)
+    return checkpoint / MARKER_FILE
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (``None`` when it is complete): no marker, an unreadable
+    marker, no ``trainer_state.json``, or a listed file missing or changed (size or checksum)."""
+    checkpoint = Path(checkpoint)
+    marker = checkpoint / MARKER_FILE
+    if not marker.is_file():
+        return f"no {MARKER_FILE} marker (interrupted while saving)"
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable {MARKER_FILE} marker"
+    if "trainer_state.json" not in files:
+        return "no trainer_state.json"
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
+            return f"{name} differs from its checksum"
+    return None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-N`` folder in ``run_dir``, newest first."""
+    found = []
+    for path in Path(run_dir).glob("checkpoint-*"):
+        match = CHECKPOINT_PATTERN.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def find_resume_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete checkpoint in ``run_dir``; partial ones are logged and skipped.
+
+    Raises:
+        RunFolderError: ``run_dir`` holds no complete checkpoint.
+    """
+    skipped = []
+    for _step, path in list_checkpoints(run_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for name, why in skipped:
+                logger.warning("Skipping partial checkpoint %s: %s", name, why)
+            return path
+        skipped.append((path.name, problem))
+    details = "; ".join(f"{name}: {why}" for name, why in skipped) or "no checkpoint-N folder"
+    raise RunFolderError(
+        f"{run_dir} holds no complete checkpoint to resume from ({details}). Fix: start the run again with "
+        "--overwrite (overwrite=True), or resume a run folder that holds one"
+    )
+
+
+def check_resume_recipe(recipe: Any, run_dir: str | Path) -> None:
+    """Refuse to resume when ``recipe`` and the run's ``recipe.yaml`` differ on a key that changes the result
+    (any key but :data:`NON_RESULT_KEYS`).
+
+    Raises:
+        RunFolderError: no ``recipe.yaml`` in ``run_dir`` (nothing to resume).
+        RecipeError: the recipes differ; the message names each differing key with both values.
+    """
+    from dpo_xpu.recipes import load_recipe
+
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise RunFolderError(f"{path} does not exist: there is no run to resume in {run_dir}; train without --resume")
+    saved, given = load_recipe(path).to_dict(), recipe.to_dict()
+    keys = list(given) + [key for key in saved if key not in given]
+    differ = [key for key in keys if key not in NON_RESULT_KEYS and given.get(key) != saved.get(key)]
+    if differ:
+        found = "; ".join(f"{key}: run has {saved.get(key)!r}, recipe has {given.get(key)!r}" for key in differ)
+        raise RecipeError(
+            f"cannot resume {run_dir}: the recipe differs from the run's {path.name} on keys that change the "
+            f"result ({found}). Fix: use the run's values, or start a new run (another output_dir, or --overwrite)"
+        )
+
+
+def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
+    """Check the recipe and the inputs' fingerprints (:func:`dpo_xpu.outputs.run_folder.check_fingerprints`), pick the
+    newest complete checkpoint, remove the partial ones after it, and trim
+    ``metrics.jsonl`` / ``eval_samples.jsonl`` to the rows at or before its step (the resumed run appends the
+    later ones again). Returns the checkpoint to pass to ``trainer.train(resume_from_checkpoint=...)``."""
+    check_resume_recipe(recipe, run_dir)
+    check_fingerprints(recipe, run_dir)
+    checkpoint = find_resume_checkpoint(run_dir)
+    step = int(CHECKPOINT_PATTERN.fullmatch(checkpoint.name).group(1))
+    for later, path in list_checkpoints(run_dir):
+        if later > step:
+            shutil.rmtree(path)  # partial (find_resume_checkpoint picked the newest complete one)
+    for name in STEP_LOGS:
+        trim_step_log(Path(run_dir) / name, step)
+    logger.warning("resuming %s from %s (step %d)", run_dir, checkpoint.name, step)
+    return checkpoint
+
+
+def newest_complete_step(run_dir: str | Path) -> int | None:
+    """The step of the newest complete checkpoint in ``run_dir``, or ``None`` when there is none."""
+    return next((step for step, path in list_checkpoints(run_dir) if checkpoint_problem(path) is None), None)
+
+
+def trim_step_log(path: Path, step: int) -> int:
+    """Drop the rows of a JSON-lines file whose ``step`` is after ``step`` (and a line cut off mid-write);
+    return how many rows were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += bool(line.strip())
+            continue
+        if isinstance(row, dict) and row.get("step", 0) > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    path.write_text("".join(kept), encoding="utf-8")
+    return dropped
+
+
+class CheckpointCallback(TrainerCallback):
+    """Mark each checkpoint complete once ``Trainer`` has written it, and save one at the last step."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_save = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir() and state.is_world_process_zero:
+            write_marker(checkpoint, state.global_step)
+
+
+class KeepTrainableDtypes(TrainerCallback):
+    """Keep the trainable parameters in the dtypes they had when the trainer was built.
+
+    TRL keeps a quantized model's LoRA weights in bfloat16 (as QLoRA recommends), but when ``Trainer`` resumes it
+    reloads the adapter with PEFT's ``load_adapter``, which upcasts it to float32; the resumed run would then no
+    longer compute what the uninterrupted one did. This callback casts them back when training begins.
+
+    Args:
+        model: the trainer's model, after the trainer was built.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        optimizer = kwargs.get("optimizer")
+        for name, param in model.named_parameters() if model is not None else ():
+            dtype = self.dtypes.get(name)
+            if dtype is None or param.dtype == dtype:
+                continue
+            param.data = param.data.to(dtype)
+            # torch's load_state_dict cast the optimizer's moments to the upcast parameter: cast them back too
+            moments = optimizer.state.get(param, {}) if optimizer is not None else {}
+            for key, value in moments.items():
+                if key != "step" and hasattr(value, "is_floating_point") and value.is_floating_point():
+                    moments[key] = value.to(dtype)

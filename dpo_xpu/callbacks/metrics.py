@@ -1,0 +1,307 @@
+"""Trainer callbacks: ``metrics.jsonl`` at every logging step, and reward curves redrawn live.
+
+Both are plain ``transformers.TrainerCallback`` subclasses, so they work with TRL 0.11 and TRL 1.x.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from dpo_xpu.outputs.plotting import CURVES_FILE, METRICS_FILE, plot_reward_curves, read_metrics
+
+logger = logging.getLogger(__name__)
+
+#: The metrics written for each training log, with TRL's names.
+TRAIN_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "learning_rate",
+    "grad_norm",
+)
+
+
+def _clean(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    return value
+
+
+class MetricsLoggerCallback(TrainerCallback):
+    """Append one JSON line per logging step to ``<run_dir>/metrics.jsonl``.
+
+    Train rows hold ``step``, ``epoch``, ``elapsed_s`` (seconds since training began) and the
+    :data:`TRAIN_KEYS` the trainer logged. Evaluation rows hold the trainer's ``eval_*`` values renamed
+    ``eval/*`` (``eval_rewards/margins`` -> ``eval/rewards/margins``), plus ``eval/drift_chosen_logratio``:
+    ``eval/rewards/chosen / beta``, the mean ``log pi(y_w|x) - log pi_ref(y_w|x)`` over the chosen answers (TRL's
+    reward is ``beta`` times that log-ratio, Rafailov et al. 2023, eq. 5; the same estimate as
+    :func:`dpo_xpu.eval.heldout.evaluate_preferences`). Not written for ``reference_free`` runs.
+
+    With ``step0``, the row logged at step 1 also gets the step-0 check's keys (:mod:`dpo_xpu.callbacks.step0`).
+
+    Args:
+        run_dir: the run folder; created if absent.
+        step0: the run's :class:`~dpo_xpu.callbacks.step0.Step0Check`, or ``None`` (no check: a reference-free loss).
+    """
+
+    def __init__(self, run_dir: str | Path, step0: Any = None) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._start = time.perf_counter()
+        self.step0 = step0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Refuse to append to rows of another training (a second trainer on the same ``output_dir``): rows after
+        the step training starts from would be mixed with this run's.
+
+        Raises:
+            RunFolderError: ``metrics.jsonl`` already holds rows after ``state.global_step``.
+        """
+        from dpo_xpu.errors import RunFolderError
+
+        self._start = time.perf_counter()
+        rows = read_metrics(self.path) if self.path.is_file() else []
+        fresh_start_on_rows = state.global_step == 0 and self.path.is_file() and self.path.stat().st_size > 0
+        if fresh_start_on_rows or any(row.get("step", 0) > state.global_step for row in rows):
+            raise RunFolderError(
+                f"{self.path} already holds the steps of another training (up to step "
+                f"{max((r.get('step', 0) for r in rows), default=0)}): this one would mix its "
+                "steps with them. Fix: give this trainer another output_dir, or resume the run "
+                "(run_training(recipe, resume=True))"
+            )
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        row: dict[str, Any] = {"step": state.global_step, "epoch": _clean(state.epoch)}
+        if "loss" in logs:
+            row.update({key: _clean(logs[key]) for key in TRAIN_KEYS if key in logs})
+            if self.step0 is not None and state.global_step == 1:
+                row.update(self.step0(row))
+        elif "eval_loss" in logs:
+            row.update({"eval/" + key[5:]: _clean(v) for key, v in logs.items() if key.startswith("eval_")})
+            beta, chosen = getattr(args, "beta", None), row.get("eval/rewards/chosen")
+            if beta and isinstance(chosen, (int, float)) and not getattr(args, "reference_free", False):
+                # drift: mean log pi(y_w|x) - log pi_ref(y_w|x) over the chosen answers (TRL's reward / beta)
+                row["eval/drift_chosen_logratio"] = chosen / beta
+        else:
+            return  # the end-of-training summary (train_runtime, ...) is not a step
+        row["elapsed_s"] = round(time.perf_counter() - self._start, 3)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def step_line(logs: dict[str, Any], state: Any) -> str | None:
+    """One concise line for a logged step (``None`` for the end-of-training summary).
+
+    ``"step 5/40  loss 0.6812  accuracy 0.75  margin 0.0310  lr 2.00e-04"``; evaluation rows start with ``eval``.
+    """
+    prefix = "eval_" if "eval_loss" in logs else ""
+    if f"{prefix}loss" not in logs:
+        return None
+    head = f"eval at step {state.global_step}" if prefix else f"step {state.global_step}/{state.max_steps}"
+    parts = [head, f"loss {logs[prefix + 'loss']:.4f}"]
+    for key, label, fmt in (
+        ("rewards/accuracies", "accuracy", ".2f"),
+        ("rewards/margins", "margin", ".4f"),
+        ("learning_rate", "lr", ".2e"),
+    ):
+        value = logs.get(prefix + key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{label} {value:{fmt}}")
+    return "  ".join(parts)
+
+
+class StepLineProgressCallback(ProgressCallback):
+    """transformers' progress bar, with one concise line per logged step (:func:`step_line`) instead of the raw
+    dict of every metric; ``lines=False`` (notebooks, where the live curves show the values) prints none."""
+
+    def __init__(self, lines: bool = True) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Write the step's line above the bar (rank 0 only)."""
+        line = step_line(logs or {}, state) if self.lines and state.is_world_process_zero else None
+        if line is not None and self.training_bar is not None:
+            self.training_bar.write(line)
+
+
+class StepLinePrinterCallback(TrainerCallback):
+    """One concise line per logged step (:func:`step_line`), for runs without a progress bar (``disable_tqdm``)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Print the step's line (rank 0 only)."""
+        line = step_line(logs or {}, state) if state.is_world_process_zero else None
+        if line is not None:
+            print(line, flush=True)
+
+
+def use_step_lines(trainer: Any, notebook: bool) -> None:
+    """Replace the trainer's progress callback (transformers' bar that prints every metric's dict, or its notebook
+    table that grows a row per step above the live curves) by :class:`StepLineProgressCallback` (a bar; in a
+    notebook without lines) or, with ``disable_tqdm``, :class:`StepLinePrinterCallback`."""
+    from transformers.trainer_callback import PrinterCallback
+
+    removed = [PrinterCallback, ProgressCallback]
+    try:
+        from transformers.utils.notebook import NotebookProgressCallback
+
+        removed.append(NotebookProgressCallback)
+    except ImportError:  # pragma: no cover - IPython missing
+        pass
+    for callback in removed:
+        trainer.remove_callback(callback)
+    trainer.add_callback(
+        StepLinePrinterCallback() if trainer.args.disable_tqdm else StepLineProgressCallback(lines=not notebook)
+    )
+
+
+class FirstStepCallback(TrainerCallback):
+    """Notes when the first optimizer step has ended (``done``): from then on the run folder holds a run."""
+
+    done = False
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Note that a step ended."""
+        self.done = True
+
+
+def _live_display_available() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+class LiveRewardPlotCallback(TrainerCallback):
+    """Redraw the reward curves at each logging step and save them as ``reward_curves.png``.
+
+    In a Jupyter kernel the picture is updated in place in the cell's output (one display, replaced at
+    each redraw); elsewhere (scripts, CI) only the PNG is written. Reads the rows that
+    :class:`MetricsLoggerCallback` wrote, so put this callback after it.
+
+    Args:
+        run_dir: the run folder holding ``metrics.jsonl``.
+        every: redraw every this many logging events (default 1).
+        display: ``None`` detects a Jupyter kernel; ``True``/``False`` forces it.
+    """
+
+    def __init__(self, run_dir: str | Path, every: int = 1, display: bool | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.every = max(1, every)
+        self.display = _live_display_available() if display is None else display
+        self._handle: Any = None
+        self._events = 0
+        self.redraws = 0
+
+    def redraw(self) -> Path | None:
+        """Draw the curves from ``metrics.jsonl`` now; return the PNG path (``None`` before any row)."""
+        metrics_path = self.run_dir / METRICS_FILE
+        if not metrics_path.exists():
+            return None
+        rows = read_metrics(metrics_path)
+        if not rows:
+            return None
+        out = self.run_dir / CURVES_FILE
+        fig = plot_reward_curves(rows, out_path=out)
+        self.redraws += 1
+        if self.display:
+            from IPython.display import Image, display
+
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=80)
+            image = Image(data=buffer.getvalue(), format="png")
+            if self._handle is None:
+                self._handle = display(image, display_id=True)
+            else:
+                self._handle.update(image)
+        return out
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._events += 1
+        if self._events % self.every == 0:
+            self.redraw()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.redraw()
+
+
+EVAL_SAMPLES_FILE = "eval_samples.jsonl"
+
+
+class _AdapterView:
+    """The policy seen through one named adapter (TRL's frozen ``ref`` copy), for ``generate_samples``."""
+
+    def __init__(self, model: Any, adapter: str) -> None:
+        self.model, self.adapter = model, adapter
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def eval(self) -> Any:
+        return self.model.eval()
+
+    def train(self, mode: bool = True) -> Any:
+        return self.model.train(mode)
+
+    def generate(self, **kwargs: Any) -> Any:
+        from dpo_xpu.train.trl_internals import use_adapter
+
+        with use_adapter(self.model, self.adapter):
+            return self.model.generate(**kwargs)
+
+
+class EvalSamplesCallback(TrainerCallback):
+    """At each evaluation, greedy answers of the policy and of the reference to fixed eval prompts, appended to
+    ``<run_dir>/eval_samples.jsonl`` (one ``{"step", "prompt", "policy", "reference"}`` line per prompt).
+
+    Uses :func:`dpo_xpu.eval.heldout.generate_samples`. The reference is ``reference`` when given (the
+    ``separate`` strategy), else TRL's frozen ``ref`` adapter when the policy has one (TRL adds it to a PEFT
+    policy: a copy of the adapter as training began), else the policy with its adapters disabled.
+
+    Args:
+        run_dir: the run folder.
+        tokenizer: the run's tokenizer.
+        prompts: the ChatML prompts (e.g. the first ``num_eval_samples`` of the eval split).
+        max_new_tokens: tokens generated at most per answer.
+        reference: a separate reference model, or ``None``.
+    """
+
+    def __init__(
+        self, run_dir: str | Path, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64, reference: Any = None
+    ) -> None:
+        self.path = Path(run_dir) / EVAL_SAMPLES_FILE
+        self.tokenizer, self.prompts, self.reference = tokenizer, prompts, reference
+        self.max_new_tokens = max_new_tokens
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        from dpo_xpu.eval.heldout import generate_samples
+
+        if model is None or not self.prompts or not state.is_world_process_zero:
+            return
+        reference = self.reference
+        if reference is None and "ref" in getattr(model, "peft_config", {}):
+            reference = _AdapterView(model, "ref")
+        samples = generate_samples(model, self.tokenizer, self.prompts, self.max_new_tokens, reference=reference)
+        with self.path.open("a", encoding="utf-8") as handle:
+            for sample in samples:
+                handle.write(json.dumps({"step": state.global_step, **sample}, ensure_ascii=False) + "\n")
+        logger.info("Wrote %d policy/reference samples at step %d to %s", len(samples), state.global_step, self.path)

@@ -1,0 +1,254 @@
+"""Evaluation and export: held-out preference metrics, policy-vs-reference samples, the merged model.
+
+The implicit DPO reward of an answer ``y`` to a prompt ``x`` is (Rafailov et al. 2023, "Direct Preference
+Optimization", eq. 5 and section 5)::
+
+    r(x, y) = beta * (log pi_theta(y|x) - log pi_ref(y|x))
+
+and a pair counts as "won" when the chosen answer's reward beats the rejected one's. The reference is the
+policy's own base with its LoRA adapters disabled, as in training with ``reference: adapter-off``.
+
+    >>> metrics = evaluate_preferences(policy, tokenizer, heldout, beta=0.1)
+    >>> samples = generate_samples(policy, tokenizer, heldout["prompt"][:3])
+    >>> write_evaluation(run_dir, metrics, samples)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpo_xpu.data.truncation import answer_tokens
+from dpo_xpu.train.trl_internals import selective_log_softmax
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_FILE = "evaluation.json"
+SAMPLES_FILE = "samples.jsonl"
+
+
+def _token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    selective = selective_log_softmax()  # TRL >= 0.14: memory-efficient log_softmax + gather
+    if selective is None:
+        return torch.gather(logits.log_softmax(-1), -1, labels.unsqueeze(-1)).squeeze(-1)
+    return selective(logits, labels)
+
+
+@torch.no_grad()
+def sequence_log_probs(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int = 4,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> torch.Tensor:
+    """Sum of the answer tokens' log-probabilities given the prompt, ``log pi(y|x)``, for each pair.
+
+    Computed here rather than by TRL because TRL's (``DPOTrainer.concatenated_forward``) needs a whole trainer,
+    config and tokenized dataset, and changed between TRL 0.11 and 1.x; TRL's ``selective_log_softmax`` is used
+    for the per-token step where it exists. Tokenization follows TRL 1.x (no special tokens added; the answer
+    starts where the ids of the prompt and of prompt + answer diverge). Sequences are right-padded here, whatever
+    the tokenizer's ``padding_side``, and prompt and padding positions are masked out.
+
+    Args:
+        model (`torch.nn.Module`): a causal LM (a PEFT model uses its active adapters).
+        tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
+        prompts (`Sequence[str]`), answers (`Sequence[str]`): N prompts and their N answers.
+        batch_size (`int`, defaults to 4): sequences per forward pass.
+        max_length (`int`, *optional*): cut prompt + answer to this many tokens (the answer's end goes).
+        max_prompt_length (`int`, *optional*): keep only the prompt's last this many tokens.
+
+    Returns:
+        `torch.Tensor`: shape `[N]`, float32 on the CPU, in nats (an empty answer gives 0).
+
+    Raises:
+        ValueError: `prompts` and `answers` differ in length.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers: give one answer per prompt")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    out = []
+    for begin in range(0, len(prompts), batch_size):
+        pieces = [
+            answer_tokens(tokenizer, p, a, max_length, max_prompt_length)
+            for p, a in zip(prompts[begin : begin + batch_size], answers[begin : begin + batch_size])
+        ]
+        width = max(len(p) + len(a) for p, a in pieces)
+        ids = torch.full((len(pieces), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        answer_mask = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (p, a) in enumerate(pieces):
+            ids[row, : len(p) + len(a)] = torch.tensor(p + a, dtype=torch.long)
+            attention[row, : len(p) + len(a)] = 1
+            answer_mask[row, len(p) : len(p) + len(a)] = True
+        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
+        # the logits at position t predict token t + 1
+        token_lp = _token_log_probs(logits[:, :-1], ids[:, 1:].to(device)).cpu()
+        out.append((token_lp * answer_mask[:, 1:]).sum(-1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _reference_context(policy: torch.nn.Module, reference: torch.nn.Module | None):
+    return contextlib.nullcontext() if reference is not None else policy.disable_adapter()
+
+
+def evaluate_preferences(
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    dataset: Any,
+    beta: float = 0.1,
+    reference: torch.nn.Module | None = None,
+    batch_size: int = 4,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> dict[str, float | int]:
+    """Reward accuracy, margins and drift of the policy against the reference on preference pairs.
+
+    Rewards are ``beta * (log pi(y|x) - log pi_ref(y|x))`` (Rafailov et al. 2023, eq. 5 and section 5).
+    ``drift_chosen_logratio`` is the mean of ``log pi(y_w|x) - log pi_ref(y_w|x)`` over the chosen answers: a
+    single-sample estimate of ``KL(pi || pi_ref)`` on those prompts, which is only unbiased for answers sampled
+    from the policy; chosen answers come from the data, so read it as a drift indicator, not an exact KL.
+
+    Args:
+        policy (`PeftModel`): the trained policy.
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
+        dataset (`datasets.Dataset` or `dict`): columns `prompt`, `chosen`, `rejected` (see `format_orca_dataset`).
+        beta (`float`, defaults to 0.1): the DPO beta the policy was trained with.
+        reference (`torch.nn.Module`, *optional*): a separate reference; `None` uses `policy.disable_adapter()`.
+        batch_size, max_length, max_prompt_length: as :func:`sequence_log_probs`.
+
+    Returns:
+        `dict`: `reward_accuracy` (fraction of pairs with chosen reward > rejected reward), `mean_margin`,
+        `mean_chosen_reward`, `mean_rejected_reward` (nats, scaled by beta), `drift_chosen_logratio` (nats,
+        unscaled), `beta`, `n_pairs`.
+    """
+    kwargs = {"batch_size": batch_size, "max_length": max_length, "max_prompt_length": max_prompt_length}
+    prompts = list(dataset["prompt"])
+    logps = {
+        c: sequence_log_probs(policy, tokenizer, prompts, list(dataset[c]), **kwargs) for c in ("chosen", "rejected")
+    }
+    with _reference_context(policy, reference):
+        ref_model = reference if reference is not None else policy
+        ref = {c: sequence_log_probs(ref_model, tokenizer, prompts, list(dataset[c]), **kwargs) for c in logps}
+    chosen, rejected = beta * (logps["chosen"] - ref["chosen"]), beta * (logps["rejected"] - ref["rejected"])
+    return {
+        "reward_accuracy": (chosen > rejected).float().mean().item(),
+        "mean_margin": (chosen - rejected).mean().item(),
+        "mean_chosen_reward": chosen.mean().item(),
+        "mean_rejected_reward": rejected.mean().item(),
+        "drift_chosen_logratio": (logps["chosen"] - ref["chosen"]).mean().item(),
+        "beta": beta,
+        "n_pairs": len(prompts),
+    }
+
+
+def _stop_ids(tokenizer: Any) -> list[int]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
+        ids.append(im_end)  # ChatML ends the assistant turn with <|im_end|>
+    return ids
+
+
+@torch.no_grad()
+def generate_samples(
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    reference: torch.nn.Module | None = None,
+) -> list[dict[str, str]]:
+    """Greedy answers of the policy and of the reference to the same prompts, side by side.
+
+    Args:
+        policy (`PeftModel`): the trained policy.
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer (prompts are left-padded for the batch).
+        prompts (`Sequence[str]`): formatted prompts (ChatML, ending with the assistant turn's opening).
+        max_new_tokens (`int`, defaults to 64): tokens generated at most per answer; generation also stops at
+            the EOS token and at `<|im_end|>` where the vocabulary has it.
+        reference (`torch.nn.Module`, *optional*): a separate reference; `None` uses `policy.disable_adapter()`.
+
+    Returns:
+        `list[dict]`: one `{"prompt", "policy", "reference"}` per prompt, answers decoded without special tokens.
+    """
+    if not prompts:
+        return []
+    device = next(policy.parameters()).device
+    batch = tokenizer(list(prompts), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    batch = batch.to(device)
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "eos_token_id": _stop_ids(tokenizer)}
+    settings["pad_token_id"] = tokenizer.pad_token_id
+
+    def answers(model: torch.nn.Module) -> list[str]:
+        was_training = model.training
+        model.eval()
+        ids = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]
+        model.train(was_training)
+        return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    policy_answers = answers(policy)
+    with _reference_context(policy, reference):
+        reference_answers = answers(reference if reference is not None else policy)
+    return [{"prompt": p, "policy": a, "reference": b} for p, a, b in zip(prompts, policy_answers, reference_answers)]
+
+
+def load_run_recipe(run_dir: str | Path, **expected: Any) -> Any:
+    """Read the recipe a training run saved (`<run_dir>/recipe.yaml`) and check it against `expected` values.
+
+    Evaluating with the run's own recipe (data, `limit`, `seed`, `eval_fraction`) gives back exactly the rows it
+    held out, so no training pair leaks into the evaluation.
+
+    Args:
+        run_dir (`str`): the run folder. expected: recipe keys and the values the caller assumes.
+
+    Returns:
+        `dpo_xpu.recipes.Recipe`: the run's recipe.
+
+    Raises:
+        RunFolderError: no `recipe.yaml` in `run_dir`. RecipeError: an expected value differs from the run's.
+    """
+    from dpo_xpu.errors import RecipeError, RunFolderError
+    from dpo_xpu.recipes import load_recipe
+
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise RunFolderError(f"{path} does not exist: train first (notebook 03 or dpo-xpu train) with this output_dir")
+    recipe = load_recipe(path)
+    differ = {k: (getattr(recipe, k), v) for k, v in expected.items() if getattr(recipe, k) != v}
+    if differ:
+        found = ", ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in differ.items())
+        raise RecipeError(f"{path} does not match these settings ({found}): use the run's values, or retrain")
+    return recipe
+
+
+def write_evaluation(
+    run_dir: str | Path, metrics: dict[str, Any], samples: Sequence[dict[str, str]] = ()
+) -> tuple[Path, Path]:
+    """Write `metrics` to `<run_dir>/evaluation.json` and `samples` (one JSON object per line) to
+    `<run_dir>/samples.jsonl`; return both paths.
+
+    Raises:
+        ValueError: a metric is a float that is NaN or infinite (JSON cannot hold it; something went wrong).
+    """
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"metrics {bad} are not finite ({[metrics[k] for k in bad]}): check the run before saving")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    eval_path, samples_path = run_dir / EVALUATION_FILE, run_dir / SAMPLES_FILE
+    eval_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    samples_path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    return eval_path, samples_path

@@ -1,0 +1,217 @@
+"""The ipex-llm backend: Intel's DPO QLoRA example reproduced step for step (ipex-llm low-bit loading, ipex-llm
+QLoRA, TRL < 0.12).
+
+ipex-llm was archived upstream on 2026-01-28 (no more fixes, security fixes included) and
+intel-extension-for-pytorch was discontinued after 2.8: this backend exists for users who still have
+that stack (``environment-ipex-llm.yml``). New work should use the ``native`` backend.
+
+What the example (``python/llm/example/GPU/LLM-Finetuning/DPO/dpo_finetuning.py`` in intel/ipex-llm) does, and so
+what this backend does:
+
+* policy: ``ipex_llm.transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=
+  BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))``,
+  moved to the device, then ipex-llm's ``prepare_model_for_kbit_training`` and ``get_peft_model``, then
+  ``config.use_cache = False``. ipex-llm 2.2.0 turns the ``BitsAndBytesConfig`` into ``load_in_low_bit="nf4"``,
+  ``optimize_model=False``, ``modules_to_not_convert=["lm_head"]``, and **drops the compute dtype**: the model is
+  loaded with ``torch_dtype="auto"`` (the checkpoint's dtype: float32 for a float32 checkpoint), and
+  ``prepare_model_for_kbit_training`` then casts every norm to float32. Building the config needs the
+  ``bitsandbytes`` package importable (the example installs bitsandbytes 0.45.1), not its kernels;
+* reference (``separate``): ``from_pretrained(path, load_in_low_bit="nf4", optimize_model=False,
+  torch_dtype=torch.bfloat16, modules_to_not_convert=["lm_head"])``: bf16 everywhere it is not low-bit. So on a
+  float32 checkpoint the policy's norms, embeddings and output layer are float32 and the reference's bfloat16, and
+  the two differ at step 0 (the step-0 check of :mod:`dpo_xpu.callbacks.metrics` says so); on a bf16 checkpoint only the
+  norms differ;
+* training: ``optim="adamw_hf"`` and, with ``--gradient-checkpointing``, transformers 4.45's default reentrant
+  checkpointing (set in :func:`dpo_xpu.train.trl_config.dpo_config_kwargs` for TRL 0.11).
+
+On CPU, ipex-llm's low-bit layers run one kernel for a forward that builds a graph (``self.training`` and an input
+that requires grad) and another for inference, and the two round differently on some CPUs. The reference always
+runs the inference kernel; with reentrant checkpointing the policy's checkpointed layers run their first forward
+without a graph, so they take the same kernel.
+
+The unavoidable differences from the example: ipex-llm refuses NF4 on a CPU ("NF3, NF4, FP4 and FP8 quantization
+are currently not supported on CPU"), so there the config asks for ``int4`` (ipex-llm's ``sym_int4``) and the
+reference for ``sym_int4``, and this is logged; the compute dtype (and the reference's dtype) is the recipe's
+(``bf16: true``, the original recipe's, gives the example's bfloat16).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from dpo_xpu.errors import ModelLoadError
+from dpo_xpu.models.base import LoraSettings
+
+logger = logging.getLogger(__name__)
+
+ARCHIVED_WARNING = (
+    "the ipex-llm backend uses ipex-llm, archived upstream on 2026-01-28 (no more fixes, including security "
+    "fixes); intel-extension-for-pytorch was discontinued after 2.8. Prefer backend 'native'."
+)
+#: q/k/v projections that ipex-llm's optimize_model may fuse into one ``qkv_proj``.
+FUSED_QKV = {"q_proj", "k_proj", "v_proj"}
+
+
+def _import_ipex_llm() -> Any:
+    """Import ``ipex_llm.transformers`` (restoring the root log level, which ipex-llm sets to INFO)."""
+    root = logging.getLogger()
+    level = root.level
+    try:
+        import ipex_llm.transformers as ipex_transformers
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"backend 'ipex-llm' needs the ipex-llm package ({exc}). Create its environment: "
+            "conda env create -f environment-ipex-llm.yml (Intel GPU) or scripts/make_ipex_llm_venv.sh (CPU), "
+            "or use backend 'native'"
+        ) from None
+    finally:
+        root.setLevel(level)
+    logger.warning(ARCHIVED_WARNING)
+    return ipex_transformers
+
+
+def low_bit_format(quantization: str, device: torch.device) -> str:
+    """ipex-llm's ``load_in_low_bit`` value: ``nf4`` on XPU, ``sym_int4`` where NF4 is refused (CPU).
+
+    Raises:
+        ModelLoadError: a quantization this backend does not offer (only ``nf4``).
+    """
+    if quantization != "nf4":
+        raise ModelLoadError(
+            f"quantization {quantization!r} is not offered by the ipex-llm backend (the original recipe is NF4); "
+            "use quantization 'nf4' or backend 'native'"
+        )
+    if device.type == "xpu":
+        return "nf4"
+    logger.warning("ipex-llm does not support NF4 on %s: loading sym_int4 (symmetric 4-bit integers) instead", device)
+    return "sym_int4"
+
+
+def _bnb_config(quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The example's ``BitsAndBytesConfig`` (NF4, no double quantization, ``dtype`` compute), ``int4`` on a CPU.
+
+    Raises:
+        ModelLoadError: bitsandbytes is not importable (transformers needs it to build the config).
+    """
+    from transformers import BitsAndBytesConfig
+
+    quant_type = "nf4" if low_bit_format(quantization, device) == "nf4" else "int4"
+    try:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_use_double_quant=False,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    except Exception as exc:  # noqa: BLE001 - transformers raises ImportError or PackageNotFoundError
+        raise ModelLoadError(
+            f"the ipex-llm example loads its policy with a BitsAndBytesConfig, which needs the bitsandbytes package "
+            f"({type(exc).__name__}: {exc}): pip install bitsandbytes==0.45.1 (the example's version)"
+        ) from None
+
+
+def _from_pretrained(model_name_or_path: str, device: torch.device, **kwargs: Any) -> Any:
+    ipex_transformers = _import_ipex_llm()
+    try:
+        model = ipex_transformers.AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(f"could not load {model_name_or_path!r} with ipex-llm: {exc}") from None
+    return model.to(device)
+
+
+def _load_policy_base(model_name_or_path: str, quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The example's policy base: its ``BitsAndBytesConfig`` through ipex-llm (which loads ``torch_dtype="auto"``)."""
+    return _from_pretrained(model_name_or_path, device, quantization_config=_bnb_config(quantization, device, dtype))
+
+
+def _load_reference_base(model_name_or_path: str, quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The example's reference: ``load_in_low_bit``, ``optimize_model=False``, ``torch_dtype=dtype``, lm_head kept."""
+    return _from_pretrained(
+        model_name_or_path,
+        device,
+        load_in_low_bit=low_bit_format(quantization, device),
+        optimize_model=False,
+        torch_dtype=dtype,
+        modules_to_not_convert=["lm_head"],
+    )
+
+
+def lora_targets(model: torch.nn.Module, wanted: list[str]) -> list[str]:
+    """The LoRA target names that the loaded model really has; a fused ``qkv_proj`` replaces q/k/v.
+
+    Raises:
+        ModelLoadError: none of them exists.
+    """
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    present = [t for t in wanted if t in names]
+    if "qkv_proj" in names and FUSED_QKV & set(wanted) and "qkv_proj" not in present:
+        present.append("qkv_proj")
+    if not present:
+        raise ModelLoadError(f"none of the LoRA target modules {wanted} exists in the model loaded by ipex-llm")
+    return present
+
+
+def load_policy_model(
+    model_name_or_path: str,
+    quantization: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    lora: LoraSettings,
+    gradient_checkpointing: bool = False,
+) -> Any:
+    """The example's policy: its ``BitsAndBytesConfig`` through ipex-llm, ipex-llm's ``prepare_model_for_kbit_training``
+    and ``get_peft_model``, ``use_cache`` off. Arguments as :func:`dpo_xpu.models.loading.load_policy_model`.
+
+    Raises:
+        ModelLoadError: ipex-llm or bitsandbytes is missing, the model cannot be found, or no LoRA target exists.
+    """
+    from peft import LoraConfig
+
+    model = _load_policy_base(model_name_or_path, quantization, device, dtype)
+    from ipex_llm.transformers.qlora import get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_targets(model, lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    from peft.tuners.lora import LoraModel
+
+    original = LoraModel.__dict__["_create_new_module"]
+    try:
+        model = get_peft_model(model, config)
+    finally:
+        # ipex-llm 2.2.0 puts this staticmethod back as a plain function, which breaks every later
+        # get_peft_model call in the process ("takes 3 positional arguments but 4 were given").
+        LoraModel._create_new_module = original
+    model.config.use_cache = False
+    return model
+
+
+def load_reference_model(model_name_or_path: str, quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The example's reference (``load_in_low_bit``, ``torch_dtype=dtype``), frozen, eval mode."""
+    model = _load_reference_base(model_name_or_path, quantization, device, dtype)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def load_trained_policy(
+    model_name_or_path: str, adapter_dir: str, quantization: str, device: torch.device, dtype: torch.dtype
+) -> Any:
+    """The policy's base, loaded as for training, with a saved adapter on it (eval mode, frozen)."""
+    from ipex_llm.transformers.qlora import prepare_model_for_kbit_training
+    from peft import PeftModel
+
+    model = _load_policy_base(model_name_or_path, quantization, device, dtype)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # float32 norms, as trained
+    policy = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    policy.eval()
+    return policy

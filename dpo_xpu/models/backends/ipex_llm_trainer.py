@@ -1,0 +1,31 @@
+"""TRL 0.11's ``DPOTrainer`` (the ipex-llm backend) with a reference-free mode that runs no reference forward.
+
+TRL 0.11's ``reference_free=True`` drops the reference from the loss but still runs the reference model every step
+and logs ``beta * (log pi - log pi_ref)`` of a reference the loss ignores (up to hundreds of nats apart from what
+the loss acts on). Here the reference log-probs are handed to TRL as precomputed zeros: no reference forward, and
+``rewards/*`` are ``beta * log pi(y|x)``, the quantities the loss compares, as on the native backend
+(:class:`dpo_xpu.train.trainer.DpoXpuTrainer`). TRL offers no switch for this, hence this subclass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from trl import DPOTrainer
+
+
+class ReferenceFreeDPOTrainer(DPOTrainer):
+    """TRL 0.11 ``DPOTrainer`` whose reference log-probs are zeros (``DPOConfig(reference_free=True)``)."""
+
+    def get_batch_loss_metrics(self, model: Any, batch: dict[str, Any], train_eval: str = "train") -> Any:
+        """TRL's loss and metrics with ``reference_chosen_logps`` and ``reference_rejected_logps`` zeros ``[B]``."""
+        pairs = len(batch["chosen_input_ids"])
+        zeros = torch.zeros(pairs, dtype=torch.float32)
+        batch = {**batch, "reference_chosen_logps": zeros, "reference_rejected_logps": zeros.clone()}
+        precompute = self.precompute_ref_log_probs
+        self.precompute_ref_log_probs = True  # TRL 0.11 reads the reference log-probs from the batch
+        try:
+            return super().get_batch_loss_metrics(model, batch, train_eval)
+        finally:
+            self.precompute_ref_log_probs = precompute

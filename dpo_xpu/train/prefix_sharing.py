@@ -1,0 +1,294 @@
+"""Prefix sharing: one sequence per preference pair, so the prompt's forward is computed once, not twice.
+
+TRL runs a pair as two sequences, ``prompt + chosen`` and ``prompt + rejected``, so every prompt token goes
+through the model twice. Prefix sharing (Wang et al., "Accelerating Direct Preference Optimization with Prefix
+Sharing", arXiv:2410.20305, 2024, sec. 3 and fig. 1) packs a pair into one sequence,
+``prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected``, with an attention mask under which each answer sees the
+prompt and its own earlier tokens but never the other answer, and position ids that restart both answers where the
+prompt ends. Every scored token then has exactly the context and position it had in its own sequence, so its
+log-prob is the same (up to float rounding) while the prompt is computed once. The last prompt token is repeated in
+each branch because it is the position that predicts the answer's first token, and both answers need that
+prediction.
+
+Why our own code: no library does this for TRL's ``DPOTrainer``. TRL's ``padding_free`` is disabled in TRL 1.16
+and packs whole sequences (the prompt still twice); Liger-Kernel tracks it as an open request (linkedin/Liger-Kernel
+#476); the paper's code is a research fork of another trainer. The packing here is small and leaves TRL's loss,
+its loop and its metrics in place: :class:`PrefixSharing` hooks the model call that TRL makes
+(``model(input_ids, attention_mask, labels=..., fused_lm_head=True)``), runs the packed batch through TRL's own
+fused LM head (``shift_labels``), and returns the per-token outputs in TRL's two-sequence layout.
+
+Supported attention implementations: ``sdpa`` (the default of transformers, and what runs on XPU) and ``eager``,
+which take an arbitrary 4-D mask. A flash-attention model raises :class:`~dpo_xpu.errors.RecipeError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dpo_xpu.errors import RecipeError
+
+logger = logging.getLogger(__name__)
+
+#: Attention implementations that accept the packed 4-D mask.
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+
+
+@dataclass
+class PackedPairs:
+    """A batch of ``B`` preference pairs packed into ``B`` sequences of length ``L``.
+
+    Attributes:
+        input_ids: ``[B, L]`` token ids, ``prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected`` then padding.
+        position_ids: ``[B, L]``; both answers continue from the prompt's last position.
+        segments: ``[B, L]`` int8: 0 prompt, 1 chosen branch, 2 rejected branch, 3 padding.
+        attention_mask: ``[B, 1, L, L]`` bool, True where a query (row) may attend a key (column): causal, and
+            only to the prompt or its own branch.
+        shift_labels: ``[B, L]`` the next token of each position within its branch, ``-100`` where unscored.
+        target_mask: ``[2B, T - 1]`` bool, the scored positions in TRL's layout (chosen rows, then rejected).
+        sequence_tokens: real tokens in TRL's two-sequence layout (prompt counted twice).
+        packed_tokens: real tokens in the packed layout.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segments: torch.Tensor
+    attention_mask: torch.Tensor
+    shift_labels: torch.Tensor
+    target_mask: torch.Tensor
+    sequence_tokens: int
+    packed_tokens: int
+
+    def mask_for(self, attn_implementation: str | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The 4-D mask in the form the attention implementation takes: bool for sdpa, additive for eager.
+
+        Raises:
+            RecipeError: an attention implementation that cannot take a 4-D mask (flash attention).
+        """
+        if attn_implementation in (None, "sdpa"):
+            return self.attention_mask
+        if attn_implementation == "eager":
+            blocked = torch.finfo(dtype).min
+            return torch.zeros(self.attention_mask.shape, dtype=dtype, device=self.attention_mask.device).masked_fill(
+                ~self.attention_mask, blocked
+            )
+        raise _attention_error(attn_implementation)
+
+    def unpack(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Move per-token values ``[B, L]`` (zero where unscored) to TRL's layout ``[2B, T - 1]``, keeping autograd.
+
+        The values of row ``b``'s chosen branch go to row ``b``, those of its rejected branch to row ``B + b``, at
+        the positions TRL scores (``completion_mask[:, 1:]``), in order.
+        """
+        scored = self.shift_labels != -100
+        pairs = per_token.size(0)
+        out = []
+        for segment, rows in ((_CHOSEN, slice(0, pairs)), (_REJECTED, slice(pairs, 2 * pairs))):
+            values = per_token[scored & (self.segments == segment)]
+            target = self.target_mask[rows]
+            out.append(per_token.new_zeros(target.shape).masked_scatter(target, values))
+        return torch.cat(out, dim=0)
+
+
+def _split_row(ids: torch.Tensor, real: torch.Tensor, answer: torch.Tensor) -> tuple[int, int] | None:
+    """``(prompt length, answer length)`` of one TRL row laid out as prompt, answer, right padding; else None."""
+    length = int(real.sum())
+    prompt = int((real & ~answer).sum())
+    n_answer = length - prompt
+    if not bool(real[:length].all()) or bool(answer[:prompt].any()) or not bool(answer[prompt:length].all()):
+        return None
+    return prompt, n_answer
+
+
+def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> PackedPairs | None:
+    """Pack TRL's two-sequence batch into one sequence per pair (prefix sharing).
+
+    Args:
+        input_ids: ``[2B, T]``, the ``B`` chosen rows (prompt + chosen) then the ``B`` rejected rows, right-padded,
+            as TRL 1.x's ``DataCollatorForPreference`` builds them.
+        attention_mask: ``[2B, T]``, 1 on real tokens.
+        labels: ``[2B, T]``, the answer tokens' ids and ``-100`` elsewhere (TRL's ``labels``).
+
+    Returns:
+        The :class:`PackedPairs`, or ``None`` when the batch does not have that layout (an odd number of rows, a
+        pair whose two rows have different prompts, an empty prompt, or tokens out of order). The caller then runs
+        the plain two-sequence forward.
+    """
+    if input_ids.dim() != 2 or input_ids.size(0) % 2:
+        return None
+    pairs = input_ids.size(0) // 2
+    real = attention_mask.bool()
+    answer = labels != -100
+    device = input_ids.device
+    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for b in range(pairs):
+        c, r = b, pairs + b
+        split_c = _split_row(input_ids[c], real[c], answer[c])
+        split_r = _split_row(input_ids[r], real[r], answer[r])
+        if split_c is None or split_r is None or split_c[0] != split_r[0] or split_c[0] == 0:
+            return None
+        prompt_len, n_chosen = split_c
+        n_rejected = split_r[1]
+        prompt = input_ids[c, :prompt_len]
+        if not torch.equal(prompt, input_ids[r, :prompt_len]):
+            return None
+        chosen = input_ids[c, prompt_len : prompt_len + n_chosen]
+        rejected = input_ids[r, prompt_len : prompt_len + n_rejected]
+        last = prompt[-1:]
+        ids = torch.cat([prompt[:-1], last, chosen, last, rejected])
+        start = prompt_len - 1
+        positions = torch.cat(
+            [
+                torch.arange(start, device=device),
+                torch.arange(start, start + n_chosen + 1, device=device),
+                torch.arange(start, start + n_rejected + 1, device=device),
+            ]
+        )
+        segments = torch.cat(
+            [
+                torch.full((start,), _PROMPT, device=device, dtype=torch.int8),
+                torch.full((n_chosen + 1,), _CHOSEN, device=device, dtype=torch.int8),
+                torch.full((n_rejected + 1,), _REJECTED, device=device, dtype=torch.int8),
+            ]
+        )
+        unscored = torch.full((1,), -100, device=device, dtype=input_ids.dtype)
+        shift = torch.cat([torch.full((start,), -100, device=device, dtype=input_ids.dtype), chosen, unscored])
+        shift = torch.cat([shift, rejected, unscored])
+        rows.append((ids, positions, segments, shift))
+    length = max(row[0].numel() for row in rows)
+
+    def padded(index: int, value: int, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.full((pairs, length), value, device=device, dtype=dtype)
+        for b, row in enumerate(rows):
+            out[b, : row[index].numel()] = row[index]
+        return out
+
+    packed_ids = padded(0, 0, input_ids.dtype)
+    position_ids = padded(1, 0, torch.long)
+    segments = padded(2, _PAD, torch.int8)
+    shift_labels = padded(3, -100, input_ids.dtype)
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    keys = segments[:, None, :]
+    # A query sees earlier prompt tokens and earlier tokens of its own branch; padding sees only padding and the
+    # prompt (never read), so no row of the mask is empty (an empty row would make sdpa return NaN).
+    allowed = causal & ((keys == _PROMPT) | (keys == segments[:, :, None]))
+    return PackedPairs(
+        input_ids=packed_ids,
+        position_ids=position_ids,
+        segments=segments,
+        attention_mask=allowed[:, None],
+        shift_labels=shift_labels,
+        target_mask=answer[:, 1:],
+        sequence_tokens=int(real.sum()),
+        packed_tokens=int((segments != _PAD).sum()),
+    )
+
+
+def _attention_error(attn_implementation: str | None) -> RecipeError:
+    return RecipeError(
+        f"prefix_sharing: needs sdpa or eager attention (a 4-D mask per pair); the model uses "
+        f"{attn_implementation!r}. Load it with attn_implementation='sdpa', or set prefix_sharing: false"
+    )
+
+
+def _attn_implementation(module: torch.nn.Module) -> str | None:
+    config = getattr(module, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+class PrefixSharing:
+    """While active, a call ``module(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)`` runs packed.
+
+    A forward pre-hook packs TRL's batch (:func:`pack_pairs`) and calls the model with the packed ids, the 4-D mask,
+    the position ids and ``shift_labels`` (scored by TRL's fused LM head without shifting); a forward hook moves the
+    per-token outputs (``log_probs``, ``entropy``, ``mean_logits``, ...) back to TRL's ``[2B, T - 1]`` layout. Any
+    other call passes unchanged, and so does a batch :func:`pack_pairs` declines.
+
+    Contexts nest: an inner one on the same module sees the packed call (no ``labels``) and passes it through.
+
+    Args:
+        module: the model TRL calls (the PEFT model, or a plain model with TRL's fused LM head).
+        tokens: a dict to add the token counts to (``"sequence"``: real tokens in TRL's layout, ``"packed"``: run
+            in the packed one, summed over the packed calls, for throughput and FLOPs accounting); default a new
+            one, kept as ``self.tokens``.
+
+    Raises:
+        RecipeError: (on a call) the model's attention implementation cannot take a 4-D mask.
+    """
+
+    def __init__(self, module: torch.nn.Module, tokens: dict[str, int] | None = None) -> None:
+        self.module = module
+        self.tokens = tokens if tokens is not None else {"sequence": 0, "packed": 0}
+        self._handles: list[Any] = []
+        self._pending: dict[int, PackedPairs] = {}
+
+    def __enter__(self) -> PrefixSharing:
+        self._handles = [
+            self.module.register_forward_pre_hook(self._pack, with_kwargs=True),
+            self.module.register_forward_hook(self._unpack, with_kwargs=True),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._pending.clear()
+
+    def _pack(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        if args or not kwargs.get("fused_lm_head") or kwargs.get("labels") is None:
+            return None
+        if kwargs.get("input_ids") is None or kwargs.get("attention_mask") is None:
+            return None
+        packed = pack_pairs(kwargs["input_ids"], kwargs["attention_mask"], kwargs["labels"])
+        if packed is None:
+            logger.debug("prefix sharing: batch not in TRL's pair layout, running it unpacked")
+            return None
+        new = {k: v for k, v in kwargs.items() if k != "labels"}
+        new.update(
+            input_ids=packed.input_ids,
+            attention_mask=packed.mask_for(_attn_implementation(module)),
+            position_ids=packed.position_ids,
+            shift_labels=packed.shift_labels,
+        )
+        self._pending[id(packed.input_ids)] = packed
+        self.tokens["sequence"] += packed.sequence_tokens
+        self.tokens["packed"] += packed.packed_tokens
+        return args, new
+
+    def _unpack(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        packed = self._pending.pop(id(kwargs.get("input_ids")), None)
+        if packed is None:
+            return None
+        fields = {}
+        for name, value in output.items():
+            if torch.is_tensor(value) and value.shape == packed.shift_labels.shape:
+                value = packed.unpack(value)
+            fields[name] = value
+        return type(output)(**fields)
+
+
+def check_prefix_sharing(model: torch.nn.Module, trl_generation: str) -> None:
+    """Refuse prefix sharing where it cannot run, before any training starts.
+
+    Args:
+        model: the policy (a PEFT model or a plain causal LM).
+        trl_generation: ``"1.x"`` or ``"0.11"`` (:func:`dpo_xpu.train.trl_config.trl_generation`).
+
+    Raises:
+        RecipeError: TRL 0.11 (no fused LM head to score packed labels), or an attention implementation that
+            cannot take a 4-D mask.
+    """
+    if trl_generation != "1.x":
+        raise RecipeError(
+            f"prefix_sharing: needs TRL >= 1.0 (its fused LM head scores the packed sequence); TRL {trl_generation} "
+            "is installed. Set prefix_sharing: false, or use the native environment"
+        )
+    attn = _attn_implementation(model)
+    if attn not in (None, *SUPPORTED_ATTENTION):
+        raise _attention_error(attn)

@@ -1,0 +1,222 @@
+"""What each TRL generation offers, and how a recipe maps onto its ``DPOConfig``: TRL 1.x here, TRL 0.11's parts
+in the ipex-llm backend (:mod:`dpo_xpu.models.backends.ipex_llm_config`).
+
+The native backend runs TRL 1.x (``processing_class=``, no ``max_prompt_length``, ``loss_type`` a list); the
+ipex-llm backend runs TRL 0.11 (``tokenizer=``, ``max_prompt_length``, ``label_smoothing``, ``reference_free``,
+``rpo_alpha``). One recipe serves both: a value the installed TRL cannot honour is either supplied by dpo_xpu
+(prompt truncation, the losses in :mod:`dpo_xpu.train.losses`) or refused with a :class:`~dpo_xpu.errors.RecipeError`
+naming the field and the TRL version, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from packaging.version import Version
+
+from dpo_xpu.errors import RecipeError
+from dpo_xpu.models.backends import ipex_llm_config
+from dpo_xpu.recipes import Recipe
+from dpo_xpu.train.losses import OWN_LOSSES
+from dpo_xpu.train.reference import reference_plan
+
+logger = logging.getLogger(__name__)
+
+#: Loss types each TRL generation computes itself (TRL 0.11's: :mod:`dpo_xpu.models.backends.ipex_llm_config`).
+TRL_LOSS_TYPES = {
+    "0.11": ipex_llm_config.LOSS_TYPES,
+    "1.x": tuple(t for t in ipex_llm_config.LOSS_TYPES if t != "aot_pair")
+    + ("aot_unpaired", "discopop", "sft", "sigmoid_norm"),
+}
+#: TRL's loss types that use ``DPOConfig.label_smoothing``, per generation (TRL >= 0.29 dropped it from sigmoid).
+TRL_LABEL_SMOOTHING_LOSSES = {
+    "0.11": ipex_llm_config.LABEL_SMOOTHING_LOSSES,
+    "1.x": ("robust", "exo_pair", "aot", "aot_unpaired"),
+}
+#: Loss types only dpo_xpu computes (:data:`dpo_xpu.train.losses.OWN_LOSSES` that TRL 1.x lacks): native backend.
+OWN_LOSS_TYPES = tuple(t for t in OWN_LOSSES if t not in TRL_LOSS_TYPES["1.x"])
+
+
+def own_loss_type(recipe: Recipe, generation: str | None = None) -> str | None:
+    """The loss dpo_xpu computes itself (:mod:`dpo_xpu.train.losses`) for this recipe, or ``None`` where TRL does.
+
+    On TRL 1.x: ``simpo`` and ``dpo_norm`` always; ``sigmoid`` when ``label_smoothing`` > 0 (TRL's ``sigmoid`` has
+    none). ``dpo_norm`` is dpo_xpu's even without label smoothing, where TRL's ``sigmoid_norm`` computes the same
+    loss, because ``sigmoid_norm`` logs summed rewards while its loss acts on length-averaged ones: dpo_xpu's logs
+    the averaged ones, whatever the label smoothing. On TRL 0.11 always ``None`` (its loss is TRL's own).
+    """
+    generation = generation or trl_generation()
+    if generation == "0.11":
+        return None
+    if recipe.loss_type in ("simpo", "dpo_norm"):
+        return recipe.loss_type
+    if recipe.loss_type == "sigmoid" and recipe.label_smoothing > 0:
+        return recipe.loss_type
+    return None
+
+
+def _check_loss_settings(recipe: Recipe, generation: str) -> None:
+    """Refuse loss settings neither the TRL generation nor dpo_xpu can honour (see :func:`dpo_config_kwargs`)."""
+    import trl
+
+    version = f"the installed TRL {trl.__version__} (TRL {generation})"
+    own = OWN_LOSS_TYPES if generation == "1.x" else ()
+    if recipe.loss_type not in TRL_LOSS_TYPES[generation] + own:
+        hint = (
+            f"; dpo_xpu computes {', '.join(OWN_LOSS_TYPES)} on TRL >= 0.12 only (the native backend)"
+            if recipe.loss_type in OWN_LOSS_TYPES
+            else ""
+        )
+        raise RecipeError(
+            f"loss_type: {recipe.loss_type!r} is not computed by the installed TRL {trl.__version__} "
+            f"(TRL {generation}); it offers "
+            f"{', '.join(TRL_LOSS_TYPES[generation] + own)}{hint}. Choose one of those, or use the environment "
+            "whose TRL has it"
+        )
+    if recipe.label_smoothing > 0 and not (
+        own_loss_type(recipe, generation) or recipe.loss_type in TRL_LABEL_SMOOTHING_LOSSES[generation]
+    ):
+        raise RecipeError(
+            f"label_smoothing: {recipe.label_smoothing} has no effect on loss_type {recipe.loss_type!r} with "
+            f"{version}; "
+            f"it applies to sigmoid, dpo_norm, simpo and TRL's {', '.join(TRL_LABEL_SMOOTHING_LOSSES[generation])}. "
+            "Set label_smoothing: 0 or choose one of those"
+        )
+    reference_free = reference_plan(recipe, generation).reference_free
+    if reference_free and recipe.reference != "adapter-off":
+        raise RecipeError(
+            f"reference: {recipe.reference!r} loads or precomputes a reference that a reference-free loss "
+            f"(reference_free: {recipe.reference_free}, loss_type: {recipe.loss_type!r}) never uses; set "
+            "reference: adapter-off"
+        )
+    if generation == "0.11" and recipe.reference_device != "same":
+        raise RecipeError(
+            f"reference_device: {recipe.reference_device!r} needs TRL >= 0.12 (the native backend); {version} "
+            "keeps the reference on the policy's device. Set reference_device: same"
+        )
+
+
+def _loss_kwargs(recipe: Recipe, generation: str) -> dict[str, Any]:
+    """``DPOConfig`` loss keywords. TRL 0.11: :func:`dpo_xpu.models.backends.ipex_llm_config.loss_kwargs`. TRL 1.x
+    gets a ``loss_type`` list: the TRL loss or, for an own loss, a zero-weighted ``sigmoid`` placeholder, plus
+    ``sft`` weighted by ``nll_loss_coef``."""
+    if generation == "0.11":
+        return ipex_llm_config.loss_kwargs(recipe)
+    own = own_loss_type(recipe, generation)
+    types = ["sigmoid" if own else recipe.loss_type]
+    weights = [0.0 if own else 1.0]
+    if recipe.nll_loss_coef > 0:
+        types.append("sft")
+        weights.append(recipe.nll_loss_coef)
+    kwargs: dict[str, Any] = {"loss_type": types}
+    if weights != [1.0]:
+        kwargs["loss_weights"] = weights
+    if recipe.label_smoothing > 0 and not own:
+        kwargs["label_smoothing"] = recipe.label_smoothing
+    return kwargs
+
+
+def _trl_options(recipe: Recipe, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's TRL options (``recipe.trl_options``) as ``DPOConfig`` keywords, over ``kwargs``.
+
+    ``warmup_ratio`` replaces ``warmup_steps``; transformers >= 5 has no ``warmup_ratio`` and reads a fractional
+    ``warmup_steps`` as the ratio instead.
+
+    Raises:
+        RecipeError: ``loss_weights`` where dpo_xpu weighs TRL's loss terms itself (an own loss or ``nll_loss_coef``).
+    """
+    import dataclasses
+
+    from trl import DPOConfig
+
+    options = dict(recipe.trl_options)
+    if "loss_weights" in options and "loss_weights" in kwargs:
+        raise RecipeError(
+            "loss_weights: dpo_xpu weighs TRL's loss terms itself for this recipe (an own loss, or nll_loss_coef): "
+            "remove loss_weights, or use a TRL loss without nll_loss_coef"
+        )
+    if options.get("use_liger_kernel"):
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise RecipeError(
+                "use_liger_kernel: needs the liger-kernel package, which is not installed (pip install liger-kernel; "
+                "its Triton kernels run on CUDA and XPU, not on the CPU). Set use_liger_kernel: false"
+            )
+    if "warmup_ratio" in options:
+        ratio = float(options.pop("warmup_ratio"))
+        if "warmup_ratio" in {f.name for f in dataclasses.fields(DPOConfig)}:
+            options.update(warmup_ratio=ratio, warmup_steps=0)
+        else:
+            options["warmup_steps"] = ratio  # transformers >= 5: a float in [0, 1) is the ratio of total steps
+    return options
+
+
+def trl_generation() -> str:
+    """``"1.x"`` for TRL >= 0.12's API (``processing_class=``, no ``max_prompt_length``), else ``"0.11"``."""
+    import trl
+
+    return "1.x" if Version(trl.__version__) >= Version("0.12") else "0.11"
+
+
+def dpo_config_kwargs(
+    recipe: Recipe, generation: str | None = None, use_cpu: bool = False, has_eval_dataset: bool | None = None
+) -> dict[str, Any]:
+    """Map a recipe onto ``trl.DPOConfig`` keyword arguments for a TRL generation.
+
+    Args:
+        recipe: the run's recipe.
+        generation: ``"0.11"`` or ``"1.x"``; default the installed TRL's.
+        use_cpu: train on the CPU even where an accelerator is visible.
+        has_eval_dataset: whether the trainer gets an eval split; ``None``: ``recipe.eval_fraction > 0``.
+            With one and ``recipe.eval_steps``, evaluation runs every ``eval_steps`` and at step 0
+            (transformers' ``eval_on_start``), with the training batch size.
+
+    Raises:
+        RecipeError: a recipe value the TRL generation cannot honour (for example a ``loss_type`` only TRL
+            1.x has, asked of TRL 0.11); the message names the field and the TRL version.
+    """
+    generation = generation or trl_generation()
+    _check_loss_settings(recipe, generation)
+    kwargs: dict[str, Any] = {
+        "output_dir": recipe.output_dir,
+        "beta": recipe.beta,
+        **_loss_kwargs(recipe, generation),
+        "learning_rate": recipe.learning_rate,
+        "lr_scheduler_type": recipe.lr_scheduler_type,
+        "warmup_steps": recipe.warmup_steps,
+        "max_steps": recipe.max_steps,
+        "num_train_epochs": recipe.num_train_epochs,
+        "per_device_train_batch_size": recipe.per_device_train_batch_size,
+        "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+        "max_length": recipe.max_length,
+        "logging_steps": recipe.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": recipe.save_steps,
+        "seed": recipe.seed,
+        "bf16": recipe.bf16,
+        "gradient_checkpointing": recipe.gradient_checkpointing,
+        **(
+            ipex_llm_config.OPTIMIZER_KWARGS
+            if generation == "0.11"
+            # TRL 1.x: PyTorch's AdamW, and the non-reentrant checkpointing PyTorch recommends (it needs no input
+            # that requires grad)
+            else {"optim": "adamw_torch", "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        ),
+        "precompute_ref_log_probs": reference_plan(recipe, generation).trl_precomputes,
+        "report_to": [],
+        "remove_unused_columns": False,
+        "use_cpu": use_cpu,
+    }
+    if generation == "0.11":
+        kwargs.update(ipex_llm_config.config_kwargs(recipe))
+    kwargs.update(_trl_options(recipe, kwargs))
+    if recipe.eval_steps and (recipe.eval_fraction > 0 if has_eval_dataset is None else has_eval_dataset):
+        kwargs.update(
+            eval_strategy="steps",
+            eval_steps=recipe.eval_steps,
+            eval_on_start=True,
+            per_device_eval_batch_size=recipe.per_device_train_batch_size,
+        )
+    return kwargs
