@@ -512,7 +512,7 @@ def _markdown_value(value: Any) -> str:
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     if isinstance(value, list):
-        return ", ".join(f"`{v}`" for v in value)
+        return f"`{', '.join(value)}`"
     return f"`{value}`"
 
 

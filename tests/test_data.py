@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from dpo_xpu import data
+from dpo_xpu.data import preferences as data
 from dpo_xpu.data.preferences import (
     CHATML_TEMPLATE,
     DEMO_SAMPLE_PATH,

@@ -87,7 +87,7 @@ def test_strict_build_has_every_page(site: Path) -> None:
     assert (site / "assets" / "reward_curves.png").stat().st_size > 1000
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
         assert (site / "notebooks" / notebook.stem / "index.html").is_file(), f"no page for {notebook.name}"
-    for module in ("environment", "data", "models", "recipes", "training", "errors"):
+    for module in ("device", "environment", "data.preferences", "models.loading", "recipes", "pipeline", "errors"):
         assert (site / "api" / module / "index.html").is_file(), f"no API page for dpo_xpu.{module}"
     for page in site.rglob("*.html"):
         found = EXTERNAL.search(page.read_text(encoding="utf-8"))
@@ -328,7 +328,7 @@ def test_pages_render_in_a_real_browser(site: Path, server: str, browser) -> Non
         "index": "",
         "how-dpo-works": "how-dpo-works/",
         f"notebook-{notebook}": f"notebooks/{notebook}/",
-        "api-environment": "api/environment/",
+        "api-device": "api/device/",
     }
     seen = {name: _open(browser, server + path, name) for name, path in pages.items()}
 
@@ -352,5 +352,5 @@ def test_pages_render_in_a_real_browser(site: Path, server: str, browser) -> Non
     assert "$$" not in nb["text"], "display math in the training notebook was not converted to MathML"
     assert nb["h1"], "the training notebook page has no heading"
 
-    api = seen["api-environment"]
-    assert "select_device" in api["text"] and "check_environment" in api["text"]
+    api = seen["api-device"]
+    assert "select_device" in api["text"] and "DeviceNotAvailableError" in api["text"]

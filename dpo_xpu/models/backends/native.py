@@ -53,6 +53,13 @@ def load_base(
     dtype: torch.dtype,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Any:
+    """The base model on ``device``: NF4 (bitsandbytes ``Linear4bit``, compute in ``dtype``) or ``dtype`` weights
+    (``quantization: none``), with an SFT ``state_dict`` applied before quantization. Used for the policy, the
+    reference and the SFT base that ``export: merged`` merges into.
+
+    Raises:
+        ModelLoadError: the model cannot be found or loaded (the message names it and the fix).
+    """
     kwargs: dict[str, Any] = {**dtype_kwarg(dtype), "device_map": {"": str(device)}}
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
