@@ -47,6 +47,7 @@ _EXPORTS = {
     "load_recipe": "recipes",
     "make_dpo_trainer": "pipeline",
     "run_training": "pipeline",
+    "launch_training": "launch",
     "prepare_run_dir": "outputs.run_folder",
     "start_run": "pipeline",
     "load_run_data": "pipeline",

@@ -34,6 +34,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from dpo_xpu.distributed import is_main_process
     from dpo_xpu.errors import TrainingInterrupted
     from dpo_xpu.pipeline import run_training
     from dpo_xpu.recipes import load_recipe
@@ -42,10 +43,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = run_training(recipe, overwrite=args.overwrite, live_plot=False, resume=args.resume)
     except TrainingInterrupted as exc:
+        if not is_main_process():
+            return exc.exit_code  # every rank stopped at the same step: rank 0 says so
         sets = "".join(f" --set {item}" for item in args.set)
         print(f"dpo-xpu: {exc}", file=sys.stderr)
         print(f"dpo-xpu: resume with: dpo-xpu train --recipe {args.recipe}{sets} --resume", file=sys.stderr)
         return exc.exit_code
+    if not is_main_process():
+        return 0
     last = next((row for row in reversed(result.metrics) if "loss" in row), {})
     print(f"run folder: {result.run_dir}")
     print(f"  metrics:       {result.run_dir / 'metrics.jsonl'} ({len(result.metrics)} rows)")
@@ -178,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DpoXpuError as exc:
-        print(f"dpo-xpu: error: {exc}", file=sys.stderr)
+        from dpo_xpu.distributed import is_main_process, raised_by_all_ranks
+
+        if is_main_process() or not raised_by_all_ranks(exc):  # rank 0's error, raised on every rank: said once
+            print(f"dpo-xpu: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dpo-xpu: interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ import re
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+from dpo_xpu.distributed import device_for_rank
 from dpo_xpu.errors import DeviceNotAvailableError
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ def device_count(kind: str) -> int:
 
 
 def missing_device_message(kind: str) -> str:
+    """The one-line error for an absent ``kind`` (``"xpu"`` or ``"cuda"``) device: what PyTorch build is installed,
+    and how to install the driver and wheels that see one."""
     import torch
 
     version = torch.__version__
@@ -81,7 +84,9 @@ def select_device(device: str = "auto") -> torch.device:
     Args:
         device (`str`, *optional*, defaults to `"auto"`):
             ``"auto"`` picks ``xpu``, then ``cuda``, then ``cpu``. ``"xpu"``, ``"cuda"`` or ``"cpu"``,
-            optionally with an index (``"xpu:0"``, ``"cuda:1"``), asks for that device.
+            optionally with an index (``"xpu:0"``, ``"cuda:1"``), asks for that device. Under several
+            processes (``torchrun``, ``accelerate launch``) an accelerator is ``kind:LOCAL_RANK``
+            (:func:`dpo_xpu.distributed.device_for_rank`).
 
     Returns:
         `torch.device`: the device.
@@ -101,9 +106,9 @@ def select_device(device: str = "auto") -> torch.device:
     kind, index = match[1], match[2]
     if kind == "auto":
         for candidate in ("xpu", "cuda"):
-            if device_count(candidate) > 0:
+            if (found := device_count(candidate)) > 0:
                 logger.info("select_device('auto') picked %s", candidate)
-                return torch.device(candidate)
+                return torch.device(device_for_rank(candidate, None, found))
         logger.info("select_device('auto'): no xpu or cuda device, using cpu")
         return torch.device("cpu")
     if kind == "cpu":
@@ -115,4 +120,4 @@ def select_device(device: str = "auto") -> torch.device:
         raise DeviceNotAvailableError(
             f"device {device!r} asked for, but PyTorch sees {count} {kind} device(s) (indices 0..{count - 1})"
         )
-    return torch.device(kind if index is None else f"{kind}:{index}")
+    return torch.device(device_for_rank(kind, index, count))

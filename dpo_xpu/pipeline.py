@@ -84,6 +84,7 @@ def make_dpo_trainer(
     from trl import DPOConfig, DPOTrainer
 
     from dpo_xpu.callbacks.metrics import LiveRewardPlotCallback, use_step_lines
+    from dpo_xpu.distributed import ddp_config_kwargs, main_process_first
 
     generation = trl_generation()
     plan = reference_plan(recipe, generation)
@@ -97,6 +98,7 @@ def make_dpo_trainer(
     )
     if generation == "1.x" and device.type == "cpu":
         score_answer_tokens_only_on_cpu()
+    config_kwargs.update(ddp_config_kwargs(config_kwargs))
     config = DPOConfig(**config_kwargs)
     if generation == "1.x" and recipe.max_prompt_length is not None:
         train_dataset = truncate_prompts(train_dataset, tokenizer, recipe.max_prompt_length)
@@ -130,7 +132,7 @@ def make_dpo_trainer(
     if plan.precomputed_by == "dpo_xpu":  # computed and cached after construction, with the trainer's collator
         from dpo_xpu.train.reference_cache import attach_precomputed_reference
 
-        info = attach_precomputed_reference(trainer, recipe)
+        info = main_process_first(attach_precomputed_reference, trainer, recipe)  # computed once, by rank 0
         logger.info("reference log-probs %s: %s", "reused from cache" if info.hit else "computed", info.path)
     return trainer
 
@@ -407,36 +409,47 @@ def run_training(
         TrainingInterrupted: a signal stopped training; a checkpoint was saved and the message says how to resume.
         PreferenceDataError, ModelLoadError, DeviceNotAvailableError, RecipeError: bad input (clear message).
     """
-    from dpo_xpu.callbacks.checkpoints import KeepTrainableDtypes, prepare_resume
+    from dpo_xpu.callbacks.checkpoints import KeepTrainableDtypes
     from dpo_xpu.callbacks.interrupts import StopOnSignal
     from dpo_xpu.callbacks.metrics import FirstStepCallback
     from dpo_xpu.device import select_device
+    from dpo_xpu.distributed import (
+        check_engine,
+        global_batch_line,
+        init_distributed,
+        is_distributed,
+        is_main_process,
+        on_rank_zero,
+    )
     from dpo_xpu.models.base import resolve_model_path
     from dpo_xpu.outputs.plotting import CURVES_FILE, read_metrics
+    from dpo_xpu.train.trl_internals import keep_dtypes_before_ddp
 
     if resume and overwrite:
         raise RunFolderError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
-    select_device(recipe.device)  # an absent device fails here, before anything is loaded or written
+    device = select_device(recipe.device)  # an absent device fails here, before anything is loaded or written
+    init_distributed(device)  # several processes (torchrun, accelerate launch): join their group (dpo_xpu.distributed)
+    check_engine(recipe)
     resolve_model_path(recipe.model_name_or_path)  # so does a missing model folder or an unreachable hub id
     run_dir = Path(recipe.output_dir)
     try:
-        if resume:
-            if run_dir.is_dir():
-                lock_run_dir(run_dir)  # before prepare_resume trims the folder's logs
-            checkpoint = prepare_resume(recipe, run_dir)
-            finished = _finished_run(recipe, run_dir, checkpoint)
-            if finished is not None:
-                return finished
-        else:
-            checkpoint = None
-        started = _start(recipe, overwrite=overwrite, resume=resume)
+        # rank 0 alone locks and prepares the folder; every rank gets its decision, or its error
+        opened = on_rank_zero(_open_run, recipe, run_dir, overwrite, resume)
+        if isinstance(opened, RunResult):
+            return opened
+        started, checkpoint = opened
+        if is_main_process():
+            logger.log(logging.WARNING if is_distributed() else logging.INFO, global_batch_line(recipe))
         first_step = FirstStepCallback()
         try:
             trainer, tokenizer = _build(recipe, run_dir, callbacks, live_plot)
             trainer.add_callback(first_step)
             if checkpoint is not None:
                 trainer.args.eval_on_start = False  # the checkpoint's step was evaluated (if due) before it was saved
-                trainer.add_callback(KeepTrainableDtypes(trainer.model))
+                keeper = KeepTrainableDtypes(trainer.model)
+                trainer.add_callback(keeper)
+                if is_distributed():  # DDP builds its buckets before on_train_begin: cast right after the reload
+                    keep_dtypes_before_ddp(trainer, keeper)
             stopper = StopOnSignal()
             trainer.add_callback(stopper)
             # reward_curves.png is drawn from the last logged row by make_dpo_trainer's LiveRewardPlotCallback at
@@ -444,7 +457,7 @@ def run_training(
             with stopper:
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         except BaseException as exc:
-            if not resume and not first_step.done:
+            if not resume and not first_step.done and is_main_process():
                 undo_start(started)  # nothing trained: leave the folder as it was, so the retry is not blocked
             _raise_if_disk_full(run_dir, exc)
             raise
@@ -455,15 +468,41 @@ def run_training(
                 "--resume (the same recipe), or run_training(recipe, resume=True)",
                 exit_code=stopper.exit_code,
             )
-        try:
-            adapter_dir = save_adapter(trainer, tokenizer, run_dir, recipe)
-            merged_dir = export_merged(recipe, adapter_dir, run_dir) if recipe.export == "merged" else None
-        except Exception as exc:
-            _raise_if_disk_full(run_dir, exc)
-            raise
+        adapter_dir, merged_dir = on_rank_zero(_save_outputs, recipe, trainer, tokenizer, run_dir)
         return RunResult(run_dir, read_metrics(run_dir), adapter_dir, run_dir / CURVES_FILE, trainer, merged_dir)
     finally:
         unlock_run_dir(run_dir)
+
+
+def _open_run(
+    recipe: Recipe, run_dir: Path, overwrite: bool, resume: bool
+) -> RunResult | tuple[StartedRun, Path | None]:
+    """Lock and prepare the run folder (rank 0 alone under several processes): the finished run for ``resume`` on
+    a complete one, else what the start did and the checkpoint to resume from (``None`` for a new run)."""
+    from dpo_xpu.callbacks.checkpoints import prepare_resume
+
+    checkpoint = None
+    if resume:
+        if run_dir.is_dir():
+            lock_run_dir(run_dir)  # before prepare_resume trims the folder's logs
+        checkpoint = prepare_resume(recipe, run_dir)
+        finished = _finished_run(recipe, run_dir, checkpoint)
+        if finished is not None:
+            return finished
+    return _start(recipe, overwrite=overwrite, resume=resume), checkpoint
+
+
+def _save_outputs(
+    recipe: Recipe, trainer: Any, tokenizer: PreTrainedTokenizerBase, run_dir: Path
+) -> tuple[Path, Path | None]:
+    """Save the adapter and, with ``export: merged``, the merged model (rank 0 alone under several processes)."""
+    try:
+        adapter_dir = save_adapter(trainer, tokenizer, run_dir, recipe)
+        merged_dir = export_merged(recipe, adapter_dir, run_dir) if recipe.export == "merged" else None
+    except Exception as exc:
+        _raise_if_disk_full(run_dir, exc)
+        raise
+    return adapter_dir, merged_dir
 
 
 def _raise_if_disk_full(run_dir: Path, exc: BaseException) -> None:
@@ -480,10 +519,12 @@ def _build(
     """The run's tokenizer, data, models and trainer (seeded as a fresh process would be)."""
     from transformers import set_seed
 
+    from dpo_xpu.distributed import is_main_process
     from dpo_xpu.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model_name_or_path)
-    train_dataset, eval_dataset = load_run_data(recipe, tokenizer, report_path=run_dir / "data_report.json")
+    report = run_dir / "data_report.json" if is_main_process() else None  # rank 0 alone writes the run folder
+    train_dataset, eval_dataset = load_run_data(recipe, tokenizer, report_path=report)
     set_seed(recipe.seed)  # LoRA's random init draws from the global RNG: same seed, same run, in any process
     policy, reference = load_run_models(recipe)
     trainer = make_dpo_trainer(

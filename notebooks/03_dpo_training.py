@@ -199,3 +199,22 @@ pd.DataFrame(metrics).iloc[[0, -1]]
 # %%
 adapter_dir = save_adapter(trainer, tokenizer, run_dir)
 sorted(path.name for path in run_dir.iterdir())
+
+# %% [markdown]
+# ## On several devices
+#
+# The same recipe trains on several devices of one machine (a Max 1550's two tiles, two or four Arc cards) with
+# data parallelism: each device holds one NF4 copy of the base, DDP averages the LoRA gradients, one step sees
+# `per_device_train_batch_size` x devices x `gradient_accumulation_steps` pairs, and one process alone writes the
+# run folder. From a terminal: `torchrun --standalone --nproc_per_node 2 .venv/bin/dpo-xpu train --recipe R`.
+# From a notebook, in a **fresh kernel** (accelerate's `notebook_launcher` refuses to start once this kernel has
+# used the device, as the cells above did), with the parameters and recipe cells run first:
+#
+# ```python
+# from dpo_xpu import launch_training
+# run_dir = launch_training(recipe)  # one process per device; with one device it says so and trains here
+# ```
+#
+# Then read `run_dir` as above, and evaluate it in notebook 4. The docs page "More than one device" has the
+# commands, the oneCCL settings for several Arc cards, and what is not supported (FSDP / ZeRO with NF4).
+

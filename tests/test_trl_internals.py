@@ -15,7 +15,7 @@ from dpo_xpu.train import trl_internals
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dpo_xpu"
 #: The private names of TRL / accelerate the package touches; only trl_internals may spell them.
-PRIVATE = ("_use_triton", "_metrics", "_precompute_ref_logps", "_is_accelerate_prepared")
+PRIVATE = ("_use_triton", "_metrics", "_precompute_ref_logps", "_is_accelerate_prepared", "_load_from_checkpoint")
 
 
 def test_the_installed_trl_has_every_private_name_dpo_xpu_uses() -> None:

@@ -206,6 +206,9 @@ class CheckpointCallback(TrainerCallback):
             control.should_save = True
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from dpo_xpu.distributed import barrier
+
+        barrier()  # under several processes, every rank has written its part (rng_state_N.pth) before the marker
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir() and state.is_world_process_zero:
             write_marker(checkpoint, state.global_step)

@@ -67,6 +67,9 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from dpo_xpu.distributed import agree_on_signal
+
+        self.signum = agree_on_signal(self.signum)  # several processes: a signal to any rank stops them all here
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True

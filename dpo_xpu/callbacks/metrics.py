@@ -86,6 +86,8 @@ class MetricsLoggerCallback(TrainerCallback):
             )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not getattr(state, "is_world_process_zero", True):
+            return  # under several processes, rank 0 alone writes (its logs are already averaged over the ranks)
         logs = logs or {}
         row: dict[str, Any] = {"step": state.global_step, "epoch": _clean(state.epoch)}
         if "loss" in logs:
@@ -236,11 +238,12 @@ class LiveRewardPlotCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self._events += 1
-        if self._events % self.every == 0:
+        if self._events % self.every == 0 and getattr(state, "is_world_process_zero", True):
             self.redraw()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.redraw()
+        if getattr(state, "is_world_process_zero", True):
+            self.redraw()
 
 
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"

@@ -18,6 +18,8 @@ What is reached, and why (TRL 1.x unless said otherwise):
   (:func:`score_answer_tokens_only_on_cpu`);
 - ``trl.trainer.utils.use_adapter`` and ``selective_log_softmax``: TRL's helpers (public module, undocumented);
 - accelerate's ``model._is_accelerate_prepared``: marks a reference kept on the CPU so ``prepare`` leaves it there;
+- transformers' ``Trainer._load_from_checkpoint(resume_from_checkpoint, model)``: wrapped on ``--resume`` under
+  several processes, to cast the reloaded LoRA weights back before DDP builds its buckets;
 - TRL 0.11 (the ipex-llm backend): ``DPOTrainer.get_batch_loss_metrics(model, batch, train_eval)``.
 """
 
@@ -32,6 +34,7 @@ from typing import Any
 #: TRL 1.x ``DPOTrainer`` methods dpo_xpu overrides or calls, with the parameters it passes.
 TRAINER_METHODS_1X = {
     "_compute_loss": ("model", "inputs", "return_outputs"),
+    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
     "_precompute_ref_logps": ("dataset", "name"),
     "compute_ref_log_probs": ("model", "inputs"),
 }
@@ -186,3 +189,30 @@ def selective_log_softmax() -> Callable[[Any, Any], Any] | None:
     except ImportError:
         return None
     return trl_selective
+
+
+def keep_dtypes_before_ddp(trainer: Any, keeper: Any) -> None:
+    """On ``resume`` under several processes, cast the reloaded LoRA weights back to their dtypes before DDP
+    wraps the model (the pipeline calls it only under several processes).
+
+    ``Trainer`` reloads the checkpoint's adapter (PEFT upcasts it to float32) before ``accelerator.prepare``
+    builds DDP's gradient buckets; :class:`dpo_xpu.callbacks.checkpoints.KeepTrainableDtypes` casts them back only at
+    ``on_train_begin``, after DDP was built for float32 parameters, and DDP then no longer keeps the ranks' LoRA
+    weights equal (measured: different digests on the two ranks after a resume). So the cast also runs right after
+    the reload. A reach into transformers' private ``Trainer._load_from_checkpoint`` (transformers 5.x; TRL's
+    ``DPOTrainer`` inherits it): when the name is gone this raises rather than silently training apart.
+
+    Args:
+        trainer: the run's trainer, before ``train(resume_from_checkpoint=...)``.
+        keeper: its :class:`~dpo_xpu.callbacks.checkpoints.KeepTrainableDtypes` callback.
+
+    Raises:
+        AttributeError: the installed transformers has no ``Trainer._load_from_checkpoint``.
+    """
+    load = trainer._load_from_checkpoint
+
+    def load_then_cast(resume_from_checkpoint: str, model: Any = None) -> None:
+        load(resume_from_checkpoint, model)
+        keeper.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
+
+    trainer._load_from_checkpoint = load_then_cast

@@ -1,0 +1,343 @@
+"""More than one device: data-parallel DPO (DDP) under ``torchrun`` or ``accelerate launch``.
+
+Each process (rank) trains on its own device (``xpu:LOCAL_RANK``, ``cuda:LOCAL_RANK``, or the CPU with gloo) and
+holds one full NF4 copy of the base; the Trainer wraps the policy in PyTorch's ``DistributedDataParallel``, which
+all-reduces (averages) the LoRA gradients, so one optimizer step sees ``per_device_train_batch_size x processes x
+gradient_accumulation_steps`` pairs. The process group is accelerate's (``PartialState``: xccl on XPU, nccl on CUDA,
+gloo on CPU), the one the Trainer uses afterwards.
+
+This module holds what dpo_xpu adds on top of that engine, so that a recipe runs unchanged on several devices:
+
+- the rank's device (:func:`device_for_rank`, called by :func:`dpo_xpu.device.select_device`);
+- rank 0 alone decides and writes (:func:`on_rank_zero`): the run folder's lock, ``--resume`` / ``--overwrite``,
+  the recipe, reports, metrics, curves, checkpoint markers, adapter and model card; its result, or its error with
+  the same one-line message, reaches every rank (``torch.distributed.broadcast_object_list``);
+- the ``precomputed`` reference is computed once, by rank 0, and read from the cache by the others
+  (:func:`main_process_first`);
+- SIGINT / SIGTERM stop every rank at the same step (:func:`agree_on_signal`: the stop flag is all-reduced at
+  each step's end);
+- FSDP and DeepSpeed ZeRO are refused (:func:`check_engine`): sharding bitsandbytes' packed NF4 weights is not
+  correct today (bitsandbytes issue #1945).
+
+With one process every function here does nothing, or runs its argument directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from dpo_xpu.errors import DeviceNotAvailableError, DpoXpuError, RecipeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpo_xpu.recipes import Recipe
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The bitsandbytes issue that rules out sharding NF4 weights (FSDP2 corrupts about 0.1% of packed NF4 weights).
+BNB_FSDP_ISSUE = "https://github.com/bitsandbytes-foundation/bitsandbytes/issues/1945"
+#: Attribute set on an exception that every rank raises with the same message (the CLI prints it on rank 0 only).
+ALL_RANKS_ATTR = "dpo_xpu_all_ranks"
+
+
+class RankZeroFailed(RuntimeError):
+    """Rank 0 failed with an error that is not a :class:`~dpo_xpu.errors.DpoXpuError` (a bug, not bad input);
+    raised on the other ranks with rank 0's error type and first line."""
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def world_size() -> int:
+    """The number of processes of this run (``WORLD_SIZE``, set by ``torchrun`` / ``accelerate launch``); 1 alone."""
+    return max(1, _env_int("WORLD_SIZE", 1))
+
+
+def rank() -> int:
+    """This process's global rank (``RANK``), 0 in a single process."""
+    return _env_int("RANK", 0)
+
+
+def local_rank() -> int:
+    """This process's rank on its node (``LOCAL_RANK``): the index of its device; 0 in a single process."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several (``WORLD_SIZE`` > 1)."""
+    return world_size() > 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run folder: rank 0, or the only process."""
+    return rank() == 0
+
+
+def device_for_rank(kind: str, index: str | int | None, count: int) -> str:
+    """The device this process trains on, as a torch device string.
+
+    In a single process: ``kind`` with ``index`` when given (``"xpu:1"``), else ``kind``. Under several processes,
+    an accelerator is ``kind:LOCAL_RANK`` (each process on its own device); the CPU stays ``"cpu"``.
+
+    Args:
+        kind: ``"cpu"``, ``"xpu"`` or ``"cuda"``.
+        index: the index the recipe asked for (``device: xpu:1``), or ``None``.
+        count: how many ``kind`` devices PyTorch sees (ignored for the CPU).
+
+    Raises:
+        DeviceNotAvailableError: under several processes, the recipe names one device index (every process would
+            share it), or this node has fewer ``kind`` devices than processes.
+    """
+    if kind == "cpu":
+        return "cpu"
+    if not is_distributed():
+        return kind if index is None else f"{kind}:{index}"
+    if index is not None:
+        raise DeviceNotAvailableError(
+            f"device: '{kind}:{index}' names one device, but {world_size()} processes were started: use "
+            f"device: {kind} (or auto), and each process takes {kind}:LOCAL_RANK"
+        )
+    if local_rank() >= count:
+        raise DeviceNotAvailableError(
+            f"process LOCAL_RANK={local_rank()} has no {kind} device: PyTorch sees {count} on this node. Start at "
+            f"most {count} processes per node (torchrun --nproc_per_node {count})"
+        )
+    return f"{kind}:{local_rank()}"
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group of a multi-process run, before anything is loaded or written (no-op alone).
+
+    It is accelerate's ``PartialState`` (the one the Trainer uses later): xccl on XPU, nccl on CUDA, gloo on CPU,
+    and it sets this process's current device.
+
+    Args:
+        device: this rank's device (:func:`dpo_xpu.device.select_device`).
+
+    Raises:
+        DeviceNotAvailableError: the process group came up with another number of processes than ``WORLD_SIZE``.
+    """
+    if not is_distributed():
+        return
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device.type == "cpu")
+    if state.num_processes != world_size():
+        raise DeviceNotAvailableError(
+            f"{world_size()} processes were started but accelerate set up {state.num_processes} "
+            f"({state.distributed_type}): for {device.type}, start the processes with torchrun or accelerate launch"
+        )
+
+
+def _is_set(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_engine(recipe: Recipe) -> None:
+    """Refuse the engines that shard the weights: FSDP and DeepSpeed ZeRO (from an ``accelerate launch`` config,
+    whose ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` reach this process, or from the recipe's
+    ``fsdp`` / ``fsdp_config`` / ``deepspeed`` TRL options). Data parallelism (DDP) is what dpo_xpu offers.
+
+    Raises:
+        RecipeError: FSDP or DeepSpeed asked for; with ``quantization: nf4`` the message names bitsandbytes issue
+            #1945, with ``none`` it says the combination is not tested here.
+    """
+    options = recipe.trl_options or {}
+    engines = []
+    if _is_set("ACCELERATE_USE_FSDP") or options.get("fsdp") or options.get("fsdp_config"):
+        engines.append("FSDP")
+    if _is_set("ACCELERATE_USE_DEEPSPEED") or options.get("deepspeed"):
+        engines.append("DeepSpeed")
+    if not engines:
+        return
+    which = " and ".join(engines)
+    if recipe.quantization == "nf4":
+        raise RecipeError(
+            f"{which} with quantization: nf4 is refused: sharding bitsandbytes' packed NF4 weights corrupts some of "
+            f"them (bitsandbytes issue #1945, {BNB_FSDP_ISSUE}). Use data parallelism instead: torchrun or "
+            "accelerate launch with a multi-device DDP config (recipes/accelerate/, docs/multi-device.md)"
+        )
+    raise RecipeError(
+        f"{which} is not offered by dpo_xpu (not tested here, also with quantization: {recipe.quantization}): use "
+        "data parallelism (DDP) with torchrun or accelerate launch (recipes/accelerate/, docs/multi-device.md)"
+    )
+
+
+def ddp_config_kwargs(config_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``DPOConfig`` values for a multi-process run, where the recipe's TRL options do not set them.
+
+    ``ddp_find_unused_parameters=False``: every trainable (LoRA) parameter gets a gradient at every step, so DDP
+    need not search the graph for unused ones (transformers would search whenever gradient checkpointing is off).
+    Gradient checkpointing is already non-reentrant (:mod:`dpo_xpu.train.trl_config`), which DDP needs.
+
+    Args:
+        config_kwargs: the ``DPOConfig`` keyword arguments built so far.
+
+    Returns:
+        The values to add (empty in a single process, or when the options set them).
+    """
+    if not is_distributed() or "ddp_find_unused_parameters" in config_kwargs:
+        return {}
+    return {"ddp_find_unused_parameters": False}
+
+
+def global_batch_line(recipe: Recipe) -> str:
+    """The start line that says how many pairs one optimizer step sees (``per_device_train_batch_size`` x
+    processes x ``gradient_accumulation_steps``), e.g.
+    ``"data parallel: 2 processes (gloo); global batch 4 = 1 per device x 2 processes x 2 accumulation steps"``."""
+    n = world_size()
+    backend = "one process"
+    if n > 1:
+        import torch.distributed as dist
+
+        backend = f"{n} processes ({dist.get_backend() if dist.is_initialized() else 'no process group'})"
+    total = recipe.per_device_train_batch_size * n * recipe.gradient_accumulation_steps
+    return (
+        f"data parallel: {backend}; global batch {total} = {recipe.per_device_train_batch_size} per device x "
+        f"{n} process{'es' if n > 1 else ''} x {recipe.gradient_accumulation_steps} accumulation step"
+        f"{'s' if recipe.gradient_accumulation_steps != 1 else ''}"
+    )
+
+
+def _collective_device() -> torch.device:
+    """Where ``broadcast_object_list`` / ``all_reduce`` put their tensors: the CPU for gloo, else this rank's
+    accelerator (nccl and xccl reduce device tensors only)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
+def _broadcast(value: Any) -> Any:
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
+def _describe(exc: BaseException) -> dict[str, Any]:
+    return {
+        "module": type(exc).__module__,
+        "name": type(exc).__name__,
+        "message": str(exc),
+        "exit_code": getattr(exc, "exit_code", None),
+    }
+
+
+def _rebuild(info: dict[str, Any]) -> BaseException:
+    """Rank 0's error as this rank raises it: the same :mod:`dpo_xpu.errors` class and message, marked as
+    raised by every rank."""
+    from dpo_xpu import errors
+
+    cls = getattr(errors, info["name"], None) if info["module"] == errors.__name__ else None
+    exc: BaseException
+    if isinstance(cls, type) and issubclass(cls, DpoXpuError):
+        exc = cls(info["message"])
+        if info.get("exit_code") is not None:
+            exc.exit_code = info["exit_code"]  # type: ignore[attr-defined]
+    elif info["name"] == "KeyboardInterrupt":
+        exc = KeyboardInterrupt()
+    else:
+        first = (info["message"].splitlines() or [""])[0][:300]
+        exc = RankZeroFailed(f"rank 0 failed with {info['name']}: {first}")
+    setattr(exc, ALL_RANKS_ATTR, True)
+    return exc
+
+
+def on_rank_zero(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` on rank 0 alone and give its result to every rank; alone, just call it.
+
+    The other ranks wait for rank 0 (in ``broadcast_object_list``), then return its result, or raise its error:
+    a :class:`~dpo_xpu.errors.DpoXpuError` as the same class with the same message (so every rank stops with the
+    same line), anything else as :class:`RankZeroFailed`. The result must be picklable.
+
+    Raises:
+        BaseException: what ``fn`` raised on rank 0, on every rank (see above).
+    """
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    if rank() == 0:
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:
+            _broadcast(("error", _describe(exc)))
+            setattr(exc, ALL_RANKS_ATTR, True)
+            raise
+        _broadcast(("ok", value))
+        return value
+    status, payload = _broadcast(None)
+    if status == "error":
+        raise _rebuild(payload)
+    return payload
+
+
+def main_process_first(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` on rank 0 first, then on the other ranks (each returns its own result); alone, just call it.
+
+    For work that rank 0 caches on disk and the others then read (the ``precomputed`` reference). An error on
+    rank 0 is raised on every rank, as :func:`on_rank_zero` does, before the others start.
+    """
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    if rank() == 0:
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:
+            _broadcast(("error", _describe(exc)))
+            setattr(exc, ALL_RANKS_ATTR, True)
+            raise
+        _broadcast(("ok", None))
+        return value
+    status, payload = _broadcast(None)  # wait for rank 0
+    if status == "error":
+        raise _rebuild(payload)
+    return fn(*args, **kwargs)
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op alone or before the process group exists)."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def agree_on_signal(signum: int | None) -> int | None:
+    """The signal any rank received (the largest number when several), known to every rank; alone: ``signum``.
+
+    Called at each step's end by :class:`dpo_xpu.callbacks.interrupts.StopOnSignal`, so that a SIGTERM sent to one
+    rank (or
+    forwarded by ``torchrun`` to each at slightly different times) stops all of them after the same step.
+    """
+    if not is_distributed():
+        return signum
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return signum
+    flag = torch.tensor([signum or 0], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    value = int(flag.item())
+    return value or None
+
+
+def raised_by_all_ranks(exc: BaseException) -> bool:
+    """Whether every rank raises ``exc`` with the same message (the CLI then prints it on rank 0 only)."""
+    return bool(getattr(exc, ALL_RANKS_ATTR, False))

@@ -1,0 +1,102 @@
+"""Training on several devices of this machine from a notebook or a script: :func:`launch_training` starts the
+ranks with accelerate's ``notebook_launcher`` (``debug_launcher`` on the CPU), each running
+:func:`dpo_xpu.pipeline.run_training`. ``notebook_launcher`` needs the training function in an importable module,
+hence this one (the ranks themselves are :mod:`dpo_xpu.distributed`'s business).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dpo_xpu.errors import RecipeError
+
+if TYPE_CHECKING:
+    from dpo_xpu.recipes import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+def _device_count() -> tuple[str, int]:
+    """The accelerator kind of this machine (xpu, then cuda) and its device count; ``("cpu", 0)`` without one."""
+    from dpo_xpu.device import device_count
+
+    for kind in ("xpu", "cuda"):
+        if (count := device_count(kind)) > 0:
+            return kind, count
+    return "cpu", 0
+
+
+def _train_worker(recipe: Recipe, overwrite: bool, resume: bool) -> None:
+    """One rank's work under :func:`launch_training` (module level, so spawned processes can import it)."""
+    import torch.distributed as dist
+
+    from dpo_xpu.pipeline import run_training
+
+    if dist.is_available() and dist.is_initialized():  # debug_launcher: a process group, but no RANK / LOCAL_RANK
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
+
+    run_training(recipe, overwrite=overwrite, live_plot=False, resume=resume)
+
+
+def launch_training(
+    recipe: Recipe | str | Path | dict[str, Any],
+    num_processes: int | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> Path:
+    """Train ``recipe`` on several devices of this machine from a notebook or a script (accelerate's
+    ``notebook_launcher``; on the CPU its ``debug_launcher``, which forks gloo ranks).
+
+    ``notebook_launcher`` refuses to start once an accelerator was initialised in the kernel, so call this before
+    anything touches the device (and before bitsandbytes is imported: it initialises it). Each process runs
+    :func:`dpo_xpu.pipeline.run_training`; rank 0 writes the run folder.
+
+    Args:
+        recipe: a :class:`~dpo_xpu.recipes.Recipe`, a YAML path, or a dict of recipe keys.
+        num_processes: processes to start; default one per accelerator device (XPU, then CUDA). With 1, or on a
+            machine with one device (or none, for a non-CPU recipe), it says so and trains in this process.
+        overwrite: as in :func:`~dpo_xpu.pipeline.run_training`.
+        resume: as in :func:`~dpo_xpu.pipeline.run_training`.
+
+    Returns:
+        The run folder (``recipe.output_dir``).
+
+    Raises:
+        RecipeError: ``num_processes`` < 1, or more processes than the recipe's devices.
+        DpoXpuError: from training, as :func:`~dpo_xpu.pipeline.run_training` raises them.
+    """
+    from dpo_xpu.recipes import Recipe, load_recipe
+
+    if isinstance(recipe, dict):
+        recipe = Recipe(**recipe)
+    elif not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    on_cpu = recipe.device.startswith("cpu")
+    kind, count = _device_count()
+    if num_processes is None:
+        num_processes = 1 if on_cpu else max(1, count)
+    if num_processes < 1:
+        raise RecipeError(f"num_processes must be at least 1, found {num_processes}")
+    if num_processes == 1:
+        where = "the CPU" if on_cpu or count == 0 else f"one {kind} device"
+        logger.warning("launch_training: one process on %s: training in this process", where)
+        print(f"launch_training: one process on {where}: training in this process", flush=True)
+        _train_worker(recipe, overwrite, resume)
+        return Path(recipe.output_dir)
+    if not on_cpu and num_processes > count:
+        raise RecipeError(
+            f"num_processes={num_processes} but this machine has {count} {kind} device(s): ask for at most {count}"
+        )
+    if on_cpu:
+        from accelerate import debug_launcher
+
+        debug_launcher(_train_worker, args=(recipe, overwrite, resume), num_processes=num_processes)
+    else:
+        from accelerate import notebook_launcher
+
+        notebook_launcher(_train_worker, args=(recipe, overwrite, resume), num_processes=num_processes)
+    return Path(recipe.output_dir)

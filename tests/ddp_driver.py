@@ -1,0 +1,99 @@
+"""Test-only entry point for one rank of a multi-process ``dpo-xpu train`` (started by ``torchrun`` in
+tests/test_distributed.py); not a test module itself.
+
+    torchrun --standalone --nproc_per_node 2 tests/ddp_driver.py OUT_DIR train --recipe R ...
+
+It runs ``dpo_xpu.cli.main`` on the arguments after ``OUT_DIR`` and writes ``OUT_DIR/rank<R>.json`` with:
+
+- ``lora_sha256``: a digest of this rank's trainable LoRA weights after training (equal on every rank under DDP);
+- ``writes``: every file this process opened for writing or created, renamed or removed through Python
+  (``sys.addaudithook``: builtins.open, os.open, os.mkdir, os.rename/replace, os.remove, shutil.rmtree).
+  torch.save and safetensors write from C++ / Rust and are not seen: the test also checks the folder's files;
+- ``exit_code``.
+
+With ``DDP_TEST_SIGNAL_STEP=N`` and ``DDP_TEST_SIGNAL_RANK=R``, rank R sends itself SIGTERM at the end of step N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+WRITE_EVENTS = {"os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree", "shutil.move"}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _record(writes: list[str]) -> Any:
+    def hook(event: str, args: tuple) -> None:
+        path = None
+        if event == "open":
+            target, mode, flags = (list(args) + [None, None, None])[:3]
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & WRITE_FLAGS
+            )
+            if writing and isinstance(target, (str, bytes, os.PathLike)):
+                path = target
+        elif event in WRITE_EVENTS and args:
+            path = args[0]
+        if path is not None:
+            path = os.fsdecode(path) if not isinstance(path, str) else path
+            if not path.startswith(("/dev/", "/proc/")):
+                writes.append(f"{event} {os.path.abspath(path)}")
+
+    return hook
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    argv = sys.argv[2:]
+    rank = int(os.environ.get("RANK", "0"))
+    writes: list[str] = []
+    sys.addaudithook(_record(writes))
+
+    from transformers import TrainerCallback
+
+    import dpo_xpu.pipeline as training
+    from dpo_xpu import cli
+
+    digest: dict[str, str | None] = {"lora_sha256": None}
+    original = training.run_training
+
+    class SignalAtStep(TrainerCallback):
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def run_training(recipe: Any, *args: Any, **kwargs: Any) -> Any:
+        step = int(os.environ.get("DDP_TEST_SIGNAL_STEP", "0"))
+        if step and int(os.environ.get("DDP_TEST_SIGNAL_RANK", "0")) == rank:
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), SignalAtStep(step)]
+        result = original(recipe, *args, **kwargs)
+        if result.trainer is not None:
+            h = hashlib.sha256()
+            for name, param in sorted(result.trainer.model.named_parameters()):
+                if param.requires_grad:
+                    h.update(name.encode())
+                    h.update(param.detach().float().cpu().numpy().tobytes())
+            digest["lora_sha256"] = h.hexdigest()
+        return result
+
+    training.run_training = run_training
+    code = 1
+    try:
+        code = cli.main(argv)
+    finally:
+        report = {"rank": rank, "exit_code": code, "writes": writes, **digest}
+        (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
