@@ -19,6 +19,13 @@ Commands (from the project root)::
     python benchmarks/dpo_step.py --device xpu               # Intel GPU: 20 steps, batch 2, max_length 1024
     python benchmarks/dpo_step.py --device cuda --steps 20   # same path on a CUDA GPU
     python benchmarks/dpo_step.py --model tiny --steps 2     # seconds: the tests run this end to end
+    python benchmarks/dpo_step.py --device xpu --nproc 2     # also 2 data-parallel processes (torchrun)
+
+With ``--nproc N`` (N > 1) each strategy also runs under ``torchrun --standalone --nproc_per_node N`` (DDP, one
+device per process, the same per-device batch: N times the pairs per step) and each row gets
+``nproc_pairs_per_s`` and ``scaling_efficiency`` = ``nproc_pairs_per_s / (N x pairs_per_s)``: 1.0 is perfect
+scaling. On a CPU the processes share the same cores, so there the figure checks that the path works (and costs
+what the all-reduce costs), not a speed-up.
 
 The default model is the Qwen2 architecture at the size of Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads,
 2 key-value heads, intermediate 4864, vocabulary 151,936, tied embeddings) with random weights (seed 0),
@@ -290,6 +297,7 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     """Load, train ``settings.steps`` steps and measure one strategy; returns one result row."""
     import torch
 
+    from dpo_xpu.distributed import main_process_first, world_size
     from dpo_xpu.pipeline import load_run_data, load_run_models, make_dpo_trainer
     from dpo_xpu.train.reference_cache import attach_precomputed_reference
     from dpo_xpu.train.trl_internals import score_answer_tokens_only_on_cpu
@@ -323,7 +331,10 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         getattr(torch, device).reset_peak_memory_stats()
     sampler.reset()
     start = time.perf_counter()
-    info = attach_precomputed_reference(trainer, recipe, cache_dir=ref_cache) if precomputed else None
+    # several processes: rank 0 computes (cold) and the others read its cache file
+    info = (
+        main_process_first(attach_precomputed_reference, trainer, recipe, cache_dir=ref_cache) if precomputed else None
+    )
     trainer.train()
     _synchronize(settings.device)
     elapsed = time.perf_counter() - start
@@ -331,7 +342,7 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     peak_device = getattr(torch, device).max_memory_allocated() / 2**20 if on_gpu else None
 
     logs = [row for row in trainer.state.log_history if "loss" in row]
-    pairs = settings.steps * settings.batch
+    pairs = settings.steps * settings.batch * world_size()  # per-device batch on each of the processes
     tokens = int(logs[-1].get("num_tokens", 0)) if logs else 0
     if not tokens:  # TRL 0.11 logs no token count: every row is trained once (rows = steps x batch)
         tokens = trl011_tokens(trainer.train_dataset)
@@ -514,6 +525,12 @@ def format_table(payload: dict) -> str:
             f"{r['strategy']:<20}{r['pairs_per_s']:>9.4f}{r['tokens_per_s']:>10.1f}{r['peak_memory_mib']:>10.0f}"
             f"{r['first_loss']:>12.6f}{r['last_loss']:>11.6f}{100 * (r['mfu'] or 0):>7.2f}%{speed:>9.2f}{mem:>7.2f}"
         )
+    for r in rows:
+        if r.get("scaling_efficiency") is not None:
+            lines.append(
+                f"{r['strategy']:<20}{r['nproc']} processes: {r['nproc_pairs_per_s']:.4f} pairs/s, scaling efficiency "
+                f"{r['scaling_efficiency']:.2f}, peak {r['nproc_peak_memory_mib']:.0f} MiB per process"
+            )
     lines.append(f"bf16 matmul ceiling: {payload['matmul_bf16_gflops']:.1f} GFLOP/s on {payload['machine']['device']}")
     for e in payload.get("memory_estimates", []):
         lines.append(f"planner {e['strategy']:<12} {e['total_mib']:>8.0f} MiB  {e['components_mib']}")
@@ -537,7 +554,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep-malloc", action="store_true", help="CPU: keep glibc's dynamic mmap threshold (RSS = heap high-water)"
     )
     parser.add_argument("--work-dir", type=Path, default=CACHE / "benchmark-work", help="run folders and cache")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="also run each strategy on N data-parallel processes (torchrun)"
+    )
+    args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error(f"--nproc must be at least 1, found {args.nproc}")
+    return args
+
+
+def run_nproc(argv: list[str], nproc: int, strategies: list[str], work: Path) -> dict[str, dict[str, Any]]:
+    """Run the benchmark under ``torchrun --standalone --nproc_per_node nproc`` (this script, the same arguments,
+    ``strategies`` only) and return rank 0's rows by strategy.
+
+    Raises:
+        RuntimeError: the processes failed (their output is in the message's tail).
+    """
+    import subprocess
+
+    out = work / f"nproc{nproc}.json"
+    out.unlink(missing_ok=True)
+    forwarded, skip = [], False
+    for arg in argv:  # this run's arguments minus --nproc, --out, --strategies and --work-dir
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--nproc", "--out", "--strategies", "--work-dir"):
+            skip = "=" not in arg
+            continue
+        forwarded.append(arg)
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)),
+        str(Path(__file__).resolve()),
+        *forwarded,
+        *("--strategies", ",".join(strategies), "--out", str(out), "--work-dir", str(work / f"nproc{nproc}")),
+    ]
+    logger.info("%d processes: %s", nproc, " ".join(command))
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"{nproc} processes failed (exit {result.returncode}): {result.stderr[-3000:]}")
+    return {row["strategy"]: row for row in json.loads(out.read_text())["results"]}
+
+
+def add_scaling(results: list[dict], nproc_rows: dict[str, dict[str, Any]], nproc: int) -> None:
+    """Put ``nproc``, ``nproc_pairs_per_s``, ``nproc_peak_memory_mib`` (per process) and ``scaling_efficiency``
+    (``nproc_pairs_per_s / (nproc x pairs_per_s)``) on each row that ran both ways."""
+    for row in results:
+        other = nproc_rows.get(row["strategy"])
+        if row.get("skipped") or other is None or other.get("skipped") or not row.get("pairs_per_s"):
+            continue
+        row.update(
+            nproc=nproc,
+            nproc_pairs_per_s=other["pairs_per_s"],
+            nproc_peak_memory_mib=other["peak_memory_mib"],
+            nproc_losses=other["losses"],
+            scaling_efficiency=other["pairs_per_s"] / (nproc * row["pairs_per_s"]),
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -557,6 +630,10 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(strategies) - set(STRATEGIES))
     if unknown:
         sys.exit(f"unknown strategies {unknown}: choose from {', '.join(STRATEGIES)}")
+    from dpo_xpu.device import select_device
+    from dpo_xpu.distributed import init_distributed, is_main_process, world_size
+
+    init_distributed(select_device(args.device))  # under torchrun (--nproc): each rank on its own device
     steps = args.steps or (3 if args.quick else 20)
     batch = args.batch or (1 if args.quick else 2)
     max_length = args.max_length or (256 if args.quick else 1024)
@@ -575,7 +652,7 @@ def main(argv: list[str] | None = None) -> dict:
         gradient_checkpointing=not args.no_gradient_checkpointing,
         bf16=on_gpu if args.bf16 == "auto" else args.bf16 == "on",
         learning_rate=5e-5,
-        rows=steps * batch,
+        rows=steps * batch * world_size(),
     )
     logger.info("settings: %s", settings)
     out = args.out or PROJECT_ROOT / "benchmarks" / "results" / (
@@ -599,6 +676,15 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("strategy %s: %s", strategy, {k: row[k] for k in RESULT_KEYS})
         results.append(row)
     sampler.stop()
+    if not is_main_process():
+        return {}
+    if args.nproc > 1:
+        ran = [r["strategy"] for r in results if not r.get("skipped")]
+        add_scaling(
+            results,
+            run_nproc(list(argv if argv is not None else sys.argv[1:]), args.nproc, ran, args.work_dir),
+            args.nproc,
+        )
     config = AutoConfig.from_pretrained(model_path)
     payload = write_results(
         out,
@@ -609,6 +695,7 @@ def main(argv: list[str] | None = None) -> dict:
             "matmul_fp32_gflops": gflops_fp32,
             "malloc_mmap_threshold_fixed": fixed_malloc,
             "settings": asdict(settings),
+            "processes": world_size(),
             "memory_estimates": estimate_rows(
                 settings, config, max((r["answer_share"] for r in results if r.get("answer_share")), default=1.0)
             ),

@@ -73,3 +73,20 @@ def test_tiny_run_writes_the_schema(tmp_path):
     ipex = by_name["ipex-llm"]
     assert ipex.get("skipped") or ipex["pairs_per_s"] > 0
     assert {e["strategy"] for e in written["memory_estimates"]} == {"original", "adapter-off", "precomputed"}
+
+
+def test_nproc_adds_scaling_efficiency_from_two_processes(tmp_path):
+    """--nproc 2 runs the strategies again under torchrun (two gloo processes on this CPU) and reports the scaling
+    efficiency; on a CPU the two processes share the cores, so only its presence and the losses are checked."""
+    script = _load_script()
+    out = tmp_path / "result.json"
+    argv = ["--model", "tiny", "--steps", "2", "--batch", "1", "--max-length", "96", "--out", str(out)]
+    argv += ["--strategies", "adapter-off,precomputed-cold", "--work-dir", str(tmp_path / "work"), "--nproc", "2"]
+    payload = script.main(argv)
+    for row in payload["results"]:
+        assert row["nproc"] == 2
+        assert row["scaling_efficiency"] > 0 and math.isfinite(row["scaling_efficiency"])
+        assert row["nproc_pairs_per_s"] > 0
+        assert len(row["nproc_losses"]) == 2
+        assert row["nproc_losses"][0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
+    assert "scaling efficiency" in script.format_table(payload)
