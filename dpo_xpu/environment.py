@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import platform as _platform
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ XPU_FIX = f"install the Intel GPU driver and PyTorch's XPU wheels: {XPU_WHEELS}"
 ONEAPI_FIX = "source setup_oneapi.sh, then start Python or Jupyter from that shell"
 BNB_FIX = 'pip install -U "bitsandbytes>=0.48"'
 NATIVE_FIX = 'pip install -U "transformers>=4.53" "trl>=1.0" "peft>=0.17" "bitsandbytes>=0.48" "accelerate>=1.0"'
+#: Intel Arc A-series names as PyTorch reports them ("Intel(R) Arc(TM) A770 Graphics"): 4 GiB per allocation.
+ARC_A_SERIES = re.compile(r"\bArc\b.*\bA\d{3}", re.IGNORECASE)
 IPEX_LLM_FIX = "conda env create -f environment-ipex-llm.yml (transformers 4.45.x, trl<0.12, accelerate>=0.26)"
 
 
@@ -302,10 +305,11 @@ def _host_memory_mib() -> float:
 def _memory_verdict(recipe: Recipe, probe: Probe) -> Verdict:
     """Whether ``recipe`` is expected to fit the memory of the device it would train on."""
     from dpo_xpu.errors import DpoXpuError
-    from dpo_xpu.memory import recipe_fits
+    from dpo_xpu.memory import ARC_A_SERIES_MAX_ALLOCATION_MIB, recipe_fits
 
     kind = recipe.device.split(":")[0]
     accelerators = [a for a in probe.accelerators if kind == "auto" or a.kind == kind]
+    target = None
     if kind != "cpu" and accelerators:
         target = accelerators[0]
         where, memory_mib = f"{target.kind}:{target.index} ({target.name})", float(target.total_memory_mib)
@@ -315,6 +319,16 @@ def _memory_verdict(recipe: Recipe, probe: Probe) -> Verdict:
         fit = recipe_fits(recipe, memory_mib)
     except DpoXpuError as exc:
         return Verdict("warning", "memory", f"cannot estimate the memory of {recipe.model_name_or_path}: {exc}")
+    largest = fit.estimate.largest_allocation_mib
+    if target is not None and ARC_A_SERIES.search(target.name) and largest > ARC_A_SERIES_MAX_ALLOCATION_MIB:
+        return Verdict(
+            "warning",
+            "memory",
+            f"on {where}: the largest single allocation, the {fit.estimate.largest_allocation}, is about "
+            f"{largest:,.0f} MiB: more than the {ARC_A_SERIES_MAX_ALLOCATION_MIB:,} MiB an Arc A-series card "
+            "allocates in one piece (intel/intel-extension-for-pytorch #325), whatever its total memory",
+            "lower max_length or per_device_train_batch_size (with more gradient_accumulation_steps)",
+        )
     if fit.fits:
         return Verdict("ok", "memory", f"on {where}: {fit.message}")
     return Verdict(

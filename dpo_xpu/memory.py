@@ -22,6 +22,12 @@ and the recipe's settings:
 - ``transients``: one layer's backward temporaries and, on CPU, one dequantised NF4 weight matrix (float32);
 - ``runtime``: on CPU, what the libraries allocate at first use (``CPU_RUNTIME_MIB``, measured).
 
+Besides the total, the estimate names its **largest single allocation** (``largest_allocation_mib``): the
+biggest one tensor the step allocates, of the logits tile, an MLP activation, the float32 embedding / output
+head and (on CPU) a dequantised weight. Intel Arc A-series cards cannot allocate more than 4 GiB in one piece
+(intel/intel-extension-for-pytorch issue #325), whatever their total memory: the environment check warns when
+this passes :data:`ARC_A_SERIES_MAX_ALLOCATION_MIB` on such a card.
+
 Sequences are assumed padded to ``max_length`` (the worst case a recipe allows). The constants were checked
 against ``benchmarks/dpo_step.py --quick`` on CPU (float32 compute, the Qwen2-0.5B-sized model, RSS with
 glibc's mmap threshold fixed so that freed tensors leave it).
@@ -63,6 +69,8 @@ CPU_RUNTIME_MIB = 150
 #: Share of the device's memory a recipe may plan to use (the rest: allocator fragmentation, runtime).
 FIT_FRACTION = 0.9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: The largest single allocation an Intel Arc A-series GPU allows (intel/intel-extension-for-pytorch #325).
+ARC_A_SERIES_MAX_ALLOCATION_MIB = 4096
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
@@ -124,12 +132,17 @@ class MemoryEstimate:
         full_logits_mib: what the full float32 logits of policy and reference (with the policy's
             log-softmax and its gradient) would take without TRL's chunking; not part of the total.
         settings: the arguments the estimate was made for.
+        largest_allocation_mib: the largest single tensor of the step (MiB), and ``largest_allocation`` what it
+            is: ``"logits tile"`` (TRL 1.x) or ``"full logits"`` (TRL 0.11), ``"MLP activation"``,
+            ``"embedding / output head"`` or ``"dequantised weight"``.
     """
 
     components_mib: dict[str, float]
     total_mib: float
     full_logits_mib: float
     settings: dict[str, Any] = field(default_factory=dict)
+    largest_allocation_mib: float = 0.0
+    largest_allocation: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The estimate as a JSON-serialisable dict (MiB rounded to 0.1)."""
@@ -137,6 +150,8 @@ class MemoryEstimate:
             "total_mib": round(self.total_mib, 1),
             "components_mib": {k: round(v, 1) for k, v in self.components_mib.items()},
             "full_logits_mib": round(self.full_logits_mib, 1),
+            "largest_allocation_mib": round(self.largest_allocation_mib, 1),
+            "largest_allocation": self.largest_allocation,
             "settings": self.settings,
         }
 
@@ -153,6 +168,7 @@ def estimate_memory(
     lora_targets: tuple[str, ...] | list[str] | None = None,
     device: str = "gpu",
     scored_fraction: float = 1.0,
+    chunked_logits: bool = True,
 ) -> MemoryEstimate:
     """Estimate the peak memory of a DPO training step (policy + reference), by component.
 
@@ -175,6 +191,9 @@ def estimate_memory(
             (0, 1]: 1.0 (default, the worst case) where every position is scored (TRL's own CPU path), the
             answer tokens' share where only those are (XPU and CUDA, and dpo_xpu on the CPU; about 0.5 on orca
             pairs at 256 tokens).
+        chunked_logits: TRL 1.x's tiled log-probs (default, the native backend); ``False`` for TRL 0.11 (the
+            ipex-llm backend), which builds the full ``(2 * batch, max_length, vocab)`` float32 logits, their
+            log-softmax and its gradient: counted in ``logits``, and one of them is the largest allocation.
 
     Returns:
         A :class:`MemoryEstimate`, sizes in MiB.
@@ -216,6 +235,8 @@ def estimate_memory(
         activations = tokens * layers * per_layer_full
     tile_tokens, tile_vocab, tile_copies = LOGPROB_TILE
     logits = min(tokens * scored_fraction, tile_tokens) * min(vocab, tile_vocab) * 4 * tile_copies
+    if not chunked_logits:
+        logits = tokens * vocab * 4 * 3  # TRL 0.11: logits, log-softmax and its gradient, whole
     largest = max(i * o for i, o in shapes.values())
     # backward temporaries of one layer (gradients of its activations), and on CPU one dequantised weight
     transients = tokens * per_layer_full / 2 + (largest * 4 if device == "cpu" and quantization == "nf4" else 0)
@@ -239,8 +260,22 @@ def estimate_memory(
         "lora_r": lora_r,
         "device": device,
         "scored_fraction": scored_fraction,
+        "chunked_logits": chunked_logits,
     }
-    return MemoryEstimate(components, sum(components.values()), full_logits / MIB, settings)
+    # one tensor each: a tile of TRL's chunked log-probs, the gate/up output of one layer for the whole batch, the
+    # embedding (and untied head) upcast to float32, a dequantised NF4 weight (CPU kernels)
+    single = {
+        ("logits tile" if chunked_logits else "full logits"): (
+            min(tokens * scored_fraction, tile_tokens) * min(vocab, tile_vocab) * 4
+            if chunked_logits
+            else tokens * vocab * 4
+        ),
+        "MLP activation": tokens * inter * act_bytes,
+        "embedding / output head": vocab * hidden * (4 if quantization == "nf4" else act_bytes),
+        "dequantised weight": largest * 4 if device == "cpu" and quantization == "nf4" else 0,
+    }
+    name = max(single, key=single.get)
+    return MemoryEstimate(components, sum(components.values()), full_logits / MIB, settings, single[name] / MIB, name)
 
 
 @dataclass
@@ -294,6 +329,7 @@ def recipe_fits(recipe: Recipe, device_memory_mib: float, config: Any = None) ->
         lora_r=recipe.lora_r,
         lora_targets=recipe.lora_target_modules,
         device="cpu" if recipe.device.startswith("cpu") else "gpu",
+        chunked_logits=recipe.backend == "native",  # the ipex-llm backend's TRL 0.11 builds the full logits
     )
     budget = FIT_FRACTION * device_memory_mib
     headroom = budget - estimate.total_mib

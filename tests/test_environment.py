@@ -351,3 +351,38 @@ def test_check_environment_adds_the_memory_verdict_only_with_a_recipe(stories260
     report = env.check_environment(recipe=_stories_recipe(stories260k_path, device="cpu"))
     assert _find(report.verdicts, "memory").level == "ok"
     assert json.loads(json.dumps(report.to_dict()))["verdicts"][-1]["topic"] == "memory"
+
+
+QWEN2_05B_CONFIG = {  # Qwen2.5-0.5B's published config.json, the dimensions the planner reads
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.mark.parametrize(
+    ("backend", "card", "warned"),
+    [
+        ("ipex-llm", "Intel(R) Arc(TM) A770 Graphics", True),  # TRL 0.11: full logits, 4.6 GiB in one tensor
+        ("native", "Intel(R) Arc(TM) A770 Graphics", False),  # TRL 1.x: tiles of at most 512 MiB
+        ("ipex-llm", "Intel(R) Data Center GPU Max 1550", False),  # no 4 GiB limit on Max
+    ],
+)
+def test_memory_verdict_warns_of_arc_a_series_4gb_allocation_limit(tmp_path, backend, card, warned) -> None:
+    from dpo_xpu.recipes import Recipe
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_05B_CONFIG))
+    recipe = Recipe(
+        model_name_or_path=str(tmp_path), backend=backend, device="xpu", per_device_train_batch_size=4, max_length=1024
+    )
+    gpu = Accelerator("xpu", 0, card, total_memory_mib=64 * 1024)
+    verdict = env._memory_verdict(recipe, _probe(accelerators=[gpu]))
+    assert ("4,096 MiB an Arc A-series card allocates in one piece" in verdict.message) is warned
+    assert verdict.level == ("warning" if warned else "ok")
+    if warned:
+        assert "full logits, is about 4,748 MiB" in verdict.message and "max_length" in verdict.fix

@@ -101,3 +101,23 @@ def test_recipe_fits_verdicts():
     small = recipe_fits(recipe, 1024, config=QWEN05)
     assert not small.fits and small.headroom_mib < 0
     assert "adapter-off or precomputed" in small.message and "max_length" in small.message
+
+
+def test_largest_allocation_is_the_biggest_single_tensor():
+    config = {
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    }
+    tiled = estimate_memory(config, batch=4, max_length=1024)
+    assert tiled.largest_allocation == "embedding / output head"  # 151,936 x 896 float32 beats a 4096 x 32768 tile
+    assert tiled.largest_allocation_mib == pytest.approx(151936 * 896 * 4 / MIB)
+    full = estimate_memory(config, batch=4, max_length=1024, chunked_logits=False)
+    assert full.largest_allocation == "full logits"
+    assert full.largest_allocation_mib == pytest.approx(2 * 4 * 1024 * 151936 * 4 / MIB)  # 4,748 MiB
+    assert full.components_mib["logits"] == pytest.approx(3 * full.largest_allocation_mib)
+    assert full.to_dict()["largest_allocation"] == "full logits"
