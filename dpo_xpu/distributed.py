@@ -322,8 +322,7 @@ def agree_on_signal(signum: int | None) -> int | None:
     """The signal any rank received (the largest number when several), known to every rank; alone: ``signum``.
 
     Called at each step's end by :class:`dpo_xpu.callbacks.interrupts.StopOnSignal`, so that a SIGTERM sent to one
-    rank (or
-    forwarded by ``torchrun`` to each at slightly different times) stops all of them after the same step.
+    rank (or forwarded by ``torchrun`` to each at slightly different times) stops all of them after the same step.
     """
     if not is_distributed():
         return signum

@@ -3,16 +3,14 @@ TRL's conversational format, and mixtures of several sources.
 
 Orca and generic sources are read into the orca columns (``system``, ``question``, ``chosen``, ``rejected``),
 formatted by :func:`dpo_xpu.data.preferences.chatml_format`. A generic row's ``prompt`` is the user's message:
-it becomes
-``question`` with an empty ``system``, and so gets the same ``<|im_start|>user ... <|im_start|>assistant``
+it becomes ``question`` with an empty ``system``, and so gets the same ``<|im_start|>user ... <|im_start|>assistant``
 wrapping as an orca question without a system prompt. (A prompt that already holds a chat template would be
 wrapped twice: write the bare user message.)
 
 Conversational sources (``chosen`` and ``rejected`` lists of ``{"role", "content"}`` messages, with a
 ``prompt`` list or, without one, whole conversations sharing their start) are read into ``prompt``,
 ``chosen``, ``rejected`` message lists, formatted by :func:`dpo_xpu.data.preferences.conversational_format`
-into the same
-ChatML strings. A mixture holding a conversational source turns its orca sources into messages too.
+into the same ChatML strings. A mixture holding a conversational source turns its orca sources into messages too.
 
 ```python
 from dpo_xpu.data.sources import load_preference_pairs, mix_sources

@@ -9,8 +9,7 @@ its metrics in place:
    forward at all), or computed by TRL's own ``compute_ref_log_probs`` on the reference's device (a ``separate``
    reference kept on the CPU gets its inputs moved there and its log-probs moved back);
 2. for an own loss (see :mod:`dpo_xpu.train.losses`), TRL's loss list holds a zero-weighted ``sigmoid`` placeholder
-   (plus
-   TRL's ``sft`` NLL term when ``nll_loss_coef`` > 0); the policy's per-token log-probs are read from the forward
+   (plus TRL's ``sft`` NLL term when ``nll_loss_coef`` > 0); the policy's per-token log-probs are read from the forward
    pass TRL already made (a forward hook), the own loss is added to TRL's, and TRL's ``rewards/*`` metrics are
    replaced by the own loss's rewards. Every other metric (``logps/*``, ``logits/*``, entropy) is TRL's;
 3. with ``prefix_sharing``, every model call TRL makes (policy and reference) runs one packed sequence per pair
