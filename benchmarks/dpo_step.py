@@ -11,7 +11,12 @@ The strategies run in this one process, one after the other, on the same model, 
   (``prefix_sharing: true``, :mod:`dpo_xpu.train.prefix_sharing`): each pair runs as one sequence, the prompt computed
   once, in the precompute and in training;
 - ``ipex-llm``: the original stack (``backend: ipex-llm``, separate reference), only when ``import ipex_llm``
-  works in the running environment; skipped otherwise.
+  works in the running environment; skipped otherwise;
+- the peers, TRL as a skilled user would run it, from public APIs only (transformers' ``BitsAndBytesConfig``
+  NF4 model, PEFT's ``prepare_model_for_kbit_training`` and ``LoraConfig`` passed to ``DPOTrainer`` as
+  ``peft_config``, TRL's own loop and CPU path): ``trl-peft`` (the reference is the policy with its adapter
+  disabled) and ``trl-precompute`` (plus ``precompute_ref_log_probs=True``, TRL's fastest option). Same rows,
+  prompts cut to ``max_prompt_length`` as dpo_xpu cuts them, same LoRA, optimizer and schedule.
 
 Commands (from the project root)::
 
@@ -80,6 +85,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DPO_XPU_SHARED", PROJECT_ROOT.parent / "shared")).resolve()
 ORCA_ROWS = SHARED / "data" / "orca_dpo_pairs" / "sample-284.jsonl"
 QWEN2_TOKENIZER = SHARED / "tokenizers" / "qwen2"
+#: Real chat models (``--model`` keys): a GGUF file in ../shared, converted once into a Hugging Face folder.
+REAL_MODELS = {"smollm2": SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"}
 CACHE = PROJECT_ROOT / ".cache"
 STRATEGIES = (
     "original",
@@ -89,6 +96,8 @@ STRATEGIES = (
     "prefix-sharing-cold",
     "prefix-sharing-warm",
     "ipex-llm",
+    "trl-peft",
+    "trl-precompute",
 )
 RESULT_KEYS = ("strategy", "pairs_per_s", "tokens_per_s", "peak_memory_mib", "first_loss", "last_loss", "mfu")
 
@@ -320,11 +329,19 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     _trim_memory()
     baseline = sampler.current_mib()
     torch.manual_seed(recipe.seed)
-    policy, reference_model = load_run_models(recipe)
-    trainer = make_dpo_trainer(recipe, policy, reference_model, tokenizer, train_dataset, live_plot=False)
-    # `original` computes as the recipe did: TRL's defaults, which on the CPU score every position in the LM head;
-    # dpo_xpu's strategies score only the answer tokens there (as TRL itself does on XPU and CUDA).
-    score_answer_tokens_only_on_cpu(enabled=strategy != "original")
+    peer = strategy.startswith("trl-")
+    if peer:
+        from dpo_xpu.data.truncation import truncate_prompts
+
+        pairs_dataset = truncate_prompts(train_dataset, tokenizer, recipe.max_prompt_length)
+        trainer = build_trl_peer(strategy, recipe, pairs_dataset, tokenizer)
+        policy = reference_model = None
+    else:
+        policy, reference_model = load_run_models(recipe)
+        trainer = make_dpo_trainer(recipe, policy, reference_model, tokenizer, train_dataset, live_plot=False)
+    # `original` and TRL's peers compute as TRL does: on the CPU it scores every position in the LM head; dpo_xpu's
+    # strategies score only the answer tokens there (as TRL itself does on XPU and CUDA).
+    score_answer_tokens_only_on_cpu(enabled=strategy != "original" and not peer)
     del policy, reference_model
     _trim_memory()
     if on_gpu:
@@ -353,7 +370,9 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     shared = getattr(trainer, "prefix_sharing_tokens", None) if prefix_sharing else None
     ratio = shared["packed"] / shared["sequence"] if shared and shared["sequence"] else 1.0
     flops = model_flops(config, tokens * ratio, mean_seq)
-    if strategy in ("original", "adapter-off", "ipex-llm") or (precomputed and info is not None and not info.hit):
+    if strategy in ("original", "adapter-off", "ipex-llm", "trl-peft", "trl-precompute") or (
+        precomputed and info is not None and not info.hit
+    ):
         flops += model_flops(config, tokens * ratio, mean_seq, forward_only=True)
     row = {
         "strategy": strategy,
@@ -382,6 +401,59 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         if on_gpu and kind == device:
             getattr(torch, kind).empty_cache()
     return row
+
+
+def build_trl_peer(strategy: str, recipe: Any, train_dataset: Any, tokenizer: Any) -> Any:
+    """A TRL ``DPOTrainer`` built as a user of TRL, transformers and PEFT would build it for ``recipe`` (no dpo_xpu
+    code): the NF4 base from ``BitsAndBytesConfig``, ``prepare_model_for_kbit_training``, a ``LoraConfig`` handed
+    to the trainer, and ``precompute_ref_log_probs=True`` for ``trl-precompute``."""
+    import torch
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from trl import DPOConfig, DPOTrainer
+
+    dtype = torch.bfloat16 if recipe.bf16 else torch.float32
+    device = recipe.device
+    model = AutoModelForCausalLM.from_pretrained(
+        recipe.model_name_or_path,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        ),
+        dtype=dtype,
+        device_map={"": device},
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
+    peft_config = LoraConfig(
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        target_modules=recipe.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+    args = DPOConfig(
+        output_dir=recipe.output_dir,
+        beta=recipe.beta,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_steps,
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        max_length=recipe.max_length,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=recipe.bf16,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=recipe.seed,
+        use_cpu=device == "cpu",
+        precompute_ref_log_probs=strategy == "trl-precompute",
+    )
+    torch.manual_seed(recipe.seed)
+    return DPOTrainer(
+        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config
+    )
 
 
 def _ipex_llm_available() -> tuple[bool, str]:
@@ -525,6 +597,15 @@ def format_table(payload: dict) -> str:
             f"{r['strategy']:<20}{r['pairs_per_s']:>9.4f}{r['tokens_per_s']:>10.1f}{r['peak_memory_mib']:>10.0f}"
             f"{r['first_loss']:>12.6f}{r['last_loss']:>11.6f}{100 * (r['mfu'] or 0):>7.2f}%{speed:>9.2f}{mem:>7.2f}"
         )
+    peer = next((r for r in rows if r["strategy"] == "trl-precompute" and r.get("pairs_per_s")), None)
+    if peer is not None:  # TRL's fastest option, as the bar dpo_xpu's strategies are held to
+        for r in rows:
+            if r.get("skipped") or r["strategy"].startswith("trl-") or not r.get("pairs_per_s"):
+                continue
+            lines.append(
+                f"{r['strategy']:<20}against trl-precompute: {r['pairs_per_s'] / peer['pairs_per_s']:.2f}x pairs/s, "
+                f"{r['peak_memory_mib'] / peer['peak_memory_mib']:.2f}x peak memory"
+            )
     for r in rows:
         if r.get("scaling_efficiency") is not None:
             lines.append(
@@ -539,7 +620,11 @@ def format_table(payload: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="qwen2-0.5b", help="qwen2-0.5b (default), tiny, or a local model folder")
+    parser.add_argument(
+        "--model",
+        default="qwen2-0.5b",
+        help="qwen2-0.5b (default; random weights), tiny, smollm2 (the real SmolLM2-135M-Instruct), or a model folder",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), xpu, cuda (optionally :N)")
     parser.add_argument("--quick", action="store_true", help="CPU-sized run: 3 steps, batch 1, max_length 256")
     parser.add_argument("--steps", type=int, default=None, help="training steps per strategy (default 20; quick 3)")
@@ -640,7 +725,16 @@ def main(argv: list[str] | None = None) -> dict:
     on_gpu = args.device.split(":")[0] in ("cuda", "xpu")
     torch.set_num_threads(os.cpu_count() or 1)
     fixed_malloc = not on_gpu and not args.keep_malloc and fix_malloc_mmap_threshold()
-    model_path = Path(args.model) if args.model not in MODEL_CONFIGS else build_random_model(args.model)
+    if args.model in REAL_MODELS:
+        from dpo_xpu.models.gguf import gguf_to_folder
+
+        if not REAL_MODELS[args.model].is_file():
+            sys.exit(
+                f"missing shared asset {REAL_MODELS[args.model]}: set DPO_XPU_SHARED to the folder holding ../shared"
+            )
+        model_path = gguf_to_folder(REAL_MODELS[args.model], cache_dir=CACHE / "benchmark-models")
+    else:
+        model_path = Path(args.model) if args.model not in MODEL_CONFIGS else build_random_model(args.model)
     settings = Settings(
         model=args.model,
         model_path=str(model_path),
@@ -658,7 +752,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or PROJECT_ROOT / "benchmarks" / "results" / (
         f"dpo_step-{args.device.split(':')[0]}{'-quick' if args.quick else ''}.json"
     )
-    tokenizer = load_tokenizer(QWEN2_TOKENIZER)
+    # the random Qwen2-architecture models use the real Qwen2 tokenizer; a real model or folder brings its own
+    tokenizer = load_tokenizer(QWEN2_TOKENIZER if args.model in MODEL_CONFIGS else model_path)
     size = 512 if args.model == "tiny" else 2048  # the tiny run checks the script, not the machine
     gflops = matmul_gflops(args.device, "bfloat16", n=size)
     gflops_fp32 = matmul_gflops(args.device, "float32", n=size)
