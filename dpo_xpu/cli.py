@@ -43,11 +43,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = run_training(recipe, overwrite=args.overwrite, live_plot=False, resume=args.resume)
     except TrainingInterrupted as exc:
-        if not is_main_process():
-            return exc.exit_code  # every rank stopped at the same step: rank 0 says so
-        sets = "".join(f" --set {item}" for item in args.set)
-        print(f"dpo-xpu: {exc}", file=sys.stderr)
-        print(f"dpo-xpu: resume with: dpo-xpu train --recipe {args.recipe}{sets} --resume", file=sys.stderr)
+        if is_main_process():  # every rank stopped at the same step: rank 0 says so
+            sets = "".join(f" --set {item}" for item in args.set)
+            print(f"dpo-xpu: {exc}", file=sys.stderr, flush=True)
+            print(f"dpo-xpu: resume with: dpo-xpu train --recipe {args.recipe}{sets} --resume", file=sys.stderr)
+        _leave_together()
         return exc.exit_code
     if not is_main_process():
         return 0
@@ -173,6 +173,17 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_together() -> None:
+    """Under several processes, wait until every rank got here (rank 0 has said why they stop) before exiting:
+    torchrun stops the other ranks as soon as one exits with an error, which would cut rank 0's last lines."""
+    from dpo_xpu.distributed import barrier
+
+    try:
+        barrier()
+    except Exception:  # noqa: BLE001 - a rank already gone: nothing left to wait for
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dpo-xpu``; returns the exit code."""
     words = sys.argv[1:] if argv is None else argv
@@ -186,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         from dpo_xpu.distributed import is_main_process, raised_by_all_ranks
 
         if is_main_process() or not raised_by_all_ranks(exc):  # rank 0's error, raised on every rank: said once
-            print(f"dpo-xpu: error: {exc}", file=sys.stderr)
+            print(f"dpo-xpu: error: {exc}", file=sys.stderr, flush=True)
+        if raised_by_all_ranks(exc):
+            _leave_together()
         return 2
     except KeyboardInterrupt:
         print("dpo-xpu: interrupted", file=sys.stderr)

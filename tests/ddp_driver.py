@@ -92,6 +92,13 @@ def main() -> int:
     finally:
         report = {"rank": rank, "exit_code": code, "writes": writes, **digest}
         (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+        # torchrun stops the other ranks once one exits with an error: leave only when every report is written
+        from dpo_xpu.distributed import barrier
+
+        try:
+            barrier()
+        except Exception:  # noqa: BLE001 - the group is gone: nothing to wait for
+            pass
     return code
 
 
