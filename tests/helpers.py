@@ -11,6 +11,16 @@ from typing import Any
 from dpo_xpu.recipes import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Qwen2.5-0.5B's published config (the benchmark's default model size): the dimensions the memory planner reads.
+QWEN05 = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
 
 
 def cpu_recipe(model: str | Path, data: str | Path, output_dir: str | Path, **overrides: Any) -> Recipe:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import QWEN05
 
 import dpo_xpu.device as device_module
 import dpo_xpu.environment as env
@@ -353,16 +354,7 @@ def test_check_environment_adds_the_memory_verdict_only_with_a_recipe(stories260
     assert json.loads(json.dumps(report.to_dict()))["verdicts"][-1]["topic"] == "memory"
 
 
-QWEN2_05B_CONFIG = {  # Qwen2.5-0.5B's published config.json, the dimensions the planner reads
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-}
+QWEN2_05B_CONFIG = {"model_type": "qwen2", **QWEN05}  # as a config.json: the planner reads its dimensions
 
 
 @pytest.mark.parametrize(

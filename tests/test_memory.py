@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers import QWEN05
 
 from dpo_xpu.memory import MIB, NF4_BYTES_PER_PARAM, estimate_memory, matmul_parameters, recipe_fits
 from dpo_xpu.recipes import make_recipe
-
-#: Qwen2.5-0.5B's published config (the benchmark's default model size).
-QWEN05 = {
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-}
 
 
 def test_matmul_parameters_match_a_real_model():
@@ -104,19 +94,10 @@ def test_recipe_fits_verdicts():
 
 
 def test_largest_allocation_is_the_biggest_single_tensor():
-    config = {
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-    }
-    tiled = estimate_memory(config, batch=4, max_length=1024)
+    tiled = estimate_memory(QWEN05, batch=4, max_length=1024)
     assert tiled.largest_allocation == "embedding / output head"  # 151,936 x 896 float32 beats a 4096 x 32768 tile
     assert tiled.largest_allocation_mib == pytest.approx(151936 * 896 * 4 / MIB)
-    full = estimate_memory(config, batch=4, max_length=1024, chunked_logits=False)
+    full = estimate_memory(QWEN05, batch=4, max_length=1024, chunked_logits=False)
     assert full.largest_allocation == "full logits"
     assert full.largest_allocation_mib == pytest.approx(2 * 4 * 1024 * 151936 * 4 / MIB)  # 4,748 MiB
     assert full.components_mib["logits"] == pytest.approx(3 * full.largest_allocation_mib)
