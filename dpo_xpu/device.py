@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from dpo_xpu.distributed import device_for_rank
 from dpo_xpu.errors import DeviceNotAvailableError
+from dpo_xpu.recipes import DEVICE_PATTERN
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
 
-#: The device names a recipe and :func:`select_device` accept: a kind, optionally with an index (``xpu:1``).
-DEVICE_PATTERN = r"(auto|cpu|xpu|cuda)(?::(\d+))?"
 XPU_WHEELS = "pip install torch --index-url https://download.pytorch.org/whl/xpu"
 
 

@@ -19,9 +19,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from dpo_xpu.device import DEVICE_PATTERN
 from dpo_xpu.errors import RecipeError
 
+#: The device names a recipe and :func:`dpo_xpu.device.select_device` accept: a kind, optionally with an index.
+DEVICE_PATTERN = r"(auto|cpu|xpu|cuda)(?::(\d+))?"
 #: The software stacks behind the one API (dpo_xpu.models.backends.<name>).
 BACKENDS = ("native", "ipex-llm")
 REFERENCE_STRATEGIES = ("adapter-off", "separate", "precomputed")

@@ -2,8 +2,8 @@
 imported across modules; subpackages that import nothing themselves.
 
 The import graph is read from the source with :mod:`ast`, so a cycle closed by an import inside a function (which
-Python tolerates until the day the order changes) fails here as well. ``get_backend``'s ``import_module`` counts as
-an import of every backend.
+Python tolerates until the day the order changes) or by a type hint's import fails here as well.
+``get_backend``'s ``import_module`` counts as an import of every backend.
 """
 
 from __future__ import annotations
@@ -26,23 +26,12 @@ def _modules() -> dict[str, ast.Module]:
     return {_module_name(p): ast.parse(p.read_text(encoding="utf-8")) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node of the tree except those under ``if TYPE_CHECKING:`` (imports for type hints never run)."""
-    out = []
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
-            out += [n for child in node.orelse for n in [child, *_runtime_nodes(child)]]
-            continue
-        out += [node, *_runtime_nodes(node)]
-    return out
-
-
 def _imports(name: str, tree: ast.Module, known: set[str]) -> list[tuple[str, list[str]]]:
-    """(module imported, names taken from it) for every import that runs, at any depth (``TYPE_CHECKING`` blocks
-    excluded)."""
+    """(module imported, names taken from it) for every import in the module, at any depth: inside functions and
+    under ``if TYPE_CHECKING:`` too (a type hint's import still ties the two modules together)."""
     out: list[tuple[str, list[str]]] = []
     package = name if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists() else name.rpartition(".")[0]
-    for node in _runtime_nodes(tree):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [(a.name, []) for a in node.names if a.name.startswith("dpo_xpu")]
         elif isinstance(node, ast.ImportFrom):
@@ -118,13 +107,14 @@ def test_the_checker_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_the_checker_sees_lazy_imports_and_skips_type_checking_ones() -> None:
+def test_the_checker_sees_lazy_and_type_checking_imports() -> None:
     tree = ast.parse(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from dpo_xpu.recipes import Recipe\n"
         "def f():\n    from dpo_xpu.pipeline import run_training\n"
     )
-    assert _imports("dpo_xpu.x", tree, {"dpo_xpu.recipes", "dpo_xpu.pipeline"}) == [
-        ("dpo_xpu.pipeline", ["run_training"])
+    assert sorted(_imports("dpo_xpu.x", tree, {"dpo_xpu.recipes", "dpo_xpu.pipeline"})) == [
+        ("dpo_xpu.pipeline", ["run_training"]),
+        ("dpo_xpu.recipes", ["Recipe"]),
     ]
 
 
