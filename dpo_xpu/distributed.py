@@ -258,6 +258,25 @@ def _rebuild(info: dict[str, Any]) -> BaseException:
     return exc
 
 
+def _rank_zero_runs(fn: Callable[..., T], args: Any, kwargs: Any, share_result: bool) -> tuple[bool, Any]:
+    """Run ``fn`` on rank 0 and tell every rank how it went: ``(True, rank 0's value)`` on rank 0, ``(False, the
+    value rank 0 shared, or None)`` on the others; rank 0's error is raised on every rank (see :func:`on_rank_zero`).
+    """
+    if rank() == 0:
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:
+            _broadcast(("error", _describe(exc)))
+            setattr(exc, ALL_RANKS_ATTR, True)
+            raise
+        _broadcast(("ok", value if share_result else None))
+        return True, value
+    status, payload = _broadcast(None)  # wait for rank 0
+    if status == "error":
+        raise _rebuild(payload)
+    return False, payload
+
+
 def on_rank_zero(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``fn`` on rank 0 alone and give its result to every rank; alone, just call it.
 
@@ -270,19 +289,7 @@ def on_rank_zero(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """
     if not is_distributed():
         return fn(*args, **kwargs)
-    if rank() == 0:
-        try:
-            value = fn(*args, **kwargs)
-        except BaseException as exc:
-            _broadcast(("error", _describe(exc)))
-            setattr(exc, ALL_RANKS_ATTR, True)
-            raise
-        _broadcast(("ok", value))
-        return value
-    status, payload = _broadcast(None)
-    if status == "error":
-        raise _rebuild(payload)
-    return payload
+    return _rank_zero_runs(fn, args, kwargs, share_result=True)[1]
 
 
 def main_process_first(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -293,19 +300,8 @@ def main_process_first(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """
     if not is_distributed():
         return fn(*args, **kwargs)
-    if rank() == 0:
-        try:
-            value = fn(*args, **kwargs)
-        except BaseException as exc:
-            _broadcast(("error", _describe(exc)))
-            setattr(exc, ALL_RANKS_ATTR, True)
-            raise
-        _broadcast(("ok", None))
-        return value
-    status, payload = _broadcast(None)  # wait for rank 0
-    if status == "error":
-        raise _rebuild(payload)
-    return fn(*args, **kwargs)
+    ran, value = _rank_zero_runs(fn, args, kwargs, share_result=False)
+    return value if ran else fn(*args, **kwargs)
 
 
 def barrier() -> None:
