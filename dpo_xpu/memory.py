@@ -313,15 +313,17 @@ def recipe_fits(recipe: Recipe, device_memory_mib: float, config: Any = None) ->
         ModelLoadError: ``config`` is not given and the model's config cannot be found.
     """
     from dpo_xpu.models.base import from_pretrained, resolve_model_path
+    from dpo_xpu.train.reference import resolve_reference
 
     if config is None:
         from transformers import AutoConfig
 
         config = from_pretrained(AutoConfig, resolve_model_path(recipe.model_name_or_path))
+    reference, _ = resolve_reference(recipe, "1.x" if recipe.backend == "native" else "0.11")
     estimate = estimate_memory(
         config,
         quantization=recipe.quantization,
-        reference=recipe.reference,
+        reference=reference,
         batch=recipe.per_device_train_batch_size,
         max_length=recipe.max_length,
         gradient_checkpointing=recipe.gradient_checkpointing,
@@ -341,7 +343,7 @@ def recipe_fits(recipe: Recipe, device_memory_mib: float, config: Any = None) ->
         )
     else:
         hints = []
-        if recipe.reference == "separate":
+        if reference == "separate":
             hints.append("reference: adapter-off or precomputed (one copy of the weights)")
         if not recipe.gradient_checkpointing:
             hints.append("gradient_checkpointing: true")

@@ -33,7 +33,7 @@ from dpo_xpu.outputs.run_folder import (
     unlock_run_dir,
 )
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.train.prefix_sharing import check_prefix_sharing
+from dpo_xpu.train.prefix_sharing import prefix_sharing_decision
 from dpo_xpu.train.reference import ReferencePlan, reference_plan
 from dpo_xpu.train.trl_config import dpo_config_kwargs, own_loss_type, trl_generation
 from dpo_xpu.train.trl_internals import require_internals, score_answer_tokens_only_on_cpu
@@ -75,7 +75,9 @@ def make_dpo_trainer(
         live_plot: redraw curves in the notebook; ``None`` detects a Jupyter kernel.
 
     Returns:
-        A ready ``trl.DPOTrainer``; call ``.train()``.
+        A ready ``trl.DPOTrainer``; call ``.train()``. ``trainer.decisions`` holds one line each on the reference
+        strategy and prefix sharing as resolved (``auto``), and, for a precomputed reference,
+        ``trainer.reference_cache_info`` where its log-probs came from.
 
     Raises:
         RecipeError: a recipe value the installed TRL cannot honour, or ``separate`` without a ``ref_model``.
@@ -84,14 +86,15 @@ def make_dpo_trainer(
     from trl import DPOConfig, DPOTrainer
 
     from dpo_xpu.callbacks.metrics import LiveRewardPlotCallback, use_step_lines
-    from dpo_xpu.distributed import ddp_config_kwargs, main_process_first
+    from dpo_xpu.distributed import ddp_config_kwargs, main_process_first, world_size
 
     generation = trl_generation()
-    plan = reference_plan(recipe, generation)
+    plan = reference_plan(recipe, generation, rows=len(train_dataset), world_size=world_size())
     if plan.separate_model and ref_model is None:
         raise RecipeError("reference: 'separate' needs a reference model (load_reference_model)")
     if not plan.separate_model and ref_model is not None:
-        raise RecipeError(f"reference: {recipe.reference!r} uses no separate model; pass ref_model=None")
+        raise RecipeError(f"reference: {plan.strategy!r} uses no separate model; pass ref_model=None")
+    logger.info("%s", plan.why)
     device = next(model.parameters()).device
     config_kwargs = dpo_config_kwargs(
         recipe, generation, use_cpu=device.type == "cpu", has_eval_dataset=eval_dataset is not None
@@ -108,10 +111,9 @@ def make_dpo_trainer(
     all_callbacks += callbacks or []
     tokenizer_kw = "processing_class" if "processing_class" in inspect.signature(DPOTrainer).parameters else "tokenizer"
     torch.manual_seed(recipe.seed)
-    if recipe.prefix_sharing:
-        check_prefix_sharing(model, generation)
-        logger.info("prefix sharing: each pair runs as one sequence, its prompt computed once")
-    trainer_class, extra = _trainer_class(recipe, plan, generation)
+    prefix_sharing, why = prefix_sharing_decision(recipe.prefix_sharing, model, generation)
+    logger.info("%s", why)
+    trainer_class, extra = _trainer_class(recipe, plan, generation, prefix_sharing)
     trainer = trainer_class(
         model=model,
         ref_model=ref_model,
@@ -123,6 +125,7 @@ def make_dpo_trainer(
         **extra,
     )
     require_internals(trainer)  # a TRL release that renamed what dpo_xpu reaches into fails here, in one line
+    trainer.decisions = [plan.why, why]  # what `auto` chose, one line each, for notebooks and reports
     plot = next(c for c in all_callbacks if isinstance(c, LiveRewardPlotCallback))
     use_step_lines(trainer, notebook=plot.display)  # step lines where the curves are drawn in a notebook
     if generation == "1.x" and recipe.adapter_name_or_path:
@@ -133,6 +136,7 @@ def make_dpo_trainer(
         from dpo_xpu.train.reference_cache import attach_precomputed_reference
 
         info = main_process_first(attach_precomputed_reference, trainer, recipe)  # computed once, by rank 0
+        trainer.reference_cache_info = info  # where the log-probs came from (a CacheInfo), for reports
         logger.info("reference log-probs %s: %s", "reused from cache" if info.hit else "computed", info.path)
     return trainer
 
@@ -171,7 +175,9 @@ def _run_callbacks(
     return out
 
 
-def _trainer_class(recipe: Recipe, plan: ReferencePlan, generation: str) -> tuple[type, dict[str, Any]]:
+def _trainer_class(
+    recipe: Recipe, plan: ReferencePlan, generation: str, prefix_sharing: bool = False
+) -> tuple[type, dict[str, Any]]:
     """The trainer class for a recipe and its extra keywords: TRL's ``DPOTrainer``, unless the recipe needs
     :class:`~dpo_xpu.train.trainer.DpoXpuTrainer` (TRL 1.x: an own loss, reference-free, a CPU reference, prefix
     sharing, ipo's averaged rewards) or the ipex-llm backend's reference-free trainer (TRL 0.11)."""
@@ -185,7 +191,7 @@ def _trainer_class(recipe: Recipe, plan: ReferencePlan, generation: str) -> tupl
         return DPOTrainer, {}
     own = own_loss_type(recipe, generation)
     ipo = recipe.loss_type == "ipo"
-    if not (own or plan.reference_free or plan.device is not None or recipe.prefix_sharing or ipo):
+    if not (own or plan.reference_free or plan.device is not None or prefix_sharing or ipo):
         return DPOTrainer, {}
     from dpo_xpu.train.trainer import DpoXpuTrainer
 
@@ -195,7 +201,7 @@ def _trainer_class(recipe: Recipe, plan: ReferencePlan, generation: str) -> tupl
         label_smoothing=recipe.label_smoothing,
         simpo_gamma=recipe.simpo_gamma,
         reference_device=plan.device,
-        prefix_sharing=recipe.prefix_sharing,
+        prefix_sharing=prefix_sharing,
         length_normalised_rewards=ipo,
     )
 

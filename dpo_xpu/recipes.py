@@ -25,7 +25,7 @@ from dpo_xpu.errors import RecipeError
 DEVICE_PATTERN = r"(auto|cpu|xpu|cuda)(?::(\d+))?"
 #: The software stacks behind the one API (dpo_xpu.models.backends.<name>).
 BACKENDS = ("native", "ipex-llm")
-REFERENCE_STRATEGIES = ("adapter-off", "separate", "precomputed")
+REFERENCE_STRATEGIES = ("auto", "adapter-off", "separate", "precomputed")
 DATA_FORMATS = ("auto", "orca", "prompt-chosen-rejected", "conversational")
 EXPORT_FORMATS = ("adapter", "merged")
 QUANTIZATIONS = ("nf4", "none")
@@ -104,19 +104,23 @@ class Recipe:
         default_from=f"{ORIGINAL}",
     )
     reference: str = _key(
-        default="adapter-off",
-        unit="`adapter-off` \\| `separate` \\| `precomputed`",
-        help="how reference log-probs are computed (see [reference strategies](how-dpo-works.md#reference-strategies))",
+        default="auto",
+        unit="`auto` \\| `adapter-off` \\| `separate` \\| `precomputed`",
+        help=(
+            "how reference log-probs are computed (see [reference strategies](how-dpo-works.md#reference-strategies)"
+            "); `auto`: `precomputed` where it saves work, else what the other keys need, with the reason logged"
+        ),
         default_from=f"{OURS} (the original loaded a `separate` NF4 copy)",
     )
-    prefix_sharing: bool = _key(
-        default=False,
-        unit="bool",
+    prefix_sharing: bool | str = _key(
+        default="auto",
+        unit="`auto` \\| bool",
         help=(
             "run each pair as one sequence with the prompt computed once, for policy and reference (see [prefix "
-            "sharing](how-dpo-works.md#prefix-sharing)); native backend, sdpa or eager attention"
+            "sharing](how-dpo-works.md#prefix-sharing)); native backend, sdpa or eager attention; `auto`: on where "
+            "it runs, off with the reason logged elsewhere"
         ),
-        default_from=f"{OURS} (off: TRL's two sequences per pair), after Wang et al. 2024 (arXiv:2410.20305)",
+        default_from=f"{OURS} (TRL runs two sequences per pair), after Wang et al. 2024 (arXiv:2410.20305)",
     )
     limit: int | None = _key(
         default=None,
@@ -365,12 +369,14 @@ class Recipe:
             raise RecipeError(f"label_smoothing: must be in [0, 0.5) (conservative DPO), found {self.label_smoothing}")
         if self.nll_loss_coef < 0:
             raise RecipeError(f"nll_loss_coef: must be >= 0, found {self.nll_loss_coef}")
-        if self.prefix_sharing and self.backend == "ipex-llm":
+        if self.prefix_sharing not in (True, False, "auto"):
+            raise RecipeError(f"prefix_sharing: {self.prefix_sharing!r} is not one of auto, true, false")
+        if self.prefix_sharing is True and self.backend == "ipex-llm":
             raise RecipeError(
                 "prefix_sharing: needs the native backend (TRL 1.x's fused LM head); the ipex-llm stack pins TRL "
                 "0.11. Set prefix_sharing: false, or backend: native"
             )
-        if self.reference_device == "cpu" and self.reference != "separate":
+        if self.reference_device == "cpu" and self.reference not in ("separate", "auto"):
             raise RecipeError("reference_device: 'cpu' needs reference: separate (only a separate model can move)")
         if self.dataset_mixture is not None:
             if not self.dataset_mixture or any(w <= 0 for w in self.dataset_mixture.values()):
@@ -606,6 +612,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise RecipeError(f"{name}: expected a list of strings, found {value!r}")
         return value
+    if isinstance(value, str) and value.strip().lower() == "auto" and str in args:
+        return "auto"  # a key that takes `auto` beside its own type (prefix_sharing)
     try:
         if target is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):

@@ -59,7 +59,7 @@ gradient_accumulation_steps = 8  # pairs per step: batch size x accumulation
 warmup_steps = 50
 gradient_checkpointing = True  # recompute activations: less memory, ~30% slower
 overwrite = False  # True replaces a run already in output_dir
-recipe_overrides = {}  # any other recipe key (docs: Recipes and options), e.g. {"loss_type": "ipo", "eval_steps": 20}, or the fastest: {"reference": "precomputed", "prefix_sharing": True}
+recipe_overrides = {}  # any other recipe key (docs: Recipes and options), e.g. {"loss_type": "ipo", "eval_steps": 20}, or TRL's own layout: {"reference": "adapter-off", "prefix_sharing": False}
 
 # %%
 # preset = "demo", for a CPU-only or offline machine: the parameters above that still have these
@@ -79,8 +79,9 @@ changed = apply_preset(preset, defaults, globals())  # {} with preset None
 # %% [markdown]
 # ## The recipe and the run folder
 #
-# Every setting goes into one recipe (the parameters above; LoRA rank 16, alpha 16, cosine schedule and the
-# adapter-off reference are the recipe's defaults; TRL turns dropout off for DPO). The run folder gets the recipe
+# Every setting goes into one recipe (the parameters above; LoRA rank 16, alpha 16 and the cosine schedule are the
+# recipe's defaults, and so are `reference: auto` and `prefix_sharing: auto`, the fastest exact configuration the
+# run allows, which the trainer below names; TRL turns dropout off for DPO). The run folder gets the recipe
 # and the environment report first, so a run can always be traced back to what produced it. An existing run is
 # never overwritten silently.
 
@@ -130,12 +131,13 @@ print(f"{len(train_pairs)} training pairs, {len(heldout_pairs) if heldout_pairs 
 #
 # The base is loaded with its linear layers in 4-bit NormalFloat (NF4, Dettmers et al. 2023), which cuts weight
 # memory about 4x, and LoRA adapters (Hu et al. 2021) are added to the attention and MLP projections: only they are
-# trained. The reference is the same model with the adapters switched off, so no second copy is loaded.
+# trained. The reference is the same model with the adapters switched off, so no second copy is loaded; when the
+# run trains on all its rows, its log-probs are computed once before training and cached on disk (`precomputed`).
 
 # %%
 policy, reference = load_run_models(recipe)
 policy.print_trainable_parameters()
-print("device:", next(policy.parameters()).device, "| reference:", recipe.reference)
+print("device:", next(policy.parameters()).device)
 
 # %% [markdown]
 # ## The trainer
@@ -148,6 +150,7 @@ print("device:", next(policy.parameters()).device, "| reference:", recipe.refere
 # the held-out pairs are evaluated during training only when the recipe sets eval_steps
 eval_pairs = heldout_pairs if recipe.eval_steps else None
 trainer = make_dpo_trainer(recipe, policy, reference, tokenizer, train_pairs, eval_pairs)
+print("\n".join(trainer.decisions))  # what reference: auto and prefix_sharing: auto chose, and why
 
 # %% [markdown]
 # ## Train

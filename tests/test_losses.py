@@ -194,7 +194,10 @@ nll_run = _fixture(nll_loss_coef=0.5, per_device_train_batch_size=2, limit=2)
 def test_first_step_dpo_is_ln2(sigmoid_run):
     row, result = sigmoid_run
     assert row["loss"] == pytest.approx(LN2, abs=1e-5)
-    assert result.trainer.__class__.__module__.startswith("trl.")
+    from trl import DPOTrainer
+
+    # TRL's own loss: TRL's trainer, or on TRL 1.x dpo_xpu's subclass for prefix sharing (prefix_sharing: auto)
+    assert isinstance(result.trainer, DPOTrainer) and getattr(result.trainer, "own_loss_type", None) is None
 
 
 @pytest.mark.slow

@@ -181,3 +181,27 @@ def test_refusals():
     check_prefix_sharing(model, "1.x")
     with pytest.raises(RecipeError, match="TRL >= 1.0"):
         check_prefix_sharing(model, "0.11")
+
+
+def test_auto_turns_on_where_it_runs_and_says_why_where_it_does_not():
+    """prefix_sharing: auto (the default) is the refusals above turned into a fallback with the reason."""
+    from dpo_xpu.recipes import Recipe, make_recipe
+    from dpo_xpu.train.prefix_sharing import prefix_sharing_decision
+
+    assert Recipe().prefix_sharing == "auto"
+    assert Recipe(backend="ipex-llm").prefix_sharing == "auto"  # no refusal: auto falls back on that stack
+    assert make_recipe({"prefix_sharing": "Auto"}).prefix_sharing == "auto"
+    assert make_recipe({"prefix_sharing": "false"}).prefix_sharing is False
+    with pytest.raises(RecipeError, match="prefix_sharing: 'maybe' is not one of auto, true, false"):
+        Recipe(prefix_sharing="maybe")
+    model = torch.nn.Linear(2, 2)
+    model.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+    assert prefix_sharing_decision("auto", model, "1.x")[0] is True
+    on, why = prefix_sharing_decision("auto", model, "0.11")
+    assert on is False and "auto -> off" in why and "TRL >= 1.0" in why
+    model.config._attn_implementation = "flash_attention_2"
+    on, why = prefix_sharing_decision("auto", model, "1.x")
+    assert on is False and "flash_attention_2" in why
+    with pytest.raises(RecipeError, match="sdpa or eager"):  # asked for explicitly: still refused, with the fix
+        prefix_sharing_decision(True, model, "1.x")
+    assert prefix_sharing_decision(False, model, "1.x") == (False, "prefix sharing: off (prefix_sharing: false)")

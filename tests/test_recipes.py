@@ -168,3 +168,34 @@ def test_defaults_that_differ_from_trls_are_listed_with_their_reason():
         assert ours != theirs
         assert "TRL's default" not in docs[name]["default_from"], f"{name}: say why dpo_xpu differs from TRL"
         assert f"TRL's default: `{theirs}`" in table[name] or theirs is None or isinstance(theirs, bool), name
+
+
+def test_reference_auto_picks_precomputed_where_it_saves_work_and_says_why():
+    from dpo_xpu.train.reference import reference_plan
+
+    plan = reference_plan(
+        Recipe(max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=1), "1.x", rows=12
+    )
+    assert (plan.strategy, plan.precomputed_by) == ("precomputed", "dpo_xpu") and "auto -> precomputed" in plan.why
+    assert reference_plan(Recipe(max_steps=-1, num_train_epochs=1.0), "1.x", rows=500).strategy == "precomputed"
+    # 6 steps of 2 pairs see 12 of 20 rows: precomputing all 20 costs more than 12 per-step reference forwards
+    plan = reference_plan(
+        Recipe(max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=1), "1.x", rows=20
+    )
+    assert plan.strategy == "adapter-off" and "12 pairs of 20 rows" in plan.why
+    # ... unless the global batch is larger: 2 processes see all 20 in 6 steps of 2 pairs each
+    assert reference_plan(
+        Recipe(max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=1), "1.x", 20, world_size=2
+    ).strategy == ("precomputed")
+    assert reference_plan(Recipe(max_steps=-1, num_train_epochs=0.5), "1.x", rows=20).strategy == "adapter-off"
+    assert reference_plan(Recipe(reference_free=True), "1.x", rows=1).strategy == "adapter-off"
+    assert reference_plan(Recipe(loss_type="simpo"), "1.x", rows=1).reference_free
+    plan = reference_plan(Recipe(reference_device="cpu"), "1.x", rows=1)
+    assert plan.separate_model and plan.device == "cpu"
+    assert reference_plan(Recipe(adapter_name_or_path="adapter"), "1.x", rows=1).strategy == "adapter-off"
+    ipex = reference_plan(Recipe(backend="ipex-llm"), "0.11", rows=1)
+    assert ipex.strategy == "adapter-off" and not ipex.trl_precomputes and "ipex-llm" in ipex.why
+    explicit = reference_plan(Recipe(reference="separate"), "1.x", rows=1)
+    assert explicit.separate_model and explicit.why == "reference: separate (set in the recipe)"
+    with pytest.raises(RecipeError, match="reference_device: 'cpu' needs reference: separate"):
+        Recipe(reference="adapter-off", reference_device="cpu")

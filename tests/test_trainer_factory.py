@@ -81,7 +81,9 @@ def test_factory_trains_with_max_prompt_length_on_the_installed_trl(stories260k_
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=0.01)
     assert all(math.isfinite(r["loss"]) for r in rows)
-    assert result.trainer.__class__.__module__.startswith("trl.")
+    from trl import DPOTrainer
+
+    assert isinstance(result.trainer, DPOTrainer)
     assert trl_generation() in ("0.11", "1.x")
 
 

@@ -18,7 +18,9 @@ its loop and its metrics in place: :class:`PrefixSharing` hooks the model call t
 fused LM head (``shift_labels``), and returns the per-token outputs in TRL's two-sequence layout.
 
 Supported attention implementations: ``sdpa`` (the default of transformers, and what runs on XPU) and ``eager``,
-which take an arbitrary 4-D mask. A flash-attention model raises :class:`~dpo_xpu.errors.RecipeError`.
+which take an arbitrary 4-D mask. With ``prefix_sharing: true`` a flash-attention model, or TRL 0.11 (the ipex-llm
+backend), raises :class:`~dpo_xpu.errors.RecipeError`; with ``prefix_sharing: auto`` (the default) the run goes on
+with TRL's two sequences per pair and the log says why (:func:`prefix_sharing_decision`).
 """
 
 from __future__ import annotations
@@ -292,3 +294,30 @@ def check_prefix_sharing(model: torch.nn.Module, trl_generation: str) -> None:
     attn = _attn_implementation(model)
     if attn not in (None, *SUPPORTED_ATTENTION):
         raise _attention_error(attn)
+
+
+def prefix_sharing_decision(setting: bool | str, model: torch.nn.Module, trl_generation: str) -> tuple[bool, str]:
+    """Whether a run shares prefixes, and why: ``prefix_sharing`` as the recipe sets it, ``auto`` resolved.
+
+    Args:
+        setting: the recipe's ``prefix_sharing``: ``True``, ``False`` or ``"auto"`` (on where it runs).
+        model: the policy (a PEFT model or a plain causal LM).
+        trl_generation: ``"1.x"`` or ``"0.11"`` (:func:`dpo_xpu.train.trl_config.trl_generation`).
+
+    Returns:
+        ``(on, why)``: the decision, and one line for the log.
+
+    Raises:
+        RecipeError: ``setting`` is ``True`` where prefix sharing cannot run (see :func:`check_prefix_sharing`).
+    """
+    if setting is False:
+        return False, "prefix sharing: off (prefix_sharing: false)"
+    if setting is True:
+        check_prefix_sharing(model, trl_generation)
+        return True, "prefix sharing: on (prefix_sharing: true): each pair runs as one sequence, its prompt once"
+    try:
+        check_prefix_sharing(model, trl_generation)
+    except RecipeError as error:
+        reason = str(error).split(". ")[0].removeprefix("prefix_sharing: ")
+        return False, f"prefix sharing: auto -> off, two sequences per pair ({reason})"
+    return True, "prefix sharing: auto -> on: each pair runs as one sequence, its prompt computed once"

@@ -83,8 +83,8 @@ def _check_loss_settings(recipe: Recipe, generation: str) -> None:
             f"it applies to sigmoid, dpo_norm, simpo and TRL's {', '.join(TRL_LABEL_SMOOTHING_LOSSES[generation])}. "
             "Set label_smoothing: 0 or choose one of those"
         )
-    reference_free = reference_plan(recipe, generation).reference_free
-    if reference_free and recipe.reference != "adapter-off":
+    plan = reference_plan(recipe, generation)
+    if plan.reference_free and plan.strategy != "adapter-off":
         raise RecipeError(
             f"reference: {recipe.reference!r} loads or precomputes a reference that a reference-free loss "
             f"(reference_free: {recipe.reference_free}, loss_type: {recipe.loss_type!r}) never uses; set "
