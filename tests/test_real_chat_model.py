@@ -4,6 +4,7 @@ real orca rows, NF4 + LoRA on the CPU. Slow (about 10 s per step on 2 cores); st
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from helpers import cpu_recipe
@@ -60,3 +61,50 @@ def test_dpo_on_the_real_chat_model_generalises_to_held_out_pairs(smollm2_path, 
     assert report["reward_accuracy"] > 0.5 and report["mean_margin"] > 0, report
     samples = generate_samples(policy, tokenizer, list(heldout["prompt"][:3]), max_new_tokens=24)
     assert any(s["policy"] != s["reference"] for s in samples), samples
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_notebooks_03_and_04_train_and_evaluate_the_real_chat_model(smollm2_path, orca_rows_path, tmp_path):
+    """Notebooks 3 and 4 under papermill on SmolLM2 with the recipe's defaults for the reference and prefix sharing
+    (auto: precomputed, since 6 steps of 2 pairs cover all 12 training rows, and prefix sharing on)."""
+    import json
+    import subprocess
+    import sys
+
+    import nbformat
+    from conftest import PROJECT_ROOT
+
+    out = tmp_path / "run"
+    params = {
+        "model_name_or_path": smollm2_path,
+        "dataset_name_or_path": orca_rows_path,
+        "output_dir": out,
+        "limit": None,  # the 30 of the 284 rows that fit whole in 320 tokens: 12 train, 18 held out
+        "eval_fraction": 0.6,
+        "max_steps": 6,
+        "max_length": 320,
+        "max_prompt_length": 200,
+        "learning_rate": 5e-4,
+        "bf16": False,
+        "device": "cpu",
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "warmup_steps": 0,
+        "num_samples": 2,
+        "max_new_tokens": 16,
+        "recipe_overrides": {"drop_long_rows": True},
+    }
+    command = [sys.executable, "scripts/run_notebooks.py", "--only", "03", "04"]
+    values = {key: str(v) if isinstance(v, Path) else v for key, v in params.items()}
+    command += [f"--param={key}={json.dumps(v)}" for key, v in values.items()]  # JSON reads as YAML
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    executed = nbformat.read(out / "notebooks" / "03_dpo_training.ipynb", as_version=4)
+    text = "\n".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert "reference: auto -> " in text and "prefix sharing: auto -> on" in text, text[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6 and losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["n_pairs"] == 18 and math.isfinite(report["mean_margin"]), report
