@@ -1,12 +1,19 @@
 """DPO step benchmark: throughput, peak memory, losses and MFU of each reference strategy, on one machine.
 
-The strategies run in this one process, one after the other, on the same model, data, batch and step count:
+Each strategy runs in its own process (this script again, ``--in-process``), in ``--rounds`` interleaved rounds
+(round 1 runs every strategy once, then round 2, ...), and the fastest round of each is reported, with every
+round's pairs/s beside it: this machine is noisy (identical runs differ by up to 40%), and a fresh process per run
+gives every strategy the same cold start (no reused allocator pages, no dataset or reference cache of an earlier
+strategy). The strategies, on the same model, rows, batch and step count:
 
+- ``defaults``: dpo_xpu's default recipe (``reference: auto``, ``prefix_sharing: auto``: on this stack the
+  precomputed reference, cold, and prefix sharing), as ``dpo-xpu train`` runs it;
 - ``original``: a separate frozen NF4 reference, loaded as the original recipe does (``reference: separate``);
 - ``adapter-off``: the policy's own NF4 base with its LoRA adapters disabled (one copy of the weights);
 - ``precomputed-cold``: reference log-probs computed first (time included) and written to an empty cache,
   then training runs the policy only (``dpo_xpu.train.reference_cache``);
-- ``precomputed-warm``: the same, reading the cache the cold run wrote;
+- ``precomputed-warm``: the same, reading the cache the cold run of the same round wrote (a separate row: only a
+  rerun on the same data gets it);
 - ``prefix-sharing-cold`` / ``prefix-sharing-warm``: ``precomputed`` (cold, then warm cache) plus prefix sharing
   (``prefix_sharing: true``, :mod:`dpo_xpu.train.prefix_sharing`): each pair runs as one sequence, the prompt computed
   once, in the precompute and in training;
@@ -15,12 +22,15 @@ The strategies run in this one process, one after the other, on the same model, 
 - the peers, TRL as a skilled user would run it, from public APIs only (transformers' ``BitsAndBytesConfig``
   NF4 model, PEFT's ``prepare_model_for_kbit_training`` and ``LoraConfig`` passed to ``DPOTrainer`` as
   ``peft_config``, TRL's own loop and CPU path): ``trl-peft`` (the reference is the policy with its adapter
-  disabled) and ``trl-precompute`` (plus ``precompute_ref_log_probs=True``, TRL's fastest option). Same rows,
-  prompts cut to ``max_prompt_length`` as dpo_xpu cuts them, same LoRA, optimizer and schedule.
+  disabled) and ``trl-precompute`` (plus ``precompute_ref_log_probs=True``, TRL's fastest option; TRL computes
+  them in ``DPOTrainer.__init__``, inside the timed part). Same rows, prompts cut to ``max_prompt_length`` as
+  dpo_xpu cuts them, same LoRA, optimizer and schedule.
 
 Commands (from the project root)::
 
-    python benchmarks/dpo_step.py --quick                    # CPU, < 10 min on 2 cores, Qwen2-0.5B size
+    python benchmarks/dpo_step.py                            # CPU: SmolLM2-135M-Instruct, 12 pairs, 3 rounds
+    python benchmarks/dpo_step.py --quick                    # CPU, one round, 3 steps of batch 1
+    python benchmarks/dpo_step.py --model qwen2-0.5b         # the 0.5B-size, 151,936-token vocabulary case
     python benchmarks/dpo_step.py --device xpu               # Intel GPU: 20 steps, batch 2, max_length 1024
     python benchmarks/dpo_step.py --device cuda --steps 20   # same path on a CUDA GPU
     python benchmarks/dpo_step.py --model tiny --steps 2     # seconds: the tests run this end to end
@@ -32,34 +42,38 @@ device per process, the same per-device batch: N times the pairs per step) and e
 scaling. On a CPU the processes share the same cores, so there the figure checks that the path works (and costs
 what the all-reduce costs), not a speed-up.
 
-The default model is the Qwen2 architecture at the size of Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads,
-2 key-value heads, intermediate 4864, vocabulary 151,936, tied embeddings) with random weights (seed 0),
-saved once in bf16 under ``.cache/benchmark-models/`` and NF4-quantized at load time, with the real Qwen2
-tokenizer and the real orca rows from ``../shared`` (``DPO_XPU_SHARED``). Results go to a JSON file
-(``--out``, default ``benchmarks/results/dpo_step-<device>[-quick].json``) and a table on stdout.
+The default model is the real SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocabulary 49,152, ChatML
+template; ``../shared``'s GGUF file, converted once under ``.cache/benchmark-models/``, with its own tokenizer),
+NF4-quantized at load time, on the real orca rows from ``../shared`` (``DPO_XPU_SHARED``): by default (``--rows
+fit``) the first ``steps x batch`` rows, in file order, whose prompt and both answers fit whole in ``max_length``
+(so nothing is truncated), on the CPU 12 pairs of at most 320 tokens, batch 2, 6 steps. ``--model qwen2-0.5b``
+is the Qwen2 architecture at the size of Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads, 2 key-value heads,
+intermediate 4864, vocabulary 151,936, tied embeddings) with random weights (seed 0) and the real Qwen2
+tokenizer; ``--rows first`` takes the first rows after the recipe's seeded shuffle and truncates them. Results go
+to a JSON file (``--out``, default ``benchmarks/results/dpo_step-<device>[-quick].json``) and a table on stdout.
 
 Measurements:
 
-- ``pairs_per_s``: preference pairs trained / wall seconds of the timed part (precompute, for the cold cache,
-  plus ``trainer.train()``). ``tokens_per_s``: non-padding tokens (prompt + answer, both answers) the same way,
-  counted in TRL's two-sequence layout for every strategy (prefix sharing runs fewer: ``prefix_token_ratio``).
+- ``pairs_per_s``: preference pairs trained / wall seconds of the timed part: from model loading to the end of
+  ``trainer.train()`` (the trainer's construction, any precompute and the training steps included).
+  ``tokens_per_s``: non-padding tokens (prompt + answer, both answers) the same way, counted in TRL's
+  two-sequence layout for every strategy (prefix sharing runs fewer: ``prefix_token_ratio``).
 - ``peak_memory_mib``: on CPU, the highest process RSS during the timed part, sampled every 10 ms by a thread
-  (psutil), minus the RSS before the strategy loaded its models (after ``gc.collect()`` and ``malloc_trim``
-  of the previous strategy's memory), with glibc's mmap threshold fixed at 1 MiB so that freed tensors
-  leave the RSS (:func:`fix_malloc_mmap_threshold`; ``--keep-malloc`` turns that off). The OS high-water
-  mark is monotone over a process, so per-strategy peaks need this sampler, which can miss a spike shorter
-  than 10 ms. On a GPU, the allocator's peak (``max_memory_allocated`` after ``reset_peak_memory_stats``,
-  taken after loading, so weights count).
-- ``mfu``: model FLOPs per second / the bf16 matrix-multiply ceiling measured here (``matmul_bf16_gflops``,
-  best of a few ``n x n`` bf16 matmuls). Model FLOPs follow Kaplan et al. 2020 (sec. 2.1) and PaLM
-  (Chowdhery et al. 2022, appendix B): ``6 N T`` for the policy's forward and backward plus ``2 N T`` per
-  reference forward (each step for ``original``/``adapter-off``, once in the precompute for the cold cache,
-  none for the warm cache), with the attention term ``12 L H Q S`` per token (``4 L H Q S`` forward only),
-  ``N`` the parameters of the matrix multiplies (transformer layers and the output head; embeddings tied to
-  the head count once), ``T`` the non-padding tokens (with prefix sharing, the tokens actually run: the prompt
-  once per pair), ``S`` the mean sequence length (a token's context, unchanged by prefix sharing). Recompute by gradient
-  checkpointing is not counted (that would be hardware FLOPs utilisation), and neither is the fact that the
-  frozen NF4 base needs no weight gradient (the executed work of the policy is nearer ``4 N T``): the
+  (psutil), minus the RSS before the strategy loaded its models, with glibc's mmap threshold fixed at 1 MiB so
+  that freed tensors leave the RSS (:func:`fix_malloc_mmap_threshold`; ``--keep-malloc`` turns that off); the
+  sampler can miss a spike shorter than 10 ms. On a GPU, the allocator's peak (``max_memory_allocated`` after
+  ``reset_peak_memory_stats`` before loading).
+- ``mfu``: model FLOPs per second / the matrix-multiply ceiling of the compute dtype measured here
+  (``mfu_ceiling_gflops``: ``matmul_bf16_gflops`` for bf16 runs, ``matmul_fp32_gflops`` for float32 ones; best of a
+  few ``n x n`` matmuls; a CPU without bf16 instructions emulates bf16 far below its float32 speed). Model FLOPs
+  follow Kaplan et al. 2020 (sec. 2.1) and PaLM (Chowdhery et al. 2022, appendix B): ``6 N T`` for the policy's
+  forward and backward plus ``2 N T`` per reference forward (each step for ``original``/``adapter-off``, once in the
+  precompute for the cold cache, none for the warm cache), with the attention term ``12 L H Q S`` per token (``4 L H
+  Q S`` forward only), ``N`` the parameters of the matrix multiplies (transformer layers and the output head;
+  embeddings tied to the head count once), ``T`` the non-padding tokens (with prefix sharing, the tokens actually
+  run: the prompt once per pair), ``S`` the mean sequence length (a token's context, unchanged by prefix sharing).
+  Recompute by gradient checkpointing is not counted (that would be hardware FLOPs utilisation), and neither is the
+  fact that the frozen NF4 base needs no weight gradient (the executed work of the policy is nearer ``4 N T``): the
   standard formula keeps numbers comparable across strategies and machines.
 """
 
@@ -89,6 +103,7 @@ QWEN2_TOKENIZER = SHARED / "tokenizers" / "qwen2"
 REAL_MODELS = {"smollm2": SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"}
 CACHE = PROJECT_ROOT / ".cache"
 STRATEGIES = (
+    "defaults",
     "original",
     "adapter-off",
     "precomputed-cold",
@@ -99,6 +114,8 @@ STRATEGIES = (
     "trl-peft",
     "trl-precompute",
 )
+#: The models on the benchmark's command line: the real chat model first (the default), then the random ones.
+DEFAULT_MODEL = "smollm2"
 RESULT_KEYS = ("strategy", "pairs_per_s", "tokens_per_s", "peak_memory_mib", "first_loss", "last_loss", "mfu")
 
 #: Qwen2 at the size of Qwen2.5-0.5B (its published config.json), and a tiny one with the same vocabulary.
@@ -270,22 +287,27 @@ class Settings:
     bf16: bool
     learning_rate: float
     rows: int
+    fit_rows: bool = True
 
 
-def _recipe(settings: Settings, reference: str, backend: str, output_dir: Path, prefix_sharing: bool = False) -> Any:
+def _recipe(
+    settings: Settings, reference: str | None, backend: str, output_dir: Path, prefix_sharing: bool | None = False
+) -> Any:
+    """The recipe of one strategy; ``None`` for ``reference`` or ``prefix_sharing`` keeps dpo_xpu's default."""
     from dpo_xpu.recipes import make_recipe
 
+    chosen = {"reference": reference, "prefix_sharing": prefix_sharing}
     return make_recipe(
         {
+            **{key: value for key, value in chosen.items() if value is not None},
             "model_name_or_path": settings.model_path,
             "dataset_name_or_path": str(ORCA_ROWS),
             "output_dir": str(output_dir),
             "backend": backend,
             "device": settings.device,
             "quantization": "nf4",
-            "reference": reference,
-            "prefix_sharing": prefix_sharing,
-            "limit": settings.rows,
+            "limit": None if settings.fit_rows else settings.rows,
+            "drop_long_rows": settings.fit_rows,
             "max_steps": settings.steps,
             "per_device_train_batch_size": settings.batch,
             "gradient_accumulation_steps": 1,
@@ -311,47 +333,65 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     from dpo_xpu.train.reference_cache import attach_precomputed_reference
     from dpo_xpu.train.trl_internals import score_answer_tokens_only_on_cpu
 
+    defaults = strategy == "defaults"
     prefix_sharing = strategy.startswith("prefix-sharing")
     precomputed = strategy.startswith("precomputed") or prefix_sharing
     # The precomputed runs build an adapter-off trainer (no per-step reference) and attach the cache
     # themselves, so the precompute is inside the timed part and uses this benchmark's cache folder.
-    reference = {"original": "separate", "ipex-llm": "separate"}.get(strategy, "adapter-off")
+    reference = {"original": "separate", "ipex-llm": "separate", "defaults": None}.get(strategy, "adapter-off")
     backend = "ipex-llm" if strategy == "ipex-llm" else "native"
-    recipe = _recipe(settings, reference, backend, work / "runs" / strategy, prefix_sharing)
+    recipe = _recipe(settings, reference, backend, work / "runs" / strategy, None if defaults else prefix_sharing)
     shutil.rmtree(recipe.output_dir, ignore_errors=True)
     ref_cache = work / "reference-logps"
-    if strategy.endswith("-cold"):
+    if defaults:  # the default recipe caches where dpo-xpu train does, unless DPO_XPU_CACHE_DIR says otherwise
+        ref_cache = work / "reference-logps-defaults"
+        os.environ["DPO_XPU_CACHE_DIR"] = str(ref_cache)
+    if strategy.endswith("-cold") or defaults:
         shutil.rmtree(ref_cache, ignore_errors=True)
     train_dataset, _ = load_run_data(recipe, tokenizer)
+    if settings.fit_rows:  # the first rows that fit whole (drop_long_rows kept them in file order)
+        if len(train_dataset) < settings.rows:
+            raise SystemExit(
+                f"only {len(train_dataset)} rows fit in max_length={settings.max_length} tokens, {settings.rows} "
+                "needed: raise --max-length, lower --steps or --batch, or pass --rows first"
+            )
+        train_dataset = train_dataset.select(range(settings.rows))
     device = settings.device.split(":")[0]
     on_gpu = device in ("cuda", "xpu")
 
     _trim_memory()
     baseline = sampler.current_mib()
+    if on_gpu:
+        getattr(torch, device).reset_peak_memory_stats()
+    sampler.reset()
+    start = time.perf_counter()  # from model loading to the end of training, as a user waits for it
+    phases: dict[str, tuple[float, float]] = {}  # (peak so far, resident now) after each phase, MiB
     torch.manual_seed(recipe.seed)
     peer = strategy.startswith("trl-")
     if peer:
         from dpo_xpu.data.truncation import truncate_prompts
 
         pairs_dataset = truncate_prompts(train_dataset, tokenizer, recipe.max_prompt_length)
-        trainer = build_trl_peer(strategy, recipe, pairs_dataset, tokenizer)
+        trainer = build_trl_peer(strategy, recipe, pairs_dataset, tokenizer)  # TRL precomputes in here
         policy = reference_model = None
     else:
         policy, reference_model = load_run_models(recipe)
+        phases["loading"] = (sampler.peak_mib - baseline, sampler.current_mib() - baseline)
+        # the defaults' precompute (reference: auto) runs in here, as in `dpo-xpu train`
         trainer = make_dpo_trainer(recipe, policy, reference_model, tokenizer, train_dataset, live_plot=False)
     # `original` and TRL's peers compute as TRL does: on the CPU it scores every position in the LM head; dpo_xpu's
     # strategies score only the answer tokens there (as TRL itself does on XPU and CUDA).
     score_answer_tokens_only_on_cpu(enabled=strategy != "original" and not peer)
     del policy, reference_model
-    _trim_memory()
-    if on_gpu:
-        getattr(torch, device).reset_peak_memory_stats()
-    sampler.reset()
-    start = time.perf_counter()
     # several processes: rank 0 computes (cold) and the others read its cache file
     info = (
         main_process_first(attach_precomputed_reference, trainer, recipe, cache_dir=ref_cache) if precomputed else None
     )
+    phases["setup"] = (sampler.peak_mib - baseline, sampler.current_mib() - baseline)
+    if defaults:
+        info = getattr(trainer, "reference_cache_info", None)
+        prefix_sharing = bool(getattr(trainer, "prefix_sharing", False))
+        precomputed = info is not None
     trainer.train()
     _synchronize(settings.device)
     elapsed = time.perf_counter() - start
@@ -394,6 +434,10 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         "precompute_seconds": None if info is None else info.seconds,
         "prefix_token_ratio": ratio,
         "answer_share": answer_share(trainer.train_dataset, settings.max_length),
+        "prefix_sharing": prefix_sharing,
+        "pid": os.getpid(),
+        "phase_peaks_mib": {name: peak for name, (peak, _) in phases.items()},
+        "phase_resident_mib": {name: now for name, (_, now) in phases.items()},
     }
     del trainer
     _trim_memory()
@@ -532,56 +576,97 @@ def answer_share(dataset: Any, max_length: int) -> float | None:
     return max(shares, default=1.0) or 1.0
 
 
-def estimate_rows(settings: Settings, config: Any, scored: float = 1.0) -> list[dict[str, Any]]:
-    """The memory planner's estimate for each strategy's settings (``dpo_xpu.memory.estimate_memory``).
+#: The planner's configuration of each strategy: (reference, LM head scores every position on the CPU, TRL's
+#: full logits instead of dpo_xpu's chunked ones). TRL's CPU path, which ``original`` and the peers keep, scores
+#: every position; TRL 0.11 (ipex-llm) and TRL's own peers build the full logits tensor.
+PLANNER_CONFIG = {
+    "defaults": ("precomputed", False, True),
+    "original": ("separate", True, True),
+    "adapter-off": ("adapter-off", False, True),
+    "precomputed-cold": ("precomputed", False, True),
+    "precomputed-warm": ("precomputed", False, True),
+    "prefix-sharing-cold": ("precomputed", False, True),
+    "prefix-sharing-warm": ("precomputed", False, True),
+    "ipex-llm": ("separate", True, False),
+    "trl-peft": ("adapter-off", True, False),
+    "trl-precompute": ("precomputed", True, False),
+}
+
+
+def estimate_rows(settings: Settings, config: Any, strategies: list[str], scored: float = 1.0) -> list[dict[str, Any]]:
+    """The memory planner's estimate for each strategy's settings (``dpo_xpu.memory.estimate_memory``,
+    configured by :data:`PLANNER_CONFIG`).
 
     ``scored`` is the answer tokens' share of the positions (:func:`answer_share`): the LM head's share for
-    dpo_xpu's strategies, and for every strategy on a GPU (TRL scores answer tokens only there); TRL's CPU path,
-    which ``original`` keeps, scores every position.
+    dpo_xpu's strategies, and for every strategy on a GPU (TRL scores answer tokens only there).
     """
     from dpo_xpu.memory import estimate_memory
 
     on_cpu = settings.device.startswith("cpu")
     rows = []
-    for strategy in ("original", "adapter-off", "precomputed"):
+    for strategy in strategies:
+        reference, every_position, chunked = PLANNER_CONFIG[strategy]
         est = estimate_memory(
             config,
             quantization="nf4",
-            reference={"original": "separate"}.get(strategy, strategy),
+            reference=reference,
             batch=settings.batch,
             max_length=settings.max_length,
             gradient_checkpointing=settings.gradient_checkpointing,
             compute_dtype="bfloat16" if settings.bf16 else "float32",
             device="cpu" if on_cpu else "gpu",
-            scored_fraction=1.0 if strategy == "original" and on_cpu else scored,
+            scored_fraction=1.0 if every_position and on_cpu else scored,
+            chunked_logits=chunked,
         )
         rows.append({"strategy": strategy, **est.to_dict()})
     return rows
 
 
-def write_results(path: Path, machine: dict, gflops: float, results: list[dict], extra: dict | None = None) -> dict:
+def add_planner_error(results: list[dict], estimates: list[dict]) -> None:
+    """Put the planner's ``planner_mib`` and ``planner_error`` (estimate / measured peak - 1) on each measured row."""
+    by_name = {e["strategy"]: e for e in estimates}
+    for row in results:
+        estimate = by_name.get(row["strategy"])
+        if estimate is None or row.get("skipped") or not row.get("peak_memory_mib"):
+            continue
+        row["planner_mib"] = estimate["total_mib"]
+        row["planner_error"] = estimate["total_mib"] / row["peak_memory_mib"] - 1
+
+
+def write_results(
+    path: Path,
+    machine: dict,
+    gflops: float,
+    results: list[dict],
+    extra: dict | None = None,
+    ceiling_gflops: float | None = None,
+) -> dict:
     """Write the benchmark JSON and return it.
 
-    Schema: ``{"machine": {...}, "matmul_bf16_gflops": float, "results": [{"strategy", "pairs_per_s",
-    "tokens_per_s", "peak_memory_mib", "first_loss", "last_loss", "mfu", ...}, ...], ...extra}``; ``mfu`` is
-    filled here from each row's ``model_flops`` and ``seconds``.
+    Schema: ``{"machine": {...}, "matmul_bf16_gflops": float, "mfu_ceiling_gflops": float, "results":
+    [{"strategy", "pairs_per_s", "tokens_per_s", "peak_memory_mib", "first_loss", "last_loss", "mfu", ...}, ...],
+    ...extra}``; ``mfu`` is filled here from each row's ``model_flops`` and ``seconds`` against
+    ``ceiling_gflops`` (the matmul ceiling of the run's compute dtype; default ``gflops``, the bf16 one).
     """
+    ceiling = ceiling_gflops or gflops
     for row in results:
         if row.get("model_flops") is not None and row.get("seconds"):
-            row["mfu"] = row["model_flops"] / row["seconds"] / (gflops * 1e9)
+            row["mfu"] = row["model_flops"] / row["seconds"] / (ceiling * 1e9)
         missing = [k for k in RESULT_KEYS if k not in row]
         if missing:
             raise ValueError(f"result row {row.get('strategy')!r} lacks {missing}")
-    payload = {"machine": machine, "matmul_bf16_gflops": gflops, "results": results, **(extra or {})}
+    payload = {"machine": machine, "matmul_bf16_gflops": gflops, "mfu_ceiling_gflops": ceiling}
+    payload.update(results=results, **(extra or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     return payload
 
 
 def format_table(payload: dict) -> str:
-    """The results as a fixed-width text table, with ratios to ``original``."""
+    """The results as a fixed-width text table, with ratios to ``original`` (or, without it, ``trl-precompute``)."""
     rows = payload["results"]
-    base = next((r for r in rows if r["strategy"] == "original" and r.get("pairs_per_s")), None)
+    base = next((r for name in ("original", "trl-precompute") for r in rows if r["strategy"] == name), None)
+    base = base if base is not None and base.get("pairs_per_s") else None
     head = (
         f"{'strategy':<20}{'pairs/s':>9}{'tokens/s':>10}{'peak MiB':>10}{'first loss':>12}{'last loss':>11}"
         f"{'MFU':>8}{'x speed':>9}{'x mem':>7}"
@@ -598,23 +683,44 @@ def format_table(payload: dict) -> str:
             f"{r['first_loss']:>12.6f}{r['last_loss']:>11.6f}{100 * (r['mfu'] or 0):>7.2f}%{speed:>9.2f}{mem:>7.2f}"
         )
     peer = next((r for r in rows if r["strategy"] == "trl-precompute" and r.get("pairs_per_s")), None)
-    if peer is not None:  # TRL's fastest option, as the bar dpo_xpu's strategies are held to
-        for r in rows:
-            if r.get("skipped") or r["strategy"].startswith("trl-") or not r.get("pairs_per_s"):
-                continue
-            lines.append(
-                f"{r['strategy']:<20}against trl-precompute: {r['pairs_per_s'] / peer['pairs_per_s']:.2f}x pairs/s, "
+    exact = next((r for r in rows if r["strategy"] == "trl-peft" and r.get("losses")), None)
+    for r in rows:  # TRL's fastest option is the bar dpo_xpu's strategies are held to; trl-peft's losses the truth
+        if r.get("skipped") or r["strategy"].startswith("trl-") or not r.get("pairs_per_s"):
+            continue
+        parts = []
+        if peer is not None:
+            parts.append(
+                f"against trl-precompute: {r['pairs_per_s'] / peer['pairs_per_s']:.2f}x pairs/s, "
                 f"{r['peak_memory_mib'] / peer['peak_memory_mib']:.2f}x peak memory"
             )
+        if exact is not None and len(exact["losses"]) == len(r["losses"]):
+            gap = max(abs(a - b) for a, b in zip(r["losses"], exact["losses"], strict=True))
+            parts.append(f"losses within {gap:.1e} of trl-peft's")
+        if parts:
+            lines.append(f"{r['strategy']:<20}{'; '.join(parts)}")
+    for r in rows:
+        if r.get("rounds_pairs_per_s") and len(r["rounds_pairs_per_s"]) > 1:
+            speeds = ", ".join(f"{v:.4f}" for v in r["rounds_pairs_per_s"])
+            lines.append(f"{r['strategy']:<20}rounds: {speeds} pairs/s (fastest / slowest {r['rounds_spread']:.2f})")
     for r in rows:
         if r.get("scaling_efficiency") is not None:
             lines.append(
                 f"{r['strategy']:<20}{r['nproc']} processes: {r['nproc_pairs_per_s']:.4f} pairs/s, scaling efficiency "
                 f"{r['scaling_efficiency']:.2f}, peak {r['nproc_peak_memory_mib']:.0f} MiB per process"
             )
-    lines.append(f"bf16 matmul ceiling: {payload['matmul_bf16_gflops']:.1f} GFLOP/s on {payload['machine']['device']}")
-    for e in payload.get("memory_estimates", []):
-        lines.append(f"planner {e['strategy']:<12} {e['total_mib']:>8.0f} MiB  {e['components_mib']}")
+    if base is not None:
+        lines.append(f"x speed, x mem: against {base['strategy']}")
+    ceiling = payload.get("mfu_ceiling_gflops", payload["matmul_bf16_gflops"])
+    lines.append(
+        f"MFU against the matmul ceiling of the compute dtype: {ceiling:.1f} GFLOP/s on {payload['machine']['device']} "
+        f"(bf16 {payload['matmul_bf16_gflops']:.1f} GFLOP/s)"
+    )
+    for r in rows:
+        if r.get("planner_mib") is not None:
+            lines.append(
+                f"{r['strategy']:<20}planner {r['planner_mib']:.0f} MiB against {r['peak_memory_mib']:.0f} MiB "
+                f"measured ({100 * r['planner_error']:+.0f}%)"
+            )
     return "\n".join(lines)
 
 
@@ -622,15 +728,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
-        default="qwen2-0.5b",
-        help="qwen2-0.5b (default; random weights), tiny, smollm2 (the real SmolLM2-135M-Instruct), or a model folder",
+        default=DEFAULT_MODEL,
+        help="smollm2 (default: the real SmolLM2-135M-Instruct), qwen2-0.5b (random weights), tiny, or a model folder",
     )
     parser.add_argument("--device", default="cpu", help="cpu (default), xpu, cuda (optionally :N)")
-    parser.add_argument("--quick", action="store_true", help="CPU-sized run: 3 steps, batch 1, max_length 256")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per strategy (default 20; quick 3)")
+    parser.add_argument("--quick", action="store_true", help="3 steps, batch 1, max_length 256, one round")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps per strategy (default 6 on a CPU, 20 on a GPU; quick 3)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="pairs per step (default 2; quick 1)")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default 1024; quick 256)")
-    parser.add_argument("--max-prompt-length", type=int, default=None, help="default max_length // 2")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="tokens per sequence (default 320 on a CPU, 1024 on a GPU)"
+    )
+    parser.add_argument("--max-prompt-length", type=int, default=None, help="default max_length x 2 // 3")
+    parser.add_argument(
+        "--rows",
+        choices=("fit", "first"),
+        default="fit",
+        help="fit (default): the first rows that fit whole in max_length; first: the first rows, truncated",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds, fastest reported (default 3; quick 1)"
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the strategies one after the other in this process, once (what each round's process does)",
+    )
+    parser.add_argument("--matmul-gflops", default=None, help=argparse.SUPPRESS)  # bf16,fp32: measured by the parent
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="default: checkpointing on")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="auto: on for GPUs only")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset")
@@ -645,7 +770,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error(f"--nproc must be at least 1, found {args.nproc}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, found {args.rounds}")
     return args
+
+
+def _forwarded(argv: list[str], drop: tuple[str, ...]) -> list[str]:
+    """``argv`` without the options named in ``drop`` (and their values)."""
+    forwarded, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in drop:
+            skip = "=" not in arg and name not in ("--in-process", "--quick")
+            continue
+        forwarded.append(arg)
+    return forwarded
+
+
+def run_rounds(argv: list[str], strategies: list[str], rounds: int, work: Path, gflops: tuple[float, float]) -> dict:
+    """Run each strategy in its own process (this script, ``--in-process``), ``rounds`` interleaved rounds, and
+    return the payload of the fastest round of each: every row gains ``round`` (which one), ``rounds_pairs_per_s``
+    (all of them, in order) and ``rounds_spread`` (fastest / slowest).
+
+    Raises:
+        RuntimeError: a process failed (its output's tail is in the message).
+    """
+    import subprocess
+
+    base = _forwarded(argv, ("--nproc", "--out", "--strategies", "--rounds", "--in-process", "--matmul-gflops"))
+    runs: dict[str, list[dict]] = {name: [] for name in strategies}
+    payload: dict[str, Any] = {}
+    for k in range(1, rounds + 1):
+        for name in strategies:
+            out = work / "rounds" / f"round{k}-{name}.json"
+            out.unlink(missing_ok=True)
+            command = [sys.executable, str(Path(__file__).resolve()), *base, "--in-process", "--strategies", name]
+            command += ["--out", str(out), "--matmul-gflops", f"{gflops[0]},{gflops[1]}"]
+            logger.info("round %d/%d: %s ...", k, rounds, name)
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0 or not out.is_file():
+                raise RuntimeError(f"{name} (round {k}) failed (exit {result.returncode}): {result.stderr[-3000:]}")
+            payload = json.loads(out.read_text())
+            row = payload["results"][0]
+            row["round"] = k
+            runs[name].append(row)
+            if not row.get("skipped"):
+                logger.info("round %d/%d: %s: %.4f pairs/s", k, rounds, name, row["pairs_per_s"])
+    results = []
+    for name in strategies:
+        rows = runs[name]
+        if rows[0].get("skipped"):
+            results.append(rows[0])
+            continue
+        speeds = [r["pairs_per_s"] for r in rows]
+        best = max(rows, key=lambda r: r["pairs_per_s"])
+        results.append({**best, "rounds_pairs_per_s": speeds, "rounds_spread": max(speeds) / min(speeds)})
+    payload["results"] = results
+    payload["rounds"] = rounds
+    return payload
 
 
 def run_nproc(argv: list[str], nproc: int, strategies: list[str], work: Path) -> dict[str, dict[str, Any]]:
@@ -659,16 +844,9 @@ def run_nproc(argv: list[str], nproc: int, strategies: list[str], work: Path) ->
 
     out = work / f"nproc{nproc}.json"
     out.unlink(missing_ok=True)
-    forwarded, skip = [], False
-    for arg in argv:  # this run's arguments minus --nproc, --out, --strategies and --work-dir
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in ("--nproc", "--out", "--strategies", "--work-dir"):
-            skip = "=" not in arg
-            continue
-        forwarded.append(arg)
+    # this run's arguments minus --nproc, --out, --strategies, --work-dir and --rounds, each process in itself
+    forwarded = [*_forwarded(argv, ("--nproc", "--out", "--strategies", "--work-dir", "--rounds", "--in-process"))]
+    forwarded.append("--in-process")
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)),
         str(Path(__file__).resolve()),
@@ -700,6 +878,7 @@ def add_scaling(results: list[dict], nproc_rows: dict[str, dict[str, Any]], npro
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    argv = list(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("httpx", "datasets", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -719,10 +898,11 @@ def main(argv: list[str] | None = None) -> dict:
     from dpo_xpu.distributed import init_distributed, is_main_process, world_size
 
     init_distributed(select_device(args.device))  # under torchrun (--nproc): each rank on its own device
-    steps = args.steps or (3 if args.quick else 20)
-    batch = args.batch or (1 if args.quick else 2)
-    max_length = args.max_length or (256 if args.quick else 1024)
     on_gpu = args.device.split(":")[0] in ("cuda", "xpu")
+    steps = args.steps or (3 if args.quick else 20 if on_gpu else 6)
+    batch = args.batch or (1 if args.quick else 2)
+    max_length = args.max_length or (256 if args.quick else 1024 if on_gpu else 320)
+    rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(os.cpu_count() or 1)
     fixed_malloc = not on_gpu and not args.keep_malloc and fix_malloc_mmap_threshold()
     if args.model in REAL_MODELS:
@@ -742,58 +922,66 @@ def main(argv: list[str] | None = None) -> dict:
         steps=steps,
         batch=batch,
         max_length=max_length,
-        max_prompt_length=args.max_prompt_length or max_length // 2,
+        max_prompt_length=args.max_prompt_length or max(1, max_length * 2 // 3),
         gradient_checkpointing=not args.no_gradient_checkpointing,
         bf16=on_gpu if args.bf16 == "auto" else args.bf16 == "on",
         learning_rate=5e-5,
         rows=steps * batch * world_size(),
+        fit_rows=args.rows == "fit",
     )
     logger.info("settings: %s", settings)
     out = args.out or PROJECT_ROOT / "benchmarks" / "results" / (
         f"dpo_step-{args.device.split(':')[0]}{'-quick' if args.quick else ''}.json"
     )
-    # the random Qwen2-architecture models use the real Qwen2 tokenizer; a real model or folder brings its own
-    tokenizer = load_tokenizer(QWEN2_TOKENIZER if args.model in MODEL_CONFIGS else model_path)
-    size = 512 if args.model == "tiny" else 2048  # the tiny run checks the script, not the machine
-    gflops = matmul_gflops(args.device, "bfloat16", n=size)
-    gflops_fp32 = matmul_gflops(args.device, "float32", n=size)
-    logger.info("matmul ceiling: bf16 %.1f GFLOP/s, float32 %.1f GFLOP/s", gflops, gflops_fp32)
-    sampler = RssSampler()
-    results = []
-    for strategy in strategies:
-        why = _unavailable(strategy)
-        if why is not None:
-            logger.info("%s skipped: %s", strategy, why)
-            results.append({**dict.fromkeys(RESULT_KEYS), "strategy": strategy, "skipped": why})
-            continue
-        logger.info("strategy %s ...", strategy)
-        row = run_strategy(strategy, settings, tokenizer, args.work_dir, sampler)
-        logger.info("strategy %s: %s", strategy, {k: row[k] for k in RESULT_KEYS})
-        results.append(row)
-    sampler.stop()
+    if args.matmul_gflops:
+        gflops, gflops_fp32 = (float(v) for v in args.matmul_gflops.split(","))
+    else:
+        size = 512 if args.model == "tiny" else 2048  # the tiny run checks the script, not the machine
+        gflops = matmul_gflops(args.device, "bfloat16", n=size)
+        gflops_fp32 = matmul_gflops(args.device, "float32", n=size)
+        logger.info("matmul ceiling: bf16 %.1f GFLOP/s, float32 %.1f GFLOP/s", gflops, gflops_fp32)
+    if not args.in_process:  # each strategy in its own process, interleaved rounds
+        payload = run_rounds(argv, strategies, rounds, args.work_dir, (gflops, gflops_fp32))
+        results = payload["results"]
+    else:
+        # the random Qwen2-architecture models use the real Qwen2 tokenizer; a real model or folder brings its own
+        tokenizer = load_tokenizer(QWEN2_TOKENIZER if args.model in MODEL_CONFIGS else model_path)
+        sampler = RssSampler()
+        results = []
+        for strategy in strategies:
+            why = _unavailable(strategy)
+            if why is not None:
+                logger.info("%s skipped: %s", strategy, why)
+                results.append({**dict.fromkeys(RESULT_KEYS), "strategy": strategy, "skipped": why})
+                continue
+            logger.info("strategy %s ...", strategy)
+            row = run_strategy(strategy, settings, tokenizer, args.work_dir, sampler)
+            logger.info("strategy %s: %s", strategy, {k: row[k] for k in RESULT_KEYS})
+            results.append(row)
+        sampler.stop()
     if not is_main_process():
         return {}
     if args.nproc > 1:
         ran = [r["strategy"] for r in results if not r.get("skipped")]
-        add_scaling(
-            results,
-            run_nproc(list(argv if argv is not None else sys.argv[1:]), args.nproc, ran, args.work_dir),
-            args.nproc,
-        )
+        add_scaling(results, run_nproc(argv, args.nproc, ran, args.work_dir), args.nproc)
     config = AutoConfig.from_pretrained(model_path)
+    share = max((r["answer_share"] for r in results if r.get("answer_share")), default=1.0)
+    estimates = estimate_rows(settings, config, [r["strategy"] for r in results if not r.get("skipped")], share)
+    add_planner_error(results, estimates)
     payload = write_results(
         out,
         _machine(args.device),
         gflops,
         results,
+        ceiling_gflops=gflops if settings.bf16 else gflops_fp32,
         extra={
             "matmul_fp32_gflops": gflops_fp32,
             "malloc_mmap_threshold_fixed": fixed_malloc,
             "settings": asdict(settings),
             "processes": world_size(),
-            "memory_estimates": estimate_rows(
-                settings, config, max((r["answer_share"] for r in results if r.get("answer_share")), default=1.0)
-            ),
+            "rounds": 1 if args.in_process else rounds,
+            "one_process_per_strategy": not args.in_process,
+            "memory_estimates": estimates,
         },
     )
     print(format_table(payload))

@@ -43,6 +43,9 @@ def test_tiny_run_writes_the_schema(tmp_path):
             "1",
             "--max-length",
             "96",
+            "--rows",
+            "first",  # few orca pairs fit whole in 96 tokens
+            "--in-process",  # one process, one round: the schema, not the rounds (the next test)
             "--out",
             str(out),
             "--work-dir",
@@ -75,10 +78,17 @@ def test_tiny_run_writes_the_schema(tmp_path):
     # the prompt runs once per pair: fewer tokens than TRL's two sequences, never more
     assert 0.3 < by_name["prefix-sharing-warm"]["prefix_token_ratio"] < 1.0
     assert by_name["precomputed-warm"]["prefix_token_ratio"] == 1.0
+    # the default recipe resolves to the fastest exact configuration: precomputed (cold) with prefix sharing
+    assert by_name["defaults"]["reference_cache_hit"] is False and by_name["defaults"]["prefix_sharing"] is True
+    assert by_name["defaults"]["prefix_token_ratio"] < 1.0
     assert "adapter-off         against trl-precompute: " in script.format_table(written)
+    assert "of trl-peft's" in script.format_table(written)
     ipex = by_name["ipex-llm"]
     assert ipex.get("skipped") or ipex["pairs_per_s"] > 0
-    assert {e["strategy"] for e in written["memory_estimates"]} == {"original", "adapter-off", "precomputed"}
+    measured = [name for name in script.STRATEGIES if not by_name[name].get("skipped")]
+    assert [e["strategy"] for e in written["memory_estimates"]] == measured
+    assert all(by_name[name]["planner_mib"] > 0 for name in measured)
+    assert "planner " in script.format_table(written)
 
 
 def test_nproc_adds_scaling_efficiency_from_two_processes(tmp_path):
@@ -87,7 +97,8 @@ def test_nproc_adds_scaling_efficiency_from_two_processes(tmp_path):
     script = _load_script()
     out = tmp_path / "result.json"
     argv = ["--model", "tiny", "--steps", "2", "--batch", "1", "--max-length", "96", "--out", str(out)]
-    argv += ["--strategies", "adapter-off,precomputed-cold", "--work-dir", str(tmp_path / "work"), "--nproc", "2"]
+    argv += ["--rows", "first", "--in-process", "--strategies", "adapter-off,precomputed-cold"]
+    argv += ["--work-dir", str(tmp_path / "work"), "--nproc", "2"]
     payload = script.main(argv)
     for row in payload["results"]:
         assert row["nproc"] == 2
@@ -96,3 +107,28 @@ def test_nproc_adds_scaling_efficiency_from_two_processes(tmp_path):
         assert len(row["nproc_losses"]) == 2
         assert row["nproc_losses"][0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
     assert "scaling efficiency" in script.format_table(payload)
+
+
+@require_orca_rows
+@require_qwen2_tokenizer
+def test_each_strategy_runs_in_its_own_process_and_the_fastest_round_is_reported(tmp_path):
+    script = _load_script()
+    out = tmp_path / "result.json"
+    argv = ["--model", "tiny", "--steps", "2", "--batch", "1", "--max-length", "96", "--rows", "first"]
+    argv += ["--strategies", "defaults,trl-peft", "--rounds", "2", "--out", str(out), "--work-dir", str(tmp_path)]
+    payload = script.main(argv)
+    assert payload["rounds"] == 2 and payload["one_process_per_strategy"] is True
+    rows = {row["strategy"]: row for row in payload["results"]}
+    assert list(rows) == ["defaults", "trl-peft"]
+    pids = set()
+    for row in rows.values():
+        assert len(row["rounds_pairs_per_s"]) == 2
+        assert row["pairs_per_s"] == max(row["rounds_pairs_per_s"])  # the fastest round
+        assert row["rounds_spread"] >= 1.0
+        assert row["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+        pids.add(row["pid"])
+    runs = [json.loads(p.read_text())["results"][0] for p in sorted((tmp_path / "rounds").glob("round*.json"))]
+    assert len(runs) == 4 and len({r["pid"] for r in runs}) == 4  # four runs, four processes
+    assert all(r["reference_cache_hit"] is False for r in runs if r["strategy"] == "defaults")  # cold every round
+    assert rows["defaults"]["losses"] == pytest.approx(rows["trl-peft"]["losses"], abs=1e-4)
+    assert "rounds: " in script.format_table(payload)
