@@ -77,6 +77,7 @@ _EXPORTS = {
     "write_evaluation": "eval.heldout",
     "merge_and_save": "eval.export",
     "check_merged_logits": "eval.export",
+    "merge_checked": "eval.export",
     # demo assets
     "build_demo_model": "demo",
     "apply_preset": "presets",

@@ -125,3 +125,50 @@ def check_merged_logits(
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "weights_dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def merge_checked(
+    adapter: str | Path | Any,
+    base_model_name_or_path: str | Path | None,
+    out_dir: str | Path,
+    texts: Sequence[str],
+    rtol: float = 0.02,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[Path, dict[str, Any]]:
+    """:func:`merge_and_save` in `dtype`, checked with :func:`check_merged_logits`; merged again in float32 where
+    the rounding to `dtype` moved the logits by more than `rtol` of their scale.
+
+    A small update on a deep model is the case: on SmolLM2-135M-Instruct (30 layers) after 6 DPO steps, rounding
+    the merged weights to bf16 moved the logits by 1.74 (4.6% of the largest, 35% of the adapter's own effect),
+    while the float32 merge matched within 1e-4. The fallback doubles the file size of a bf16 checkpoint; the log
+    says why.
+
+    Args:
+        adapter: the adapter folder (`<run>/adapter`) or the trained PeftModel.
+        base_model_name_or_path: the base; `None` reads the adapter config's.
+        out_dir: where the merged model and tokenizer go.
+        texts: inputs for the check (a few held-out prompts).
+        rtol (`float`, defaults to 0.02): the largest allowed `max_abs_diff / max_abs_logit`.
+        dtype (`torch.dtype`, defaults to `torch.bfloat16`): the first choice of weights dtype.
+
+    Returns:
+        `(out_dir, report)`: the report of :func:`check_merged_logits` for the saved weights, plus `matches`
+        (bool) and `fallback` (`None`, or the one-line reason the weights were saved in float32).
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        adapter_dir = _adapter_source(adapter, Path(scratch))
+        merged = merge_and_save(adapter_dir, base_model_name_or_path, out_dir, dtype=dtype)
+        report = check_merged_logits(merged, adapter_dir, texts, base_model_name_or_path, dtype=dtype)
+        report["fallback"] = None
+        if report["max_abs_diff"] > rtol * report["max_abs_logit"] and dtype != torch.float32:
+            reason = (
+                f"merged weights saved in float32: rounding them to {report['weights_dtype']} moved the logits by "
+                f"{report['max_abs_diff']:.3g} (more than {rtol:g} of the largest, {report['max_abs_logit']:.3g}; "
+                f"the adapter itself moves them by {report['adapter_effect']:.3g})"
+            )
+            logger.warning("%s", reason)
+            merged = merge_and_save(adapter_dir, base_model_name_or_path, out_dir, dtype=torch.float32)
+            report = check_merged_logits(merged, adapter_dir, texts, base_model_name_or_path, dtype=torch.float32)
+            report["fallback"] = reason
+    report["matches"] = report["max_abs_diff"] <= rtol * report["max_abs_logit"]
+    return Path(out_dir), report
