@@ -126,6 +126,23 @@ def test_merge_in_float32_is_exact_to_rounding(tmp_path, adapter_dir, stories260
     assert check["max_abs_diff"] < 1e-3 < check["adapter_effect"]
 
 
+def test_merge_checked_keeps_bf16_where_it_matches_and_falls_back_to_float32_with_the_reason(
+    tmp_path, adapter_dir, stories260k_path, pairs
+):
+    from dpo_xpu.eval.export import merge_checked
+
+    texts = pairs["prompt"][:2]
+    out, kept = merge_checked(adapter_dir, stories260k_path, tmp_path / "merged", texts)
+    assert out == tmp_path / "merged" and kept["weights_dtype"] == "bfloat16"
+    assert kept["matches"] is True and kept["fallback"] is None
+    # a bound the bf16 rounding cannot meet: the float32 merge is saved instead, and the report says why
+    strict = kept["max_abs_diff"] / kept["max_abs_logit"] / 2
+    _, fell_back = merge_checked(adapter_dir, stories260k_path, tmp_path / "merged", texts, rtol=strict)
+    assert fell_back["weights_dtype"] == "float32" and "saved in float32" in fell_back["fallback"]
+    assert fell_back["max_abs_diff"] < kept["max_abs_diff"] / 10
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "float32"
+
+
 def test_write_evaluation_and_refuse_non_finite(tmp_path):
     samples = [{"prompt": "p", "policy": "a", "reference": "b"}]
     eval_path, samples_path = write_evaluation(tmp_path, {"reward_accuracy": 0.75, "merge": {"ok": True}}, samples)

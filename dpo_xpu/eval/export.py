@@ -160,7 +160,7 @@ def merge_checked(
         merged = merge_and_save(adapter_dir, base_model_name_or_path, out_dir, dtype=dtype)
         report = check_merged_logits(merged, adapter_dir, texts, base_model_name_or_path, dtype=dtype)
         report["fallback"] = None
-        if report["max_abs_diff"] > rtol * report["max_abs_logit"] and dtype != torch.float32:
+        if not _merge_matches(report, rtol) and dtype != torch.float32:
             reason = (
                 f"merged weights saved in float32: rounding them to {report['weights_dtype']} moved the logits by "
                 f"{report['max_abs_diff']:.3g} (more than {rtol:g} of the largest, {report['max_abs_logit']:.3g}; "
@@ -170,5 +170,10 @@ def merge_checked(
             merged = merge_and_save(adapter_dir, base_model_name_or_path, out_dir, dtype=torch.float32)
             report = check_merged_logits(merged, adapter_dir, texts, base_model_name_or_path, dtype=torch.float32)
             report["fallback"] = reason
-    report["matches"] = report["max_abs_diff"] <= rtol * report["max_abs_logit"]
+    report["matches"] = _merge_matches(report, rtol)
     return Path(out_dir), report
+
+
+def _merge_matches(report: dict[str, Any], rtol: float) -> bool:
+    """The merged logits are within ``rtol`` of the largest logit of the adapter model's."""
+    return report["max_abs_diff"] <= rtol * report["max_abs_logit"]

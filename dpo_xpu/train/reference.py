@@ -54,6 +54,11 @@ class ReferencePlan:
         return self.precomputed_by == "trl"
 
 
+def is_reference_free(recipe: Recipe) -> bool:
+    """Every reference log-prob is 0: ``reference_free``, or ``loss_type: simpo`` (SimPO, Meng et al. 2024)."""
+    return recipe.reference_free or recipe.loss_type == "simpo"
+
+
 def trained_pairs(recipe: Recipe, rows: int, world_size: int = 1) -> float:
     """Preference pairs a run trains on: ``max_steps`` x the global batch (per-device batch x gradient
     accumulation x ``world_size``), or ``num_train_epochs`` x ``rows`` when ``max_steps`` is ``-1``."""
@@ -76,7 +81,7 @@ def resolve_reference(recipe: Recipe, generation: str, rows: int | None = None, 
     """
     if recipe.reference != "auto":
         return recipe.reference, f"reference: {recipe.reference} (set in the recipe)"
-    if recipe.reference_free or recipe.loss_type == "simpo":
+    if is_reference_free(recipe):
         return "adapter-off", "reference: auto -> adapter-off (a reference-free loss computes no reference)"
     if recipe.reference_device == "cpu":
         return "separate", "reference: auto -> separate (reference_device: cpu moves a separate model)"
@@ -104,7 +109,7 @@ def reference_plan(recipe: Recipe, generation: str, rows: int | None = None, wor
         strategy=strategy,
         separate_model=strategy == "separate",
         precomputed_by=precomputed_by,
-        reference_free=recipe.reference_free or recipe.loss_type == "simpo",
+        reference_free=is_reference_free(recipe),
         device="cpu" if recipe.reference_device == "cpu" else None,
         why=why,
     )
