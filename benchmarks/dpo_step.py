@@ -229,15 +229,38 @@ def _trim_memory() -> None:
         pass
 
 
+def _mallinfo2() -> Any:
+    """glibc's ``mallinfo2`` function (heap statistics), or ``None`` where glibc (2.33 or later) is absent."""
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+            + ("keepcost",)
+        ]
+
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = Mallinfo2
+    return function
+
+
 class RssSampler:
-    """A thread recording the process's highest resident set size (MiB) since the last :meth:`reset`."""
+    """A thread recording the process's highest resident set size (MiB) since the last :meth:`reset`, and the
+    highest memory in use by glibc's allocator (``allocated_peak_mib``: its heap chunks and mmapped blocks in use,
+    without the freed memory it keeps; the CPU's counterpart of ``torch.cuda.max_memory_allocated``, ``None``
+    without glibc)."""
 
     def __init__(self, interval_s: float = 0.01) -> None:
         import psutil
 
         self._process = psutil.Process()
+        self._mallinfo2 = _mallinfo2()
         self.interval_s = interval_s
         self.peak_mib = 0.0
+        self.allocated_peak_mib: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -245,12 +268,23 @@ class RssSampler:
     def current_mib(self) -> float:
         return self._process.memory_info().rss / 2**20
 
+    def allocated_mib(self) -> float | None:
+        """Memory in use by glibc's allocator now (MiB), or ``None`` without glibc."""
+        if self._mallinfo2 is None:
+            return None
+        info = self._mallinfo2()
+        return (info.uordblks + info.hblkhd) / 2**20
+
     def reset(self) -> None:
         self.peak_mib = self.current_mib()
+        self.allocated_peak_mib = self.allocated_mib()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak_mib = max(self.peak_mib, self.current_mib())
+            allocated = self.allocated_mib()
+            if allocated is not None:
+                self.allocated_peak_mib = max(self.allocated_peak_mib or 0.0, allocated)
             time.sleep(self.interval_s)
 
     def stop(self) -> None:
@@ -361,6 +395,7 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
 
     _trim_memory()
     baseline = sampler.current_mib()
+    allocated_baseline = sampler.allocated_mib()
     if on_gpu:
         getattr(torch, device).reset_peak_memory_stats()
     sampler.reset()
@@ -396,6 +431,11 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     _synchronize(settings.device)
     elapsed = time.perf_counter() - start
     peak_rss = sampler.peak_mib - baseline
+    peak_allocated = (
+        sampler.allocated_peak_mib - allocated_baseline
+        if sampler.allocated_peak_mib is not None and allocated_baseline is not None
+        else None
+    )
     peak_device = getattr(torch, device).max_memory_allocated() / 2**20 if on_gpu else None
 
     logs = [row for row in trainer.state.log_history if "loss" in row]
@@ -428,6 +468,7 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         "tokens": tokens,
         "model_flops": flops,
         "peak_rss_mib": peak_rss,
+        "peak_allocated_mib": peak_device if on_gpu else peak_allocated,
         "baseline_rss_mib": baseline,
         "losses": [float(r["loss"]) for r in logs],
         "reference_cache_hit": None if info is None else info.hit,
@@ -577,8 +618,9 @@ def answer_share(dataset: Any, max_length: int) -> float | None:
 
 
 #: The planner's configuration of each strategy: (reference, LM head scores every position on the CPU, TRL's
-#: full logits instead of dpo_xpu's chunked ones). TRL's CPU path, which ``original`` and the peers keep, scores
-#: every position; TRL 0.11 (ipex-llm) and TRL's own peers build the full logits tensor.
+#: chunked log-probs rather than the full logits). TRL's CPU path, which ``original`` and the peers keep, scores
+#: every position; TRL 1.x (dpo_xpu and the peers alike: ``DPOTrainer`` adds its fused LM head) computes chunked
+#: log-probs, TRL 0.11 (ipex-llm) the full logits tensor.
 PLANNER_CONFIG = {
     "defaults": ("precomputed", False, True),
     "original": ("separate", True, True),
@@ -588,8 +630,8 @@ PLANNER_CONFIG = {
     "prefix-sharing-cold": ("precomputed", False, True),
     "prefix-sharing-warm": ("precomputed", False, True),
     "ipex-llm": ("separate", True, False),
-    "trl-peft": ("adapter-off", True, False),
-    "trl-precompute": ("precomputed", True, False),
+    "trl-peft": ("adapter-off", True, True),
+    "trl-precompute": ("precomputed", True, True),
 }
 
 
@@ -717,9 +759,15 @@ def format_table(payload: dict) -> str:
     )
     for r in rows:
         if r.get("planner_mib") is not None:
+            allocated = r.get("peak_allocated_mib")
             lines.append(
                 f"{r['strategy']:<20}planner {r['planner_mib']:.0f} MiB against {r['peak_memory_mib']:.0f} MiB "
                 f"measured ({100 * r['planner_error']:+.0f}%)"
+                + (
+                    f"; allocator's peak in use {allocated:.0f} MiB"
+                    if allocated and allocated != r["peak_memory_mib"]
+                    else ""
+                )
             )
     return "\n".join(lines)
 

@@ -9,18 +9,27 @@ and the recipe's settings:
   for a ``separate`` reference;
 - ``lora_and_optimizer``: LoRA matrices (Hu et al. 2021) in float32 with their gradient and AdamW's two
   moments: 16 bytes per adapter parameter;
-- ``activations``: what autograd keeps for the backward pass. Without gradient checkpointing that is
-  ``ACT_PER_TOKEN_LAYER`` values per token and layer (a count of the tensors a Llama-style layer saves:
+- ``activations``: what autograd keeps for the backward pass when it starts. Without gradient checkpointing that
+  is ``ACT_PER_TOKEN_LAYER`` values per token and layer (a count of the tensors a Llama-style layer saves:
   norms, projections' inputs and outputs, rotary embeddings, the gated MLP); with it, one hidden state per
-  token and layer plus one layer's worth recomputed in the backward pass (Chen et al. 2016, "Training deep
-  nets with sublinear memory cost");
+  token and layer (Chen et al. 2016, "Training deep nets with sublinear memory cost");
 - ``logits``: TRL 1.x computes per-token log-probabilities in tiles of at most 4,096 tokens by 32,768
-  vocabulary entries (``trl.kernels.chunked_logprob``), a few float32 temporaries of that size, instead of
-  the full ``(2 * batch, max_length, vocab)`` float32 logits and their log-softmax (reported as
-  ``full_logits_mib`` for comparison: the term that dominates on 150k-token vocabularies). Where TRL scores only
-  the answer tokens (XPU and CUDA, and the CPU under dpo_xpu), the tile holds only those: ``scored_fraction``;
-- ``transients``: one layer's backward temporaries and, on CPU, one dequantised NF4 weight matrix (float32);
-- ``runtime``: on CPU, what the libraries allocate at first use (``CPU_RUNTIME_MIB``, measured).
+  vocabulary entries (``trl.kernels.chunked_logprob``) instead of the full ``(2 * batch, max_length, vocab)``
+  float32 logits and their log-softmax (reported as ``full_logits_mib`` for comparison: the term that dominates
+  on 150k-token vocabularies). On the CPU, TRL's torch fallback of its Triton kernels holds the tile and seven
+  float32 temporaries of its size, plus a boolean one, in the backward pass (``_backward_tile``:
+  ``CPU_TILE_COPIES``, checked by ``tests/test_memory.py`` against TRL's own function); on XPU and CUDA the
+  Triton kernels work in the tile in place, and ``GPU_TILE_COPIES`` is a margin over that (not measured
+  here). Where TRL scores only the answer tokens (XPU and CUDA, and the CPU under dpo_xpu), the tile holds only
+  those: ``scored_fraction``;
+- ``transients``: one layer's backward pass: with checkpointing its recomputed activations, its backward
+  temporaries and, on CPU, one dequantised NF4 weight matrix (float32);
+- ``runtime``: on CPU, resident memory beyond the tensors (``CPU_RUNTIME_MIB``, measured): what the libraries
+  allocate at first use and what glibc's allocator keeps of freed blocks.
+
+The LM head's backward runs before any layer's (it is the last layer of the forward pass), so its tiles and a
+layer's backward temporaries are never alive together: the total is ``weights + lora_and_optimizer + runtime +
+activations + max(logits, transients)``.
 
 Besides the total, the estimate names its **largest single allocation** (``largest_allocation_mib``): the
 biggest one tensor the step allocates, of the logits tile, an MLP activation, the float32 embedding / output
@@ -29,8 +38,9 @@ head and (on CPU) a dequantised weight. Intel Arc A-series cards cannot allocate
 this passes :data:`ARC_A_SERIES_MAX_ALLOCATION_MIB` on such a card.
 
 Sequences are assumed padded to ``max_length`` (the worst case a recipe allows). The constants were checked
-against ``benchmarks/dpo_step.py --quick`` on CPU (float32 compute, the Qwen2-0.5B-sized model, RSS with
-glibc's mmap threshold fixed so that freed tensors leave it).
+against ``benchmarks/dpo_step.py`` on CPU (float32 compute, SmolLM2-135M-Instruct on real orca rows, with
+dpo_xpu's defaults and with TRL's own trainer; resident memory with glibc's mmap threshold fixed so that freed
+tensors leave it), where the estimate is within 15% of the measured peaks.
 
 ```python
 from transformers import AutoConfig
@@ -60,11 +70,18 @@ NF4_BLOCKSIZE = 64
 NF4_BYTES_PER_PARAM = 0.5 + 4 / NF4_BLOCKSIZE
 #: Values autograd keeps per token and layer without checkpointing, as ``a * hidden + b * intermediate``.
 ACT_PER_TOKEN_LAYER = (16, 5)
-#: TRL's chunked log-prob tile: tokens x vocabulary entries, and float32 temporaries of that size alive at once
-#: (the backward recomputes a tile and turns it into its gradient beside the forward's statistics).
-LOGPROB_TILE = (4096, 32768, 4)
-#: Memory the libraries allocate at first use on CPU (bitsandbytes and PEFT state, oneDNN primitive caches),
-#: measured on the quick benchmark as the RSS growth of loading beyond the weights; not counted on GPUs.
+#: TRL's chunked log-prob tile: tokens x vocabulary entries (``TOKEN_CHUNK_SIZE`` and ``chunk_size`` of
+#: ``trl.kernels.chunked_logprob``).
+LOGPROB_TILE = (4096, 32768)
+#: Float32 tiles alive at once in the backward pass of TRL's torch fallback (CPU): the tile buffer, ``y``, ``z``,
+#: ``log_p``, ``p``, ``grad``, ``is_target.float() - p`` and its product with the incoming gradient, plus the
+#: boolean ``is_target`` (a quarter). The forward pass holds about half as many.
+CPU_TILE_COPIES = 8.25
+#: On XPU and CUDA TRL's Triton kernels overwrite the tile in place (one tile, plus its float32 upcast in the
+#: backward on XPU in bf16): a margin over that, not measured here.
+GPU_TILE_COPIES = 4
+#: Resident memory beyond the tensors on CPU (bitsandbytes and PEFT state, oneDNN primitive caches, glibc's
+#: free lists), measured on the benchmark as resident memory minus live allocations; not counted on GPUs.
 CPU_RUNTIME_MIB = 150
 #: Share of the device's memory a recipe may plan to use (the rest: allocator fragmentation, runtime).
 FIT_FRACTION = 0.9
@@ -128,7 +145,8 @@ class MemoryEstimate:
     Attributes:
         components_mib: ``weights``, ``lora_and_optimizer``, ``activations``, ``logits``, ``transients``,
             ``runtime``.
-        total_mib: their sum, the expected peak (MiB = 2**20 bytes).
+        total_mib: the expected peak (MiB = 2**20 bytes): their sum less the smaller of ``logits`` and
+            ``transients``, which are never alive together.
         full_logits_mib: what the full float32 logits of policy and reference (with the policy's
             log-softmax and its gradient) would take without TRL's chunking; not part of the total.
         settings: the arguments the estimate was made for.
@@ -143,6 +161,14 @@ class MemoryEstimate:
     settings: dict[str, Any] = field(default_factory=dict)
     largest_allocation_mib: float = 0.0
     largest_allocation: str = ""
+
+    def parts(self) -> str:
+        """The components in one line, MiB: ``"weights 165, ..., max(logits 912, transients 127)"``."""
+        shown = {k: v for k, v in self.components_mib.items() if k not in ("logits", "transients")}
+        head, layer = self.components_mib.get("logits", 0.0), self.components_mib.get("transients", 0.0)
+        return (
+            ", ".join(f"{k} {v:,.0f}" for k, v in shown.items()) + f", max(logits {head:,.0f}, transients {layer:,.0f})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The estimate as a JSON-serialisable dict (MiB rounded to 0.1)."""
@@ -230,16 +256,20 @@ def estimate_memory(
     tokens = 2 * batch * max_length
     per_layer_full = (ACT_PER_TOKEN_LAYER[0] * hidden + ACT_PER_TOKEN_LAYER[1] * inter) * act_bytes
     if gradient_checkpointing:
-        activations = tokens * (layers * hidden * act_bytes + per_layer_full)
+        activations = tokens * layers * hidden * act_bytes
     else:
         activations = tokens * layers * per_layer_full
-    tile_tokens, tile_vocab, tile_copies = LOGPROB_TILE
-    logits = min(tokens * scored_fraction, tile_tokens) * min(vocab, tile_vocab) * 4 * tile_copies
+    tile_tokens, tile_vocab = LOGPROB_TILE
+    tile = min(tokens * scored_fraction, tile_tokens) * min(vocab, tile_vocab) * 4
+    logits = tile * (CPU_TILE_COPIES if device == "cpu" else GPU_TILE_COPIES)
     if not chunked_logits:
         logits = tokens * vocab * 4 * 3  # TRL 0.11: logits, log-softmax and its gradient, whole
     largest = max(i * o for i, o in shapes.values())
-    # backward temporaries of one layer (gradients of its activations), and on CPU one dequantised weight
-    transients = tokens * per_layer_full / 2 + (largest * 4 if device == "cpu" and quantization == "nf4" else 0)
+    # one layer's backward: its recomputed activations (checkpointing), their gradients' temporaries, and on CPU
+    # one dequantised weight
+    transients = tokens * per_layer_full * (1.5 if gradient_checkpointing else 0.5) + (
+        largest * 4 if device == "cpu" and quantization == "nf4" else 0
+    )
     # policy: logits, log-softmax, gradient (3 copies); reference: logits and log-softmax (2 copies)
     full_logits = tokens * vocab * 4 * (3 + (0 if reference == "precomputed" else 2))
     components = {
@@ -265,17 +295,15 @@ def estimate_memory(
     # one tensor each: a tile of TRL's chunked log-probs, the gate/up output of one layer for the whole batch, the
     # embedding (and untied head) upcast to float32, a dequantised NF4 weight (CPU kernels)
     single = {
-        ("logits tile" if chunked_logits else "full logits"): (
-            min(tokens * scored_fraction, tile_tokens) * min(vocab, tile_vocab) * 4
-            if chunked_logits
-            else tokens * vocab * 4
-        ),
+        ("logits tile" if chunked_logits else "full logits"): tile if chunked_logits else tokens * vocab * 4,
         "MLP activation": tokens * inter * act_bytes,
         "embedding / output head": vocab * hidden * (4 if quantization == "nf4" else act_bytes),
         "dequantised weight": largest * 4 if device == "cpu" and quantization == "nf4" else 0,
     }
     name = max(single, key=single.get)
-    return MemoryEstimate(components, sum(components.values()), full_logits / MIB, settings, single[name] / MIB, name)
+    # the LM head's backward and a layer's backward run one after the other: the larger of the two counts
+    total = sum(components.values()) - min(components["logits"], components["transients"])
+    return MemoryEstimate(components, total, full_logits / MIB, settings, single[name] / MIB, name)
 
 
 @dataclass
@@ -335,7 +363,7 @@ def recipe_fits(recipe: Recipe, device_memory_mib: float, config: Any = None) ->
     )
     budget = FIT_FRACTION * device_memory_mib
     headroom = budget - estimate.total_mib
-    parts = ", ".join(f"{k} {v:,.0f}" for k, v in estimate.components_mib.items())
+    parts = estimate.parts()
     if headroom >= 0:
         message = (
             f"fits: about {estimate.total_mib:,.0f} MiB expected ({parts}) of {device_memory_mib:,.0f} MiB "
