@@ -65,6 +65,17 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
+def run_notebooks(params: dict[str, Any], *options: str, timeout: int) -> subprocess.CompletedProcess:
+    """``scripts/run_notebooks.py`` with ``options`` and each of ``params`` as ``--param=key=<JSON>`` (JSON reads as
+    YAML; paths as strings), from the project root; stdout and stderr captured."""
+    import json
+
+    command = [sys.executable, "scripts/run_notebooks.py", *options]
+    values = {key: str(v) if isinstance(v, Path) else v for key, v in params.items()}
+    command += [f"--param={key}={json.dumps(v)}" for key, v in values.items()]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def short_recipe(model: Path, rows: Path, out: Path, **overrides: Any) -> Recipe:
     """A 3-step run on 6 rows (batch 2, max_length 320, lr 1e-2, constant) for comparing strategies step by step."""
     values: dict[str, Any] = dict(

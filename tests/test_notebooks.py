@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import nbformat
 import pytest
+from helpers import run_notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -315,9 +316,7 @@ def run_dir(tmp_path_factory, stories260k_path, orca_rows_path):
         "dataset_name_or_path": orca_rows_path,
         "output_dir": out,
     }
-    command = [sys.executable, "scripts/run_notebooks.py", "--preset", "shared"]
-    command += [f"--param={key}={value}" for key, value in params.items()]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    result = run_notebooks(params, "--preset", "shared", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return out
 

@@ -4,10 +4,9 @@ real orca rows, NF4 + LoRA on the CPU. Slow (about 10 s per step on 2 cores); st
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
-from helpers import cpu_recipe
+from helpers import cpu_recipe, run_notebooks
 
 from dpo_xpu.data.preferences import chatml_format
 from dpo_xpu.models.loading import load_tokenizer
@@ -69,11 +68,8 @@ def test_notebooks_03_and_04_train_and_evaluate_the_real_chat_model(smollm2_path
     """Notebooks 3 and 4 under papermill on SmolLM2 with the recipe's defaults for the reference and prefix sharing
     (auto: precomputed, since 6 steps of 2 pairs cover all 12 training rows, and prefix sharing on)."""
     import json
-    import subprocess
-    import sys
 
     import nbformat
-    from conftest import PROJECT_ROOT
 
     out = tmp_path / "run"
     params = {
@@ -95,10 +91,7 @@ def test_notebooks_03_and_04_train_and_evaluate_the_real_chat_model(smollm2_path
         "max_new_tokens": 16,
         "recipe_overrides": {"drop_long_rows": True},
     }
-    command = [sys.executable, "scripts/run_notebooks.py", "--only", "03", "04"]
-    values = {key: str(v) if isinstance(v, Path) else v for key, v in params.items()}
-    command += [f"--param={key}={json.dumps(v)}" for key, v in values.items()]  # JSON reads as YAML
-    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1500)
+    result = run_notebooks(params, "--only", "03", "04", timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     executed = nbformat.read(out / "notebooks" / "03_dpo_training.ipynb", as_version=4)
     text = "\n".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)

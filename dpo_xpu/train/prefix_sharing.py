@@ -191,10 +191,14 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     )
 
 
+def _attention_reason(attn_implementation: str | None) -> str:
+    return f"needs sdpa or eager attention (a 4-D mask per pair); the model uses {attn_implementation!r}"
+
+
 def _attention_error(attn_implementation: str | None) -> RecipeError:
     return RecipeError(
-        f"prefix_sharing: needs sdpa or eager attention (a 4-D mask per pair); the model uses "
-        f"{attn_implementation!r}. Load it with attn_implementation='sdpa', or set prefix_sharing: false"
+        f"prefix_sharing: {_attention_reason(attn_implementation)}. Load it with attn_implementation='sdpa', or set "
+        "prefix_sharing: false"
     )
 
 
@@ -275,6 +279,28 @@ class PrefixSharing:
         return type(output)(**fields)
 
 
+def prefix_sharing_obstacle(model: torch.nn.Module, trl_generation: str) -> tuple[str, str] | None:
+    """What keeps prefix sharing from running on this stack, if anything.
+
+    Args:
+        model: the policy (a PEFT model or a plain causal LM).
+        trl_generation: ``"1.x"`` or ``"0.11"`` (:func:`dpo_xpu.train.trl_config.trl_generation`).
+
+    Returns:
+        ``None`` where it runs; else ``(reason, fix)``: TRL 0.11 (no fused LM head to score packed labels), or an
+        attention implementation that cannot take a 4-D mask.
+    """
+    if trl_generation != "1.x":
+        return (
+            f"needs TRL >= 1.0 (its fused LM head scores the packed sequence); TRL {trl_generation} is installed",
+            "Set prefix_sharing: false, or use the native environment",
+        )
+    attn = _attn_implementation(model)
+    if attn not in (None, *SUPPORTED_ATTENTION):
+        return _attention_reason(attn), "Load it with attn_implementation='sdpa', or set prefix_sharing: false"
+    return None
+
+
 def check_prefix_sharing(model: torch.nn.Module, trl_generation: str) -> None:
     """Refuse prefix sharing where it cannot run, before any training starts.
 
@@ -283,17 +309,12 @@ def check_prefix_sharing(model: torch.nn.Module, trl_generation: str) -> None:
         trl_generation: ``"1.x"`` or ``"0.11"`` (:func:`dpo_xpu.train.trl_config.trl_generation`).
 
     Raises:
-        RecipeError: TRL 0.11 (no fused LM head to score packed labels), or an attention implementation that
-            cannot take a 4-D mask.
+        RecipeError: where :func:`prefix_sharing_obstacle` names an obstacle: its reason and its fix.
     """
-    if trl_generation != "1.x":
-        raise RecipeError(
-            f"prefix_sharing: needs TRL >= 1.0 (its fused LM head scores the packed sequence); TRL {trl_generation} "
-            "is installed. Set prefix_sharing: false, or use the native environment"
-        )
-    attn = _attn_implementation(model)
-    if attn not in (None, *SUPPORTED_ATTENTION):
-        raise _attention_error(attn)
+    obstacle = prefix_sharing_obstacle(model, trl_generation)
+    if obstacle is not None:
+        reason, fix = obstacle
+        raise RecipeError(f"prefix_sharing: {reason}. {fix}")
 
 
 def prefix_sharing_decision(setting: bool | str, model: torch.nn.Module, trl_generation: str) -> tuple[bool, str]:
@@ -315,9 +336,7 @@ def prefix_sharing_decision(setting: bool | str, model: torch.nn.Module, trl_gen
     if setting is True:
         check_prefix_sharing(model, trl_generation)
         return True, "prefix sharing: on (prefix_sharing: true): each pair runs as one sequence, its prompt once"
-    try:
-        check_prefix_sharing(model, trl_generation)
-    except RecipeError as error:
-        reason = str(error).split(". ")[0].removeprefix("prefix_sharing: ")
-        return False, f"prefix sharing: auto -> off, two sequences per pair ({reason})"
+    obstacle = prefix_sharing_obstacle(model, trl_generation)
+    if obstacle is not None:
+        return False, f"prefix sharing: auto -> off, two sequences per pair ({obstacle[0]})"
     return True, "prefix sharing: auto -> on: each pair runs as one sequence, its prompt computed once"
