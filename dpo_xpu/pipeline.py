@@ -23,6 +23,7 @@ from dpo_xpu.callbacks.step0 import Step0Check, expected_step0_loss, step0_cause
 from dpo_xpu.data.truncation import truncate_prompts
 from dpo_xpu.errors import RecipeError, RunFolderError, TrainingInterrupted
 from dpo_xpu.outputs.run_folder import (
+    MERGE_CHECK_FILE,
     StartedRun,
     disk_full,
     disk_full_message,
@@ -39,6 +40,8 @@ from dpo_xpu.train.trl_config import dpo_config_kwargs, own_loss_type, trl_gener
 from dpo_xpu.train.trl_internals import require_internals, score_answer_tokens_only_on_cpu
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
@@ -101,6 +104,10 @@ def make_dpo_trainer(
     )
     if generation == "1.x" and device.type == "cpu":
         score_answer_tokens_only_on_cpu()
+    if device.type == "cpu":
+        from dpo_xpu.train.host_memory import release_after_training_forward
+
+        release_after_training_forward(model)  # freed activations leave the resident memory before the backward
     config_kwargs.update(ddp_config_kwargs(config_kwargs))
     config = DPOConfig(**config_kwargs)
     if generation == "1.x" and recipe.max_prompt_length is not None:
@@ -358,12 +365,20 @@ def save_adapter(
     return adapter_dir
 
 
-def export_merged(recipe: Recipe, adapter_dir: str | Path, run_dir: str | Path) -> Path:
+def export_merged(
+    recipe: Recipe, adapter_dir: str | Path, run_dir: str | Path, texts: Sequence[str] | None = None
+) -> Path:
     """Merge the run's adapter into a bf16 copy of the base and save it, with the tokenizer, to ``<run>/merged``.
 
     The merge is :func:`dpo_xpu.eval.export.merge_and_save` (unquantized base in bf16, PEFT ``merge_and_unload``), on
-    the CPU. With ``sft_checkpoint``, the base the adapter was trained on is the SFT weights: they are written once
-    in bf16 to a temporary folder, which is then the merge's base.
+    the CPU. With ``texts`` it is :func:`dpo_xpu.eval.export.merge_checked`: the merged model's logits on them are
+    compared with the adapter model's, and where rounding to bf16 moved them by more than 2% of their scale the
+    weights are saved in float32 instead, saying why in the log; the check's report goes to
+    ``<run>/merge_check.json``. With ``sft_checkpoint``, the base the adapter was trained on is the SFT weights:
+    they are written once in bf16 to a temporary folder, which is then the merge's base.
+
+    Args:
+        texts: a few inputs for the check (the run's prompts); ``None`` merges without it.
 
     Returns:
         The folder, loadable with ``AutoModelForCausalLM.from_pretrained`` (no PEFT, no bitsandbytes needed).
@@ -372,7 +387,6 @@ def export_merged(recipe: Recipe, adapter_dir: str | Path, run_dir: str | Path) 
 
     import torch
 
-    from dpo_xpu.eval.export import merge_and_save
     from dpo_xpu.models.backends import get_backend
     from dpo_xpu.models.base import resolve_model_path
     from dpo_xpu.models.loading import load_sft_state_dict
@@ -380,13 +394,53 @@ def export_merged(recipe: Recipe, adapter_dir: str | Path, run_dir: str | Path) 
     out_dir = Path(run_dir) / MERGED_DIR
     base = resolve_model_path(recipe.model_name_or_path)
     if not recipe.sft_checkpoint:
-        return merge_and_save(adapter_dir, base, out_dir=out_dir)
+        return _merge(adapter_dir, base, out_dir, Path(run_dir), texts)
     state = load_sft_state_dict(recipe.sft_checkpoint, base)
     with tempfile.TemporaryDirectory(prefix="dpo-xpu-sft-base-") as scratch:
         sft_base = get_backend("native").load_base(base, "none", torch.device("cpu"), torch.bfloat16, state)
         sft_base.save_pretrained(scratch)
         del sft_base, state
-        return merge_and_save(adapter_dir, scratch, out_dir=out_dir)
+        return _merge(adapter_dir, scratch, out_dir, Path(run_dir), texts)
+
+
+def _merge(
+    adapter_dir: str | Path, base: str | Path, out_dir: Path, run_dir: Path, texts: Sequence[str] | None
+) -> Path:
+    """:func:`~dpo_xpu.eval.export.merge_checked` where there are ``texts`` (its report in ``merge_check.json``), else
+    :func:`~dpo_xpu.eval.export.merge_and_save`."""
+    from dpo_xpu.eval.export import merge_and_save, merge_checked
+
+    if not texts:
+        return merge_and_save(adapter_dir, base, out_dir=out_dir)
+    merged, report = merge_checked(adapter_dir, base, out_dir, list(texts))
+    (run_dir / MERGE_CHECK_FILE).write_text(json.dumps(report, indent=2, default=str))
+    logger.log(
+        logging.INFO if report["matches"] else logging.WARNING,
+        "merged model in %s (%s): logits within %.3g of the adapter model's (largest %.3g)%s",
+        merged,
+        report["weights_dtype"],
+        report["max_abs_diff"],
+        report["max_abs_logit"],
+        "" if report["matches"] else f"; more than 2% apart: check {run_dir / MERGE_CHECK_FILE} before using it",
+    )
+    return merged
+
+
+def _run_prompts(trainer: Any, tokenizer: PreTrainedTokenizerBase, n: int = 4) -> list[str]:
+    """The first ``n`` prompts the trainer holds (held-out ones first), as text: inputs for the merge check."""
+    texts: list[str] = []
+    for dataset in (getattr(trainer, "eval_dataset", None), getattr(trainer, "train_dataset", None)):
+        if isinstance(dataset, dict):  # several eval sets: the first
+            dataset = next(iter(dataset.values()), None)
+        if dataset is None or len(texts) >= n:
+            continue
+        columns = getattr(dataset, "column_names", None) or []
+        for row in dataset.select(range(min(n - len(texts), len(dataset)))):
+            if "prompt_ids" in columns:
+                texts.append(tokenizer.decode(row["prompt_ids"]))
+            elif isinstance(row.get("prompt"), str):
+                texts.append(row["prompt"])
+    return texts
 
 
 def run_training(
@@ -400,9 +454,9 @@ def run_training(
 
     The folder ``recipe.output_dir`` gets ``recipe.yaml`` (resolved), ``environment.json``,
     ``data_report.json``, ``metrics.jsonl``, ``reward_curves.png``, ``checkpoint-N/`` every ``save_steps`` and
-    at the last step, ``adapter/`` (LoRA adapter + tokenizer) and, with ``export: merged``, ``merged/``
-    (:func:`export_merged`). SIGINT / SIGTERM during training save a
-    checkpoint at the end of the current step, then stop (:class:`~dpo_xpu.callbacks.interrupts.StopOnSignal`).
+    at the last step, ``adapter/`` (LoRA adapter + tokenizer) and, with ``export: merged``, ``merged/`` and
+    ``merge_check.json`` (:func:`export_merged`). SIGINT / SIGTERM during training save a checkpoint at the end
+    of the current step, then stop (:class:`~dpo_xpu.callbacks.interrupts.StopOnSignal`).
 
     Args:
         resume: continue the run in ``recipe.output_dir`` from its newest complete checkpoint
@@ -504,7 +558,11 @@ def _save_outputs(
     """Save the adapter and, with ``export: merged``, the merged model (rank 0 alone under several processes)."""
     try:
         adapter_dir = save_adapter(trainer, tokenizer, run_dir, recipe)
-        merged_dir = export_merged(recipe, adapter_dir, run_dir) if recipe.export == "merged" else None
+        merged_dir = (
+            export_merged(recipe, adapter_dir, run_dir, _run_prompts(trainer, tokenizer))
+            if recipe.export == "merged"
+            else None
+        )
     except Exception as exc:
         _raise_if_disk_full(run_dir, exc)
         raise

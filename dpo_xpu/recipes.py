@@ -338,7 +338,8 @@ class Recipe:
     export: str = _key(
         default="adapter",
         unit="`adapter` \\| `merged`",
-        help="save the LoRA adapter only, or merged into a bf16 copy of the base",
+        help="save the LoRA adapter only, or merged into a bf16 copy of the base (float32 where the merged "
+        "logits on the run's prompts would move by more than 2%; the check in merge_check.json)",
         default_from=f"{OURS} (`adapter`), as OpenRLHF's LoRA-only save",
     )
     seed: int = _key(

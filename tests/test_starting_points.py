@@ -3,6 +3,7 @@ existing adapter to continue from, a reference kept on the CPU, and the merged e
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -171,3 +172,6 @@ def test_merged_export_reproduces_the_adapter_logits(stories260k_path, orca_rows
     # to be much closer to the adapter model than the base is.
     assert check["max_abs_diff"] <= 0.01 * check["max_abs_logit"]
     assert check["max_abs_diff"] < 0.25 * check["adapter_effect"]
+    # the run checked its own merge on its prompts (other inputs than TEXT), kept bf16, and says so
+    report = json.loads((result.run_dir / "merge_check.json").read_text())
+    assert report["matches"] is True and report["fallback"] is None and report["weights_dtype"] == "bfloat16"

@@ -41,8 +41,10 @@ LOCK_FILE = ".dpo-xpu.lock"
 FINGERPRINTS_FILE = "fingerprints.json"
 #: What a start writes before the first step; alone, they do not make a run.
 START_FILES = ("recipe.yaml", "environment.json", "data_report.json", FINGERPRINTS_FILE)
+#: The report of ``export: merged``'s check of the merged logits (:func:`dpo_xpu.pipeline.export_merged`).
+MERGE_CHECK_FILE = "merge_check.json"
 #: What only training writes; any of them (or a ``checkpoint-N`` folder) means the folder holds a run.
-TRAINED_FILES = ("metrics.jsonl", "reward_curves.png", "adapter", "eval_samples.jsonl", "merged")
+TRAINED_FILES = ("metrics.jsonl", "reward_curves.png", "adapter", "eval_samples.jsonl", "merged", MERGE_CHECK_FILE)
 
 
 def trained_markers(run_dir: str | Path) -> list[str]:
