@@ -372,10 +372,11 @@ def export_merged(
 
     The merge is :func:`dpo_xpu.eval.export.merge_and_save` (unquantized base in bf16, PEFT ``merge_and_unload``), on
     the CPU. With ``texts`` it is :func:`dpo_xpu.eval.export.merge_checked`: the merged model's logits on them are
-    compared with the adapter model's, and where rounding to bf16 moved them by more than 2% of their scale the
-    weights are saved in float32 instead, saying why in the log; the check's report goes to
-    ``<run>/merge_check.json``. With ``sft_checkpoint``, the base the adapter was trained on is the SFT weights:
-    they are written once in bf16 to a temporary folder, which is then the merge's base.
+    compared with the adapter model's, and where rounding to bf16 moved them by more than
+    :data:`~dpo_xpu.eval.export.MERGE_RTOL` (2%) of their scale the weights are saved in float32 instead, saying why
+    in the log; the check's report goes to ``<run>/merge_check.json``. With ``sft_checkpoint``, the base the adapter
+    was trained on is the SFT weights: they are written once in bf16 to a temporary folder, which is then the merge's
+    base.
 
     Args:
         texts: a few inputs for the check (the run's prompts); ``None`` merges without it.
@@ -421,7 +422,9 @@ def _merge(
         report["weights_dtype"],
         report["max_abs_diff"],
         report["max_abs_logit"],
-        "" if report["matches"] else f"; more than 2% apart: check {run_dir / MERGE_CHECK_FILE} before using it",
+        ""
+        if report["matches"]
+        else f"; more than {report['rtol']:.0%} apart: check {run_dir / MERGE_CHECK_FILE} before using it",
     )
     return merged
 

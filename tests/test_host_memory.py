@@ -37,3 +37,20 @@ def test_the_hook_keeps_the_output():
     expected = model(x)
     host_memory.release_after_training_forward(model)
     assert torch.equal(model(x), expected)
+
+
+def test_allocated_mib_counts_a_live_tensor_and_not_a_freed_one():
+    if host_memory.allocated_mib() is None:
+        pytest.skip("glibc's mallinfo2 is not available")
+    before = host_memory.allocated_mib()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB of float32
+    held = host_memory.allocated_mib() - before
+    del block
+    after = host_memory.allocated_mib() - before
+    assert held == pytest.approx(64, abs=4)
+    assert after < 4
+
+
+def test_without_glibc_no_allocation_figure(monkeypatch):
+    monkeypatch.setattr(host_memory, "_mallinfo2", lambda: None)
+    assert host_memory.allocated_mib() is None

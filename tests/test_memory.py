@@ -118,25 +118,6 @@ def test_head_and_layer_backward_do_not_overlap():
     assert head_bound.components_mib["logits"] > head_bound.components_mib["transients"]
 
 
-def _in_use_mib() -> float | None:
-    """glibc's bytes in use (heap chunks plus mmapped ones), MiB; ``None`` without glibc's ``mallinfo2``."""
-    import ctypes
-
-    class Mallinfo2(ctypes.Structure):
-        _fields_ = [
-            (n, ctypes.c_size_t)
-            for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
-        ]
-
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    mallinfo2.restype = Mallinfo2
-    info = mallinfo2()
-    return (info.uordblks + info.hblkhd) / MIB
-
-
 def test_cpu_tile_copies_match_trls_torch_fallback():
     """CPU_TILE_COPIES against TRL's own chunked log-prob function on the CPU: the backward's peak of live memory,
     sampled from glibc while it runs, is that many float32 tiles (within 15%)."""
@@ -146,9 +127,10 @@ def test_cpu_tile_copies_match_trls_torch_fallback():
     import torch
 
     from dpo_xpu.memory import CPU_TILE_COPIES, LOGPROB_TILE
+    from dpo_xpu.train.host_memory import allocated_mib
 
     chunked = pytest.importorskip("trl.kernels.chunked_logprob")
-    if _in_use_mib() is None:
+    if allocated_mib() is None:
         pytest.skip("glibc's mallinfo2 is not available to measure live memory")
     hidden, vocab, tokens = 64, LOGPROB_TILE[1], 1024  # one full-width tile of 1,024 tokens: 128 MiB
     generator = torch.Generator().manual_seed(0)
@@ -158,13 +140,13 @@ def test_cpu_tile_copies_match_trls_torch_fallback():
     outputs = ("entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer asks for
     log_probs = chunked.ChunkedLogProbFunction.apply(states, weight, None, targets, 1.0, vocab, None, 1.0, outputs)[0]
     loss = log_probs.sum()
-    base = _in_use_mib()
+    base = allocated_mib()
     peak = [base]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _in_use_mib())
+            peak[0] = max(peak[0], allocated_mib())
             time.sleep(0.0005)
 
     sampler = threading.Thread(target=sample)

@@ -20,6 +20,9 @@ import torch
 from dpo_xpu.models.base import dtype_kwarg
 
 logger = logging.getLogger(__name__)
+#: The largest distance of merged logits from the adapter model's, as a fraction of its largest logit
+#: (:func:`merge_checked`).
+MERGE_RTOL = 0.02
 
 
 def _adapter_source(adapter: Any, scratch: Path) -> Path:
@@ -132,7 +135,7 @@ def merge_checked(
     base_model_name_or_path: str | Path | None,
     out_dir: str | Path,
     texts: Sequence[str],
-    rtol: float = 0.02,
+    rtol: float = MERGE_RTOL,
     dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[Path, dict[str, Any]]:
     """:func:`merge_and_save` in `dtype`, checked with :func:`check_merged_logits`; merged again in float32 where
@@ -148,11 +151,11 @@ def merge_checked(
         base_model_name_or_path: the base; `None` reads the adapter config's.
         out_dir: where the merged model and tokenizer go.
         texts: inputs for the check (a few held-out prompts).
-        rtol (`float`, defaults to 0.02): the largest allowed `max_abs_diff / max_abs_logit`.
+        rtol (`float`, defaults to `MERGE_RTOL`, 0.02): the largest allowed `max_abs_diff / max_abs_logit`.
         dtype (`torch.dtype`, defaults to `torch.bfloat16`): the first choice of weights dtype.
 
     Returns:
-        `(out_dir, report)`: the report of :func:`check_merged_logits` for the saved weights, plus `matches`
+        `(out_dir, report)`: the report of :func:`check_merged_logits` for the saved weights, plus `rtol`, `matches`
         (bool) and `fallback` (`None`, or the one-line reason the weights were saved in float32).
     """
     with tempfile.TemporaryDirectory() as scratch:
@@ -170,6 +173,7 @@ def merge_checked(
             merged = merge_and_save(adapter_dir, base_model_name_or_path, out_dir, dtype=torch.float32)
             report = check_merged_logits(merged, adapter_dir, texts, base_model_name_or_path, dtype=torch.float32)
             report["fallback"] = reason
+    report["rtol"] = rtol
     report["matches"] = _merge_matches(report, rtol)
     return Path(out_dir), report
 

@@ -1,4 +1,6 @@
-"""Host memory on CPU runs: hand glibc's freed pages back to the OS after each training forward pass.
+"""Host memory on CPU runs: hand glibc's freed pages back to the OS after each training forward pass, and read what
+glibc's allocator has in use (the CPU's counterpart of ``torch.cuda.memory_allocated``, for the benchmark and the
+memory planner's tests).
 
 glibc's allocator keeps freed blocks below its mmap threshold in its heaps, and a block still in use above them
 keeps the pages below resident: the forward pass of a training step frees many such blocks (the activations that
@@ -6,9 +8,9 @@ gradient checkpointing drops), and they stay in the process's resident memory th
 where the step peaks. Measured on SmolLM2-135M-Instruct with dpo_xpu's defaults (``benchmarks/dpo_step.py``): about
 290 MiB resident above what was in use at the peak; with ``malloc_trim(0)`` after each training forward, about 40.
 
-No library offers this (PyTorch has no call for glibc's ``malloc_trim``), hence these few lines. Only on the CPU,
-only where glibc is present, and only for forward passes with gradients on (generation and the reference
-precompute run without them, one forward per token or batch, and are left alone).
+No library offers this (PyTorch has no call for glibc's ``malloc_trim`` or ``mallinfo2``), hence these few lines.
+The trim runs only on the CPU, only where glibc is present, and only for forward passes with gradients on
+(generation and the reference precompute run without them, one forward per token or batch, and are left alone).
 """
 
 from __future__ import annotations
@@ -29,6 +31,39 @@ def _malloc_trim() -> Any:
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
+
+
+class _Mallinfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc 2.33 or later): every field a ``size_t``, in bytes or counts."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _Mallinfo2
+    return function
+
+
+def allocated_mib() -> float | None:
+    """Memory in use by glibc's allocator now, in MiB: its heap chunks in use plus its mmapped blocks (``uordblks +
+    hblkhd`` of ``mallinfo2``), without the freed memory it keeps resident.
+
+    Returns:
+        MiB in use, or ``None`` where glibc 2.33 or later is absent.
+    """
+    function = _mallinfo2()
+    if function is None:
+        return None
+    info = function()
+    return (info.uordblks + info.hblkhd) / 2**20
 
 
 def release_freed_memory() -> bool:

@@ -195,11 +195,11 @@ def _attention_reason(attn_implementation: str | None) -> str:
     return f"needs sdpa or eager attention (a 4-D mask per pair); the model uses {attn_implementation!r}"
 
 
+_ATTENTION_FIX = "Load it with attn_implementation='sdpa', or set prefix_sharing: false"
+
+
 def _attention_error(attn_implementation: str | None) -> RecipeError:
-    return RecipeError(
-        f"prefix_sharing: {_attention_reason(attn_implementation)}. Load it with attn_implementation='sdpa', or set "
-        "prefix_sharing: false"
-    )
+    return RecipeError(f"prefix_sharing: {_attention_reason(attn_implementation)}. {_ATTENTION_FIX}")
 
 
 def _attn_implementation(module: torch.nn.Module) -> str | None:
@@ -297,7 +297,7 @@ def prefix_sharing_obstacle(model: torch.nn.Module, trl_generation: str) -> tupl
         )
     attn = _attn_implementation(model)
     if attn not in (None, *SUPPORTED_ATTENTION):
-        return _attention_reason(attn), "Load it with attn_implementation='sdpa', or set prefix_sharing: false"
+        return _attention_reason(attn), _ATTENTION_FIX
     return None
 
 
