@@ -24,7 +24,9 @@ strategy). The strategies, on the same model, rows, batch and step count:
   ``peft_config``, TRL's own loop and CPU path): ``trl-peft`` (the reference is the policy with its adapter
   disabled) and ``trl-precompute`` (plus ``precompute_ref_log_probs=True``, TRL's fastest option; TRL computes
   them in ``DPOTrainer.__init__``, inside the timed part). Same rows, prompts cut to ``max_prompt_length`` as
-  dpo_xpu cuts them, same LoRA, optimizer and schedule.
+  dpo_xpu cuts them, same LoRA, optimizer and schedule. On CPUs with AVX512-BF16 the peers keep bitsandbytes from
+  repacking NF4 weights for its inference kernel, without which TRL's training after its precompute gets no
+  gradient through the NF4 layers (:func:`build_trl_peer`; ``--trl-cpu-repack`` runs TRL as it is).
 
 Commands (from the project root)::
 
@@ -222,29 +224,10 @@ def fix_malloc_mmap_threshold(threshold: int = 1 << 20) -> bool:
 
 
 def _trim_memory() -> None:
+    from dpo_xpu.train.host_memory import release_freed_memory
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _mallinfo2() -> Any:
-    """glibc's ``mallinfo2`` function (heap statistics), or ``None`` where glibc (2.33 or later) is absent."""
-
-    class Mallinfo2(ctypes.Structure):
-        _fields_ = [
-            (name, ctypes.c_size_t)
-            for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
-            + ("keepcost",)
-        ]
-
-    try:
-        function = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    function.restype = Mallinfo2
-    return function
+    release_freed_memory()
 
 
 class RssSampler:
@@ -256,8 +239,10 @@ class RssSampler:
     def __init__(self, interval_s: float = 0.01) -> None:
         import psutil
 
+        from dpo_xpu.train.host_memory import allocated_mib
+
+        self.allocated_mib = allocated_mib  # glibc's in-use MiB now, or None without glibc
         self._process = psutil.Process()
-        self._mallinfo2 = _mallinfo2()
         self.interval_s = interval_s
         self.peak_mib = 0.0
         self.allocated_peak_mib: float | None = None
@@ -267,13 +252,6 @@ class RssSampler:
 
     def current_mib(self) -> float:
         return self._process.memory_info().rss / 2**20
-
-    def allocated_mib(self) -> float | None:
-        """Memory in use by glibc's allocator now (MiB), or ``None`` without glibc."""
-        if self._mallinfo2 is None:
-            return None
-        info = self._mallinfo2()
-        return (info.uordblks + info.hblkhd) / 2**20
 
     def reset(self) -> None:
         self.peak_mib = self.current_mib()
@@ -322,6 +300,7 @@ class Settings:
     learning_rate: float
     rows: int
     fit_rows: bool = True
+    trl_cpu_repack: bool = False
 
 
 def _recipe(
@@ -407,7 +386,8 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         from dpo_xpu.data.truncation import truncate_prompts
 
         pairs_dataset = truncate_prompts(train_dataset, tokenizer, recipe.max_prompt_length)
-        trainer = build_trl_peer(strategy, recipe, pairs_dataset, tokenizer)  # TRL precomputes in here
+        # TRL precomputes in here
+        trainer = build_trl_peer(strategy, recipe, pairs_dataset, tokenizer, settings.trl_cpu_repack)
         policy = reference_model = None
     else:
         policy, reference_model = load_run_models(recipe)
@@ -477,6 +457,7 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         "answer_share": answer_share(trainer.train_dataset, settings.max_length),
         "prefix_sharing": prefix_sharing,
         "pid": os.getpid(),
+        "trl_cpu_repack": settings.trl_cpu_repack if peer else None,
         "phase_peaks_mib": {name: peak for name, (peak, _) in phases.items()},
         "phase_resident_mib": {name: now for name, (_, now) in phases.items()},
     }
@@ -488,10 +469,20 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     return row
 
 
-def build_trl_peer(strategy: str, recipe: Any, train_dataset: Any, tokenizer: Any) -> Any:
+def build_trl_peer(
+    strategy: str, recipe: Any, train_dataset: Any, tokenizer: Any, keep_cpu_repack: bool = False
+) -> Any:
     """A TRL ``DPOTrainer`` built as a user of TRL, transformers and PEFT would build it for ``recipe`` (no dpo_xpu
     code): the NF4 base from ``BitsAndBytesConfig``, ``prepare_model_for_kbit_training``, a ``LoraConfig`` handed
-    to the trainer, and ``precompute_ref_log_probs=True`` for ``trl-precompute``."""
+    to the trainer, and ``precompute_ref_log_probs=True`` for ``trl-precompute``.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks each NF4 layer for a bf16 inference kernel at its first
+    eval-mode, no-grad call (TRL's precompute is one) and keeps it packed: the training steps after it then run that
+    kernel, which has no backward (bitsandbytes warns "an autograd kernel was not registered ... silently incorrect
+    behavior"): no gradient flows through the NF4 layers, and a layer with a bias (Qwen2's q/k/v) fails outright.
+    So, unless ``keep_cpu_repack`` (``--trl-cpu-repack``: TRL as it runs by default, to see that), the peers turn
+    the repack off through bitsandbytes' public ``Linear4bit.support_avx512bf16_for_cpu``, as dpo_xpu does: TRL's
+    best configuration that trains correctly."""
     import torch
     from peft import LoraConfig, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -508,6 +499,10 @@ def build_trl_peer(strategy: str, recipe: Any, train_dataset: Any, tokenizer: An
         device_map={"": device},
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
+    if not keep_cpu_repack:
+        for module in model.modules():
+            if getattr(module, "support_avx512bf16_for_cpu", False):
+                module.support_avx512bf16_for_cpu = False
     peft_config = LoraConfig(
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
@@ -811,6 +806,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-malloc", action="store_true", help="CPU: keep glibc's dynamic mmap threshold (RSS = heap high-water)"
     )
+    parser.add_argument(
+        "--trl-cpu-repack",
+        action="store_true",
+        help="keep bitsandbytes' AVX512-BF16 repack in TRL's peers, as TRL runs by default (CPU: its training after "
+        "the precompute then gets no gradient through the NF4 layers; see build_trl_peer)",
+    )
     parser.add_argument("--work-dir", type=Path, default=CACHE / "benchmark-work", help="run folders and cache")
     parser.add_argument(
         "--nproc", type=int, default=1, help="also run each strategy on N data-parallel processes (torchrun)"
@@ -976,6 +977,7 @@ def main(argv: list[str] | None = None) -> dict:
         learning_rate=5e-5,
         rows=steps * batch * world_size(),
         fit_rows=args.rows == "fit",
+        trl_cpu_repack=args.trl_cpu_repack,
     )
     logger.info("settings: %s", settings)
     out = args.out or PROJECT_ROOT / "benchmarks" / "results" / (

@@ -88,6 +88,33 @@ def test_eval_mode_forward_works_on_unaligned_nf4_layers(nf4_policy, stories260k
     assert out.shape[1] == inputs["input_ids"].shape[1] + 5
 
 
+def _lora_grads(policy, inputs) -> dict[str, torch.Tensor]:
+    policy.zero_grad()
+    torch.manual_seed(0)  # the same LoRA dropout masks
+    policy(**inputs, labels=inputs["input_ids"]).loss.backward()
+    return {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_an_evaluation_between_steps_leaves_the_training_gradients_as_they_were(nf4_policy, stories260k_path):
+    """A no-grad eval-mode forward (evaluation, generation, a precompute) must not change what the next training step
+    computes. bitsandbytes 0.50 repacks NF4 weights for its AVX512-BF16 inference kernel at such a call and keeps
+    them packed; training then runs that kernel, which has no backward: no gradient would flow through the NF4
+    layers to the earlier layers' LoRA matrices. dpo_xpu keeps one kernel (disable_cpu_nf4_repack)."""
+    tok = load_tokenizer(stories260k_path)
+    inputs = tok(["Lily saw a big dog. She was happy."], return_tensors="pt")
+    nf4_policy.train()
+    before = _lora_grads(nf4_policy, inputs)
+    nf4_policy.eval()
+    with torch.no_grad():
+        nf4_policy(**inputs)
+    nf4_policy.train()
+    after = _lora_grads(nf4_policy, inputs)
+    nf4_policy.zero_grad()
+    assert before.keys() == after.keys() and any("layers.0." in n for n in before)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
 def test_reference_is_frozen_and_matches_the_policy_at_init(nf4_policy, stories260k_path):
     reference = load_reference_model(stories260k_path, "nf4", CPU, dtype=torch.float32)
     assert not reference.training
