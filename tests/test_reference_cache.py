@@ -153,7 +153,12 @@ def test_wrong_rows_or_key_rejected(base, tmp_path):
 
 
 def test_precomputed_equals_adapter_off_per_step(base, tmp_path):
-    """Losses and rewards of each of 3 steps agree within 1e-4 (lr 1e-2, so the policy moves)."""
+    """The precomputed reference is the adapter-off one: at step 1 (no update yet) loss and rewards agree within
+    1e-4; over 3 steps at lr 1e-2 (so the policy moves) and on every batch the rewards agree within 0.5% of their
+    scale. Not 1e-4 after step 1: the precompute batches rows by length, so its sums round differently (3e-5 nats
+    on the AVX-512 CI machine), and Adam's early steps amplify that (7e-3 in rewards of about 7 by step 3, 0.1% of
+    their scale), by an amount that depends on the CPU's kernels. A misaligned or wrong reference moves a reward by
+    several tenths."""
     recipe, _, _ = base
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")
 
@@ -168,9 +173,12 @@ def test_precomputed_equals_adapter_off_per_step(base, tmp_path):
     adapter_off, precomputed = steps(False), steps(True)
     assert len(adapter_off) == len(precomputed) == 3
     assert adapter_off[-1]["rewards/margins"] != 0.0  # the policy did move away from the reference
+    for k in keys:
+        assert adapter_off[0][k] == pytest.approx(precomputed[0][k], abs=1e-4), (k, adapter_off[0], precomputed[0])
     for a, b in zip(adapter_off, precomputed):
-        for k in keys:
-            assert a[k] == pytest.approx(b[k], abs=1e-4), (k, a, b)
+        scale = max(abs(a["rewards/chosen"]), abs(a["rewards/rejected"]))
+        for k in keys[1:]:
+            assert a[k] == pytest.approx(b[k], abs=1e-4 + 5e-3 * scale), (k, a, b)
 
 
 @pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy")])
