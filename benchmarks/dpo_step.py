@@ -481,8 +481,9 @@ def build_trl_peer(
     kernel, which has no backward (bitsandbytes warns "an autograd kernel was not registered ... silently incorrect
     behavior"): no gradient flows through the NF4 layers, and a layer with a bias (Qwen2's q/k/v) fails outright.
     So, unless ``keep_cpu_repack`` (``--trl-cpu-repack``: TRL as it runs by default, to see that), the peers turn
-    the repack off through bitsandbytes' public ``Linear4bit.support_avx512bf16_for_cpu``, as dpo_xpu does: TRL's
-    best configuration that trains correctly."""
+    the repack off with :func:`dpo_xpu.models.backends.native.disable_cpu_nf4_repack` (bitsandbytes' public
+    ``Linear4bit.support_avx512bf16_for_cpu``), the call the troubleshooting page gives users who load NF4 models
+    themselves: TRL's best configuration that trains correctly."""
     import torch
     from peft import LoraConfig, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -500,9 +501,9 @@ def build_trl_peer(
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
     if not keep_cpu_repack:
-        for module in model.modules():
-            if getattr(module, "support_avx512bf16_for_cpu", False):
-                module.support_avx512bf16_for_cpu = False
+        from dpo_xpu.models.backends.native import disable_cpu_nf4_repack
+
+        disable_cpu_nf4_repack(model)
     peft_config = LoraConfig(
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
