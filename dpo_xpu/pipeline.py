@@ -373,8 +373,9 @@ def export_merged(
     The merge is :func:`dpo_xpu.eval.export.merge_and_save` (unquantized base in bf16, PEFT ``merge_and_unload``), on
     the CPU. With ``texts`` it is :func:`dpo_xpu.eval.export.merge_checked`: the merged model's logits on them are
     compared with the adapter model's, and where rounding to bf16 moved them by more than
-    :data:`~dpo_xpu.eval.export.MERGE_RTOL` (2%) of their scale the weights are saved in float32 instead, saying why
-    in the log; the check's report goes to ``<run>/merge_check.json``. With ``sft_checkpoint``, the base the adapter
+    :data:`~dpo_xpu.eval.export.MERGE_RTOL` (10%) of the adapter's own effect, or changed a greedy continuation, the
+    weights are saved in float32 instead, saying why in the log; the check's report goes to
+    ``<run>/merge_check.json``. With ``sft_checkpoint``, the base the adapter
     was trained on is the SFT weights: they are written once in bf16 to a temporary folder, which is then the merge's
     base.
 
@@ -415,16 +416,21 @@ def _merge(
         return merge_and_save(adapter_dir, base, out_dir=out_dir)
     merged, report = merge_checked(adapter_dir, base, out_dir, list(texts))
     (run_dir / MERGE_CHECK_FILE).write_text(json.dumps(report, indent=2, default=str))
+    from dpo_xpu.eval.export import merge_mismatch
+
     logger.log(
         logging.INFO if report["matches"] else logging.WARNING,
-        "merged model in %s (%s): logits within %.3g of the adapter model's (largest %.3g)%s",
+        "merged model in %s (%s): logits within %.3g of the adapter model's (%.0f%% of the adapter's effect), greedy "
+        "text the same on %d of %d prompts%s",
         merged,
         report["weights_dtype"],
         report["max_abs_diff"],
-        report["max_abs_logit"],
+        100 * report["effect_ratio"],
+        report["greedy_same"],
+        report["greedy_texts"],
         ""
         if report["matches"]
-        else f"; more than {report['rtol']:.0%} apart: check {run_dir / MERGE_CHECK_FILE} before using it",
+        else f"; the merge {merge_mismatch(report, report['rtol'])}: check {run_dir / MERGE_CHECK_FILE}",
     )
     return merged
 

@@ -118,6 +118,8 @@ def test_merged_bf16_model_reproduces_the_adapter_logits(tmp_path, adapter_dir, 
     assert check["weights_dtype"] == "bfloat16" and check["compute_dtype"] == "float32"
     assert check["max_abs_diff"] <= 0.02 * check["max_abs_logit"]  # one bf16 rounding of the merged weights
     assert check["max_abs_diff"] < check["adapter_effect"] / 5
+    assert check["effect_ratio"] == pytest.approx(check["max_abs_diff"] / check["adapter_effect"])
+    assert check["greedy_texts"] == 2 and len(check["greedy_first_difference"]) == 2
 
 
 def test_merge_in_float32_is_exact_to_rounding(tmp_path, adapter_dir, stories260k_path, pairs):
@@ -135,12 +137,28 @@ def test_merge_checked_keeps_bf16_where_it_matches_and_falls_back_to_float32_wit
     out, kept = merge_checked(adapter_dir, stories260k_path, tmp_path / "merged", texts)
     assert out == tmp_path / "merged" and kept["weights_dtype"] == "bfloat16"
     assert kept["matches"] is True and kept["fallback"] is None
+    assert kept["effect_ratio"] <= kept["rtol"] and kept["greedy_same"] == kept["greedy_texts"] == 2
     # a bound the bf16 rounding cannot meet: the float32 merge is saved instead, and the report says why
-    strict = kept["max_abs_diff"] / kept["max_abs_logit"] / 2
+    strict = kept["effect_ratio"] / 2
     _, fell_back = merge_checked(adapter_dir, stories260k_path, tmp_path / "merged", texts, rtol=strict)
     assert fell_back["weights_dtype"] == "float32" and "saved in float32" in fell_back["fallback"]
+    assert "of the adapter's own effect" in fell_back["fallback"] and fell_back["matches"] is True
     assert fell_back["max_abs_diff"] < kept["max_abs_diff"] / 10
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_merge_judged_against_the_adapters_effect_and_greedy_text():
+    from dpo_xpu.eval.export import _merge_matches, merge_mismatch
+
+    # SmolLM2 after a short run: 1% of the largest logit, but 60% of what the adapter does: not a faithful merge
+    report = dict(max_abs_diff=0.419, adapter_effect=0.692, effect_ratio=0.419 / 0.692, max_abs_logit=38.9)
+    assert not _merge_matches({**report, "greedy_same": 3, "greedy_texts": 3}, rtol=0.1)
+    assert "61% of the adapter's own effect" in merge_mismatch({**report, "greedy_same": 3, "greedy_texts": 3}, 0.1)
+    # logits close, but one greedy continuation changed: not faithful either
+    close = {**report, "max_abs_diff": 0.01, "effect_ratio": 0.01 / 0.692, "greedy_same": 2, "greedy_texts": 3}
+    assert not _merge_matches(close, rtol=0.1)
+    assert merge_mismatch(close, 0.1) == "changed the greedy text of 1 of 3 prompts"
+    assert _merge_matches({**close, "greedy_same": 3}, rtol=0.1)
 
 
 def test_write_evaluation_and_refuse_non_finite(tmp_path):
