@@ -18,6 +18,20 @@ def test_the_bitsandbytes_kernels_line_is_dropped_and_other_lines_are_not(caplog
     assert "some other bitsandbytes warning" in caplog.text
 
 
+def test_the_offline_kernels_line_is_dropped_at_every_start(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # the line comes from importing bitsandbytes with HF_HUB_OFFLINE=1 (kernels' hub check), as the docs advise
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    code = "import dpo_xpu, logging, bitsandbytes; logging.getLogger('kernels._internals.hf_hub').warning('kept')"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Skipping publisher trust check" not in result.stderr
+    assert "kept" in result.stderr
+
+
 def test_only_the_checkpointing_deprecations_are_silenced():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
