@@ -351,6 +351,7 @@ def save_adapter(
     Args:
         recipe: the run's recipe; default the run folder's ``recipe.yaml`` (no card when there is none).
     """
+    from dpo_xpu.files import apply_umask
     from dpo_xpu.outputs.model_card import write_model_cards
     from dpo_xpu.recipes import load_recipe
 
@@ -362,6 +363,7 @@ def save_adapter(
         recipe = load_recipe(Path(run_dir) / "recipe.yaml")
     if recipe is not None:
         write_model_cards(recipe, run_dir, adapter_dir)
+    apply_umask(adapter_dir)  # safetensors writes mode 600 whatever the umask
     return adapter_dir
 
 

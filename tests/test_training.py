@@ -57,6 +57,13 @@ def test_run_folder_holds_everything(trained):
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json"):
         assert (result.adapter_dir / name).is_file(), name
     assert not (result.adapter_dir / "ref").exists()
+    # every file with the user's umask (safetensors alone writes 600), so the group can read the adapter too
+    from dpo_xpu.files import current_umask
+
+    expected = 0o666 & ~current_umask()
+    assert {p.name: p.stat().st_mode & 0o777 for p in result.adapter_dir.iterdir() if p.is_file()} == {
+        p.name: expected for p in result.adapter_dir.iterdir() if p.is_file()
+    }
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from dpo_xpu.files import apply_umask
 from dpo_xpu.models.base import dtype_kwarg
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def merge_and_save(
         AutoTokenizer.from_pretrained(
             str(adapter_dir if has_tokenizer else base_model_name_or_path or base)
         ).save_pretrained(out_dir)
+    apply_umask(out_dir)  # safetensors writes mode 600 whatever the umask
     logger.info("merged model (%s) saved to %s", dtype, out_dir)
     return out_dir
 
