@@ -22,7 +22,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from dpo_xpu.data.truncation import answer_tokens, kept_answer_length
+from dpo_xpu.data.truncation import answer_tokens, char_limit, kept_answer_length, row_list
 from dpo_xpu.errors import PreferenceDataError
 
 logger = logging.getLogger(__name__)
@@ -126,6 +126,9 @@ REASONS = ("prompt+chosen", "prompt+rejected")
 def drop_long_pairs(dataset: Any, tokenizer: Any, max_length: int) -> tuple[Any, dict[str, Any]]:
     """Keep the pairs whose prompt + chosen and prompt + rejected both fit in `max_length` tokens.
 
+    A side longer than :func:`dpo_xpu.data.truncation.char_limit` characters cannot fit: it counts as too long
+    without being tokenised, and a warning names its row.
+
     Args:
         dataset (`datasets.Dataset`): ChatML-formatted pairs, columns `prompt`, `chosen`, `rejected`.
         tokenizer (`PreTrainedTokenizerBase`): the run's tokenizer.
@@ -139,21 +142,36 @@ def drop_long_pairs(dataset: Any, tokenizer: Any, max_length: int) -> tuple[Any,
     Raises:
         PreferenceDataError: every pair is too long.
     """
-    lengths = token_lengths(dataset, tokenizer)
-    keep, reasons = [], dict.fromkeys(REASONS, 0)
-    for index, (prompt, chosen, rejected) in enumerate(zip(lengths["prompt"], lengths["chosen"], lengths["rejected"])):
-        too_long = {"prompt+chosen": prompt + chosen > max_length, "prompt+rejected": prompt + rejected > max_length}
-        for reason, hit in too_long.items():
-            reasons[reason] += hit
+    limit = char_limit(tokenizer, max_length)
+    prompts, keep, far, reasons = dataset["prompt"], [], [], dict.fromkeys(REASONS, 0)
+    for index, (prompt, *answers) in enumerate(zip(prompts, dataset["chosen"], dataset["rejected"])):
+        too_long = {}
+        for reason, answer in zip(REASONS, answers):
+            if len(prompt) + len(answer) > limit:  # cannot fit: not worth tokenising
+                too_long[reason] = True
+            else:
+                prompt_ids, answer_ids = answer_tokens(tokenizer, prompt, answer, None, None)
+                too_long[reason] = len(prompt_ids) + len(answer_ids) > max_length
+            reasons[reason] += too_long[reason]
+        if any(len(prompt) + len(answer) > limit for answer in answers):
+            far.append(index + 1)
         if not any(too_long.values()):
             keep.append(index)
+    rows = len(prompts)
     report = {
-        "rows": len(lengths["prompt"]),
+        "rows": rows,
         "kept": len(keep),
-        "dropped": len(lengths["prompt"]) - len(keep),
+        "dropped": rows - len(keep),
         "max_length": max_length,
         "reasons": reasons,
     }
+    if far:
+        logger.warning(
+            "drop_long_rows: %s far longer than max_length=%d tokens (over %d characters): dropped without tokenising",
+            row_list(far),
+            max_length,
+            limit,
+        )
     logger.info(
         "drop_long_rows: dropped %d of %d pairs longer than max_length=%d tokens (%s)",
         report["dropped"],

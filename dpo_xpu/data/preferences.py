@@ -3,14 +3,16 @@
 The data flow is the original recipe's (Maxime Labonne's "Fine-tune Mistral-7b with DPO", Intel's ipex-llm
 DPO example): rows with the columns ``system``, ``question``, ``chosen`` and ``rejected`` become a ChatML
 ``prompt`` (system turn, user turn, then the opening of the assistant turn) and two answers that each end
-with ``<|im_end|>``. Rows in TRL's conversational format (lists of chat messages, see
-:func:`validate_conversational_rows`) become the same strings through :func:`conversational_format`.
+with ``<|im_end|>`` (a warning says so once when the model's own template is not ChatML;
+``chat_format="model"`` writes them in that template instead). Rows in TRL's conversational format (lists of
+chat messages, see :func:`validate_conversational_rows`) are written in the model's own chat template by
+:func:`conversational_format` (the same ChatML strings when that template is ChatML, or there is none).
 
 ```python
 from dpo_xpu.data.preferences import DEMO_SAMPLE_PATH, format_orca_dataset, load_orca_dpo_pairs, train_eval_split
 
 rows = load_orca_dpo_pairs(DEMO_SAMPLE_PATH)  # or "Intel/orca_dpo_pairs" from the hub
-pairs = format_orca_dataset(rows, tokenizer)  # columns: prompt, chosen, rejected
+pairs = format_orca_dataset(rows, tokenizer, max_length=1536)  # columns: prompt, chosen, rejected
 train, evaluation = train_eval_split(pairs, eval_fraction=0.1, seed=42)
 ```
 """
@@ -27,6 +29,7 @@ from typing import Any
 
 import datasets
 
+from dpo_xpu.data.truncation import char_limit
 from dpo_xpu.errors import PreferenceDataError
 
 logger = logging.getLogger(__name__)
@@ -459,16 +462,161 @@ def load_orca_dpo_pairs(
     return dataset
 
 
+CHAT_FORMATS: tuple[str, ...] = ("auto", "model", "chatml")
+"""The values of `chat_format`: which chat format :func:`format_orca_dataset` writes the rows in.
+
+- `"auto"`: orca rows (and generic ones) in ChatML, as the original recipe does, with a warning when the model's
+  own template is not ChatML; conversational rows in the model's own template.
+- `"model"`: every row in the model's own chat template.
+- `"chatml"`: every row in ChatML (no warning).
+
+Where the tokenizer has no chat template, every value gives ChatML (`CHATML_TEMPLATE`)."""
+
+_WARNED: set[tuple[str, str]] = set()
+"""(tokenizer name, template) pairs already warned about by :func:`_warn_orca_in_chatml`, once per process."""
+
+
+def _template(tokenizer: Any) -> str | None:
+    """The tokenizer's own (default) chat template, or None when it has none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, Mapping):  # named templates: the default one formats chats
+        template = template.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
 def _is_chatml(template: Any) -> bool:
     return isinstance(template, str) and "<|im_start|>" in template and "<|im_end|>" in template
 
 
+def _check_chat_format(chat_format: str) -> None:
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"chat_format: unknown {chat_format!r}. Fix: use one of {list(CHAT_FORMATS)}.")
+
+
+def _in_model_template(tokenizer: Any, chat_format: str, orca: bool) -> bool:
+    """Whether rows go through the tokenizer's own template, split into prompt and answers (not ChatML)."""
+    _check_chat_format(chat_format)
+    wanted = chat_format == "model" or (chat_format == "auto" and not orca)
+    return wanted and _template(tokenizer) is not None and not _is_chatml(_template(tokenizer))
+
+
+def _warn_orca_in_chatml(tokenizer: Any, chat_format: str) -> None:
+    """Say once per process and tokenizer that orca rows are written in ChatML for a model with another template."""
+    template = _template(tokenizer)
+    if chat_format != "auto" or template is None or _is_chatml(template):
+        return
+    key = (str(getattr(tokenizer, "name_or_path", "")), template)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    logger.warning(
+        "Orca rows are formatted in ChatML, as the original recipe does, but the tokenizer %r has its own chat "
+        "template, which is not ChatML: the model is trained in a chat format other than its own. Set chat_format: "
+        "model (recipe key) to render them with the model's own template, or chat_format: chatml to keep ChatML "
+        "and silence this warning.",
+        key[0],
+    )
+
+
 def _chatml_prompt(messages: Sequence[Mapping[str, str]], tokenizer: Any) -> str:
     """The chat template (the tokenizer's when ChatML, else `CHATML_TEMPLATE`) with the assistant turn opened."""
-    template = None if _is_chatml(getattr(tokenizer, "chat_template", None)) else CHATML_TEMPLATE
+    template = None if _is_chatml(_template(tokenizer)) else CHATML_TEMPLATE
     return tokenizer.apply_chat_template(
         list(messages), chat_template=template, tokenize=False, add_generation_prompt=True
     )
+
+
+def _chatml_render(
+    prompt: list[dict[str, str]], answers: Mapping[str, list[dict[str, str]]], tokenizer: Any
+) -> dict[str, str]:
+    """The recipe's ChatML strings: an answer is its first message's content plus `IM_END`, then whole turns."""
+    formatted = {"prompt": _chatml_prompt(prompt, tokenizer)}
+    for column, answer in answers.items():
+        formatted[column] = "".join(
+            ("" if index == 0 else f"<|im_start|>{message['role']}\n") + message["content"] + IM_END
+            for index, message in enumerate(answer)
+        )
+    return formatted
+
+
+_MODEL_FIX = "or set chat_format: chatml to format the rows in ChatML"
+
+
+def _model_render(
+    prompt: list[dict[str, str]], answers: Mapping[str, list[dict[str, str]]], tokenizer: Any, where: str
+) -> dict[str, str]:
+    """The tokenizer's own template: the prompt with the generation prompt, each answer the rest of the whole chat."""
+    from jinja2 import TemplateError
+
+    try:
+        formatted = {"prompt": tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)}
+        wholes = {
+            column: tokenizer.apply_chat_template(prompt + answer, tokenize=False) for column, answer in answers.items()
+        }
+    except TemplateError as error:
+        raise PreferenceDataError(
+            f"{where}: the tokenizer's chat template refused the messages ({error}). Fix: change the row's "
+            f"messages to what the template accepts (e.g. no system message), {_MODEL_FIX}."
+        ) from None
+    for column, whole in wholes.items():
+        if not whole.startswith(formatted["prompt"]):
+            pairs = enumerate(zip(formatted["prompt"], whole, strict=False))
+            at = next((i for i, (a, b) in pairs if a != b), len(whole))
+            raise PreferenceDataError(
+                f"{where}, column {column!r}: the tokenizer's chat template renders the whole conversation "
+                f"differently from the prompt with its generation prompt (prompt: {formatted['prompt'][at:][:30]!r}, "
+                f"conversation: {whole[at:][:30]!r} there), so the answer cannot be split off. Fix: give the "
+                f"tokenizer a template whose generation prompt begins the assistant turn, {_MODEL_FIX}."
+            )
+        formatted[column] = whole[len(formatted["prompt"]) :]
+        if not formatted[column].strip():
+            raise PreferenceDataError(
+                f"{where}, column {column!r}: the tokenizer's chat template renders no answer after the prompt. "
+                f"Fix: give the tokenizer a template that renders assistant messages, {_MODEL_FIX}."
+            )
+    return formatted
+
+
+def _cut_far_too_long(formatted: dict[str, str], tokenizer: Any, max_length: int | None, where: str) -> None:
+    """Cut, in place, texts too long to fit in `max_length` tokens, before anything tokenises them whole."""
+    if max_length is None:
+        return
+    limit = char_limit(tokenizer, max_length)
+    long = {column: len(text) for column, text in formatted.items() if len(text) > limit}
+    if not long:
+        return
+    for column in long:
+        text = formatted[column]
+        formatted[column] = text[-limit:] if column == "prompt" else text[:limit]
+    logger.warning(
+        "%s is far longer than max_length=%d tokens can hold (%s; more than %d characters cannot fit in %d tokens "
+        "with this tokenizer): cut to %d characters before tokenising (the prompt keeps its end, an answer its "
+        "start, as truncation does); drop_long_rows drops the row, otherwise training truncates it.",
+        where,
+        max_length,
+        ", ".join(f"{column}: {size:,} characters" for column, size in long.items()),
+        limit,
+        max_length,
+        limit,
+    )
+
+
+def _format(
+    prompt: list[dict[str, str]],
+    answers: Mapping[str, list[dict[str, str]]],
+    tokenizer: Any,
+    row: int | None,
+    in_model_template: bool,
+    max_length: int | None,
+) -> dict[str, str]:
+    where = f"row {row}" if row is not None else "row"
+    if in_model_template:
+        formatted = _model_render(prompt, answers, tokenizer, where)
+    else:
+        formatted = _chatml_render(prompt, answers, tokenizer)
+    _cut_far_too_long(formatted, tokenizer, max_length, where)
+    _check_boundary(formatted, tokenizer, row)
+    return formatted
 
 
 def _check_boundary(formatted: Mapping[str, str], tokenizer: Any, row: int | None) -> None:
@@ -490,18 +638,31 @@ def _check_boundary(formatted: Mapping[str, str], tokenizer: Any, row: int | Non
         )
 
 
-def chatml_format(example: Mapping[str, Any], tokenizer: Any, row: int | None = None) -> dict[str, str]:
+def chatml_format(
+    example: Mapping[str, Any],
+    tokenizer: Any,
+    row: int | None = None,
+    chat_format: str = "auto",
+    max_length: int | None = None,
+) -> dict[str, str]:
     """Turn one orca row into a ChatML prompt and two answers, as the original recipe does.
 
     The prompt is the chat template applied to a system turn (only when `system` is non-empty) and a user turn
     (`question`), with `add_generation_prompt=True`. The tokenizer's own template is used when it is ChatML;
-    otherwise `CHATML_TEMPLATE` is passed for this call (the tokenizer is not changed). Each answer gets
-    `"<|im_end|>\\n"` appended.
+    otherwise `CHATML_TEMPLATE` is passed for this call (the tokenizer is not changed), with a warning, once per
+    process and tokenizer, when the tokenizer has a template of another format. Each answer gets
+    `"<|im_end|>\\n"` appended. With `chat_format="model"`, the row is written in the tokenizer's own template
+    instead, as :func:`conversational_format` writes a conversational row.
 
     Args:
         example (`Mapping[str, Any]`): a row with the columns `system`, `question`, `chosen`, `rejected`.
         tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
         row (`int`, *optional*): the 1-based row number quoted in errors; defaults to `example.get("_row")`.
+        chat_format (`str`, defaults to `"auto"`): one of `CHAT_FORMATS`. `"auto"` and `"chatml"` give ChatML
+            (`"chatml"` without the warning); `"model"` the tokenizer's own template (ChatML when it has none).
+        max_length (`int`, *optional*): the run's `max_length` (tokens). Given, a text longer than
+            :func:`dpo_xpu.data.truncation.char_limit` characters, which cannot fit, is cut to that many before
+            it is tokenised (the prompt keeps its end, an answer its start), with a warning naming the row.
 
     Returns:
         `dict[str, str]`: `{"prompt", "chosen", "rejected"}`.
@@ -509,57 +670,74 @@ def chatml_format(example: Mapping[str, Any], tokenizer: Any, row: int | None = 
     Raises:
         PreferenceDataError: the token ids of the prompt are not a prefix of those of prompt + answer (the
             prompt's last token merges with the answer's first one), so DPO would score part of the prompt as
-            answer. The message names the row and column and quotes the tokens at the boundary.
+            answer; or, with the model's template, the template refuses the messages or renders the prompt
+            differently from the start of the whole conversation. The message names the row and column.
+        ValueError: `chat_format` is not one of `CHAT_FORMATS`.
     """
-    messages = []
-    if example["system"]:
-        messages.append({"role": "system", "content": example["system"]})
-    messages.append({"role": "user", "content": example["question"]})
-    formatted = {
-        "prompt": _chatml_prompt(messages, tokenizer),
-        "chosen": example["chosen"] + IM_END,
-        "rejected": example["rejected"] + IM_END,
-    }
-    _check_boundary(formatted, tokenizer, example.get("_row") if row is None else row)
-    return formatted
+    in_model_template = _in_model_template(tokenizer, chat_format, orca=True)
+    if not in_model_template:
+        _warn_orca_in_chatml(tokenizer, chat_format)
+    prompt = [{"role": "system", "content": example["system"]}] if example["system"] else []
+    prompt.append({"role": "user", "content": example["question"]})
+    answers = {column: [{"role": "assistant", "content": example[column]}] for column in ("chosen", "rejected")}
+    row = example.get("_row") if row is None else row
+    return _format(prompt, answers, tokenizer, row, in_model_template, max_length)
 
 
-def conversational_format(example: Mapping[str, Any], tokenizer: Any, row: int | None = None) -> dict[str, str]:
-    """Turn one conversational row into the same ChatML prompt and answers as :func:`chatml_format`.
+def conversational_format(
+    example: Mapping[str, Any],
+    tokenizer: Any,
+    row: int | None = None,
+    chat_format: str = "auto",
+    max_length: int | None = None,
+) -> dict[str, str]:
+    """Turn one conversational row into a prompt and two answers in the model's own chat template.
 
-    The prompt is the chat template applied to the `prompt` messages with `add_generation_prompt=True` (the
-    tokenizer's template when it is ChatML, else `CHATML_TEMPLATE`). An answer is its first (assistant)
-    message's content plus `"<|im_end|>\\n"`, as in :func:`chatml_format`; any further messages of the
-    answer follow as whole ChatML turns.
+    The prompt is the tokenizer's chat template applied to the `prompt` messages with
+    `add_generation_prompt=True`; an answer is what the template renders after that prompt for the whole
+    conversation (`prompt` + the answer's messages), so prompt + answer is the whole conversation, as the model
+    saw chats in its own training. When the tokenizer's template is ChatML, or it has none (or `chat_format`
+    is `"chatml"`), the row gets the strings of :func:`chatml_format` instead: an answer is its first
+    (assistant) message's content plus `"<|im_end|>\\n"`, and any further messages follow as whole ChatML turns.
 
     Args:
         example (`Mapping[str, Any]`): a row with `prompt`, `chosen` and `rejected` lists of messages, as
             :func:`validate_conversational_rows` returns them (implicit prompts already split off).
         tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
         row (`int`, *optional*): the 1-based row number quoted in errors; defaults to `example.get("_row")`.
+        chat_format (`str`, defaults to `"auto"`): one of `CHAT_FORMATS`; `"auto"` and `"model"` give the
+            model's template, `"chatml"` ChatML.
+        max_length (`int`, *optional*): the run's `max_length` (tokens), to cut texts that cannot fit, as in
+            :func:`chatml_format`.
 
     Returns:
         `dict[str, str]`: `{"prompt", "chosen", "rejected"}`.
 
     Raises:
-        PreferenceDataError: the token-boundary check of :func:`chatml_format` fails.
+        PreferenceDataError: the token-boundary check of :func:`chatml_format` fails, or the model's template
+            refuses the messages or renders the prompt differently from the start of the whole conversation.
+        ValueError: `chat_format` is not one of `CHAT_FORMATS`.
     """
-    formatted = {"prompt": _chatml_prompt(example["prompt"], tokenizer)}
-    for column in ("chosen", "rejected"):
-        formatted[column] = "".join(
-            ("" if index == 0 else f"<|im_start|>{message['role']}\n") + message["content"] + IM_END
-            for index, message in enumerate(example[column])
-        )
-    _check_boundary(formatted, tokenizer, example.get("_row") if row is None else row)
-    return formatted
+    in_model_template = _in_model_template(tokenizer, chat_format, orca=False)
+    answers = {column: list(example[column]) for column in ("chosen", "rejected")}
+    row = example.get("_row") if row is None else row
+    return _format(list(example["prompt"]), answers, tokenizer, row, in_model_template, max_length)
 
 
-def _format_row(example: dict[str, Any], index: int, tokenizer: Any) -> dict[str, str]:
+def _format_row(
+    example: dict[str, Any], index: int, tokenizer: Any, chat_format: str, max_length: int | None
+) -> dict[str, str]:
     formatter = chatml_format if "question" in example else conversational_format
-    return formatter(example, tokenizer, row=index + 1)
+    return formatter(example, tokenizer, row=index + 1, chat_format=chat_format, max_length=max_length)
 
 
-def format_orca_dataset(dataset: datasets.Dataset, tokenizer: Any, num_proc: int | None = None) -> datasets.Dataset:
+def format_orca_dataset(
+    dataset: datasets.Dataset,
+    tokenizer: Any,
+    num_proc: int | None = None,
+    chat_format: str = "auto",
+    max_length: int | None = None,
+) -> datasets.Dataset:
     """Apply :func:`chatml_format` (or, to conversational rows, :func:`conversational_format`) to every row and
     keep only `prompt`, `chosen` and `rejected`.
 
@@ -569,20 +747,29 @@ def format_orca_dataset(dataset: datasets.Dataset, tokenizer: Any, num_proc: int
             :func:`dpo_xpu.data.sources.load_preference_pairs`.
         tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
         num_proc (`int`, *optional*): worker processes for `Dataset.map`; `None` formats in this process.
+        chat_format (`str`, defaults to `"auto"`): one of `CHAT_FORMATS`: `"auto"` writes orca rows in ChatML
+            (warning once when the model's template is another) and conversational rows in the model's template;
+            `"model"` writes every row in the model's template; `"chatml"` every row in ChatML.
+        max_length (`int`, *optional*): the run's `max_length` (tokens). Given, texts far too long to fit are cut
+            before they are tokenised, as :func:`chatml_format` says; `None` tokenises every text whole.
 
     Returns:
         `datasets.Dataset`: the columns `prompt`, `chosen`, `rejected` (every original column is dropped).
 
     Raises:
-        PreferenceDataError: a row fails the token-boundary check of :func:`chatml_format`; the row number
-            is its 1-based position in `dataset`.
+        PreferenceDataError: a row fails the token-boundary check of :func:`chatml_format`, or the model's
+            template cannot format it; the row number is its 1-based position in `dataset`.
+        ValueError: `chat_format` is not one of `CHAT_FORMATS`.
     """
+    _check_chat_format(chat_format)
+    if "question" in dataset.column_names and not _in_model_template(tokenizer, chat_format, orca=True):
+        _warn_orca_in_chatml(tokenizer, chat_format)  # here too: a cached map would not call chatml_format
     formatted = dataset.map(
-        partial(_format_row, tokenizer=tokenizer),
+        partial(_format_row, tokenizer=tokenizer, chat_format=chat_format, max_length=max_length),
         with_indices=True,
         remove_columns=dataset.column_names,
         num_proc=num_proc,
-        desc="ChatML formatting",
+        desc="Chat formatting",
     )
     return formatted.select_columns(["prompt", "chosen", "rejected"])
 

@@ -10,7 +10,9 @@ wrapped twice: write the bare user message.)
 Conversational sources (``chosen`` and ``rejected`` lists of ``{"role", "content"}`` messages, with a
 ``prompt`` list or, without one, whole conversations sharing their start) are read into ``prompt``,
 ``chosen``, ``rejected`` message lists, formatted by :func:`dpo_xpu.data.preferences.conversational_format`
-into the same ChatML strings. A mixture holding a conversational source turns its orca sources into messages too.
+in the model's own chat template (the same ChatML strings when that template is ChatML or missing). A mixture
+holding a conversational source turns its orca sources into messages too, so that every row of the mixture gets
+the same chat format. ``chat_format`` (see :data:`dpo_xpu.data.preferences.CHAT_FORMATS`) chooses the format.
 
 ```python
 from dpo_xpu.data.sources import load_preference_pairs, mix_sources
@@ -238,7 +240,8 @@ def mix_sources(
 
     Returns:
         `tuple[datasets.Dataset, dict[str, int]]`: the mixed rows (orca columns; conversational columns when a
-        source is conversational) and the rows drawn per source.
+        source is conversational, so that every row is then formatted in the same chat format) and the rows drawn
+        per source.
 
     Raises:
         PreferenceDataError: a source cannot be loaded or holds a bad row.
