@@ -66,15 +66,22 @@ def launch_training(
         The run folder (``recipe.output_dir``).
 
     Raises:
-        RecipeError: ``num_processes`` < 1, or more processes than the recipe's devices.
+        RecipeError: a bad recipe (as :func:`~dpo_xpu.recipes.make_recipe` and
+            :func:`~dpo_xpu.recipes.load_recipe` raise it), ``num_processes`` < 1, or more processes than the
+            recipe's devices.
         DpoXpuError: from training, as :func:`~dpo_xpu.pipeline.run_training` raises them.
     """
-    from dpo_xpu.recipes import Recipe, load_recipe
+    from dpo_xpu.recipes import Recipe, load_recipe, make_recipe
 
     if isinstance(recipe, dict):
-        recipe = Recipe(**recipe)
-    elif not isinstance(recipe, Recipe):
+        recipe = make_recipe(recipe)  # as a recipe file: TRL's options accepted, values converted and checked
+    elif isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
+    elif not isinstance(recipe, Recipe):
+        raise RecipeError(
+            f"launch_training: recipe must be a Recipe, a YAML path or a dict of recipe keys, found "
+            f"{type(recipe).__name__}"
+        )
     on_cpu = recipe.device.startswith("cpu")
     kind, count = _device_count()
     if num_processes is None:

@@ -8,14 +8,19 @@ its value. Papermill sets notebook variables, not a recipe, hence this small hel
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
+
+from dpo_xpu.errors import RecipeError
 
 #: What the demo preset sets beyond recipes/cpu_demo.yaml: a held-out split and short samples for notebook 4.
 DEMO_EXTRAS: dict[str, Any] = {"eval_fraction": 0.1, "num_samples": 3, "max_new_tokens": 48}
 #: Recipe values that are paths relative to the project root.
 DEMO_PATHS = ("model_name_or_path", "dataset_name_or_path", "output_dir")
 PRESETS = (None, "demo")
+#: What each preset but ``None`` is, for the message that refuses an unknown one.
+PRESET_HELP = {"demo": "the tiny offline demo on the CPU, recipes/cpu_demo.yaml"}
 
 
 def apply_preset(
@@ -36,12 +41,18 @@ def apply_preset(
         ``{name: new value}`` of the variables it changed (printed in one line).
 
     Raises:
-        ValueError: an unknown ``preset``.
+        RecipeError: an unknown ``preset`` (one line in the notebook: the valid presets, and the closest one).
     """
     if preset is None:
         return {}
     if preset not in PRESETS:
-        raise ValueError(f'preset = {preset!r}: use None (the defaults above) or "demo"')
+        names = [name for name in PRESETS if name is not None]
+        close = difflib.get_close_matches(str(preset).strip().lower(), names, n=1)
+        hint = f'did you mean "{close[0]}"? ' if close else ""
+        raise RecipeError(
+            f"preset = {preset!r} is not a preset: {hint}use None (the defaults above, for an Intel GPU) or "
+            + " or ".join(f'"{name}" ({PRESET_HELP[name]})' for name in names)
+        )
     import dpo_xpu
     from dpo_xpu.recipes import load_recipe
 

@@ -12,7 +12,12 @@ backend), whose ``DPOConfig`` fields differ, and because it also holds model and
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import enum
+import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -360,6 +365,12 @@ class Recipe:
     )
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name == "trl_options":
+                for name, value in (self.trl_options or {}).items():
+                    _check_number(name, value)
+            else:
+                _check_number(f.name, getattr(self, f.name))
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
         _check_choice("reference", self.reference, REFERENCE_STRATEGIES)
@@ -561,6 +572,10 @@ MANAGED_TRL_OPTIONS = {
 }
 #: Options accepted although the installed transformers may lack them (see the Recipe's docstring).
 TRL_OPTION_ALIASES = ("warmup_ratio",)
+#: The largest integer a recipe value may hold (PyTorch's int64).
+MAX_INT = 2**63 - 1
+#: How messages name the type a value should have.
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
 
 
 def trl_option_names() -> dict[str, Any]:
@@ -579,12 +594,210 @@ def trl_option_names() -> dict[str, Any]:
     return names
 
 
-def _coerce_trl_option(name: str, value: Any, default: Any) -> Any:
-    """A ``--set`` value for a TRL option, converted to the type of its default where that is a plain scalar
-    (PyYAML reads ``5e-5`` as a string)."""
-    if isinstance(value, str) and isinstance(default, (bool, int, float)) and not isinstance(default, str):
-        return _coerce(name, value, type(default))
-    return value
+def trl_option_types() -> dict[str, Any]:
+    """The type annotation of each option of :func:`trl_option_names` in the installed TRL's ``DPOConfig``
+    (``float`` for :data:`TRL_OPTION_ALIASES` it lacks; ``None`` where the annotation cannot be resolved)."""
+    from trl import DPOConfig
+
+    try:
+        hints = get_type_hints(DPOConfig)
+    except Exception:  # an annotation this Python cannot evaluate: keep those that are objects already
+        hints = {f.name: f.type for f in fields(DPOConfig) if not isinstance(f.type, str)}
+    found = {name: hints.get(name) for name in trl_option_names()}
+    for alias in TRL_OPTION_ALIASES:
+        found[alias] = found.get(alias) or float
+    return found
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    """The members of a ``Union`` / ``X | Y`` annotation, or the annotation alone."""
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        return get_args(annotation)
+    return (annotation,)
+
+
+def _describe(members: tuple[Any, ...]) -> str:
+    """How a message names the values an annotation's members accept: ``"an integer"``, ``"a string or a list"``."""
+    words = []
+    for member in members:
+        kind = get_origin(member) or member
+        if member is type(None):
+            continue
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            words.append(f"one of {', '.join(str(item.value) for item in kind)}")
+        elif kind is typing.Literal:
+            words.append(f"one of {', '.join(repr(arg) for arg in get_args(member))}")
+        elif isinstance(kind, type) and issubclass(kind, dict):
+            words.append("a mapping")
+        else:
+            words.append(_TYPE_WORDS.get(kind, getattr(kind, "__name__", str(kind))))
+    return " or ".join(dict.fromkeys(words)) or "null"
+
+
+def _closest(word: str, candidates: list[str]) -> str | None:
+    """The candidate closest to ``word`` (difflib), or ``None`` where none is close."""
+    found = difflib.get_close_matches(word.lower(), candidates, n=1)
+    return found[0] if found else None
+
+
+def _check_number(name: str, value: Any) -> None:
+    """Refuse NaN, infinities and integers beyond :data:`MAX_INT` in a value, inside mappings and lists too.
+
+    Raises:
+        RecipeError: the first such number, named by its key (``dataset_mixture['a.jsonl']``, ``loss_weights[1]``).
+    """
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{name}: must be a finite number, found {value}: NaN and infinity are not accepted")
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise RecipeError(f"{name}: must be at most 2**63 - 1, found an integer of {len(str(abs(value)))} digits")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_number(f"{name}[{key!r}]", item)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_number(f"{name}[{index}]", item)
+
+
+def _to_int(name: str, value: Any) -> int:
+    """``value`` as an integer: an int, an integral float, or a string holding either (``"1e3"``).
+
+    Raises:
+        RecipeError: a value that overflows to infinity or is not finite.
+        ValueError: a value that is not an integer.
+    """
+    number = value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            number = float(value)
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ValueError(value)
+    if isinstance(number, float):
+        if not math.isfinite(number):
+            raise RecipeError(f"{name}: expected a finite integer, found {value!r}")
+        if not number.is_integer():
+            raise ValueError(value)
+    return int(number)
+
+
+def _to_float(name: str, value: Any) -> float:
+    """``value`` as a finite float (a number, or a string holding one, such as PyYAML's ``5e-5``).
+
+    Raises:
+        RecipeError: a value that is NaN or overflows to infinity (``1e999``).
+        ValueError: a value that is not a number.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise RecipeError(f"{name}: must be a finite number, found {value!r}: NaN and infinity are not accepted")
+    return number
+
+
+def _to_bool(value: Any) -> bool:
+    """``value`` as a bool: a bool, or ``true``/``false``/``yes``/``no``/``1``/``0`` as a string.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    raise ValueError(value)
+
+
+def _check_enum(name: str, value: str, kind: type[enum.Enum]) -> str:
+    """``value`` if it is one of the enum's values (transformers' ``OptimizerNames``, ``IntervalStrategy``, ...).
+
+    Raises:
+        RecipeError: another value; the message suggests the closest or lists them all.
+    """
+    choices = [str(item.value) for item in kind]
+    if value in choices:
+        return value
+    close = _closest(value, choices)
+    hint = f"did you mean {close!r}?" if close else f"use one of {', '.join(choices)}"
+    raise RecipeError(f"{name}: {value!r} is not one of the installed transformers' {kind.__name__}: {hint}")
+
+
+def _fit(name: str, value: Any, member: Any, convert: bool) -> tuple[bool, Any]:
+    """Whether ``value`` fits one member of a TRL option's annotation, and the value as that member's type.
+    ``convert=False`` accepts exact types only; ``True`` also converts (``"3"`` -> 3, 3 -> 3.0, ``"a,b"`` -> list).
+
+    Raises:
+        RecipeError: a list element or a number that cannot fit (named ``name[i]``).
+    """
+    kind = get_origin(member) or member
+    if kind is typing.Literal:
+        return value in get_args(member), value
+    if not isinstance(kind, type):
+        return True, value  # Any, a TypeVar, or an annotation dpo_xpu does not know: TRL checks it
+    if kind in (list, tuple):
+        if isinstance(value, str) and convert:
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        element = (get_args(member) or (Any,))[0]
+        items = [_coerce_trl_option(f"{name}[{i}]", item, element, dataclasses.MISSING) for i, item in enumerate(value)]
+        return True, items
+    if kind not in (bool, int, float, str):
+        return isinstance(value, kind) or convert and not issubclass(kind, (dict, enum.Enum)), value
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return True, value
+    if not convert:
+        return False, value
+    try:
+        if kind is int:
+            return True, _to_int(name, value)
+        if kind is float:
+            return True, _to_float(name, value)
+        if kind is bool:
+            return True, _to_bool(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)  # a number where a string is expected (run_name: 2024)
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, RecipeError):
+            raise
+    return False, value
+
+
+def _coerce_trl_option(name: str, value: Any, annotation: Any, default: Any) -> Any:
+    """A TRL option's value converted to the type of its ``DPOConfig`` field (PyYAML reads ``5e-5`` as a string,
+    ``--set`` gives strings), or refused, so that ``save_total_limit: abc`` fails here rather than at the first
+    checkpoint. Values of a field's enum (``optim``, ``eval_strategy``, ...) are checked against it.
+
+    Args:
+        name: the option (or ``option[i]`` for a list's element), for the message.
+        value: the recipe's value.
+        annotation: the field's annotation (:func:`trl_option_types`); ``None`` passes the value through.
+        default: the field's default (``None`` allows ``null`` whatever the annotation).
+
+    Raises:
+        RecipeError: a value the field's type cannot hold, with the type expected.
+    """
+    if annotation is None:
+        return value
+    members = _union_members(annotation)
+    if value is None:
+        if type(None) in members or default is None or Any in members:
+            return None
+        raise RecipeError(f"{name}: null is not allowed (expected {_describe(members)})")
+    enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
+    if enums and isinstance(value, str):
+        return _check_enum(name, value, enums[0])
+    for convert in (False, True):
+        for member in members:
+            if member is type(None):
+                continue
+            fits, converted = _fit(name, value, member, convert)
+            if fits:
+                return converted
+    raise RecipeError(f"{name}: expected {_describe(members)}, found {value!r}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -593,19 +806,25 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Convert a YAML or ``--set`` value to the field's type (PyYAML reads ``5e-5`` as a string)."""
+    """Convert a YAML or ``--set`` value to the field's type (PyYAML reads ``5e-5`` as a string).
+
+    Raises:
+        RecipeError: a value of another type, ``null`` for a key that needs a value, or a number that is not finite.
+    """
     args = [a for a in get_args(annotation) if a is not type(None)]
     if value is None:
         if type(None) in get_args(annotation):
             return None
-        raise RecipeError(f"{name}: null is not allowed (expected {getattr(annotation, '__name__', annotation)})")
+        raise RecipeError(f"{name}: null is not allowed (expected {_describe((annotation,))})")
     target = args[0] if args and get_origin(annotation) not in (list, dict) else annotation
     if get_origin(target) is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{name}: expected a mapping (source: proportion), found {value!r}")
         try:
-            return {str(k): float(v) for k, v in value.items()}
-        except (TypeError, ValueError):
+            return {str(k): _to_float(f"{name}[{k!r}]", v) for k, v in value.items()}
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, RecipeError):
+                raise
             raise RecipeError(f"{name}: proportions must be numbers, found {value!r}") from None
     if get_origin(target) is list or target is list:
         if isinstance(value, str):
@@ -617,35 +836,48 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         return "auto"  # a key that takes `auto` beside its own type (prefix_sharing)
     try:
         if target is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if isinstance(value, bool):
-                return value
-            raise ValueError
+            return _to_bool(value)
         if target is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) else int(value)
+            return _to_int(name, value)
         if target is float:
-            return float(value)
+            return _to_float(name, value)
         if target is str:
             return str(value)
-    except (TypeError, ValueError):
-        pass
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, RecipeError):
+            raise
     else:
         return value
-    raise RecipeError(f"{name}: expected {target.__name__}, found {value!r}")
+    raise RecipeError(f"{name}: expected {_TYPE_WORDS.get(target, target.__name__)}, found {value!r}")
+
+
+def _unknown_keys_message(unknown: list[str], known: list[str]) -> str:
+    """One line for keys neither dpo_xpu nor the installed TRL knows, each with the closest known key if any."""
+    import trl
+
+    named = []
+    for key in unknown:
+        close = _closest(key, known)
+        named.append(f"{key} (did you mean {close}?)" if close else key)
+    return (
+        f"unknown recipe key{'s' if len(unknown) > 1 else ''} {', '.join(named)}: neither dpo_xpu's nor an option of "
+        f"the installed TRL {trl.__version__}'s DPOConfig; fix the name (dpo-xpu train --help lists every key)"
+    )
 
 
 def make_recipe(values: dict[str, Any]) -> Recipe:
-    """Build a :class:`Recipe` from a dict, rejecting unknown keys and converting types.
+    """Build a :class:`Recipe` from a dict, rejecting unknown keys and converting types: dpo_xpu's keys to their
+    field's type, TRL's options to the type of their ``DPOConfig`` field (:func:`trl_option_types`).
 
     Raises:
-        RecipeError: an unknown key (the message lists the valid ones), a value of the wrong type,
-            or a value out of range.
+        RecipeError: an unknown key (the message suggests the closest valid one), a value of the wrong type, a
+            number that is not finite, or a value out of range.
     """
     valid = recipe_keys()
     values = dict(values)
+    names = [key for key in values if not isinstance(key, str)]
+    if names:
+        raise RecipeError(f"recipe key {names[0]!r} is not a name: keys are names such as learning_rate (key: value)")
     options = dict(values.pop("trl_options", None) or {})
     others = sorted(set(values) - set(valid))
     if others or options:
@@ -657,56 +889,135 @@ def make_recipe(values: dict[str, Any]) -> Recipe:
                 "; ".join(f"{key}: dpo_xpu sets this TRL option itself: {MANAGED_TRL_OPTIONS[key]}" for key in managed)
             )
         trl_names = trl_option_names()
-        unknown = sorted(set(options) - set(trl_names))
+        unknown = sorted(set(options) - set(trl_names), key=str)
         if unknown:
-            import trl
-
-            raise RecipeError(
-                f"unknown recipe key(s) {', '.join(unknown)}: neither dpo_xpu's nor an option of the installed TRL "
-                f"{trl.__version__}'s DPOConfig. Valid keys: {', '.join(valid)}, and TRL's options (dpo-xpu train "
-                "--help lists them)"
-            )
-        options = {key: _coerce_trl_option(key, value, trl_names[key]) for key, value in options.items()}
+            raise RecipeError(_unknown_keys_message(unknown, valid + sorted(trl_names)))
+        annotations = trl_option_types()
+        options = {
+            key: _coerce_trl_option(key, value, annotations.get(key), trl_names[key]) for key, value in options.items()
+        }
     hints = get_type_hints(Recipe)
-    recipe = Recipe(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
-    recipe.trl_options = options
+    recipe = Recipe(**{k: _coerce(k, v, hints[k]) for k, v in values.items()}, trl_options=options)
     return recipe
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping (PyYAML itself keeps the last silently)."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain values only, no tags such as ``!!python/object``) that also refuses a key
+    given twice in one mapping, at any depth."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges may be overridden on purpose
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = first_seen.setdefault(key, key_node)
+            except TypeError:
+                continue  # an unhashable key: PyYAML's own error follows
+            if first is not key_node:
+                raise _DuplicateKeyError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice, on lines {first.start_mark.line + 1} and "
+                    f"{key_node.start_mark.line + 1}",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[str, str, str]:
+    """A PyYAML error as one line's parts: where (``", line 2, column 1"``, or ``""``), what, and the fix."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow, found before parsing
+        problem = str(exc).splitlines()[0]
+        where = f", line {text.count(chr(10), 0, exc.position) + 1}"
+    problem = " ".join(str(problem or type(exc).__name__).split()).replace("tag:yaml.org,2002:", "!!")
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context not in problem and context_mark and mark and context_mark.line != mark.line:
+        problem += f" ({context} that starts on line {context_mark.line + 1})"
+    if isinstance(exc, _DuplicateKeyError):
+        fix = "keep one of them (YAML would silently keep the last)"
+    elif "'\\t'" in problem:
+        fix = "indent with spaces: YAML does not allow tabs"
+    elif "constructor for the tag" in problem:
+        fix = "remove the tag: a recipe holds plain values (numbers, strings, true/false, lists, mappings)"
+    elif isinstance(exc, yaml.reader.ReaderError):
+        fix = "remove that character"
+    else:
+        fix = (
+            "check the indentation of that line and the one before (top-level keys start in column 1, nested ones "
+            "are indented with spaces), and quote values that hold ': ', ' #' or brackets"
+        )
+    return where, problem, fix
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """Parse ``["key=value", ...]`` (the CLI's ``--set``) into a dict; values are read as YAML scalars.
 
     Raises:
-        RecipeError: an item without ``=``.
+        RecipeError: an item without ``=``, or a value that is not valid YAML (``beta=[``).
     """
     result: dict[str, Any] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"--set expects key=value, found {item!r}")
-        result[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            result[key.strip()] = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            _, problem, _ = _yaml_problem(exc, raw)
+            raise RecipeError(f"--set {item}: the value is not valid YAML ({problem}); quote it") from None
     return result
+
+
+def _read_recipe_file(path: Path) -> Any:
+    """The YAML document in ``path``, read as UTF-8 with :class:`_RecipeLoader`.
+
+    Raises:
+        RecipeError: the file is not UTF-8 (the byte, its offset and line), or not valid YAML (the line, the
+            problem and the fix), or repeats a key.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(
+            f"recipe file {path} is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}) is "
+            "not valid UTF-8 (a Latin-1 or Windows-1252 file?); save it as UTF-8 (iconv -f latin1 -t utf-8, or your "
+            "editor's encoding setting)"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as exc:
+        where, problem, fix = _yaml_problem(exc, text)
+        raise RecipeError(f"recipe file {path}{where}: {problem}; {fix}") from None
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
     """Load a recipe from a YAML file (a mapping of recipe keys) and apply overrides.
 
     Args:
-        path: YAML file; ``None`` starts from the defaults.
+        path: YAML file (UTF-8); ``None`` starts from the defaults.
         overrides: ``["key=value", ...]`` as given to ``--set``, or a dict; applied after the file.
 
     Raises:
-        RecipeError: the file is missing, is not a YAML mapping, or has unknown keys or bad values.
+        RecipeError: the file is missing, is not UTF-8, is not valid YAML, repeats a key, is not a YAML mapping, or
+            has unknown keys or bad values; each in one line naming the file or the key, and the fix.
     """
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe file {path} is not valid YAML: {exc}") from None
+        loaded = _read_recipe_file(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -10,14 +10,17 @@ naming the field and the TRL version, never silently dropped.
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
+import warnings
 from typing import Any
 
 from packaging.version import Version
 
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.models.backends import ipex_llm_config
-from dpo_xpu.recipes import Recipe
+from dpo_xpu.recipes import Recipe, recipe_keys, trl_option_types
 from dpo_xpu.train.losses import OWN_LOSSES
 from dpo_xpu.train.reference import reference_plan
 
@@ -220,3 +223,60 @@ def dpo_config_kwargs(
             per_device_eval_batch_size=recipe.per_device_train_batch_size,
         )
     return kwargs
+
+
+def validate_recipe(recipe: Recipe, use_cpu: bool = False, generation: str | None = None) -> None:
+    """Check the whole recipe by value against the installed TRL and transformers, before anything is loaded or
+    written: build their ``DPOConfig`` from it (:func:`dpo_config_kwargs`), whose ``__post_init__`` checks the
+    optimizer, the schedules, the strategies and their combinations. Building it creates no folder; it sets up
+    accelerate's process state as the trainer's later ``DPOConfig`` does (so call it after
+    :func:`dpo_xpu.distributed.init_distributed`). Its warnings are left for that later ``DPOConfig``.
+
+    Args:
+        recipe: the run's recipe.
+        use_cpu: train on the CPU (as the run will: ``bf16`` on a CPU is refused without it).
+        generation: ``"0.11"`` or ``"1.x"``; default the installed TRL's.
+
+    Raises:
+        RecipeError: a value the installed TRL or transformers refuses, in one line naming the key(s) where the
+            message lets them be found, else quoting transformers' message.
+    """
+    from trl import DPOConfig
+
+    kwargs = dpo_config_kwargs(recipe, generation, use_cpu=use_cpu)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            DPOConfig(**copy.deepcopy(kwargs))
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise RecipeError(_refusal(recipe, kwargs, exc)) from None
+
+
+def _refusal(recipe: Recipe, kwargs: dict[str, Any], exc: Exception) -> str:
+    """``DPOConfig``'s refusal of a recipe as one line: the recipe keys its message names (by name, as
+    ``--name``, or by the enum of their field: ``OptimizerNames`` -> ``optim``), its message, and the fix."""
+    import transformers
+    import trl
+
+    text = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    if len(text) > 400:
+        text = text[:397] + "..."
+    given = list(recipe.trl_options) + [key for key in recipe_keys() if key in kwargs]
+    named = [key for key in given if re.search(rf"(?<![A-Za-z0-9_]){re.escape(key)}(?![A-Za-z0-9_])", text)]
+    if not named:
+        annotations = trl_option_types()
+        named = [key for key in recipe.trl_options if _enum_names(annotations.get(key)) & set(re.findall(r"\w+", text))]
+    versions = f"the installed TRL {trl.__version__} / transformers {transformers.__version__}"
+    if named:
+        keys = ", ".join(dict.fromkeys(named))
+        return f"{keys}: {versions} refuses this recipe: {text}. Change {keys} (dpo-xpu train --help lists the options)"
+    return f"{versions} refuses this recipe's DPOConfig: {text}. Change the TRL option it names"
+
+
+def _enum_names(annotation: Any) -> set[str]:
+    """The names of the enums in an annotation (``OptimizerNames | str`` -> ``{"OptimizerNames"}``)."""
+    import enum
+    import typing
+
+    members = typing.get_args(annotation) or (annotation,)
+    return {m.__name__ for m in members if isinstance(m, type) and issubclass(m, enum.Enum)}
