@@ -36,7 +36,7 @@ from dpo_xpu.outputs.run_folder import (
 from dpo_xpu.recipes import Recipe
 from dpo_xpu.train.prefix_sharing import prefix_sharing_decision
 from dpo_xpu.train.reference import ReferencePlan, reference_plan
-from dpo_xpu.train.trl_config import dpo_config_kwargs, own_loss_type, trl_generation
+from dpo_xpu.train.trl_config import dpo_config_kwargs, own_loss_type, trl_generation, validate_recipe
 from dpo_xpu.train.trl_internals import require_internals, score_answer_tokens_only_on_cpu
 
 if TYPE_CHECKING:
@@ -80,7 +80,8 @@ def make_dpo_trainer(
     Returns:
         A ready ``trl.DPOTrainer``; call ``.train()``. ``trainer.decisions`` holds one line each on the reference
         strategy and prefix sharing as resolved (``auto``), and, for a precomputed reference,
-        ``trainer.reference_cache_info`` where its log-probs came from.
+        ``trainer.reference_cache_info`` where its train log-probs came from (a ``CacheInfo``; one per split, datasets
+        given to ``evaluate`` included, in ``trainer.reference_cache_by_split``).
 
     Raises:
         RecipeError: a recipe value the installed TRL cannot honour, or ``separate`` without a ``ref_model``.
@@ -142,8 +143,9 @@ def make_dpo_trainer(
     if plan.precomputed_by == "dpo_xpu":  # computed and cached after construction, with the trainer's collator
         from dpo_xpu.train.reference_cache import attach_precomputed_reference
 
-        info = main_process_first(attach_precomputed_reference, trainer, recipe)  # computed once, by rank 0
-        trainer.reference_cache_info = info  # where the log-probs came from (a CacheInfo), for reports
+        # computed once, by rank 0; it sets trainer.reference_cache_info (the train split's CacheInfo, for reports)
+        # and trainer.reference_cache_by_split, which evaluate(new_dataset) adds to
+        info = main_process_first(attach_precomputed_reference, trainer, recipe)
         logger.info("reference log-probs %s: %s", "reused from cache" if info.hit else "computed", info.path)
     return trainer
 
@@ -501,6 +503,7 @@ def run_training(
     device = select_device(recipe.device)  # an absent device fails here, before anything is loaded or written
     init_distributed(device)  # several processes (torchrun, accelerate launch): join their group (dpo_xpu.distributed)
     check_engine(recipe)
+    validate_recipe(recipe, use_cpu=device.type == "cpu")  # every TRL option by value, before anything is written
     resolve_model_path(recipe.model_name_or_path)  # so does a missing model folder or an unreachable hub id
     run_dir = Path(recipe.output_dir)
     try:

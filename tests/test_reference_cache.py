@@ -8,6 +8,7 @@ Also checks TRL's chunked per-token log-probs (which every strategy uses instead
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import pytest
 import torch
 from helpers import make_trainer, short_recipe
 
+from dpo_xpu.train import reference_cache
 from dpo_xpu.train.reference_cache import (
+    CACHE_DIR_ENV,
     CacheFileError,
     attach_precomputed_reference,
     load_reference_logps,
@@ -109,6 +112,76 @@ def test_key_changes_with_weights(base, tmp_path):
     assert weights_digest("org/model", "abc") != weights_digest("org/model", "abd")
     changed = short_recipe(copy, Path(recipe.dataset_name_or_path), Path(recipe.output_dir))
     assert _key(make_trainer(changed), changed, cache) != _key(trainer, recipe, cache)
+
+
+def test_weights_rewritten_in_place_with_same_size_and_mtime_change_the_key(base, tmp_path):
+    """Other weights of the same size written over model.safetensors, its mtime set back: the memo (kept so that a
+    14 GB model is not read on every run) must not return the old digest, and the cache key changes."""
+    from safetensors.torch import load_file, save_file
+
+    recipe, trainer, _ = base
+    copy, memo = tmp_path / "model", tmp_path / "memo"
+    shutil.copytree(recipe.model_name_or_path, copy)
+    weights = copy / "model.safetensors"
+    before_key = reference_cache_key(trainer, trainer.train_dataset, recipe, str(copy), memo_dir=memo)[0]
+    before = weights_digest(copy, memo_dir=memo)
+
+    stat = weights.stat()
+    tensors = load_file(weights)
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
+    after = weights_digest(copy, memo_dir=memo)
+    assert after != before and after == weights_digest(copy)  # the new bytes' digest, read again
+    assert reference_cache_key(trainer, trainer.train_dataset, recipe, str(copy), memo_dir=memo)[0] != before_key
+
+
+def test_weights_digest_is_remembered_until_a_file_changes(stories260k_path, tmp_path, monkeypatch):
+    copy, memo = tmp_path / "model", tmp_path / "memo"
+    shutil.copytree(stories260k_path, copy)
+    hashed = []
+    original = reference_cache._hash_weight_files
+    monkeypatch.setattr(reference_cache, "_hash_weight_files", lambda *a: hashed.append(a) or original(*a))
+    first = weights_digest(copy, memo_dir=memo)
+    assert weights_digest(copy, memo_dir=memo) == first and len(hashed) == 1  # read once, then remembered
+    (copy / "model.safetensors").touch()  # a new mtime, the same bytes: read again, the same digest
+    assert weights_digest(copy, memo_dir=memo) == first and len(hashed) == 2
+    assert weights_digest(copy) == first and len(hashed) == 3  # no memo: always read
+
+
+def test_evaluate_on_a_new_dataset_with_the_precomputed_reference(base, tmp_path, monkeypatch):
+    """``reference: auto`` resolves to the precomputed reference; ``evaluate`` on rows the trainer never saw computes
+    their reference log-probs (adapter-off policy) and, before any update, its rewards are 0 and its loss ln 2."""
+    import math
+
+    from dpo_xpu.data.truncation import truncate_prompts
+    from dpo_xpu.models.loading import load_tokenizer
+    from dpo_xpu.pipeline import load_run_data
+
+    recipe, _, _ = base
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    auto = dataclasses.replace(recipe, reference="auto", output_dir=str(tmp_path / "run"))
+    trainer = make_trainer(auto)
+    assert trainer.precompute_ref_logps and trainer.reference_cache_info.rows == 6
+    tokenizer = load_tokenizer(auto.model_name_or_path)
+    train_prompts = set(load_run_data(auto, tokenizer)[0]["prompt"])
+    more, _ = load_run_data(dataclasses.replace(auto, limit=12), tokenizer)
+    new = more.filter(lambda row: row["prompt"] not in train_prompts).select(range(3))
+    # as make_dpo_trainer does to its eval split: else TRL drops the rows whose prompt alone passes max_length
+    new = truncate_prompts(new, tokenizer, auto.max_prompt_length)
+
+    metrics = trainer.evaluate(new)
+
+    assert trainer.reference_cache_by_split["eval"].rows == 3 and not trainer.reference_cache_by_split["eval"].hit
+    assert trainer.reference_cache_info is trainer.reference_cache_by_split["train"]
+    assert abs(metrics["eval_rewards/chosen"]) < 1e-4 and abs(metrics["eval_rewards/rejected"]) < 1e-4, metrics
+    assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    again = trainer.evaluate(new)  # the same rows again: read from the cache, checked, same values
+    assert trainer.reference_cache_by_split["eval"].hit
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)
 
 
 def test_miss_on_changed_key_computes(base):

@@ -110,3 +110,37 @@ def test_the_metrics_logger_adds_the_check_to_the_step1_row_only(tmp_path):
     assert describe_step0([second]).startswith("step-0 check: not made")
     ok = {"loss": LN2, GAP_KEY: 0.0}
     assert describe_step0([ok]).startswith("step-0 check: ok")
+
+
+def test_a_stale_precomputed_reference_is_recomputed_before_the_first_step(
+    stories260k_path, orca_rows_path, tmp_path, monkeypatch, caplog
+):
+    """A cache file with the right key but the log-probs of other weights (what a rewrite of the model in place left
+    before the key covered content) used to be read as it is: the step-0 check then warned ("differ by 11.88 nats
+    ... loss 1.2162 instead of 0.6931") and the run trained on biased rewards. Now a cache hit is checked against the
+    reference before training, recomputed, and step 1 shows rewards 0 and loss ln 2."""
+    import dataclasses
+
+    from helpers import make_trainer, short_recipe
+
+    from dpo_xpu.train.reference_cache import CACHE_DIR_ENV, load_reference_logps, save_reference_logps
+
+    pytest.importorskip("trl")
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    recipe = short_recipe(stories260k_path, orca_rows_path, tmp_path / "first", reference="precomputed", max_steps=1)
+    first = make_trainer(recipe)
+    info = first.reference_cache_info
+    chosen, rejected = load_reference_logps(info.path, info.key, info.rows)
+    save_reference_logps(info.path, chosen + 5.0, rejected - 5.0, info.key, info.components)  # valid, but stale
+
+    with caplog.at_level(logging.WARNING):
+        second = make_trainer(dataclasses.replace(recipe, output_dir=str(tmp_path / "second")))
+    assert second.train_dataset["ref_chosen_logps"] == first.train_dataset["ref_chosen_logps"]
+    again = second.reference_cache_info
+    assert again.stale and again.rebuilt and not again.hit and "is stale" in caplog.text
+    assert load_reference_logps(info.path, info.key, info.rows)[0].tolist() == chosen.tolist()  # rewritten
+
+    second.train()
+    step1 = json.loads((tmp_path / "second" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step1[GAP_KEY] < 1e-3 and WARNING_KEY not in step1, step1
+    assert step1["loss"] == pytest.approx(LN2, abs=1e-3)

@@ -10,6 +10,11 @@ another device, or with another kernel), and every reward of the run is biased b
 once, plainly: in the log, in the first row of ``metrics.jsonl`` (keys ``step0/logratio_gap`` and
 ``step0/warning``) and in notebook 3.
 
+This check comes after the first update, too late to change the reference the run trains with. A ``precomputed``
+reference is therefore checked before the first step instead: a cached file whose values differ from the reference
+model's is recomputed (:func:`dpo_xpu.train.reference_cache.cached_reference_logps`), so a stale cache never reaches
+this check.
+
 No library checks this (TRL logs the numbers, never what they should be at step 0), hence this small module.
 """
 

@@ -10,14 +10,19 @@ detected. This module keeps TRL's computation (``DPOTrainer.compute_ref_log_prob
 collator) and replaces the cache:
 
 - the key is a sha256 over everything that changes the numbers (:func:`reference_cache_key`): the weights
-  (a digest of the local weight files, or the hub id and commit), the model config and quantization, the
+  (a sha256 of the local weight files' bytes, remembered until a file changes, :func:`weights_digest`; or the hub
+  id and commit), the model config and quantization, the
   compute dtype and autocast, the device type, the tokenizer and its chat template, the tokenized rows in
   order, ``max_length``, ``truncation_mode``, ``max_prompt_length``, and the TRL, torch and bitsandbytes
   versions;
 - the file is ``<cache_dir>/<key>.safetensors`` (two float32 tensors of shape ``(rows,)``) with the key, the
   row count and a sha256 of the tensor bytes in its header, written to a temporary file and renamed into
   place; a file that is truncated, fails its checksum or has the wrong key or shape is rebuilt with a
-  warning, never used.
+  warning, never used;
+- a valid file is checked before use: its shortest and longest batch are computed again with the reference
+  (:func:`cached_logps_gap`, the same batches: equal to the bit), and a file whose values differ (stale: written for
+  other weights) is recomputed with a warning, so that training never starts on it and the step-0 check
+  (:mod:`dpo_xpu.callbacks.step0`) of the run sees the reference it trains with.
 
 ```python
 trainer = make_dpo_trainer(recipe, policy, None, tokenizer, train_dataset)  # precompute_ref_log_probs=False
@@ -32,12 +37,14 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpo_xpu.callbacks.step0 import STEP0_TOLERANCE
 from dpo_xpu.train.trl_internals import route_reference_precompute
 
 if TYPE_CHECKING:
@@ -56,6 +63,13 @@ CACHE_DIR_ENV = "DPO_XPU_CACHE_DIR"
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+#: Largest difference (nats) between a cached reference log-prob and the same batch computed again that is taken as
+#: the same value: the step-0 check's tolerance. Recomputed with the same batches, equal values agree to the bit.
+CHECK_TOLERANCE = STEP0_TOLERANCE
+#: Bytes of each end of a weight file hashed into its memo entry (:func:`weights_digest`).
+SAMPLE_BYTES = 64 * 1024
+#: The file in the cache folder remembering each model folder's weights digest and what it was computed for.
+WEIGHTS_MEMO_FILE = "weights-memo.json"
 
 
 @dataclass
@@ -68,8 +82,11 @@ class CacheInfo:
         key: the sha256 hex digest of :attr:`components`.
         rows: pairs covered (the dataset's length).
         seconds: wall time to load (hit) or compute and write (miss).
-        rebuilt: a file was present but invalid (truncated, bad checksum, wrong key or shape) and was rebuilt.
+        rebuilt: a file was present but invalid (truncated, bad checksum, wrong key or shape, or stale) and was
+            rebuilt.
         components: the values the key was computed from (also written beside the file as ``<key>.json``).
+        stale: a valid file's values differed from the reference model's on the rows checked
+            (:func:`cached_logps_gap`), so it was recomputed (``rebuilt`` is then ``True`` too).
     """
 
     hit: bool
@@ -79,6 +96,7 @@ class CacheInfo:
     seconds: float
     rebuilt: bool = False
     components: dict[str, Any] = field(default_factory=dict)
+    stale: bool = False
 
 
 class CacheFileError(ValueError):
@@ -95,21 +113,61 @@ def _sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def weights_digest(model_name_or_path: str | Path, revision: str | None = None, memo_dir: Path | None = None) -> str:
-    """Identify a model's weights.
+def _file_signature(path: Path) -> dict[str, Any]:
+    """What identifies a weight file's bytes without reading them all.
 
-    A local folder gets the sha256 over its weight files (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.gguf``;
-    names and bytes, in name order). Reading 14 GB takes tens of seconds, so the digest is remembered in
-    ``<memo_dir>/weights-digests.json`` against each file's size and modification time and recomputed only
-    when one changes. A hub id gives ``"hub:<id>@<revision>"`` (the commit the weights were loaded from).
+    Its inode, size, modification and status-change times (ns), and a sha256 of its first and last
+    :data:`SAMPLE_BYTES`. Rewriting a file in place changes its status-change time, even when its modification time is
+    set back (``os.utime``), and a different file of the same size almost always differs in its header or its end.
+    """
+    stat = path.stat()
+    sample = hashlib.sha256()
+    with path.open("rb") as handle:
+        sample.update(handle.read(SAMPLE_BYTES))
+        if stat.st_size > SAMPLE_BYTES:
+            handle.seek(max(SAMPLE_BYTES, stat.st_size - SAMPLE_BYTES))
+            sample.update(handle.read(SAMPLE_BYTES))
+    return {
+        "inode": stat.st_ino,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "sample": sample.hexdigest(),
+    }
+
+
+def _hash_weight_files(files: list[Path], total: int) -> str:
+    """``"sha256:<hex>"`` over each file's name and bytes, in the given order, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    h = hashlib.sha256()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Hashing model weights") as bar:
+        for p in files:
+            h.update(p.name.encode())
+            with p.open("rb") as handle:
+                while chunk := handle.read(1 << 24):
+                    h.update(chunk)
+                    bar.update(len(chunk))
+    return "sha256:" + h.hexdigest()
+
+
+def weights_digest(model_name_or_path: str | Path, revision: str | None = None, memo_dir: Path | None = None) -> str:
+    """Identify a model's weights by their content.
+
+    A local folder gets the sha256 over its weight files (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``,
+    ``*.gguf``; names and bytes, in name order). Reading 14 GB takes tens of seconds, so the digest is remembered in
+    ``<memo_dir>/weights-memo.json`` against each file's inode, size, modification and status-change times and a
+    sha256 of its first and last 64 KiB (:data:`SAMPLE_BYTES`), and recomputed when any of them changes: weights
+    rewritten in place with the same size and modification time are read again, not mistaken for the old ones. A hub
+    id gives ``"hub:<id>@<revision>"`` (the commit the weights were loaded from).
 
     Args:
-        model_name_or_path: a local folder or a hub id.
-        revision: the hub commit (``model.config._commit_hash``); ignored for a local folder.
-        memo_dir: where to remember digests of local folders; ``None`` remembers nothing.
+        model_name_or_path (`str` or `Path`): a local folder (or one weight file) or a hub id.
+        revision (`str`, *optional*): the hub commit (``model.config._commit_hash``); ignored for a local folder.
+        memo_dir (`Path`, *optional*): where to remember digests of local folders; ``None`` remembers nothing.
 
     Returns:
-        ``"sha256:<hex>"`` for a folder, ``"hub:<id>@<revision>"`` for a hub id.
+        `str`: ``"sha256:<hex>"`` for a folder, ``"hub:<id>@<revision>"`` for a hub id.
 
     Raises:
         ValueError: a local folder without any weight file.
@@ -120,30 +178,21 @@ def weights_digest(model_name_or_path: str | Path, revision: str | None = None, 
     files = sorted(p for p in (path.iterdir() if path.is_dir() else [path]) if p.suffix in WEIGHT_SUFFIXES)
     if not files:
         raise ValueError(f"{path} holds no weight file ({', '.join(WEIGHT_SUFFIXES)}): cannot identify the model")
-    stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    memo_key = _sha256_json([str(path.resolve()), stats])
-    memo_file = memo_dir / "weights-digests.json" if memo_dir is not None else None
-    memo: dict[str, str] = {}
+    signature = [[p.name, str(p.resolve()), _file_signature(p)] for p in files]
+    memo_file = memo_dir / WEIGHTS_MEMO_FILE if memo_dir is not None else None
+    memo: dict[str, Any] = {}
     if memo_file is not None and memo_file.is_file():
         try:
             memo = json.loads(memo_file.read_text())
         except (OSError, ValueError):
             memo = {}
-        if memo_key in memo:
-            return memo[memo_key]
-    from tqdm.auto import tqdm
-
-    h = hashlib.sha256()
-    with tqdm(total=sum(s[1] for s in stats), unit="B", unit_scale=True, desc="Hashing model weights") as bar:
-        for p in files:
-            h.update(p.name.encode())
-            with p.open("rb") as handle:
-                while chunk := handle.read(1 << 24):
-                    h.update(chunk)
-                    bar.update(len(chunk))
-    digest = "sha256:" + h.hexdigest()
+    folder = str(path.resolve())
+    entry = memo.get(folder)
+    if isinstance(entry, dict) and entry.get("files") == signature and "digest" in entry:
+        return str(entry["digest"])
+    digest = _hash_weight_files(files, sum(s[2]["size"] for s in signature))
     if memo_file is not None:
-        memo[memo_key] = digest
+        memo[folder] = {"files": signature, "digest": digest}  # one entry per folder: its latest content
         _atomic_write_bytes(memo_file, json.dumps(memo, indent=1).encode())
     return digest
 
@@ -263,6 +312,15 @@ def reference_cache_key(
     return _sha256_json(components), components
 
 
+def _length_order(rows: Dataset) -> list[int]:
+    """Row indices by increasing pair length (prompt + longer answer, tokens); ties keep row order."""
+    lengths = [
+        len(p) + max(len(c), len(r))
+        for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], strict=True)
+    ]
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+
 def compute_reference_logps(
     trainer: Any, dataset: Dataset, batch_size: int, desc: str = "Reference log-probs"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,11 +344,7 @@ def compute_reference_logps(
     from tqdm.auto import tqdm
 
     rows = dataset.select_columns(list(TOKEN_COLUMNS))
-    lengths = [
-        len(p) + max(len(c), len(r))
-        for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], strict=True)
-    ]
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    order = _length_order(rows)
     loader = DataLoader(rows.select(order), batch_size=batch_size, collate_fn=trainer.data_collator, shuffle=False)
     model = trainer.ref_model if trainer.ref_model is not None else trainer.model
     device = trainer.accelerator.device
@@ -328,18 +382,26 @@ def _tensor_sha256(chosen: torch.Tensor, rejected: torch.Tensor) -> str:
 
 
 def save_reference_logps(
-    path: str | Path, chosen: torch.Tensor, rejected: torch.Tensor, key: str, components: dict[str, Any]
+    path: str | Path,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    key: str,
+    components: dict[str, Any],
+    batch_size: int | None = None,
 ) -> Path:
     """Write the cache file atomically (temporary file + rename) with its key, row count and checksum.
 
     Args:
-        path: the ``.safetensors`` file to write; ``<stem>.json`` beside it gets ``components`` (for people).
-        chosen, rejected: float32 tensors of shape ``(rows,)``.
-        key: the cache key, stored in the header and checked on load.
-        components: what the key was computed over.
+        path (`str` or `Path`): the ``.safetensors`` file to write; ``<stem>.json`` beside it gets ``components``
+            (for people).
+        chosen (`torch.Tensor`): float32, shape ``(rows,)``; rejected (`torch.Tensor`): the same.
+        key (`str`): the cache key, stored in the header and checked on load.
+        components (`dict`): what the key was computed over.
+        batch_size (`int`, *optional*): the pairs per forward they were computed with, stored so that a later hit
+            recomputes its check batches exactly as they were (:func:`cached_reference_logps`).
 
     Returns:
-        ``path``.
+        `Path`: ``path``.
     """
     from safetensors.torch import save
 
@@ -351,6 +413,8 @@ def save_reference_logps(
         "rows": str(chosen.numel()),
         "sha256": _tensor_sha256(chosen, rejected),
     }
+    if batch_size is not None:
+        metadata["batch_size"] = str(batch_size)
     data = save({REF_COLUMNS[0]: chosen, REF_COLUMNS[1]: rejected}, metadata=metadata)
     _atomic_write_bytes(path.with_suffix(".json"), json.dumps(components, indent=1, default=str).encode())
     _atomic_write_bytes(path, data)
@@ -394,6 +458,56 @@ def load_reference_logps(path: str | Path, key: str, rows: int) -> tuple[torch.T
     return chosen, rejected
 
 
+def _stored_batch_size(path: Path) -> int | None:
+    """The batch size a valid cache file was computed with (``None``: not recorded, a file of an older dpo_xpu)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            value = (handle.metadata() or {}).get("batch_size", "")
+    except Exception:  # replaced since it was read (another process): check with the current batch size
+        return None
+    return int(value) if value.isdigit() else None
+
+
+def cached_logps_gap(
+    trainer: Any, dataset: Dataset, chosen: torch.Tensor, rejected: torch.Tensor, batch_size: int
+) -> float:
+    """How far cached reference log-probs are from the reference model's, on the rows of two batches.
+
+    The shortest and the longest batch of :func:`compute_reference_logps` (its length order, ``batch_size`` pairs
+    each, the same padding) are computed again with the trainer's reference, so that values computed by this model
+    match to the last bit and stale ones (other weights, another truncation) differ by whole nats. Two batches of
+    the many a dataset has: a cache hit stays cheap.
+
+    Args:
+        trainer (`DPOTrainer`): a TRL 1.x ``DPOTrainer`` (its reference: ``ref_model``, else the adapter-off policy).
+        dataset (`datasets.Dataset`): the TRL-tokenized rows the log-probs belong to.
+        chosen (`torch.Tensor`): the cached ``ref_chosen_logps``, shape ``(len(dataset),)``; rejected
+            (`torch.Tensor`): the cached ``ref_rejected_logps``.
+        batch_size (`int`): the pairs per forward the cached values were computed with.
+
+    Returns:
+        `float`: the largest absolute difference over the rows checked, in nats (``inf`` where only one side is
+        NaN); ``0.0`` for an empty dataset.
+    """
+    import torch
+
+    order = _length_order(dataset.select_columns(list(TOKEN_COLUMNS)))
+    last = (len(order) - 1) // batch_size * batch_size if order else 0
+    rows = order[:batch_size] + order[last:] if last >= batch_size else order
+    if not rows:
+        return 0.0
+    fresh = compute_reference_logps(trainer, dataset.select(rows), batch_size, desc="Checking cached reference")
+    index = torch.tensor(rows, dtype=torch.long)
+    gap = 0.0
+    for new, old in zip(fresh, (chosen[index], rejected[index]), strict=True):
+        diff = (new - old).abs()
+        diff[new.isnan() & old.isnan()] = 0.0
+        gap = max(gap, float(diff.nan_to_num(nan=math.inf).max()))
+    return gap
+
+
 def cached_reference_logps(
     trainer: Any,
     dataset: Dataset,
@@ -405,24 +519,31 @@ def cached_reference_logps(
 ) -> tuple[torch.Tensor, torch.Tensor, CacheInfo]:
     """Load the reference log-probs of ``dataset`` from the cache, or compute and store them.
 
+    A valid file is checked before use: two of its batches are computed again (:func:`cached_logps_gap`), and a file
+    whose values differ by more than :data:`CHECK_TOLERANCE` nats (stale: written for other weights, or by a
+    dpo_xpu whose key missed a change) is recomputed with a warning, so that training never starts on it.
+
     Args:
-        trainer: a TRL 1.x ``DPOTrainer``.
-        dataset: its TRL-tokenized rows (``trainer.train_dataset`` or an eval split).
-        cache_dir: the cache folder; default :func:`default_cache_dir`.
-        recipe: the run's recipe (optional; see :func:`reference_cache_key`).
-        batch_size: pairs per reference forward; default ``args.precompute_ref_batch_size`` or
+        trainer (`DPOTrainer`): a TRL 1.x ``DPOTrainer``.
+        dataset (`datasets.Dataset`): its TRL-tokenized rows (``trainer.train_dataset`` or an eval split).
+        cache_dir (`str` or `Path`, *optional*): the cache folder; default :func:`default_cache_dir`.
+        recipe (`Recipe`, *optional*): the run's recipe (see :func:`reference_cache_key`).
+        batch_size (`int`, *optional*): pairs per reference forward; default ``args.precompute_ref_batch_size`` or
             ``args.per_device_train_batch_size``.
-        name: the split's name, for messages.
-        model_name_or_path: the base model's folder or hub id (see :func:`reference_cache_key`).
+        name (`str`): the split's name, for messages.
+        model_name_or_path (`str`, *optional*): the base model's folder or hub id (see :func:`reference_cache_key`).
 
     Returns:
-        ``(ref_chosen_logps, ref_rejected_logps, info)``; tensors float32 of shape ``(len(dataset),)``.
+        `tuple[torch.Tensor, torch.Tensor, CacheInfo]`: ``(ref_chosen_logps, ref_rejected_logps, info)``; tensors
+        float32 of shape ``(len(dataset),)``.
     """
     start = time.perf_counter()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key, components = reference_cache_key(trainer, dataset, recipe, model_name_or_path, memo_dir=cache_dir)
     path = cache_dir / f"{key}.safetensors"
-    rebuilt = False
+    args = trainer.args
+    batch_size = batch_size or args.precompute_ref_batch_size or args.per_device_train_batch_size
+    rebuilt = stale = False
     if path.exists():
         try:
             chosen, rejected = load_reference_logps(path, key, len(dataset))
@@ -430,16 +551,24 @@ def cached_reference_logps(
             logger.warning("reference log-prob cache %s is invalid (%s): recomputing it", path, exc)
             rebuilt = True
         else:
-            logger.info("reference log-probs for %s (%d pairs) loaded from %s", name, len(dataset), path)
-            info = CacheInfo(True, path, key, len(dataset), time.perf_counter() - start, False, components)
-            return chosen, rejected, info
-    args = trainer.args
-    batch_size = batch_size or args.precompute_ref_batch_size or args.per_device_train_batch_size
+            gap = cached_logps_gap(trainer, dataset, chosen, rejected, _stored_batch_size(path) or batch_size)
+            if gap <= CHECK_TOLERANCE:
+                logger.info("reference log-probs for %s (%d pairs) loaded from %s", name, len(dataset), path)
+                info = CacheInfo(True, path, key, len(dataset), time.perf_counter() - start, False, components)
+                return chosen, rejected, info
+            logger.warning(
+                "reference log-prob cache %s is stale: its values differ from the reference model's by %.4g nats "
+                "(more than %g) on the rows checked: recomputing it",
+                path,
+                gap,
+                CHECK_TOLERANCE,
+            )
+            rebuilt = stale = True
     chosen, rejected = compute_reference_logps(trainer, dataset, batch_size, desc=f"Reference log-probs ({name})")
-    save_reference_logps(path, chosen, rejected, key, components)
+    save_reference_logps(path, chosen, rejected, key, components, batch_size)
     logger.info("reference log-probs for %s (%d pairs) computed and cached in %s", name, len(dataset), path)
-    info = CacheInfo(False, path, key, len(dataset), time.perf_counter() - start, rebuilt, components)
-    return chosen, rejected, info
+    seconds = time.perf_counter() - start
+    return chosen, rejected, CacheInfo(False, path, key, len(dataset), seconds, rebuilt, components, stale)
 
 
 def _with_ref_columns(dataset: Dataset, chosen: torch.Tensor, rejected: torch.Tensor) -> Dataset:
@@ -467,16 +596,24 @@ def attach_precomputed_reference(
     ``evaluate(new_dataset)`` calls through the same cache, and drops a separate ``ref_model`` (frees its
     memory; with PEFT the reference is the policy's base, shared, so there is nothing to free).
 
+    Where the log-probs came from is left on the trainer: ``trainer.reference_cache_info`` is the train split's
+    :class:`CacheInfo`, ``trainer.reference_cache_by_split`` maps each split's name (``"train"``, ``"eval"`` or the
+    eval dict's keys; ``"eval"`` again for a dataset given to ``evaluate``) to its latest :class:`CacheInfo`.
+
     Args:
-        trainer: a TRL >= 1.0 ``DPOTrainer`` whose datasets are tokenized (any trainer after ``__init__``).
-        recipe: the run's recipe (for the cache key; optional).
-        cache_dir: the cache folder; default ``$DPO_XPU_CACHE_DIR`` or ``~/.cache/dpo_xpu/reference-logps``.
-        batch_size: pairs per reference forward; default ``precompute_ref_batch_size`` or the train batch.
-        model_name_or_path: the base model's folder or hub id, for the key (default: the recipe's).
-        free_reference: set ``trainer.ref_model`` to ``None`` afterwards. Default ``True``.
+        trainer (`DPOTrainer`): a TRL >= 1.0 ``DPOTrainer`` whose datasets are tokenized (any trainer after
+            ``__init__``).
+        recipe (`Recipe`, *optional*): the run's recipe (for the cache key).
+        cache_dir (`str` or `Path`, *optional*): the cache folder; default ``$DPO_XPU_CACHE_DIR`` or
+            ``~/.cache/dpo_xpu/reference-logps``.
+        batch_size (`int`, *optional*): pairs per reference forward; default ``precompute_ref_batch_size`` or the
+            train batch.
+        model_name_or_path (`str`, *optional*): the base model's folder or hub id, for the key (default: the
+            recipe's).
+        free_reference (`bool`): set ``trainer.ref_model`` to ``None`` afterwards. Default ``True``.
 
     Returns:
-        The :class:`CacheInfo` of the train split (``hit``, ``path``, ``key``, ``rows``, ``seconds``).
+        `CacheInfo`: the train split's (``hit``, ``path``, ``key``, ``rows``, ``seconds``, ``stale``).
 
     Raises:
         KeyError: the train dataset is not tokenized (no ``prompt_ids``/``chosen_ids``/``rejected_ids``).
@@ -494,10 +631,11 @@ def attach_precomputed_reference(
         chosen, rejected, info = cached_reference_logps(
             self, dataset, cache_dir, recipe, batch_size or batch, name, model_name_or_path
         )
-        self.reference_cache_info[name] = info
+        by_split[name] = info
         return _with_ref_columns(dataset, chosen, rejected)
 
-    trainer.reference_cache_info = {}
+    by_split: dict[str, CacheInfo] = {}
+    trainer.reference_cache_by_split = by_split
     cached = route_reference_precompute(trainer, precompute)  # evaluate(new_dataset) uses it too
     trainer.train_dataset = cached(trainer.train_dataset, "train")
     eval_dataset = trainer.eval_dataset
@@ -515,4 +653,5 @@ def attach_precomputed_reference(
             if module is not None and module.is_available():
                 module.empty_cache()
         logger.info("separate reference model freed: training reads the precomputed log-probs")
-    return trainer.reference_cache_info["train"]
+    trainer.reference_cache_info = by_split["train"]
+    return trainer.reference_cache_info
