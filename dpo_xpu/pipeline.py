@@ -284,7 +284,7 @@ def load_run_data(
             recipe.dataset_name_or_path, recipe.data_format, limit=recipe.limit, seed=recipe.seed
         )
     report["rows"] = len(rows)
-    formatted = format_orca_dataset(rows, tokenizer)
+    formatted = format_orca_dataset(rows, tokenizer, chat_format=recipe.chat_format, max_length=recipe.max_length)
     if recipe.drop_long_rows:
         formatted, report["length_filter"] = drop_long_pairs(formatted, tokenizer, recipe.max_length)
     splits = (formatted, None)

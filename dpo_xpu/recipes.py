@@ -32,6 +32,8 @@ DEVICE_PATTERN = r"(auto|cpu|xpu|cuda)(?::(\d+))?"
 BACKENDS = ("native", "ipex-llm")
 REFERENCE_STRATEGIES = ("auto", "adapter-off", "separate", "precomputed")
 DATA_FORMATS = ("auto", "orca", "prompt-chosen-rejected", "conversational")
+#: How training rows are written as text (dpo_xpu.data.preferences): the model's own chat template or ChatML.
+CHAT_FORMATS = ("auto", "model", "chatml")
 EXPORT_FORMATS = ("adapter", "merged")
 QUANTIZATIONS = ("nf4", "none")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -150,6 +152,17 @@ class Recipe:
             "columns"
         ),
         default_from=f"{OURS}",
+    )
+    chat_format: str = _key(
+        default="auto",
+        unit="`auto` \\| `model` \\| `chatml`",
+        help=(
+            "how rows become text: auto writes orca and plain rows in ChatML (the original recipe; a warning says "
+            "when the model's own template is not ChatML) and conversational rows in the model's own chat template; "
+            "model writes every row in the model's template; chatml writes every row in ChatML. A tokenizer without "
+            "a chat template always gets ChatML"
+        ),
+        default_from=f"{ORIGINAL} (ChatML for orca rows)",
     )
     dataset_mixture: dict[str, float] | None = _key(
         default=None,
@@ -343,8 +356,9 @@ class Recipe:
     export: str = _key(
         default="adapter",
         unit="`adapter` \\| `merged`",
-        help="save the LoRA adapter only, or merged into a bf16 copy of the base (float32 where the merged "
-        "logits on the run's prompts would move by more than 2%; the check in merge_check.json)",
+        help="save the LoRA adapter only, or merged into a bf16 copy of the base (float32 where bf16 would move the "
+        "logits on the run's prompts by more than 10% of the adapter's own effect, or change a greedy answer; the "
+        "check in merge_check.json)",
         default_from=f"{OURS} (`adapter`), as OpenRLHF's LoRA-only save",
     )
     seed: int = _key(
@@ -375,6 +389,7 @@ class Recipe:
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
         _check_choice("reference", self.reference, REFERENCE_STRATEGIES)
         _check_choice("data_format", self.data_format, DATA_FORMATS)
+        _check_choice("chat_format", self.chat_format, CHAT_FORMATS)
         _check_choice("export", self.export, EXPORT_FORMATS)
         _check_choice("reference_device", self.reference_device, ("same", "cpu"))
         if not 0.0 <= self.label_smoothing < 0.5:

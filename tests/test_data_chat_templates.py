@@ -203,3 +203,21 @@ def test_mixture_with_a_conversational_source_is_all_in_the_model_template(templ
 def test_unknown_chat_format_is_refused(qwen2) -> None:
     with pytest.raises(ValueError, match=r"^chat_format: unknown 'zephyr'\. Fix: use one of \['auto', 'model'"):
         format_orca_dataset(datasets.Dataset.from_list([ORCA]), qwen2, chat_format="zephyr")
+
+
+def test_the_recipe_key_reaches_the_run_data(templated, tmp_path):
+    """`chat_format` in a recipe decides how load_run_data writes the rows (the pipeline passes it down)."""
+    import json
+
+    from dpo_xpu.pipeline import load_run_data
+    from dpo_xpu.recipes import make_recipe
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(ORCA) + "\n", encoding="utf-8")
+    tokenizer = templated(ZEPHYR)
+    for chat_format, expected in (("model", ZEPHYR_ORCA), ("chatml", CHATML_ORCA), ("auto", CHATML_ORCA)):
+        recipe = make_recipe(dict(dataset_name_or_path=str(rows), chat_format=chat_format, drop_long_rows=False))
+        train, _ = load_run_data(recipe, tokenizer)
+        assert train[0] == expected, chat_format
+    with pytest.raises(Exception, match="chat_format: 'zephyr' is not one of auto, model, chatml"):
+        make_recipe(dict(chat_format="zephyr"))

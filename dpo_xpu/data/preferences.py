@@ -31,6 +31,7 @@ import datasets
 
 from dpo_xpu.data.truncation import char_limit
 from dpo_xpu.errors import PreferenceDataError
+from dpo_xpu.recipes import CHAT_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -462,16 +463,10 @@ def load_orca_dpo_pairs(
     return dataset
 
 
-CHAT_FORMATS: tuple[str, ...] = ("auto", "model", "chatml")
-"""The values of `chat_format`: which chat format :func:`format_orca_dataset` writes the rows in.
-
-- `"auto"`: orca rows (and generic ones) in ChatML, as the original recipe does, with a warning when the model's
-  own template is not ChatML; conversational rows in the model's own template.
-- `"model"`: every row in the model's own chat template.
-- `"chatml"`: every row in ChatML (no warning).
-
-Where the tokenizer has no chat template, every value gives ChatML (`CHATML_TEMPLATE`)."""
-
+# The values of `chat_format` (dpo_xpu.recipes.CHAT_FORMATS): which chat format format_orca_dataset writes rows in.
+# "auto": orca rows (and generic ones) in ChatML, as the original recipe does, with a warning when the model's own
+# template is not ChatML; conversational rows in the model's own template. "model": every row in the model's own
+# chat template. "chatml": every row in ChatML (no warning). Without a chat template, every value gives ChatML.
 _WARNED: set[tuple[str, str]] = set()
 """(tokenizer name, template) pairs already warned about by :func:`_warn_orca_in_chatml`, once per process."""
 
