@@ -133,6 +133,8 @@ def make_dpo_trainer(
         **extra,
     )
     require_internals(trainer)  # a TRL release that renamed what dpo_xpu reaches into fails here, in one line
+    if generation == "1.x" and recipe.max_prompt_length is not None:
+        _truncate_evaluated_prompts(trainer, tokenizer, recipe.max_prompt_length)
     trainer.decisions = [plan.why, why]  # what `auto` chose, one line each, for notebooks and reports
     plot = next(c for c in all_callbacks if isinstance(c, LiveRewardPlotCallback))
     use_step_lines(trainer, notebook=plot.display)  # step lines where the curves are drawn in a notebook
@@ -148,6 +150,22 @@ def make_dpo_trainer(
         info = main_process_first(attach_precomputed_reference, trainer, recipe)
         logger.info("reference log-probs %s: %s", "reused from cache" if info.hit else "computed", info.path)
     return trainer
+
+
+def _truncate_evaluated_prompts(trainer: Any, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> None:
+    """Cut the prompts of a data set given to ``trainer.evaluate`` as the run's own were cut (TRL 1.x has no
+    ``max_prompt_length``: it would drop each new row whose prompt alone passes ``max_length``, without a word).
+    Wraps this trainer's ``evaluate`` only (an instance attribute; nothing process-wide)."""
+    evaluate = trainer.evaluate
+
+    def evaluate_cut(eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: truncate_prompts(v, tokenizer, max_prompt_length) for k, v in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = truncate_prompts(eval_dataset, tokenizer, max_prompt_length)
+        return evaluate(eval_dataset, *args, **kwargs)
+
+    trainer.evaluate = evaluate_cut
 
 
 def _run_callbacks(

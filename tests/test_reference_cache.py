@@ -157,7 +157,6 @@ def test_evaluate_on_a_new_dataset_with_the_precomputed_reference(base, tmp_path
     their reference log-probs (adapter-off policy) and, before any update, its rewards are 0 and its loss ln 2."""
     import math
 
-    from dpo_xpu.data.truncation import truncate_prompts
     from dpo_xpu.models.loading import load_tokenizer
     from dpo_xpu.pipeline import load_run_data
 
@@ -170,8 +169,8 @@ def test_evaluate_on_a_new_dataset_with_the_precomputed_reference(base, tmp_path
     train_prompts = set(load_run_data(auto, tokenizer)[0]["prompt"])
     more, _ = load_run_data(dataclasses.replace(auto, limit=12), tokenizer)
     new = more.filter(lambda row: row["prompt"] not in train_prompts).select(range(3))
-    # as make_dpo_trainer does to its eval split: else TRL drops the rows whose prompt alone passes max_length
-    new = truncate_prompts(new, tokenizer, auto.max_prompt_length)
+    # uncut: evaluate cuts the prompts as the run's were cut (TRL alone would drop those longer than max_length)
+    assert max(len(tokenizer(p)["input_ids"]) for p in new["prompt"]) > auto.max_prompt_length
 
     metrics = trainer.evaluate(new)
 
