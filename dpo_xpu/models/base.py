@@ -1,10 +1,20 @@
 """What the model loaders and both backends share: LoRA settings, the model path, the ``dtype`` keyword and
 ``from_pretrained`` with one-line errors. A leaf of :mod:`dpo_xpu.models`: the backends import it, never
 :mod:`dpo_xpu.models.loading` (which imports them).
+
+A user's files fail in a few known ways: a file cut short by a download or copy, a folder that is not a model, a
+model that needs its own Python code, a pickle that could run code, a model type this transformers lacks.
+:func:`loading` turns each into one :class:`ModelLoadError` line naming the file and the fix, and lets any other
+exception (a bug) through as it is.
 """
 
 from __future__ import annotations
 
+import json
+import pickle
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +24,14 @@ from dpo_xpu.recipes import DEFAULT_LORA_TARGETS
 
 if TYPE_CHECKING:
     import torch
+
+
+#: The files of a folder holding only a tokenizer (one of them is enough); a model folder has config.json besides.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+#: The files of a model folder that transformers reads and that :func:`resolve_model_path` checks before any load.
+_CHECKED_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "*.safetensors")
+_REDOWNLOAD = "it is damaged or was cut short (an interrupted download or copy): download or copy it again"
+_SHIPPED = "use a model whose architecture transformers {} ships (Llama, Qwen2, Mistral, Gemma, Phi-3, ...)"
 
 
 @dataclass
@@ -34,8 +52,8 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
 
-def resolve_model_path(model_name_or_path: str | Path, check_hub: bool = True) -> str:
-    """Return a local folder as an absolute path, or a hub id unchanged.
+def resolve_model_path(model_name_or_path: str | Path, check_hub: bool = True, tokenizer_only: bool = False) -> str:
+    """Return a local folder as an absolute path, checked, or a hub id unchanged.
 
     A string is a hub id when no such local path exists and it has the hub's ``name`` or ``org/name`` form, and
     ``org`` is not a local folder (``runs/demo-model`` before ``make demo`` is a missing folder, not a hub id).
@@ -43,17 +61,29 @@ def resolve_model_path(model_name_or_path: str | Path, check_hub: bool = True) -
     is not in the local cache while the hub is off or unreachable is an error at once, too
     (:func:`dpo_xpu.hub.check_hub_id`), instead of after a minute of retries.
 
+    A local folder must hold ``config.json`` (or, with ``tokenizer_only``, a tokenizer); its config, tokenizer
+    and safetensors files must be readable, and its model type one that transformers ships. A GGUF file, or a
+    folder holding one and no ``config.json``, is refused with the fix: convert it with
+    :func:`dpo_xpu.models.gguf.gguf_to_folder`.
+
     Args:
         model_name_or_path: a local folder or a hub id.
         check_hub: check at once that a hub id can be loaded (default); ``False`` skips that check.
+        tokenizer_only: accept a folder holding only a tokenizer (such as a run's ``adapter/``), and check no
+            more than that it holds one. Default ``False``: the folder must be a model's.
+
+    Returns:
+        The absolute folder, or the hub id.
 
     Raises:
         ModelLoadError: the path looks local (absolute, ``./``, ``~``, more than one ``/``, or inside an existing
-            folder) but is absent; or a hub id cannot be had.
+            folder) but is absent, is not a model folder, holds a damaged file or a model transformers cannot
+            build without the model's own code; or a hub id cannot be had. The message names the file and the fix.
     """
     text = str(model_name_or_path)
     path = Path(text).expanduser()
     if path.exists():
+        _check_local(path.resolve(), tokenizer_only)
         return str(path.resolve())
     parent_is_local = text.count("/") == 1 and Path(text.split("/", 1)[0]).expanduser().is_dir()
     looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text or parent_is_local
@@ -70,6 +100,208 @@ def resolve_model_path(model_name_or_path: str | Path, check_hub: bool = True) -
     return text
 
 
+def _check_local(path: Path, tokenizer_only: bool) -> None:
+    """Refuse the existing local ``path`` when it is no model folder (or no tokenizer's) that loads (see
+    :func:`resolve_model_path`)."""
+    if path.is_file():
+        if path.suffix == ".gguf":
+            raise ModelLoadError(f"model {path} is a GGUF file (llama.cpp's format): {_convert(path)}")
+        raise ModelLoadError(f"model {path} is a file, not a model folder: give the folder that holds its config.json")
+    if (path / "config.json").is_file() and not tokenizer_only:
+        _check_model_folder(path)
+        return
+    if (path / "config.json").is_file() or (tokenizer_only and any((path / f).is_file() for f in TOKENIZER_FILES)):
+        return
+    ggufs = sorted(path.glob("*.gguf"))
+    if ggufs:
+        found = (
+            f"GGUF files ({', '.join(p.name for p in ggufs)})" if len(ggufs) > 1 else f"a GGUF file ({ggufs[0].name})"
+        )
+        raise ModelLoadError(f"model folder {path} holds no config.json but {found}: {_convert(ggufs[0])}")
+    held = sorted(p.name for p in path.iterdir())
+    listing = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "") if held else "nothing"
+    wanted = "neither a tokenizer (tokenizer_config.json, tokenizer.json) nor" if tokenizer_only else "no"
+    raise ModelLoadError(
+        f"model folder {path} holds {wanted} config.json (it holds {listing}): give a Hugging Face model folder "
+        "(config.json, the weights and the tokenizer files, as save_pretrained or hf download writes them)"
+    )
+
+
+def _convert(gguf_file: Path) -> str:
+    """The fix for a GGUF file given as a model: its conversion into a Hugging Face folder."""
+    return (
+        f"convert it once with dpo_xpu.gguf_to_folder('{gguf_file}') (needs the gguf package) and give the folder "
+        "it returns as model_name_or_path"
+    )
+
+
+def _check_model_folder(folder: Path) -> None:
+    """Refuse a model folder whose files transformers reads are damaged, or whose model type transformers lacks."""
+    from transformers import CONFIG_MAPPING
+
+    damaged = _unreadable_files(folder, _CHECKED_FILES)
+    if damaged:
+        raise ModelLoadError(f"model {folder}: {_damaged(damaged)}")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"model {folder}: config.json holds no JSON object: {_REDOWNLOAD}")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+        return  # a known type: transformers' own code builds it (it ignores auto_map then); none: see _load_failure
+    if config.get("auto_map"):
+        entries = ", ".join(f"{key} -> {value}" for key, value in config["auto_map"].items())
+        raise ModelLoadError(f"model {folder}: {_custom_code(f'config.json auto_map: {entries}')}")
+    raise ModelLoadError(f"model {folder}: {_unknown_type(model_type)}")
+
+
+def _custom_code(detail: str) -> str:
+    import transformers
+
+    return (
+        f"it needs its own Python code ({detail}), which dpo_xpu never runs (trust_remote_code: the code would run "
+        f"with your rights on this machine): {_SHIPPED.format(transformers.__version__)}"
+    )
+
+
+def _unknown_type(model_type: str) -> str:
+    import transformers
+
+    version = transformers.__version__
+    return (
+        f"config.json names the model type {model_type!r}, which transformers {version} does not know: if the model "
+        f"is newer than it, upgrade transformers (pip install -U transformers); else {_SHIPPED.format(version)}"
+    )
+
+
+def _unreadable_files(path: Path, patterns: tuple[str, ...] = ("*.json", "*.safetensors")) -> dict[str, str]:
+    """The files of ``path`` (a file, or a folder's files matching ``patterns``) that are no valid JSON or
+    safetensors file: name -> why."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted({file for pattern in patterns for file in path.glob(pattern) if file.is_file()})
+    unreadable = {}
+    for file in files:
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".safetensors":
+                with safe_open(file, "pt"):
+                    pass
+        except (UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as exc:
+            unreadable[file.name] = _first_line(exc)
+    return unreadable
+
+
+def _damaged(files: dict[str, str]) -> str:
+    """The message for damaged files (name -> why)."""
+    return f"{', '.join(files)} cannot be read ({'; '.join(files.values())}): {_REDOWNLOAD}"
+
+
+def _first_line(exc: BaseException) -> str:
+    """``"Type: first sentence"`` of an exception (at most 200 characters)."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {re.split(r'(?<=[.])[ ]', text.splitlines()[0])[0][:200]}"
+
+
+#: Pickled checkpoints (read with torch.load), as opposed to safetensors and JSON files.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _load_failure(exc: BaseException, path: Path) -> str | None:
+    """What a user's file did wrong to raise ``exc`` while loading ``path``, with the fix; ``None`` when ``exc`` is
+    none of the known failures (a bug, or a failure the caller describes)."""
+    from safetensors import SafetensorError
+
+    text = str(exc)
+    if path.is_file():
+        pickled = "the file"
+    else:
+        names = [p.name for p in sorted(path.glob("*")) if p.suffix in _PICKLE_SUFFIXES] if path.is_dir() else []
+        pickled = ", ".join(names) or f"a pickled file of {path}"
+    if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in text.lower():
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"names {named.group(1)}" if named else "holds Python objects besides tensors"
+        return (
+            f"{pickled} is refused: it is a pickle that {what}, which PyTorch's weights-only loading refuses (loading "
+            "it fully could run code on this machine): use safetensors weights instead, or a file of tensors only "
+            "(torch.save(model.state_dict(), ...)) from a source you trust"
+        )
+    torch_frame = isinstance(exc, KeyError) and re.search(r"torch[/\\].*(serialization|unpickler)", _innermost(exc))
+    damaged_pickle = (
+        isinstance(exc, (pickle.UnpicklingError, EOFError))
+        or torch_frame
+        or (isinstance(exc, RuntimeError) and "PytorchStreamReader" in text)
+    )
+    if damaged_pickle:
+        return _damaged({pickled: _first_line(exc)})
+    damaged_text = isinstance(exc, (SafetensorError, json.JSONDecodeError, UnicodeDecodeError)) or (
+        isinstance(exc, OSError) and "is not a valid JSON file" in text
+    )
+    if damaged_text:
+        return _damaged((_unreadable_files(path) if path.exists() else {}) or {"a file of it": _first_line(exc)})
+    if isinstance(exc, ValueError) and "contains custom code" in text:
+        return _custom_code("auto_map in its config files")
+    unknown = re.search(r"model type `([^`]+)` but Transformers does not recognize", text)
+    if isinstance(exc, ValueError) and unknown:
+        return _unknown_type(unknown.group(1))
+    if isinstance(exc, ValueError) and "Should have a `model_type` key" in text:
+        return (
+            "config.json names no model_type, so it is no transformers model config: give a Hugging Face model "
+            "folder (as save_pretrained or hf download writes it)"
+        )
+    if isinstance(exc, OSError) and path.is_dir() and re.search(r"no file named|does not appear to have a file", text):
+        return (
+            f"a file it needs is missing ({_first_line(exc)}): copy the model's files (config.json, the weights "
+            "model.safetensors or its shards with model.safetensors.index.json, the tokenizer files) into it"
+        )
+    return None
+
+
+def _innermost(exc: BaseException) -> str:
+    """The file of the innermost frame that ``exc`` was raised in."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename if tb is not None else ""
+
+
+@contextmanager
+def loading(what: str, path: str | Path, fallback: str | None = None) -> Iterator[None]:
+    """Turn a user's file that fails to load inside the block into one :class:`ModelLoadError` line.
+
+    The known failures (a damaged or cut-short JSON, safetensors or pickle file, a pickle that could run code, a
+    model needing its own code, an unknown model type, a missing file) become ``"{what} {path}: {problem}: {fix}"``;
+    any other exception passes through as it is (a bug shows its traceback).
+
+    Args:
+        what: what is loaded, for the message: ``"model"``, ``"tokenizer"``, ``"adapter"``, ``"sft_checkpoint"``.
+        path: the folder, file or hub id loaded.
+        fallback: the fix for any other ``OSError`` or ``ValueError`` (then also one line, quoting the error);
+            default ``None``: those pass through.
+
+    Raises:
+        ModelLoadError: a known failure, or an ``OSError``/``ValueError`` when ``fallback`` is given.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, pickle.UnpicklingError, EOFError, KeyError, RuntimeError, OSError, ValueError) as exc:
+        if isinstance(exc, ModelLoadError):
+            raise
+        problem = _load_failure(exc, Path(str(path)).expanduser())
+        if problem is None and fallback is not None and isinstance(exc, (OSError, ValueError)):
+            problem = f"{_first_line(exc)}: {fallback}"
+        if problem is None:
+            raise
+        raise ModelLoadError(f"{what} {path}: {problem}") from None
+
+
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     """``dtype=`` for transformers >= 4.56, ``torch_dtype=`` before (the keyword was renamed)."""
     import transformers
@@ -80,14 +312,20 @@ def dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def from_pretrained(loader: Any, model_name_or_path: str, **kwargs: Any) -> Any:
-    """Call ``loader.from_pretrained`` and turn a failure to find the files into a :class:`ModelLoadError`."""
+    """Call ``loader.from_pretrained`` without running the model's own code (``trust_remote_code=False``).
+
+    A damaged or refused file is one :class:`ModelLoadError` (see :func:`loading`), and so is a hub id the hub did
+    not provide.
+    """
+    what = "tokenizer" if "Tokenizer" in getattr(loader, "__name__", "") else "model"
     try:
-        return loader.from_pretrained(model_name_or_path, **kwargs)
+        with loading(what, model_name_or_path):
+            return loader.from_pretrained(model_name_or_path, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as exc:
-        if Path(model_name_or_path).exists():
+        if isinstance(exc, ModelLoadError) or Path(model_name_or_path).exists():
             raise
         raise ModelLoadError(
             f"could not load {model_name_or_path!r}: no local folder of that name, and the hub did not "
-            f"provide it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Check the id and your network, "
+            f"provide it ({_first_line(exc)}). Check the id and your network, "
             "or download the model and give its local folder"
         ) from None

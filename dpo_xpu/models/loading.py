@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpo_xpu.errors import ModelLoadError
 from dpo_xpu.models.backends import get_backend
-from dpo_xpu.models.base import LoraSettings, from_pretrained, resolve_model_path
+from dpo_xpu.models.base import LoraSettings, from_pretrained, loading, resolve_model_path
 
 if TYPE_CHECKING:
     import torch
@@ -44,11 +44,12 @@ def load_tokenizer(model_name_or_path: str | Path, padding_side: str = "left") -
         The tokenizer; when it has no pad token, the EOS token is used as pad token.
 
     Raises:
-        ModelLoadError: the folder or hub id cannot be found.
+        ModelLoadError: the folder or hub id cannot be found, holds no tokenizer, or a tokenizer file is damaged
+            (the message names the file and the fix).
     """
     from transformers import AutoTokenizer
 
-    tokenizer = from_pretrained(AutoTokenizer, resolve_model_path(model_name_or_path))
+    tokenizer = from_pretrained(AutoTokenizer, resolve_model_path(model_name_or_path, tokenizer_only=True))
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -87,8 +88,9 @@ def load_policy_model(
         A ``peft.PeftModel`` on ``device`` whose only trainable parameters are the LoRA matrices.
 
     Raises:
-        ModelLoadError: the model, the SFT checkpoint or the adapter cannot be found or do not fit the model, or
-            the backend cannot apply them. DeviceNotAvailableError: ``device`` is absent.
+        ModelLoadError: the model, the SFT checkpoint or the adapter cannot be found, are damaged, need the model's
+            own code, hold a pickle that could run code, or do not fit the model, or the backend cannot apply them;
+            the message names the file and the fix. DeviceNotAvailableError: ``device`` is absent.
     """
     loader = get_backend(backend).load_policy_model
     path = resolve_model_path(model_name_or_path)
@@ -170,8 +172,9 @@ def load_sft_state_dict(path: str | Path, model_name_or_path: str | Path) -> dic
         The state dict (parameter name -> tensor).
 
     Raises:
-        ModelLoadError: the file is missing or unreadable, has no ``state`` dict, or its keys or shapes differ
-            from the model's; the message names the file, what differs and the fix.
+        ModelLoadError: the file is missing, damaged or a pickle of more than tensors (refused: it could run code),
+            has no ``state`` dict, or its keys or shapes differ from the model's; the message names the file, what
+            differs and the fix.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -183,15 +186,13 @@ def load_sft_state_dict(path: str | Path, model_name_or_path: str | Path) -> dic
     )
     if not path.is_file():
         raise ModelLoadError(f"sft_checkpoint {path} does not exist: {fix}")
-    try:
+    with loading("sft_checkpoint", path, fallback=fix):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise ModelLoadError(f"sft_checkpoint {path} cannot be read ({type(exc).__name__}: {exc}): {fix}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state"), dict):
         found = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ModelLoadError(f"sft_checkpoint {path} has no key 'state' holding a state dict (found {found}): {fix}")
     state = {k: v for k, v in checkpoint["state"].items() if not k.endswith(_IGNORED_SFT_KEYS)}
-    config = AutoConfig.from_pretrained(resolve_model_path(model_name_or_path))
+    config = from_pretrained(AutoConfig, resolve_model_path(model_name_or_path))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if not k.endswith(_IGNORED_SFT_KEYS)}
@@ -227,7 +228,8 @@ def load_trained_policy(
     same logits as the trained policy did. Returned in eval mode with no trainable parameter.
 
     Raises:
-        ModelLoadError: the base or the adapter folder cannot be found.
+        ModelLoadError: the base or the adapter folder cannot be found or loaded (a damaged file, a pickle that
+            could run code): the message names the file and the fix.
     """
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from dpo_xpu.errors import ModelLoadError
-from dpo_xpu.models.base import LoraSettings, dtype_kwarg, from_pretrained
+from dpo_xpu.models.base import LoraSettings, dtype_kwarg, from_pretrained, loading
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +89,11 @@ def _from_state_dict(model_name_or_path: str, state_dict: dict[str, torch.Tensor
     from transformers import AutoConfig, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = AutoConfig.from_pretrained(model_name_or_path)
-    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
-        None, config=config, state_dict=state_dict, **kwargs
-    )
+    config = from_pretrained(AutoConfig, model_name_or_path)
+    with loading("model", model_name_or_path):
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+            None, config=config, state_dict=state_dict, **kwargs
+        )
     model.name_or_path = model.config._name_or_path = model_name_or_path
     try:
         model.generation_config = GenerationConfig.from_pretrained(model_name_or_path)
@@ -156,14 +157,9 @@ def load_policy_model(
     model = load_base(model_name_or_path, quantization, device, dtype, state_dict)
     _upcast_for_training(model, quantization, gradient_checkpointing)
     if adapter_name_or_path is not None:
-        try:
+        fix = f"give a LoRA adapter folder (adapter_config.json) trained on {model_name_or_path}, as a run's adapter/"
+        with loading("adapter_name_or_path", adapter_name_or_path, fallback=fix):
             policy = PeftModel.from_pretrained(model, adapter_name_or_path, is_trainable=True)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(
-                f"adapter_name_or_path {adapter_name_or_path!r} cannot be loaded onto {model_name_or_path} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): give a LoRA adapter folder (with "
-                "adapter_config.json) trained on this base, such as a run's adapter/"
-            ) from None
         logger.info("policy continues from the adapter %s (its own LoRA settings)", adapter_name_or_path)
         return policy
     config = LoraConfig(
@@ -207,7 +203,8 @@ def load_trained_policy(
 
     model = load_base(model_name_or_path, quantization, device, dtype)
     _upcast_for_training(model, quantization, gradient_checkpointing=False)
-    policy = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    with loading("adapter", adapter_dir):
+        policy = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     if quantization == "nf4":
         # TRL trains QLoRA adapters in bf16 (QLoRA paper, section 3); keep them so to compute the same logits.
         for name, param in policy.named_parameters():
