@@ -47,3 +47,8 @@ class TrainingInterrupted(DpoXpuError):
     def __init__(self, message: str, exit_code: int = 130) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class TrainingDiverged(DpoXpuError, FloatingPointError):
+    """Training stopped at the first non-finite loss or weight (NaN or infinity): the message names the step, the
+    logged values, the likely cause and the last good checkpoint, which is kept (the diverged state is not saved)."""

@@ -30,6 +30,7 @@ from dpo_xpu.outputs.run_folder import (
     lock_run_dir,
     prepare_run_dir,
     save_fingerprints,
+    starting,
     undo_start,
     unlock_run_dir,
 )
@@ -178,8 +179,10 @@ def _run_callbacks(
     live_plot: bool | None,
 ) -> list[TrainerCallback]:
     """dpo_xpu's callbacks of a run: metrics (with the step-0 check, unless reference-free), live curves,
-    checkpoint markers, and policy-vs-reference samples at each evaluation when the recipe asks for them."""
+    checkpoint markers, the stop at a NaN step, and policy-vs-reference samples at each evaluation when the recipe
+    asks for them."""
     from dpo_xpu.callbacks.checkpoints import CheckpointCallback
+    from dpo_xpu.callbacks.interrupts import StopOnDivergence
     from dpo_xpu.callbacks.metrics import EvalSamplesCallback, LiveRewardPlotCallback, MetricsLoggerCallback
 
     step0 = None
@@ -193,6 +196,7 @@ def _run_callbacks(
         MetricsLoggerCallback(recipe.output_dir, step0=step0),
         LiveRewardPlotCallback(recipe.output_dir, display=live_plot),
         CheckpointCallback(),
+        StopOnDivergence(),  # after the row is written and the checkpoint marked: it stops before a NaN save
     ]
     if recipe.eval_steps and recipe.eval_samples and eval_dataset is not None and recipe.num_eval_samples > 0:
         prompts = list(eval_dataset["prompt"][: recipe.num_eval_samples])
@@ -242,10 +246,12 @@ def _start(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Sta
         started = StartedRun(run_dir)
     else:
         started = prepare_run_dir(run_dir, overwrite=overwrite)
-        recipe.save(run_dir / "recipe.yaml")
-        save_fingerprints(recipe, run_dir)
-    report = check_environment(backend=recipe.backend, recipe=recipe)
-    (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    with starting(started, new=not resume):  # a failed start is undone; a full disk is one line
+        if not resume:
+            recipe.save(run_dir / "recipe.yaml")
+            save_fingerprints(recipe, run_dir)
+        report = check_environment(backend=recipe.backend, recipe=recipe)
+        (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
     return started
 
 

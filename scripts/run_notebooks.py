@@ -8,8 +8,11 @@
 Each notebook gets only the parameters its `parameters` cell declares; values are read as YAML scalars
 (`5e-4`, `true`, `null`). Relative paths are relative to notebooks/, where the notebooks run. `--preset demo`
 passes the notebooks' own `preset = "demo"`: each takes recipes/cpu_demo.yaml's values for the parameters not
-given with --param (and builds the demo model when missing). An earlier run in output_dir is moved to
-<output_dir>.previous unless --overwrite is given (then notebook 03 replaces its files).
+given with --param (and builds the demo model when missing). Before anything runs or moves, notebook 03's
+parameters are checked as its recipe (dpo_xpu.make_recipe): a bad one stops here, in one line, with the earlier run in
+place. Then an earlier run in output_dir is moved to the first free <output_dir>.previous, .previous-2, ... (every
+earlier run is kept), unless --overwrite is given (then notebook 03 moves its files aside). A folder that is not a
+dpo_xpu run is never moved: choose another output_dir.
 The kernel is `python3`, which jupyter_client starts with this interpreter (sys.executable), over an encrypted
 (CurveZMQ) connection where pyzmq and the kernel support it.
 """
@@ -18,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import io
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -118,6 +122,53 @@ def parse_params(items: list[str]) -> dict[str, Any]:
     return values
 
 
+def notebook_recipe(declared: dict[str, Any], values: dict[str, Any]) -> Any:
+    """The recipe notebook 03 builds from its declared parameters and ``values`` (its preset applied, then
+    ``make_recipe`` of its recipe keys and ``recipe_overrides``), so a bad parameter fails before anything runs.
+
+    Raises:
+        DpoXpuError: a bad parameter (``RecipeError``: an unknown preset, a value of the wrong type or out of range).
+    """
+    from dpo_xpu.presets import apply_preset
+    from dpo_xpu.recipes import make_recipe, recipe_keys
+
+    namespace = {**declared, **{key: value for key, value in values.items() if key in declared}}
+    keys = [key for key in declared if key in recipe_keys()]
+    with contextlib.redirect_stdout(io.StringIO()):  # notebook 03 prints its own "preset demo: ..." line
+        apply_preset(namespace.get("preset"), {key: declared[key] for key in keys}, namespace, recipe_path=DEMO_RECIPE)
+    return make_recipe({**{key: namespace[key] for key in keys}, **(namespace.get("recipe_overrides") or {})})
+
+
+def check_run_folder(output_dir: Path) -> None:
+    """Stop when ``output_dir`` is not a dpo_xpu run folder (:func:`dpo_xpu.outputs.run_folder.refuse_foreign`).
+
+    Raises:
+        SystemExit: it holds files dpo_xpu did not write (one line naming them); nothing is moved or written.
+    """
+    from dpo_xpu.errors import RunFolderError
+    from dpo_xpu.outputs.run_folder import refuse_foreign
+
+    try:
+        refuse_foreign(output_dir)
+    except RunFolderError as exc:
+        raise SystemExit(f"run_notebooks: error: {exc}") from None
+
+
+def move_earlier_run(output_dir: Path) -> Path:
+    """Rename ``output_dir`` (an earlier dpo_xpu run) to the first free ``<output_dir>.previous``, ``.previous-2``,
+    ...; return that name. Earlier ones are never replaced.
+
+    Raises:
+        SystemExit: ``output_dir`` holds files dpo_xpu did not write (:func:`check_run_folder`: it is not moved).
+    """
+    from dpo_xpu.outputs.run_folder import aside_name
+
+    check_run_folder(output_dir)
+    previous = aside_name(output_dir)
+    output_dir.rename(previous)
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a set of parameter values (default: none)")
@@ -126,15 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="let notebook 03 replace a run in output_dir")
     args = parser.parse_args(argv)
 
-    import papermill
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
-    if argv0 not in ("python", "python3", sys.executable):
-        raise SystemExit(
-            f"run_notebooks: the 'python3' kernel starts {argv0}, not this interpreter ({sys.executable}). "
-            f"Fix: {sys.executable} -m ipykernel install --sys-prefix"
-        )
     declared = {name: notebook_parameters(NOTEBOOKS_DIR / name) for name in NOTEBOOKS}
     values = {**PRESETS.get(args.preset, {}), **parse_params(args.param)}
     unknown = sorted(set(values) - set().union(*declared.values()))
@@ -152,11 +194,31 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = (ROOT / load_recipe(DEMO_RECIPE).output_dir).resolve()
     else:
         output_dir = (NOTEBOOKS_DIR / declared[NOTEBOOKS[2]]["output_dir"]).resolve()
-    if "03_dpo_training.ipynb" in selected and not args.overwrite and output_dir.exists() and any(output_dir.iterdir()):
-        previous = output_dir.with_name(output_dir.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        output_dir.rename(previous)
-        print(f"earlier run moved to {previous}")
+    if NOTEBOOKS[2] in selected:
+        from dpo_xpu.errors import DpoXpuError
+
+        try:
+            notebook_recipe(declared[NOTEBOOKS[2]], values)
+        except DpoXpuError as exc:
+            raise SystemExit(
+                f"run_notebooks: error: notebook {NOTEBOOKS[2]}'s parameters: {exc} (nothing was run or moved)"
+            ) from None
+
+    import papermill
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
+    if argv0 not in ("python", "python3", sys.executable):
+        raise SystemExit(
+            f"run_notebooks: the 'python3' kernel starts {argv0}, not this interpreter ({sys.executable}). "
+            f"Fix: {sys.executable} -m ipykernel install --sys-prefix"
+        )
+    if NOTEBOOKS[2] in selected and output_dir.exists() and any(output_dir.iterdir()):
+        if args.overwrite:  # notebook 03 moves the run's files aside; a folder of the user's is refused now
+            check_run_folder(output_dir)
+        else:
+            previous = move_earlier_run(output_dir)
+            print(f"the earlier run in {output_dir} was moved to {previous} (earlier ones are kept)")
     executed_dir = output_dir / "notebooks"
     executed_dir.mkdir(parents=True, exist_ok=True)
 

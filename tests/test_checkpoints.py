@@ -63,7 +63,7 @@ def test_newest_complete_checkpoint_is_chosen(tmp_path):
     fake_checkpoint(tmp_path, 10)
     fake_checkpoint(tmp_path, 12, complete=False)  # interrupted while saving
     assert find_resume_checkpoint(tmp_path).name == "checkpoint-10"
-    (tmp_path / "checkpoint-10" / "optimizer.pt").write_bytes(b"0")  # extra file: not in the marker, ignored
+    (tmp_path / "checkpoint-10" / "notes.txt").write_bytes(b"0")  # extra file: not in the marker, ignored
     assert find_resume_checkpoint(tmp_path).name == "checkpoint-10"
     (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")  # corrupted
     assert find_resume_checkpoint(tmp_path).name == "checkpoint-2"

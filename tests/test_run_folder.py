@@ -74,6 +74,7 @@ def test_the_cli_refuses_a_folder_another_process_trains_in(tmp_path, stories260
 def test_overwrite_moves_the_earlier_run_aside_and_keeps_the_users_files(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoint-2").mkdir(parents=True)
+    (run / LOCK_FILE).write_text("")  # every start writes it: the folder is a dpo_xpu run
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     (run / "notes.txt").write_text("mine")
     with pytest.raises(RunFolderError, match="--overwrite"):
@@ -92,6 +93,7 @@ def test_overwrite_moves_the_earlier_run_aside_and_keeps_the_users_files(tmp_pat
 def test_files_of_a_start_that_never_trained_do_not_block_the_retry(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
+    (run / LOCK_FILE).write_text("")  # the start locked the folder first
     (run / "recipe.yaml").write_text("")  # a 0-byte recipe.yaml, as a full disk leaves it
     (run / "environment.json").write_text("{}")
     (run / "metrics.jsonl").write_text("")

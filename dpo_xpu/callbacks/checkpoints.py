@@ -6,8 +6,13 @@ which ``Trainer`` skips to on resume). :class:`CheckpointCallback` adds two thin
 
 - once ``Trainer`` has finished writing a checkpoint, a ``COMPLETE`` marker listing every file with its size
   and SHA-256 checksum, written last and atomically. A checkpoint without a valid marker (interrupted while
-  saving, or a file changed since) is partial: :func:`find_resume_checkpoint` skips it and never loads it;
+  saving, or a file changed since), with a ``trainer_state.json`` that is not JSON, or with a pickle that torch
+  refuses to load as plain tensors (``weights_only=True``: a corrupt or hostile ``optimizer.pt``, ``rng_state.pth``)
+  cannot be resumed from: :func:`find_resume_checkpoint` skips it, says why, and never loads it;
 - a checkpoint at the last step, so a finished run ends with one.
+
+On resume, ``metrics.jsonl`` is trimmed back to the checkpoint's step, and rows it lost at or before that step (a
+line cut off mid-write) are rebuilt from the checkpoint's ``log_history`` (:func:`restore_step_rows`).
 
     >>> checkpoint = find_resume_checkpoint("runs/dpo")      # newest complete checkpoint-N
     >>> check_resume_recipe(recipe, "runs/dpo")               # refuses a recipe that changes the result
@@ -25,8 +30,16 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from dpo_xpu.callbacks.metrics import metrics_row
 from dpo_xpu.errors import RecipeError, RunFolderError
-from dpo_xpu.outputs.run_folder import check_fingerprints, file_sha256
+from dpo_xpu.outputs.plotting import METRICS_FILE
+from dpo_xpu.outputs.run_folder import (
+    check_fingerprints,
+    file_sha256,
+    raise_if_disk_full_at_start,
+    read_json,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +74,10 @@ NON_RESULT_KEYS = (
 )
 #: Files of the run folder holding one JSON row per step, trimmed back to the checkpoint on resume.
 STEP_LOGS = ("metrics.jsonl", "eval_samples.jsonl")
+#: A checkpoint's pickled files that ``Trainer`` loads on resume (``torch.load(..., weights_only=True)``);
+#: ``training_args.bin`` is never loaded.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+NOT_LOADED = ("training_args.bin",)
 
 
 def write_marker(checkpoint: str | Path, step: int) -> Path:
@@ -78,9 +95,35 @@ def write_marker(checkpoint: str | Path, step: int) -> Path:
     return checkpoint / MARKER_FILE
 
 
+def unsafe_pickle(path: Path) -> str | None:
+    """Why torch refuses to load ``path`` as plain tensors (``weights_only=True``, with the numpy types transformers
+    allows for ``rng_state.pth``), in one line; ``None`` when it loads. Tensors are memory-mapped where the file
+    allows it, so a large ``optimizer.pt`` is not read into memory."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)  # a legacy (not zip) file cannot be mapped
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the answer
+        text = " ".join(str(exc).split())
+        found = re.search(r"unsupported GLOBAL [\w.]+", text, re.IGNORECASE) or re.search(
+            r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text
+        )
+        return found.group(found.lastindex or 0) if found else f"{type(exc).__name__}: {text[:120]}"
+    return None
+
+
 def checkpoint_problem(checkpoint: str | Path) -> str | None:
     """Why ``checkpoint`` cannot be resumed from (``None`` when it is complete): no marker, an unreadable
-    marker, no ``trainer_state.json``, or a listed file missing or changed (size or checksum)."""
+    marker, no ``trainer_state.json``, a listed file missing or changed (size or checksum), a ``trainer_state.json``
+    that is not a JSON object, or a pickled file that torch refuses to load as plain tensors (:func:`unsafe_pickle`:
+    corrupt, or replaced by a pickle that would run code)."""
     checkpoint = Path(checkpoint)
     marker = checkpoint / MARKER_FILE
     if not marker.is_file():
@@ -97,6 +140,20 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
             return f"{name} differs from its checksum"
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        state = None
+    if not isinstance(state, dict):
+        return "trainer_state.json is not a JSON object (corrupt)"
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix in PICKLE_SUFFIXES and path.name not in NOT_LOADED and path.is_file():
+            why = unsafe_pickle(path)
+            if why is not None:
+                return (
+                    f"torch refuses to load {path.name} as plain tensors ({why}): it is corrupt or was replaced, "
+                    f"and loading it could run code; delete {checkpoint.name}"
+                )
     return None
 
 
@@ -121,7 +178,7 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path:
         problem = checkpoint_problem(path)
         if problem is None:
             for name, why in skipped:
-                logger.warning("Skipping partial checkpoint %s: %s", name, why)
+                logger.warning("Skipping checkpoint %s, which cannot be resumed from: %s", name, why)
             return path
         skipped.append((path.name, problem))
     details = "; ".join(f"{name}: {why}" for name, why in skipped) or "no checkpoint-N folder"
@@ -157,9 +214,18 @@ def check_resume_recipe(recipe: Any, run_dir: str | Path) -> None:
 
 def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
     """Check the recipe and the inputs' fingerprints (:func:`dpo_xpu.outputs.run_folder.check_fingerprints`), pick the
-    newest complete checkpoint, remove the partial ones after it, and trim
-    ``metrics.jsonl`` / ``eval_samples.jsonl`` to the rows at or before its step (the resumed run appends the
-    later ones again). Returns the checkpoint to pass to ``trainer.train(resume_from_checkpoint=...)``."""
+    newest complete checkpoint, remove the partial ones after it, trim ``metrics.jsonl`` / ``eval_samples.jsonl`` to
+    the rows at or before its step (the resumed run appends the later ones again), and rebuild the rows
+    ``metrics.jsonl`` lost at or before it from the checkpoint's log history (:func:`restore_step_rows`).
+
+    Returns:
+        The checkpoint to pass to ``trainer.train(resume_from_checkpoint=...)``.
+
+    Raises:
+        RunFolderError: no run or no complete checkpoint to resume; inputs changed; a corrupt ``fingerprints.json``;
+            a full disk (one line; the logs are rewritten atomically, so they stay whole).
+        RecipeError: the recipe differs from the run's on a key that changes the result.
+    """
     check_resume_recipe(recipe, run_dir)
     check_fingerprints(recipe, run_dir)
     checkpoint = find_resume_checkpoint(run_dir)
@@ -167,8 +233,20 @@ def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
     for later, path in list_checkpoints(run_dir):
         if later > step:
             shutil.rmtree(path)  # partial (find_resume_checkpoint picked the newest complete one)
-    for name in STEP_LOGS:
-        trim_step_log(Path(run_dir) / name, step)
+    try:
+        for name in STEP_LOGS:
+            trim_step_log(Path(run_dir) / name, step)
+        restored = restore_step_rows(Path(run_dir) / METRICS_FILE, checkpoint, step)
+    except OSError as exc:
+        raise_if_disk_full_at_start(run_dir, exc, resume=True)
+        raise
+    if restored:
+        logger.warning(
+            "%s had lost the rows of step(s) %s: rebuilt them from %s",
+            METRICS_FILE,
+            ", ".join(str(s) for s in sorted(set(restored))),
+            checkpoint / "trainer_state.json",
+        )
     logger.warning("resuming %s from %s (step %d)", run_dir, checkpoint.name, step)
     return checkpoint
 
@@ -178,24 +256,71 @@ def newest_complete_step(run_dir: str | Path) -> int | None:
     return next((step for step, path in list_checkpoints(run_dir) if checkpoint_problem(path) is None), None)
 
 
-def trim_step_log(path: Path, step: int) -> int:
-    """Drop the rows of a JSON-lines file whose ``step`` is after ``step`` (and a line cut off mid-write);
-    return how many rows were dropped."""
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+def _step_rows(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
+    """Each line of a JSON-lines step log with its row: ``None`` for a line that is not a JSON object with an integer
+    ``step`` (cut off mid-write, or corrupt)."""
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += bool(line.strip())
-            continue
-        if isinstance(row, dict) and row.get("step", 0) > step:
-            dropped += 1
-        else:
-            kept.append(line + "\n")
-    path.write_text("".join(kept), encoding="utf-8")
-    return dropped
+        except ValueError:
+            row = None
+        ok = isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
+        out.append((line, row if ok else None))
+    return out
+
+
+def trim_step_log(path: Path, step: int) -> int:
+    """Drop the rows of a JSON-lines file whose ``step`` is after ``step``, and the lines that are not rows (cut off
+    mid-write, or corrupt: logged); rewrite it atomically and return how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    lines = _step_rows(path)
+    kept = [line + "\n" for line, row in lines if row is not None and row["step"] <= step]
+    corrupt = [line for line, row in lines if row is None]
+    if corrupt:
+        logger.warning("%s: dropped %d line(s) that are not JSON rows, e.g. %.80r", path, len(corrupt), corrupt[0])
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
+def _row_kind(row: dict[str, Any]) -> tuple[int, int]:
+    """``(step, 0)`` for a train row, ``(step, 1)`` for an evaluation row: the order the callback writes them in."""
+    return row["step"], 0 if "loss" in row else 1
+
+
+def restore_step_rows(path: Path, checkpoint: Path, step: int) -> list[int]:
+    """Rebuild the rows ``metrics.jsonl`` lost at or before ``step`` from the checkpoint's ``log_history``.
+
+    Every logged train or evaluation row is in the log history of the checkpoint's ``trainer_state.json``
+    (:class:`~dpo_xpu.callbacks.metrics.MetricsLoggerCallback` adds the row's own keys to it); rows missing from the
+    file, such as one whose line was cut off mid-write, are rebuilt with
+    :func:`~dpo_xpu.callbacks.metrics.metrics_row` (the same keys as logged ones) and the file is rewritten in step
+    order, atomically. The rows it holds are kept as they are.
+
+    Returns:
+        The steps of the rows rebuilt (empty when none was missing).
+
+    Raises:
+        RunFolderError: ``trainer_state.json`` is not valid JSON.
+    """
+    state = read_json(
+        checkpoint / "trainer_state.json",
+        f"delete {checkpoint.name} to resume from an older checkpoint, or start again with --overwrite",
+    )
+    history = state.get("log_history", []) if isinstance(state, dict) else []
+    logged = [metrics_row(entry) for entry in history if isinstance(entry, dict)]
+    logged = [row for row in logged if row is not None and isinstance(row["step"], int) and row["step"] <= step]
+    rows = [row for _, row in _step_rows(path) if row is not None] if path.is_file() else []
+    present = {_row_kind(row) for row in rows}
+    missing = [row for row in logged if _row_kind(row) not in present]
+    if missing:
+        merged = sorted(rows + missing, key=_row_kind)  # stable: rows of the same step and kind keep their order
+        write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in merged))
+    return [row["step"] for row in missing]
 
 
 class CheckpointCallback(TrainerCallback):

@@ -34,12 +34,40 @@ TRAIN_KEYS = (
 )
 
 
+#: Keys of a ``metrics.jsonl`` row that are not in the trainer's log (the step-0 check's ``step0/*``, the eval rows'
+#: drift, ``elapsed_s``): :class:`MetricsLoggerCallback` also adds them to the trainer's ``log_history``, so that a
+#: checkpoint's ``trainer_state.json`` holds every row whole (:func:`metrics_row`).
+ROW_EXTRAS = ("step0/", "eval/drift_chosen_logratio", "elapsed_s")
+
+
 def _clean(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them visible as strings
     return value
+
+
+def metrics_row(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``metrics.jsonl`` row of one trainer log: an entry of ``trainer.state.log_history`` (its ``logs`` with
+    ``step`` and ``epoch``); ``None`` for a log that is not a step (the end-of-training summary).
+
+    A train row holds ``step``, ``epoch``, the :data:`TRAIN_KEYS` logged, then the entry's :data:`ROW_EXTRAS`; an
+    evaluation row the ``eval_*`` values renamed ``eval/*``, then the extras. :class:`MetricsLoggerCallback` writes
+    each row from it, and resume rebuilds rows lost from ``metrics.jsonl`` with it from a checkpoint's log history,
+    so both have the same keys, in the same order.
+    """
+    row: dict[str, Any] = {"step": entry.get("step"), "epoch": _clean(entry.get("epoch"))}
+    if "loss" in entry:
+        row.update({key: _clean(entry[key]) for key in TRAIN_KEYS if key in entry})
+    elif "eval_loss" in entry:
+        row.update({"eval/" + key[5:]: _clean(v) for key, v in entry.items() if key.startswith("eval_")})
+    else:
+        return None
+    row.update({key: v for key, v in entry.items() if key.startswith(ROW_EXTRAS) and key != "elapsed_s"})
+    if "elapsed_s" in entry:
+        row["elapsed_s"] = entry["elapsed_s"]
+    return row
 
 
 class MetricsLoggerCallback(TrainerCallback):
@@ -76,33 +104,37 @@ class MetricsLoggerCallback(TrainerCallback):
 
         self._start = time.perf_counter()
         rows = read_metrics(self.path) if self.path.is_file() else []
+        steps = [row["step"] for row in rows if isinstance(row, dict) and isinstance(row.get("step"), int)]
         fresh_start_on_rows = state.global_step == 0 and self.path.is_file() and self.path.stat().st_size > 0
-        if fresh_start_on_rows or any(row.get("step", 0) > state.global_step for row in rows):
+        if fresh_start_on_rows or any(step > state.global_step for step in steps):
             raise RunFolderError(
                 f"{self.path} already holds the steps of another training (up to step "
-                f"{max((r.get('step', 0) for r in rows), default=0)}): this one would mix its "
+                f"{max(steps, default=0)}): this one would mix its "
                 "steps with them. Fix: give this trainer another output_dir, or resume the run "
                 "(run_training(recipe, resume=True))"
             )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Append the step's row (:func:`metrics_row`); its :data:`ROW_EXTRAS` also go to the log history's entry."""
         if not getattr(state, "is_world_process_zero", True):
             return  # under several processes, rank 0 alone writes (its logs are already averaged over the ranks)
-        logs = logs or {}
-        row: dict[str, Any] = {"step": state.global_step, "epoch": _clean(state.epoch)}
-        if "loss" in logs:
-            row.update({key: _clean(logs[key]) for key in TRAIN_KEYS if key in logs})
+        row = metrics_row({**(logs or {}), "step": state.global_step, "epoch": state.epoch})
+        if row is None:
+            return  # the end-of-training summary (train_runtime, ...) is not a step
+        extras: dict[str, Any] = {}
+        if "loss" in row:
             if self.step0 is not None and state.global_step == 1:
-                row.update(self.step0(row))
-        elif "eval_loss" in logs:
-            row.update({"eval/" + key[5:]: _clean(v) for key, v in logs.items() if key.startswith("eval_")})
+                extras.update(self.step0(row))
+        else:
             beta, chosen = getattr(args, "beta", None), row.get("eval/rewards/chosen")
             if beta and isinstance(chosen, (int, float)) and not getattr(args, "reference_free", False):
                 # drift: mean log pi(y_w|x) - log pi_ref(y_w|x) over the chosen answers (TRL's reward / beta)
-                row["eval/drift_chosen_logratio"] = chosen / beta
-        else:
-            return  # the end-of-training summary (train_runtime, ...) is not a step
-        row["elapsed_s"] = round(time.perf_counter() - self._start, 3)
+                extras["eval/drift_chosen_logratio"] = chosen / beta
+        extras["elapsed_s"] = round(time.perf_counter() - self._start, 3)
+        row.update(extras)
+        history = getattr(state, "log_history", None)
+        if history and history[-1].get("step") == state.global_step:
+            history[-1].update(extras)  # saved with each checkpoint: resume rebuilds rows metrics.jsonl lost from it
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
 

@@ -7,10 +7,14 @@ its inputs, ``metrics.jsonl``, checkpoints and adapter. This module decides what
   folder. A second ``train``, ``--resume`` or ``--overwrite`` on it is refused with a line naming the process that
   holds it. The kernel drops the lock when that process ends, however it ends, so a lock left by a dead process is
   taken over (and said so);
+- **only dpo_xpu's folders are used**: a folder that holds files but no dpo_xpu marker (:data:`OWN_MARKERS`: the lock
+  file every start writes, ``fingerprints.json``, a checkpoint's ``COMPLETE``) is the user's, and is refused
+  (:func:`foreign_files`): a run would replace its ``README.md`` or ``recipe.yaml``, and ``overwrite`` would move it;
 - **only a run that trained is a run**: a folder whose earlier start failed before its first step (it holds only
   ``recipe.yaml``, ``environment.json``, ``data_report.json`` or ``fingerprints.json``) is reused as it is;
 - **overwrite moves aside**: ``overwrite`` moves the earlier run into ``<run>.previous`` (``.previous-2``, ... when
-  taken), never deletes it, and a start that fails before its first step moves it back (:func:`undo_start`);
+  taken; :func:`aside_name`), never deletes it, and a start that fails before its first step, on a full disk too,
+  moves it back (:func:`undo_start`, :func:`starting`);
 - **fingerprints** of the inputs (model weights, data files, SFT checkpoint, starting adapter) in
   ``fingerprints.json``, so that ``resume`` refuses data or a model that changed in content, not only in path.
 
@@ -20,6 +24,7 @@ this module. Where ``fcntl`` is missing (Windows), the folder is not locked and 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -31,9 +36,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_xpu.errors import RunFolderError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,12 @@ START_FILES = ("recipe.yaml", "environment.json", "data_report.json", FINGERPRIN
 MERGE_CHECK_FILE = "merge_check.json"
 #: What only training writes; any of them (or a ``checkpoint-N`` folder) means the folder holds a run.
 TRAINED_FILES = ("metrics.jsonl", "reward_curves.png", "adapter", "eval_samples.jsonl", "merged", MERGE_CHECK_FILE)
+#: What a run writes after training: the model card, and notebook 4's evaluation; moved aside with the run.
+REPORT_FILES = ("README.md", "evaluation.json", "samples.jsonl")
+#: Files only dpo_xpu writes: a folder holding one (or a checkpoint's ``COMPLETE`` marker) is a dpo_xpu run folder.
+OWN_MARKERS = (LOCK_FILE, FINGERPRINTS_FILE)
+#: What ``scripts/run_notebooks.py`` writes in the run folder before notebook 3 starts the run (the executed notebooks).
+NOTEBOOKS_DIR = "notebooks"
 
 
 def trained_markers(run_dir: str | Path) -> list[str]:
@@ -59,6 +73,34 @@ def trained_markers(run_dir: str | Path) -> list[str]:
             found.append(name)
     found += sorted(p.name for p in run_dir.glob("checkpoint-*") if p.is_dir())
     return found
+
+
+def foreign_files(run_dir: str | Path) -> list[str]:
+    """The files of ``run_dir`` that dpo_xpu did not write: ``[]`` for a dpo_xpu run folder (one holding a file of
+    :data:`OWN_MARKERS` or a ``checkpoint-N/COMPLETE`` marker), an absent or empty folder, or one holding only hidden
+    files and the executed notebooks; else the names of its other entries, sorted."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    if any((run_dir / name).exists() for name in OWN_MARKERS) or any(run_dir.glob("checkpoint-*/COMPLETE")):
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.name != NOTEBOOKS_DIR)
+
+
+def refuse_foreign(run_dir: str | Path) -> None:
+    """Refuse a folder that holds files dpo_xpu did not write (:func:`foreign_files`), before anything is written in it.
+
+    Raises:
+        RunFolderError: naming those files and the fix (another output_dir).
+    """
+    foreign = foreign_files(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise RunFolderError(
+            f"{run_dir} is not a dpo_xpu run folder: it holds files dpo_xpu did not write ({shown}), which a run would "
+            f"replace (its recipe.yaml, README.md) or mix with, and --overwrite moves only a dpo_xpu run. Fix: choose "
+            "another output_dir (a new or empty folder); nothing was changed in this one"
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -101,7 +143,11 @@ class RunLock:
             logger.warning("no fcntl on this platform: %s is not locked against a second process", self.run_dir)
             return self
         previous = self._holder()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise_if_disk_full_at_start(self.run_dir, exc)
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -123,8 +169,13 @@ class RunLock:
             "command": " ".join(sys.argv)[:200],
             "since": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode())
+        except OSError as exc:
+            os.close(fd)  # drops the lock again
+            raise_if_disk_full_at_start(self.run_dir, exc, writing=self.path)
+            raise
         self._fd = fd
         return self
 
@@ -149,11 +200,13 @@ def lock_run_dir(run_dir: str | Path) -> RunLock:
     """Lock ``run_dir`` for this process (re-entrant: a folder this process already holds is returned as is).
 
     Raises:
-        RunFolderError: another process holds it.
+        RunFolderError: another process holds it, or it is not a dpo_xpu run folder (:func:`refuse_foreign`: no lock
+            file is written among the user's files).
     """
     key = Path(run_dir).resolve()
     lock = _HELD.get(key)
     if lock is None or not lock.held:
+        refuse_foreign(run_dir)
         lock = RunLock(run_dir).acquire()
         _HELD[key] = lock
     return lock
@@ -180,29 +233,33 @@ def check_writable(run_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
+        raise_if_disk_full_at_start(run_dir, exc)
         raise RunFolderError(
             f"cannot write to output_dir {run_dir} ({exc.strerror or exc}): choose a folder you can write to"
         ) from None
 
 
-def _aside_name(run_dir: Path) -> Path:
+def aside_name(run_dir: str | Path) -> Path:
+    """The first free name of ``<run_dir>.previous``, ``<run_dir>.previous-2``, ``-3``, ...: an earlier one is never
+    reused, so nothing moved aside before is replaced."""
+    run_dir = Path(run_dir)
     candidate = run_dir.with_name(run_dir.name + ".previous")
     n = 2
-    while candidate.exists():
+    while os.path.lexists(candidate):
         candidate = run_dir.with_name(f"{run_dir.name}.previous-{n}")
         n += 1
     return candidate
 
 
 def _is_run_file(name: str) -> bool:
-    return name in START_FILES or name in TRAINED_FILES or name.startswith("checkpoint-")
+    return name in START_FILES or name in TRAINED_FILES or name in REPORT_FILES or name.startswith("checkpoint-")
 
 
 def move_aside(run_dir: Path) -> Path:
-    """Move the run's files (those dpo_xpu writes; the user's own files stay) into a new ``<run_dir>.previous``
-    folder; return that folder."""
-    aside = _aside_name(run_dir)
-    aside.mkdir()
+    """Move the run's files (those dpo_xpu writes; the user's own files and the executed notebooks stay) into a new
+    folder :func:`aside_name` (never an earlier one); return that folder."""
+    aside = aside_name(run_dir)
+    aside.mkdir()  # raises rather than reuse a folder another process created meanwhile
     for entry in run_dir.iterdir():
         if _is_run_file(entry.name):
             shutil.move(str(entry), str(aside / entry.name))
@@ -232,12 +289,13 @@ def prepare_run_dir(output_dir: str | Path, overwrite: bool = False) -> StartedR
         A :class:`StartedRun` (pass it to :func:`undo_start` when the start fails before its first step).
 
     Raises:
-        RunFolderError: the folder holds a run and ``overwrite`` is false; another process holds it; it is a file
-            or not writable.
+        RunFolderError: the folder holds a run and ``overwrite`` is false; it holds files dpo_xpu did not write
+            (:func:`foreign_files`, with ``overwrite`` too); another process holds it; it is a file, not writable, or
+            its disk is full.
     """
     run_dir = Path(output_dir)
     check_writable(run_dir)
-    lock_run_dir(run_dir)
+    lock_run_dir(run_dir)  # refuses a folder of the user's (refuse_foreign) before anything is written or moved
     present = trained_markers(run_dir)
     started = StartedRun(run_dir)
     if present and not overwrite:
@@ -271,6 +329,57 @@ def undo_start(started: StartedRun) -> None:
         if not any(started.moved_to.iterdir()):
             started.moved_to.rmdir()
         logger.warning("the start failed before its first step: the earlier run is back in %s", run_dir)
+
+
+@contextlib.contextmanager
+def starting(started: StartedRun, new: bool = True) -> Iterator[None]:
+    """Around a start's first writes (``recipe.yaml``, ``fingerprints.json``, ``environment.json``): when they fail,
+    a new start is undone (:func:`undo_start`), and a full disk is one line.
+
+    Args:
+        started: what :func:`prepare_run_dir` did (or a bare :class:`StartedRun` for a resume).
+        new: a new run (undone on failure); ``False`` for a resume, whose folder is left as it is.
+
+    Raises:
+        RunFolderError: the disk is full (:func:`disk_full_at_start_message`); other errors pass unchanged.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        if new:
+            undo_start(started)
+        raise_if_disk_full_at_start(started.run_dir, exc, resume=not new)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path``'s text through a temporary file and a rename: a full disk leaves the old text whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: str | Path, fix: str) -> Any:
+    """The JSON value in ``path``, a file of the run folder.
+
+    Args:
+        fix: what the user can do when the file is corrupt (said after the file's name and the parse error).
+
+    Raises:
+        RunFolderError: the file is not valid JSON (cut off, overwritten): one line naming it, where and the fix.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        where = f"not UTF-8 text (byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        where = f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+    raise RunFolderError(f"{path} is corrupt: {where}. Fix: {fix}")
 
 
 def file_sha256(path: Path) -> str:
@@ -332,14 +441,20 @@ def check_fingerprints(recipe: Any, run_dir: str | Path) -> None:
     A run folder written before fingerprints were kept is resumed with a warning.
 
     Raises:
-        RunFolderError: the model, a data file, the SFT checkpoint or the starting adapter differs; the message
-            names each one.
+        RunFolderError: the model, a data file, the SFT checkpoint or the starting adapter differs (the message
+            names each one), or ``fingerprints.json`` is corrupt (one line naming it and the fix).
     """
     path = Path(run_dir) / FINGERPRINTS_FILE
     if not path.is_file():
         logger.warning("%s has no %s: cannot check that the data and model are unchanged", run_dir, FINGERPRINTS_FILE)
         return
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    fix = (
+        "restore it from a copy, or delete it to resume without checking that the model and data are unchanged "
+        "(a warning says so), or start a new run (another output_dir, or --overwrite)"
+    )
+    saved = read_json(path, fix)
+    if not isinstance(saved, dict) or not all(isinstance(v, str) for v in saved.values()):
+        raise RunFolderError(f"{path} is corrupt: not a mapping of input names to fingerprints. Fix: {fix}")
     now = input_fingerprints(recipe)
     changed = [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
     if changed:
@@ -360,15 +475,53 @@ def disk_full(exc: BaseException) -> bool:
     return "No space left on device" in text or ("unexpected pos" in text and "inline_container" in text)
 
 
+def _free_mib(run_dir: str | Path) -> int | str:
+    """The free space of ``run_dir``'s disk in MiB (of its nearest existing parent), or ``"?"``."""
+    path = Path(run_dir)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free // 2**20
+    except OSError:
+        return "?"
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+
+
 def disk_full_message(run_dir: str | Path, exc: BaseException, kept_step: int | None) -> str:
     """One line for a full disk: what was kept (``kept_step``: the newest complete checkpoint) and how to continue."""
     kept = f"the complete checkpoints up to step {kept_step}" if kept_step is not None else "no complete checkpoint yet"
-    try:
-        free = shutil.disk_usage(run_dir).free // 2**20
-    except OSError:
-        free = "?"
     return (
-        f"no space left on device while writing {run_dir} ({free} MiB free; {type(exc).__name__}: "
-        f"{str(exc).splitlines()[0][:120]}). Kept: {kept}, metrics.jsonl. Free some space, then continue with "
-        "--resume (resume=True)"
+        f"no space left on device while writing {run_dir} ({_free_mib(run_dir)} MiB free; {_first_line(exc)}). "
+        f"Kept: {kept}, metrics.jsonl. Free some space, then continue with --resume (resume=True)"
     )
+
+
+def disk_full_at_start_message(
+    run_dir: str | Path, exc: BaseException, writing: str | Path | None = None, resume: bool = False
+) -> str:
+    """One line for a disk that is full before the first step: what was being written, that nothing changed, the fix.
+
+    Args:
+        writing: the file being written; default the exception's file name, else the run folder.
+        resume: the start of a ``--resume`` (the fix then says to resume again).
+    """
+    writing = writing or getattr(exc, "filename", None) or run_dir
+    again = "resume again (--resume)" if resume else "start again"
+    kept = "the run is as it was" if resume else "nothing was trained and the folder is as it was"
+    return (
+        f"no space left on device while writing {writing} before the first step ({_free_mib(run_dir)} MiB free; "
+        f"{_first_line(exc)}): {kept}. Fix: free some space on that disk (or choose an output_dir on another "
+        f"disk), then {again}"
+    )
+
+
+def raise_if_disk_full_at_start(
+    run_dir: str | Path, exc: BaseException, writing: str | Path | None = None, resume: bool = False
+) -> None:
+    """Raise :func:`disk_full_at_start_message` as a :class:`RunFolderError` in place of ``exc`` when it is a full
+    disk (:func:`disk_full`); otherwise return."""
+    if isinstance(exc, Exception) and disk_full(exc):
+        raise RunFolderError(disk_full_at_start_message(run_dir, exc, writing, resume)) from None
