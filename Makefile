@@ -82,7 +82,9 @@ test: setup ipex-llm-env
 	exit $$rc
 
 # The documentation site, built strictly (a broken link or reference fails) into site/.
+# The notebook pages show the demo's executed copies: the demo runs first when any is missing or out of date.
 docs: setup
+	@$(BIN)/python docs/hooks.py --demo-current || $(BIN)/python scripts/run_notebooks.py --preset demo
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 kernel: setup

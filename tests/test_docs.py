@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import html
+import importlib.util
 import json
 import os
 import re
@@ -35,6 +36,17 @@ SITE = OUT / "site"
 SCREENSHOTS = OUT / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@functools.cache
+def _hooks():
+    """docs/hooks.py as a module (it is not a package module: MkDocs loads it by path)."""
+    pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install -e '.[docs]'")
+    spec = importlib.util.spec_from_file_location("dpo_xpu_docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def _build(dest: Path, **env: str) -> Path:
@@ -81,17 +93,141 @@ def _text(page: Path) -> str:
 
 
 def test_strict_build_has_every_page(site: Path) -> None:
-    for page in ("index.html", "getting-started", "how-dpo-works", "backends", "options", "troubleshooting"):
+    pages = ("getting-started", "hardware", "results", "how-dpo-works", "backends", "options", "performance")
+    for page in ("index.html", *pages, "troubleshooting"):
         path = site / page if page.endswith(".html") else site / page / "index.html"
         assert path.is_file(), f"{path} was not built"
     assert (site / "assets" / "reward_curves.png").stat().st_size > 1000
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        assert (site / "notebooks" / notebook.stem / "index.html").is_file(), f"no page for {notebook.name}"
+        page = site / "notebooks" / notebook.stem / "index.html"
+        assert page.is_file(), f"no page for {notebook.name}"
+        assert 'id="notebook-status"' in page.read_text(encoding="utf-8"), f"{page} does not say what it shows"
+    # one API page per step of the data flow, each module under its own heading there, none on a page of its own
+    hooks = _hooks()
+    groups = [g for g in hooks.api_groups() if g[3]]
+    assert [g[0] for g in groups][:3] == ["recipe", "environment", "data"] and groups[-1][0] == "pipeline-cli"
+    assert sorted(p.name for p in (site / "api").iterdir() if p.is_dir()) == sorted(g[0] for g in groups)
+    for slug, _title, _what, modules in groups:
+        text = (site / "api" / slug / "index.html").read_text(encoding="utf-8")
+        for module in modules:
+            assert f'id="dpo_xpu.{module}"' in text, f"dpo_xpu.{module} has no heading on api/{slug}"
     for module in ("device", "environment", "data.preferences", "models.loading", "recipes", "pipeline", "errors"):
-        assert (site / "api" / module / "index.html").is_file(), f"no API page for dpo_xpu.{module}"
+        assert (site / hooks.api_page_of(module).replace(".md", "/index.html")).is_file(), module
     for page in site.rglob("*.html"):
         found = EXTERNAL.search(page.read_text(encoding="utf-8"))
         assert found is None, f"{page.relative_to(site)} loads from another host: {found.group(0)!r}"
+
+
+def test_results_page_shows_a_real_run(site: Path) -> None:
+    """The Results page: the curves, the held-out figures and the samples of the demo run (the committed copies
+    in docs/assets/ when runs/demo has none), each with where it comes from; Performance keeps its machines."""
+    page = (site / "results" / "index.html").read_text(encoding="utf-8")
+    assert 'id="reward-curves"' in page
+    text = " ".join(_text(site / "results" / "index.html").split())
+    run = _hooks().DEMO_RUN
+    evaluation = run / "evaluation.json" if (run / "reward_curves.png").is_file() else None
+    if evaluation is None or not evaluation.is_file():
+        evaluation = ROOT / "docs" / "assets" / "demo_evaluation.json"
+    figures = json.loads(evaluation.read_text(encoding="utf-8"))
+    assert f"{figures['reward_accuracy']:.2f}" in text and f"{figures['mean_margin']:.4f}" in text
+    assert evaluation.name in text, "the evaluation table does not say where it comes from"
+    assert "samples.jsonl" in text and "<|im_start|>" in text and "policy" in text and "reference" in text
+    perf = " ".join(_text(site / "performance" / "index.html").split())
+    for fact in ("AMD EPYC", "TRL 1.16", "66420d5", "NVIDIA H200", "0.54x", "671 MiB", "slower than TRL"):
+        assert fact in perf, f"the Performance page lost {fact!r}"
+
+
+def test_hook_selects_executed_notebooks_when_present(tmp_path: Path) -> None:
+    """docs/hooks.py's choice of what a notebook page shows, without a build: the executed copy of a demo run when
+    it ran to the end and holds the committed cells (papermill's injected parameters aside), else the committed
+    notebook with the reason."""
+    hooks = _hooks()
+    committed = sorted((ROOT / "notebooks").glob("03_*.ipynb"))[0]
+    executed_dir = tmp_path / "runs" / "demo" / "notebooks"
+    executed_dir.mkdir(parents=True)
+
+    missing = hooks.select_notebook(committed, executed_dir)
+    assert (missing.path, missing.executed) == (committed, False) and "no executed copy" in missing.note
+
+    nb = json.loads(committed.read_text(encoding="utf-8"))
+    params = next(i for i, c in enumerate(nb["cells"]) if "parameters" in c["metadata"].get("tags", []))
+    injected = {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "source": 'preset = "demo"\n'}
+    injected |= {"outputs": [], "execution_count": 1}
+    nb["cells"].insert(params + 1, injected)
+    code = next(c for c in nb["cells"] if c["cell_type"] == "code" and c is not injected)
+    code["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["step 30/30  loss 0.2970\n"]}]
+    papermill = {"parameters": {"preset": "demo"}, "end_time": "2026-01-02T03:04:05", "exception": None}
+    nb["metadata"]["papermill"] = papermill
+    copy = executed_dir / committed.name
+    copy.write_text(json.dumps(nb), encoding="utf-8")
+    picked = hooks.select_notebook(committed, executed_dir)
+    assert (picked.path, picked.executed) == (copy, True)
+    assert "2026-01-02" in picked.note and 'preset = "demo"' in picked.note and "make demo" in picked.note
+    assert [s.executed for s in hooks.notebook_sources(executed_dir)].count(True) == 1
+
+    papermill["exception"] = True
+    copy.write_text(json.dumps(nb), encoding="utf-8")
+    failed = hooks.select_notebook(committed, executed_dir)
+    assert (failed.path, failed.executed) == (committed, False) and "stopped at an error" in failed.note
+
+    papermill["exception"] = None
+    code["source"] = "print('an older version of this cell')"
+    copy.write_text(json.dumps(nb), encoding="utf-8")
+    stale = hooks.select_notebook(committed, executed_dir)
+    assert (stale.path, stale.executed) == (committed, False) and "older version" in stale.note
+
+    # `python docs/hooks.py --demo-current` (what `make docs` asks before it builds) fails while a copy is missing
+    env = {**os.environ, "DPO_XPU_DOCS_DEMO_RUN": str(tmp_path / "runs" / "demo")}
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "hooks.py"), "--demo-current"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 1 and "no executed copy" in res.stdout, res.stdout + res.stderr
+
+
+def _hardware_cells(text: str) -> list[tuple[int, str, str]]:
+    """(GiB, recipe file, planned GiB as written) for each recipe named in a Markdown table whose first column or
+    header gives the GPU memory as "N GB"."""
+    found = []
+    header: list[str] = []
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = []
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not header:
+            header = cells
+            continue
+        for i, cell in enumerate(cells):
+            recipe = re.search(r"`(?:recipes/)?([\w.-]+\.yaml)`(?: \((\d+\.\d) GiB\))?", cell)
+            size = re.match(r"(\d+) GB", cells[0]) or (re.match(r"(\d+) GB", header[i]) if i < len(header) else None)
+            if recipe and size:
+                found.append((int(size.group(1)), recipe.group(1), recipe.group(2) or ""))
+    return found
+
+
+def test_hardware_tables_agree_with_the_planner() -> None:
+    """The recipe that README.md and docs/hardware.md give for each GPU memory size fits it by the memory planner,
+    and the planned peak they print is the planner's."""
+    from dpo_xpu.memory import recipe_fits
+    from dpo_xpu.recipes import load_recipe
+
+    hooks = _hooks()
+    planned = {item["recipe"]: item["estimate"].total_mib for item in hooks.recipe_estimates()}
+    assert "arc_16gb_qwen2.5_1.5b.yaml" in planned, "the notebooks' default recipe is not in the planner's table"
+    for doc in (ROOT / "README.md", ROOT / "docs" / "hardware.md"):
+        cells = _hardware_cells(doc.read_text(encoding="utf-8"))
+        assert len(cells) >= 8, f"{doc.name}: no hardware table found"
+        for gib, name, written in cells:
+            recipe = load_recipe(ROOT / "recipes" / name)
+            verdict = recipe_fits(recipe, gib * 1024, config=hooks.MODEL_SHAPES[recipe.model_name_or_path])
+            assert verdict.fits, f"{doc.name}: {name} for {gib} GB, but the planner says: {verdict.message}"
+            if written:
+                assert written == f"{planned[name] / 1024:.1f}", f"{doc.name}: {name} planned at {written} GiB"
 
 
 _PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
@@ -132,8 +268,16 @@ def test_build_with_executed_notebooks_and_no_demo_picture(tmp_path: Path) -> No
     assert (site / "assets" / "reward_curves.png").stat().st_size > 1000
     how = _text(site / "how-dpo-works" / "index.html")
     assert "demo_metrics.jsonl" in how, "the fallback picture does not say where it comes from"
-    index = _text(site / "notebooks" / "index.html")
-    assert "executed by make demo" in " ".join(index.split())
+    assert "Executed outputs" in _text(site / "notebooks" / notebook.stem / "index.html")
+    others = [p for p in sorted((ROOT / "notebooks").glob("*.ipynb")) if p != notebook]
+    if others:
+        other = " ".join(_text(site / "notebooks" / others[0].stem / "index.html").split())
+        assert "Not executed" in other and "no executed copy in the demo run" in other
+    index = " ".join(_text(site / "notebooks" / "index.html").split())
+    assert f"as executed in {demo / 'notebooks' / notebook.name}" in index
+    assert "as committed, without outputs" in index
+    results = " ".join(_text(site / "results" / "index.html").split())
+    assert "docs/assets/demo_evaluation.json" in results and "docs/assets/demo_samples.jsonl" in results
 
 
 def test_options_page_lists_every_recipe_key(site: Path) -> None:
@@ -141,9 +285,9 @@ def test_options_page_lists_every_recipe_key(site: Path) -> None:
 
     page = (site / "options" / "index.html").read_text(encoding="utf-8")
     table = page[page.index('id="every-key"') : page.index('id="recipes-shipped"')]
-    missing = [key for key in recipe_keys() if f"<code>{key}</code>" not in table]
+    missing = [key for key in recipe_keys() if not re.search(rf"<code\b[^>]*>{key}</code>", table)]
     assert not missing, f"recipe keys missing from the options table: {missing}"
-    assert re.search(r"TRL(&#39;|&rsquo;|&#x27;|')s default: <code>", table), (
+    assert re.search(r"TRL(&#39;|&rsquo;|&#x27;|')s default: <code\b", table), (
         "the options page lacks TRL's defaults where ours differ"
     )
     for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
@@ -211,8 +355,9 @@ def test_public_functions_have_docstrings() -> None:
 def test_every_export_is_on_an_api_page(site: Path) -> None:
     import dpo_xpu
 
+    hooks = _hooks()
     for name, module in dpo_xpu._EXPORTS.items():
-        page = site / "api" / module / "index.html"
+        page = site / hooks.api_page_of(module).replace(".md", "/index.html")
         assert page.is_file(), f"no API page for dpo_xpu.{module}"
         assert f'id="dpo_xpu.{module}.{name}"' in page.read_text(encoding="utf-8"), f"{name} not on {page}"
 
@@ -298,6 +443,18 @@ return Array.from(document.images).map(img => ({src: img.currentSrc || img.src, 
 """
 
 
+#: Sidebar entries whose label does not fit (Material cuts it with an ellipsis).
+_CLIPPED_JS = """
+return Array.from(document.querySelectorAll('.md-sidebar--primary .md-ellipsis'))
+    .filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1).map(e => e.textContent.trim());
+"""
+#: Code in a table's first column, or marked nowrap, that the browser broke over two lines.
+_WRAPPED_JS = """
+return Array.from(document.querySelectorAll('article td:first-child code, article table code.nowrap'))
+    .filter(e => e.getClientRects().length > 1).map(e => e.textContent);
+"""
+
+
 def _open(driver, url: str, name: str) -> dict:
     """Load ``url``, wait for its images, save a screenshot and return what the page showed."""
     from selenium.webdriver.support.ui import WebDriverWait
@@ -312,6 +469,8 @@ def _open(driver, url: str, name: str) -> dict:
         time.sleep(0.8)  # let the header's title transition finish
         driver.save_screenshot(str(SCREENSHOTS / f"{name}-reward-curves.png"))
     return {
+        "clipped": driver.execute_script(_CLIPPED_JS),
+        "wrapped": driver.execute_script(_WRAPPED_JS),
         "title": driver.title,
         "h1": driver.execute_script("const h = document.querySelector('article h1'); return h ? h.innerText : ''"),
         "text": driver.execute_script("return document.body.innerText"),
@@ -328,7 +487,10 @@ def test_pages_render_in_a_real_browser(site: Path, server: str, browser) -> Non
         "index": "",
         "how-dpo-works": "how-dpo-works/",
         f"notebook-{notebook}": f"notebooks/{notebook}/",
-        "api-device": "api/device/",
+        "results": "results/",
+        "hardware": "hardware/",
+        "options": "options/",
+        "api-environment": "api/environment/",
     }
     seen = {name: _open(browser, server + path, name) for name, path in pages.items()}
 
@@ -338,6 +500,8 @@ def test_pages_render_in_a_real_browser(site: Path, server: str, browser) -> Non
         broken = [img["src"] for img in page["images"] if not img["width"]]
         assert not broken, f"{name}: images that did not load: {broken}"
         assert page["title"].endswith("dpo_xpu"), f"{name}: unexpected title {page['title']!r}"
+        assert not page["clipped"], f"{name}: sidebar labels cut short: {page['clipped']}"
+        assert not page["wrapped"], f"{name}: code in a table broken over two lines: {page['wrapped'][:5]}"
 
     assert "Quick start" in seen["index"]["text"] and "make demo" in seen["index"]["text"]
 
@@ -351,6 +515,15 @@ def test_pages_render_in_a_real_browser(site: Path, server: str, browser) -> Non
     assert nb["cells"] > 0, "the training notebook rendered no cells"
     assert "$$" not in nb["text"], "display math in the training notebook was not converted to MathML"
     assert nb["h1"], "the training notebook page has no heading"
+    assert "Executed outputs" in nb["text"] or "Not executed" in nb["text"], "the page does not say what it shows"
 
-    api = seen["api-device"]
+    results = seen["results"]
+    curves = [img for img in results["images"] if img["id"] == "reward-curves"]
+    assert curves and curves[0]["width"] > 0, "the Results page's reward curves did not load"
+    assert "Held-out evaluation" in results["text"] and "reward accuracy" in results["text"]
+
+    assert "arc_16gb_qwen2.5_1.5b.yaml" in seen["hardware"]["text"] and "GiB" in seen["hardware"]["text"]
+
+    api = seen["api-environment"]
     assert "select_device" in api["text"] and "DeviceNotAvailableError" in api["text"]
+    assert api["h1"].rstrip("¶ ") == "Environment"
