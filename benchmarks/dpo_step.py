@@ -97,6 +97,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dpo_xpu.train.throughput import matmul_gflops, model_flops, synchronize
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DPO_XPU_SHARED", PROJECT_ROOT.parent / "shared")).resolve()
 ORCA_ROWS = SHARED / "data" / "orca_dpo_pairs" / "sample-284.jsonl"
@@ -181,32 +183,6 @@ def build_random_model(name: str, cache_dir: Path = CACHE / "benchmark-models", 
     return folder
 
 
-def matmul_gflops(device: str, dtype_name: str = "bfloat16", n: int = 2048, repeats: int = 3) -> float:
-    """The best GFLOP/s of ``repeats`` timed ``n x n @ n x n`` matmuls (``2 n^3`` FLOPs each) after a warm-up."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    best = float("inf")
-    for i in range(repeats + 1):
-        _synchronize(device)
-        start = time.perf_counter()
-        (a @ b).sum().item()
-        _synchronize(device)
-        if i:
-            best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
-
-
-def _synchronize(device: str) -> None:
-    import torch
-
-    kind = device.split(":")[0]
-    if kind in ("cuda", "xpu"):
-        getattr(torch, kind).synchronize()
-
-
 def fix_malloc_mmap_threshold(threshold: int = 1 << 20) -> bool:
     """Make glibc return freed blocks of ``threshold`` bytes or more to the OS at once (``mallopt``).
 
@@ -268,22 +244,6 @@ class RssSampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def model_flops(config: Any, tokens: float, mean_seq_len: float, forward_only: bool = False) -> float:
-    """Model FLOPs of a pass over ``tokens`` tokens (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, app. B).
-
-    ``6 N + 12 L H Q S`` per token for forward and backward, ``2 N + 4 L H Q S`` for a forward only, where
-    ``N`` counts the parameters of the matrix multiplies (layers + output head, tied embeddings once), ``L``
-    layers, ``H`` heads, ``Q`` head dimension, ``S`` the mean sequence length.
-    """
-    from dpo_xpu.memory import matmul_parameters
-
-    n = matmul_parameters(config)
-    head_dim = config.hidden_size // config.num_attention_heads
-    attention = config.num_hidden_layers * config.num_attention_heads * head_dim * mean_seq_len
-    per_token = 2 * n + 4 * attention if forward_only else 6 * n + 12 * attention
-    return per_token * tokens
 
 
 @dataclass
@@ -408,7 +368,7 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         prefix_sharing = bool(getattr(trainer, "prefix_sharing", False))
         precomputed = info is not None
     trainer.train()
-    _synchronize(settings.device)
+    synchronize(settings.device)
     elapsed = time.perf_counter() - start
     peak_rss = sampler.peak_mib - baseline
     peak_allocated = (

@@ -78,6 +78,8 @@ _EXPORTS = {
     "merge_and_save": "eval.export",
     "check_merged_logits": "eval.export",
     "merge_checked": "eval.export",
+    "evaluate_run": "eval.run",
+    "export_run": "eval.run",
     # demo assets
     "build_demo_model": "demo",
     "apply_preset": "presets",

@@ -3,6 +3,8 @@
     dpo-xpu env [--json] [--backend native|ipex-llm] [--recipe FILE]   # report; exit 1 on an error verdict
     dpo-xpu train --recipe FILE [--set key=value ...] [--overwrite | --resume]
     dpo-xpu plot RUN_DIR                                  # redraw RUN_DIR/reward_curves.png
+    dpo-xpu evaluate RUN_DIR [--split eval|train] [--max-eval-pairs N] [--num-samples N] ...  # evaluation.json
+    dpo-xpu export RUN_DIR [--merged] [--out DIR] [--overwrite]  # RUN_DIR/merged and merge_check.json
     dpo-xpu demo-model [DEST]                             # build the offline demo's tiny model
 
 Errors a user can cause print one line (``dpo-xpu: error: ...``) and exit 2, without a traceback.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -58,11 +61,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"  adapter:       {result.adapter_dir}")
     if last:
         print(
-            f"  last step {last['step']}: loss {last.get('loss'):.4f}, "
-            f"accuracy {last.get('rewards/accuracies', float('nan')):.2f}, "
-            f"margin {last.get('rewards/margins', float('nan')):.4f}"
+            f"  last step {last.get('step', '?')}: loss {_number(last.get('loss'), '.4f')}, "
+            f"accuracy {_number(last.get('rewards/accuracies'), '.2f')}, "
+            f"margin {_number(last.get('rewards/margins'), '.4f')}"
         )
     return 0
+
+
+def _number(value: object, spec: str) -> str:
+    """``value`` formatted with ``spec`` when it is a number; as it is (``nan`` as metrics.jsonl writes it), or
+    ``n/a`` when missing, otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    return "n/a" if value is None else str(value)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -77,6 +88,32 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dpo_xpu.eval.run import evaluate_run
+
+    evaluation = evaluate_run(
+        args.run_dir,
+        max_eval_pairs=args.max_eval_pairs,
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        device=args.device,
+        split=args.split,
+    )
+    print(evaluation.summary())
+    if evaluation.samples:
+        print(evaluation.comparison())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dpo_xpu.eval.run import export_run
+
+    exported = export_run(args.run_dir, merged=args.merged, out_dir=args.out, overwrite=args.overwrite)
+    print(exported.summary())
+    return 0 if exported.matches else 1
+
+
 def _cmd_demo_model(args: argparse.Namespace) -> int:
     from dpo_xpu.demo import build_demo_model
 
@@ -84,11 +121,22 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _first_sentence(text: str, limit: int = 110) -> str:
+def _sentence(text: str) -> str:
+    """The first sentence of ``text``, whole (an abbreviation such as "et al." or "e.g." ends none)."""
+    import re
+
     text = " ".join(text.split())
-    end = text.find(". ")
-    text = text[: end + 1] if end >= 0 else text
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    for match in re.finditer(r"[.!?](?=\s+[A-Z(`])", text):
+        if not re.search(r"(\bal|\be\.g|\bi\.e|\bcf|\bvs|\betc|\bEq|\bSec|\bNo)$", text[: match.start()]):
+            return text[: match.end()]
+    return text
+
+
+def _wrapped(head: str, text: str, width: int = 100) -> list[str]:
+    """``head: text`` wrapped at ``width``, continuation lines indented under the text (nothing cut)."""
+    import textwrap
+
+    return textwrap.wrap(f"{head}: {text}" if text else head, width=width, subsequent_indent=" " * 6)
 
 
 def _plain(markdown: str) -> str:
@@ -98,32 +146,73 @@ def _plain(markdown: str) -> str:
     return re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", markdown.replace("\\|", "|").replace("`", ""))
 
 
+#: transformers' TrainingArguments options by topic, for ``dpo-xpu train --help`` (a name's first match wins).
+TRL_OPTION_TOPICS = (
+    ("optimizer and schedule", ("optim", "adam", "weight_decay", "lr_", "warmup", "max_grad_norm", "learning")),
+    ("logging", ("log", "report_to", "run_name", "disable_tqdm", "include_", "project", "trackio")),
+    ("saving and the hub", ("save", "output", "overwrite", "push", "hub", "resume", "restore")),
+    ("evaluation", ("eval", "metric", "greater_is", "prediction", "batch_eval", "load_best", "per_device_eval")),
+    (
+        "devices and precision",
+        ("bf16", "fp16", "tf32", "half", "cpu", "device", "ddp", "fsdp", "deepspeed", "accelerator"),
+    ),
+    ("data loading", ("dataloader", "data_seed", "group_by", "length_column", "remove_unused", "dataset", "padding")),
+    ("compilation and memory", ("torch_compile", "torch_empty", "gradient_checkpointing", "auto_find", "liger")),
+)
+
+
 def _train_epilog() -> str:
-    """The recipe keys for ``dpo-xpu train --help``: dpo_xpu's own (default, unit and meaning from the Recipe's field
-    metadata, TRL's default where it differs), then every option of the installed TRL's DPOConfig with its default
-    and the first sentence of TRL's help."""
+    """The recipe keys for ``dpo-xpu train --help``: dpo_xpu's own by topic (:data:`dpo_xpu.recipes.KEY_TOPICS`;
+    default, unit and the whole meaning from the Recipe's field metadata, TRL's default where it differs), then the
+    installed TRL's options: its DPO options, then transformers' by topic (:data:`TRL_OPTION_TOPICS`), each with
+    its default and the first sentence of its help, never cut."""
     import dataclasses
 
     import trl
+    from transformers import TrainingArguments
     from trl import DPOConfig
 
-    from dpo_xpu.recipes import key_docs, trl_default_differences, trl_option_names
+    from dpo_xpu.recipes import KEY_TOPICS, key_docs, trl_default_differences, trl_option_names
 
-    differs = trl_default_differences()
+    differs, docs = trl_default_differences(), key_docs()
     lines = ["dpo_xpu's recipe keys (default [unit]: meaning; docs/options.md has the sources):"]
-    for key, doc in key_docs().items():
-        trl_default = f" (TRL's default: {differs[key][1]!r})" if key in differs else ""
-        meaning = _first_sentence(_plain(doc["help"]))
-        lines.append(f"  {key} = {doc['default']!r}{trl_default} [{_plain(doc['unit'])}]: {meaning}")
+    for topic, keys in KEY_TOPICS:
+        lines += ["", f"  {topic}:"]
+        for key in keys:
+            doc = docs[key]
+            trl_default = f" (TRL's default: {differs[key][1]!r})" if key in differs else ""
+            lines += _wrapped(
+                f"    {key} = {doc['default']!r}{trl_default} [{_plain(doc['unit'])}]", _plain(doc["help"])
+            )
     helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(DPOConfig)}
-    lines += ["", f"TRL {trl.__version__}'s DPOConfig options, under their own names (TRL's defaults):"]
+    transformers_names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    groups: dict[str, list[str]] = {"DPO (TRL's own)": []}
+    groups.update({topic: [] for topic, _ in TRL_OPTION_TOPICS})
+    groups["other"] = []
     for name, default in sorted(trl_option_names().items()):
-        lines.append(f"  {name} = {default!r}: {_first_sentence(helps.get(name, ''))}".rstrip(": "))
+        line = _wrapped(f"    {name} = {default!r}", _sentence(helps.get(name, "")))
+        topic = (
+            "DPO (TRL's own)"
+            if name not in transformers_names
+            else next(
+                (
+                    t
+                    for t, prefixes in TRL_OPTION_TOPICS
+                    if name.startswith(prefixes) or any(p in name for p in prefixes)
+                ),
+                "other",
+            )
+        )
+        groups[topic] += line
+    lines += ["", f"TRL {trl.__version__}'s DPOConfig options, under their own names (TRL's defaults):"]
+    for topic, group in groups.items():
+        if group:
+            lines += ["", f"  {topic}:", *group]
     return "\n".join(lines)
 
 
 def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
-    """The argument parser of ``dpo-xpu`` (sub-commands env, train, plot, demo-model).
+    """The argument parser of ``dpo-xpu`` (sub-commands env, train, plot, evaluate, export, demo-model).
 
     Args:
         with_options: list every recipe key and TRL option in ``train --help`` (imports TRL, so only for help).
@@ -131,7 +220,9 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     from dpo_xpu.recipes import BACKENDS
 
     parser = argparse.ArgumentParser(prog="dpo-xpu", description="DPO with NF4 + LoRA on Intel GPUs.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="also log the libraries' INFO lines")
+    noise.add_argument("-q", "--quiet", action="store_true", help="log dpo_xpu's warnings only, not its decisions")
     sub = parser.add_subparsers(dest="command", required=True)
 
     env = sub.add_parser("env", help="report the device, driver, oneAPI and package versions")
@@ -166,6 +257,42 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.set_defaults(func=_cmd_plot)
 
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="evaluate a finished run: held-out reward accuracy, margin, drift; policy vs reference answers",
+        description="Evaluate the run in RUN_DIR with its own recipe.yaml (the held-out rows as training split them) "
+        "and its adapter; write RUN_DIR/evaluation.json and RUN_DIR/samples.jsonl.",
+    )
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument(
+        "--split", choices=("eval", "train"), default="eval", help="the held-out rows (default) or the trained ones"
+    )
+    evaluate.add_argument("--max-eval-pairs", type=int, default=200, metavar="N", help="score at most N pairs")
+    evaluate.add_argument(
+        "--num-samples", type=int, default=None, metavar="N", help="prompts answered (default: the recipe's)"
+    )
+    evaluate.add_argument(
+        "--max-new-tokens", type=int, default=None, metavar="N", help="tokens per answer (default: the recipe's)"
+    )
+    evaluate.add_argument("--batch-size", type=int, default=4, metavar="N", help="sequences per forward pass")
+    evaluate.add_argument("--device", default=None, help="auto, xpu, cuda or cpu (default: the recipe's)")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    export = sub.add_parser(
+        "export",
+        help="export a finished run: its adapter, or --merged into the base (checked)",
+        description="The adapter is in RUN_DIR/adapter; --merged merges it into an unquantized copy of the base, "
+        "checks the merged model's logits and greedy text against the adapter model's (RUN_DIR/merge_check.json). "
+        "Exit 1 when the check finds a difference.",
+    )
+    export.add_argument("run_dir")
+    export.add_argument("--merged", action="store_true", help="merge the adapter into the base (no PEFT needed)")
+    export.add_argument(
+        "--out", default=None, metavar="DIR", help="where the merged model (default RUN_DIR/merged) or adapter goes"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace what --out (or RUN_DIR/merged) holds")
+    export.set_defaults(func=_cmd_export)
+
     demo = sub.add_parser("demo-model", help="build the offline demo's tiny ChatML model")
     demo.add_argument("dest", nargs="?", default="runs/demo-model")
     demo.add_argument("--force", action="store_true", help="rebuild even if already built")
@@ -188,9 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dpo-xpu``; returns the exit code."""
     words = sys.argv[1:] if argv is None else argv
     args = build_parser(with_options="train" in words and ("-h" in words or "--help" in words)).parse_args(argv)
+    # dpo_xpu's own lines at INFO (what `auto` chose, the reference cache, the time a run will take), the stack's
+    # at WARNING; -v shows the stack's INFO too, -q dpo_xpu's warnings only
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("dpo_xpu").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    if not args.verbose:  # datasets' bars over each map TRL runs (tokenizing, adding EOS, ...): -v shows them
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
     except DpoXpuError as exc:

@@ -137,6 +137,11 @@ def make_dpo_trainer(
     if generation == "1.x" and recipe.max_prompt_length is not None:
         _truncate_evaluated_prompts(trainer, tokenizer, recipe.max_prompt_length)
     trainer.decisions = [plan.why, why]  # what `auto` chose, one line each, for notebooks and reports
+    from dpo_xpu.callbacks.metrics import MetricsLoggerCallback
+    from dpo_xpu.train.throughput import trainer_meter
+
+    metrics_logger = next(c for c in all_callbacks if isinstance(c, MetricsLoggerCallback))
+    metrics_logger.meter = trainer_meter(trainer, reference_forward=not (plan.precomputed_by or plan.reference_free))
     plot = next(c for c in all_callbacks if isinstance(c, LiveRewardPlotCallback))
     use_step_lines(trainer, notebook=plot.display)  # step lines where the curves are drawn in a notebook
     if generation == "1.x" and recipe.adapter_name_or_path:
@@ -394,7 +399,11 @@ def save_adapter(
 
 
 def export_merged(
-    recipe: Recipe, adapter_dir: str | Path, run_dir: str | Path, texts: Sequence[str] | None = None
+    recipe: Recipe,
+    adapter_dir: str | Path,
+    run_dir: str | Path,
+    texts: Sequence[str] | None = None,
+    rtol: float | None = None,
 ) -> Path:
     """Merge the run's adapter into a bf16 copy of the base and save it, with the tokenizer, to ``<run>/merged``.
 
@@ -409,6 +418,7 @@ def export_merged(
 
     Args:
         texts: a few inputs for the check (the run's prompts); ``None`` merges without it.
+        rtol: the check's bound (:data:`~dpo_xpu.eval.export.MERGE_RTOL` when ``None``).
 
     Returns:
         The folder, loadable with ``AutoModelForCausalLM.from_pretrained`` (no PEFT, no bitsandbytes needed).
@@ -424,25 +434,30 @@ def export_merged(
     out_dir = Path(run_dir) / MERGED_DIR
     base = resolve_model_path(recipe.model_name_or_path)
     if not recipe.sft_checkpoint:
-        return _merge(adapter_dir, base, out_dir, Path(run_dir), texts)
+        return _merge(adapter_dir, base, out_dir, Path(run_dir), texts, rtol)
     state = load_sft_state_dict(recipe.sft_checkpoint, base)
     with tempfile.TemporaryDirectory(prefix="dpo-xpu-sft-base-") as scratch:
         sft_base = get_backend("native").load_base(base, "none", torch.device("cpu"), torch.bfloat16, state)
         sft_base.save_pretrained(scratch)
         del sft_base, state
-        return _merge(adapter_dir, scratch, out_dir, Path(run_dir), texts)
+        return _merge(adapter_dir, scratch, out_dir, Path(run_dir), texts, rtol)
 
 
 def _merge(
-    adapter_dir: str | Path, base: str | Path, out_dir: Path, run_dir: Path, texts: Sequence[str] | None
+    adapter_dir: str | Path,
+    base: str | Path,
+    out_dir: Path,
+    run_dir: Path,
+    texts: Sequence[str] | None,
+    rtol: float | None = None,
 ) -> Path:
     """:func:`~dpo_xpu.eval.export.merge_checked` where there are ``texts`` (its report in ``merge_check.json``), else
     :func:`~dpo_xpu.eval.export.merge_and_save`."""
-    from dpo_xpu.eval.export import merge_and_save, merge_checked
+    from dpo_xpu.eval.export import MERGE_RTOL, merge_and_save, merge_checked
 
     if not texts:
         return merge_and_save(adapter_dir, base, out_dir=out_dir)
-    merged, report = merge_checked(adapter_dir, base, out_dir, list(texts))
+    merged, report = merge_checked(adapter_dir, base, out_dir, list(texts), rtol=MERGE_RTOL if rtol is None else rtol)
     (run_dir / MERGE_CHECK_FILE).write_text(json.dumps(report, indent=2, default=str))
     from dpo_xpu.eval.export import merge_mismatch
 
@@ -463,7 +478,7 @@ def _merge(
     return merged
 
 
-def _run_prompts(trainer: Any, tokenizer: PreTrainedTokenizerBase, n: int = 4) -> list[str]:
+def run_prompts(trainer: Any, tokenizer: PreTrainedTokenizerBase, n: int = 4) -> list[str]:
     """The first ``n`` prompts the trainer holds (held-out ones first), as text: inputs for the merge check."""
     texts: list[str] = []
     for dataset in (getattr(trainer, "eval_dataset", None), getattr(trainer, "train_dataset", None)):
@@ -597,7 +612,7 @@ def _save_outputs(
     try:
         adapter_dir = save_adapter(trainer, tokenizer, run_dir, recipe)
         merged_dir = (
-            export_merged(recipe, adapter_dir, run_dir, _run_prompts(trainer, tokenizer))
+            export_merged(recipe, adapter_dir, run_dir, run_prompts(trainer, tokenizer))
             if recipe.export == "merged"
             else None
         )
@@ -656,5 +671,8 @@ def _finished_run(recipe: Recipe, run_dir: Path, checkpoint: Path) -> RunResult 
 
         write_model_cards(recipe, run_dir, adapter_dir)
         logger.warning("the run's adapter was missing: saved it again from %s to %s", checkpoint.name, adapter_dir)
-    logger.warning("%s is complete (step %d of %d): nothing to train", run_dir, step, max_steps)
+    hint = f"to evaluate it: dpo-xpu evaluate {run_dir}; a merged model: dpo-xpu export {run_dir} --merged"
+    if recipe.export == "merged" and not (run_dir / MERGED_DIR).is_dir():
+        hint = f"export: merged is not applied to a finished run: run dpo-xpu export {run_dir} --merged"
+    logger.warning("%s is complete (step %d of %d): nothing to train; %s", run_dir, step, max_steps, hint)
     return RunResult(run_dir, read_metrics(run_dir), adapter_dir, run_dir / CURVES_FILE, None)

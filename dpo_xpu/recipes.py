@@ -512,6 +512,69 @@ def _check_ranges(recipe: Recipe) -> None:
         )
 
 
+#: dpo_xpu's recipe keys by topic, in the order ``dpo-xpu train --help`` shows them (every key once).
+KEY_TOPICS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("the run", ("model_name_or_path", "dataset_name_or_path", "output_dir", "backend", "device", "seed")),
+    (
+        "model and LoRA",
+        (
+            "quantization",
+            "bf16",
+            "gradient_checkpointing",
+            "lora_r",
+            "lora_alpha",
+            "lora_dropout",
+            "lora_target_modules",
+            "sft_checkpoint",
+            "adapter_name_or_path",
+        ),
+    ),
+    (
+        "data",
+        (
+            "data_format",
+            "chat_format",
+            "limit",
+            "eval_fraction",
+            "dataset_mixture",
+            "max_length",
+            "max_prompt_length",
+            "drop_long_rows",
+        ),
+    ),
+    (
+        "DPO loss and reference",
+        (
+            "beta",
+            "loss_type",
+            "label_smoothing",
+            "nll_loss_coef",
+            "simpo_gamma",
+            "reference_free",
+            "reference",
+            "reference_device",
+            "prefix_sharing",
+        ),
+    ),
+    (
+        "optimisation",
+        (
+            "learning_rate",
+            "lr_scheduler_type",
+            "warmup_steps",
+            "max_steps",
+            "num_train_epochs",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+        ),
+    ),
+    (
+        "logging, evaluation and outputs",
+        ("logging_steps", "save_steps", "eval_steps", "eval_samples", "num_eval_samples", "max_new_tokens", "export"),
+    ),
+)
+
+
 def recipe_keys() -> list[str]:
     """Names of dpo_xpu's own recipe keys, in declaration order (TRL's other options: :func:`trl_option_names`)."""
     return [f.name for f in fields(Recipe)]

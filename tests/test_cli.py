@@ -25,6 +25,24 @@ def test_help_is_fast_and_lists_commands():
         assert command in result.stdout
 
 
+def test_train_help_groups_the_keys_and_cuts_no_sentence():
+    from dpo_xpu.recipes import KEY_TOPICS, key_docs, recipe_keys
+
+    listed = [key for _, keys in KEY_TOPICS for key in keys]
+    assert sorted(listed) == sorted(set(recipe_keys()) - {"trl_options"}) and len(listed) == len(set(listed))
+    text = cli("train", "--help").stdout
+    for topic, _ in KEY_TOPICS:
+        assert f"  {topic}:" in text
+    assert "  DPO (TRL's own):" in text and "  optimizer and schedule:" in text
+    assert "Hu et al. 2021" in text  # an abbreviation ends no sentence
+    assert not any(line.rstrip().endswith("...") for line in text.splitlines())
+    flat = " ".join(text.split())
+    for key, doc in key_docs().items():  # every key's whole meaning, wrapped, never cut
+        if key != "trl_options":
+            words = " ".join(doc["help"].replace("`", "").replace("\\|", "|").split())
+            assert words.split("(")[0].strip() in flat, key
+
+
 def test_env_json_reports_versions_and_exit_code():
     result = cli("env", "--json")
     report = json.loads(result.stdout)
@@ -91,6 +109,11 @@ def test_train_writes_a_run_and_refuses_to_overwrite_it(tmp_path, stories260k_pa
     first = cli(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert f"run folder: {run}" in first.stdout
+    # at the default verbosity: what the reference and prefix sharing settings chose, and the time the run takes
+    said = [line for line in first.stderr.splitlines() if line.startswith("INFO dpo_xpu")]
+    assert any("reference:" in line for line in said) and any("prefix sharing:" in line for line in said), said
+    assert any("will take about" in line for line in said), said
+    assert "Tokenizing train dataset" not in first.stderr  # datasets' bars only with -v
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()

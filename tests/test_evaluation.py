@@ -38,6 +38,7 @@ def pairs(orca_rows_path, tokenizer):
 
 
 def _policy(path):
+    torch.manual_seed(0)  # LoRA A's random init: the same adapter in every run (a merge's greedy check depends on it)
     return load_policy_model(path, device="cpu", dtype=torch.float32)
 
 
@@ -87,9 +88,11 @@ def test_sequence_log_probs_cuts_like_trl(stories260k_path, tokenizer, pairs):
         sequence_log_probs(model, tokenizer, prompts, answers[:1])
 
 
-def test_trained_adapter_moves_rewards_and_generations_are_side_by_side(stories260k_path, tokenizer, pairs):
+def test_trained_adapter_moves_rewards_and_generations_are_side_by_side(stories260k_path, tokenizer, pairs, capsys):
     policy = _train_adapter(_policy(stories260k_path))
-    metrics = evaluate_preferences(policy, tokenizer, pairs, beta=0.1, batch_size=2)
+    metrics = evaluate_preferences(policy, tokenizer, pairs, beta=0.1, batch_size=2, progress=True)
+    shown = capsys.readouterr().err  # a progress bar over the 4 x 4 scored sequences
+    assert "scoring pairs: 100%" in shown and "16/16" in shown
     assert metrics["drift_chosen_logratio"] != 0.0
     assert math.isclose(
         metrics["mean_margin"], metrics["mean_chosen_reward"] - metrics["mean_rejected_reward"], rel_tol=1e-5
@@ -99,6 +102,9 @@ def test_trained_adapter_moves_rewards_and_generations_are_side_by_side(stories2
     assert [s["prompt"] for s in samples] == pairs["prompt"][:2]
     assert all(set(s) == {"prompt", "policy", "reference"} for s in samples)
     assert any(s["policy"] != s["reference"] for s in samples)
+    # one prompt per generate call, with a progress bar over the answers: the same answers as one batch
+    assert generate_samples(policy, tokenizer, pairs["prompt"][:2], 8, batch_size=1, progress=True) == samples
+    assert "generating answers: 100%" in capsys.readouterr().err
     at_init = generate_samples(_policy(stories260k_path), tokenizer, pairs["prompt"][:1], max_new_tokens=8)
     assert at_init[0]["policy"] == at_init[0]["reference"]
 

@@ -93,11 +93,26 @@ def test_live_callback_updates_one_display_in_place(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ipd, "display", fake_display)
     _fake_run(tmp_path)
-    live = LiveRewardPlotCallback(tmp_path, display=True)
+    live = LiveRewardPlotCallback(tmp_path, display=True, max_share=1.0)  # every logging step
     for _ in range(3):
         live.on_log(None, None, None, logs={})
     assert len(shown) == 1 and len(updates) == 2
     assert shown[0].data[:8] == PNG_MAGIC
+
+
+def test_live_callback_keeps_redrawing_under_its_share_of_the_wall_time(tmp_path):
+    """A redraw costs about half a second: back-to-back logging steps (a fast GPU) redraw once, a step after
+    enough time redraws again, and the end of training always does."""
+    _fake_run(tmp_path)
+    live = LiveRewardPlotCallback(tmp_path, display=False, max_share=0.05)
+    for _ in range(3):
+        live.on_log(None, None, None, logs={})
+    assert live.redraws == 1
+    live._last_end -= 40 * live._cost  # time passes: 40 redraws' worth, more than 1 / 0.05 = 20
+    live.on_log(None, None, None, logs={})
+    assert live.redraws == 2
+    live.on_train_end(None, None, None)
+    assert live.redraws == 3
 
 
 def test_live_callback_before_any_row_draws_nothing(tmp_path):

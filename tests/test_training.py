@@ -47,6 +47,19 @@ def test_all_logged_values_are_finite_and_training_separates_pairs(trained):
 
 
 @pytest.mark.slow
+def test_every_step_logs_its_throughput_and_mfu(trained):
+    """perf/* in each train row of metrics.jsonl (issue #25 point 3): pairs/s from the step's wall time and the global
+    batch, tokens/s from TRL's token count, MFU against the measured matmul ceiling, a share in (0, 1)."""
+    recipe, result = trained
+    rows = [r for r in result.metrics if "loss" in r]
+    batch = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps
+    for row in rows:
+        assert row["perf/pairs_per_s"] == pytest.approx(batch / row["perf/step_s"], rel=1e-3)
+        assert row["perf/tokens_per_s"] > row["perf/pairs_per_s"] * 2  # two sequences of many tokens a pair
+        assert 0 < row["perf/mfu"] < 1
+
+
+@pytest.mark.slow
 def test_run_folder_holds_everything(trained):
     _, result = trained
     run = result.run_dir

@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ def sequence_log_probs(
     batch_size: int = 4,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
+    on_batch: Callable[[int], Any] | None = None,
 ) -> torch.Tensor:
     """Sum of the answer tokens' log-probabilities given the prompt, ``log pi(y|x)``, for each pair.
 
@@ -66,6 +67,8 @@ def sequence_log_probs(
         batch_size (`int`, defaults to 4): sequences per forward pass.
         max_length (`int`, *optional*): cut prompt + answer to this many tokens (the answer's end goes).
         max_prompt_length (`int`, *optional*): keep only the prompt's last this many tokens.
+        on_batch (`Callable[[int], Any]`, *optional*): called after each batch with its number of sequences (a
+            progress bar's `update`).
 
     Returns:
         `torch.Tensor`: shape `[N]`, float32 on the CPU, in nats (an empty answer gives 0).
@@ -97,6 +100,8 @@ def sequence_log_probs(
         # the logits at position t predict token t + 1
         token_lp = _token_log_probs(logits[:, :-1], ids[:, 1:].to(device)).cpu()
         out.append((token_lp * answer_mask[:, 1:]).sum(-1))
+        if on_batch is not None:
+            on_batch(len(pieces))
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -114,6 +119,7 @@ def evaluate_preferences(
     batch_size: int = 4,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
+    progress: bool = False,
 ) -> dict[str, float | int]:
     """Reward accuracy, margins and drift of the policy against the reference on preference pairs.
 
@@ -129,20 +135,27 @@ def evaluate_preferences(
         beta (`float`, defaults to 0.1): the DPO beta the policy was trained with.
         reference (`torch.nn.Module`, *optional*): a separate reference; `None` uses `policy.disable_adapter()`.
         batch_size, max_length, max_prompt_length: as :func:`sequence_log_probs`.
+        progress (`bool`, defaults to `False`): show a progress bar (tqdm) over the 4 x N scored sequences (chosen
+            and rejected, under the policy and the reference).
 
     Returns:
         `dict`: `reward_accuracy` (fraction of pairs with chosen reward > rejected reward), `mean_margin`,
         `mean_chosen_reward`, `mean_rejected_reward` (nats, scaled by beta), `drift_chosen_logratio` (nats,
         unscaled), `beta`, `n_pairs`.
     """
-    kwargs = {"batch_size": batch_size, "max_length": max_length, "max_prompt_length": max_prompt_length}
+    from tqdm.auto import tqdm
+
     prompts = list(dataset["prompt"])
-    logps = {
-        c: sequence_log_probs(policy, tokenizer, prompts, list(dataset[c]), **kwargs) for c in ("chosen", "rejected")
-    }
-    with _reference_context(policy, reference):
-        ref_model = reference if reference is not None else policy
-        ref = {c: sequence_log_probs(ref_model, tokenizer, prompts, list(dataset[c]), **kwargs) for c in logps}
+    with tqdm(total=4 * len(prompts), desc="scoring pairs", unit="seq", disable=not progress) as bar:
+        kwargs = {"batch_size": batch_size, "max_length": max_length, "max_prompt_length": max_prompt_length}
+        kwargs["on_batch"] = bar.update
+        logps = {
+            c: sequence_log_probs(policy, tokenizer, prompts, list(dataset[c]), **kwargs)
+            for c in ("chosen", "rejected")
+        }
+        with _reference_context(policy, reference):
+            ref_model = reference if reference is not None else policy
+            ref = {c: sequence_log_probs(ref_model, tokenizer, prompts, list(dataset[c]), **kwargs) for c in logps}
     chosen, rejected = beta * (logps["chosen"] - ref["chosen"]), beta * (logps["rejected"] - ref["rejected"])
     return {
         "reward_accuracy": (chosen > rejected).float().mean().item(),
@@ -170,6 +183,8 @@ def generate_samples(
     prompts: Sequence[str],
     max_new_tokens: int = 64,
     reference: torch.nn.Module | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
 ) -> list[dict[str, str]]:
     """Greedy answers of the policy and of the reference to the same prompts, side by side.
 
@@ -180,28 +195,40 @@ def generate_samples(
         max_new_tokens (`int`, defaults to 64): tokens generated at most per answer; generation also stops at
             the EOS token and at `<|im_end|>` where the vocabulary has it.
         reference (`torch.nn.Module`, *optional*): a separate reference; `None` uses `policy.disable_adapter()`.
+        batch_size (`int`, *optional*): prompts generated for together; `None`: all at once.
+        progress (`bool`, defaults to `False`): show a progress bar (tqdm) over the answers, the policy's then the
+            reference's.
 
     Returns:
         `list[dict]`: one `{"prompt", "policy", "reference"}` per prompt, answers decoded without special tokens.
     """
+    from tqdm.auto import tqdm
+
     if not prompts:
         return []
+    prompts = list(prompts)
     device = next(policy.parameters()).device
-    batch = tokenizer(list(prompts), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
-    batch = batch.to(device)
     settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "eos_token_id": _stop_ids(tokenizer)}
     settings["pad_token_id"] = tokenizer.pad_token_id
+    step = batch_size or len(prompts)
 
-    def answers(model: torch.nn.Module) -> list[str]:
+    def answers(model: torch.nn.Module, bar: Any) -> list[str]:
         was_training = model.training
         model.eval()
-        ids = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]
+        out = []
+        for begin in range(0, len(prompts), step):
+            chunk = prompts[begin : begin + step]
+            batch = tokenizer(chunk, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+            ids = model.generate(**batch.to(device), **settings)[:, batch["input_ids"].shape[1] :]
+            out += [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            bar.update(len(chunk))
         model.train(was_training)
-        return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return out
 
-    policy_answers = answers(policy)
-    with _reference_context(policy, reference):
-        reference_answers = answers(reference if reference is not None else policy)
+    with tqdm(total=2 * len(prompts), desc="generating answers", unit="answer", disable=not progress) as bar:
+        policy_answers = answers(policy, bar)
+        with _reference_context(policy, reference):
+            reference_answers = answers(reference if reference is not None else policy, bar)
     return [{"prompt": p, "policy": a, "reference": b} for p, a, b in zip(prompts, policy_answers, reference_answers)]
 
 
@@ -235,7 +262,7 @@ def load_run_recipe(run_dir: str | Path, **expected: Any) -> Any:
 
 
 def write_evaluation(
-    run_dir: str | Path, metrics: dict[str, Any], samples: Sequence[dict[str, str]] = ()
+    run_dir: str | Path, metrics: dict[str, Any], samples: Sequence[dict[str, Any]] = ()
 ) -> tuple[Path, Path]:
     """Write `metrics` to `<run_dir>/evaluation.json` and `samples` (one JSON object per line) to
     `<run_dir>/samples.jsonl`; return both paths.

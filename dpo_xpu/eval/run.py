@@ -1,0 +1,419 @@
+"""The steps after training, on a finished run folder: evaluate it, export it (``dpo-xpu evaluate``, ``dpo-xpu
+export``, notebook 4).
+
+Everything comes from the run folder, so nothing is given twice: its ``recipe.yaml`` gives the model, the data,
+``limit``, ``seed``, ``eval_fraction`` (hence the very rows training held out), ``bf16``, ``backend`` and ``beta``;
+``adapter/`` the trained LoRA adapter and the tokenizer. Only the evaluation's own settings (how many pairs and
+samples, batch size, device) are arguments.
+
+    >>> evaluation = evaluate_run("runs/demo")  # evaluation.json and samples.jsonl in runs/demo
+    >>> print(evaluation.summary())
+    >>> exported = export_run("runs/demo", merged=True)  # runs/demo/merged and runs/demo/merge_check.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from dpo_xpu.errors import RecipeError, RunFolderError
+from dpo_xpu.eval.export import MERGE_RTOL, merge_mismatch
+from dpo_xpu.eval.heldout import (
+    EVALUATION_FILE,
+    evaluate_preferences,
+    generate_samples,
+    load_run_recipe,
+    write_evaluation,
+)
+from dpo_xpu.outputs.run_folder import MERGE_CHECK_FILE
+from dpo_xpu.pipeline import ADAPTER_DIR, MERGED_DIR
+
+#: The rows :func:`evaluate_run` can score: the held-out split (``eval``) or the rows trained on (``train``).
+SPLITS = ("eval", "train")
+#: Characters of a prompt and of an answer shown per line by :meth:`RunEvaluation.comparison`.
+PROMPT_CHARS, ANSWER_CHARS = 100, 240
+#: Why a policy's greedy answers can equal the reference's after training (:func:`samples_verdict`).
+UNCHANGED_WHY = "too few steps or too low a learning rate; the rewards can move before the argmax tokens do"
+
+
+def finished_run_recipe(run_dir: str | Path) -> Any:
+    """The recipe of a finished training run: `run_dir` holds `recipe.yaml` and the trained `adapter/`.
+
+    Args:
+        run_dir (`str` or `Path`): the run folder (`output_dir` of `dpo-xpu train` or notebook 3).
+
+    Returns:
+        `dpo_xpu.recipes.Recipe`: the run's recipe, as training saved it.
+
+    Raises:
+        RunFolderError: `run_dir` is not a folder, has no `recipe.yaml`, or no adapter yet (training did not finish).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir} is not a folder: give a run folder written by dpo-xpu train or notebook 3")
+    recipe = load_run_recipe(run_dir)
+    if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        raise RunFolderError(
+            f"{run_dir} is not a finished run: it has no {ADAPTER_DIR}/adapter_config.json yet. Finish training "
+            f"first: dpo-xpu train --recipe {run_dir / 'recipe.yaml'} --resume"
+        )
+    return recipe
+
+
+def _check_split(run_dir: Path, recipe: Any, split: str) -> None:
+    """Refuse an unknown `split`, and `eval` on a run that held no rows out."""
+    if split not in SPLITS:
+        raise RecipeError(f"split: {split!r} is not a split: use 'eval' (the held-out rows) or 'train'")
+    if split == "eval" and not recipe.eval_fraction:
+        raise RecipeError(
+            f"{run_dir} held no rows out (eval_fraction: {recipe.eval_fraction}): evaluate the rows it "
+            "trained on with --split train (split='train'), which measures what it learnt, not how it generalises, "
+            "or train again with eval_fraction > 0"
+        )
+
+
+def _supported(run_dir: Path, recipe: Any) -> None:
+    """Refuse a run whose trained policy or reference :func:`load_trained_policy` cannot rebuild."""
+    if recipe.sft_checkpoint or recipe.adapter_name_or_path:
+        key = "sft_checkpoint" if recipe.sft_checkpoint else "adapter_name_or_path"
+        raise RecipeError(
+            f"{run_dir} was trained with {key}: evaluating it is not supported yet (the policy is loaded on "
+            "the plain base, and its reference would be the base rather than the run's starting model); use the "
+            "evaluation during training (eval_steps) instead"
+        )
+
+
+def samples_verdict(differ: int, total: int) -> str:
+    """One line on how many of the policy's answers differ from the reference's.
+
+    Args:
+        differ (`int`): answers that differ. total (`int`): answers compared.
+
+    Returns:
+        `str`: `"samples_differ: k of n ..."`, saying plainly when none changed yet.
+    """
+    if total == 0:
+        return "samples_differ: no samples were generated (num_samples 0)"
+    if differ == 0:
+        return (
+            f"samples_differ: 0 of {total}: the policy's greedy answers did not change yet, each equals the "
+            f"reference's ({UNCHANGED_WHY})"
+        )
+    return f"samples_differ: {differ} of {total} policy answers differ from the reference's"
+
+
+def _user_turn(prompt: str) -> str:
+    """The last user message of a ChatML prompt (the whole prompt when it has none), on one line."""
+    found = re.findall(r"<\|im_start\|>user\n(.*?)(?:<\|im_end\|>|$)", prompt, flags=re.S)
+    return " ".join((found[-1] if found else prompt).split())
+
+
+def _cut(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return '""' if not text else text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class RunEvaluation:
+    """What :func:`evaluate_run` measured and wrote.
+
+    Attributes:
+        run_dir (`Path`): the run folder.
+        metrics (`dict`): what `evaluation.json` holds: :func:`evaluate_preferences`'s figures, `split`,
+            `samples_differ`, `n_samples`, and `merge` (the merge check) once the run was exported merged.
+        samples (`list[dict]`): `{"prompt", "policy", "reference", "identical"}` per prompt, as in `samples.jsonl`.
+        evaluation_path (`Path`), samples_path (`Path`): the two files.
+    """
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    samples: list[dict[str, Any]]
+    evaluation_path: Path
+    samples_path: Path
+
+    def verdict(self) -> str:
+        """:func:`samples_verdict` for these samples."""
+        return samples_verdict(self.metrics["samples_differ"], self.metrics["n_samples"])
+
+    def summary(self) -> str:
+        """A few lines: the figures, where they were written, and the samples' verdict."""
+        m = self.metrics
+        rows = "held-out" if m["split"] == "eval" else "training"
+        return "\n".join(
+            [
+                f"evaluated {self.run_dir} on {m['n_pairs']} {rows} pairs (beta {m['beta']})",
+                f"  reward accuracy {m['reward_accuracy']:.3f}, margin {m['mean_margin']:.4f} (chosen "
+                f"{m['mean_chosen_reward']:.4f}, rejected {m['mean_rejected_reward']:.4f}), drift "
+                f"{m['drift_chosen_logratio']:.4f} nats",
+                f"  evaluation: {self.evaluation_path}",
+                f"  samples:    {self.samples_path}",
+                self.verdict(),
+            ]
+        )
+
+    def comparison(self) -> str:
+        """Each prompt with the policy's and the reference's answers, marked identical or different (whitespace
+        collapsed and long texts cut; `samples.jsonl` has them whole)."""
+        lines = []
+        for number, sample in enumerate(self.samples, 1):
+            lines.append(f"[{number}] {'identical' if sample['identical'] else 'different'}")
+            lines.append(f"  prompt:    {_cut(_user_turn(sample['prompt']), PROMPT_CHARS)}")
+            if sample["identical"]:
+                lines.append(f"  both:      {_cut(sample['policy'], ANSWER_CHARS)}")
+            else:
+                lines.append(f"  policy:    {_cut(sample['policy'], ANSWER_CHARS)}")
+                lines.append(f"  reference: {_cut(sample['reference'], ANSWER_CHARS)}")
+        return "\n".join(lines)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    max_eval_pairs: int = 200,
+    num_samples: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 4,
+    device: str | None = None,
+    split: str = "eval",
+    progress: bool = True,
+) -> RunEvaluation:
+    """Evaluate a finished run from its folder alone: reward accuracy, margin and drift on the rows training held
+    out, and the policy's and the reference's greedy answers side by side.
+
+    The run's `recipe.yaml` gives back the held-out split exactly (:func:`dpo_xpu.pipeline.load_run_data`: same data,
+    `limit`, `seed`, `eval_fraction`), the trained policy is its base loaded as in training with `adapter/` on top
+    (:func:`dpo_xpu.models.loading.load_trained_policy`), the reference that base with the adapter switched off.
+
+    Args:
+        run_dir (`str` or `Path`): a finished run folder.
+        max_eval_pairs (`int`, defaults to 200): score at most this many pairs (the split's first ones).
+        num_samples (`int`, *optional*): prompts answered by policy and reference; default the recipe's
+            `num_eval_samples`.
+        max_new_tokens (`int`, *optional*): tokens per answer at most; default the recipe's `max_new_tokens`.
+        batch_size (`int`, defaults to 4): sequences per forward pass, prompts per generation.
+        device (`str`, *optional*): `"auto"`, `"xpu"`, `"cuda"`, `"cpu"`; default the recipe's `device`.
+        split (`str`, defaults to `"eval"`): `"eval"`, the held-out rows, or `"train"`, the rows trained on (for a
+            run with `eval_fraction: 0`; that measures what it learnt, not how it generalises).
+        progress (`bool`, defaults to `True`): progress bars (tqdm) over the scored sequences and the answers.
+
+    Returns:
+        `RunEvaluation`: the figures and samples, also written to `<run_dir>/evaluation.json` and
+        `<run_dir>/samples.jsonl` (:func:`dpo_xpu.eval.heldout.write_evaluation`).
+
+    Raises:
+        RunFolderError: `run_dir` is not a finished run (:func:`finished_run_recipe`).
+        RecipeError: an unknown `split`; `split="eval"` on a run that held no rows out; a run trained from
+            `sft_checkpoint` or `adapter_name_or_path` (not supported yet).
+        ModelLoadError, DeviceNotAvailableError: the base model or the device is missing.
+    """
+    import torch
+
+    from dpo_xpu.models.loading import load_tokenizer, load_trained_policy
+    from dpo_xpu.pipeline import load_run_data
+
+    run_dir = Path(run_dir)
+    recipe = finished_run_recipe(run_dir)
+    _check_split(run_dir, recipe, split)
+    _supported(run_dir, recipe)
+    tokenizer = load_tokenizer(run_dir / ADAPTER_DIR)
+    train, heldout = load_run_data(recipe, tokenizer)  # the rows as training split them
+    rows = heldout if split == "eval" else train
+    rows = rows.select(range(min(max_eval_pairs, len(rows))))
+    dtype = torch.bfloat16 if recipe.bf16 else torch.float32
+    policy = load_trained_policy(
+        recipe.model_name_or_path,
+        run_dir / ADAPTER_DIR,
+        recipe.quantization,
+        device or recipe.device,
+        dtype,
+        recipe.backend,
+    )
+    metrics: dict[str, Any] = evaluate_preferences(
+        policy,
+        tokenizer,
+        rows,
+        beta=recipe.beta,
+        batch_size=batch_size,
+        max_length=recipe.max_length,
+        max_prompt_length=recipe.max_prompt_length,
+        progress=progress,
+    )
+    count = recipe.num_eval_samples if num_samples is None else num_samples
+    samples = generate_samples(
+        policy,
+        tokenizer,
+        rows["prompt"][:count],
+        max_new_tokens=max_new_tokens or recipe.max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    for sample in samples:
+        sample["identical"] = sample["policy"] == sample["reference"]
+    metrics.update(split=split, samples_differ=sum(not s["identical"] for s in samples), n_samples=len(samples))
+    check = run_dir / MERGE_CHECK_FILE
+    if check.is_file():  # exported merged before: the check belongs to the run's results
+        metrics["merge"] = json.loads(check.read_text(encoding="utf-8"))
+    evaluation_path, samples_path = write_evaluation(run_dir, metrics, samples)
+    return RunEvaluation(run_dir, metrics, samples, evaluation_path, samples_path)
+
+
+@dataclass
+class RunExport:
+    """What :func:`export_run` wrote.
+
+    Attributes:
+        run_dir (`Path`): the run folder. adapter_dir (`Path`): the adapter (`<run_dir>/adapter`, or its copy).
+        merged_dir (`Path` or `None`): the merged model, with `merged=True`.
+        check (`dict` or `None`): the merge check (:func:`dpo_xpu.eval.export.merge_checked`'s report), also in
+            `check_path` (`<run_dir>/merge_check.json`).
+    """
+
+    run_dir: Path
+    adapter_dir: Path
+    merged_dir: Path | None = None
+    check: dict[str, Any] | None = None
+    check_path: Path | None = None
+
+    @property
+    def matches(self) -> bool:
+        """Whether the merged model does what the adapter model does (`True` when nothing was merged)."""
+        return self.check is None or bool(self.check["matches"])
+
+    def summary(self) -> str:
+        """Where the adapter and the merged model are, and the merge check's verdict, in a few lines."""
+        lines = [f"adapter:      {self.adapter_dir} (LoRA adapter, tokenizer and model card; loads with PEFT)"]
+        if self.merged_dir is None:
+            lines.append(f"a model without PEFT or bitsandbytes: dpo-xpu export {self.run_dir} --merged")
+            return "\n".join(lines)
+        dtype = f" ({self.check['weights_dtype']})" if self.check else ""
+        lines.append(f"merged model: {self.merged_dir}{dtype}, loads with AutoModelForCausalLM.from_pretrained")
+        if self.check is None:
+            return "\n".join(lines)
+        c = self.check
+        if c["matches"]:
+            verdict = (
+                f"matches: logits within {c['max_abs_diff']:.3g} of the adapter model's ({100 * c['effect_ratio']:.2g}"
+                f"% of the adapter's own effect, at most {c['rtol']:.0%}), greedy text the same on {c['greedy_same']} "
+                f"of {c['greedy_texts']} prompts"
+            )
+        else:
+            verdict = f"DIFFERS: the merge {merge_mismatch(c, c['rtol'])}"
+        lines.append(f"merge check:  {verdict}")
+        if c.get("fallback"):
+            lines.append(f"              {c['fallback']}")
+        lines.append(f"              {self.check_path}")
+        return "\n".join(lines)
+
+
+def _taken(out: Path, overwrite: bool, what: str) -> bool:
+    """Whether `out` holds something (a file, a folder that is not empty); refused unless `overwrite`."""
+    taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if taken and not overwrite:
+        raise RunFolderError(
+            f"{out} already holds {what}: replace it with --overwrite (overwrite=True), or choose another --out"
+        )
+    return taken
+
+
+@contextlib.contextmanager
+def _replacing(out: Path, overwrite: bool, what: str) -> Iterator[None]:
+    """Write `out` in the block (:func:`_taken` refuses first); what it held is moved aside and deleted only once the
+    block succeeded, put back if it fails."""
+    taken = _taken(out, overwrite, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) if taken else None
+    if aside is not None:
+        out.rename(aside / out.name)
+    try:
+        yield
+    except BaseException:
+        if aside is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            (aside / out.name).rename(out)
+            aside.rmdir()
+        raise
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+def _merge_into(recipe: Any, adapter_dir: Path, run_dir: Path, out: Path, texts: list[str], rtol: float) -> None:
+    """:func:`dpo_xpu.pipeline.export_merged` to `out`, its check in `<run_dir>/merge_check.json`."""
+    from dpo_xpu.pipeline import export_merged
+
+    if out == run_dir / MERGED_DIR:
+        export_merged(recipe, adapter_dir, run_dir, texts, rtol=rtol)
+        return
+    # export_merged writes <folder>/merged and <folder>/merge_check.json: a scratch folder next to `out`, then moved
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.new-", dir=out.parent) as scratch:
+        export_merged(recipe, adapter_dir, scratch, texts, rtol=rtol)
+        (Path(scratch) / MERGED_DIR).rename(out)
+        if (Path(scratch) / MERGE_CHECK_FILE).is_file():
+            shutil.move(Path(scratch) / MERGE_CHECK_FILE, run_dir / MERGE_CHECK_FILE)
+
+
+def export_run(
+    run_dir: str | Path,
+    merged: bool = False,
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
+    rtol: float = MERGE_RTOL,
+) -> RunExport:
+    """Export a finished run from its folder: the adapter is already in `<run_dir>/adapter`; `merged` merges it
+    into an unquantized copy of the base and checks the merged model (:func:`dpo_xpu.pipeline.export_merged`).
+
+    The check (:func:`dpo_xpu.eval.export.merge_checked`) runs on a few of the run's prompts, held-out ones first,
+    as `export: merged` in training does. Its report goes to `<run_dir>/merge_check.json` and, when the run was
+    evaluated, under `merge` in `<run_dir>/evaluation.json`.
+
+    Args:
+        run_dir (`str` or `Path`): a finished run folder.
+        merged (`bool`, defaults to `False`): merge the adapter into the base (bf16, float32 where bf16 would
+            change what the adapter does).
+        out_dir (`str` or `Path`, *optional*): where the merged model goes (default `<run_dir>/merged`); without
+            `merged`, where to copy the adapter folder (default: nowhere, it stays in `<run_dir>/adapter`).
+        overwrite (`bool`, defaults to `False`): replace what `out_dir` holds (deleted once the new one is written).
+        rtol (`float`, defaults to `MERGE_RTOL`, 0.1): the merge may move the logits by this share of the adapter's
+            own effect on them.
+
+    Returns:
+        `RunExport`: where the adapter and the merged model are, and the merge check.
+
+    Raises:
+        RunFolderError: `run_dir` is not a finished run; `out_dir` (default `<run_dir>/merged`) already holds
+            something and `overwrite` is not set.
+        ModelLoadError: the base model cannot be found.
+    """
+    from dpo_xpu.models.loading import load_tokenizer
+    from dpo_xpu.pipeline import load_run_data, run_prompts
+
+    run_dir = Path(run_dir)
+    recipe = finished_run_recipe(run_dir)
+    adapter_dir = run_dir / ADAPTER_DIR
+    if not merged:
+        if out_dir is None:
+            return RunExport(run_dir, adapter_dir)
+        with _replacing(Path(out_dir), overwrite, "files"):
+            shutil.copytree(adapter_dir, out_dir, dirs_exist_ok=True)
+        return RunExport(run_dir, Path(out_dir))
+    out = Path(out_dir) if out_dir is not None else run_dir / MERGED_DIR
+    _taken(out, overwrite, "a merged model")  # refused before anything is loaded
+    tokenizer = load_tokenizer(adapter_dir)
+    train, heldout = load_run_data(recipe, tokenizer)
+    texts = run_prompts(SimpleNamespace(eval_dataset=heldout, train_dataset=train), tokenizer)
+    check_path = run_dir / MERGE_CHECK_FILE
+    check_path.unlink(missing_ok=True)  # a check of an earlier merge must not pass for this one's
+    with _replacing(out, overwrite, "a merged model"):
+        _merge_into(recipe, adapter_dir, run_dir, out, texts, rtol)
+    check = json.loads(check_path.read_text(encoding="utf-8")) if check_path.is_file() else None
+    evaluation = run_dir / EVALUATION_FILE
+    if check is not None and evaluation.is_file():  # the run's results hold the check of its merged model
+        results = {**json.loads(evaluation.read_text(encoding="utf-8")), "merge": check}
+        evaluation.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    return RunExport(run_dir, adapter_dir, out, check, check_path if check is not None else None)

@@ -1,0 +1,182 @@
+"""Throughput of a run: model FLOPs, the device's matmul ceiling, and the ``perf/*`` values of each logged step.
+
+Every run logs, with each training step's row of ``metrics.jsonl``, how fast it trains (``perf/pairs_per_s``,
+``perf/tokens_per_s``) and its model FLOPs utilisation (``perf/mfu``): the model FLOPs of the step (Kaplan et al.
+2020; PaLM, Chowdhery et al. 2022, app. B) over the wall time, against the device's matmul ceiling in the compute
+dtype, measured once per process (:func:`matmul_gflops`). Published peaks are not used: they differ by SKU, clock and
+power limit (Arc A-series, Data Center GPU Max, consumer and server CUDA cards), and a CPU has none that bf16
+emulation honours; the measured ceiling is what this device does with one large matmul. open-instruct logs the same
+(``perf/mfu_step``); transformers and TRL log neither, hence this module.
+
+    >>> meter = ThroughputMeter(model.config, pairs_per_step=8, peak_gflops=matmul_gflops("xpu", torch.bfloat16))
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+#: The key prefix of the throughput values in a ``metrics.jsonl`` row.
+PERF_PREFIX = "perf/"
+
+
+def model_flops(config: Any, tokens: float, mean_seq_len: float, forward_only: bool = False) -> float:
+    """Model FLOPs of a pass over ``tokens`` tokens (Kaplan et al. 2020, sec. 2.1; PaLM, Chowdhery et al. 2022, app. B).
+
+    ``6 N + 12 L H Q S`` per token for forward and backward, ``2 N + 4 L H Q S`` for a forward only, where ``N``
+    counts the parameters of the matrix multiplies (layers + output head, tied embeddings once:
+    :func:`dpo_xpu.memory.matmul_parameters`), ``L`` layers, ``H`` heads, ``Q`` head dimension, ``S`` the mean
+    sequence length.
+
+    Args:
+        config: the model's ``PretrainedConfig``.
+        tokens (`float`): tokens run through the model.
+        mean_seq_len (`float`): their mean sequence length, in tokens.
+        forward_only (`bool`, defaults to `False`): a forward pass alone (a reference model's).
+
+    Returns:
+        `float`: FLOPs.
+    """
+    from dpo_xpu.memory import matmul_parameters
+
+    n = matmul_parameters(config)
+    head_dim = config.hidden_size // config.num_attention_heads
+    attention = config.num_hidden_layers * config.num_attention_heads * head_dim * mean_seq_len
+    per_token = 2 * n + 4 * attention if forward_only else 6 * n + 12 * attention
+    return per_token * tokens
+
+
+def synchronize(device: str) -> None:
+    """Wait for the accelerator's queued work (``xpu`` and ``cuda``; nothing to wait for on a CPU)."""
+    import torch
+
+    kind = str(device).split(":")[0]
+    if kind in ("cuda", "xpu"):
+        getattr(torch, kind).synchronize()
+
+
+@functools.lru_cache(maxsize=8)
+def matmul_gflops(device: str, dtype_name: str = "bfloat16", n: int | None = None, repeats: int = 3) -> float:
+    """The device's matmul ceiling: the best GFLOP/s of ``repeats`` timed ``n x n @ n x n`` matmuls (``2 n^3`` FLOPs
+    each) after a warm-up, measured once per process and arguments.
+
+    Args:
+        device (`str`): ``"cpu"``, ``"xpu"``, ``"cuda"`` (optionally ``:N``).
+        dtype_name (`str`, defaults to `"bfloat16"`): the compute dtype, as torch names it.
+        n (`int`, *optional*): the matrix size; default 1024 on a CPU (about 0.1 s in all), 8192 on a GPU.
+        repeats (`int`, defaults to 3): timed matmuls; the fastest counts.
+
+    Returns:
+        `float`: GFLOP/s (1e9 FLOP per second).
+    """
+    import torch
+
+    kind = str(device).split(":")[0]
+    n = n or (1024 if kind == "cpu" else 8192)
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for i in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        (a @ b).sum().item()
+        synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+class ThroughputMeter:
+    """The ``perf/*`` values of each logged training step, from the step's wall time and TRL's token count.
+
+    Between two logged steps: ``perf/pairs_per_s`` (preference pairs trained: steps x global batch),
+    ``perf/tokens_per_s`` (the tokens TRL counts in ``num_tokens``: prompt and answer of both sequences, before any
+    prefix sharing), ``perf/step_s`` (seconds per optimizer step) and, where ``peak_gflops`` is known,
+    ``perf/mfu``: the model FLOPs of the tokens the model really ran (with prefix sharing, each prompt once:
+    ``token_ratio``; plus a forward pass of the reference where it runs at each step) per second, over the peak.
+
+    Args:
+        config: the policy's model config (for :func:`model_flops`).
+        pairs_per_step (`int`): pairs per optimizer step over every process (the global batch).
+        peak_gflops (`float`, *optional*): the device's ceiling in the compute dtype (:func:`matmul_gflops`),
+            per process; ``None`` leaves ``perf/mfu`` out.
+        processes (`int`, defaults to 1): data-parallel processes (MFU is per device).
+        reference_forward (`bool`, defaults to `False`): a reference model runs a forward pass at each step
+            (``adapter-off``, ``separate``), not a precomputed or absent one.
+        token_ratio (`callable`, *optional*): returns the share of TRL's counted tokens the model ran (prefix
+            sharing; 1.0 without).
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        pairs_per_step: int,
+        peak_gflops: float | None = None,
+        processes: int = 1,
+        reference_forward: bool = False,
+        token_ratio: Any = None,
+    ) -> None:
+        self.config = config
+        self.pairs_per_step = pairs_per_step
+        self.peak_gflops = peak_gflops
+        self.processes = max(1, processes)
+        self.reference_forward = reference_forward
+        self.token_ratio = token_ratio or (lambda: 1.0)
+        self._last: tuple[float, int, float] | None = None  # (time, step, tokens) at the last logged step
+
+    def start(self, step: int = 0, tokens: float = 0.0) -> None:
+        """Start timing at ``step`` (training's begin, or a resumed checkpoint's step)."""
+        self._last = (time.perf_counter(), step, tokens)
+
+    def values(self, step: int, tokens: float | None) -> dict[str, float]:
+        """The ``perf/*`` values since the last call (or :meth:`start`), for a log at ``step`` whose cumulative
+        token count is ``tokens`` (TRL's ``num_tokens``; ``None`` where the TRL logs none: no tokens/s, no MFU)."""
+        now = time.perf_counter()
+        if self._last is None:
+            self._last = (now, 0, 0.0)
+        then, last_step, last_tokens = self._last
+        self._last = (now, step, tokens if tokens is not None else last_tokens)
+        seconds, steps = now - then, step - last_step
+        if seconds <= 0 or steps <= 0:
+            return {}
+        out = {
+            f"{PERF_PREFIX}step_s": round(seconds / steps, 4),
+            f"{PERF_PREFIX}pairs_per_s": round(steps * self.pairs_per_step / seconds, 4),
+        }
+        if tokens is None or tokens <= last_tokens:
+            return out
+        counted = tokens - last_tokens
+        out[f"{PERF_PREFIX}tokens_per_s"] = round(counted / seconds, 1)
+        if self.peak_gflops:
+            ran = counted * float(self.token_ratio())
+            mean_seq = counted / (2 * steps * self.pairs_per_step)  # two sequences a pair
+            flops = model_flops(self.config, ran, mean_seq)
+            if self.reference_forward:
+                flops += model_flops(self.config, ran, mean_seq, forward_only=True)
+            out[f"{PERF_PREFIX}mfu"] = round(flops / seconds / self.processes / (self.peak_gflops * 1e9), 5)
+        return out
+
+
+def trainer_meter(trainer: Any, reference_forward: bool) -> ThroughputMeter:
+    """The :class:`ThroughputMeter` of a built trainer: its policy's config, global batch, device and compute dtype
+    (the matmul ceiling measured once per process), and its prefix sharing's token count where it has one.
+
+    Args:
+        trainer: a ``DPOTrainer`` (or :class:`~dpo_xpu.train.trainer.DpoXpuTrainer`).
+        reference_forward (`bool`): a reference forward pass runs at each step (not precomputed, not reference-free).
+    """
+    model = trainer.model
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    args = trainer.args
+    processes = max(1, getattr(args, "world_size", 1))
+    pairs = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
+    device = str(next(model.parameters()).device)
+    peak = matmul_gflops(device, "bfloat16" if getattr(args, "bf16", False) else "float32")
+
+    def token_ratio() -> float:
+        counts = getattr(trainer, "prefix_sharing_tokens", None)
+        return counts["packed"] / counts["sequence"] if counts and counts.get("sequence") else 1.0
+
+    return ThroughputMeter(config, pairs, peak, processes, reference_forward, token_ratio)

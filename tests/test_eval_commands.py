@@ -1,0 +1,150 @@
+"""`dpo-xpu evaluate` and `dpo-xpu export` (dpo_xpu.eval.run) on a 2-step stories260K run, trained once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from helpers import run_cli, short_recipe
+
+from dpo_xpu import evaluate_run, export_run, load_recipe, load_run_data, load_tokenizer
+from dpo_xpu.errors import RunFolderError
+from dpo_xpu.eval.run import RunEvaluation, _replacing, samples_verdict
+from dpo_xpu.pipeline import run_training
+
+METRICS = {"reward_accuracy", "mean_margin", "mean_chosen_reward", "mean_rejected_reward", "drift_chosen_logratio"}
+KEYS = METRICS | {"beta", "n_pairs", "split", "samples_differ", "n_samples"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, stories260k_path, orca_rows_path):
+    """A finished run: 8 rows, 2 held out, 2 steps (about 10 s); tests work on copies of it."""
+    out = tmp_path_factory.mktemp("eval-commands") / "run"
+    recipe = short_recipe(
+        stories260k_path, orca_rows_path, out, limit=8, eval_fraction=0.25, max_steps=2, max_new_tokens=16
+    )
+    run_training(recipe, live_plot=False)
+    return out
+
+
+@pytest.fixture
+def run_dir(trained, tmp_path):
+    return shutil.copytree(trained, tmp_path / "run")
+
+
+def _one_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, (result.returncode, result.stderr)
+    return lines[0]
+
+
+def test_evaluate_writes_the_results_and_shows_policy_and_reference_side_by_side(run_dir):
+    result = run_cli("evaluate", str(run_dir), "--num-samples", "2", "--batch-size", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert KEYS <= set(evaluation) and evaluation["split"] == "eval" and evaluation["n_pairs"] == 2
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == evaluation["n_samples"] == 2
+    assert evaluation["samples_differ"] == sum(not s["identical"] for s in samples)
+    assert all(s["identical"] == (s["policy"] == s["reference"]) for s in samples)
+    # the held-out rows of the run, as training split them: none was trained on
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    train, heldout = load_run_data(recipe, load_tokenizer(run_dir / "adapter"))
+    assert {s["prompt"] for s in samples} <= set(heldout["prompt"]) and not {s["prompt"] for s in samples} & set(
+        train["prompt"]
+    )
+    out = result.stdout
+    assert (
+        f"on 2 held-out pairs (beta {recipe.beta})" in out
+        and f"samples_differ: {evaluation['samples_differ']} of 2" in out
+    )
+    assert "[1] " in out and "[2] " in out and "prompt:" in out
+    assert ("policy:" in out and "reference:" in out) or "both:" in out
+
+    # the same figures from the function the notebook calls; the recipe's max_new_tokens when none is given
+    again = evaluate_run(run_dir, num_samples=1, batch_size=2, progress=False)
+    assert {k: again.metrics[k] for k in METRICS} == pytest.approx({k: evaluation[k] for k in METRICS}, abs=1e-5)
+    assert again.samples[0] == samples[0]
+
+
+def test_a_folder_that_is_not_a_finished_run_is_one_line(tmp_path, run_dir):
+    assert "recipe.yaml does not exist: train first" in _one_line(run_cli("evaluate", str(tmp_path)))
+    assert "is not a folder" in _one_line(run_cli("export", str(tmp_path / "missing"), "--merged"))
+    shutil.rmtree(run_dir / "adapter")  # started, not finished
+    line = _one_line(run_cli("evaluate", str(run_dir)))
+    assert "is not a finished run" in line and f"dpo-xpu train --recipe {run_dir / 'recipe.yaml'} --resume" in line
+
+
+def test_a_run_without_held_out_rows_says_how_to_evaluate_it(run_dir):
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe.eval_fraction = 0.0
+    recipe.save(run_dir / "recipe.yaml")
+    line = _one_line(run_cli("evaluate", str(run_dir)))
+    assert "held no rows out (eval_fraction: 0.0)" in line and "--split train" in line and "eval_fraction > 0" in line
+    evaluation = evaluate_run(run_dir, split="train", max_eval_pairs=2, num_samples=1, max_new_tokens=4, progress=False)
+    assert evaluation.metrics["split"] == "train" and evaluation.metrics["n_pairs"] == 2
+    assert "on 2 training pairs" in evaluation.summary()
+
+
+def test_samples_verdict_and_comparison_say_when_nothing_changed(tmp_path):
+    assert samples_verdict(2, 3) == "samples_differ: 2 of 3 policy answers differ from the reference's"
+    unchanged = samples_verdict(0, 3)
+    assert unchanged.startswith("samples_differ: 0 of 3") and "did not change yet" in unchanged
+    assert "too few steps or too low a learning rate" in unchanged
+    prompt = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName  a\ncolour.<|im_end|>\n"
+    samples = [
+        {"prompt": prompt + "<|im_start|>assistant\n", "policy": "Red.", "reference": "Red.", "identical": True},
+        {"prompt": "plain text", "policy": "", "reference": "x " * 200, "identical": False},
+    ]
+    metrics = {"samples_differ": 1, "n_samples": 2}
+    shown = RunEvaluation(tmp_path, metrics, samples, tmp_path / "e", tmp_path / "s").comparison().splitlines()
+    assert shown[:3] == ["[1] identical", "  prompt:    Name a colour.", "  both:      Red."]
+    assert shown[3:6] == ["[2] different", "  prompt:    plain text", '  policy:    ""']
+    assert shown[6].startswith("  reference: x x") and shown[6].endswith("...") and len(shown) == 7
+
+
+def test_export_merged_writes_the_model_and_its_check_and_refuses_to_overwrite(run_dir):
+    (run_dir / "evaluation.json").write_text(json.dumps({"reward_accuracy": 0.5}))
+    result = run_cli("export", str(run_dir), "--merged")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "merged" / "config.json").is_file() and (run_dir / "merged" / "tokenizer.json").is_file()
+    check = json.loads((run_dir / "merge_check.json").read_text())
+    assert check["matches"] is True and check["greedy_texts"] == 4  # the run's prompts, held-out ones first
+    assert json.loads((run_dir / "evaluation.json").read_text()) == {"reward_accuracy": 0.5, "merge": check}
+    assert f"merged model: {run_dir / 'merged'} ({check['weights_dtype']})" in result.stdout
+    assert "merge check:  matches: " in result.stdout and str(run_dir / "merge_check.json") in result.stdout
+
+    line = _one_line(run_cli("export", str(run_dir), "--merged"))
+    assert line.endswith(
+        f"{run_dir / 'merged'} already holds a merged model: replace it with --overwrite "
+        "(overwrite=True), or choose another --out"
+    )
+    assert (run_dir / "merge_check.json").is_file(), "a refused export leaves the earlier check"
+
+
+def test_export_run_to_another_folder_replaces_it_only_when_asked(run_dir, tmp_path):
+    copied = export_run(run_dir, out_dir=tmp_path / "adapter-copy")
+    assert copied.merged_dir is None and (tmp_path / "adapter-copy" / "adapter_config.json").is_file()
+    assert "dpo-xpu export" in copied.summary() and export_run(run_dir).adapter_dir == run_dir / "adapter"
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    (out / "stale.txt").write_text("an earlier export")
+    with pytest.raises(RunFolderError, match="already holds a merged model"):
+        export_run(run_dir, merged=True, out_dir=out)
+    exported = export_run(run_dir, merged=True, out_dir=out, overwrite=True)
+    assert exported.merged_dir == out and exported.matches and (out / "config.json").is_file()
+    assert not (out / "stale.txt").exists() and not (run_dir / "merged").exists()
+    assert exported.check_path == run_dir / "merge_check.json" and exported.check_path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter-copy", "elsewhere", "run"], "no scratch left"
+
+
+def test_replacing_puts_the_old_content_back_when_writing_fails(tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model.safetensors").write_text("old")
+    with pytest.raises(OSError), _replacing(out, overwrite=True, what="a merged model"):
+        out.mkdir()
+        (out / "model.safetensors").write_text("half-written")
+        raise OSError("disk full")
+    assert (out / "model.safetensors").read_text() == "old" and sorted(tmp_path.iterdir()) == [out]
