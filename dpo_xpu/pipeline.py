@@ -257,6 +257,9 @@ def _start(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Sta
             save_fingerprints(recipe, run_dir)
         report = check_environment(backend=recipe.backend, recipe=recipe)
         (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    for verdict in report.verdicts:  # the planned memory, before anything is loaded (the time: after step 1)
+        if verdict.topic == "memory":
+            logger.log(logging.INFO if verdict.level == "ok" else logging.WARNING, "memory %s", verdict.message)
     return started
 
 

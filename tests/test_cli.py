@@ -113,6 +113,7 @@ def test_train_writes_a_run_and_refuses_to_overwrite_it(tmp_path, stories260k_pa
     said = [line for line in first.stderr.splitlines() if line.startswith("INFO dpo_xpu")]
     assert any("reference:" in line for line in said) and any("prefix sharing:" in line for line in said), said
     assert any("will take about" in line for line in said), said
+    assert any(line.startswith("INFO dpo_xpu.pipeline: memory on the CPU") for line in said), said
     assert "Tokenizing train dataset" not in first.stderr  # datasets' bars only with -v
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
