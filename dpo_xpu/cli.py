@@ -172,7 +172,13 @@ def _train_epilog() -> str:
     from transformers import TrainingArguments
     from trl import DPOConfig
 
-    from dpo_xpu.recipes import KEY_TOPICS, key_docs, trl_default_differences, trl_option_names
+    from dpo_xpu.recipes import (
+        KEY_TOPICS,
+        TRL_DEFAULT_OVERRIDES,
+        key_docs,
+        trl_default_differences,
+        trl_option_names,
+    )
 
     differs, docs = trl_default_differences(), key_docs()
     lines = ["dpo_xpu's recipe keys (default [unit]: meaning; docs/options.md has the sources):"]
@@ -190,7 +196,13 @@ def _train_epilog() -> str:
     groups.update({topic: [] for topic, _ in TRL_OPTION_TOPICS})
     groups["other"] = []
     for name, default in sorted(trl_option_names().items()):
-        line = _wrapped(f"    {name} = {default!r}", _sentence(helps.get(name, "")))
+        if name in TRL_DEFAULT_OVERRIDES:
+            ours, why = TRL_DEFAULT_OVERRIDES[name]
+            line = _wrapped(
+                f"    {name} = {ours!r} (TRL's default: {default!r})", f"{_sentence(helps.get(name, ''))} {why}"
+            )
+        else:
+            line = _wrapped(f"    {name} = {default!r}", _sentence(helps.get(name, "")))
         topic = (
             "DPO (TRL's own)"
             if name not in transformers_names
@@ -204,7 +216,10 @@ def _train_epilog() -> str:
             )
         )
         groups[topic] += line
-    lines += ["", f"TRL {trl.__version__}'s DPOConfig options, under their own names (TRL's defaults):"]
+    lines += [
+        "",
+        f"TRL {trl.__version__}'s DPOConfig options, under their own names (TRL's defaults, but where shown):",
+    ]
     for topic, group in groups.items():
         if group:
             lines += ["", f"  {topic}:", *group]

@@ -6,6 +6,9 @@
 - kernels (the hub-kernel loader bitsandbytes asks for its CPU kernel) logs "Skipping publisher trust check ... because
   Hugging Face Hub is in offline mode" at every start with ``HF_HUB_OFFLINE=1``, the setting the docs recommend on
   an offline machine; the kernel it is about comes from the local cache, and there is nothing to act on.
+- transformers logs "mtime may not be reliable on this filesystem, falling back to numerical ordering" when it
+  rotates checkpoints saved less than a second apart (``save_total_limit``, fast steps): its fallback, ordering by
+  step number, is the right order anyway.
 - transformers 5 warns ``FutureWarning: `gradient_checkpointing_enable` is deprecated`` (and ``_disable``,
   ``is_gradient_checkpointing``, and the ``gradient_checkpointing`` / ``gradient_checkpointing_kwargs`` arguments
   TRL's ``DPOConfig`` still takes) whenever PEFT or TRL use the old names, several times a run, also with
@@ -28,6 +31,7 @@ KERNELS_OFFLINE_MESSAGE = "Skipping publisher trust check"
 DROPPED_LINES = {
     "bitsandbytes.backends.cpu.ops": BNB_KERNELS_MESSAGE,
     "kernels._internals.hf_hub": KERNELS_OFFLINE_MESSAGE,
+    "transformers.trainer_utils": "mtime may not be reliable on this filesystem",
 }
 #: transformers' deprecation warnings of the old gradient-checkpointing names (a regular expression).
 CHECKPOINTING_DEPRECATION = (

@@ -648,6 +648,15 @@ MANAGED_TRL_OPTIONS = {
     "ref_model_init_kwargs": "dpo_xpu loads the models itself: use quantization, bf16 and device",
     "max_prompt_length": "set max_prompt_length (a dpo_xpu key on every TRL)",
 }
+#: TRL options whose default dpo_xpu changes, with the reason: the one table of them. A recipe's own value wins;
+#: ``dpo_config_kwargs`` applies them, ``dpo-xpu train --help`` and the options page show them beside TRL's.
+TRL_DEFAULT_OVERRIDES: dict[str, tuple[Any, str]] = {
+    "save_total_limit": (
+        2,
+        "keep the two newest checkpoints, not every one (TRL keeps all): --resume continues from the newest, or from "
+        "the one before where the newest is damaged",
+    ),
+}
 #: Options accepted although the installed transformers may lack them (see the Recipe's docstring).
 TRL_OPTION_ALIASES = ("warmup_ratio",)
 #: The largest integer a recipe value may hold (PyTorch's int64).

@@ -32,6 +32,22 @@ def test_the_offline_kernels_line_is_dropped_at_every_start(tmp_path):
     assert "kept" in result.stderr
 
 
+def test_the_checkpoint_ordering_line_is_dropped():
+    from transformers.utils import logging as hf_logging
+
+    log = hf_logging.get_logger("transformers.trainer_utils")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # transformers' loggers do not propagate
+    log.addHandler(handler)
+    try:
+        log.warning("mtime may not be reliable on this filesystem, falling back to numerical ordering")
+        log.warning("another transformers line")
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["another transformers line"]
+
+
 def test_only_the_checkpointing_deprecations_are_silenced():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")

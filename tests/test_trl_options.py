@@ -68,7 +68,17 @@ def test_train_help_documents_the_options():
     result = run_cli("train", "--help")
     assert result.returncode == 0
     for name in ("ld_alpha", "use_weighting", "save_total_limit", "warmup_ratio", "report_to", "learning_rate"):
-        assert f"\n  {name} = " in result.stdout, name
+        assert f"\n    {name} = " in result.stdout, name
+    assert "\n    save_total_limit = 2 (TRL's default: None): " in result.stdout  # dpo_xpu's default, with why
+
+
+def test_dpo_xpu_keeps_two_checkpoints_unless_the_recipe_says_otherwise():
+    from dpo_xpu.recipes import TRL_DEFAULT_OVERRIDES
+
+    assert TRL_DEFAULT_OVERRIDES["save_total_limit"][0] == 2
+    assert dpo_config_kwargs(make_recipe({}), "1.x")["save_total_limit"] == 2
+    assert dpo_config_kwargs(make_recipe({"save_total_limit": None}), "1.x")["save_total_limit"] is None  # keep all
+    assert dpo_config_kwargs(make_recipe({"save_total_limit": 5}), "1.x")["save_total_limit"] == 5
 
 
 @pytest.mark.slow

@@ -114,9 +114,8 @@ class MetricsLoggerCallback(TrainerCallback):
 
         self._start = time.perf_counter()
         self._first_step = state.global_step
-        if self.meter is not None:
-            tokens = next((e["num_tokens"] for e in reversed(state.log_history or []) if "num_tokens" in e), 0.0)
-            self.meter.start(state.global_step, tokens)
+        if self.meter is not None:  # TRL counts num_tokens from 0 in each trainer, a resumed one too
+            self.meter.start(state.global_step, 0.0)
         rows = read_metrics(self.path) if self.path.is_file() else []
         steps = [row["step"] for row in rows if isinstance(row, dict) and isinstance(row.get("step"), int)]
         fresh_start_on_rows = state.global_step == 0 and self.path.is_file() and self.path.stat().st_size > 0

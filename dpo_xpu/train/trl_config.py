@@ -20,7 +20,7 @@ from packaging.version import Version
 
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.models.backends import ipex_llm_config
-from dpo_xpu.recipes import Recipe, recipe_keys, trl_option_types
+from dpo_xpu.recipes import TRL_DEFAULT_OVERRIDES, Recipe, recipe_keys, trl_option_types
 from dpo_xpu.train.losses import OWN_LOSSES
 from dpo_xpu.train.reference import reference_plan
 
@@ -214,6 +214,7 @@ def dpo_config_kwargs(
     }
     if generation == "0.11":
         kwargs.update(ipex_llm_config.config_kwargs(recipe))
+    kwargs.update({name: value for name, (value, _) in TRL_DEFAULT_OVERRIDES.items()})  # dpo_xpu's, with reasons
     kwargs.update(_trl_options(recipe, kwargs))
     if recipe.eval_steps and (recipe.eval_fraction > 0 if has_eval_dataset is None else has_eval_dataset):
         kwargs.update(
