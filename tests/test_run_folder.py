@@ -66,9 +66,7 @@ def test_the_cli_refuses_a_folder_another_process_trains_in(tmp_path, stories260
         proc.wait()
     assert result.returncode == 2
     said = [line for line in result.stderr.strip().splitlines() if not line.startswith("INFO ")]  # decisions
-    assert said == [
-        line for line in result.stderr.strip().splitlines() if line.startswith("dpo-xpu: error:")
-    ]
+    assert said == [line for line in result.stderr.strip().splitlines() if line.startswith("dpo-xpu: error:")]
     assert f"in use by process {proc.pid}" in result.stderr
 
 
