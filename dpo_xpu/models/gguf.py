@@ -1,23 +1,97 @@
-"""A GGUF checkpoint (llama.cpp's format) as a Hugging Face model folder, converted once and cached.
+"""GGUF checkpoints (llama.cpp's format) as models: accepted wherever a model is named, converted once and cached.
 
 transformers reads a GGUF file (``from_pretrained(folder, gguf_file=name)``, with the ``gguf`` package) and
 dequantizes it, but marks the model as GGUF-quantized, which ``save_pretrained`` refuses, and it redoes the
 dequantization (tens of seconds) at every load, for the policy and again for a reference. :func:`gguf_to_folder`
 dequantizes once into a plain folder (``config.json``, ``model.safetensors``, the tokenizer with its chat
-template) that every loader of this package (NF4 included) and any ``from_pretrained`` then read directly. No
-library keeps such a conversion, hence this module.
+template) in the model cache (:func:`model_cache_dir`), which every loader of this package (NF4 included) and any
+``from_pretrained`` then read directly. :func:`dpo_xpu.models.base.resolve_model_path` calls it for a ``.gguf`` file,
+or a folder holding one and no ``config.json``, so such a path works as ``model_name_or_path`` everywhere.
+
+The folder keeps what the file says about the model (its ``general.*`` metadata: name, organization, ...) in
+``dpo_xpu_gguf.json`` (:data:`GGUF_MARKER`); a model loaded from it carries the file's name instead of the cache
+folder's (:func:`model_origin`), into the adapter's ``base_model_name_or_path`` and the model card. No library keeps
+such a conversion, hence this module.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from dpo_xpu.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
+
+#: The file of a converted folder that records its GGUF file, the file's metadata and the model's name.
+GGUF_MARKER = "dpo_xpu_gguf.json"
+#: The GGUF metadata keys (``general.<key>``) a model's name is taken from, the first one present: a hub repository
+#: the file names as its source, else its name, else its base name (else the file's own name).
+NAME_KEYS = ("source.huggingface.repository", "name", "basename")
+
+
+def model_cache_dir() -> Path:
+    """Where converted models are kept: ``$DPO_XPU_CACHE_DIR/models`` if that variable is set (the folder of the
+    reference log-prob cache, :func:`dpo_xpu.train.reference_cache.default_cache_dir`), else
+    ``~/.cache/dpo_xpu/models``."""
+    from dpo_xpu.train.reference_cache import CACHE_DIR_ENV
+
+    env = os.environ.get(CACHE_DIR_ENV)
+    return Path(env).expanduser() / "models" if env else Path.home() / ".cache" / "dpo_xpu" / "models"
+
+
+def find_gguf(path: str | Path) -> Path | None:
+    """The GGUF file an existing local model path names: the path itself when it is a ``.gguf`` file, or the one
+    ``.gguf`` file of a folder without ``config.json``; ``None`` for anything else (a model folder, a hub id).
+
+    Raises:
+        ModelLoadError: a folder without ``config.json`` holds several GGUF files (the message names them).
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
+    if len(ggufs) > 1:
+        raise ModelLoadError(
+            f"model folder {path} holds no config.json but several GGUF files ({', '.join(p.name for p in ggufs)}): "
+            "give the one to train as model_name_or_path"
+        )
+    return ggufs[0] if ggufs else None
+
+
+def gguf_metadata(gguf_path: str | Path) -> dict[str, Any]:
+    """The ``general.*`` metadata of a GGUF file (name, organization, basename, size_label, license, ...), without
+    the ``general.`` prefix: its text and number fields, and lists of text. ``{}`` without the ``gguf`` package."""
+    try:
+        from gguf import GGUFReader, GGUFValueType
+    except ImportError:
+        return {}
+    fields = GGUFReader(str(gguf_path)).fields
+    out: dict[str, Any] = {}
+    for key, field in fields.items():
+        if not key.startswith("general.") or not field.types:
+            continue
+        values = [field.parts[i] for i in field.data]
+        if field.types[-1] == GGUFValueType.STRING:
+            values = [bytes(value).decode("utf-8", errors="replace") for value in values]
+        elif field.types[-1] in (GGUFValueType.ARRAY, GGUFValueType.BOOL):
+            continue
+        else:
+            values = [value.tolist()[0] for value in values]
+        out[key.removeprefix("general.")] = values if field.types[0] == GGUFValueType.ARRAY else values[0]
+    return out
+
+
+def gguf_name(metadata: dict[str, Any], gguf_path: str | Path) -> str:
+    """The model's name as the GGUF file states it (:data:`NAME_KEYS`), else the file's name without ``.gguf``."""
+    names = [metadata[key].strip() for key in NAME_KEYS if isinstance(metadata.get(key), str)]
+    return next((name for name in names if name), Path(gguf_path).stem)
 
 
 def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, dtype: str = "bfloat16") -> Path:
@@ -25,55 +99,103 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
 
     Args:
         gguf_path: the ``.gguf`` file.
-        cache_dir: where converted folders are kept (one per file content and dtype); default
-            ``<dpo_xpu cache>/gguf`` (see :func:`dpo_xpu.train.reference_cache.default_cache_dir`).
+        cache_dir: where converted folders are kept, one per file content and dtype: ``<stem>-<sha256[:16]>-<dtype>``;
+            default :func:`model_cache_dir`.
         dtype: the weights' dtype in the folder, ``"bfloat16"`` (default; half the size of float32) or ``"float32"``.
 
     Returns:
-        The folder, loadable with ``AutoModelForCausalLM.from_pretrained`` and as ``model_name_or_path``.
+        The folder, loadable with ``AutoModelForCausalLM.from_pretrained`` and as ``model_name_or_path``; its
+        :data:`GGUF_MARKER` names the file, its metadata and the model's name (:func:`gguf_name`).
 
     Raises:
         ModelLoadError: the file is missing, the ``gguf`` package is not installed, or transformers cannot read it.
     """
     import torch
 
-    from dpo_xpu.models.base import dtype_kwarg
-    from dpo_xpu.outputs.run_folder import file_sha256
-    from dpo_xpu.train.reference_cache import default_cache_dir
+    from dpo_xpu.files import apply_umask
+    from dpo_xpu.models.dtypes import dtype_kwarg
+    from dpo_xpu.train.reference_cache import weights_digest
 
-    gguf_path = Path(gguf_path).expanduser()
+    gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise ModelLoadError(f"{gguf_path} does not exist: give the path of a .gguf file")
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "gguf"
-    out = cache / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}-{dtype}"
-    if (out / "config.json").is_file() and (out / "dpo_xpu_gguf.json").is_file():
+    cache = Path(cache_dir) if cache_dir is not None else model_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    sha256 = weights_digest(gguf_path, memo_dir=cache).removeprefix("sha256:")  # remembered: read once per file
+    out = cache / f"{gguf_path.stem}-{sha256[:16]}-{dtype}"
+    if model_origin(out) is not None:
         return out
     try:
         import gguf  # noqa: F401 - transformers needs it to read the file
     except ImportError:
-        raise ModelLoadError(f"reading {gguf_path.name} needs the gguf package: pip install gguf") from None
+        raise ModelLoadError(
+            f"model {gguf_path} is a GGUF file: reading it needs the gguf package (pip install gguf)"
+        ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    logger.info("converting %s into a Hugging Face folder in %s, once (later runs read the folder)", gguf_path, out)
     torch_dtype = getattr(torch, dtype)
+    # transformers >= 5 may keep the weights packed and warns that they compute fastest in float32: they are not
+    # computed with here, only copied into the plain model below
+    quantizer_log = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    level = quantizer_log.level
+    quantizer_log.setLevel(logging.ERROR)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         loaded = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, **dtype_kwarg(torch_dtype)
         )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"transformers cannot read {gguf_path} ({type(exc).__name__}: {exc})") from None
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(
+            f"model {gguf_path}: transformers cannot read this GGUF file ({type(exc).__name__}: {exc}): give a GGUF "
+            "file of an architecture transformers reads (Llama, Mistral, Qwen2, Gemma, Phi-3, ...) or a Hugging Face "
+            "model folder"
+        ) from None
+    finally:
+        quantizer_log.setLevel(level)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights below are plain tensors
     model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(torch_dtype))
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    tmp = out.with_name(out.name + ".partial")
+    metadata = gguf_metadata(gguf_path)
+    marker = {"gguf": str(gguf_path), "sha256": sha256, "dtype": dtype, "name": gguf_name(metadata, gguf_path)}
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "dpo_xpu_gguf.json").write_text(json.dumps({"gguf": str(gguf_path), "dtype": dtype}) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # complete folders only: a conversion cut short is redone
+    (tmp / GGUF_MARKER).write_text(json.dumps({**marker, "metadata": metadata}, indent=1, default=str) + "\n")
+    apply_umask(tmp)  # safetensors writes mode 600 whatever the umask
+    if model_origin(out) is None:  # another process may have finished the same conversion meanwhile
+        shutil.rmtree(out, ignore_errors=True)  # a conversion cut short is redone
+        try:
+            tmp.rename(out)  # complete folders only
+        except OSError:
+            if model_origin(out) is None:
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
     logger.info("converted %s to %s", gguf_path, out)
     return out
+
+
+def model_origin(model_name_or_path: str | Path) -> dict[str, Any] | None:
+    """What a GGUF model is, for display: ``{"name", "gguf", "metadata", ...}`` for a GGUF file, a folder holding
+    one (read from the file), or a folder converted from one (its :data:`GGUF_MARKER`); ``None`` for any other
+    model (a Hugging Face folder, a hub id, a missing path). Nothing is converted."""
+    path = Path(str(model_name_or_path)).expanduser()
+    marker = path / GGUF_MARKER
+    if marker.is_file() and (path / "config.json").is_file():
+        try:
+            origin = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return origin if isinstance(origin, dict) and origin.get("name") else None
+    try:
+        gguf_path = find_gguf(path) if path.exists() else None
+    except ModelLoadError:
+        return None
+    if gguf_path is None:
+        return None
+    metadata = gguf_metadata(gguf_path)
+    return {"gguf": str(gguf_path.resolve()), "name": gguf_name(metadata, gguf_path), "metadata": metadata}

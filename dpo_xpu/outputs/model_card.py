@@ -4,7 +4,8 @@ recipe and the final metrics.
 TRL writes a card at every checkpoint save, but names the base model only when it is a hub id: for a local folder
 it writes "a fine-tuned version of [None](https://huggingface.co/None)". PEFT's adapter card is an empty template.
 dpo_xpu writes one card, with the Hub's metadata block (``base_model``, ``library_name: peft``, ``datasets``,
-``tags``), in place of both when the adapter is saved.
+``tags``), in place of both when the adapter is saved. A base given as a GGUF file is named as the file names it,
+with the file's path and metadata, not by the folder it was converted into (:func:`dpo_xpu.models.gguf.model_origin`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ CARD_METRICS = (
     ("rewards/chosen", "chosen reward"),
     ("rewards/rejected", "rejected reward"),
 )
+#: GGUF metadata keys (``general.<key>``) quoted in the card, in this order, where the file has them.
+GGUF_KEYS = ("name", "organization", "basename", "finetune", "size_label", "license", "source.url")
 #: Recipe keys listed in the card's training section.
 CARD_KEYS = (
     "backend",
@@ -53,30 +56,26 @@ def model_card(recipe: Any, metrics: list[dict[str, Any]]) -> str:
     Returns:
         The card, starting with the Hub's YAML metadata block.
     """
-    base = recipe.model_name_or_path
+    from dpo_xpu.models.gguf import model_origin
+
+    base = str(recipe.model_name_or_path)
+    origin = model_origin(base)
+    name = origin["name"] if origin else base
     sources = list(recipe.dataset_mixture) if recipe.dataset_mixture else [recipe.dataset_name_or_path]
     last = next((row for row in reversed(metrics) if "loss" in row), {})
-    front = ["---", f"base_model: {base}", "library_name: peft", "pipeline_tag: text-generation", "datasets:"]
-    front += [f"- {source}" for source in sources]
+    hub_id = not origin or name == origin.get("metadata", {}).get("source.huggingface.repository")
+    front = ["---", *([f"base_model: {name}"] if hub_id else []), "library_name: peft", "pipeline_tag: text-generation"]
+    front += ["datasets:", *(f"- {source}" for source in sources)]
     front += ["tags:", "- dpo", "- lora", "- trl", "- dpo_xpu", "---", ""]
     body = [
-        f"# DPO LoRA adapter for {Path(base).name}",
+        f"# DPO LoRA adapter for {Path(name).name}",
         "",
         f"A LoRA adapter (rank {recipe.lora_r}) trained with Direct Preference Optimization (Rafailov et al. 2023) "
-        f"by dpo_xpu on top of the base model `{base}`, on the preference pairs of "
+        f"by dpo_xpu on top of the base model `{name}`, on the preference pairs of "
         + ", ".join(f"`{s}`" for s in sources)
         + ".",
         "",
-        "## Use",
-        "",
-        "```python",
-        "from peft import AutoPeftModelForCausalLM",
-        "",
-        'model = AutoPeftModelForCausalLM.from_pretrained("<this folder>")  # loads the base, then the adapter',
-        "```",
-        "",
-        "or `dpo_xpu.load_trained_policy(base, adapter_dir)`, which loads the base as it was trained (NF4).",
-        "",
+        *(_gguf_section(origin) if origin else _use_section()),
         "## Training",
         "",
         "| key | value |",
@@ -89,6 +88,44 @@ def model_card(recipe: Any, metrics: list[dict[str, Any]]) -> str:
         body += [f"| {label} | {last[key]:.4f} |" for key, label in CARD_METRICS if isinstance(last.get(key), float)]
         body.append("")
     return "\n".join(front + body)
+
+
+def _use_section() -> list[str]:
+    return [
+        "## Use",
+        "",
+        "```python",
+        "from peft import AutoPeftModelForCausalLM",
+        "",
+        'model = AutoPeftModelForCausalLM.from_pretrained("<this folder>")  # loads the base, then the adapter',
+        "```",
+        "",
+        "or `dpo_xpu.load_trained_policy(base, adapter_dir)`, which loads the base as it was trained (NF4).",
+        "",
+    ]
+
+
+def _gguf_section(origin: dict[str, Any]) -> list[str]:
+    """The base model's GGUF file, what its metadata says, and how to load the adapter on it."""
+    metadata = origin.get("metadata") or {}
+    said = [f"| `general.{key}` | {metadata[key]} |" for key in GGUF_KEYS if metadata.get(key) not in (None, "")]
+    lines = [
+        "## Base model",
+        "",
+        f"The base model was given as the GGUF file (llama.cpp's format) `{origin['gguf']}`, which dpo_xpu converted "
+        "(dequantized) into a Hugging Face folder to train on; its name above is the one the file states. The "
+        "adapter's `base_model_name_or_path` holds that name too, which may not name a model on the Hub.",
+        "",
+    ]
+    if said:
+        lines += ["| GGUF metadata | value |", "|---|---|", *said, ""]
+    return lines + [
+        "## Use",
+        "",
+        f'`dpo_xpu.load_trained_policy("{origin["gguf"]}", adapter_dir)` loads the base as it was trained (NF4), '
+        "converting the file again where its conversion is no longer cached.",
+        "",
+    ]
 
 
 def write_model_cards(recipe: Any, run_dir: str | Path, adapter_dir: str | Path) -> list[Path]:
