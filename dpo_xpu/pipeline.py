@@ -396,7 +396,7 @@ def save_adapter(
     if recipe is None and (Path(run_dir) / "recipe.yaml").is_file():
         recipe = load_recipe(Path(run_dir) / "recipe.yaml")
     if recipe is not None:
-        write_model_cards(recipe, run_dir, adapter_dir)
+        write_model_cards(recipe, run_dir, adapter_dir, getattr(trainer, "decisions", None))
     apply_umask(adapter_dir)  # safetensors writes mode 600 whatever the umask
     return adapter_dir
 

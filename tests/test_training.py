@@ -70,6 +70,8 @@ def test_run_folder_holds_everything(trained):
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json"):
         assert (result.adapter_dir / name).is_file(), name
     assert not (result.adapter_dir / "ref").exists()
+    card = (result.adapter_dir / "README.md").read_text()
+    assert result.trainer.decisions and all(f"- {line}" in card for line in result.trainer.decisions)
     # every file with the user's umask (safetensors alone writes 600), so the group can read the adapter too
     from dpo_xpu.files import current_umask
 

@@ -10,6 +10,7 @@ with the file's path and metadata, not by the folder it was converted into (:fun
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ CARD_KEYS = (
 )
 
 
-def model_card(recipe: Any, metrics: list[dict[str, Any]]) -> str:
+def model_card(recipe: Any, metrics: list[dict[str, Any]], decisions: Sequence[str] | None = None) -> str:
     """The card's Markdown text for a run.
 
     Args:
@@ -83,6 +84,8 @@ def model_card(recipe: Any, metrics: list[dict[str, Any]]) -> str:
         *(f"| `{key}` | `{getattr(recipe, key)}` |" for key in CARD_KEYS),
         "",
     ]
+    if decisions:  # what the recipe's `auto` values resolved to in this run, as the log said
+        body += ["What the run chose:", "", *(f"- {line}" for line in decisions), ""]
     if last:
         body += [f"## Last logged step ({last.get('step')})", "", "| metric | value |", "|---|---|"]
         body += [f"| {label} | {last[key]:.4f} |" for key, label in CARD_METRICS if isinstance(last.get(key), float)]
@@ -128,12 +131,18 @@ def _gguf_section(origin: dict[str, Any]) -> list[str]:
     ]
 
 
-def write_model_cards(recipe: Any, run_dir: str | Path, adapter_dir: str | Path) -> list[Path]:
-    """Write :func:`model_card` to ``<run_dir>/README.md`` and ``<adapter_dir>/README.md``; return both paths."""
+def write_model_cards(
+    recipe: Any, run_dir: str | Path, adapter_dir: str | Path, decisions: Sequence[str] | None = None
+) -> list[Path]:
+    """Write :func:`model_card` to ``<run_dir>/README.md`` and ``<adapter_dir>/README.md``; return both paths.
+
+    Args:
+        decisions: one line each on what ``auto`` chose (``trainer.decisions``: the reference, prefix sharing).
+    """
     from dpo_xpu.outputs.plotting import METRICS_FILE, read_metrics
 
     metrics_path = Path(run_dir) / METRICS_FILE
-    text = model_card(recipe, read_metrics(metrics_path) if metrics_path.is_file() else [])
+    text = model_card(recipe, read_metrics(metrics_path) if metrics_path.is_file() else [], decisions)
     paths = [Path(run_dir) / "README.md", Path(adapter_dir) / "README.md"]
     for path in paths:
         path.write_text(text, encoding="utf-8")
