@@ -50,6 +50,8 @@ _EXPORTS = {
     "launch_training": "launch",
     "prepare_run_dir": "outputs.run_folder",
     "start_run": "pipeline",
+    "open_run": "pipeline",
+    "prepare_resume_of": "pipeline",
     "load_run_data": "pipeline",
     "load_run_models": "pipeline",
     "save_adapter": "pipeline",

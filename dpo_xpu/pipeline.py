@@ -524,7 +524,6 @@ def run_training(
         TrainingInterrupted: a signal stopped training; a checkpoint was saved and the message says how to resume.
         PreferenceDataError, ModelLoadError, DeviceNotAvailableError, RecipeError: bad input (clear message).
     """
-    from dpo_xpu.callbacks.checkpoints import KeepTrainableDtypes
     from dpo_xpu.callbacks.interrupts import StopOnSignal
     from dpo_xpu.callbacks.metrics import FirstStepCallback
     from dpo_xpu.device import select_device
@@ -538,7 +537,6 @@ def run_training(
     )
     from dpo_xpu.models.base import resolve_model_path
     from dpo_xpu.outputs.plotting import CURVES_FILE, read_metrics
-    from dpo_xpu.train.trl_internals import keep_dtypes_before_ddp
 
     if resume and overwrite:
         raise RunFolderError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
@@ -560,12 +558,7 @@ def run_training(
         try:
             trainer, tokenizer = _build(recipe, run_dir, callbacks, live_plot)
             trainer.add_callback(first_step)
-            if checkpoint is not None:
-                trainer.args.eval_on_start = False  # the checkpoint's step was evaluated (if due) before it was saved
-                keeper = KeepTrainableDtypes(trainer.model)
-                trainer.add_callback(keeper)
-                if is_distributed():  # DDP builds its buckets before on_train_begin: cast right after the reload
-                    keep_dtypes_before_ddp(trainer, keeper)
+            prepare_resume_of(trainer, checkpoint)
             stopper = StopOnSignal()
             trainer.add_callback(stopper)
             # reward_curves.png is drawn from the last logged row by make_dpo_trainer's LiveRewardPlotCallback at
@@ -606,6 +599,47 @@ def _open_run(
         if finished is not None:
             return finished
     return _start(recipe, overwrite=overwrite, resume=resume), checkpoint
+
+
+def open_run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> tuple[Path, Path | None]:
+    """Open the run folder for training step by step (notebook 03): :func:`start_run` for a new run, or, with
+    ``resume``, the run already there, checked and trimmed to its newest complete checkpoint.
+
+    Returns:
+        ``(run_dir, checkpoint)``: the checkpoint to pass to :func:`prepare_resume_of` and to
+        ``trainer.train(resume_from_checkpoint=...)``, or ``None`` for a new run.
+
+    Raises:
+        RunFolderError: as :func:`start_run`; with ``resume``, a folder without a run or without a complete
+            checkpoint, or a run that is already complete (nothing to train: evaluate it, or train longer in a new run).
+    """
+    run_dir = Path(recipe.output_dir)
+    if resume and overwrite:
+        raise RunFolderError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
+    opened = _open_run(recipe, run_dir, overwrite, resume)
+    if isinstance(opened, RunResult):
+        raise RunFolderError(
+            f"{run_dir} is complete: nothing to train. Evaluate it (notebook 04, or dpo-xpu evaluate {run_dir}), or "
+            "raise max_steps in a new run (another output_dir, or overwrite=True)"
+        )
+    return run_dir, opened[1]
+
+
+def prepare_resume_of(trainer: Any, checkpoint: str | Path | None) -> None:
+    """Make ``trainer`` ready to continue from ``checkpoint`` (nothing for ``None``): no evaluation at the start (the
+    checkpoint's step was evaluated, if due, before it was saved), and the LoRA weights cast back to their training
+    dtype after the checkpoint reloads them (before DDP builds its buckets under several processes)."""
+    from dpo_xpu.callbacks.checkpoints import KeepTrainableDtypes
+    from dpo_xpu.distributed import is_distributed
+    from dpo_xpu.train.trl_internals import keep_dtypes_before_ddp
+
+    if checkpoint is None:
+        return
+    trainer.args.eval_on_start = False
+    keeper = KeepTrainableDtypes(trainer.model)
+    trainer.add_callback(keeper)
+    if is_distributed():
+        keep_dtypes_before_ddp(trainer, keeper)
 
 
 def _save_outputs(

@@ -59,6 +59,7 @@ gradient_accumulation_steps = 8  # pairs per step: batch size x accumulation
 warmup_steps = 50
 gradient_checkpointing = True  # recompute activations: less memory, ~30% slower
 overwrite = False  # True replaces a run already in output_dir
+resume = False  # True continues the run in output_dir from its newest checkpoint (the same parameters)
 recipe_overrides = {}  # any other recipe key (docs: Recipes and options), e.g. {"loss_type": "ipo", "eval_steps": 20}, or TRL's own layout: {"reference": "adapter-off", "prefix_sharing": False}
 
 # %%
@@ -85,7 +86,8 @@ changed = apply_preset(preset, defaults, globals())  # {} with preset None
 # recipe's defaults, and so are `reference: auto` and `prefix_sharing: auto`, the fastest exact configuration the
 # run allows, which the trainer below names; TRL turns dropout off for DPO). The run folder gets the recipe
 # and the environment report first, so a run can always be traced back to what produced it. An existing run is
-# never overwritten silently.
+# never overwritten silently: set `resume = True` to continue it from its newest checkpoint (with the same
+# parameters), or `overwrite = True` to move it aside and start again.
 
 # %%
 # %matplotlib inline
@@ -93,7 +95,7 @@ import pandas as pd
 
 from dpo_xpu import (
     DpoXpuError, describe_step0, load_run_data, load_run_models, load_tokenizer, make_dpo_trainer, make_recipe,
-    plot_reward_curves, read_metrics, save_adapter, start_run,
+    open_run, plot_reward_curves, prepare_resume_of, read_metrics, save_adapter,
 )
 
 recipe = make_recipe(dict(
@@ -103,8 +105,9 @@ recipe = make_recipe(dict(
     per_device_train_batch_size=per_device_train_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
     warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing, **recipe_overrides,
 ))
-run_dir = start_run(recipe, overwrite=overwrite)  # recipe.yaml and environment.json first
-print(run_dir.resolve())
+# recipe.yaml and environment.json first; with resume=True the run already there and its newest checkpoint
+run_dir, checkpoint = open_run(recipe, overwrite=overwrite, resume=resume)
+print(run_dir.resolve(), f"(resuming from {checkpoint.name})" if checkpoint else "")
 
 # %% [markdown]
 # ## Data
@@ -155,6 +158,7 @@ print("device:", next(policy.parameters()).device)
 # the held-out pairs are evaluated during training only when the recipe sets eval_steps
 eval_pairs = heldout_pairs if recipe.eval_steps else None
 trainer = make_dpo_trainer(recipe, policy, reference, tokenizer, train_pairs, eval_pairs)
+prepare_resume_of(trainer, checkpoint)  # nothing for a new run
 print("\n".join(trainer.decisions))  # what reference: auto and prefix_sharing: auto chose, and why
 
 # %% [markdown]
@@ -164,7 +168,7 @@ print("\n".join(trainer.decisions))  # what reference: auto and prefix_sharing: 
 # Stopping the cell keeps what was logged so far in `metrics.jsonl`.
 
 # %%
-train_output = trainer.train()
+train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
 # %% [markdown]
 # ## The final curves

@@ -130,6 +130,7 @@ def runs(demo_model, tmp_path_factory):
     run_training(demo_recipe(demo_model, base / "A"), live_plot=False)
     run_training(demo_recipe(demo_model, base / "B"), live_plot=False, callbacks=[StopAfter(5)])
     shutil.copytree(base / "B", base / "B2")
+    shutil.copytree(base / "B", base / "B3")
     return demo_model, base
 
 
@@ -154,6 +155,33 @@ def test_interrupted_run_resumed_ends_where_the_uninterrupted_one_ends(runs):
         assert b == pytest.approx(a, abs=1e-4)
     assert result.trainer.state.global_step == 6
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_notebook_style_resume_ends_where_the_uninterrupted_run_ends(runs):
+    """Notebook 03's cells with resume = True: open_run, the trainer built step by step, prepare_resume_of."""
+    from dpo_xpu.models.loading import load_tokenizer
+    from dpo_xpu.outputs.run_folder import unlock_run_dir
+    from dpo_xpu.pipeline import load_run_data, load_run_models, make_dpo_trainer, open_run, prepare_resume_of
+
+    model, base = runs
+    recipe = demo_recipe(model, base / "B3")
+    run_dir, checkpoint = open_run(recipe, resume=True)
+    assert checkpoint is not None and checkpoint.parent == run_dir
+    try:
+        tokenizer = load_tokenizer(recipe.model_name_or_path)
+        train_pairs, _ = load_run_data(recipe, tokenizer)
+        policy, reference = load_run_models(recipe)
+        trainer = make_dpo_trainer(recipe, policy, reference, tokenizer, train_pairs, live_plot=False)
+        prepare_resume_of(trainer, checkpoint)
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    finally:
+        unlock_run_dir(run_dir)
+    expected, got = train_losses(base / "A"), train_losses(base / "B3")
+    assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]
+    assert got[-1][1] == pytest.approx(expected[-1][1], abs=1e-4)
+    with pytest.raises(RunFolderError, match=r"is complete: nothing to train. Evaluate it \(notebook 04"):
+        open_run(demo_recipe(model, base / "A"), resume=True)
+    unlock_run_dir(base / "A")
 
 
 def test_a_corrupted_last_checkpoint_is_skipped(runs):

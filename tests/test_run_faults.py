@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -306,6 +307,7 @@ def test_a_hostile_pickle_in_a_checkpoint_is_refused_in_one_line(copy, capsys, t
 
 
 def test_a_hostile_pickle_in_the_newest_checkpoint_resumes_from_an_older_one(copy, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dpo_xpu")  # the resume line is INFO
     run, recipe = copy
     flag = tmp_path / "pwned"
     (run / "checkpoint-2" / "optimizer.pt").write_bytes(pickle.dumps(_Hostile(flag), protocol=2))

@@ -4,6 +4,7 @@ leave nothing behind, resume of a finished run, inputs changed in content, full 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -204,6 +205,7 @@ def test_overwrite_whose_start_fails_puts_the_earlier_run_back(stories260k_path,
 def test_resume_on_a_finished_run_trains_nothing_and_resaves_a_missing_adapter(
     stories260k_path, orca_rows_path, tmp_path, caplog
 ):
+    caplog.set_level(logging.INFO, logger="dpo_xpu")  # the resume line is INFO
     run = tmp_path / "run"
     recipe = quick_recipe(stories260k_path, orca_rows_path, run)
     run_training(recipe, live_plot=False)

@@ -247,7 +247,7 @@ def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
             ", ".join(str(s) for s in sorted(set(restored))),
             checkpoint / "trainer_state.json",
         )
-    logger.warning("resuming %s from %s (step %d)", run_dir, checkpoint.name, step)
+    logger.info("resuming %s from %s (step %d)", run_dir, checkpoint.name, step)  # a normal resume: no warning
     return checkpoint
 
 
