@@ -213,6 +213,7 @@ def test_an_error_on_rank0_stops_every_rank_with_one_line(stories260k_path, orca
     run_dir = tmp_path / "taken"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    (run_dir / "fingerprints.json").write_text("{}\n")  # a dpo_xpu run's (a folder of the user's is refused too)
     recipe = write_recipe(tmp_path / "r.yaml", recipe_values(stories260k_path, orca_rows_path, run_dir))
     proc, reports = torchrun(recipe, tmp_path / "rep")
     assert proc.returncode != 0
