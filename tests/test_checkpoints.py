@@ -28,6 +28,7 @@ from dpo_xpu.callbacks.checkpoints import (
 from dpo_xpu.data.preferences import DEMO_SAMPLE_PATH
 from dpo_xpu.demo import build_demo_model
 from dpo_xpu.errors import RecipeError, RunFolderError
+from dpo_xpu.files import current_umask
 from dpo_xpu.outputs.plotting import read_metrics
 from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import Recipe
@@ -142,6 +143,7 @@ def test_uninterrupted_run_checkpoints_every_save_steps_and_at_the_end(runs):
         assert checkpoint_problem(ckpt) is None
         for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
             assert (ckpt / name).is_file(), name
+            assert (ckpt / name).stat().st_mode & 0o777 == 0o666 & ~current_umask(), name  # the user's umask
         assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == step
 
 

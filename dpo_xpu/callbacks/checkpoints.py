@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 
 from dpo_xpu.callbacks.metrics import metrics_row
 from dpo_xpu.errors import RecipeError, RunFolderError
+from dpo_xpu.files import apply_umask
 from dpo_xpu.outputs.plotting import METRICS_FILE
 from dpo_xpu.outputs.run_folder import (
     check_fingerprints,
@@ -336,6 +337,7 @@ class CheckpointCallback(TrainerCallback):
         barrier()  # under several processes, every rank has written its part (rng_state_N.pth) before the marker
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir() and state.is_world_process_zero:
+            apply_umask(checkpoint)  # safetensors writes mode 600 whatever the umask
             write_marker(checkpoint, state.global_step)
 
 
