@@ -353,7 +353,7 @@ def test_metrics_start_at_ln2_and_stay_finite(run_dir):
 def test_reward_curves_png_and_live_image_in_the_training_cell(run_dir):
     assert (run_dir / "reward_curves.png").read_bytes()[:8] == PNG_MAGIC
     executed = nbformat.read(run_dir / "notebooks" / "03_dpo_training.ipynb", as_version=4)
-    train_cell = next(c for c in executed.cells if "trainer.train()" in c.source)
+    train_cell = next(c for c in executed.cells if "trainer.train(" in c.source)
     images = [o for o in train_cell.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1, "the live curves should be one display, updated in place"
 
