@@ -114,14 +114,16 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
 
     from dpo_xpu.files import apply_umask
     from dpo_xpu.models.dtypes import dtype_kwarg
-    from dpo_xpu.train.reference_cache import weights_digest
+    from dpo_xpu.train.reference_cache import default_cache_dir, weights_digest
 
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise ModelLoadError(f"{gguf_path} does not exist: give the path of a .gguf file")
     cache = Path(cache_dir) if cache_dir is not None else model_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    sha256 = weights_digest(gguf_path, memo_dir=cache).removeprefix("sha256:")  # remembered: read once per file
+    # remembered: read once per file; by default in the memo the run's fingerprints read too (one hash, not two)
+    memo = default_cache_dir() if cache_dir is None else cache
+    sha256 = weights_digest(gguf_path, memo_dir=memo).removeprefix("sha256:")
     out = cache / f"{gguf_path.stem}-{sha256[:16]}-{dtype}"
     if model_origin(out) is not None:
         return out
