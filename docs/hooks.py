@@ -20,7 +20,7 @@ dirties the work tree and a page never goes stale.
   three from one ``make demo`` run).
 - The recipe options table, from the metadata of :class:`dpo_xpu.recipes.Recipe`'s fields
   (:func:`dpo_xpu.recipes.options_table`), where each key is declared once with its unit, meaning and source.
-- The hardware table: the memory planner's estimate (:func:`dpo_xpu.memory.recipe_fits`) for every shipped GPU
+- The hardware table: the memory planner's estimate (:func:`dpo_xpu.train.memory.recipe_fits`) for every shipped GPU
   recipe, from the shapes in :data:`MODEL_SHAPES`.
 - Math: ``pymdownx.arithmatex`` (generic mode) marks TeX in the pages, and notebooks keep ``$...$`` in their
   prose; this hook turns both into MathML, which browsers render natively: no MathJax, nothing fetched at run
@@ -65,13 +65,13 @@ API_GROUPS: list[tuple[str, str, str, tuple[str, ...]]] = [
     (
         "environment",
         "Environment",
-        "Where the run happens: the device, the stack's versions and verdicts, the memory planner.",
-        ("environment", "device", "memory", "noise"),
+        "Where the run happens: the device, the stack's versions and verdicts.",
+        ("environment", "device", "log_filters"),
     ),
     ("data", "Data", "Preference pairs: reading, validating, formatting, mixing, lengths, truncation.", ("data.",)),
     ("models", "Models", "Tokenizer, NF4 policy with LoRA, reference; the backends; hub checks.", ("models.", "hub")),
-    ("train", "Training", "Recipe -> DPOConfig, the reference plan, the trainer and its losses.", ("train.",)),
-    ("callbacks", "Callbacks", "Metrics, live curves, checkpoints, signals, the step-0 check.", ("callbacks.",)),
+    ("train", "Training", "Recipe -> DPOConfig, the reference plan, the trainer and its losses, the memory planner, the step-0 check.", ("train.",)),
+    ("callbacks", "Callbacks", "Metrics, live curves, checkpoints, signals.", ("callbacks.",)),
     (
         "outputs-eval",
         "Outputs and evaluation",
@@ -82,7 +82,7 @@ API_GROUPS: list[tuple[str, str, str, tuple[str, ...]]] = [
         "pipeline-cli",
         "Pipeline and command line",
         "The steps in order (run_training), several devices, the dpo-xpu command, the demo model, the errors.",
-        ("pipeline", "distributed", "launch", "cli", "demo", "errors"),
+        ("pipeline", "finished_run", "distributed", "launch", "cli", "demo", "errors"),
     ),
 ]
 
@@ -93,7 +93,6 @@ API_ORDER = [
     "presets",
     "environment",
     "device",
-    "memory",
     "data",
     "data.preferences",
     "data.sources",
@@ -116,20 +115,21 @@ API_ORDER = [
     "train.prefix_sharing",
     "train.reference_cache",
     "train.trl_internals",
+    "train.memory",
+    "train.step0",
     "callbacks",
     "callbacks.metrics",
     "callbacks.checkpoints",
     "callbacks.interrupts",
-    "callbacks.step0",
     "outputs",
     "outputs.run_folder",
     "outputs.plotting",
     "outputs.model_card",
+    "outputs.merge",
     "eval",
-    "eval.run",
     "eval.heldout",
-    "eval.export",
     "pipeline",
+    "finished_run",
     "distributed",
     "launch",
     "cli",
@@ -421,9 +421,9 @@ def _recipes_shipped() -> str:
 
 def recipe_estimates() -> list[dict[str, Any]]:
     """The memory planner's verdict for each shipped recipe whose model is in :data:`MODEL_SHAPES`: ``recipe``
-    (file name), the recipe, its ``estimate`` (:class:`dpo_xpu.memory.MemoryEstimate`) and ``fits``, a dict of
+    (file name), the recipe, its ``estimate`` (:class:`dpo_xpu.train.memory.MemoryEstimate`) and ``fits``, a dict of
     GiB -> bool for :data:`GPU_SIZES`."""
-    from dpo_xpu.memory import recipe_fits
+    from dpo_xpu.train.memory import recipe_fits
     from dpo_xpu.recipes import load_recipe
 
     out = []
@@ -440,7 +440,7 @@ def recipe_estimates() -> list[dict[str, Any]]:
 
 
 def _hardware_table() -> str:
-    from dpo_xpu.memory import FIT_FRACTION
+    from dpo_xpu.train.memory import FIT_FRACTION
 
     head = "| recipe | model | backend, reference | pairs x tokens | LoRA r | planned peak | largest allocation | "
     head += " | ".join(f"{gib} GiB" for gib, _ in GPU_SIZES) + " |"

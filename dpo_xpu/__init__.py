@@ -13,10 +13,10 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from dpo_xpu.noise import install as _filter_known_noise
+from dpo_xpu.log_filters import install as _filter_known_noise
 
 __version__ = "0.1.0"
-_filter_known_noise()  # known-harmless messages of the stack, by their exact text (dpo_xpu.noise)
+_filter_known_noise()  # known-harmless messages of the stack, by their exact text (dpo_xpu.log_filters)
 
 _EXPORTS = {
     # environment
@@ -65,8 +65,8 @@ _EXPORTS = {
     "LiveRewardPlotCallback": "callbacks.metrics",
     "read_metrics": "outputs.plotting",
     "plot_reward_curves": "outputs.plotting",
-    "describe_step0": "callbacks.step0",
-    "Step0Check": "callbacks.step0",
+    "describe_step0": "train.step0",
+    "Step0Check": "train.step0",
     # data inspection
     "token_lengths": "data.lengths",
     "length_summary": "data.lengths",
@@ -77,19 +77,19 @@ _EXPORTS = {
     "generate_samples": "eval.heldout",
     "load_run_recipe": "eval.heldout",
     "write_evaluation": "eval.heldout",
-    "merge_and_save": "eval.export",
-    "check_merged_logits": "eval.export",
-    "merge_checked": "eval.export",
-    "evaluate_run": "eval.run",
-    "export_run": "eval.run",
+    "merge_and_save": "outputs.merge",
+    "check_merged_logits": "outputs.merge",
+    "merge_checked": "outputs.merge",
+    "evaluate_run": "finished_run",
+    "export_run": "finished_run",
     # demo assets
     "build_demo_model": "demo",
     "apply_preset": "presets",
     "gguf_to_folder": "models.gguf",
     # performance: cached reference log-probs, memory planner
     "attach_precomputed_reference": "train.reference_cache",
-    "estimate_memory": "memory",
-    "recipe_fits": "memory",
+    "estimate_memory": "train.memory",
+    "recipe_fits": "train.memory",
     # errors
     "DpoXpuError": "errors",
     "PreferenceDataError": "errors",

@@ -89,7 +89,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dpo_xpu.eval.run import evaluate_run
+    from dpo_xpu.finished_run import evaluate_run
 
     evaluation = evaluate_run(
         args.run_dir,
@@ -107,7 +107,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dpo_xpu.eval.run import export_run
+    from dpo_xpu.finished_run import export_run
 
     exported = export_run(args.run_dir, merged=args.merged, out_dir=args.out, overwrite=args.overwrite)
     print(exported.summary())

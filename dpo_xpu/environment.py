@@ -277,7 +277,7 @@ def check_environment(backend: str | None = None, recipe: Recipe | None = None) 
             ipex-llm is installed, else ``recipe.backend`` or ``"native"``.
         recipe (`Recipe`, *optional*, defaults to `None`):
             When given, a ``memory`` verdict says whether the recipe is expected to fit the device it would
-            train on (:func:`dpo_xpu.memory.recipe_fits`; the host's RAM for a CPU run).
+            train on (:func:`dpo_xpu.train.memory.recipe_fits`; the host's RAM for a CPU run).
 
     Returns:
         `EnvironmentReport`: print it for a table; ``.verdicts``, ``.has_errors``, ``.to_dict()``.
@@ -305,7 +305,7 @@ def _host_memory_mib() -> float:
 def _memory_verdict(recipe: Recipe, probe: Probe) -> Verdict:
     """Whether ``recipe`` is expected to fit the memory of the device it would train on."""
     from dpo_xpu.errors import DpoXpuError
-    from dpo_xpu.memory import ARC_A_SERIES_MAX_ALLOCATION_MIB, recipe_fits
+    from dpo_xpu.train.memory import ARC_A_SERIES_MAX_ALLOCATION_MIB, recipe_fits
 
     kind = recipe.device.split(":")[0]
     accelerators = [a for a in probe.accelerators if kind == "auto" or a.kind == kind]

@@ -1,14 +1,30 @@
-"""File modes: files the libraries write with a private mode get the user's umask, as every other file of a run.
+"""Files (a leaf below every step): modes under the user's umask, atomic writes, weight digests, the cache folder.
+
+Modes: files the libraries write with a private mode get the user's umask, as every other file of a run.
 
 safetensors writes ``*.safetensors`` with mode 600 whatever the umask (through a private temporary file), so a
 run's adapter, checkpoints and merged model could not be read by the user's group where the rest of the run folder
 can. No library offers this; it is one ``chmod`` per file.
+
+Digests: a model is identified by the sha256 of its weight files' bytes (:func:`weights_digest`), remembered
+until a file changes; the model conversion, the run's fingerprints and the reference cache all read it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+#: Environment variable naming the cache folder (default ``~/.cache/dpo_xpu/reference-logps``).
+CACHE_DIR_ENV = "DPO_XPU_CACHE_DIR"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+#: Bytes of each end of a weight file hashed into its memo entry (:func:`weights_digest`).
+SAMPLE_BYTES = 64 * 1024
+#: The file in the cache folder remembering each model folder's weights digest and what it was computed for.
+WEIGHTS_MEMO_FILE = "weights-memo.json"
 
 
 def current_umask() -> int:
@@ -33,3 +49,104 @@ def apply_umask(folder: str | Path) -> None:
                 path.chmod(mode)
             except PermissionError:
                 pass
+
+
+def default_cache_dir() -> Path:
+    """``$DPO_XPU_CACHE_DIR`` if set, else ``~/.cache/dpo_xpu/reference-logps``."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dpo_xpu" / "reference-logps"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and a rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _file_signature(path: Path) -> dict[str, Any]:
+    """What identifies a weight file's bytes without reading them all.
+
+    Its inode, size, modification and status-change times (ns), and a sha256 of its first and last
+    :data:`SAMPLE_BYTES`. Rewriting a file in place changes its status-change time, even when its modification time is
+    set back (``os.utime``), and a different file of the same size almost always differs in its header or its end.
+    """
+    stat = path.stat()
+    sample = hashlib.sha256()
+    with path.open("rb") as handle:
+        sample.update(handle.read(SAMPLE_BYTES))
+        if stat.st_size > SAMPLE_BYTES:
+            handle.seek(max(SAMPLE_BYTES, stat.st_size - SAMPLE_BYTES))
+            sample.update(handle.read(SAMPLE_BYTES))
+    return {
+        "inode": stat.st_ino,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "sample": sample.hexdigest(),
+    }
+
+
+def _hash_weight_files(files: list[Path], total: int) -> str:
+    """``"sha256:<hex>"`` over each file's name and bytes, in the given order, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    h = hashlib.sha256()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Hashing model weights") as bar:
+        for p in files:
+            h.update(p.name.encode())
+            with p.open("rb") as handle:
+                while chunk := handle.read(1 << 24):
+                    h.update(chunk)
+                    bar.update(len(chunk))
+    return "sha256:" + h.hexdigest()
+
+
+def weights_digest(model_name_or_path: str | Path, revision: str | None = None, memo_dir: Path | None = None) -> str:
+    """Identify a model's weights by their content.
+
+    A local folder gets the sha256 over its weight files (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``,
+    ``*.gguf``; names and bytes, in name order). Reading 14 GB takes tens of seconds, so the digest is remembered in
+    ``<memo_dir>/weights-memo.json`` against each file's inode, size, modification and status-change times and a
+    sha256 of its first and last 64 KiB (:data:`SAMPLE_BYTES`), and recomputed when any of them changes: weights
+    rewritten in place with the same size and modification time are read again, not mistaken for the old ones. A hub
+    id gives ``"hub:<id>@<revision>"`` (the commit the weights were loaded from).
+
+    Args:
+        model_name_or_path (`str` or `Path`): a local folder (or one weight file) or a hub id.
+        revision (`str`, *optional*): the hub commit (``model.config._commit_hash``); ignored for a local folder.
+        memo_dir (`Path`, *optional*): where to remember digests of local folders; ``None`` remembers nothing.
+
+    Returns:
+        `str`: ``"sha256:<hex>"`` for a folder, ``"hub:<id>@<revision>"`` for a hub id.
+
+    Raises:
+        ValueError: a local folder without any weight file.
+    """
+    path = Path(model_name_or_path).expanduser()
+    if not path.exists():
+        return f"hub:{model_name_or_path}@{revision or 'unknown'}"
+    files = sorted(p for p in (path.iterdir() if path.is_dir() else [path]) if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path} holds no weight file ({', '.join(WEIGHT_SUFFIXES)}): cannot identify the model")
+    signature = [[p.name, str(p.resolve()), _file_signature(p)] for p in files]
+    memo_file = memo_dir / WEIGHTS_MEMO_FILE if memo_dir is not None else None
+    memo: dict[str, Any] = {}
+    if memo_file is not None and memo_file.is_file():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (OSError, ValueError):
+            memo = {}
+    folder = str(path.resolve())
+    entry = memo.get(folder)
+    if isinstance(entry, dict) and entry.get("files") == signature and "digest" in entry:
+        return str(entry["digest"])
+    digest = _hash_weight_files(files, sum(s[2]["size"] for s in signature))
+    if memo_file is not None:
+        memo[folder] = {"files": signature, "digest": digest}  # one entry per folder: its latest content
+        atomic_write_bytes(memo_file, json.dumps(memo, indent=1).encode())
+    return digest

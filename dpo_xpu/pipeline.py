@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpo_xpu.callbacks.step0 import Step0Check, expected_step0_loss, step0_causes
 from dpo_xpu.data.truncation import truncate_prompts
 from dpo_xpu.errors import RecipeError, RunFolderError, TrainingInterrupted
 from dpo_xpu.outputs.run_folder import (
@@ -37,6 +36,7 @@ from dpo_xpu.outputs.run_folder import (
 from dpo_xpu.recipes import Recipe
 from dpo_xpu.train.prefix_sharing import prefix_sharing_decision
 from dpo_xpu.train.reference import ReferencePlan, reference_plan
+from dpo_xpu.train.step0 import Step0Check, expected_step0_loss, step0_causes
 from dpo_xpu.train.trl_config import dpo_config_kwargs, own_loss_type, trl_generation, validate_recipe
 from dpo_xpu.train.trl_internals import require_internals, score_answer_tokens_only_on_cpu
 
@@ -410,10 +410,10 @@ def export_merged(
 ) -> Path:
     """Merge the run's adapter into a bf16 copy of the base and save it, with the tokenizer, to ``<run>/merged``.
 
-    The merge is :func:`dpo_xpu.eval.export.merge_and_save` (unquantized base in bf16, PEFT ``merge_and_unload``), on
-    the CPU. With ``texts`` it is :func:`dpo_xpu.eval.export.merge_checked`: the merged model's logits on them are
+    The merge is :func:`dpo_xpu.outputs.merge.merge_and_save` (unquantized base in bf16, PEFT ``merge_and_unload``), on
+    the CPU. With ``texts`` it is :func:`dpo_xpu.outputs.merge.merge_checked`: the merged model's logits on them are
     compared with the adapter model's, and where rounding to bf16 moved them by more than
-    :data:`~dpo_xpu.eval.export.MERGE_RTOL` (10%) of the adapter's own effect, or changed a greedy continuation, the
+    :data:`~dpo_xpu.outputs.merge.MERGE_RTOL` (10%) of the adapter's own effect, or changed a greedy continuation, the
     weights are saved in float32 instead, saying why in the log; the check's report goes to
     ``<run>/merge_check.json``. With ``sft_checkpoint``, the base the adapter
     was trained on is the SFT weights: they are written once in bf16 to a temporary folder, which is then the merge's
@@ -421,7 +421,7 @@ def export_merged(
 
     Args:
         texts: a few inputs for the check (the run's prompts); ``None`` merges without it.
-        rtol: the check's bound (:data:`~dpo_xpu.eval.export.MERGE_RTOL` when ``None``).
+        rtol: the check's bound (:data:`~dpo_xpu.outputs.merge.MERGE_RTOL` when ``None``).
 
     Returns:
         The folder, loadable with ``AutoModelForCausalLM.from_pretrained`` (no PEFT, no bitsandbytes needed).
@@ -454,15 +454,15 @@ def _merge(
     texts: Sequence[str] | None,
     rtol: float | None = None,
 ) -> Path:
-    """:func:`~dpo_xpu.eval.export.merge_checked` where there are ``texts`` (its report in ``merge_check.json``), else
-    :func:`~dpo_xpu.eval.export.merge_and_save`."""
-    from dpo_xpu.eval.export import MERGE_RTOL, merge_and_save, merge_checked
+    """:func:`~dpo_xpu.outputs.merge.merge_checked` where there are ``texts`` (its report in ``merge_check.json``), else
+    :func:`~dpo_xpu.outputs.merge.merge_and_save`."""
+    from dpo_xpu.outputs.merge import MERGE_RTOL, merge_and_save, merge_checked
 
     if not texts:
         return merge_and_save(adapter_dir, base, out_dir=out_dir)
     merged, report = merge_checked(adapter_dir, base, out_dir, list(texts), rtol=MERGE_RTOL if rtol is None else rtol)
     (run_dir / MERGE_CHECK_FILE).write_text(json.dumps(report, indent=2, default=str))
-    from dpo_xpu.eval.export import merge_mismatch
+    from dpo_xpu.outputs.merge import merge_mismatch
 
     logger.log(
         logging.INFO if report["matches"] else logging.WARNING,

@@ -213,8 +213,8 @@ def _hardware_cells(text: str) -> list[tuple[int, str, str]]:
 def test_hardware_tables_agree_with_the_planner() -> None:
     """The recipe that README.md and docs/hardware.md give for each GPU memory size fits it by the memory planner,
     and the planned peak they print is the planner's."""
-    from dpo_xpu.memory import recipe_fits
     from dpo_xpu.recipes import load_recipe
+    from dpo_xpu.train.memory import recipe_fits
 
     hooks = _hooks()
     planned = {item["recipe"]: item["estimate"].total_mib for item in hooks.recipe_estimates()}

@@ -1,4 +1,4 @@
-"""`dpo-xpu evaluate` and `dpo-xpu export` (dpo_xpu.eval.run) on a 2-step stories260K run, trained once."""
+"""`dpo-xpu evaluate` and `dpo-xpu export` (dpo_xpu.finished_run) on a 2-step stories260K run, trained once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from helpers import run_cli, short_recipe
 
 from dpo_xpu import evaluate_run, export_run, load_recipe, load_run_data, load_tokenizer
 from dpo_xpu.errors import RunFolderError
-from dpo_xpu.eval.run import RunEvaluation, _replacing, samples_verdict
+from dpo_xpu.finished_run import RunEvaluation, _replacing, samples_verdict
 from dpo_xpu.pipeline import run_training
 
 METRICS = {"reward_accuracy", "mean_margin", "mean_chosen_reward", "mean_rejected_reward", "drift_chosen_logratio"}

@@ -1,4 +1,4 @@
-"""dpo_xpu.eval.heldout, dpo_xpu.eval.export and dpo_xpu.data.lengths on the real stories260K model and orca rows."""
+"""dpo_xpu.eval.heldout, dpo_xpu.outputs.merge and dpo_xpu.data.lengths on the real stories260K model and orca rows."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def test_merge_in_float32_is_exact_to_rounding(tmp_path, adapter_dir, stories260
 def test_merge_checked_keeps_bf16_where_it_matches_and_falls_back_to_float32_with_the_reason(
     tmp_path, adapter_dir, stories260k_path, pairs
 ):
-    from dpo_xpu.eval.export import merge_checked
+    from dpo_xpu.outputs.merge import merge_checked
 
     texts = pairs["prompt"][:2]
     out, kept = merge_checked(adapter_dir, stories260k_path, tmp_path / "merged", texts)
@@ -154,7 +154,7 @@ def test_merge_checked_keeps_bf16_where_it_matches_and_falls_back_to_float32_wit
 
 
 def test_merge_judged_against_the_adapters_effect_and_greedy_text():
-    from dpo_xpu.eval.export import _merge_matches, merge_mismatch
+    from dpo_xpu.outputs.merge import _merge_matches, merge_mismatch
 
     # SmolLM2 after a short run: 1% of the largest logit, but 60% of what the adapter does: not a faithful merge
     report = dict(max_abs_diff=0.419, adapter_effect=0.692, effect_ratio=0.419 / 0.692, max_abs_logit=38.9)

@@ -1,20 +1,20 @@
-"""The package's layout rules (docs/architecture.md): no import cycles, lazy imports included; no private name
-imported across modules; subpackages that import nothing themselves.
-
-The import graph is read from the source with :mod:`ast`, so a cycle closed by an import inside a function (which
-Python tolerates until the day the order changes) or by a type hint's import fails here as well.
-``get_backend``'s ``import_module`` counts as an import of every backend.
+"""The package's layout rules (docs/architecture.md): the layers of the data flow, held by import-linter's contracts
+in pyproject.toml (imports inside functions and under ``TYPE_CHECKING`` count); no private name imported across
+modules; subpackages that import nothing themselves.
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dpo_xpu"
-BACKENDS = ("dpo_xpu.models.backends.native", "dpo_xpu.models.backends.ipex_llm")
 
 
 def _module_name(path: Path) -> str:
@@ -44,78 +44,44 @@ def _imports(name: str, tree: ast.Module, known: set[str]) -> list[tuple[str, li
             for alias in node.names:  # `from dpo_xpu.x import y` imports the submodule y where there is one
                 sub = f"{base}.{alias.name}"
                 out.append((sub, []) if sub in known else (base, [alias.name]))
-        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "import_module":
-            out += [(b, []) for b in BACKENDS] if name == "dpo_xpu.models.backends" else []
     return out
 
 
-def _graph() -> dict[str, set[str]]:
-    modules = _modules()
-    known = set(modules)
-    graph: dict[str, set[str]] = {name: set() for name in modules}
-    for name, tree in modules.items():
-        for target, _ in _imports(name, tree, known):
-            while target not in known and "." in target:
-                target = target.rpartition(".")[0]
-            if target != name and name != "dpo_xpu":  # the top-level lazy API imports everything by design
-                graph[name].add(target)
-    return graph
-
-
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    found: list[list[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on_stack.add(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for v in graph:
-        if v not in index:
-            visit(v)
-    return found
-
-
-def test_the_package_has_no_import_cycle() -> None:
-    graph = _graph()
-    assert "dpo_xpu.models.backends.native" in graph["dpo_xpu.models.backends"]  # the dynamic import is seen
-    assert _cycles(graph) == []
-
-
-def test_the_checker_finds_a_cycle() -> None:
-    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-
-
-def test_the_checker_sees_lazy_and_type_checking_imports() -> None:
-    tree = ast.parse(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from dpo_xpu.recipes import Recipe\n"
-        "def f():\n    from dpo_xpu.pipeline import run_training\n"
+def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """import-linter's contracts of pyproject.toml, on the package found under ``root``."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+            "--config",
+            str(PACKAGE.parent / "pyproject.toml"),
+            "--no-cache",
+        ],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert sorted(_imports("dpo_xpu.x", tree, {"dpo_xpu.recipes", "dpo_xpu.pipeline"})) == [
-        ("dpo_xpu.pipeline", ["run_training"]),
-        ("dpo_xpu.recipes", ["Recipe"]),
-    ]
+
+
+def test_the_layers_hold() -> None:
+    """Every import runs from a later step of the data flow to an earlier one (lazy imports included), and no two
+    modules of a step import each other in a cycle (docs/architecture.md)."""
+    result = _lint_imports(PACKAGE.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "2 kept, 0 broken" in result.stdout
+
+
+def test_a_backward_import_breaks_the_layers(tmp_path: Path) -> None:
+    """A lazy import of the pipeline planted in the data step (a copy of the package) fails the contract."""
+    shutil.copytree(PACKAGE, tmp_path / "dpo_xpu", ignore=shutil.ignore_patterns("__pycache__"))
+    planted = tmp_path / "dpo_xpu" / "data" / "truncation.py"
+    planted.write_text(planted.read_text() + "\n\ndef _planted():\n    from dpo_xpu.pipeline import run_training\n")
+    result = _lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "dpo_xpu.data.truncation -> dpo_xpu.pipeline" in result.stdout
 
 
 def test_no_private_name_is_imported_across_modules() -> None:

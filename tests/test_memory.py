@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers import QWEN05
 
-from dpo_xpu.memory import MIB, NF4_BYTES_PER_PARAM, estimate_memory, matmul_parameters, recipe_fits
 from dpo_xpu.recipes import make_recipe
+from dpo_xpu.train.memory import MIB, NF4_BYTES_PER_PARAM, estimate_memory, matmul_parameters, recipe_fits
 
 
 def test_matmul_parameters_match_a_real_model():
@@ -126,8 +126,8 @@ def test_cpu_tile_copies_match_trls_torch_fallback():
 
     import torch
 
-    from dpo_xpu.memory import CPU_TILE_COPIES, LOGPROB_TILE
     from dpo_xpu.train.host_memory import allocated_mib
+    from dpo_xpu.train.memory import CPU_TILE_COPIES, LOGPROB_TILE
 
     chunked = pytest.importorskip("trl.kernels.chunked_logprob")
     if allocated_mib() is None:

@@ -6,7 +6,7 @@ import logging
 import warnings
 
 import dpo_xpu  # noqa: F401 - importing the package installs the filters
-from dpo_xpu.noise import BNB_KERNELS_MESSAGE
+from dpo_xpu.log_filters import BNB_KERNELS_MESSAGE
 
 
 def test_the_bitsandbytes_kernels_line_is_dropped_and_other_lines_are_not(caplog):
@@ -51,7 +51,7 @@ def test_the_checkpoint_ordering_line_is_dropped():
 def test_only_the_checkpointing_deprecations_are_silenced():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        dpo_xpu.noise.install()
+        dpo_xpu.log_filters.install()
         warnings.warn(
             "`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1
         )

@@ -16,14 +16,13 @@ import pytest
 import torch
 from helpers import make_trainer, short_recipe
 
-from dpo_xpu.train import reference_cache
+from dpo_xpu import files
+from dpo_xpu.files import CACHE_DIR_ENV, weights_digest
 from dpo_xpu.train.reference_cache import (
-    CACHE_DIR_ENV,
     CacheFileError,
     attach_precomputed_reference,
     load_reference_logps,
     reference_cache_key,
-    weights_digest,
 )
 
 pytest.importorskip("trl")
@@ -143,8 +142,8 @@ def test_weights_digest_is_remembered_until_a_file_changes(stories260k_path, tmp
     copy, memo = tmp_path / "model", tmp_path / "memo"
     shutil.copytree(stories260k_path, copy)
     hashed = []
-    original = reference_cache._hash_weight_files
-    monkeypatch.setattr(reference_cache, "_hash_weight_files", lambda *a: hashed.append(a) or original(*a))
+    original = files._hash_weight_files
+    monkeypatch.setattr(files, "_hash_weight_files", lambda *a: hashed.append(a) or original(*a))
     first = weights_digest(copy, memo_dir=memo)
     assert weights_digest(copy, memo_dir=memo) == first and len(hashed) == 1  # read once, then remembered
     (copy / "model.safetensors").touch()  # a new mtime, the same bytes: read again, the same digest

@@ -154,7 +154,7 @@ def test_reference_on_cpu_stays_there(stories260k_path, orca_rows_path, tmp_path
 def test_merged_export_reproduces_the_adapter_logits(stories260k_path, orca_rows_path, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dpo_xpu.eval.export import MERGE_RTOL, check_merged_logits
+    from dpo_xpu.outputs.merge import MERGE_RTOL, check_merged_logits
 
     # a large learning rate, so one step moves the adapter well beyond bf16's rounding of the merged weights
     recipe = shared_recipe(

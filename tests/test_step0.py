@@ -1,4 +1,4 @@
-"""The step-0 check (dpo_xpu.callbacks.step0): what the first logged step must show, and how a gap is reported."""
+"""The step-0 check (dpo_xpu.train.step0): what the first logged step must show, and how a gap is reported."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dpo_xpu.callbacks.metrics import MetricsLoggerCallback
-from dpo_xpu.callbacks.step0 import (
+from dpo_xpu.recipes import Recipe
+from dpo_xpu.train.step0 import (
     GAP_KEY,
     WARNING_KEY,
     Step0Check,
@@ -19,7 +20,6 @@ from dpo_xpu.callbacks.step0 import (
     expected_step0_loss,
     step0_causes,
 )
-from dpo_xpu.recipes import Recipe
 
 LN2 = math.log(2)
 
@@ -123,7 +123,8 @@ def test_a_stale_precomputed_reference_is_recomputed_before_the_first_step(
 
     from helpers import make_trainer, short_recipe
 
-    from dpo_xpu.train.reference_cache import CACHE_DIR_ENV, load_reference_logps, save_reference_logps
+    from dpo_xpu.files import CACHE_DIR_ENV
+    from dpo_xpu.train.reference_cache import load_reference_logps, save_reference_logps
 
     pytest.importorskip("trl")
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))

@@ -80,7 +80,7 @@ class MetricsLoggerCallback(TrainerCallback):
     reward is ``beta`` times that log-ratio, Rafailov et al. 2023, eq. 5; the same estimate as
     :func:`dpo_xpu.eval.heldout.evaluate_preferences`). Not written for ``reference_free`` runs.
 
-    With ``step0``, the row logged at step 1 also gets the step-0 check's keys (:mod:`dpo_xpu.callbacks.step0`).
+    With ``step0``, the row logged at step 1 also gets the step-0 check's keys (:mod:`dpo_xpu.train.step0`).
     With ``meter``, each train row gets the throughput since the last one (``perf/pairs_per_s``,
     ``perf/tokens_per_s``, ``perf/step_s``, ``perf/mfu``: :class:`~dpo_xpu.train.throughput.ThroughputMeter`), and
     the log says how long the run will take: after the first step (which includes warm-up) and again after the
@@ -88,7 +88,7 @@ class MetricsLoggerCallback(TrainerCallback):
 
     Args:
         run_dir: the run folder; created if absent.
-        step0: the run's :class:`~dpo_xpu.callbacks.step0.Step0Check`, or ``None`` (no check: a reference-free loss).
+        step0: the run's :class:`~dpo_xpu.train.step0.Step0Check`, or ``None`` (no check: a reference-free loss).
         meter: a :class:`~dpo_xpu.train.throughput.ThroughputMeter`, or ``None`` (no ``perf/*`` keys).
     """
 

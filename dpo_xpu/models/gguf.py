@@ -36,9 +36,9 @@ NAME_KEYS = ("source.huggingface.repository", "name", "basename")
 
 def model_cache_dir() -> Path:
     """Where converted models are kept: ``$DPO_XPU_CACHE_DIR/models`` if that variable is set (the folder of the
-    reference log-prob cache, :func:`dpo_xpu.train.reference_cache.default_cache_dir`), else
+    reference log-prob cache, :func:`dpo_xpu.files.default_cache_dir`), else
     ``~/.cache/dpo_xpu/models``."""
-    from dpo_xpu.train.reference_cache import CACHE_DIR_ENV
+    from dpo_xpu.files import CACHE_DIR_ENV
 
     env = os.environ.get(CACHE_DIR_ENV)
     return Path(env).expanduser() / "models" if env else Path.home() / ".cache" / "dpo_xpu" / "models"
@@ -112,9 +112,8 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
     """
     import torch
 
-    from dpo_xpu.files import apply_umask
+    from dpo_xpu.files import apply_umask, default_cache_dir, weights_digest
     from dpo_xpu.models.dtypes import dtype_kwarg
-    from dpo_xpu.train.reference_cache import default_cache_dir, weights_digest
 
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():

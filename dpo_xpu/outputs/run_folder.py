@@ -402,11 +402,11 @@ def _file_digest(path: Path) -> str:
 def input_fingerprints(recipe: Any) -> dict[str, str]:
     """Content fingerprints of a recipe's local inputs: ``{key: "sha256:..."}``; hub ids as ``"hub:<id>"``.
 
-    The model is identified by its weight files (:func:`dpo_xpu.train.reference_cache.weights_digest`, remembered
+    The model is identified by its weight files (:func:`dpo_xpu.files.weights_digest`, remembered
     against each file's size and modification time, so a 14 GB model is read once); data files, an SFT checkpoint
     and a starting adapter by all their bytes.
     """
-    from dpo_xpu.train.reference_cache import default_cache_dir, weights_digest
+    from dpo_xpu.files import default_cache_dir, weights_digest
 
     out: dict[str, str] = {}
     model = Path(recipe.model_name_or_path).expanduser()

@@ -26,7 +26,7 @@ def model_flops(config: Any, tokens: float, mean_seq_len: float, forward_only: b
 
     ``6 N + 12 L H Q S`` per token for forward and backward, ``2 N + 4 L H Q S`` for a forward only, where ``N``
     counts the parameters of the matrix multiplies (layers + output head, tied embeddings once:
-    :func:`dpo_xpu.memory.matmul_parameters`), ``L`` layers, ``H`` heads, ``Q`` head dimension, ``S`` the mean
+    :func:`dpo_xpu.train.memory.matmul_parameters`), ``L`` layers, ``H`` heads, ``Q`` head dimension, ``S`` the mean
     sequence length.
 
     Args:
@@ -38,7 +38,7 @@ def model_flops(config: Any, tokens: float, mean_seq_len: float, forward_only: b
     Returns:
         `float`: FLOPs.
     """
-    from dpo_xpu.memory import matmul_parameters
+    from dpo_xpu.train.memory import matmul_parameters
 
     n = matmul_parameters(config)
     head_dim = config.hidden_size // config.num_attention_heads

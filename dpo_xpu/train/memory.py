@@ -44,7 +44,7 @@ tensors leave it), where the estimate is within 15% of the measured peaks.
 
 ```python
 from transformers import AutoConfig
-from dpo_xpu.memory import estimate_memory, recipe_fits
+from dpo_xpu.train.memory import estimate_memory, recipe_fits
 
 est = estimate_memory(AutoConfig.from_pretrained("Qwen/Qwen2.5-0.5B"), "nf4", "adapter-off", batch=2, max_length=1024)
 verdict = recipe_fits(recipe, device_memory_mib=16 * 1024)

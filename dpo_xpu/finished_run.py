@@ -25,7 +25,6 @@ from types import SimpleNamespace
 from typing import Any
 
 from dpo_xpu.errors import RecipeError, RunFolderError
-from dpo_xpu.eval.export import MERGE_RTOL, merge_mismatch
 from dpo_xpu.eval.heldout import (
     EVALUATION_FILE,
     evaluate_preferences,
@@ -33,6 +32,7 @@ from dpo_xpu.eval.heldout import (
     load_run_recipe,
     write_evaluation,
 )
+from dpo_xpu.outputs.merge import MERGE_RTOL, merge_mismatch
 from dpo_xpu.outputs.run_folder import MERGE_CHECK_FILE
 from dpo_xpu.pipeline import ADAPTER_DIR, MERGED_DIR
 
@@ -271,7 +271,7 @@ class RunExport:
     Attributes:
         run_dir (`Path`): the run folder. adapter_dir (`Path`): the adapter (`<run_dir>/adapter`, or its copy).
         merged_dir (`Path` or `None`): the merged model, with `merged=True`.
-        check (`dict` or `None`): the merge check (:func:`dpo_xpu.eval.export.merge_checked`'s report), also in
+        check (`dict` or `None`): the merge check (:func:`dpo_xpu.outputs.merge.merge_checked`'s report), also in
             `check_path` (`<run_dir>/merge_check.json`).
     """
 
@@ -368,7 +368,7 @@ def export_run(
     """Export a finished run from its folder: the adapter is already in `<run_dir>/adapter`; `merged` merges it
     into an unquantized copy of the base and checks the merged model (:func:`dpo_xpu.pipeline.export_merged`).
 
-    The check (:func:`dpo_xpu.eval.export.merge_checked`) runs on a few of the run's prompts, held-out ones first,
+    The check (:func:`dpo_xpu.outputs.merge.merge_checked`) runs on a few of the run's prompts, held-out ones first,
     as `export: merged` in training does. Its report goes to `<run_dir>/merge_check.json` and, when the run was
     evaluated, under `merge` in `<run_dir>/evaluation.json`.
 
