@@ -592,13 +592,13 @@ PLANNER_CONFIG = {
 
 
 def estimate_rows(settings: Settings, config: Any, strategies: list[str], scored: float = 1.0) -> list[dict[str, Any]]:
-    """The memory planner's estimate for each strategy's settings (``dpo_xpu.memory.estimate_memory``,
+    """The memory planner's estimate for each strategy's settings (``dpo_xpu.train.memory.estimate_memory``,
     configured by :data:`PLANNER_CONFIG`).
 
     ``scored`` is the answer tokens' share of the positions (:func:`answer_share`): the LM head's share for
     dpo_xpu's strategies, and for every strategy on a GPU (TRL scores answer tokens only there).
     """
-    from dpo_xpu.memory import estimate_memory
+    from dpo_xpu.train.memory import estimate_memory
 
     on_cpu = settings.device.startswith("cpu")
     rows = []
