@@ -29,7 +29,7 @@ def test_a_missing_name_is_reported_with_the_trl_version(monkeypatch: pytest.Mon
     import trl
     from trl import DPOTrainer
 
-    one_x = trl_internals._generation() == "1.x"
+    one_x = trl_internals.trl_generation() == "1.x"
     name = "_compute_loss" if one_x else "get_batch_loss_metrics"
     monkeypatch.delattr(DPOTrainer, name)
     problems = trl_internals.missing_internals()
@@ -39,7 +39,7 @@ def test_a_missing_name_is_reported_with_the_trl_version(monkeypatch: pytest.Mon
 
 
 def test_a_built_trainer_lacking_an_attribute_is_reported() -> None:
-    if trl_internals._generation() != "1.x":
+    if trl_internals.trl_generation() != "1.x":
         pytest.skip("TRL 0.11: the 1.x names are not used")
 
     class Built:

@@ -16,13 +16,12 @@ import re
 import warnings
 from typing import Any
 
-from packaging.version import Version
-
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.models.backends import ipex_llm_config
 from dpo_xpu.recipes import TRL_DEFAULT_OVERRIDES, Recipe, recipe_keys, trl_option_types
 from dpo_xpu.train.losses import OWN_LOSSES
 from dpo_xpu.train.reference import reference_plan
+from dpo_xpu.train.trl_internals import trl_generation
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +153,6 @@ def _trl_options(recipe: Recipe, kwargs: dict[str, Any]) -> dict[str, Any]:
         else:
             options["warmup_steps"] = ratio  # transformers >= 5: a float in [0, 1) is the ratio of total steps
     return options
-
-
-def trl_generation() -> str:
-    """``"1.x"`` for TRL >= 0.12's API (``processing_class=``, no ``max_prompt_length``), else ``"0.11"``."""
-    import trl
-
-    return "1.x" if Version(trl.__version__) >= Version("0.12") else "0.11"
 
 
 def dpo_config_kwargs(

@@ -45,7 +45,9 @@ TRL_UTILS_1X = ("_use_triton", "use_adapter", "selective_log_softmax")
 TRAINER_ATTRIBUTES_1X = ("_metrics", "precompute_ref_logps")
 
 
-def _generation() -> str:
+def trl_generation() -> str:
+    """``"1.x"`` for TRL >= 0.12's API (``processing_class=``, no ``max_prompt_length``), else ``"0.11"``: the one
+    place that reads the installed TRL's generation."""
     import trl
     from packaging.version import Version
 
@@ -67,7 +69,7 @@ def missing_internals(trainer: Any | None = None) -> list[str]:
 
     where = f"trl {trl.__version__}"
     problems = []
-    methods = TRAINER_METHODS_1X if _generation() == "1.x" else TRAINER_METHODS_011
+    methods = TRAINER_METHODS_1X if trl_generation() == "1.x" else TRAINER_METHODS_011
     for name, params in methods.items():
         method = getattr(DPOTrainer, name, None)
         if method is None:
@@ -77,7 +79,7 @@ def missing_internals(trainer: Any | None = None) -> list[str]:
         absent = [p for p in params if p not in found]
         if absent:
             problems.append(f"{where}: DPOTrainer.{name} lacks the parameter(s) {', '.join(absent)}")
-    if _generation() == "1.x":
+    if trl_generation() == "1.x":
         import trl.trainer.utils as trl_utils
 
         problems += [f"{where}: trl.trainer.utils has no {n}" for n in TRL_UTILS_1X if not hasattr(trl_utils, n)]
