@@ -1,4 +1,4 @@
-"""Write README.md's recipe-key table from the Recipe's field metadata (dpo_xpu.recipes.options_table).
+"""Write README.md's recipe-key table from the recipe keys' metadata (dpo_xpu.recipes.options_table).
 
 python scripts/sync_readme.py           # rewrite the table in place
 python scripts/sync_readme.py --check   # exit 1 when the README's table is stale (run by the tests)

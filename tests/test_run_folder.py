@@ -116,7 +116,7 @@ def test_output_dir_that_is_a_file_is_one_clear_error(tmp_path):
         ("max_steps", 0, "> 0, or -1"),
         ("max_steps", -3, "> 0, or -1"),
         ("save_steps", 0, "> 0"),
-        ("lr_scheduler_type", "bogus", "schedules"),
+        ("lr_scheduler_type", "bogus", "SchedulerType"),
     ],
 )
 def test_numeric_options_are_range_checked_before_anything_runs(key, value, words):

@@ -10,7 +10,14 @@ from helpers import cpu_recipe
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import load_recipe, make_recipe, trl_option_names
-from dpo_xpu.train.trl_config import dpo_config_kwargs, trl_generation
+from dpo_xpu.train.reference import reference_plan
+from dpo_xpu.train.trl_config import dpo_config_kwargs
+from dpo_xpu.train.trl_internals import trl_generation
+
+
+def _kwargs(recipe):
+    return dpo_config_kwargs(recipe, "1.x", reference_plan(recipe, "1.x"))
+
 
 pytestmark = pytest.mark.skipif(trl_generation() != "1.x", reason="TRL 1.x's options (the native environment)")
 
@@ -30,7 +37,7 @@ def test_options_round_trip_through_yaml_and_reach_dpo_config(tmp_path):
     recipe = load_recipe(path, overrides=["f_divergence_type=js_divergence", "precompute_ref_batch_size=8"])
     assert recipe.trl_options["ld_alpha"] == 0.5 and recipe.trl_options["precompute_ref_batch_size"] == 8
     assert load_recipe(recipe.save(tmp_path / "again.yaml")) == recipe
-    kwargs = dpo_config_kwargs(recipe, "1.x")
+    kwargs = _kwargs(recipe)
     assert (kwargs["ld_alpha"], kwargs["use_weighting"], kwargs["report_to"]) == (0.5, True, ["tensorboard"])
     assert kwargs["f_divergence_type"] == "js_divergence"
 
@@ -50,7 +57,7 @@ def test_unknown_and_managed_options_are_one_clear_line(values, match):
 
 def test_loss_weights_are_refused_where_dpo_xpu_weighs_the_terms():
     with pytest.raises(RecipeError, match="loss_weights: dpo_xpu weighs"):
-        dpo_config_kwargs(make_recipe({"nll_loss_coef": 0.5, "loss_weights": [1.0, 0.5]}), "1.x")
+        _kwargs(make_recipe({"nll_loss_coef": 0.5, "loss_weights": [1.0, 0.5]}))
 
 
 def test_liger_kernel_is_refused_with_the_reason_where_it_is_missing():
@@ -59,7 +66,7 @@ def test_liger_kernel_is_refused_with_the_reason_where_it_is_missing():
     if importlib.util.find_spec("liger_kernel") is not None:
         pytest.skip("liger-kernel is installed here")
     with pytest.raises(RecipeError, match="use_liger_kernel: needs the liger-kernel package"):
-        dpo_config_kwargs(make_recipe({"use_liger_kernel": True}), "1.x")
+        _kwargs(make_recipe({"use_liger_kernel": True}))
 
 
 def test_train_help_documents_the_options():
@@ -76,9 +83,9 @@ def test_dpo_xpu_keeps_two_checkpoints_unless_the_recipe_says_otherwise():
     from dpo_xpu.recipes import TRL_DEFAULT_OVERRIDES
 
     assert TRL_DEFAULT_OVERRIDES["save_total_limit"][0] == 2
-    assert dpo_config_kwargs(make_recipe({}), "1.x")["save_total_limit"] == 2
-    assert dpo_config_kwargs(make_recipe({"save_total_limit": None}), "1.x")["save_total_limit"] is None  # keep all
-    assert dpo_config_kwargs(make_recipe({"save_total_limit": 5}), "1.x")["save_total_limit"] == 5
+    assert _kwargs(make_recipe({}))["save_total_limit"] == 2
+    assert _kwargs(make_recipe({"save_total_limit": None}))["save_total_limit"] is None  # keep all
+    assert _kwargs(make_recipe({"save_total_limit": 5}))["save_total_limit"] == 5
 
 
 @pytest.mark.slow

@@ -11,8 +11,9 @@ naming the field and the TRL version, never silently dropped.
 from __future__ import annotations
 
 import copy
-import logging
+import enum
 import re
+import typing
 import warnings
 from typing import Any
 
@@ -20,10 +21,8 @@ from dpo_xpu.errors import RecipeError
 from dpo_xpu.models.backends import ipex_llm_config
 from dpo_xpu.recipes import TRL_DEFAULT_OVERRIDES, Recipe, recipe_keys, trl_option_types
 from dpo_xpu.train.losses import OWN_LOSSES
-from dpo_xpu.train.reference import reference_plan
-from dpo_xpu.train.trl_internals import trl_generation
-
-logger = logging.getLogger(__name__)
+from dpo_xpu.train.reference import ReferencePlan, reference_plan
+from dpo_xpu.train.trl_internals import trl_generation  # noqa: F401 (tests and benchmarks import it from here)
 
 #: Loss types each TRL generation computes itself (TRL 0.11's: :mod:`dpo_xpu.models.backends.ipex_llm_config`).
 TRL_LOSS_TYPES = {
@@ -40,7 +39,7 @@ TRL_LABEL_SMOOTHING_LOSSES = {
 OWN_LOSS_TYPES = tuple(t for t in OWN_LOSSES if t not in TRL_LOSS_TYPES["1.x"])
 
 
-def own_loss_type(recipe: Recipe, generation: str | None = None) -> str | None:
+def own_loss_type(recipe: Recipe, generation: str) -> str | None:
     """The loss dpo_xpu computes itself (:mod:`dpo_xpu.train.losses`) for this recipe, or ``None`` where TRL does.
 
     On TRL 1.x: ``simpo`` and ``dpo_norm`` always; ``sigmoid`` when ``label_smoothing`` > 0 (TRL's ``sigmoid`` has
@@ -48,7 +47,6 @@ def own_loss_type(recipe: Recipe, generation: str | None = None) -> str | None:
     loss, because ``sigmoid_norm`` logs summed rewards while its loss acts on length-averaged ones: dpo_xpu's logs
     the averaged ones, whatever the label smoothing. On TRL 0.11 always ``None`` (its loss is TRL's own).
     """
-    generation = generation or trl_generation()
     if generation == "0.11":
         return None
     if recipe.loss_type in ("simpo", "dpo_norm"):
@@ -58,7 +56,7 @@ def own_loss_type(recipe: Recipe, generation: str | None = None) -> str | None:
     return None
 
 
-def _check_loss_settings(recipe: Recipe, generation: str) -> None:
+def _check_loss_settings(recipe: Recipe, generation: str, plan: ReferencePlan) -> None:
     """Refuse loss settings neither the TRL generation nor dpo_xpu can honour (see :func:`dpo_config_kwargs`)."""
     import trl
 
@@ -85,7 +83,6 @@ def _check_loss_settings(recipe: Recipe, generation: str) -> None:
             f"it applies to sigmoid, dpo_norm, simpo and TRL's {', '.join(TRL_LABEL_SMOOTHING_LOSSES[generation])}. "
             "Set label_smoothing: 0 or choose one of those"
         )
-    plan = reference_plan(recipe, generation)
     if plan.reference_free and plan.strategy != "adapter-off":
         raise RecipeError(
             f"reference: {recipe.reference!r} loads or precomputes a reference that a reference-free loss "
@@ -156,13 +153,21 @@ def _trl_options(recipe: Recipe, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def dpo_config_kwargs(
-    recipe: Recipe, generation: str | None = None, use_cpu: bool = False, has_eval_dataset: bool | None = None
+    recipe: Recipe,
+    generation: str,
+    plan: ReferencePlan,
+    use_cpu: bool = False,
+    has_eval_dataset: bool | None = None,
 ) -> dict[str, Any]:
-    """Map a recipe onto ``trl.DPOConfig`` keyword arguments for a TRL generation.
+    """Map a recipe onto ``trl.DPOConfig`` keyword arguments for a TRL generation: dpo_xpu's values for TRL options
+    (:data:`~dpo_xpu.recipes.TRL_DEFAULT_OVERRIDES`) under the recipe's own (``trl_options``), as they are, plus
+    what dpo_xpu's keys mean for that generation (loss, optimizer, reference, evaluation).
 
     Args:
         recipe: the run's recipe.
-        generation: ``"0.11"`` or ``"1.x"``; default the installed TRL's.
+        generation: ``"0.11"`` or ``"1.x"`` (:func:`dpo_xpu.train.trl_internals.trl_generation`).
+        plan: the run's reference plan (:func:`dpo_xpu.train.reference.reference_plan`); TRL precomputes the
+            reference log-probs where ``plan.trl_precomputes``.
         use_cpu: train on the CPU even where an accelerator is visible.
         has_eval_dataset: whether the trainer gets an eval split; ``None``: ``recipe.eval_fraction > 0``.
             With one and ``recipe.eval_steps``, evaluation runs every ``eval_steps`` and at step 0
@@ -172,41 +177,22 @@ def dpo_config_kwargs(
         RecipeError: a recipe value the TRL generation cannot honour (for example a ``loss_type`` only TRL
             1.x has, asked of TRL 0.11); the message names the field and the TRL version.
     """
-    generation = generation or trl_generation()
-    _check_loss_settings(recipe, generation)
+    _check_loss_settings(recipe, generation, plan)
     kwargs: dict[str, Any] = {
-        "output_dir": recipe.output_dir,
-        "beta": recipe.beta,
+        **{name: value for name, (value, _) in TRL_DEFAULT_OVERRIDES.items()},
         **_loss_kwargs(recipe, generation),
-        "learning_rate": recipe.learning_rate,
-        "lr_scheduler_type": recipe.lr_scheduler_type,
-        "warmup_steps": recipe.warmup_steps,
-        "max_steps": recipe.max_steps,
-        "num_train_epochs": recipe.num_train_epochs,
-        "per_device_train_batch_size": recipe.per_device_train_batch_size,
-        "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
-        "max_length": recipe.max_length,
-        "logging_steps": recipe.logging_steps,
         "save_strategy": "steps",
-        "save_steps": recipe.save_steps,
-        "seed": recipe.seed,
-        "bf16": recipe.bf16,
-        "gradient_checkpointing": recipe.gradient_checkpointing,
+        # TRL 1.x: PyTorch's AdamW, and the non-reentrant checkpointing PyTorch recommends (no input needs grad)
         **(
-            ipex_llm_config.OPTIMIZER_KWARGS
+            ipex_llm_config.config_kwargs(recipe)
             if generation == "0.11"
-            # TRL 1.x: PyTorch's AdamW, and the non-reentrant checkpointing PyTorch recommends (it needs no input
-            # that requires grad)
             else {"optim": "adamw_torch", "gradient_checkpointing_kwargs": {"use_reentrant": False}}
         ),
-        "precompute_ref_log_probs": reference_plan(recipe, generation).trl_precomputes,
+        "precompute_ref_log_probs": plan.trl_precomputes,
         "report_to": [],
         "remove_unused_columns": False,
         "use_cpu": use_cpu,
     }
-    if generation == "0.11":
-        kwargs.update(ipex_llm_config.config_kwargs(recipe))
-    kwargs.update({name: value for name, (value, _) in TRL_DEFAULT_OVERRIDES.items()})  # dpo_xpu's, with reasons
     kwargs.update(_trl_options(recipe, kwargs))
     if recipe.eval_steps and (recipe.eval_fraction > 0 if has_eval_dataset is None else has_eval_dataset):
         kwargs.update(
@@ -218,17 +204,19 @@ def dpo_config_kwargs(
     return kwargs
 
 
-def validate_recipe(recipe: Recipe, use_cpu: bool = False, generation: str | None = None) -> None:
+def validate_recipe(recipe: Recipe, use_cpu: bool = False, *, generation: str) -> None:
     """Check the whole recipe by value against the installed TRL and transformers, before anything is loaded or
     written: build their ``DPOConfig`` from it (:func:`dpo_config_kwargs`), whose ``__post_init__`` checks the
-    optimizer, the schedules, the strategies and their combinations. Building it creates no folder; it sets up
-    accelerate's process state as the trainer's later ``DPOConfig`` does (so call it after
-    :func:`dpo_xpu.distributed.init_distributed`). Its warnings are left for that later ``DPOConfig``.
+    optimizer, the schedules, the strategies and their combinations. To build it, this makes a reference plan
+    without the data (:func:`~dpo_xpu.train.reference.reference_plan`); the run's own plan is made once the rows are
+    known. Building it creates no folder; it sets up accelerate's process state as the trainer's later
+    ``DPOConfig`` does (so call it after :func:`dpo_xpu.distributed.init_distributed`). Its warnings are left for
+    that later ``DPOConfig``.
 
     Args:
         recipe: the run's recipe.
         use_cpu: train on the CPU (as the run will: ``bf16`` on a CPU is refused without it).
-        generation: ``"0.11"`` or ``"1.x"``; default the installed TRL's.
+        generation: ``"0.11"`` or ``"1.x"`` (:func:`dpo_xpu.train.trl_internals.trl_generation`).
 
     Raises:
         RecipeError: a value the installed TRL or transformers refuses, in one line naming the key(s) where the
@@ -236,7 +224,7 @@ def validate_recipe(recipe: Recipe, use_cpu: bool = False, generation: str | Non
     """
     from trl import DPOConfig
 
-    kwargs = dpo_config_kwargs(recipe, generation, use_cpu=use_cpu)
+    kwargs = dpo_config_kwargs(recipe, generation, reference_plan(recipe, generation), use_cpu=use_cpu)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -256,9 +244,9 @@ def _refusal(recipe: Recipe, kwargs: dict[str, Any], exc: Exception) -> str:
         text = text[:397] + "..."
     given = list(recipe.trl_options) + [key for key in recipe_keys() if key in kwargs]
     named = [key for key in given if re.search(rf"(?<![A-Za-z0-9_]){re.escape(key)}(?![A-Za-z0-9_])", text)]
-    if not named:
-        annotations = trl_option_types()
-        named = [key for key in recipe.trl_options if _enum_names(annotations.get(key)) & set(re.findall(r"\w+", text))]
+    if not named:  # by the enum of their field (OptimizerNames -> optim)
+        types, words = trl_option_types(), set(re.findall(r"\w+", text))
+        named = [key for key in recipe.trl_options if _enum_names(types.get(key)) & words]
     versions = f"the installed TRL {trl.__version__} / transformers {transformers.__version__}"
     if named:
         keys = ", ".join(dict.fromkeys(named))
@@ -268,8 +256,4 @@ def _refusal(recipe: Recipe, kwargs: dict[str, Any], exc: Exception) -> str:
 
 def _enum_names(annotation: Any) -> set[str]:
     """The names of the enums in an annotation (``OptimizerNames | str`` -> ``{"OptimizerNames"}``)."""
-    import enum
-    import typing
-
-    members = typing.get_args(annotation) or (annotation,)
-    return {m.__name__ for m in members if isinstance(m, type) and issubclass(m, enum.Enum)}
+    return {m.__name__ for m in typing.get_args(annotation) or (annotation,) if isinstance(m, enum.EnumMeta)}
