@@ -3,7 +3,7 @@
     dpo-xpu env [--json] [--backend native|ipex-llm] [--recipe FILE]   # report; exit 1 on an error verdict
     dpo-xpu train --recipe FILE [--set key=value ...] [--overwrite | --resume]
     dpo-xpu plot RUN_DIR                                  # redraw RUN_DIR/reward_curves.png
-    dpo-xpu evaluate RUN_DIR [--split eval|train] [--max-eval-pairs N] [--num-samples N] ...  # evaluation.json
+    dpo-xpu evaluate RUN_DIR [--split eval|train] [--max-eval-pairs N] [--num-eval-samples N] ...  # evaluation.json
     dpo-xpu export RUN_DIR [--merged] [--out DIR] [--overwrite]  # RUN_DIR/merged and merge_check.json
     dpo-xpu demo-model [DEST]                             # build the offline demo's tiny model
 
@@ -94,7 +94,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     evaluation = evaluate_run(
         args.run_dir,
         max_eval_pairs=args.max_eval_pairs,
-        num_samples=args.num_samples,
+        num_eval_samples=args.num_eval_samples,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         device=args.device,
@@ -284,7 +284,7 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--max-eval-pairs", type=int, default=200, metavar="N", help="score at most N pairs")
     evaluate.add_argument(
-        "--num-samples", type=int, default=None, metavar="N", help="prompts answered (default: the recipe's)"
+        "--num-eval-samples", type=int, default=None, metavar="N", help="prompts answered (default: the recipe's)"
     )
     evaluate.add_argument(
         "--max-new-tokens", type=int, default=None, metavar="N", help="tokens per answer (default: the recipe's)"

@@ -29,6 +29,7 @@ from dpo_xpu.recipes import BACKENDS
 
 if TYPE_CHECKING:
     from dpo_xpu.recipes import Recipe
+    from dpo_xpu.train.reference import ReferencePlan
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +57,9 @@ class Accelerator:
 
 @dataclass
 class Probe:
-    """The raw facts the check judges; built by :func:`_probe`, or by hand in tests.
-
-    Args:
-        versions (`dict[str, str | None]`): installed version per distribution name, ``None`` when absent.
-        accelerators (`list[Accelerator]`): devices PyTorch sees.
-        torch_xpu (`str | None`): ``torch.version.xpu``; ``None`` for a build without XPU support.
-        torch_cuda (`str | None`): ``torch.version.cuda``; ``None`` for a build without CUDA support.
-        env (`dict[str, str]`): ``ONEAPI_ROOT`` and ``SETVARS_COMPLETED`` where they are set.
-        sycl_ls (`list[str] | None`): Level Zero GPU lines of ``sycl-ls``; ``None`` when absent or failed.
-        python (`str`), platform (`str`): Python version and platform string.
-    """
+    """The raw facts the check judges (built by :func:`_probe`, or by hand in tests): installed versions (``None``:
+    absent), the accelerators PyTorch sees, ``torch.version.xpu`` / ``.cuda``, ``ONEAPI_ROOT`` and
+    ``SETVARS_COMPLETED`` where set, ``sycl-ls``'s Level Zero GPU lines (``None``: absent or failed)."""
 
     versions: dict[str, str | None] = field(default_factory=dict)
     accelerators: list[Accelerator] = field(default_factory=list)
@@ -268,22 +261,23 @@ def _probe() -> Probe:
     return probe
 
 
-def check_environment(backend: str | None = None, recipe: Recipe | None = None) -> EnvironmentReport:
+def check_environment(
+    backend: str | None = None, recipe: Recipe | None = None, plan: ReferencePlan | None = None
+) -> EnvironmentReport:
     """Check this machine for DPO training: stack versions, accelerators, oneAPI, backends, with fixes.
 
     Args:
-        backend (`str`, *optional*, defaults to `None`):
-            The backend to judge, ``"native"`` or ``"ipex-llm"``. ``None`` picks ``"ipex-llm"`` when
-            ipex-llm is installed, else ``recipe.backend`` or ``"native"``.
-        recipe (`Recipe`, *optional*, defaults to `None`):
-            When given, a ``memory`` verdict says whether the recipe is expected to fit the device it would
-            train on (:func:`dpo_xpu.train.memory.recipe_fits`; the host's RAM for a CPU run).
+        backend: ``"native"`` or ``"ipex-llm"``; default ``"ipex-llm"`` where it is installed, else
+            ``recipe.backend`` or ``"native"``.
+        recipe: add a ``memory`` verdict: whether it is expected to fit the device it would train on
+            (:func:`dpo_xpu.train.memory.recipe_fits`; the host's RAM for a CPU run).
+        plan: the run's reference plan, for that verdict (default ``recipe_fits``'s).
 
     Returns:
-        `EnvironmentReport`: print it for a table; ``.verdicts``, ``.has_errors``, ``.to_dict()``.
+        An :class:`EnvironmentReport`: print it for a table; ``.verdicts``, ``.has_errors``, ``.to_dict()``.
 
     Raises:
-        `RecipeError`: ``backend`` is not one of ``"native"``, ``"ipex-llm"``.
+        RecipeError: an unknown ``backend``.
     """
     if backend is not None and backend not in BACKENDS:
         raise RecipeError(f"backend must be one of {list(BACKENDS)}, found {backend!r}")
@@ -292,7 +286,7 @@ def check_environment(backend: str | None = None, recipe: Recipe | None = None) 
     statuses = [_backend_status(name, probe) for name in BACKENDS]
     report = EnvironmentReport(backend, probe, statuses, _verdicts(probe, backend))
     if recipe is not None:
-        report.verdicts.append(_memory_verdict(recipe, probe))
+        report.verdicts.append(_memory_verdict(recipe, probe, plan))
     for verdict in report.verdicts:
         logger.debug("%s %s: %s", verdict.level, verdict.topic, verdict.message)
     return report
@@ -302,7 +296,7 @@ def _host_memory_mib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
 
 
-def _memory_verdict(recipe: Recipe, probe: Probe) -> Verdict:
+def _memory_verdict(recipe: Recipe, probe: Probe, plan: ReferencePlan | None = None) -> Verdict:
     """Whether ``recipe`` is expected to fit the memory of the device it would train on."""
     from dpo_xpu.errors import DpoXpuError
     from dpo_xpu.train.memory import ARC_A_SERIES_MAX_ALLOCATION_MIB, recipe_fits
@@ -316,7 +310,7 @@ def _memory_verdict(recipe: Recipe, probe: Probe) -> Verdict:
     else:
         where, memory_mib = "the CPU (host memory)", _host_memory_mib()
     try:
-        fit = recipe_fits(recipe, memory_mib)
+        fit = recipe_fits(recipe, memory_mib, plan=plan)
     except DpoXpuError as exc:
         return Verdict("warning", "memory", f"cannot estimate the memory of {recipe.model_name_or_path}: {exc}")
     largest = fit.estimate.largest_allocation_mib

@@ -32,9 +32,10 @@ from dpo_xpu.eval.heldout import (
     load_run_recipe,
     write_evaluation,
 )
-from dpo_xpu.outputs.merge import MERGE_RTOL, merge_mismatch
+from dpo_xpu.outputs.adapter import ADAPTER_DIR
+from dpo_xpu.outputs.merge import MERGE_RTOL, MERGED_DIR, export_merged, merge_mismatch, run_prompts
 from dpo_xpu.outputs.run_folder import MERGE_CHECK_FILE
-from dpo_xpu.pipeline import ADAPTER_DIR, MERGED_DIR
+from dpo_xpu.train.factory import compute_dtype, load_run_data
 
 #: The rows :func:`evaluate_run` can score: the held-out split (``eval``) or the rows trained on (``train``).
 SPLITS = ("eval", "train")
@@ -45,16 +46,11 @@ UNCHANGED_WHY = "too few steps or too low a learning rate; the rewards can move 
 
 
 def finished_run_recipe(run_dir: str | Path) -> Any:
-    """The recipe of a finished training run: `run_dir` holds `recipe.yaml` and the trained `adapter/`.
-
-    Args:
-        run_dir (`str` or `Path`): the run folder (`output_dir` of `dpo-xpu train` or notebook 3).
-
-    Returns:
-        `dpo_xpu.recipes.Recipe`: the run's recipe, as training saved it.
+    """The recipe of a finished run (``recipe.yaml``, as training saved it), whose ``adapter/`` is there.
 
     Raises:
-        RunFolderError: `run_dir` is not a folder, has no `recipe.yaml`, or no adapter yet (training did not finish).
+        RunFolderError: ``run_dir`` is not a folder, has no ``recipe.yaml``, or no adapter yet (training did not
+            finish).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -69,7 +65,7 @@ def finished_run_recipe(run_dir: str | Path) -> Any:
 
 
 def _check_split(run_dir: Path, recipe: Any, split: str) -> None:
-    """Refuse an unknown `split`, and `eval` on a run that held no rows out."""
+    """Refuse an unknown ``split``, and ``eval`` on a run that held no rows out."""
     if split not in SPLITS:
         raise RecipeError(f"split: {split!r} is not a split: use 'eval' (the held-out rows) or 'train'")
     if split == "eval" and not recipe.eval_fraction:
@@ -92,16 +88,10 @@ def _supported(run_dir: Path, recipe: Any) -> None:
 
 
 def samples_verdict(differ: int, total: int) -> str:
-    """One line on how many of the policy's answers differ from the reference's.
-
-    Args:
-        differ (`int`): answers that differ. total (`int`): answers compared.
-
-    Returns:
-        `str`: `"samples_differ: k of n ..."`, saying plainly when none changed yet.
-    """
+    """``"samples_differ: k of n ..."``: how many of the ``total`` policy answers differ from the reference's,
+    saying plainly when none changed yet."""
     if total == 0:
-        return "samples_differ: no samples were generated (num_samples 0)"
+        return "samples_differ: no samples were generated (num_eval_samples 0)"
     if differ == 0:
         return (
             f"samples_differ: 0 of {total}: the policy's greedy answers did not change yet, each equals the "
@@ -123,15 +113,10 @@ def _cut(text: str, limit: int) -> str:
 
 @dataclass
 class RunEvaluation:
-    """What :func:`evaluate_run` measured and wrote.
-
-    Attributes:
-        run_dir (`Path`): the run folder.
-        metrics (`dict`): what `evaluation.json` holds: :func:`evaluate_preferences`'s figures, `split`,
-            `samples_differ`, `n_samples`, and `merge` (the merge check) once the run was exported merged.
-        samples (`list[dict]`): `{"prompt", "policy", "reference", "identical"}` per prompt, as in `samples.jsonl`.
-        evaluation_path (`Path`), samples_path (`Path`): the two files.
-    """
+    """What :func:`evaluate_run` measured and wrote: ``metrics`` as in ``evaluation.json``
+    (:func:`evaluate_preferences`'s figures, ``split``, ``samples_differ``, ``n_samples``, and ``merge``, the merge
+    check, once the run was exported merged); ``samples`` as in ``samples.jsonl`` (``prompt``, ``policy``,
+    ``reference``, ``identical``)."""
 
     run_dir: Path
     metrics: dict[str, Any]
@@ -160,8 +145,8 @@ class RunEvaluation:
         )
 
     def comparison(self) -> str:
-        """Each prompt with the policy's and the reference's answers, marked identical or different (whitespace
-        collapsed and long texts cut; `samples.jsonl` has them whole)."""
+        """Each prompt with the policy's and the reference's answers, marked identical or different (long texts cut;
+        ``samples.jsonl`` has them whole)."""
         lines = []
         for number, sample in enumerate(self.samples, 1):
             lines.append(f"[{number}] {'identical' if sample['identical'] else 'different'}")
@@ -177,7 +162,7 @@ class RunEvaluation:
 def evaluate_run(
     run_dir: str | Path,
     max_eval_pairs: int = 200,
-    num_samples: int | None = None,
+    num_eval_samples: int | None = None,
     max_new_tokens: int | None = None,
     batch_size: int = 4,
     device: str | None = None,
@@ -187,36 +172,30 @@ def evaluate_run(
     """Evaluate a finished run from its folder alone: reward accuracy, margin and drift on the rows training held
     out, and the policy's and the reference's greedy answers side by side.
 
-    The run's `recipe.yaml` gives back the held-out split exactly (:func:`dpo_xpu.pipeline.load_run_data`: same data,
-    `limit`, `seed`, `eval_fraction`), the trained policy is its base loaded as in training with `adapter/` on top
+    The run's ``recipe.yaml`` gives back the held-out split exactly (:func:`dpo_xpu.train.factory.load_run_data`), the
+    policy is its base loaded as in training with ``adapter/`` on top
     (:func:`dpo_xpu.models.loading.load_trained_policy`), the reference that base with the adapter switched off.
 
     Args:
-        run_dir (`str` or `Path`): a finished run folder.
-        max_eval_pairs (`int`, defaults to 200): score at most this many pairs (the split's first ones).
-        num_samples (`int`, *optional*): prompts answered by policy and reference; default the recipe's
-            `num_eval_samples`.
-        max_new_tokens (`int`, *optional*): tokens per answer at most; default the recipe's `max_new_tokens`.
-        batch_size (`int`, defaults to 4): sequences per forward pass, prompts per generation.
-        device (`str`, *optional*): `"auto"`, `"xpu"`, `"cuda"`, `"cpu"`; default the recipe's `device`.
-        split (`str`, defaults to `"eval"`): `"eval"`, the held-out rows, or `"train"`, the rows trained on (for a
-            run with `eval_fraction: 0`; that measures what it learnt, not how it generalises).
-        progress (`bool`, defaults to `True`): progress bars (tqdm) over the scored sequences and the answers.
+        max_eval_pairs: score at most this many pairs (the split's first ones).
+        num_eval_samples: prompts answered by policy and reference; default the recipe's ``num_eval_samples``.
+        max_new_tokens: tokens per answer at most; default the recipe's.
+        batch_size: sequences per forward pass, prompts per generation.
+        device: ``"auto"``, ``"xpu"``, ``"cuda"``, ``"cpu"``; default the recipe's.
+        split: ``"eval"``, the held-out rows, or ``"train"``, the rows trained on (what it learnt, not how it
+            generalises).
+        progress: progress bars over the scored sequences and the answers.
 
     Returns:
-        `RunEvaluation`: the figures and samples, also written to `<run_dir>/evaluation.json` and
-        `<run_dir>/samples.jsonl` (:func:`dpo_xpu.eval.heldout.write_evaluation`).
+        The figures and samples, also written to ``<run_dir>/evaluation.json`` and ``<run_dir>/samples.jsonl``.
 
     Raises:
-        RunFolderError: `run_dir` is not a finished run (:func:`finished_run_recipe`).
-        RecipeError: an unknown `split`; `split="eval"` on a run that held no rows out; a run trained from
-            `sft_checkpoint` or `adapter_name_or_path` (not supported yet).
+        RunFolderError: ``run_dir`` is not a finished run.
+        RecipeError: an unknown ``split``; ``eval`` on a run that held no rows out; a run trained from
+            ``sft_checkpoint`` or ``adapter_name_or_path`` (not supported yet).
         ModelLoadError, DeviceNotAvailableError: the base model or the device is missing.
     """
-    import torch
-
     from dpo_xpu.models.loading import load_tokenizer, load_trained_policy
-    from dpo_xpu.pipeline import load_run_data
 
     run_dir = Path(run_dir)
     recipe = finished_run_recipe(run_dir)
@@ -226,13 +205,12 @@ def evaluate_run(
     train, heldout = load_run_data(recipe, tokenizer)  # the rows as training split them
     rows = heldout if split == "eval" else train
     rows = rows.select(range(min(max_eval_pairs, len(rows))))
-    dtype = torch.bfloat16 if recipe.bf16 else torch.float32
     policy = load_trained_policy(
         recipe.model_name_or_path,
         run_dir / ADAPTER_DIR,
         recipe.quantization,
         device or recipe.device,
-        dtype,
+        compute_dtype(recipe),
         recipe.backend,
     )
     metrics: dict[str, Any] = evaluate_preferences(
@@ -245,7 +223,7 @@ def evaluate_run(
         max_prompt_length=recipe.max_prompt_length,
         progress=progress,
     )
-    count = recipe.num_eval_samples if num_samples is None else num_samples
+    count = recipe.num_eval_samples if num_eval_samples is None else num_eval_samples
     samples = generate_samples(
         policy,
         tokenizer,
@@ -266,14 +244,9 @@ def evaluate_run(
 
 @dataclass
 class RunExport:
-    """What :func:`export_run` wrote.
-
-    Attributes:
-        run_dir (`Path`): the run folder. adapter_dir (`Path`): the adapter (`<run_dir>/adapter`, or its copy).
-        merged_dir (`Path` or `None`): the merged model, with `merged=True`.
-        check (`dict` or `None`): the merge check (:func:`dpo_xpu.outputs.merge.merge_checked`'s report), also in
-            `check_path` (`<run_dir>/merge_check.json`).
-    """
+    """What :func:`export_run` wrote: the adapter (``<run_dir>/adapter``, or its copy), the merged model with
+    ``merged=True``, and the merge check (:func:`dpo_xpu.outputs.merge.merge_checked`'s report, also in
+    ``check_path``)."""
 
     run_dir: Path
     adapter_dir: Path
@@ -283,7 +256,7 @@ class RunExport:
 
     @property
     def matches(self) -> bool:
-        """Whether the merged model does what the adapter model does (`True` when nothing was merged)."""
+        """Whether the merged model does what the adapter model does (``True`` when nothing was merged)."""
         return self.check is None or bool(self.check["matches"])
 
     def summary(self) -> str:
@@ -313,7 +286,7 @@ class RunExport:
 
 
 def _taken(out: Path, overwrite: bool, what: str) -> bool:
-    """Whether `out` holds something (a file, a folder that is not empty); refused unless `overwrite`."""
+    """Whether ``out`` holds something (a file, a folder that is not empty); refused unless ``overwrite``."""
     taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if taken and not overwrite:
         raise RunFolderError(
@@ -324,8 +297,8 @@ def _taken(out: Path, overwrite: bool, what: str) -> bool:
 
 @contextlib.contextmanager
 def _replacing(out: Path, overwrite: bool, what: str) -> Iterator[None]:
-    """Write `out` in the block (:func:`_taken` refuses first); what it held is moved aside and deleted only once the
-    block succeeded, put back if it fails."""
+    """Write ``out`` in the block (:func:`_taken` refuses first); what it held is moved aside and deleted only once
+    the block succeeded, put back if it fails."""
     taken = _taken(out, overwrite, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) if taken else None
@@ -343,21 +316,6 @@ def _replacing(out: Path, overwrite: bool, what: str) -> Iterator[None]:
         shutil.rmtree(aside)
 
 
-def _merge_into(recipe: Any, adapter_dir: Path, run_dir: Path, out: Path, texts: list[str], rtol: float) -> None:
-    """:func:`dpo_xpu.pipeline.export_merged` to `out`, its check in `<run_dir>/merge_check.json`."""
-    from dpo_xpu.pipeline import export_merged
-
-    if out == run_dir / MERGED_DIR:
-        export_merged(recipe, adapter_dir, run_dir, texts, rtol=rtol)
-        return
-    # export_merged writes <folder>/merged and <folder>/merge_check.json: a scratch folder next to `out`, then moved
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.new-", dir=out.parent) as scratch:
-        export_merged(recipe, adapter_dir, scratch, texts, rtol=rtol)
-        (Path(scratch) / MERGED_DIR).rename(out)
-        if (Path(scratch) / MERGE_CHECK_FILE).is_file():
-            shutil.move(Path(scratch) / MERGE_CHECK_FILE, run_dir / MERGE_CHECK_FILE)
-
-
 def export_run(
     run_dir: str | Path,
     merged: bool = False,
@@ -365,33 +323,24 @@ def export_run(
     overwrite: bool = False,
     rtol: float = MERGE_RTOL,
 ) -> RunExport:
-    """Export a finished run from its folder: the adapter is already in `<run_dir>/adapter`; `merged` merges it
-    into an unquantized copy of the base and checks the merged model (:func:`dpo_xpu.pipeline.export_merged`).
-
-    The check (:func:`dpo_xpu.outputs.merge.merge_checked`) runs on a few of the run's prompts, held-out ones first,
-    as `export: merged` in training does. Its report goes to `<run_dir>/merge_check.json` and, when the run was
-    evaluated, under `merge` in `<run_dir>/evaluation.json`.
+    """Export a finished run from its folder: the adapter is already in ``<run_dir>/adapter``; ``merged`` merges it
+    into an unquantized copy of the base, checked on a few of the run's prompts as ``export: merged`` in training
+    does (:func:`dpo_xpu.outputs.merge.export_merged`). The check's report goes to ``<run_dir>/merge_check.json``
+    and, when the run was evaluated, under ``merge`` in ``<run_dir>/evaluation.json``.
 
     Args:
-        run_dir (`str` or `Path`): a finished run folder.
-        merged (`bool`, defaults to `False`): merge the adapter into the base (bf16, float32 where bf16 would
-            change what the adapter does).
-        out_dir (`str` or `Path`, *optional*): where the merged model goes (default `<run_dir>/merged`); without
-            `merged`, where to copy the adapter folder (default: nowhere, it stays in `<run_dir>/adapter`).
-        overwrite (`bool`, defaults to `False`): replace what `out_dir` holds (deleted once the new one is written).
-        rtol (`float`, defaults to `MERGE_RTOL`, 0.1): the merge may move the logits by this share of the adapter's
-            own effect on them.
-
-    Returns:
-        `RunExport`: where the adapter and the merged model are, and the merge check.
+        merged: merge the adapter into the base (bf16, float32 where bf16 would change what the adapter does).
+        out_dir: where the merged model goes (default ``<run_dir>/merged``); without ``merged``, where to copy the
+            adapter folder (default: nowhere).
+        overwrite: replace what ``out_dir`` holds (deleted once the new one is written).
+        rtol: the merge may move the logits by this share of the adapter's own effect on them.
 
     Raises:
-        RunFolderError: `run_dir` is not a finished run; `out_dir` (default `<run_dir>/merged`) already holds
-            something and `overwrite` is not set.
+        RunFolderError: ``run_dir`` is not a finished run; ``out_dir`` already holds something and ``overwrite`` is
+            not set.
         ModelLoadError: the base model cannot be found.
     """
     from dpo_xpu.models.loading import load_tokenizer
-    from dpo_xpu.pipeline import load_run_data, run_prompts
 
     run_dir = Path(run_dir)
     recipe = finished_run_recipe(run_dir)
@@ -410,7 +359,7 @@ def export_run(
     check_path = run_dir / MERGE_CHECK_FILE
     check_path.unlink(missing_ok=True)  # a check of an earlier merge must not pass for this one's
     with _replacing(out, overwrite, "a merged model"):
-        _merge_into(recipe, adapter_dir, run_dir, out, texts, rtol)
+        export_merged(recipe, adapter_dir, run_dir, texts, rtol=rtol, out_dir=out)
     check = json.loads(check_path.read_text(encoding="utf-8")) if check_path.is_file() else None
     evaluation = run_dir / EVALUATION_FILE
     if check is not None and evaluation.is_file():  # the run's results hold the check of its merged model

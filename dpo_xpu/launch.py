@@ -48,28 +48,21 @@ def launch_training(
     overwrite: bool = False,
     resume: bool = False,
 ) -> Path:
-    """Train ``recipe`` on several devices of this machine from a notebook or a script (accelerate's
-    ``notebook_launcher``; on the CPU its ``debug_launcher``, which forks gloo ranks).
-
-    ``notebook_launcher`` refuses to start once an accelerator was initialised in the kernel, so call this before
-    anything touches the device (and before bitsandbytes is imported: it initialises it). Each process runs
-    :func:`dpo_xpu.pipeline.run_training`; rank 0 writes the run folder.
+    """Train ``recipe`` (a Recipe, a YAML path or a dict of recipe keys) on several devices of this machine, each
+    process running :func:`dpo_xpu.pipeline.run_training` (``overwrite``, ``resume`` as there); rank 0 writes the run
+    folder. Call it before anything touches the device (bitsandbytes' import included): ``notebook_launcher``
+    refuses to start once an accelerator was initialised in the kernel.
 
     Args:
-        recipe: a :class:`~dpo_xpu.recipes.Recipe`, a YAML path, or a dict of recipe keys.
-        num_processes: processes to start; default one per accelerator device (XPU, then CUDA). With 1, or on a
-            machine with one device (or none, for a non-CPU recipe), it says so and trains in this process.
-        overwrite: as in :func:`~dpo_xpu.pipeline.run_training`.
-        resume: as in :func:`~dpo_xpu.pipeline.run_training`.
+        num_processes: default one per accelerator device (XPU, then CUDA); with 1, or one device, it says so and
+            trains in this process.
 
     Returns:
         The run folder (``recipe.output_dir``).
 
     Raises:
-        RecipeError: a bad recipe (as :func:`~dpo_xpu.recipes.make_recipe` and
-            :func:`~dpo_xpu.recipes.load_recipe` raise it), ``num_processes`` < 1, or more processes than the
-            recipe's devices.
-        DpoXpuError: from training, as :func:`~dpo_xpu.pipeline.run_training` raises them.
+        RecipeError: a bad recipe, ``num_processes`` < 1, or more processes than the recipe's devices.
+        DpoXpuError: from training.
     """
     from dpo_xpu.recipes import Recipe, load_recipe, make_recipe
 

@@ -40,7 +40,7 @@ def _one_line(result) -> str:
 
 
 def test_evaluate_writes_the_results_and_shows_policy_and_reference_side_by_side(run_dir):
-    result = run_cli("evaluate", str(run_dir), "--num-samples", "2", "--batch-size", "2")
+    result = run_cli("evaluate", str(run_dir), "--num-eval-samples", "2", "--batch-size", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert KEYS <= set(evaluation) and evaluation["split"] == "eval" and evaluation["n_pairs"] == 2
@@ -63,7 +63,7 @@ def test_evaluate_writes_the_results_and_shows_policy_and_reference_side_by_side
     assert ("policy:" in out and "reference:" in out) or "both:" in out
 
     # the same figures from the function the notebook calls; the recipe's max_new_tokens when none is given
-    again = evaluate_run(run_dir, num_samples=1, batch_size=2, progress=False)
+    again = evaluate_run(run_dir, num_eval_samples=1, batch_size=2, progress=False)
     assert {k: again.metrics[k] for k in METRICS} == pytest.approx({k: evaluation[k] for k in METRICS}, abs=1e-5)
     assert again.samples[0] == samples[0]
 
@@ -82,7 +82,9 @@ def test_a_run_without_held_out_rows_says_how_to_evaluate_it(run_dir):
     recipe.save(run_dir / "recipe.yaml")
     line = _one_line(run_cli("evaluate", str(run_dir)))
     assert "held no rows out (eval_fraction: 0.0)" in line and "--split train" in line and "eval_fraction > 0" in line
-    evaluation = evaluate_run(run_dir, split="train", max_eval_pairs=2, num_samples=1, max_new_tokens=4, progress=False)
+    evaluation = evaluate_run(
+        run_dir, split="train", max_eval_pairs=2, num_eval_samples=1, max_new_tokens=4, progress=False
+    )
     assert evaluation.metrics["split"] == "train" and evaluation.metrics["n_pairs"] == 2
     assert "on 2 training pairs" in evaluation.summary()
 

@@ -163,7 +163,7 @@ def _earlier_runs(tmp_path: Path) -> dict[str, str]:
     return {p.relative_to(tmp_path).as_posix(): p.read_text() for p in sorted(out.parent.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("param", ["max_steps=0", "learning_rate=fast", "preset=dem"])
+@pytest.mark.parametrize("param", ["max_steps=0", "learning_rate=fast", "recipe_file=../recipes/cpu_dem.yaml"])
 def test_run_notebooks_checks_the_parameters_before_moving_anything(run_notebooks, tmp_path, param):
     before = _earlier_runs(tmp_path)
     with pytest.raises(SystemExit) as err:

@@ -13,7 +13,13 @@ from dpo_xpu.errors import RecipeError
 from dpo_xpu.models.loading import load_tokenizer
 from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.train.trl_config import dpo_config_kwargs, trl_generation
+from dpo_xpu.train.reference import reference_plan
+from dpo_xpu.train.trl_config import dpo_config_kwargs
+from dpo_xpu.train.trl_internals import trl_generation
+
+
+def config_kwargs(recipe: Recipe, generation: str, **kwargs) -> dict:
+    return dpo_config_kwargs(recipe, generation, reference_plan(recipe, generation), **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -22,13 +28,13 @@ from dpo_xpu.train.trl_config import dpo_config_kwargs, trl_generation
 )
 def test_a_loss_the_installed_trl_lacks_is_refused(loss_type, generation):
     with pytest.raises(RecipeError) as err:
-        dpo_config_kwargs(Recipe(loss_type=loss_type), generation)
+        config_kwargs(Recipe(loss_type=loss_type), generation)
     assert "loss_type" in str(err.value) and f"TRL {generation}" in str(err.value)
 
 
 def test_config_kwargs_per_generation():
     recipe = Recipe(max_prompt_length=100, max_length=300)
-    old, new = dpo_config_kwargs(recipe, "0.11"), dpo_config_kwargs(recipe, "1.x")
+    old, new = config_kwargs(recipe, "0.11"), config_kwargs(recipe, "1.x")
     assert old["max_prompt_length"] == 100 and "max_prompt_length" not in new
     assert old["loss_type"] == "sigmoid" and new["loss_type"] == ["sigmoid"]
     assert new["optim"] == "adamw_torch" and new["bf16"] is True
@@ -40,7 +46,7 @@ def test_config_kwargs_per_generation():
 def test_installed_trl_accepts_the_config(tmp_path):
     from trl import DPOConfig
 
-    config = DPOConfig(**dpo_config_kwargs(Recipe(output_dir=str(tmp_path), bf16=False), use_cpu=True))
+    config = DPOConfig(**config_kwargs(Recipe(output_dir=str(tmp_path), bf16=False), trl_generation(), use_cpu=True))
     assert config.beta == 0.1 and config.learning_rate == 5e-5 and config.lr_scheduler_type == "cosine"
 
 
@@ -95,7 +101,7 @@ def test_cpu_scores_only_answer_tokens_with_the_same_log_probs(stories260k_path,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dpo_xpu.train.trl_internals import score_answer_tokens_only_on_cpu
+    from dpo_xpu.train.trl_internals import answer_tokens_only_on_cpu
 
     model = AutoModelForCausalLM.from_pretrained(stories260k_path, dtype=torch.float32).eval()
     trl_utils.add_fused_lm_head(model)
@@ -114,13 +120,13 @@ def test_cpu_scores_only_answer_tokens_with_the_same_log_probs(stories260k_path,
         "apply",
         lambda hidden, *a: rows_scored.append(hidden.shape[0]) or apply(hidden, *a),
     )
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    trl_own = trl_utils._use_triton
     with torch.no_grad():
-        assert score_answer_tokens_only_on_cpu(enabled=False)
         every = model(**batch, labels=labels, fused_lm_head=True).log_probs
-        assert score_answer_tokens_only_on_cpu()
-        compact = model(**batch, labels=labels, fused_lm_head=True).log_probs
-        assert score_answer_tokens_only_on_cpu(enabled=False)
+        with answer_tokens_only_on_cpu() as switched:
+            assert switched
+            compact = model(**batch, labels=labels, fused_lm_head=True).log_probs
+        assert trl_utils._use_triton is trl_own  # restored: a plain DPOTrainer built later keeps TRL's behaviour
         again = model(**batch, labels=labels, fused_lm_head=True).log_probs
     n_labels = int((labels[:, 1:] != -100).sum())
     total = labels[:, 1:].numel()

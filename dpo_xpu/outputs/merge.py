@@ -2,6 +2,7 @@
 
 The adapter trained on the NF4 base is merged into the base loaded in bf16 (PEFT's ``merge_and_unload``), so
 the result loads anywhere with plain ``AutoModelForCausalLM.from_pretrained``, without PEFT or bitsandbytes.
+:func:`export_merged` does it for a run (``<run>/merged``, ``<run>/merge_check.json``).
 
     >>> merged_dir = merge_and_save(run_dir / "adapter", out_dir=run_dir / "merged")
     >>> check_merged_logits(merged_dir, run_dir / "adapter", texts=["<|im_start|>user\nHi<|im_end|>\n"])
@@ -9,18 +10,24 @@ the result loads anywhere with plain ``AutoModelForCausalLM.from_pretrained``, w
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dpo_xpu.files import apply_umask
 from dpo_xpu.models.base import dtype_kwarg
+from dpo_xpu.outputs.run_folder import MERGE_CHECK_FILE
+
+if TYPE_CHECKING:
+    from dpo_xpu.recipes import Recipe
 
 logger = logging.getLogger(__name__)
+MERGED_DIR = "merged"
 #: The largest distance of the merged model's logits from the adapter model's, as a fraction of the adapter's own
 #: effect on them (how far it moves the base's logits): a merge may round away at most a tenth of what the adapter
 #: does (:func:`merge_checked`). A share of the largest logit would hide a lost update: on SmolLM2-135M-Instruct a
@@ -53,20 +60,11 @@ def merge_and_save(
     dtype: torch.dtype = torch.bfloat16,
     device: str = "cpu",
 ) -> Path:
-    """Merge a LoRA adapter into an unquantized copy of the base (PEFT's ``merge_and_unload``) and save it.
+    """Merge a LoRA adapter (its folder or the trained ``PeftModel``) into an unquantized copy of the base (PEFT's
+    ``merge_and_unload``) and save it with the tokenizer to ``out_dir``; return ``out_dir``.
 
-    The base is loaded in `dtype`, not NF4: merging into 4-bit weights would round the update away. The
-    merged weights ``W + (alpha / r) * B @ A`` are rounded to `dtype` once.
-
-    Args:
-        adapter (`str`, `Path` or `PeftModel`): the adapter folder (`<run>/adapter`) or the trained model.
-        base_model_name_or_path (`str`, *optional*): the base; default the adapter config's `base_model_name_or_path`.
-        out_dir (`str`, defaults to `"merged"`): where the merged model and the tokenizer go.
-        dtype (`torch.dtype`, defaults to `torch.bfloat16`): the merged weights' dtype.
-        device (`str`, defaults to `"cpu"`): where the merge runs (needs the base's full size in memory).
-
-    Returns:
-        `Path`: `out_dir`, holding `config.json`, `model.safetensors` and the tokenizer files.
+    The base (default the adapter config's) is loaded in ``dtype`` on ``device``, not NF4: merging into 4-bit weights
+    would round the update away. The merged weights ``W + (alpha / r) * B @ A`` are rounded to ``dtype`` once.
     """
     from transformers import AutoTokenizer
 
@@ -111,28 +109,18 @@ def check_merged_logits(
     compute_dtype: torch.dtype = torch.float32,
     greedy_tokens: int = GREEDY_TOKENS,
 ) -> dict[str, Any]:
-    """Compare the reloaded merged model with the adapter applied to the same unquantized base: logits and greedy text.
+    """Compare the reloaded merged model with the adapter on the same unquantized base: logits and greedy text.
 
-    Both models run in `compute_dtype` (float32 by default, so compute rounding does not hide anything): the
-    merged one from its saved weights, the other from the base loaded in `dtype` (as the merge loaded it) with
-    the adapter on top. What remains is the one rounding of the merged weights to `dtype`. It is judged against
-    `adapter_effect`, how far the adapter moves the logits at all: a merge that keeps the update has `max_abs_diff`
-    well below it (`effect_ratio` = `max_abs_diff / adapter_effect`). Greedy continuations of each text from both
-    models show whether the rounding changes what the model says.
-
-    Args:
-        merged_dir (`str`): from :func:`merge_and_save`. adapter_dir (`str`): the adapter folder.
-        texts (`Sequence[str]`): inputs (e.g. a few held-out prompts).
-        base_model_name_or_path (`str`, *optional*): default the adapter config's base.
-        dtype (`torch.dtype`, defaults to `torch.bfloat16`): the dtype the merge loaded the base in.
-        compute_dtype (`torch.dtype`, defaults to `torch.float32`): the dtype both forward passes run in.
-        greedy_tokens (`int`, defaults to `GREEDY_TOKENS`, 16): new tokens generated from each text; 0 skips it.
+    Both run in ``compute_dtype`` (float32: compute rounding hides nothing), the adapter model from the base loaded in
+    ``dtype`` as the merge loaded it, so what remains is the one rounding of the merged weights. It is judged against
+    ``adapter_effect``, how far the adapter moves the logits at all; ``greedy_tokens`` new tokens (0: none) from each
+    text show whether the rounding changes what the model says.
 
     Returns:
-        `dict`: `max_abs_diff` (merged vs adapter model, over non-padding positions), `adapter_effect` (adapter
-        model vs base without adapter), `effect_ratio`, `max_abs_logit` (scale), `greedy_same` (texts whose greedy
-        continuations are identical) and `greedy_texts`, `greedy_first_difference` (for each text, the index of the
-        first new token that differs, or `None`), `compute_dtype`, `weights_dtype`.
+        ``max_abs_diff`` (merged vs adapter model, non-padding positions), ``adapter_effect`` (adapter model vs
+        base), ``effect_ratio`` (their ratio), ``max_abs_logit``, ``greedy_same`` of ``greedy_texts``,
+        ``greedy_first_difference`` (per text, the first new token that differs, or ``None``), ``compute_dtype``,
+        ``weights_dtype``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -178,27 +166,15 @@ def merge_checked(
     dtype: torch.dtype = torch.bfloat16,
     greedy_tokens: int = GREEDY_TOKENS,
 ) -> tuple[Path, dict[str, Any]]:
-    """:func:`merge_and_save` in `dtype`, checked with :func:`check_merged_logits`; merged again in float32 where
-    the rounding to `dtype` changed what the adapter does: it moved the logits by more than `rtol` of the adapter's
-    own effect on them, or changed a greedy continuation of one of `texts`.
-
-    A small update on a deep model is the case: on SmolLM2-135M-Instruct (30 layers) after 6 DPO steps, rounding
-    the merged weights to bf16 moved the logits by 1.74, 35% of the adapter's own effect, and greedy text left the
-    adapter model's after about 40 tokens, while the float32 merge matched within 1e-4. The fallback doubles the file
-    size of a bf16 checkpoint; the log says why.
-
-    Args:
-        adapter: the adapter folder (`<run>/adapter`) or the trained PeftModel.
-        base_model_name_or_path: the base; `None` reads the adapter config's.
-        out_dir: where the merged model and tokenizer go.
-        texts: inputs for the check (a few held-out prompts).
-        rtol (`float`, defaults to `MERGE_RTOL`, 0.1): the largest allowed `max_abs_diff / adapter_effect`.
-        dtype (`torch.dtype`, defaults to `torch.bfloat16`): the first choice of weights dtype.
-        greedy_tokens (`int`, defaults to `GREEDY_TOKENS`): new tokens compared per text; 0 compares logits only.
+    """:func:`merge_and_save` in ``dtype``, checked with :func:`check_merged_logits` on ``texts``; merged again in
+    float32 where the rounding moved the logits by more than ``rtol`` of the adapter's own effect, or changed a
+    greedy continuation. A small update on a deep model is the case: on SmolLM2-135M-Instruct after 6 DPO steps, a
+    bf16 merge moved the logits by 35% of the adapter's effect and greedy text parted after about 40 tokens, while
+    the float32 merge matched within 1e-4 (at twice the file size; the log says why).
 
     Returns:
-        `(out_dir, report)`: the report of :func:`check_merged_logits` for the saved weights, plus `rtol`, `matches`
-        (bool) and `fallback` (`None`, or the one-line reason the weights were saved in float32).
+        ``(out_dir, report)``: :func:`check_merged_logits`'s report for the saved weights, plus ``rtol``,
+        ``matches`` and ``fallback`` (``None``, or the one-line reason the weights were saved in float32).
     """
     with tempfile.TemporaryDirectory() as scratch:
         adapter_dir = _adapter_source(adapter, Path(scratch))
@@ -240,3 +216,87 @@ def merge_mismatch(report: dict[str, Any], rtol: float) -> str:
 def _merge_matches(report: dict[str, Any], rtol: float) -> bool:
     """The merged logits are within ``rtol`` of the adapter's effect and every greedy continuation is the same."""
     return report["effect_ratio"] <= rtol and report["greedy_same"] == report["greedy_texts"]
+
+
+def export_merged(
+    recipe: Recipe,
+    adapter_dir: str | Path,
+    run_dir: str | Path,
+    texts: Sequence[str] | None = None,
+    rtol: float | None = None,
+    out_dir: str | Path | None = None,
+) -> Path:
+    """Merge the run's adapter into a bf16 copy of the base on the CPU and save it, with the tokenizer, to
+    ``out_dir`` (default ``<run>/merged``): :func:`merge_checked` with ``texts`` (its report in
+    ``<run>/merge_check.json``; float32 weights where bf16 would change what the adapter does), else
+    :func:`merge_and_save`. With ``sft_checkpoint``, the base the adapter was trained on is the SFT weights, written
+    once in bf16 to a temporary folder.
+
+    Args:
+        texts: a few inputs for the check (the run's prompts, :func:`run_prompts`); ``None`` merges without it.
+        rtol: the check's bound (:data:`MERGE_RTOL` when ``None``).
+
+    Returns:
+        The folder, loadable with ``AutoModelForCausalLM.from_pretrained`` (no PEFT, no bitsandbytes needed).
+    """
+    from dpo_xpu.models.backends import get_backend
+    from dpo_xpu.models.base import resolve_model_path
+    from dpo_xpu.models.loading import load_sft_state_dict
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / MERGED_DIR
+    base = resolve_model_path(recipe.model_name_or_path)
+    if not recipe.sft_checkpoint:
+        return _merge(adapter_dir, base, out_dir, run_dir, texts, rtol)
+    state = load_sft_state_dict(recipe.sft_checkpoint, base)
+    with tempfile.TemporaryDirectory(prefix="dpo-xpu-sft-base-") as scratch:
+        sft_base = get_backend("native").load_base(base, "none", torch.device("cpu"), torch.bfloat16, state)
+        sft_base.save_pretrained(scratch)
+        del sft_base, state
+        return _merge(adapter_dir, scratch, out_dir, run_dir, texts, rtol)
+
+
+def _merge(
+    adapter_dir: str | Path,
+    base: str | Path,
+    out_dir: Path,
+    run_dir: Path,
+    texts: Sequence[str] | None,
+    rtol: float | None,
+) -> Path:
+    if not texts:
+        return merge_and_save(adapter_dir, base, out_dir=out_dir)
+    merged, report = merge_checked(adapter_dir, base, out_dir, list(texts), rtol=MERGE_RTOL if rtol is None else rtol)
+    (run_dir / MERGE_CHECK_FILE).write_text(json.dumps(report, indent=2, default=str))
+    logger.log(
+        logging.INFO if report["matches"] else logging.WARNING,
+        "merged model in %s (%s): logits within %.3g of the adapter model's (%.0f%% of the adapter's effect), greedy "
+        "text the same on %d of %d prompts%s",
+        merged,
+        report["weights_dtype"],
+        report["max_abs_diff"],
+        100 * report["effect_ratio"],
+        report["greedy_same"],
+        report["greedy_texts"],
+        ""
+        if report["matches"]
+        else f"; the merge {merge_mismatch(report, report['rtol'])}: check {run_dir / MERGE_CHECK_FILE}",
+    )
+    return merged
+
+
+def run_prompts(trainer: Any, tokenizer: Any, n: int = 4) -> list[str]:
+    """The first ``n`` prompts the trainer holds (held-out ones first), as text: inputs for the merge check."""
+    texts: list[str] = []
+    for dataset in (getattr(trainer, "eval_dataset", None), getattr(trainer, "train_dataset", None)):
+        if isinstance(dataset, dict):  # several eval sets: the first
+            dataset = next(iter(dataset.values()), None)
+        if dataset is None or len(texts) >= n:
+            continue
+        columns = getattr(dataset, "column_names", None) or []
+        for row in dataset.select(range(min(n - len(texts), len(dataset)))):
+            if "prompt_ids" in columns:
+                texts.append(tokenizer.decode(row["prompt_ids"]))
+            elif isinstance(row.get("prompt"), str):
+                texts.append(row["prompt"])
+    return texts

@@ -6,6 +6,7 @@ under papermill and in JupyterLab alike.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterable
@@ -38,13 +39,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if path.is_dir():
         path = path / METRICS_FILE
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
+    for line in filter(str.strip, path.read_text(encoding="utf-8").splitlines()):
+        with contextlib.suppress(json.JSONDecodeError):
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
     return rows
 
 
@@ -91,9 +88,7 @@ def plot_reward_curves(
             ax.axhline(math.log(2), color="grey", linestyle=":", label="ln 2 (start)")
         if keys == ["rewards/accuracies"]:
             ax.set_ylim(-0.05, 1.05)
-        ax.set_title(panel)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
+        ax.set(title=panel, xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")

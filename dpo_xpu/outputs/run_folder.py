@@ -1,32 +1,21 @@
-"""The run folder: one process at a time, nothing a user produced lost or mixed.
+"""The run folder (``recipe.output_dir``): one run, one process at a time, nothing a user produced lost or mixed.
 
-A run folder (``recipe.output_dir``) holds one run: its recipe, environment report, data report, fingerprints of
-its inputs, ``metrics.jsonl``, checkpoints and adapter. This module decides what counts as a run and guards it:
+- a lock (:class:`RunLock`, ``fcntl.flock`` on ``<run>/.dpo-xpu.lock``): a second process is refused with a line
+  naming the holder; the kernel drops the lock when its process ends, so a dead process's lock is taken over;
+- a folder holding files but no dpo_xpu marker (:data:`OWN_MARKERS`, a checkpoint's ``COMPLETE``) is the user's and
+  is refused (:func:`foreign_files`); a folder whose start never trained (:data:`START_FILES` only) is reused;
+- ``overwrite`` moves the earlier run to ``<run>.previous`` (:func:`aside_name`), never deletes it, and a start that
+  fails before its first step moves it back (:func:`undo_start`, :func:`starting`);
+- a full disk is one line saying what was kept and how to continue (:func:`disk_full_message`).
 
-- **a lock** (:class:`RunLock`): an exclusive ``flock`` on ``<run>/.dpo-xpu.lock``, held while a process uses the
-  folder. A second ``train``, ``--resume`` or ``--overwrite`` on it is refused with a line naming the process that
-  holds it. The kernel drops the lock when that process ends, however it ends, so a lock left by a dead process is
-  taken over (and said so);
-- **only dpo_xpu's folders are used**: a folder that holds files but no dpo_xpu marker (:data:`OWN_MARKERS`: the lock
-  file every start writes, ``fingerprints.json``, a checkpoint's ``COMPLETE``) is the user's, and is refused
-  (:func:`foreign_files`): a run would replace its ``README.md`` or ``recipe.yaml``, and ``overwrite`` would move it;
-- **only a run that trained is a run**: a folder whose earlier start failed before its first step (it holds only
-  ``recipe.yaml``, ``environment.json``, ``data_report.json`` or ``fingerprints.json``) is reused as it is;
-- **overwrite moves aside**: ``overwrite`` moves the earlier run into ``<run>.previous`` (``.previous-2``, ... when
-  taken; :func:`aside_name`), never deletes it, and a start that fails before its first step, on a full disk too,
-  moves it back (:func:`undo_start`, :func:`starting`);
-- **fingerprints** of the inputs (model weights, data files, SFT checkpoint, starting adapter) in
-  ``fingerprints.json``, so that ``resume`` refuses data or a model that changed in content, not only in path.
-
-The standard library's ``fcntl.flock`` does the locking; no package does run-folder bookkeeping for TRL, hence
-this module. Where ``fcntl`` is missing (Windows), the folder is not locked and a warning says so.
+No package does run-folder bookkeeping for TRL, hence this module. Without ``fcntl`` (Windows) nothing is locked,
+and a warning says so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -40,16 +29,18 @@ from typing import TYPE_CHECKING, Any
 
 from dpo_xpu.errors import RunFolderError
 
+# check_fingerprints, file_sha256 and read_json are imported from here by dpo_xpu.callbacks.checkpoints
+from dpo_xpu.outputs.fingerprints import FINGERPRINTS_FILE, check_fingerprints, file_sha256, read_json  # noqa: F401
+
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".dpo-xpu.lock"
-FINGERPRINTS_FILE = "fingerprints.json"
 #: What a start writes before the first step; alone, they do not make a run.
 START_FILES = ("recipe.yaml", "environment.json", "data_report.json", FINGERPRINTS_FILE)
-#: The report of ``export: merged``'s check of the merged logits (:func:`dpo_xpu.pipeline.export_merged`).
+#: The report of ``export: merged``'s check of the merged logits (:func:`dpo_xpu.outputs.merge.export_merged`).
 MERGE_CHECK_FILE = "merge_check.json"
 #: What only training writes; any of them (or a ``checkpoint-N`` folder) means the folder holds a run.
 TRAINED_FILES = ("metrics.jsonl", "reward_curves.png", "adapter", "eval_samples.jsonl", "merged", MERGE_CHECK_FILE)
@@ -76,9 +67,8 @@ def trained_markers(run_dir: str | Path) -> list[str]:
 
 
 def foreign_files(run_dir: str | Path) -> list[str]:
-    """The files of ``run_dir`` that dpo_xpu did not write: ``[]`` for a dpo_xpu run folder (one holding a file of
-    :data:`OWN_MARKERS` or a ``checkpoint-N/COMPLETE`` marker), an absent or empty folder, or one holding only hidden
-    files and the executed notebooks; else the names of its other entries, sorted."""
+    """The sorted names in ``run_dir`` dpo_xpu did not write; ``[]`` for a dpo_xpu run folder (holding one of
+    :data:`OWN_MARKERS` or a ``checkpoint-N/COMPLETE``) or a folder of hidden files and executed notebooks only."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
@@ -88,11 +78,7 @@ def foreign_files(run_dir: str | Path) -> list[str]:
 
 
 def refuse_foreign(run_dir: str | Path) -> None:
-    """Refuse a folder that holds files dpo_xpu did not write (:func:`foreign_files`), before anything is written in it.
-
-    Raises:
-        RunFolderError: naming those files and the fix (another output_dir).
-    """
+    """Raise :class:`RunFolderError`, naming them, when ``run_dir`` holds files dpo_xpu did not write."""
     foreign = foreign_files(run_dir)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -114,15 +100,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """An exclusive lock on a run folder, held by this process until :meth:`release` or its end.
-
-    Args:
-        run_dir: the run folder (created if absent).
-
-    Raises:
-        RunFolderError: from :meth:`acquire`, when another process holds the lock (the message names its pid,
-            command and start time).
-    """
+    """An exclusive lock on a run folder, held by this process until :meth:`release` or its end."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
@@ -136,7 +114,7 @@ class RunLock:
             return {}
 
     def acquire(self) -> RunLock:
-        """Take the lock, or raise :class:`RunFolderError` naming the process that holds it."""
+        """Take the lock, or raise :class:`RunFolderError` naming the process that holds it (pid, command, since)."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
@@ -197,12 +175,8 @@ _HELD: dict[Path, RunLock] = {}
 
 
 def lock_run_dir(run_dir: str | Path) -> RunLock:
-    """Lock ``run_dir`` for this process (re-entrant: a folder this process already holds is returned as is).
-
-    Raises:
-        RunFolderError: another process holds it, or it is not a dpo_xpu run folder (:func:`refuse_foreign`: no lock
-            file is written among the user's files).
-    """
+    """Lock ``run_dir`` for this process (re-entrant); :class:`RunFolderError` when another process holds it or it is
+    not a dpo_xpu run folder (:func:`refuse_foreign`: no lock file is written among the user's files)."""
     key = Path(run_dir).resolve()
     lock = _HELD.get(key)
     if lock is None or not lock.held:
@@ -220,11 +194,7 @@ def unlock_run_dir(run_dir: str | Path) -> None:
 
 
 def check_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` if needed and check that it is a folder this process can write to.
-
-    Raises:
-        RunFolderError: it is a file, or it cannot be created or written to (read-only, permissions).
-    """
+    """Create ``run_dir`` if needed; :class:`RunFolderError` when it is a file or cannot be written to."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"output_dir {run_dir} is a file, not a folder: choose another output_dir")
     try:
@@ -240,8 +210,7 @@ def check_writable(run_dir: Path) -> None:
 
 
 def aside_name(run_dir: str | Path) -> Path:
-    """The first free name of ``<run_dir>.previous``, ``<run_dir>.previous-2``, ``-3``, ...: an earlier one is never
-    reused, so nothing moved aside before is replaced."""
+    """The first free name of ``<run_dir>.previous``, ``.previous-2``, ...: nothing moved aside before is replaced."""
     run_dir = Path(run_dir)
     candidate = run_dir.with_name(run_dir.name + ".previous")
     n = 2
@@ -256,8 +225,7 @@ def _is_run_file(name: str) -> bool:
 
 
 def move_aside(run_dir: Path) -> Path:
-    """Move the run's files (those dpo_xpu writes; the user's own files and the executed notebooks stay) into a new
-    folder :func:`aside_name` (never an earlier one); return that folder."""
+    """Move the run's files (not the user's, nor the executed notebooks) into a new folder :func:`aside_name`."""
     aside = aside_name(run_dir)
     aside.mkdir()  # raises rather than reuse a folder another process created meanwhile
     for entry in run_dir.iterdir():
@@ -276,22 +244,15 @@ class StartedRun:
 
 
 def prepare_run_dir(output_dir: str | Path, overwrite: bool = False) -> StartedRun:
-    """Lock the run folder and make it ready for a new run.
-
-    A folder holding a run (see :func:`trained_markers`) is refused, or with ``overwrite`` moved aside to
-    ``<output_dir>.previous`` (logged). Files of an earlier start that never trained are reused.
-
-    Args:
-        output_dir: the run folder.
-        overwrite: move an earlier run aside instead of refusing.
+    """Lock the run folder and make it ready for a new run: a run there (:func:`trained_markers`) is refused, or with
+    ``overwrite`` moved aside (logged); files of a start that never trained are reused.
 
     Returns:
-        A :class:`StartedRun` (pass it to :func:`undo_start` when the start fails before its first step).
+        A :class:`StartedRun`, for :func:`undo_start` when the start fails before its first step.
 
     Raises:
-        RunFolderError: the folder holds a run and ``overwrite`` is false; it holds files dpo_xpu did not write
-            (:func:`foreign_files`, with ``overwrite`` too); another process holds it; it is a file, not writable, or
-            its disk is full.
+        RunFolderError: the folder holds a run and ``overwrite`` is false; it holds files dpo_xpu did not write;
+            another process holds it; it is a file, not writable, or its disk is full.
     """
     run_dir = Path(output_dir)
     check_writable(run_dir)
@@ -314,8 +275,8 @@ def prepare_run_dir(output_dir: str | Path, overwrite: bool = False) -> StartedR
 
 
 def undo_start(started: StartedRun) -> None:
-    """Put the folder back as it was before a start that failed before its first step: remove what the start
-    wrote, and move an earlier run that ``overwrite`` moved aside back in place."""
+    """Put the folder back as before a start that failed before its first step: remove what it wrote, and move an
+    earlier run that ``overwrite`` moved aside back."""
     run_dir = started.run_dir
     for entry in run_dir.iterdir() if run_dir.is_dir() else []:
         if entry.name == LOCK_FILE or entry.name in started.existed_before:
@@ -333,16 +294,8 @@ def undo_start(started: StartedRun) -> None:
 
 @contextlib.contextmanager
 def starting(started: StartedRun, new: bool = True) -> Iterator[None]:
-    """Around a start's first writes (``recipe.yaml``, ``fingerprints.json``, ``environment.json``): when they fail,
-    a new start is undone (:func:`undo_start`), and a full disk is one line.
-
-    Args:
-        started: what :func:`prepare_run_dir` did (or a bare :class:`StartedRun` for a resume).
-        new: a new run (undone on failure); ``False`` for a resume, whose folder is left as it is.
-
-    Raises:
-        RunFolderError: the disk is full (:func:`disk_full_at_start_message`); other errors pass unchanged.
-    """
+    """Around a start's first writes: when they fail, a ``new`` start is undone (:func:`undo_start`; a resume's folder
+    is left as it is), and a full disk is one :class:`RunFolderError` (:func:`disk_full_at_start_message`)."""
     try:
         yield
     except BaseException as exc:
@@ -350,6 +303,30 @@ def starting(started: StartedRun, new: bool = True) -> Iterator[None]:
             undo_start(started)
         raise_if_disk_full_at_start(started.run_dir, exc, resume=not new)
         raise
+
+
+def start_run_folder(
+    recipe: Any, environment: Callable[[], Any], overwrite: bool = False, resume: bool = False
+) -> tuple[StartedRun, Any]:
+    """Lock and prepare the run folder (:func:`prepare_run_dir`; with ``resume``, lock it only) and write the start's
+    files: ``recipe.yaml`` and ``fingerprints.json`` for a new run, and ``environment.json`` (the report
+    ``environment()`` returns, by its ``to_dict()``). A new start that fails is undone; a full disk is one line
+    (:func:`starting`). Returns what the start did and the report."""
+    from dpo_xpu.outputs.fingerprints import save_fingerprints
+
+    run_dir = Path(recipe.output_dir)
+    if resume:
+        lock_run_dir(run_dir)
+        started = StartedRun(run_dir)
+    else:
+        started = prepare_run_dir(run_dir, overwrite=overwrite)
+    with starting(started, new=not resume):
+        if not resume:
+            recipe.save(run_dir / "recipe.yaml")
+            save_fingerprints(recipe, run_dir)
+        report = environment()
+        (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    return started, report
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -361,109 +338,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def read_json(path: str | Path, fix: str) -> Any:
-    """The JSON value in ``path``, a file of the run folder.
-
-    Args:
-        fix: what the user can do when the file is corrupt (said after the file's name and the parse error).
-
-    Raises:
-        RunFolderError: the file is not valid JSON (cut off, overwritten): one line naming it, where and the fix.
-    """
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        where = f"not UTF-8 text (byte {exc.start})"
-    except json.JSONDecodeError as exc:
-        where = f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
-    raise RunFolderError(f"{path} is corrupt: {where}. Fix: {fix}")
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 hex digest of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _file_digest(path: Path) -> str:
-    """``"sha256:..."`` of a file, or of a folder's files (their relative names and digests, in name order)."""
-    if not path.is_dir():
-        return "sha256:" + file_sha256(path)
-    lines = [f"{p.relative_to(path)}:{file_sha256(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
-    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def input_fingerprints(recipe: Any) -> dict[str, str]:
-    """Content fingerprints of a recipe's local inputs: ``{key: "sha256:..."}``; hub ids as ``"hub:<id>"``.
-
-    The model is identified by its weight files (:func:`dpo_xpu.files.weights_digest`, remembered
-    against each file's size and modification time, so a 14 GB model is read once); data files, an SFT checkpoint
-    and a starting adapter by all their bytes.
-    """
-    from dpo_xpu.files import default_cache_dir, weights_digest
-
-    out: dict[str, str] = {}
-    model = Path(recipe.model_name_or_path).expanduser()
-    if model.exists():
-        try:
-            out["model_name_or_path"] = weights_digest(model, memo_dir=default_cache_dir())
-        except (OSError, ValueError):
-            out["model_name_or_path"] = _file_digest(model)
-    else:
-        out["model_name_or_path"] = f"hub:{recipe.model_name_or_path}"
-    sources = list(recipe.dataset_mixture) if recipe.dataset_mixture else [recipe.dataset_name_or_path]
-    for source in sources:
-        path = Path(source).expanduser()
-        out[f"data:{source}"] = _file_digest(path) if path.exists() else f"hub:{source}"
-    for key in ("sft_checkpoint", "adapter_name_or_path"):
-        value = getattr(recipe, key)
-        if value and Path(value).expanduser().exists():
-            out[key] = _file_digest(Path(value).expanduser())
-    return out
-
-
-def save_fingerprints(recipe: Any, run_dir: str | Path) -> Path:
-    """Write :func:`input_fingerprints` to ``<run_dir>/fingerprints.json``; return the path."""
-    path = Path(run_dir) / FINGERPRINTS_FILE
-    path.write_text(json.dumps(input_fingerprints(recipe), indent=1) + "\n", encoding="utf-8")
-    return path
-
-
-def check_fingerprints(recipe: Any, run_dir: str | Path) -> None:
-    """Refuse to resume when a local input changed in content since the run started.
-
-    A run folder written before fingerprints were kept is resumed with a warning.
-
-    Raises:
-        RunFolderError: the model, a data file, the SFT checkpoint or the starting adapter differs (the message
-            names each one), or ``fingerprints.json`` is corrupt (one line naming it and the fix).
-    """
-    path = Path(run_dir) / FINGERPRINTS_FILE
-    if not path.is_file():
-        logger.warning("%s has no %s: cannot check that the data and model are unchanged", run_dir, FINGERPRINTS_FILE)
-        return
-    fix = (
-        "restore it from a copy, or delete it to resume without checking that the model and data are unchanged "
-        "(a warning says so), or start a new run (another output_dir, or --overwrite)"
-    )
-    saved = read_json(path, fix)
-    if not isinstance(saved, dict) or not all(isinstance(v, str) for v in saved.values()):
-        raise RunFolderError(f"{path} is corrupt: not a mapping of input names to fingerprints. Fix: {fix}")
-    now = input_fingerprints(recipe)
-    changed = [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
-    if changed:
-        names = ", ".join(key.removeprefix("data:") for key in changed)
-        raise RunFolderError(
-            f"cannot resume {run_dir}: these inputs changed in content since the run started: {names}. Resuming "
-            "would train its remaining steps on other data or another model. Fix: restore them, or start a new run "
-            "(another output_dir, or --overwrite)"
-        )
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -502,12 +376,8 @@ def disk_full_message(run_dir: str | Path, exc: BaseException, kept_step: int | 
 def disk_full_at_start_message(
     run_dir: str | Path, exc: BaseException, writing: str | Path | None = None, resume: bool = False
 ) -> str:
-    """One line for a disk that is full before the first step: what was being written, that nothing changed, the fix.
-
-    Args:
-        writing: the file being written; default the exception's file name, else the run folder.
-        resume: the start of a ``--resume`` (the fix then says to resume again).
-    """
+    """One line for a disk full before the first step: what was being written (``writing``, default the exception's
+    file, else the folder), that nothing changed, and the fix (for a ``resume``: resume again)."""
     writing = writing or getattr(exc, "filename", None) or run_dir
     again = "resume again (--resume)" if resume else "start again"
     kept = "the run is as it was" if resume else "nothing was trained and the folder is as it was"
@@ -521,7 +391,6 @@ def disk_full_at_start_message(
 def raise_if_disk_full_at_start(
     run_dir: str | Path, exc: BaseException, writing: str | Path | None = None, resume: bool = False
 ) -> None:
-    """Raise :func:`disk_full_at_start_message` as a :class:`RunFolderError` in place of ``exc`` when it is a full
-    disk (:func:`disk_full`); otherwise return."""
+    """Raise :func:`disk_full_at_start_message` as a :class:`RunFolderError` in place of a full-disk ``exc``."""
     if isinstance(exc, Exception) and disk_full(exc):
         raise RunFolderError(disk_full_at_start_message(run_dir, exc, writing, resume)) from None

@@ -1,55 +1,26 @@
 """Memory planner: the expected peak memory of a DPO training step, by component, before loading anything.
 
-The estimate is built from the model config (a decoder-only transformer of the Llama / Mistral / Qwen2 kind)
-and the recipe's settings:
+From the model config (a Llama / Mistral / Qwen2-style decoder) and the recipe:
 
-- ``weights``: NF4 linear layers at 4 bits plus one float32 absmax per 64-value block (bitsandbytes' default
-  blocksize; Dettmers et al. 2023, "QLoRA", sec. 3), and every other parameter (embeddings, untied output
-  head, norms, biases) in float32, since PEFT's ``prepare_model_for_kbit_training`` upcasts them; twice that
-  for a ``separate`` reference;
-- ``lora_and_optimizer``: LoRA matrices (Hu et al. 2021) in float32 with their gradient and AdamW's two
-  moments: 16 bytes per adapter parameter;
-- ``activations``: what autograd keeps for the backward pass when it starts. Without gradient checkpointing that
-  is ``ACT_PER_TOKEN_LAYER`` values per token and layer (a count of the tensors a Llama-style layer saves:
-  norms, projections' inputs and outputs, rotary embeddings, the gated MLP); with it, one hidden state per
-  token and layer (Chen et al. 2016, "Training deep nets with sublinear memory cost");
-- ``logits``: TRL 1.x computes per-token log-probabilities in tiles of at most 4,096 tokens by 32,768
-  vocabulary entries (``trl.kernels.chunked_logprob``) instead of the full ``(2 * batch, max_length, vocab)``
-  float32 logits and their log-softmax (reported as ``full_logits_mib`` for comparison: the term that dominates
-  on 150k-token vocabularies). On the CPU, TRL's torch fallback of its Triton kernels holds the tile and seven
-  float32 temporaries of its size, plus a boolean one, in the backward pass (``_backward_tile``:
-  ``CPU_TILE_COPIES``, checked by ``tests/test_memory.py`` against TRL's own function); on XPU and CUDA the
-  Triton kernels work in the tile in place, and ``GPU_TILE_COPIES`` is a margin over that (not measured
-  here). Where TRL scores only the answer tokens (XPU and CUDA, and the CPU under dpo_xpu), the tile holds only
-  those: ``scored_fraction``;
-- ``transients``: one layer's backward pass: with checkpointing its recomputed activations, its backward
-  temporaries and, on CPU, one dequantised NF4 weight matrix (float32);
-- ``runtime``: on CPU, resident memory beyond the tensors (``CPU_RUNTIME_MIB``, measured): what the libraries
-  allocate at first use and what glibc's allocator keeps of freed blocks.
+- ``weights``: NF4 linear layers at 4 bits plus a float32 absmax per 64-value block (Dettmers et al. 2023, "QLoRA",
+  sec. 3), other parameters in float32 (PEFT's ``prepare_model_for_kbit_training`` upcasts them); twice that for
+  a ``separate`` reference;
+- ``lora_and_optimizer``: LoRA matrices (Hu et al. 2021) in float32 with gradient and AdamW's two moments, 16 bytes
+  per parameter;
+- ``activations``: what autograd keeps for the backward: :data:`ACT_PER_TOKEN_LAYER` values per token and layer,
+  or one hidden state with gradient checkpointing (Chen et al. 2016);
+- ``logits``: TRL 1.x's tiled log-probs (:data:`LOGPROB_TILE`) instead of the full float32 logits (those are
+  ``full_logits_mib``, and the term on TRL 0.11): :data:`CPU_TILE_COPIES` tiles alive in the backward of TRL's
+  torch fallback (checked by ``tests/test_memory.py`` against TRL's function), :data:`GPU_TILE_COPIES` for its
+  Triton kernels (a margin, not measured); only answer tokens where TRL scores only those (``scored_fraction``);
+- ``transients``: one layer's backward (recomputed activations, temporaries, on CPU a dequantised NF4 weight);
+- ``runtime``: on CPU, resident memory beyond the tensors (:data:`CPU_RUNTIME_MIB`, measured).
 
-The LM head's backward runs before any layer's (it is the last layer of the forward pass), so its tiles and a
-layer's backward temporaries are never alive together: the total is ``weights + lora_and_optimizer + runtime +
-activations + max(logits, transients)``.
-
-Besides the total, the estimate names its **largest single allocation** (``largest_allocation_mib``): the
-biggest one tensor the step allocates, of the logits tile, an MLP activation, the float32 embedding / output
-head and (on CPU) a dequantised weight. Intel Arc A-series cards cannot allocate more than 4 GiB in one piece
-(intel/intel-extension-for-pytorch issue #325), whatever their total memory: the environment check warns when
-this passes :data:`ARC_A_SERIES_MAX_ALLOCATION_MIB` on such a card.
-
-Sequences are assumed padded to ``max_length`` (the worst case a recipe allows). The constants were checked
-against ``benchmarks/dpo_step.py`` on CPU (float32 compute, SmolLM2-135M-Instruct on real orca rows, with
-dpo_xpu's defaults and with TRL's own trainer; resident memory with glibc's mmap threshold fixed so that freed
-tensors leave it), where the estimate is within 15% of the measured peaks.
-
-```python
-from transformers import AutoConfig
-from dpo_xpu.train.memory import estimate_memory, recipe_fits
-
-est = estimate_memory(AutoConfig.from_pretrained("Qwen/Qwen2.5-0.5B"), "nf4", "adapter-off", batch=2, max_length=1024)
-verdict = recipe_fits(recipe, device_memory_mib=16 * 1024)
-print(verdict.message)
-```
+The LM head's backward runs before any layer's, so the total is ``weights + lora_and_optimizer + runtime +
+activations + max(logits, transients)``. The estimate also names its largest single allocation: Intel Arc A-series
+cards cannot allocate more than 4 GiB in one piece (intel/intel-extension-for-pytorch #325). Sequences are taken
+as padded to ``max_length``. Checked against ``benchmarks/dpo_step.py`` on CPU (SmolLM2-135M-Instruct, orca rows):
+within 15% of the measured peaks.
 """
 
 from __future__ import annotations
@@ -58,8 +29,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dpo_xpu.train.trl_internals import LOGPROB_TILE  # TRL's log-prob tile, checked against TRL there
+
 if TYPE_CHECKING:
     from dpo_xpu.recipes import Recipe
+    from dpo_xpu.train.reference import ReferencePlan
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +44,6 @@ NF4_BLOCKSIZE = 64
 NF4_BYTES_PER_PARAM = 0.5 + 4 / NF4_BLOCKSIZE
 #: Values autograd keeps per token and layer without checkpointing, as ``a * hidden + b * intermediate``.
 ACT_PER_TOKEN_LAYER = (16, 5)
-#: TRL's chunked log-prob tile: tokens x vocabulary entries (``TOKEN_CHUNK_SIZE`` and ``chunk_size`` of
-#: ``trl.kernels.chunked_logprob``).
-LOGPROB_TILE = (4096, 32768)
 #: Float32 tiles alive at once in the backward pass of TRL's torch fallback (CPU): the tile buffer, ``y``, ``z``,
 #: ``log_p``, ``p``, ``grad``, ``is_target.float() - p`` and its product with the incoming gradient, plus the
 #: boolean ``is_target`` (a quarter). The forward pass holds about half as many.
@@ -128,11 +99,8 @@ def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
 
 
 def matmul_parameters(config: Any) -> int:
-    """Parameters used in matrix multiplies per token: every layer's projections plus the output head.
-
-    This is the ``N`` of the ``6 N T`` training-FLOPs rule (Kaplan et al. 2020, sec. 2.1); the input embedding
-    is a lookup, so with tied embeddings the shared matrix counts once (as the head).
-    """
+    """Parameters in matrix multiplies per token (layers' projections and the output head): the ``N`` of the
+    ``6 N T`` training-FLOPs rule (Kaplan et al. 2020, sec. 2.1); a tied embedding counts once, as the head."""
     hidden, _, layers, _, _, vocab, _ = _dims(config)
     per_layer = sum(i * o for i, o in linear_shapes(config).values())
     return layers * per_layer + vocab * hidden
@@ -140,20 +108,10 @@ def matmul_parameters(config: Any) -> int:
 
 @dataclass
 class MemoryEstimate:
-    """The expected peak memory of one training step, in MiB, by component.
-
-    Attributes:
-        components_mib: ``weights``, ``lora_and_optimizer``, ``activations``, ``logits``, ``transients``,
-            ``runtime``.
-        total_mib: the expected peak (MiB = 2**20 bytes): their sum less the smaller of ``logits`` and
-            ``transients``, which are never alive together.
-        full_logits_mib: what the full float32 logits of policy and reference (with the policy's
-            log-softmax and its gradient) would take without TRL's chunking; not part of the total.
-        settings: the arguments the estimate was made for.
-        largest_allocation_mib: the largest single tensor of the step (MiB), and ``largest_allocation`` what it
-            is: ``"logits tile"`` (TRL 1.x) or ``"full logits"`` (TRL 0.11), ``"MLP activation"``,
-            ``"embedding / output head"`` or ``"dequantised weight"``.
-    """
+    """The expected peak memory of one training step (MiB = 2**20 bytes): ``components_mib`` (see the module),
+    ``total_mib`` (their sum less the smaller of ``logits`` and ``transients``), ``full_logits_mib`` (the full
+    float32 logits without TRL's chunking, not in the total), the ``settings`` it was made for, and the largest single
+    tensor (``largest_allocation_mib``, and what it is in ``largest_allocation``)."""
 
     components_mib: dict[str, float]
     total_mib: float
@@ -199,27 +157,17 @@ def estimate_memory(
     """Estimate the peak memory of a DPO training step (policy + reference), by component.
 
     Args:
-        config: the model's ``PretrainedConfig`` (or a dict of its fields): ``hidden_size``,
-            ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``,
-            ``vocab_size``, ``tie_word_embeddings``.
-        quantization: ``"nf4"`` (default) or ``"none"`` (weights in ``compute_dtype``).
-        reference: ``"adapter-off"`` (default), ``"separate"`` (a second copy of the weights) or
-            ``"precomputed"`` (no reference forward during the step).
-        batch: pairs per step (each pair is two sequences, chosen and rejected). Default 1.
-        max_length: tokens per sequence (prompt + answer); sequences are assumed padded to it. Default 1024.
-        gradient_checkpointing: recompute activations in the backward pass. Default ``True``.
-        compute_dtype: ``"bfloat16"`` (default), ``"float16"`` or ``"float32"``: the dtype of activations.
-        lora_r: LoRA rank. Default 16.
+        config: the model's ``PretrainedConfig`` (or a dict of its fields).
+        quantization: ``"nf4"`` or ``"none"`` (weights in ``compute_dtype``).
+        reference: ``"adapter-off"``, ``"separate"`` (a second copy of the weights) or ``"precomputed"``.
+        batch: pairs per step (two sequences each). max_length: tokens per sequence, padded to it.
+        compute_dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``: the dtype of activations.
         lora_targets: projection names with adapters; default all seven of :func:`linear_shapes`.
-        device: ``"gpu"`` (the allocator's peak) or ``"cpu"`` (resident memory); on CPU the bitsandbytes
-            NF4 kernels dequantise a whole weight matrix per call, counted in ``transients``.
-        scored_fraction: the share of the ``2 * batch * max_length`` positions that go through the LM head, in
-            (0, 1]: 1.0 (default, the worst case) where every position is scored (TRL's own CPU path), the
-            answer tokens' share where only those are (XPU and CUDA, and dpo_xpu on the CPU; about 0.5 on orca
-            pairs at 256 tokens).
-        chunked_logits: TRL 1.x's tiled log-probs (default, the native backend); ``False`` for TRL 0.11 (the
-            ipex-llm backend), which builds the full ``(2 * batch, max_length, vocab)`` float32 logits, their
-            log-softmax and its gradient: counted in ``logits``, and one of them is the largest allocation.
+        device: ``"gpu"`` (the allocator's peak) or ``"cpu"`` (resident memory).
+        scored_fraction: the share of positions that go through the LM head, in (0, 1]: 1.0 where every position
+            is scored, the answer tokens' share where only those are (about 0.5 on orca pairs at 256 tokens).
+        chunked_logits: TRL 1.x's tiled log-probs; ``False`` for TRL 0.11, which builds the full float32 logits,
+            their log-softmax and its gradient.
 
     Returns:
         A :class:`MemoryEstimate`, sizes in MiB.
@@ -308,15 +256,9 @@ def estimate_memory(
 
 @dataclass
 class FitVerdict:
-    """Whether a recipe's training step is expected to fit in a device's memory.
-
-    Attributes:
-        fits: ``estimate.total_mib <= FIT_FRACTION * device_memory_mib``.
-        estimate: the :class:`MemoryEstimate`.
-        device_memory_mib: the memory considered (MiB).
-        headroom_mib: ``FIT_FRACTION * device_memory_mib - estimate.total_mib`` (negative: short by that much).
-        message: one line for people, with what to change when it does not fit.
-    """
+    """Whether a recipe's step is expected to fit: ``fits`` when ``estimate.total_mib <= FIT_FRACTION *
+    device_memory_mib``; ``headroom_mib`` the difference (negative: short by that much); ``message`` one line, with
+    what to change when it does not fit."""
 
     fits: bool
     estimate: MemoryEstimate
@@ -325,14 +267,17 @@ class FitVerdict:
     message: str
 
 
-def recipe_fits(recipe: Recipe, device_memory_mib: float, config: Any = None) -> FitVerdict:
+def recipe_fits(
+    recipe: Recipe, device_memory_mib: float, config: Any = None, plan: ReferencePlan | None = None
+) -> FitVerdict:
     """Say whether ``recipe`` is expected to fit in ``device_memory_mib`` of device (or host) memory.
 
     Args:
-        recipe: the run's recipe (model, quantization, reference, batch, max_length, checkpointing, bf16,
-            LoRA rank and targets, device).
+        recipe: the run's recipe (model, quantization, batch, max_length, checkpointing, bf16, LoRA, device).
         device_memory_mib: the memory of the device that will train (MiB); for a CPU run, the host's.
         config: the model config; default ``AutoConfig.from_pretrained(recipe.model_name_or_path)``.
+        plan: the run's reference plan (its strategy and TRL generation); default the plan for the generation the
+            recipe's backend runs (native: TRL 1.x; ipex-llm: TRL 0.11), as for a machine set up for it.
 
     Returns:
         A :class:`FitVerdict`; ``fits`` leaves ``1 - FIT_FRACTION`` of the memory for the runtime.
@@ -341,13 +286,14 @@ def recipe_fits(recipe: Recipe, device_memory_mib: float, config: Any = None) ->
         ModelLoadError: ``config`` is not given and the model's config cannot be found.
     """
     from dpo_xpu.models.base import from_pretrained, resolve_model_path
-    from dpo_xpu.train.reference import resolve_reference
+    from dpo_xpu.train.reference import reference_plan
 
     if config is None:
         from transformers import AutoConfig
 
         config = from_pretrained(AutoConfig, resolve_model_path(recipe.model_name_or_path))
-    reference, _ = resolve_reference(recipe, "1.x" if recipe.backend == "native" else "0.11")
+    plan = plan or reference_plan(recipe, "1.x" if recipe.backend == "native" else "0.11")
+    reference = plan.strategy
     estimate = estimate_memory(
         config,
         quantization=recipe.quantization,
@@ -359,7 +305,7 @@ def recipe_fits(recipe: Recipe, device_memory_mib: float, config: Any = None) ->
         lora_r=recipe.lora_r,
         lora_targets=recipe.lora_target_modules,
         device="cpu" if recipe.device.startswith("cpu") else "gpu",
-        chunked_logits=recipe.backend == "native",  # the ipex-llm backend's TRL 0.11 builds the full logits
+        chunked_logits=plan.generation == "1.x",  # TRL 0.11 (the ipex-llm backend) builds the full logits
     )
     budget = FIT_FRACTION * device_memory_mib
     headroom = budget - estimate.total_mib

@@ -38,6 +38,7 @@ class ReferencePlan:
         reference_free: every reference log-prob is 0 (``reference_free``, or ``loss_type: simpo``): no reference
             forward at all, and no step-0 check (the rewards are not 0 at step 0).
         device: ``"cpu"`` for a separate reference kept off the accelerator, else ``None`` (the policy's device).
+        generation: the TRL generation it was made for, ``"0.11"`` or ``"1.x"``.
         why: one line saying how ``strategy`` was chosen (``auto``'s reason, or that the recipe set it).
     """
 
@@ -46,6 +47,7 @@ class ReferencePlan:
     precomputed_by: str | None
     reference_free: bool
     device: str | None
+    generation: str
     why: str = ""
 
     @property
@@ -72,7 +74,7 @@ def resolve_reference(recipe: Recipe, generation: str, rows: int | None = None, 
 
     Args:
         recipe: the run's recipe.
-        generation: ``"0.11"`` or ``"1.x"`` (:func:`dpo_xpu.train.trl_config.trl_generation`).
+        generation: ``"0.11"`` or ``"1.x"`` (:func:`dpo_xpu.train.trl_internals.trl_generation`).
         rows: training rows, once the data is loaded; ``None`` before (then a run is taken to cover its rows).
         world_size: data-parallel processes (the global batch is this times the per-device batch).
 
@@ -111,5 +113,6 @@ def reference_plan(recipe: Recipe, generation: str, rows: int | None = None, wor
         precomputed_by=precomputed_by,
         reference_free=is_reference_free(recipe),
         device="cpu" if recipe.reference_device == "cpu" else None,
+        generation=generation,
         why=why,
     )

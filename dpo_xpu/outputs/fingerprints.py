@@ -1,0 +1,113 @@
+"""Fingerprints of a run's inputs (``fingerprints.json``), so that ``resume`` refuses data or a model that changed in
+content, not only in path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from dpo_xpu.errors import RunFolderError
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINTS_FILE = "fingerprints.json"
+
+
+def read_json(path: str | Path, fix: str) -> Any:
+    """The JSON value in ``path``, a file of the run folder; a corrupt one is a one-line :class:`RunFolderError`
+    naming it, where the parse failed, and ``fix`` (what the user can do)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        where = f"not UTF-8 text (byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        where = f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+    raise RunFolderError(f"{path} is corrupt: {where}. Fix: {fix}")
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of a file's bytes (read in 1 MiB blocks; ``hashlib.file_digest`` needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    """``"sha256:..."`` of a file, or of a folder's files (their relative names and digests, in name order)."""
+    if not path.is_dir():
+        return "sha256:" + file_sha256(path)
+    lines = [f"{p.relative_to(path)}:{file_sha256(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def input_fingerprints(recipe: Any) -> dict[str, str]:
+    """Content fingerprints of a recipe's local inputs: ``{key: "sha256:..."}``; hub ids as ``"hub:<id>"``.
+
+    The model is identified by its weight files (:func:`dpo_xpu.files.weights_digest`, remembered
+    against each file's size and modification time, so a 14 GB model is read once); data files, an SFT checkpoint
+    and a starting adapter by all their bytes.
+    """
+    from dpo_xpu.files import default_cache_dir, weights_digest
+
+    out: dict[str, str] = {}
+    model = Path(recipe.model_name_or_path).expanduser()
+    if model.exists():
+        try:
+            out["model_name_or_path"] = weights_digest(model, memo_dir=default_cache_dir())
+        except (OSError, ValueError):
+            out["model_name_or_path"] = _file_digest(model)
+    else:
+        out["model_name_or_path"] = f"hub:{recipe.model_name_or_path}"
+    sources = list(recipe.dataset_mixture) if recipe.dataset_mixture else [recipe.dataset_name_or_path]
+    for source in sources:
+        path = Path(source).expanduser()
+        out[f"data:{source}"] = _file_digest(path) if path.exists() else f"hub:{source}"
+    for key in ("sft_checkpoint", "adapter_name_or_path"):
+        value = getattr(recipe, key)
+        if value and Path(value).expanduser().exists():
+            out[key] = _file_digest(Path(value).expanduser())
+    return out
+
+
+def save_fingerprints(recipe: Any, run_dir: str | Path) -> Path:
+    """Write :func:`input_fingerprints` to ``<run_dir>/fingerprints.json``; return the path."""
+    path = Path(run_dir) / FINGERPRINTS_FILE
+    path.write_text(json.dumps(input_fingerprints(recipe), indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def check_fingerprints(recipe: Any, run_dir: str | Path) -> None:
+    """Refuse to resume when a local input changed in content since the run started.
+
+    A run folder written before fingerprints were kept is resumed with a warning.
+
+    Raises:
+        RunFolderError: the model, a data file, the SFT checkpoint or the starting adapter differs (the message
+            names each one), or ``fingerprints.json`` is corrupt (one line naming it and the fix).
+    """
+    path = Path(run_dir) / FINGERPRINTS_FILE
+    if not path.is_file():
+        logger.warning("%s has no %s: cannot check that the data and model are unchanged", run_dir, FINGERPRINTS_FILE)
+        return
+    fix = (
+        "restore it from a copy, or delete it to resume without checking that the model and data are unchanged "
+        "(a warning says so), or start a new run (another output_dir, or --overwrite)"
+    )
+    saved = read_json(path, fix)
+    if not isinstance(saved, dict) or not all(isinstance(v, str) for v in saved.values()):
+        raise RunFolderError(f"{path} is corrupt: not a mapping of input names to fingerprints. Fix: {fix}")
+    now = input_fingerprints(recipe)
+    changed = [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    if changed:
+        names = ", ".join(key.removeprefix("data:") for key in changed)
+        raise RunFolderError(
+            f"cannot resume {run_dir}: these inputs changed in content since the run started: {names}. Resuming "
+            "would train its remaining steps on other data or another model. Fix: restore them, or start a new run "
+            "(another output_dir, or --overwrite)"
+        )
