@@ -1,10 +1,5 @@
-"""The device a run trains on: ``select_device("auto")`` picks xpu, then cuda, then cpu.
-
-A leaf module (torch is imported inside the functions): the models, the environment check and the pipeline all
-ask it, and it asks nobody.
-
-    >>> select_device("auto")   # device(type='xpu') on an Intel GPU machine, device(type='cpu') here
-"""
+"""The device a run trains on: ``select_device("auto")`` picks xpu, then cuda, then cpu (torch is imported inside
+the functions, so that asking costs nothing until a device is needed)."""
 
 from __future__ import annotations
 
@@ -78,21 +73,13 @@ def missing_device_message(kind: str) -> str:
 
 
 def select_device(device: str = "auto") -> torch.device:
-    """Pick the torch device to train on.
-
-    Args:
-        device (`str`, *optional*, defaults to `"auto"`):
-            ``"auto"`` picks ``xpu``, then ``cuda``, then ``cpu``. ``"xpu"``, ``"cuda"`` or ``"cpu"``,
-            optionally with an index (``"xpu:0"``, ``"cuda:1"``), asks for that device. Under several
-            processes (``torchrun``, ``accelerate launch``) an accelerator is ``kind:LOCAL_RANK``
-            (:func:`dpo_xpu.distributed.device_for_rank`).
-
-    Returns:
-        `torch.device`: the device.
+    """Pick the torch device to train on: ``"auto"`` (xpu, then cuda, then cpu), or ``"xpu"``, ``"cuda"``, ``"cpu"``,
+    optionally with an index (``"xpu:0"``); under several processes an accelerator is ``kind:LOCAL_RANK``
+    (:func:`dpo_xpu.distributed.device_for_rank`).
 
     Raises:
-        `DeviceNotAvailableError`: the device asked for is not visible to PyTorch (the message says how to
-            fix it), its index is out of range, or ``device`` is not a valid choice.
+        DeviceNotAvailableError: the device is not visible to PyTorch (the message says how to fix it), its index
+            is out of range, or ``device`` is not a valid choice.
     """
     import torch
 

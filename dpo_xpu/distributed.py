@@ -1,25 +1,21 @@
 """More than one device: data-parallel DPO (DDP) under ``torchrun`` or ``accelerate launch``.
 
-Each process (rank) trains on its own device (``xpu:LOCAL_RANK``, ``cuda:LOCAL_RANK``, or the CPU with gloo) and
-holds one full NF4 copy of the base; the Trainer wraps the policy in PyTorch's ``DistributedDataParallel``, which
-all-reduces (averages) the LoRA gradients, so one optimizer step sees ``per_device_train_batch_size x processes x
-gradient_accumulation_steps`` pairs. The process group is accelerate's (``PartialState``: xccl on XPU, nccl on CUDA,
-gloo on CPU), the one the Trainer uses afterwards.
+Each rank trains on its own device and holds one full NF4 copy of the base; the Trainer's DDP averages the LoRA
+gradients, so one step sees ``per_device_train_batch_size x processes x gradient_accumulation_steps`` pairs. The
+process group and the collectives are accelerate's (``PartialState``, ``broadcast_object_list``). What dpo_xpu adds:
 
-This module holds what dpo_xpu adds on top of that engine, so that a recipe runs unchanged on several devices:
-
-- the rank's device (:func:`device_for_rank`, called by :func:`dpo_xpu.device.select_device`);
-- rank 0 alone decides and writes (:func:`on_rank_zero`): the run folder's lock, ``--resume`` / ``--overwrite``,
-  the recipe, reports, metrics, curves, checkpoint markers, adapter and model card; its result, or its error with
-  the same one-line message, reaches every rank (``torch.distributed.broadcast_object_list``);
-- the ``precomputed`` reference is computed once, by rank 0, and read from the cache by the others
+- the rank's device (:func:`device_for_rank`);
+- rank 0 alone decides and writes the run folder (:func:`on_rank_zero`), and its result, or its error with the same
+  one-line message, reaches every rank: accelerate's ``main_process_first`` / ``on_main_process`` leave the other
+  ranks waiting at a barrier when rank 0 raises, hence our own;
+- the ``precomputed`` reference is computed by rank 0, then read from its cache by the others
   (:func:`main_process_first`);
-- SIGINT / SIGTERM stop every rank at the same step (:func:`agree_on_signal`: the stop flag is all-reduced at
-  each step's end);
-- FSDP and DeepSpeed ZeRO are refused (:func:`check_engine`): sharding bitsandbytes' packed NF4 weights is not
-  correct today (bitsandbytes issue #1945).
+- SIGINT / SIGTERM stop every rank after the same step (:func:`agree_on_signal`);
+- FSDP and DeepSpeed ZeRO are refused (:func:`check_engine`): sharding packed NF4 weights corrupts some (bitsandbytes
+  issue #1945).
 
-With one process every function here does nothing, or runs its argument directly.
+Ranks are read from the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), which answers before the process
+group exists (``PartialState()`` would create it). With one process every function does nothing, or runs its argument.
 """
 
 from __future__ import annotations
@@ -47,8 +43,7 @@ ALL_RANKS_ATTR = "dpo_xpu_all_ranks"
 
 
 class RankZeroFailed(RuntimeError):
-    """Rank 0 failed with an error that is not a :class:`~dpo_xpu.errors.DpoXpuError` (a bug, not bad input);
-    raised on the other ranks with rank 0's error type and first line."""
+    """Raised on the other ranks when rank 0 failed with an error that is no :class:`~dpo_xpu.errors.DpoXpuError`."""
 
 
 def _env_int(name: str, default: int) -> int:
@@ -84,15 +79,8 @@ def is_main_process() -> bool:
 
 
 def device_for_rank(kind: str, index: str | int | None, count: int) -> str:
-    """The device this process trains on, as a torch device string.
-
-    In a single process: ``kind`` with ``index`` when given (``"xpu:1"``), else ``kind``. Under several processes,
-    an accelerator is ``kind:LOCAL_RANK`` (each process on its own device); the CPU stays ``"cpu"``.
-
-    Args:
-        kind: ``"cpu"``, ``"xpu"`` or ``"cuda"``.
-        index: the index the recipe asked for (``device: xpu:1``), or ``None``.
-        count: how many ``kind`` devices PyTorch sees (ignored for the CPU).
+    """The device this process trains on: ``kind`` (``"cpu"``, ``"xpu"``, ``"cuda"``) with the recipe's ``index``
+    alone; under several processes ``kind:LOCAL_RANK`` (the CPU stays ``"cpu"``). ``count``: ``kind`` devices seen.
 
     Raises:
         DeviceNotAvailableError: under several processes, the recipe names one device index (every process would
@@ -116,13 +104,8 @@ def device_for_rank(kind: str, index: str | int | None, count: int) -> str:
 
 
 def init_distributed(device: torch.device) -> None:
-    """Join the process group of a multi-process run, before anything is loaded or written (no-op alone).
-
-    It is accelerate's ``PartialState`` (the one the Trainer uses later): xccl on XPU, nccl on CUDA, gloo on CPU,
-    and it sets this process's current device.
-
-    Args:
-        device: this rank's device (:func:`dpo_xpu.device.select_device`).
+    """Join accelerate's process group (xccl on XPU, nccl on CUDA, gloo on CPU), which sets this rank's current
+    device, before anything is loaded or written; no-op alone.
 
     Raises:
         DeviceNotAvailableError: the process group came up with another number of processes than ``WORLD_SIZE``.
@@ -144,13 +127,11 @@ def _is_set(name: str) -> bool:
 
 
 def check_engine(recipe: Recipe) -> None:
-    """Refuse the engines that shard the weights: FSDP and DeepSpeed ZeRO (from an ``accelerate launch`` config,
-    whose ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` reach this process, or from the recipe's
-    ``fsdp`` / ``fsdp_config`` / ``deepspeed`` TRL options). Data parallelism (DDP) is what dpo_xpu offers.
+    """Refuse FSDP and DeepSpeed ZeRO, asked for by an ``accelerate launch`` config (``ACCELERATE_USE_FSDP`` /
+    ``ACCELERATE_USE_DEEPSPEED``) or the recipe's ``fsdp`` / ``fsdp_config`` / ``deepspeed`` options.
 
     Raises:
-        RecipeError: FSDP or DeepSpeed asked for; with ``quantization: nf4`` the message names bitsandbytes issue
-            #1945, with ``none`` it says the combination is not tested here.
+        RecipeError: either asked for; with ``quantization: nf4`` the message names bitsandbytes issue #1945.
     """
     options = recipe.trl_options or {}
     engines = []
@@ -174,26 +155,15 @@ def check_engine(recipe: Recipe) -> None:
 
 
 def ddp_config_kwargs(config_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``DPOConfig`` values for a multi-process run, where the recipe's TRL options do not set them.
-
-    ``ddp_find_unused_parameters=False``: every trainable (LoRA) parameter gets a gradient at every step, so DDP
-    need not search the graph for unused ones (transformers would search whenever gradient checkpointing is off).
-    Gradient checkpointing is already non-reentrant (:mod:`dpo_xpu.train.trl_config`), which DDP needs.
-
-    Args:
-        config_kwargs: the ``DPOConfig`` keyword arguments built so far.
-
-    Returns:
-        The values to add (empty in a single process, or when the options set them).
-    """
+    """``{"ddp_find_unused_parameters": False}`` for a multi-process run whose ``config_kwargs`` do not set it (every
+    LoRA parameter gets a gradient at each step, so DDP need not search the graph); ``{}`` otherwise."""
     if not is_distributed() or "ddp_find_unused_parameters" in config_kwargs:
         return {}
     return {"ddp_find_unused_parameters": False}
 
 
 def global_batch_line(recipe: Recipe) -> str:
-    """The start line that says how many pairs one optimizer step sees (``per_device_train_batch_size`` x
-    processes x ``gradient_accumulation_steps``), e.g.
+    """The start line that says how many pairs one optimizer step sees, e.g.
     ``"data parallel: 2 processes (gloo); global batch 4 = 1 per device x 2 processes x 2 accumulation steps"``."""
     n = world_size()
     backend = "one process"
@@ -209,24 +179,10 @@ def global_batch_line(recipe: Recipe) -> str:
     )
 
 
-def _collective_device() -> torch.device:
-    """Where ``broadcast_object_list`` / ``all_reduce`` put their tensors: the CPU for gloo, else this rank's
-    accelerator (nccl and xccl reduce device tensors only)."""
-    import torch
-    import torch.distributed as dist
-
-    if dist.get_backend() == "gloo":
-        return torch.device("cpu")
-    accelerator = torch.accelerator.current_accelerator()
-    return torch.device(accelerator.type, torch.accelerator.current_device_index())
-
-
 def _broadcast(value: Any) -> Any:
-    import torch.distributed as dist
+    from accelerate.utils import broadcast_object_list
 
-    box = [value]
-    dist.broadcast_object_list(box, src=0, device=_collective_device())
-    return box[0]
+    return broadcast_object_list([value])[0]
 
 
 def _describe(exc: BaseException) -> dict[str, Any]:
@@ -259,9 +215,8 @@ def _rebuild(info: dict[str, Any]) -> BaseException:
 
 
 def _rank_zero_runs(fn: Callable[..., T], args: Any, kwargs: Any, share_result: bool) -> tuple[bool, Any]:
-    """Run ``fn`` on rank 0 and tell every rank how it went: ``(True, rank 0's value)`` on rank 0, ``(False, the
-    value rank 0 shared, or None)`` on the others; rank 0's error is raised on every rank (see :func:`on_rank_zero`).
-    """
+    """``(True, fn's value)`` on rank 0, ``(False, the value rank 0 shared, or None)`` elsewhere; rank 0's error is
+    raised on every rank."""
     if rank() == 0:
         try:
             value = fn(*args, **kwargs)
@@ -278,14 +233,11 @@ def _rank_zero_runs(fn: Callable[..., T], args: Any, kwargs: Any, share_result: 
 
 
 def on_rank_zero(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run ``fn`` on rank 0 alone and give its result to every rank; alone, just call it.
-
-    The other ranks wait for rank 0 (in ``broadcast_object_list``), then return its result, or raise its error:
-    a :class:`~dpo_xpu.errors.DpoXpuError` as the same class with the same message (so every rank stops with the
-    same line), anything else as :class:`RankZeroFailed`. The result must be picklable.
+    """Run ``fn`` on rank 0 alone and return its (picklable) result on every rank; alone, just call it.
 
     Raises:
-        BaseException: what ``fn`` raised on rank 0, on every rank (see above).
+        BaseException: what ``fn`` raised on rank 0, on every rank: a :class:`~dpo_xpu.errors.DpoXpuError` as the
+            same class and message, anything else as :class:`RankZeroFailed`.
     """
     if not is_distributed():
         return fn(*args, **kwargs)
@@ -293,11 +245,8 @@ def on_rank_zero(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def main_process_first(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run ``fn`` on rank 0 first, then on the other ranks (each returns its own result); alone, just call it.
-
-    For work that rank 0 caches on disk and the others then read (the ``precomputed`` reference). An error on
-    rank 0 is raised on every rank, as :func:`on_rank_zero` does, before the others start.
-    """
+    """Run ``fn`` on rank 0 first (for what it caches on disk), then on the other ranks, each returning its own
+    result; rank 0's error is raised on every rank, as :func:`on_rank_zero` does. Alone, just call it."""
     if not is_distributed():
         return fn(*args, **kwargs)
     ran, value = _rank_zero_runs(fn, args, kwargs, share_result=False)
@@ -316,18 +265,17 @@ def barrier() -> None:
 
 def agree_on_signal(signum: int | None) -> int | None:
     """The signal any rank received (the largest number when several), known to every rank; alone: ``signum``.
-
-    Called at each step's end by :class:`dpo_xpu.callbacks.interrupts.StopOnSignal`, so that a SIGTERM sent to one
-    rank (or forwarded by ``torchrun`` to each at slightly different times) stops all of them after the same step.
-    """
+    Called at each step's end, so that a SIGTERM reaching the ranks at slightly different times stops all of them
+    after the same step."""
     if not is_distributed():
         return signum
     import torch
     import torch.distributed as dist
+    from accelerate import PartialState
 
     if not dist.is_initialized():
         return signum
-    flag = torch.tensor([signum or 0], dtype=torch.int64, device=_collective_device())
+    flag = torch.tensor([signum or 0], dtype=torch.int64, device=PartialState().device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     value = int(flag.item())
     return value or None

@@ -1,13 +1,9 @@
 """Files (a leaf below every step): modes under the user's umask, atomic writes, weight digests, the cache folder.
 
-Modes: files the libraries write with a private mode get the user's umask, as every other file of a run.
-
-safetensors writes ``*.safetensors`` with mode 600 whatever the umask (through a private temporary file), so a
-run's adapter, checkpoints and merged model could not be read by the user's group where the rest of the run folder
-can. No library offers this; it is one ``chmod`` per file.
-
-Digests: a model is identified by the sha256 of its weight files' bytes (:func:`weights_digest`), remembered
-until a file changes; the model conversion, the run's fingerprints and the reference cache all read it.
+safetensors writes ``*.safetensors`` with mode 600 whatever the umask, so a run's adapter, checkpoints and merged
+model could not be read by the user's group where the rest of the run folder can: :func:`apply_umask` gives them the
+umask's mode (no library offers it; one ``chmod`` a file). A model is identified by the sha256 of its weight files
+(:func:`weights_digest`), remembered until a file changes; the conversion, fingerprints and reference cache read it.
 """
 
 from __future__ import annotations
@@ -35,12 +31,8 @@ def current_umask() -> int:
 
 
 def apply_umask(folder: str | Path) -> None:
-    """Give every file under ``folder`` (recursively) the mode a new file gets under the process's umask
-    (``0o666 & ~umask``), keeping execute bits off. Files that are not ours to change are left as they are.
-
-    Args:
-        folder (`str` or `Path`): a folder written by ``save_pretrained`` (or a single file).
-    """
+    """Give every file under ``folder`` (a folder written by ``save_pretrained``, or one file) the mode a new file
+    gets under the process's umask (``0o666 & ~umask``); files that are not ours to change are left as they are."""
     mode = 0o666 & ~current_umask()
     root = Path(folder)
     for path in [root] if root.is_file() else root.rglob("*"):
@@ -69,12 +61,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _file_signature(path: Path) -> dict[str, Any]:
-    """What identifies a weight file's bytes without reading them all.
-
-    Its inode, size, modification and status-change times (ns), and a sha256 of its first and last
-    :data:`SAMPLE_BYTES`. Rewriting a file in place changes its status-change time, even when its modification time is
-    set back (``os.utime``), and a different file of the same size almost always differs in its header or its end.
-    """
+    """What identifies a weight file's bytes without reading them all: inode, size, modification and status-change
+    times (a rewrite in place changes the latter even when ``os.utime`` sets the former back), and a sha256 of its
+    first and last :data:`SAMPLE_BYTES` (a different file of the same size almost always differs there)."""
     stat = path.stat()
     sample = hashlib.sha256()
     with path.open("rb") as handle:
@@ -109,20 +98,14 @@ def _hash_weight_files(files: list[Path], total: int) -> str:
 def weights_digest(model_name_or_path: str | Path, revision: str | None = None, memo_dir: Path | None = None) -> str:
     """Identify a model's weights by their content.
 
-    A local folder gets the sha256 over its weight files (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``,
-    ``*.gguf``; names and bytes, in name order). Reading 14 GB takes tens of seconds, so the digest is remembered in
-    ``<memo_dir>/weights-memo.json`` against each file's inode, size, modification and status-change times and a
-    sha256 of its first and last 64 KiB (:data:`SAMPLE_BYTES`), and recomputed when any of them changes: weights
-    rewritten in place with the same size and modification time are read again, not mistaken for the old ones. A hub
-    id gives ``"hub:<id>@<revision>"`` (the commit the weights were loaded from).
-
-    Args:
-        model_name_or_path (`str` or `Path`): a local folder (or one weight file) or a hub id.
-        revision (`str`, *optional*): the hub commit (``model.config._commit_hash``); ignored for a local folder.
-        memo_dir (`Path`, *optional*): where to remember digests of local folders; ``None`` remembers nothing.
+    A local folder (or weight file) gets the sha256 over its weight files (``WEIGHT_SUFFIXES``; names and bytes, in
+    name order), remembered in ``<memo_dir>/weights-memo.json`` against each file's :func:`_file_signature` (reading
+    14 GB takes tens of seconds) and recomputed when one changes; ``memo_dir=None`` remembers nothing. A hub id gives
+    ``"hub:<id>@<revision>"`` (``revision``: the commit the weights were loaded from,
+    :func:`dpo_xpu.train.trl_internals.config_origin`).
 
     Returns:
-        `str`: ``"sha256:<hex>"`` for a folder, ``"hub:<id>@<revision>"`` for a hub id.
+        ``"sha256:<hex>"`` for a folder, ``"hub:<id>@<revision>"`` for a hub id.
 
     Raises:
         ValueError: a local folder without any weight file.

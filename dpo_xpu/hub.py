@@ -1,10 +1,11 @@
 """Whether a Hugging Face Hub id can be loaded here, decided at once instead of after the hub client's retries.
 
 With no network, ``from_pretrained("org/name")`` and ``load_dataset("org/name")`` retry for over a minute, then
-raise a traceback. :func:`check_hub_id` answers in well under a second: the id is in the local cache, or the hub
-is switched off (``HF_HUB_OFFLINE=1``) or cannot be reached, and then one line says how to pass a local file or
-folder instead. huggingface_hub offers the cache lookup (``try_to_load_from_cache``) and the endpoint; the
-reachability probe (one TCP connection, 3 s at most) is ours, as the library has none that does not retry.
+raise a traceback. :func:`check_hub_id` answers in well under a second: the id is in the hub cache (its folder,
+named by huggingface_hub's ``repo_folder_name``, holds a snapshot), or the hub is switched off or cannot be
+reached, and then one line says how to pass a local file or folder instead. ``HF_HUB_OFFLINE`` is read at each
+call (huggingface_hub's constant is fixed when it is imported, before a notebook may set it); the reachability
+probe (one TCP connection, 3 s at most) is ours, as the library has none that does not retry.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 from dpo_xpu.errors import DpoXpuError
@@ -25,15 +27,11 @@ def _offline() -> bool:
 
 
 def _cached(repo_id: str, repo_type: str) -> bool:
-    try:
-        from huggingface_hub import scan_cache_dir
-    except ImportError:  # pragma: no cover - a dependency of transformers
-        return False
-    try:
-        cache = scan_cache_dir()
-    except Exception:  # noqa: BLE001 - no cache folder yet, or an unreadable one: nothing cached
-        return False
-    return any(repo.repo_id == repo_id and repo.repo_type == repo_type for repo in cache.repos)
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,21 +1,15 @@
 """Known-harmless messages of the stack, filtered at their source by their exact text (never all warnings).
 
-- bitsandbytes >= 0.49 logs "Failed to load CPU gemm_4bit_forward from kernels-community" on every CPU with
-  AVX512-BF16 when the optional ``kernels`` package (a hub download) is absent; it then uses its own kernel, which
-  is what dpo_xpu wants anyway (:mod:`dpo_xpu.models.backends.native` keeps the training and inference kernels equal).
-- kernels (the hub-kernel loader bitsandbytes asks for its CPU kernel) logs "Skipping publisher trust check ... because
-  Hugging Face Hub is in offline mode" at every start with ``HF_HUB_OFFLINE=1``, the setting the docs recommend on
-  an offline machine; the kernel it is about comes from the local cache, and there is nothing to act on.
-- transformers logs "mtime may not be reliable on this filesystem, falling back to numerical ordering" when it
-  rotates checkpoints saved less than a second apart (``save_total_limit``, fast steps): its fallback, ordering by
-  step number, is the right order anyway.
-- transformers 5 warns ``FutureWarning: `gradient_checkpointing_enable` is deprecated`` (and ``_disable``,
-  ``is_gradient_checkpointing``, and the ``gradient_checkpointing`` / ``gradient_checkpointing_kwargs`` arguments
-  TRL's ``DPOConfig`` still takes) whenever PEFT or TRL use the old names, several times a run, also with
-  checkpointing off; nothing a user can change.
+- bitsandbytes >= 0.49 logs "Failed to load CPU gemm_4bit_forward from kernels-community" on CPUs with AVX512-BF16
+  when the optional ``kernels`` package is absent, then uses its own kernel, the one dpo_xpu wants anyway.
+- kernels logs "Skipping publisher trust check ... because Hugging Face Hub is in offline mode" at every start with
+  ``HF_HUB_OFFLINE=1`` (the docs' offline setting); the kernel comes from the local cache.
+- transformers logs "mtime may not be reliable on this filesystem" when it rotates checkpoints saved within a
+  second; its fallback, ordering by step number, is the right order anyway.
+- transformers 5 warns that ``gradient_checkpointing_enable`` (and the other old checkpointing names, which PEFT and
+  TRL's ``DPOConfig`` still use) is deprecated, several times a run; nothing a user can change.
 
-:func:`install` runs when ``dpo_xpu`` is imported. Python's ``warnings`` and ``logging`` filters are the tools;
-no library filters another library's messages, hence these few lines.
+:func:`install` runs when ``dpo_xpu`` is imported. No library filters another library's messages, hence these lines.
 """
 
 from __future__ import annotations

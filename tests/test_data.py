@@ -19,8 +19,8 @@ from dpo_xpu.data.preferences import (
     format_orca_dataset,
     load_orca_dpo_pairs,
     train_eval_split,
-    validate_preference_rows,
 )
+from dpo_xpu.data.rows import validate_preference_rows
 from dpo_xpu.errors import PreferenceDataError
 
 GOOD = {"system": "Be brief.", "question": "What is 2 + 2?", "chosen": "4.", "rejected": "5."}

@@ -13,8 +13,8 @@ from dpo_xpu.data.preferences import (
     conversational_format,
     format_orca_dataset,
     load_orca_dpo_pairs,
-    validate_conversational_rows,
 )
+from dpo_xpu.data.rows import validate_conversational_rows
 from dpo_xpu.data.sources import load_preference_pairs, mix_sources
 from dpo_xpu.errors import PreferenceDataError
 from dpo_xpu.pipeline import load_run_data

@@ -8,7 +8,7 @@ import torch
 from dpo_xpu import hub
 from dpo_xpu.errors import ModelLoadError, RecipeError
 from dpo_xpu.models.backends import get_backend
-from dpo_xpu.models.backends.native import disable_cpu_nf4_repack, lora_targets_present
+from dpo_xpu.models.backends.native import disable_cpu_nf4_repack
 from dpo_xpu.models.base import LoraSettings, resolve_model_path
 from dpo_xpu.models.loading import load_policy_model, load_reference_model, load_tokenizer
 
@@ -133,10 +133,18 @@ def test_disable_repack_counts_only_nf4_layers(nf4_policy):
     assert disable_cpu_nf4_repack(torch.nn.Linear(4, 4)) == 0
 
 
-def test_lora_targets_follow_the_model(nf4_policy):
-    assert lora_targets_present(nf4_policy, ["q_proj", "qkv_proj"]) == ["q_proj"]
-    with pytest.raises(ModelLoadError, match="set lora_target_modules"):
-        lora_targets_present(nf4_policy, ["qkv_proj"])
+def test_lora_targets_follow_the_model(stories260k_path, caplog):
+    def targeted(targets):
+        lora = LoraSettings(r=4, target_modules=targets)
+        policy = load_policy_model(stories260k_path, "none", CPU, dtype=torch.float32, lora=lora)
+        return {name.rsplit(".", 1)[-1] for name in policy.base_model.targeted_module_names}
+
+    with caplog.at_level("INFO", logger="dpo_xpu.models.backends.native"):
+        assert targeted(["q_proj", "qkv_proj"]) == {"q_proj"}
+    assert "LoRA targets absent from this model, skipped: qkv_proj" in caplog.text
+    assert {"q_proj", "down_proj"} <= targeted("all-linear")  # PEFT's own shorthand passes through
+    with pytest.raises(ModelLoadError, match=r"^none of the LoRA target modules \['qkv_proj'\] exists in this model; "):
+        targeted(["qkv_proj"])
 
 
 def test_unquantized_policy(stories260k_path):

@@ -87,9 +87,9 @@ def test_notebooks_03_and_04_train_and_evaluate_the_real_chat_model(smollm2_path
         "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 1,
         "warmup_steps": 0,
-        "num_samples": 2,
+        "num_eval_samples": 2,
         "max_new_tokens": 16,
-        "recipe_overrides": {"drop_long_rows": True},
+        "recipe_overrides": {"drop_long_rows": True, "reference": "auto"},
     }
     result = run_notebooks(params, "--only", "03", "04", timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -31,14 +31,11 @@ COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def token_lengths(dataset: Any, tokenizer: Any) -> dict[str, list[int]]:
-    """Count the tokens of every prompt, chosen and rejected answer.
-
-    Args:
-        dataset (`datasets.Dataset` or `dict`): columns `prompt`, `chosen`, `rejected` (see `format_orca_dataset`).
-        tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
+    """Count the tokens of every prompt, chosen and rejected answer (`dataset`: the columns of
+    :func:`dpo_xpu.data.preferences.format_orca_dataset`), as :func:`dpo_xpu.data.truncation.answer_tokens` does.
 
     Returns:
-        `dict[str, list[int]]`: for each of `prompt`, `chosen`, `rejected`, one token count per row.
+        For each of `prompt`, `chosen`, `rejected`, one token count per row.
     """
     lengths: dict[str, list[int]] = {column: [] for column in COLUMNS}
     for prompt, chosen, rejected in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"]):
@@ -129,15 +126,9 @@ def drop_long_pairs(dataset: Any, tokenizer: Any, max_length: int) -> tuple[Any,
     A side longer than :func:`dpo_xpu.data.truncation.char_limit` characters cannot fit: it counts as too long
     without being tokenised, and a warning names its row.
 
-    Args:
-        dataset (`datasets.Dataset`): ChatML-formatted pairs, columns `prompt`, `chosen`, `rejected`.
-        tokenizer (`PreTrainedTokenizerBase`): the run's tokenizer.
-        max_length (`int`): the recipe's `max_length` (tokens, prompt + answer).
-
     Returns:
-        `tuple[datasets.Dataset, dict]`: the kept pairs, and a report: `rows` (before), `kept`, `dropped`,
-        `max_length`, and `reasons` (rows over the limit per reason; a row too long on both answers counts under
-        both, so the reasons may add up to more than `dropped`).
+        The kept pairs, and a report: `rows` (before), `kept`, `dropped`, `max_length`, and `reasons` (rows over the
+        limit per side; a row too long on both counts under both).
 
     Raises:
         PreferenceDataError: every pair is too long.

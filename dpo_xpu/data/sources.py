@@ -1,22 +1,13 @@
-"""Where preference pairs come from: the orca format, the generic ``prompt``/``chosen``/``rejected`` format,
-TRL's conversational format, and mixtures of several sources.
+"""Where preference pairs come from: the orca, generic (``prompt``/``chosen``/``rejected``) and conversational
+formats, and mixtures of several sources.
 
-Orca and generic sources are read into the orca columns (``system``, ``question``, ``chosen``, ``rejected``),
-formatted by :func:`dpo_xpu.data.preferences.chatml_format`. A generic row's ``prompt`` is the user's message:
-it becomes ``question`` with an empty ``system``, and so gets the same ``<|im_start|>user ... <|im_start|>assistant``
-wrapping as an orca question without a system prompt. (A prompt that already holds a chat template would be
-wrapped twice: write the bare user message.)
-
-Conversational sources (``chosen`` and ``rejected`` lists of ``{"role", "content"}`` messages, with a
-``prompt`` list or, without one, whole conversations sharing their start) are read into ``prompt``,
-``chosen``, ``rejected`` message lists, formatted by :func:`dpo_xpu.data.preferences.conversational_format`
-in the model's own chat template (the same ChatML strings when that template is ChatML or missing). A mixture
-holding a conversational source turns its orca sources into messages too, so that every row of the mixture gets
-the same chat format. ``chat_format`` (see :data:`dpo_xpu.data.preferences.CHAT_FORMATS`) chooses the format.
+Orca and generic rows are read into the orca columns and formatted by
+:func:`dpo_xpu.data.preferences.chatml_format`: a generic ``prompt`` is the user's message (``question``, with an
+empty ``system``), so write the bare message, not one already in a chat template. Conversational rows are read into
+``prompt``/``chosen``/``rejected`` message lists, formatted by :func:`dpo_xpu.data.preferences.conversational_format`;
+a mixture holding a conversational source turns its orca sources into messages too, so every row gets one format.
 
 ```python
-from dpo_xpu.data.sources import load_preference_pairs, mix_sources
-
 rows = load_preference_pairs("my_pairs.jsonl")  # format detected from the columns
 mixed, counts = mix_sources({"Intel/orca_dpo_pairs": 0.7, "my_pairs.jsonl": 0.3}, limit=1000, seed=42)
 ```
@@ -32,22 +23,14 @@ from typing import Any
 
 import datasets
 
-from dpo_xpu.data.preferences import (
-    LOCAL_SUFFIXES,
-    ORCA_COLUMNS,
-    load_hub_split,
-    load_orca_dpo_pairs,
-    read_local_rows,
-    validate_conversational_rows,
-    validate_preference_rows,
-)
+from dpo_xpu.data.preferences import keep_shuffled, load_orca_dpo_pairs
+from dpo_xpu.data.rows import ORCA_COLUMNS, read_source, validate_conversational_rows, validate_preference_rows
 from dpo_xpu.errors import PreferenceDataError
 
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS: tuple[str, ...] = ("prompt", "chosen", "rejected")
 """The columns of the generic preference format."""
-
 
 FORMATS: tuple[str, ...] = ("auto", "orca", "prompt-chosen-rejected", "conversational")
 """The values of `data_format` that :func:`load_preference_pairs` accepts."""
@@ -56,24 +39,16 @@ _REQUIRED: dict[str, tuple[str, ...]] = {"orca": ORCA_COLUMNS, "prompt-chosen-re
 
 
 def detect_format(columns: Sequence[str], source_name: str = "rows", example: Mapping[str, Any] | None = None) -> str:
-    """Tell the data format from the columns (and, for conversational data, the first row's values).
-
-    ``"orca"`` when ``columns`` hold the orca columns; else ``"conversational"`` when ``example`` holds a list
-    in ``prompt``, ``chosen`` or ``rejected`` and ``columns`` hold ``chosen`` and ``rejected``; else
-    ``"prompt-chosen-rejected"`` when they hold ``prompt``, ``chosen`` and ``rejected``.
-
-    Args:
-        columns (`Sequence[str]`): the column names (of the first row, for a JSON file).
-        source_name (`str`, defaults to `"rows"`): where the columns come from, quoted in messages.
-        example (`Mapping[str, Any]`, *optional*): the first row, to tell message lists from strings.
+    """Tell the data format from the columns (and, for message lists, the first row `example`).
 
     Returns:
-        `str`: `"orca"`, `"prompt-chosen-rejected"` or `"conversational"`.
+        `"orca"` when `columns` hold the orca columns; else `"conversational"` when `example` holds a list in
+        `prompt`, `chosen` or `rejected` and `columns` hold `chosen` and `rejected`; else
+        `"prompt-chosen-rejected"` when they hold `prompt`, `chosen` and `rejected`.
 
     Raises:
-        PreferenceDataError: no format's columns are all present. When two or more columns of a format are
-            (or the row holds message lists), the message names the missing columns and that format;
-            otherwise it shows every format.
+        PreferenceDataError: no format's columns are all present; the message names the missing columns of the
+            nearest format (two or more of its columns present, or message lists), else shows every format.
     """
     have = set(columns)
     if set(ORCA_COLUMNS) <= have:
@@ -98,11 +73,6 @@ def detect_format(columns: Sequence[str], source_name: str = "rows", example: Ma
         "or 'chosen' and 'rejected' lists of chat messages with an optional 'prompt' list (data_format: "
         "conversational)."
     )
-
-
-def _is_local(source: str | Path) -> bool:
-    path = Path(source)
-    return isinstance(source, Path) or path.suffix in LOCAL_SUFFIXES or path.exists()
 
 
 def _generic_to_orca(rows: Sequence[Mapping[str, Any]] | datasets.Dataset) -> datasets.Dataset:
@@ -139,42 +109,30 @@ def load_preference_pairs(
     """Load and validate preference pairs in any of the formats of `FORMATS`.
 
     Args:
-        source (`str` or `Path`): a hub dataset id or a local `.jsonl` / `.json` / `.parquet` file.
-        data_format (`str`, defaults to `"auto"`): `"orca"`, `"prompt-chosen-rejected"`, `"conversational"` or
-            `"auto"` (decided by :func:`detect_format` from the first row, or the hub dataset's columns).
-        split (`str`, defaults to `"train"`): the hub split; ignored for local files.
-        limit (`int`, *optional*): keep this many rows after a seeded shuffle (as `load_orca_dpo_pairs`).
-        seed (`int`, defaults to 42): the shuffle seed used with `limit`.
+        source: a hub dataset id or a local `.jsonl` / `.json` / `.parquet` file.
+        data_format: `"orca"`, `"prompt-chosen-rejected"`, `"conversational"` or `"auto"` (:func:`detect_format`
+            on the first row, or the hub dataset's columns).
+        split, limit, seed: as :func:`dpo_xpu.data.preferences.load_orca_dpo_pairs`.
 
     Returns:
-        `datasets.Dataset`: the columns `system`, `question`, `chosen`, `rejected` (generic rows get
-        `system=""` and `question=prompt`), or, for conversational data, `prompt`, `chosen`, `rejected` lists
-        of `{"role", "content"}` messages (implicit prompts split off, see
-        :func:`dpo_xpu.data.preferences.validate_conversational_rows`).
+        The orca columns (generic rows get `system=""` and `question=prompt`), or for conversational data
+        `prompt`, `chosen`, `rejected` message lists (implicit prompts split off).
 
     Raises:
-        PreferenceDataError: an unknown `data_format`, a missing, unreadable or empty file, an undetectable
-            format, or a bad row (the message names the line or row, the column and the fix, as
-            :func:`dpo_xpu.data.preferences.validate_preference_rows`).
+        PreferenceDataError: an unknown `data_format`, a source that cannot be read, an undetectable format, or a
+            bad row (the message names the line or row, the column and the fix).
     """
     if data_format not in FORMATS:
         raise PreferenceDataError(f"data_format: unknown {data_format!r}. Fix: use one of {list(FORMATS)}.")
-    name = Path(source).name if _is_local(source) else str(source)
     if data_format == "orca":
         return load_orca_dpo_pairs(source, split=split, limit=limit, seed=seed)
-    if _is_local(source):
-        if not Path(source).is_file() or Path(source).suffix not in LOCAL_SUFFIXES:
-            return load_orca_dpo_pairs(source, split=split, limit=limit, seed=seed)  # raises the clear error
-        rows, line_numbers = read_local_rows(Path(source))
-        if not rows:
-            raise PreferenceDataError(f"{source} holds no rows. Fix: add at least one preference pair.")
-        first = rows[0] if isinstance(rows[0], Mapping) else {}
-        columns: Sequence[str] = list(first)
-    else:
-        rows = load_hub_split(str(source), split)
-        line_numbers, columns = None, rows.column_names
+    rows, line_numbers, name = read_source(source, split)
+    if isinstance(rows, datasets.Dataset):
+        columns: Sequence[str] = rows.column_names
         first = rows[0] if len(rows) else {}
-        name = f"{source} [{split}]"
+    else:
+        first = rows[0] if isinstance(rows[0], Mapping) else {}
+        columns = list(first)
     where = f"{name} line {line_numbers[0]}" if line_numbers else f"{name} row 1"
     found = data_format if data_format != "auto" else detect_format(columns, where, first)
     if found == "orca":
@@ -188,18 +146,15 @@ def load_preference_pairs(
         )
         dataset = _generic_to_orca(rows)
     logger.info("Loaded %d %s pairs from %s", len(dataset), found, source)
-    if limit is not None:
-        dataset = dataset.shuffle(seed=seed).select(range(min(limit, len(dataset)))).flatten_indices()
-    return dataset
+    return keep_shuffled(dataset, limit, seed)
 
 
 def mixture_counts(available: Mapping[str, int], proportions: Mapping[str, float], limit: int | None = None):
     """How many rows to draw from each source so the mixture has the asked proportions.
 
-    The total is the largest the sources allow, ``min(available / proportion)`` over sources (proportions
-    normalised to sum 1), or ``limit`` when given and smaller. Each source then gets ``total * proportion``
-    rounded by the largest-remainder method, so every count is within one row of what was asked and the
-    counts add up to the total.
+    The total is `min(available / proportion)` over sources (proportions normalised to sum 1), or `limit` when
+    smaller; each source gets `total * proportion` rounded by the largest-remainder method, so every count is
+    within one row of what was asked and the counts add up to the total.
 
     Returns:
         `dict[str, int]`: rows per source, in the order of `proportions`.
@@ -227,20 +182,12 @@ def mix_sources(
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Draw a seeded mixture of several sources, without replacement, in the given proportions.
 
-    Each source is loaded with :func:`load_preference_pairs` (its own format detected when `data_format` is
-    `"auto"`), shuffled with `seed`, and its first :func:`mixture_counts` rows taken; the mixture is shuffled
-    again with `seed`.
-
-    Args:
-        mixture (`Mapping[str, float]`): source (hub id or local file) -> proportion (any positive weights;
-            normalised to sum 1).
-        limit (`int`, *optional*): rows in the mixture; `None` takes as many as the proportions allow.
-        seed (`int`, defaults to 42): the seed of every shuffle.
-        data_format (`str`, defaults to `"auto"`): the format of every source, or `"auto"` per source.
+    Each source (hub id or local file -> any positive weight) is loaded with :func:`load_preference_pairs` in
+    `data_format` (`"auto"`: per source), shuffled with `seed`, and its first :func:`mixture_counts` rows taken (in
+    all `limit`, or as many as the proportions allow); the mixture is shuffled again with `seed`.
 
     Returns:
-        `tuple[datasets.Dataset, dict[str, int]]`: the mixed rows (orca columns; conversational columns when a
-        source is conversational, so that every row is then formatted in the same chat format) and the rows drawn
+        The mixed rows (orca columns, or conversational ones when a source is conversational) and the rows drawn
         per source.
 
     Raises:

@@ -27,18 +27,9 @@ _LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def longest_token_chars(tokenizer: Any) -> int:
-    """The most characters one token of `tokenizer` stands for: its longest vocabulary entry (added tokens too).
-
-    Byte-level and sentencepiece entries spell at least as many characters as they stand for (a byte-level
-    entry has one character a byte, a byte-fallback piece such as `<0x0A>` six for one), so this is an upper
-    bound. Cached per tokenizer object and vocabulary size.
-
-    Args:
-        tokenizer (`PreTrainedTokenizerBase`): the run's tokenizer.
-
-    Returns:
-        `int`: characters, at least 1.
-    """
+    """The most characters one token of `tokenizer` stands for: its longest vocabulary entry (added tokens too), at
+    least 1. Byte-level and sentencepiece entries spell at least as many characters as they stand for (a byte-level
+    entry one a byte, `<0x0A>` six for one), so this bounds it. Cached per tokenizer object and vocabulary size."""
     size = len(tokenizer)
     try:
         cached = _LONGEST.get(tokenizer)
@@ -55,27 +46,15 @@ def longest_token_chars(tokenizer: Any) -> int:
 
 
 def char_limit(tokenizer: Any, max_tokens: int) -> int:
-    """Characters beyond which a text cannot fit in `max_tokens` tokens, whatever it holds.
+    """Characters beyond which a text cannot fit in `max_tokens` tokens, whatever it holds:
+    `max_tokens * longest_token_chars(tokenizer) * NORMALIZER_MARGIN`.
 
-    A token stands for at most :func:`longest_token_chars` characters of normalized text, and normalizing
-    shrinks a text by at most `NORMALIZER_MARGIN`, so a longer text has more than `max_tokens` tokens. Cutting
-    a text to this many characters (a prompt keeping its end, an answer its start) changes none of the tokens
-    that `max_length` / `max_prompt_length` keep, and spares tokenising it whole (a 50 MB row took 4 min 41 s
+    A token stands for at most :func:`longest_token_chars` characters of normalized text, and normalizing shrinks a
+    text by at most `NORMALIZER_MARGIN`. Cutting a text to this many characters (a prompt keeping its end, an answer
+    its start) changes none of the tokens a run keeps, and spares tokenising it whole (a 50 MB row took 4 min 41 s
     and 7.8 GB).
-
-    Args:
-        tokenizer (`PreTrainedTokenizerBase`): the run's tokenizer.
-        max_tokens (`int`): the token budget, e.g. the recipe's `max_length`.
-
-    Returns:
-        `int`: `max_tokens * longest_token_chars(tokenizer) * NORMALIZER_MARGIN`.
     """
     return max_tokens * longest_token_chars(tokenizer) * NORMALIZER_MARGIN
-
-
-def far_too_long(texts: list[str], limit: int) -> list[int]:
-    """The 1-based numbers of the texts longer than `limit` characters."""
-    return [number for number, text in enumerate(texts, start=1) if len(text) > limit]
 
 
 def row_list(numbers: list[int], shown: int = 10) -> str:
@@ -97,19 +76,10 @@ def kept_answer_length(prompt_length: int, answer_length: int, max_length: int |
 def answer_tokens(
     tokenizer: Any, prompt: str, answer: str, max_length: int | None, max_prompt_length: int | None
 ) -> tuple[list[int], list[int]]:
-    """Token ids of prompt and answer as TRL 1.x cuts them: the answer starts where the ids of the prompt and of
-    prompt + answer diverge; the prompt keeps its last ``max_prompt_length`` tokens, then the sequence its first
-    ``max_length``.
-
-    Args:
-        tokenizer: the run's tokenizer.
-        prompt, answer: the ChatML-formatted texts of one side of a pair.
-        max_length: tokens of prompt + answer to keep (``None``: no cut).
-        max_prompt_length: tokens of the prompt to keep, from its end (``None``: no cut).
-
-    Returns:
-        ``(prompt_ids, answer_ids)``: two lists of token ids, without special tokens the tokenizer would add.
-    """
+    """Token ids ``(prompt_ids, answer_ids)`` of one side of a formatted pair as TRL 1.x cuts them, without the
+    special tokens the tokenizer would add: the answer starts where the ids of the prompt and of prompt + answer
+    diverge; the prompt keeps its last ``max_prompt_length`` tokens, then the sequence its first ``max_length``
+    (``None``: no cut)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
     start = next(
@@ -123,20 +93,14 @@ def answer_tokens(
 
 
 def truncate_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> Dataset:
-    """Cut each ``prompt`` to its last ``max_prompt_length`` tokens, as TRL 0.11's ``keep_end`` did.
+    """Cut each ``prompt`` to its last ``max_prompt_length`` tokens (counted without special tokens), as TRL 0.11's
+    ``keep_end`` did (TRL 1.x dropped ``max_prompt_length``).
 
-    TRL 1.x dropped ``max_prompt_length``; this keeps the original recipe's behaviour there. The cut is
-    made on a token boundary of the prompt text (via the fast tokenizer's offsets), so no token is split.
-    A prompt longer than :func:`char_limit` characters is first cut to its last that many (a warning names
-    the rows), so that it is not tokenised whole.
-
-    Args:
-        dataset (`datasets.Dataset`): rows with a ``prompt`` string column.
-        tokenizer (`PreTrainedTokenizerBase`): the run's tokenizer (a fast one, for offsets).
-        max_prompt_length (`int`): tokens to keep, counted without special tokens added by the tokenizer.
+    The cut falls on a token boundary (the fast tokenizer's offsets), so no token is split. A prompt longer than
+    :func:`char_limit` characters is first cut to its last that many, with a warning naming the rows.
 
     Returns:
-        `datasets.Dataset`: the dataset with long prompts shortened (others unchanged).
+        The dataset with long prompts shortened (others unchanged).
     """
     limit = char_limit(tokenizer, max_prompt_length)
 
@@ -150,7 +114,7 @@ def truncate_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_p
         return {"prompt": prompt[start:]}
 
     before = dataset["prompt"]
-    far = far_too_long(before, limit)
+    far = [number for number, text in enumerate(before, start=1) if len(text) > limit]
     if far:
         logger.warning(
             "truncate_prompts: %s far longer than max_prompt_length=%d tokens can hold (over %d characters): "

@@ -1,12 +1,10 @@
-"""What the model loaders and both backends share: LoRA settings, the model path, the ``dtype`` keyword and
-``from_pretrained`` with one-line errors. The backends import it, never :mod:`dpo_xpu.models.loading` (which imports
-them); it imports only :mod:`dpo_xpu.models.gguf` (a GGUF file named as a model is converted there) and
-:mod:`dpo_xpu.models.dtypes`.
+"""What the model loaders and both backends share: LoRA settings, the model path, ``from_pretrained`` with one-line
+errors.
 
 A user's files fail in a few known ways: a file cut short by a download or copy, a folder that is not a model, a
 model that needs its own Python code, a pickle that could run code, a model type this transformers lacks.
 :func:`loading` turns each into one :class:`ModelLoadError` line naming the file and the fix, and lets any other
-exception (a bug) through as it is.
+exception (a bug) through as it is; transformers raises each as a traceback of its own wording, hence this module.
 """
 
 from __future__ import annotations
@@ -42,45 +40,33 @@ class LoraSettings:
         r: rank of the update matrices A (r x in) and B (out x r). Default 16 (the original recipe).
         alpha: scaling numerator; the update B @ A is scaled by ``alpha / r``. Default 16.
         dropout: dropout on the adapter input. Default 0.05.
-        target_modules: names of the linear layers that get adapters; names the model lacks are skipped,
-            and none present is an error. Default: the attention and MLP projections.
+        target_modules: names of the layers that get adapters (or PEFT's ``"all-linear"``); names the model lacks
+            are skipped, and none present is an error. Default: the attention and MLP projections.
     """
 
     r: int = 16
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
 
 def resolve_model_path(model_name_or_path: str | Path, check_hub: bool = True, tokenizer_only: bool = False) -> str:
     """Return a local folder as an absolute path, checked, or a hub id unchanged; a GGUF file as its converted folder.
 
-    A string is a hub id when no such local path exists and it has the hub's ``name`` or ``org/name`` form, and
-    ``org`` is not a local folder (``runs/demo-model`` before ``make demo`` is a missing folder, not a hub id).
-    Anything else that does not exist locally is an error here, before transformers tries the hub. A hub id that
-    is not in the local cache while the hub is off or unreachable is an error at once, too
-    (:func:`dpo_xpu.hub.check_hub_id`), instead of after a minute of retries.
-
-    A local folder must hold ``config.json`` (or, with ``tokenizer_only``, a tokenizer); its config, tokenizer
-    and safetensors files must be readable, and its model type one that transformers ships. A GGUF file
-    (llama.cpp's format), or a folder holding one and no ``config.json``, becomes the Hugging Face folder it is
-    converted into, once, in the model cache (:func:`dpo_xpu.models.gguf.gguf_to_folder`; later calls find it there).
-
-    Args:
-        model_name_or_path: a local folder or a hub id.
-        check_hub: check at once that a hub id can be loaded (default); ``False`` skips that check.
-        tokenizer_only: accept a folder holding only a tokenizer (such as a run's ``adapter/``), and check no
-            more than that it holds one. Default ``False``: the folder must be a model's.
+    A string is a hub id when no such local path exists, it has the form ``name`` or ``org/name``, and ``org`` is
+    not a local folder (``runs/demo-model`` before ``make demo`` is a missing folder). A hub id that is neither
+    cached nor reachable is refused at once (``check_hub``, :func:`dpo_xpu.hub.check_hub_id`). A local folder must
+    hold ``config.json`` (or, with ``tokenizer_only``, a tokenizer), readable config, tokenizer and safetensors files,
+    and a model type transformers ships. A GGUF file, or a folder holding one and no ``config.json``, is converted
+    once into the model cache (:func:`dpo_xpu.models.gguf.gguf_to_folder`).
 
     Returns:
         The absolute folder (for a GGUF file, the converted folder), or the hub id.
 
     Raises:
-        ModelLoadError: the path looks local (absolute, ``./``, ``~``, more than one ``/``, or inside an existing
-            folder) but is absent, is not a model folder, holds a damaged file or a model transformers cannot
-            build without the model's own code, or is a GGUF file that cannot be converted (no ``gguf`` package, an
-            architecture transformers does not read); or a hub id cannot be had. The message names the file and
-            the fix.
+        ModelLoadError: a local-looking path (absolute, ``./``, ``~``, more than one ``/``, inside an existing folder)
+            that is absent, no model folder, holds a damaged file or needs the model's own code, or a GGUF file
+            that cannot be converted; or a hub id that cannot be had. The message names the file and the fix.
     """
     text = str(model_name_or_path)
     path = Path(text).expanduser()
@@ -107,8 +93,7 @@ def resolve_model_path(model_name_or_path: str | Path, check_hub: bool = True, t
 
 
 def _check_local(path: Path, tokenizer_only: bool) -> None:
-    """Refuse the existing local ``path`` when it is no model folder (or no tokenizer's) that loads (see
-    :func:`resolve_model_path`)."""
+    """Refuse an existing ``path`` that is no model folder (or no tokenizer's) that loads."""
     if path.is_file():
         raise ModelLoadError(f"model {path} is a file, not a model folder: give the folder that holds its config.json")
     if (path / "config.json").is_file() and not tokenizer_only:
@@ -263,17 +248,10 @@ def _innermost(exc: BaseException) -> str:
 
 @contextmanager
 def loading(what: str, path: str | Path, fallback: str | None = None) -> Iterator[None]:
-    """Turn a user's file that fails to load inside the block into one :class:`ModelLoadError` line.
-
-    The known failures (a damaged or cut-short JSON, safetensors or pickle file, a pickle that could run code, a
-    model needing its own code, an unknown model type, a missing file) become ``"{what} {path}: {problem}: {fix}"``;
-    any other exception passes through as it is (a bug shows its traceback).
-
-    Args:
-        what: what is loaded, for the message: ``"model"``, ``"tokenizer"``, ``"adapter"``, ``"sft_checkpoint"``.
-        path: the folder, file or hub id loaded.
-        fallback: the fix for any other ``OSError`` or ``ValueError`` (then also one line, quoting the error);
-            default ``None``: those pass through.
+    """Turn a user's file that fails to load inside the block into one :class:`ModelLoadError` line,
+    ``"{what} {path}: {problem}: {fix}"``, for the known failures (a damaged JSON, safetensors or pickle file, a
+    pickle that could run code, a model needing its own code, an unknown model type, a missing file); with
+    ``fallback`` (a fix), also for any other ``OSError``/``ValueError``. Anything else passes through.
 
     Raises:
         ModelLoadError: a known failure, or an ``OSError``/``ValueError`` when ``fallback`` is given.
@@ -294,13 +272,9 @@ def loading(what: str, path: str | Path, fallback: str | None = None) -> Iterato
 
 
 def from_pretrained(loader: Any, model_name_or_path: str, **kwargs: Any) -> Any:
-    """Call ``loader.from_pretrained`` without running the model's own code (``trust_remote_code=False``).
-
-    A damaged or refused file is one :class:`ModelLoadError` (see :func:`loading`), and so is a hub id the hub did
-    not provide. A model read from a folder converted from a GGUF file is named as the file names it
-    (:func:`dpo_xpu.models.gguf.model_origin`), not by the cache folder: that name reaches a LoRA adapter's
-    ``base_model_name_or_path``.
-    """
+    """``loader.from_pretrained`` with ``trust_remote_code=False``; a damaged or refused file (:func:`loading`), or a
+    hub id the hub did not provide, is one :class:`ModelLoadError`. A model converted from a GGUF file is named as
+    the file names it (:func:`dpo_xpu.models.gguf.model_origin`), a name that reaches the adapter's config."""
     what = "tokenizer" if "Tokenizer" in getattr(loader, "__name__", "") else "model"
     try:
         with loading(what, model_name_or_path):

@@ -1,17 +1,10 @@
 """GGUF checkpoints (llama.cpp's format) as models: accepted wherever a model is named, converted once and cached.
 
-transformers reads a GGUF file (``from_pretrained(folder, gguf_file=name)``, with the ``gguf`` package) and
-dequantizes it, but marks the model as GGUF-quantized, which ``save_pretrained`` refuses, and it redoes the
-dequantization (tens of seconds) at every load, for the policy and again for a reference. :func:`gguf_to_folder`
-dequantizes once into a plain folder (``config.json``, ``model.safetensors``, the tokenizer with its chat
-template) in the model cache (:func:`model_cache_dir`), which every loader of this package (NF4 included) and any
-``from_pretrained`` then read directly. :func:`dpo_xpu.models.base.resolve_model_path` calls it for a ``.gguf`` file,
-or a folder holding one and no ``config.json``, so such a path works as ``model_name_or_path`` everywhere.
-
-The folder keeps what the file says about the model (its ``general.*`` metadata: name, organization, ...) in
-``dpo_xpu_gguf.json`` (:data:`GGUF_MARKER`); a model loaded from it carries the file's name instead of the cache
-folder's (:func:`model_origin`), into the adapter's ``base_model_name_or_path`` and the model card. No library keeps
-such a conversion, hence this module.
+transformers reads a GGUF file (``gguf_file=``, with the ``gguf`` package) but redoes the dequantization (tens of
+seconds) at every load and marks the model GGUF-quantized, which ``save_pretrained`` refuses. :func:`gguf_to_folder`
+dequantizes once into a plain Hugging Face folder in the model cache, which every loader then reads; the folder's
+:data:`GGUF_MARKER` keeps the file's ``general.*`` metadata, so a model loaded from it carries the file's name
+(:func:`model_origin`) into the adapter and the model card. No library keeps such a conversion, hence this module.
 """
 
 from __future__ import annotations
@@ -35,9 +28,7 @@ NAME_KEYS = ("source.huggingface.repository", "name", "basename")
 
 
 def model_cache_dir() -> Path:
-    """Where converted models are kept: ``$DPO_XPU_CACHE_DIR/models`` if that variable is set (the folder of the
-    reference log-prob cache, :func:`dpo_xpu.files.default_cache_dir`), else
-    ``~/.cache/dpo_xpu/models``."""
+    """Where converted models are kept: ``$DPO_XPU_CACHE_DIR/models``, else ``~/.cache/dpo_xpu/models``."""
     from dpo_xpu.files import CACHE_DIR_ENV
 
     env = os.environ.get(CACHE_DIR_ENV)
@@ -45,8 +36,8 @@ def model_cache_dir() -> Path:
 
 
 def find_gguf(path: str | Path) -> Path | None:
-    """The GGUF file an existing local model path names: the path itself when it is a ``.gguf`` file, or the one
-    ``.gguf`` file of a folder without ``config.json``; ``None`` for anything else (a model folder, a hub id).
+    """The GGUF file a local model path names: the path itself (a ``.gguf`` file), or the one ``.gguf`` file of a
+    folder without ``config.json``; ``None`` for anything else.
 
     Raises:
         ModelLoadError: a folder without ``config.json`` holds several GGUF files (the message names them).
@@ -99,13 +90,12 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
 
     Args:
         gguf_path: the ``.gguf`` file.
-        cache_dir: where converted folders are kept, one per file content and dtype: ``<stem>-<sha256[:16]>-<dtype>``;
-            default :func:`model_cache_dir`.
-        dtype: the weights' dtype in the folder, ``"bfloat16"`` (default; half the size of float32) or ``"float32"``.
+        cache_dir: where converted folders are kept, ``<stem>-<sha256[:16]>-<dtype>``; default :func:`model_cache_dir`.
+        dtype: the weights' dtype in the folder, ``"bfloat16"`` (default) or ``"float32"``.
 
     Returns:
-        The folder, loadable with ``AutoModelForCausalLM.from_pretrained`` and as ``model_name_or_path``; its
-        :data:`GGUF_MARKER` names the file, its metadata and the model's name (:func:`gguf_name`).
+        The folder, loadable with ``from_pretrained`` and as ``model_name_or_path``; its :data:`GGUF_MARKER` names
+        the file, its metadata and the model's name (:func:`gguf_name`).
 
     Raises:
         ModelLoadError: the file is missing, the ``gguf`` package is not installed, or transformers cannot read it.
@@ -181,9 +171,8 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
 
 
 def model_origin(model_name_or_path: str | Path) -> dict[str, Any] | None:
-    """What a GGUF model is, for display: ``{"name", "gguf", "metadata", ...}`` for a GGUF file, a folder holding
-    one (read from the file), or a folder converted from one (its :data:`GGUF_MARKER`); ``None`` for any other
-    model (a Hugging Face folder, a hub id, a missing path). Nothing is converted."""
+    """What a GGUF model is, for display: ``{"name", "gguf", "metadata", ...}`` for a GGUF file, a folder holding one,
+    or a folder converted from one (its :data:`GGUF_MARKER`); ``None`` for any other model. Nothing is converted."""
     path = Path(str(model_name_or_path)).expanduser()
     marker = path / GGUF_MARKER
     if marker.is_file() and (path / "config.json").is_file():

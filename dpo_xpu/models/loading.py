@@ -1,8 +1,5 @@
-"""Models: the tokenizer, the policy (NF4 base + LoRA adapters) and the frozen reference model.
-
-The functions here are backend-neutral: they resolve the device and the model path, then call the
-backend module (``dpo_xpu.models.backends.native`` or ``dpo_xpu.models.backends.ipex_llm``) that knows its stack.
-"""
+"""Models: the tokenizer, the policy (NF4 base + LoRA adapters) and the frozen reference model, backend-neutral:
+each function resolves the device and the model path, then calls the backend module that knows its stack."""
 
 from __future__ import annotations
 
@@ -34,18 +31,10 @@ def _device_and_dtype(device: str | torch.device, dtype: torch.dtype | None) -> 
 
 
 def load_tokenizer(model_name_or_path: str | Path, padding_side: str = "left") -> PreTrainedTokenizerBase:
-    """Load the tokenizer with left padding (for batched generation) and a pad token.
-
-    Args:
-        model_name_or_path: hub id or local folder.
-        padding_side: ``"left"`` (default) or ``"right"``.
-
-    Returns:
-        The tokenizer; when it has no pad token, the EOS token is used as pad token.
+    """Load the tokenizer with ``padding_side`` (left, for batched generation) and a pad token (EOS when it has none).
 
     Raises:
-        ModelLoadError: the folder or hub id cannot be found, holds no tokenizer, or a tokenizer file is damaged
-            (the message names the file and the fix).
+        ModelLoadError: the folder or hub id cannot be found, holds no tokenizer, or a tokenizer file is damaged.
     """
     from transformers import AutoTokenizer
 
@@ -70,27 +59,25 @@ def load_policy_model(
     """Load the policy: the base model (NF4 by default) with trainable LoRA adapters.
 
     Args:
-        model_name_or_path: hub id or local folder.
+        model_name_or_path: hub id, local folder or GGUF file.
         quantization: ``"nf4"`` (bitsandbytes 4-bit NormalFloat, compute dtype ``dtype``) or ``"none"``.
         device: ``"auto"``, ``"xpu"``, ``"cuda"``, ``"cpu"`` or a ``torch.device``.
         dtype: compute/weight dtype, default ``torch.bfloat16``.
-        lora: adapter settings, default :class:`LoraSettings` ``()`` (r 16, alpha 16, dropout 0.05).
+        lora: adapter settings, default :class:`LoraSettings` ``()``.
         backend: ``"native"`` or ``"ipex-llm"``.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
-        sft_state_dict: an SFT checkpoint (``policy.pt``, see :func:`load_sft_state_dict`) or its state dict,
-            loaded into the base before quantization. Default ``None``: the base's own weights.
-        adapter_name_or_path: an existing LoRA adapter (folder or hub id) to continue training, loaded trainable
-            instead of a fresh one (``lora`` is then unused: the adapter keeps its own settings). With TRL 1.x's
-            ``adapter-off`` reference, DPOTrainer freezes a copy of it as the reference ("ref" adapter): the
-            reference is the starting policy, base + this adapter, as DPO's reference is the starting point.
+        sft_state_dict: an SFT checkpoint (``policy.pt``, :func:`load_sft_state_dict`) or its state dict, loaded
+            into the base before quantization.
+        adapter_name_or_path: an existing LoRA adapter (folder or hub id) to continue training, with its own
+            settings (``lora`` unused); TRL 1.x's ``adapter-off`` reference then freezes a copy of it, so the
+            reference is the starting policy, as DPO's reference is the starting point.
 
     Returns:
         A ``peft.PeftModel`` on ``device`` whose only trainable parameters are the LoRA matrices.
 
     Raises:
-        ModelLoadError: the model, the SFT checkpoint or the adapter cannot be found, are damaged, need the model's
-            own code, hold a pickle that could run code, or do not fit the model, or the backend cannot apply them;
-            the message names the file and the fix. DeviceNotAvailableError: ``device`` is absent.
+        ModelLoadError: the model, SFT checkpoint or adapter cannot be found or loaded, or do not fit; the message
+            names the file and the fix. DeviceNotAvailableError: ``device`` is absent.
     """
     loader = get_backend(backend).load_policy_model
     path = resolve_model_path(model_name_or_path)
@@ -160,21 +147,16 @@ def load_sft_state_dict(path: str | Path, model_name_or_path: str | Path) -> dic
     """Read an SFT checkpoint as the original DPO code writes it and check it fits the model.
 
     The original code (Rafailov et al. 2023, github.com/eric-mitchell/direct-preference-optimization) saves
-    ``torch.save({"step_idx": ..., "state": policy.state_dict(), "metrics": ...}, "policy.pt")``. The state dict
-    must name exactly the model's parameters with their shapes (``rotary_emb.inv_freq`` buffers are ignored; a
-    tied output embedding may be absent). Loaded with ``weights_only=True`` (no code runs), onto the CPU.
-
-    Args:
-        path: the ``policy.pt`` file.
-        model_name_or_path: the base model whose architecture (``config.json``) the weights must fit.
+    ``torch.save({"step_idx": ..., "state": policy.state_dict(), "metrics": ...}, "policy.pt")``; ``state`` must
+    name exactly the parameters of ``model_name_or_path`` with their shapes (``rotary_emb.inv_freq`` ignored, a tied
+    output embedding may be absent). Loaded with ``weights_only=True`` (no code runs), onto the CPU.
 
     Returns:
         The state dict (parameter name -> tensor).
 
     Raises:
-        ModelLoadError: the file is missing, damaged or a pickle of more than tensors (refused: it could run code),
-            has no ``state`` dict, or its keys or shapes differ from the model's; the message names the file, what
-            differs and the fix.
+        ModelLoadError: the file is missing, damaged or a pickle of more than tensors, has no ``state`` dict, or its
+            keys or shapes differ from the model's; the message names the file, what differs and the fix.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -222,14 +204,11 @@ def load_trained_policy(
     dtype: torch.dtype | None = None,
     backend: str = "native",
 ) -> PreTrainedModel:
-    """Load the base as for training and put a saved LoRA adapter (``<run>/adapter``) on it.
-
-    The base gets the same quantization and dtype handling as during training, so the result computes the
-    same logits as the trained policy did. Returned in eval mode with no trainable parameter.
+    """Load the base as for training (same quantization and dtype, so the same logits) with a saved LoRA adapter
+    (``<run>/adapter``) on it, in eval mode with no trainable parameter.
 
     Raises:
-        ModelLoadError: the base or the adapter folder cannot be found or loaded (a damaged file, a pickle that
-            could run code): the message names the file and the fix.
+        ModelLoadError: the base or the adapter folder cannot be found or loaded; the message names the file and fix.
     """
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -240,10 +219,3 @@ def load_trained_policy(
         quantization=quantization,
         **_device_and_dtype(device, dtype),
     )
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """Return ``(trainable, total)`` parameter counts (4-bit packed weights count as stored elements)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total

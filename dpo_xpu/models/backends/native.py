@@ -19,17 +19,13 @@ from dpo_xpu.models.base import LoraSettings, dtype_kwarg, from_pretrained, load
 
 logger = logging.getLogger(__name__)
 
-#: bitsandbytes repacks NF4 weights for its AVX512-BF16 CPU kernel in blocks of this many output rows.
-CPU_REPACK_BLOCK = 32
-
 
 def disable_cpu_nf4_repack(model: torch.nn.Module) -> int:
     """Keep bitsandbytes from repacking NF4 weights for its AVX512-BF16 CPU inference kernel.
 
-    bitsandbytes 0.50 repacks a ``Linear4bit`` at its first eval-mode, no-grad call on such CPUs and fails
-    ("N must be divisible by block_n") when the layer's output size is not a multiple of 32 (stories260K's
-    MLP has 172). The repacked kernel also rounds differently from the training kernel, so a reference in
-    eval mode would not match the adapter-off policy. Keeping one kernel for train and eval fixes both.
+    bitsandbytes 0.50 repacks a ``Linear4bit`` at its first eval-mode, no-grad call on such CPUs, and fails ("N must
+    be divisible by block_n") when its output size is not a multiple of 32 (stories260K's MLP has 172); the repacked
+    kernel also rounds differently, so an eval-mode reference would not match the adapter-off policy.
 
     Returns:
         The number of ``Linear4bit`` layers changed (0 for a model without NF4 layers).
@@ -53,9 +49,8 @@ def load_base(
     dtype: torch.dtype,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Any:
-    """The base model on ``device``: NF4 (bitsandbytes ``Linear4bit``, compute in ``dtype``) or ``dtype`` weights
-    (``quantization: none``), with an SFT ``state_dict`` applied before quantization. Used for the policy, the
-    reference and the SFT base that ``export: merged`` merges into.
+    """The base model on ``device``: NF4 (compute in ``dtype``) or ``dtype`` weights (``quantization: none``), with an
+    SFT ``state_dict`` applied before quantization; for the policy, the reference and the base of a merged export.
 
     Raises:
         ModelLoadError: the model cannot be found or loaded (the message names it and the fix).
@@ -81,11 +76,8 @@ def load_base(
 
 
 def _from_state_dict(model_name_or_path: str, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> Any:
-    """The base's architecture with the weights of ``state_dict`` (an SFT checkpoint), quantized as ``kwargs`` say.
-
-    transformers takes ``state_dict=`` only without a model path, so the concrete class is looked up from the
-    config; the weights then go through the same loading (and NF4 quantization) as weights read from disk.
-    """
+    """The base's architecture with the weights of ``state_dict``, loaded (and quantized) as from disk; transformers
+    takes ``state_dict=`` only without a model path, so the class is looked up from the config."""
     from transformers import AutoConfig, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -115,27 +107,36 @@ def _upcast_for_training(model: PreTrainedModel, quantization: str, gradient_che
         model.enable_input_require_grads()
 
 
-def lora_targets_present(model: torch.nn.Module, wanted: list[str]) -> list[str]:
-    """Return the names in ``wanted`` that name at least one ``nn.Linear``-like layer of ``model``.
+def _add_lora(model: PreTrainedModel, lora: LoraSettings) -> PreTrainedModel:
+    """PEFT LoRA adapters on `lora.target_modules` (names the model lacks are skipped; PEFT takes "all-linear").
 
     Raises:
-        ModelLoadError: none of them exists (the message lists the model's linear layer names).
+        ModelLoadError: none of the names exists (PEFT's error, as one line listing the model's linear layers).
     """
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")
-    }
-    present = [t for t in wanted if t in names]
-    if not present:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        policy = get_peft_model(model, config)
+    except ValueError as exc:
+        if "not found in the base model" not in str(exc):
+            raise
+        names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if type(m).__name__.startswith("Linear")}
         raise ModelLoadError(
-            f"none of the LoRA target modules {wanted} exists in this model; its linear layers are "
+            f"none of the LoRA target modules {lora.target_modules} exists in this model; its linear layers are "
             f"{sorted(names)}: set lora_target_modules to some of them"
-        )
-    missing = sorted(set(wanted) - set(present))
-    if missing:
+        ) from None
+    targeted = {name.rsplit(".", 1)[-1] for name in policy.base_model.targeted_module_names}
+    if isinstance(lora.target_modules, list) and (missing := sorted(set(lora.target_modules) - targeted)):
         logger.info("LoRA targets absent from this model, skipped: %s", ", ".join(missing))
-    return present
+    return policy
 
 
 def load_policy_model(
@@ -148,11 +149,10 @@ def load_policy_model(
     state_dict: dict[str, torch.Tensor] | None = None,
     adapter_name_or_path: str | None = None,
 ) -> PreTrainedModel:
-    """Base model (NF4 or plain) + ``prepare_model_for_kbit_training`` + PEFT LoRA adapters.
-
-    See :func:`dpo_xpu.models.loading.load_policy_model` for the arguments (``state_dict`` is its ``sft_state_dict``).
+    """Base model (NF4 or plain) + ``prepare_model_for_kbit_training`` + PEFT LoRA adapters (or the given adapter,
+    trainable); arguments as :func:`dpo_xpu.models.loading.load_policy_model` (``state_dict``: its ``sft_state_dict``).
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     model = load_base(model_name_or_path, quantization, device, dtype, state_dict)
     _upcast_for_training(model, quantization, gradient_checkpointing)
@@ -162,15 +162,7 @@ def load_policy_model(
             policy = PeftModel.from_pretrained(model, adapter_name_or_path, is_trainable=True)
         logger.info("policy continues from the adapter %s (its own LoRA settings)", adapter_name_or_path)
         return policy
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora_targets_present(model, lora.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    policy = get_peft_model(model, config)
+    policy = _add_lora(model, lora)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     logger.info("policy loaded on %s (%s): %d trainable LoRA parameters", device, quantization, trainable)
     return policy

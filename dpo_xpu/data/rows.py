@@ -1,0 +1,366 @@
+"""Preference rows as read and checked: the file readers and the row validation of every data format.
+
+Every bad row is refused with one line that names the file line (or row), the column and the fix. The JSON readers
+are ours, not ``datasets``' loaders: those infer one pyarrow type per column, so a stray number or null is cast or
+refused before validation could name its row, a repeated key keeps its last value silently, and a bad byte or
+bracket is reported without its line. Parquet files are read with pyarrow.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from dpo_xpu.errors import PreferenceDataError
+
+ORCA_COLUMNS: tuple[str, ...] = ("system", "question", "chosen", "rejected")
+"""The columns of Intel/orca_dpo_pairs, in the dataset's order."""
+
+LOCAL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
+"""File types read from disk."""
+
+_FIXES = {
+    "system": "give every row a string 'system' prompt (use \"\" for none)",
+    "question": "give every row a non-empty 'question' or remove the row",
+    "chosen": "give every row a non-empty 'chosen' answer or remove the row",
+    "rejected": "give every row a non-empty 'rejected' answer or remove the row",
+}
+_CONVERSATIONAL_HINT = (
+    " (for lists of chat messages, use data_format: conversational with 'prompt', 'chosen' and 'rejected' "
+    "message lists, or only 'chosen' and 'rejected' holding whole conversations)"
+)
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+"""The message roles the conversational format accepts."""
+
+
+def _fix(column: str) -> str:
+    return _FIXES.get(column, f"give every row a non-empty {column!r} or remove the row")
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return f"{type(value).__name__} {shown}"
+
+
+def validate_preference_rows(
+    rows: Iterable[Mapping[str, Any]],
+    columns: Sequence[str] = ORCA_COLUMNS,
+    source_name: str = "rows",
+    line_numbers: Sequence[int] | None = None,
+    allow_empty: Sequence[str] = ("system",),
+) -> int:
+    """Check that every row holds each of `columns` as a string (non-blank outside `allow_empty`) and a `chosen`
+    that differs from `rejected`, stopping at the first bad row.
+
+    `source_name` (a file name) starts each message; with `line_numbers` (1-based file lines) it says "line N",
+    else "row N". Returns the number of rows checked.
+
+    Raises:
+        PreferenceDataError: the first bad row; the message names the row, the column and the fix.
+    """
+    count = 0
+    for index, row in enumerate(rows):
+        where = f"{source_name} line {line_numbers[index]}" if line_numbers else f"{source_name} row {index + 1}"
+        if not isinstance(row, Mapping):
+            raise PreferenceDataError(
+                f"{where}: expected a JSON object with the columns {list(columns)}, found {_describe(row)}. "
+                f"Fix: write each row as an object such as {{{', '.join(f'{c!r}: ...' for c in columns)}}}."
+            )
+        for column in columns:
+            if column not in row:
+                raise PreferenceDataError(
+                    f"{where}: missing column {column!r} (found {sorted(row)}). "
+                    f"Fix: every row needs the columns {list(columns)}; {_fix(column)}."
+                )
+            value = row[column]
+            if not isinstance(value, str):
+                hint = _CONVERSATIONAL_HINT if isinstance(value, list) else ""
+                raise PreferenceDataError(
+                    f"{where}, column {column!r}: expected a string, found {_describe(value)}. "
+                    f"Fix: {_fix(column)}{hint}."
+                )
+            if column not in allow_empty and not value.strip():
+                raise PreferenceDataError(
+                    f"{where}, column {column!r}: expected a non-empty string, found {value!r}. Fix: {_fix(column)}."
+                )
+        if "chosen" in columns and "rejected" in columns and row["chosen"].strip() == row["rejected"].strip():
+            raise PreferenceDataError(
+                f"{where}, column 'rejected': identical to 'chosen' (after stripping whitespace), so the "
+                "pair states no preference. Fix: give a worse 'rejected' answer or remove the row."
+            )
+        count += 1
+    return count
+
+
+_CONVERSATIONAL_FIX = (
+    ", with 'chosen' and 'rejected' holding the assistant answer after the 'prompt' messages (or, without "
+    "'prompt', the whole conversations, the same up to the answer)"
+)
+
+
+def _messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
+    """One column of a conversational row as `[{"role", "content"}, ...]`, checked message by message."""
+    if not isinstance(value, list) or not value:
+        strings = " (rows of plain strings: use data_format: auto or prompt-chosen-rejected)" * isinstance(value, str)
+        raise PreferenceDataError(
+            f"{where}, column {column!r}: expected a non-empty list of chat messages, found {_describe(value)}. "
+            f'Fix: write {column!r} as a list of {{"role": ..., "content": ...}} messages{_CONVERSATIONAL_FIX}'
+            f"{strings}."
+        )
+    messages = []
+    for number, message in enumerate(value, start=1):
+        at = f"{where}, column {column!r}, message {number}"
+        if not isinstance(message, Mapping):
+            raise PreferenceDataError(
+                f"{at}: expected a chat message {{'role': ..., 'content': ...}}, found {_describe(message)}. "
+                'Fix: write each message as {"role": "user", "content": "..."}.'
+            )
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or role not in ROLES:
+            found = _describe(role) if "role" in message else f"no 'role' (keys {sorted(message)})"
+            raise PreferenceDataError(
+                f"{at}, key 'role': expected one of {list(ROLES)}, found {found}. Fix: give every message a "
+                "'role' of 'system', 'user' or 'assistant'."
+            )
+        if not isinstance(content, str) or (role != "system" and not content.strip()):
+            found = _describe(content) if "content" in message else f"no 'content' (keys {sorted(message)})"
+            raise PreferenceDataError(
+                f"{at}, key 'content': expected a {'string' if role == 'system' else 'non-empty string'}, found "
+                f"{found}. Fix: give every {role!r} message its text as a string 'content', or remove the row."
+            )
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+_IMPLICIT_FIX = (
+    "make 'chosen' and 'rejected' the same conversation up to a user message, each ending with its own assistant "
+    "answer (or give the conversation so far as a 'prompt' list)"
+)
+_EXPLICIT_FIX = "'chosen' and 'rejected' hold only the assistant answer to the 'prompt' messages"
+
+
+def _stripped(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(message["role"], message["content"].strip()) for message in messages]
+
+
+def validate_conversational_rows(
+    rows: Iterable[Mapping[str, Any]], source_name: str = "rows", line_numbers: Sequence[int] | None = None
+) -> list[dict[str, list[dict[str, str]]]]:
+    """Check rows in TRL's conversational preference format and split implicit prompts off.
+
+    A row holds `chosen` and `rejected` lists of `{"role", "content"}` messages (role one of `ROLES`) and either a
+    `prompt` list (then they hold the answer) or none (then they hold whole conversations, whose shared start is
+    the prompt). The prompt must end with a user message; each answer starts and ends with an assistant message.
+    `source_name` and `line_numbers` as in :func:`validate_preference_rows`.
+
+    Returns:
+        One `{"prompt", "chosen", "rejected"}` of message lists (only `role` and `content` kept) a row.
+
+    Raises:
+        PreferenceDataError: the first bad row; the message names the line or row, column, message and the fix.
+    """
+    pairs = []
+    for index, row in enumerate(rows):
+        where = f"{source_name} line {line_numbers[index]}" if line_numbers else f"{source_name} row {index + 1}"
+        if not isinstance(row, Mapping) or "chosen" not in row or "rejected" not in row:
+            found = f"the columns {sorted(row)}" if isinstance(row, Mapping) else _describe(row)
+            raise PreferenceDataError(
+                f"{where}: expected an object with 'chosen' and 'rejected' lists of chat messages (and an "
+                f"optional 'prompt' list), found {found}. Fix: give every row 'chosen' and 'rejected'."
+            )
+        chosen, rejected = _messages(row["chosen"], where, "chosen"), _messages(row["rejected"], where, "rejected")
+        if _stripped(chosen) == _stripped(rejected):
+            raise PreferenceDataError(
+                f"{where}, column 'rejected': identical to 'chosen' (after stripping whitespace), so the pair "
+                "states no preference. Fix: give a worse 'rejected' answer or remove the row."
+            )
+        if row.get("prompt") is None:
+            pairs_of_messages = enumerate(zip(chosen, rejected))
+            shared = next((i for i, (a, b) in pairs_of_messages if a != b), min(len(chosen), len(rejected)))
+            for column, messages in (("chosen", chosen), ("rejected", rejected)):
+                if shared == len(messages):
+                    raise PreferenceDataError(
+                        f"{where}, column {column!r}: no answer of its own (without a 'prompt' column, all its "
+                        f"messages also begin the other column). Fix: {_IMPLICIT_FIX}."
+                    )
+            if shared == 0:
+                raise PreferenceDataError(
+                    f"{where}, column 'chosen', message 1: differs from 'rejected' from the first message, so "
+                    f"without a 'prompt' column there is no shared prompt. Fix: {_IMPLICIT_FIX}."
+                )
+            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+            prompt_column, fix = "chosen", _IMPLICIT_FIX
+        else:
+            prompt, shared, prompt_column = _messages(row["prompt"], where, "prompt"), 0, "prompt"
+            fix = _EXPLICIT_FIX
+        if prompt[-1]["role"] != "user":
+            raise PreferenceDataError(
+                f"{where}, column {prompt_column!r}, message {len(prompt)}: the prompt must end with a user "
+                f"message, found {prompt[-1]['role']!r}. Fix: {fix}."
+            )
+        for column, answer in (("chosen", chosen), ("rejected", rejected)):
+            for position in (0, len(answer) - 1):
+                if answer[position]["role"] != "assistant":
+                    raise PreferenceDataError(
+                        f"{where}, column {column!r}, message {shared + position + 1}: the answer must "
+                        f"{'start' if position == 0 else 'end'} with an assistant message, found "
+                        f"{answer[position]['role']!r}. Fix: {fix}."
+                    )
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+class _RepeatedKey(dict):
+    """A JSON object that repeats a key; `key` is the first key it repeats."""
+
+    key: str = ""
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json` object hook: keep the object, but mark it when a key repeats (plain `json` keeps the last value)."""
+    row = dict(pairs)
+    if len(row) == len(pairs):
+        return row
+    keys = [key for key, _ in pairs]
+    marked = _RepeatedKey(row)
+    marked.key = next(key for index, key in enumerate(keys) if key in keys[:index])
+    return marked
+
+
+def _repeated_key(value: Any, path: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
+    """The path to the first repeated key in a parsed JSON value (e.g. `('chosen', 0, 'content')`), or None."""
+    if isinstance(value, _RepeatedKey):
+        return (*path, value.key)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for name, item in items:
+        if (found := _repeated_key(item, (*path, name))) is not None:
+            return found
+    return None
+
+
+def _refuse_repeated_key(row: Any, where: str) -> None:
+    path = _repeated_key(row)
+    if path is None:
+        return
+    inside = "".join(f", message {part + 1}" if isinstance(part, int) else f", key {part!r}" for part in path[1:-1])
+    place = f", column {path[0]!r}{inside}" if len(path) > 1 else ""
+    raise PreferenceDataError(
+        f"{where}{place}: the key {path[-1]!r} appears more than once in one JSON object (only the last value "
+        f"would be kept). Fix: keep a single {path[-1]!r} in that object."
+    )
+
+
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (a leading byte-order mark is dropped); bad bytes are reported by line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        start = raw.rfind(b"\n", 0, error.start) + 1
+        line = raw.count(b"\n", 0, start) + 1
+        column = len(raw[start : error.start].decode("utf-8", errors="replace")) + 1
+        raise PreferenceDataError(
+            f"{path.name} line {line}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {column}, byte "
+            f"{error.start - start + 1} of the line). Fix: re-save the file as UTF-8 (e.g. your editor's "
+            "'save with encoding', or iconv -f <its encoding> -t utf-8)."
+        ) from None
+
+
+def _read_jsonl(path: Path, text: str | None = None) -> tuple[list[Any], list[int]]:
+    rows, line_numbers = [], []
+    for number, line in enumerate((_read_text(path) if text is None else text).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line, object_pairs_hook=_object_pairs)
+        except json.JSONDecodeError as error:
+            found = line.strip() if len(line.strip()) <= 60 else line.strip()[:57] + "..."
+            raise PreferenceDataError(
+                f"{path.name} line {number}: not valid JSON ({error.msg}, column {error.colno}); "
+                f"found {found!r}. Fix: write one JSON object per line, "
+                '{"system": "...", "question": "...", "chosen": "...", "rejected": "..."}.'
+            ) from error
+        _refuse_repeated_key(row, f"{path.name} line {number}")
+        rows.append(row)
+        line_numbers.append(number)
+    return rows, line_numbers
+
+
+def _read_local_rows(path: Path) -> tuple[list[Any], list[int] | None]:
+    """The rows of a local file as read, and for JSON lines the file line of each (else ``None``)."""
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".json":
+        text = _read_text(path)
+        try:
+            data = json.loads(text, object_pairs_hook=_object_pairs)
+        except json.JSONDecodeError:
+            return _read_jsonl(path, text)  # JSON lines saved as .json
+        if not isinstance(data, list):
+            raise PreferenceDataError(
+                f"{path.name}: expected a JSON list of row objects (or one object per line), "
+                f"found {type(data).__name__}. Fix: save the rows as [{{...}}, {{...}}] or as JSON lines."
+            )
+        for index, row in enumerate(data):
+            _refuse_repeated_key(row, f"{path.name} row {index + 1}")
+        return data, None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist(), None
+    except (pa.ArrowException, OSError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise PreferenceDataError(
+            f"{path.name}: not a readable parquet file ({reason}). Fix: re-save the rows with a parquet writer "
+            "(e.g. pandas.DataFrame.to_parquet), or as .jsonl."
+        ) from None
+
+
+def is_local(source: str | Path) -> bool:
+    """Whether `source` names a local file (a `Path`, a known suffix, or an existing path) rather than a hub id."""
+    path = Path(source)
+    return isinstance(source, Path) or path.suffix in LOCAL_SUFFIXES or path.exists()
+
+
+def read_source(source: str | Path, split: str = "train") -> tuple[Any, list[int] | None, str]:
+    """The rows of a local file or a hub dataset split, as read (not yet validated).
+
+    Returns:
+        ``(rows, line_numbers, name)``: a list of row objects (local) or a `datasets.Dataset` (hub); for JSON lines
+        the file line of each row (else ``None``); the name messages quote (the file name, or ``"id [split]"``).
+
+    Raises:
+        PreferenceDataError: a local file is missing, a folder, of another type, unreadable (not UTF-8, bad JSON,
+            a repeated key: the message names the line) or empty; or a hub id is neither cached nor reachable.
+    """
+    if not is_local(source):
+        from dpo_xpu.hub import check_hub_id
+
+        check_hub_id(str(source), "dataset", PreferenceDataError, "dataset_name_or_path")
+        return datasets.load_dataset(str(source), split=split), None, f"{source} [{split}]"
+    path = Path(source)
+    if path.is_dir():
+        raise PreferenceDataError(
+            f"{path} is a directory, not a data file. Fix: pass one .jsonl, .json or .parquet file (e.g. "
+            f"{path / 'train.jsonl'}), or a hub id such as 'Intel/orca_dpo_pairs'."
+        )
+    if not path.is_file():
+        raise PreferenceDataError(
+            f"{path} does not exist. Fix: pass an existing .jsonl, .json or .parquet file, or a hub id "
+            "such as 'Intel/orca_dpo_pairs'."
+        )
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise PreferenceDataError(
+            f"{path}: unsupported file type {path.suffix!r}. Fix: save the rows as one of {list(LOCAL_SUFFIXES)}."
+        )
+    rows, line_numbers = _read_local_rows(path)
+    if not rows:
+        raise PreferenceDataError(f"{path} holds no rows. Fix: add at least one preference pair.")
+    return rows, line_numbers, path.name
