@@ -304,7 +304,7 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     from dpo_xpu.distributed import main_process_first, world_size
     from dpo_xpu.pipeline import load_run_data, load_run_models, make_dpo_trainer
     from dpo_xpu.train.reference_cache import attach_precomputed_reference
-    from dpo_xpu.train.trl_internals import score_answer_tokens_only_on_cpu
+    from dpo_xpu.train.trl_internals import SCORING_METHODS
 
     defaults = strategy == "defaults"
     prefix_sharing = strategy.startswith("prefix-sharing")
@@ -355,8 +355,11 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         # the defaults' precompute (reference: auto) runs in here, as in `dpo-xpu train`
         trainer = make_dpo_trainer(recipe, policy, reference_model, tokenizer, train_dataset, live_plot=False)
     # `original` and TRL's peers compute as TRL does: on the CPU it scores every position in the LM head; dpo_xpu's
-    # strategies score only the answer tokens there (as TRL itself does on XPU and CUDA).
-    score_answer_tokens_only_on_cpu(enabled=strategy != "original" and not peer)
+    # trainers score only the answer tokens there (as TRL itself does on XPU and CUDA), switched on for their own
+    # passes by make_dpo_trainer: `original` drops that switch.
+    if strategy == "original":
+        for name in SCORING_METHODS:
+            vars(trainer).pop(name, None)
     del policy, reference_model
     # several processes: rank 0 computes (cold) and the others read its cache file
     info = (

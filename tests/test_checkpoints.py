@@ -106,7 +106,7 @@ def demo_model(tmp_path_factory):
 def demo_recipe(model: Path, output_dir: Path, **overrides) -> Recipe:
     values = dict(max_steps=6, max_length=512, max_prompt_length=256, save_steps=2, limit=16)
     recipe = cpu_recipe(model, DEMO_SAMPLE_PATH, output_dir, **{**values, **overrides})
-    recipe.trl_options = {"save_total_limit": None}  # every checkpoint kept: these tests resume from older ones
+    recipe.trl_options = {**recipe.trl_options, "save_total_limit": None}  # every checkpoint kept: resumes use older
     return recipe
 
 

@@ -33,10 +33,10 @@ def test_pack_layout_positions_labels_and_mask():
     # prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected, then padding
     assert packed.input_ids[0].tolist() == [11, 12, 13, 21, 22, 13, 31, 32, 33]
     assert packed.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 5]
-    assert packed.shift_labels[0].tolist() == [-100, -100, 21, 22, -100, 31, 32, 33, -100]
+    assert packed.next_tokens[0].tolist() == [-100, -100, 21, 22, -100, 31, 32, 33, -100]
     assert packed.input_ids[1, :6].tolist() == [14, 15, 23, 15, 34, 35]
     assert packed.position_ids[1, :6].tolist() == [0, 1, 2, 1, 2, 3]
-    assert packed.shift_labels[1].tolist() == [-100, 23, -100, 34, 35, -100, -100, -100, -100]
+    assert packed.next_tokens[1].tolist() == [-100, 23, -100, 34, 35, -100, -100, -100, -100]
     assert (packed.sequence_tokens, packed.packed_tokens) == (5 + 6 + 3 + 4, 9 + 6)
     mask = packed.attention_mask[0, 0]
     chosen, rejected = [2, 3, 4], [5, 6, 7, 8]
@@ -52,7 +52,7 @@ def test_unpack_puts_values_at_trl_positions():
     batch = _trl_batch([([11, 12, 13], [21, 22], [31, 32, 33]), ([14, 15], [23], [34, 35])])
     packed = pack_pairs(**batch)
     # value = the label itself, so every value shows where it landed
-    values = packed.shift_labels.clamp(min=0).float()
+    values = packed.next_tokens.clamp(min=0).float()
     out = packed.unpack(values)
     expected = batch["labels"][:, 1:].clamp(min=0).float()
     assert torch.equal(out, expected)

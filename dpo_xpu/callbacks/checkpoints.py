@@ -1,15 +1,13 @@
 """Checkpoints a run can resume from, and the checks that make resuming safe.
 
-transformers' ``Trainer`` writes ``<output_dir>/checkpoint-N/`` every ``save_steps``: the LoRA adapter, the
-optimizer and scheduler states, the RNG states and ``trainer_state.json`` (the step, hence the data position,
-which ``Trainer`` skips to on resume). :class:`CheckpointCallback` adds two things:
-
-- once ``Trainer`` has finished writing a checkpoint, a ``COMPLETE`` marker listing every file with its size
-  and SHA-256 checksum, written last and atomically. A checkpoint without a valid marker (interrupted while
-  saving, or a file changed since), with a ``trainer_state.json`` that is not JSON, or with a pickle that torch
-  refuses to load as plain tensors (``weights_only=True``: a corrupt or hostile ``optimizer.pt``, ``rng_state.pth``)
-  cannot be resumed from: :func:`find_resume_checkpoint` skips it, says why, and never loads it;
-- a checkpoint at the last step, so a finished run ends with one.
+transformers' ``Trainer`` writes ``<output_dir>/checkpoint-N/`` every ``save_steps`` and at the last step
+(``DefaultFlowCallback``, with ``save_strategy: steps``): the LoRA adapter, the optimizer, scheduler and RNG states
+and ``trainer_state.json`` (the step, hence the data position it skips to on resume). :class:`CheckpointCallback`
+adds a ``COMPLETE`` marker once a checkpoint is written, listing every file with its size and SHA-256, written last
+and atomically. A checkpoint without a valid marker (interrupted while saving, or a file changed since), with a
+``trainer_state.json`` that is not JSON, or with a pickle torch refuses to load as plain tensors
+(``weights_only=True``: a corrupt or hostile ``optimizer.pt``) cannot be resumed from:
+:func:`find_resume_checkpoint` skips it, says why, and never loads it.
 
 On resume, ``metrics.jsonl`` is trimmed back to the checkpoint's step, and rows it lost at or before that step (a
 line cut off mid-write) are rebuilt from the checkpoint's ``log_history`` (:func:`restore_step_rows`).
@@ -22,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -48,30 +45,12 @@ MARKER_FILE = "COMPLETE"
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 #: Recipe keys that do not change what training computes; they may differ when resuming.
 NON_RESULT_KEYS = (
-    "output_dir",
-    "device",
-    "reference_device",
-    "logging_steps",
-    "save_steps",
-    "eval_steps",
-    "eval_samples",
-    "num_eval_samples",
+    *"output_dir device reference_device logging_steps save_steps eval_steps eval_samples num_eval_samples".split(),
     "max_new_tokens",
     "export",
-    # TRL / transformers options that change where results go, not what is computed
-    "report_to",
-    "run_name",
-    "logging_dir",  # transformers < 5
-    "logging_first_step",
-    "save_total_limit",
-    "save_only_model",
-    "push_to_hub",
-    "hub_model_id",
-    "hub_strategy",
-    "hub_private_repo",
-    "dataloader_num_workers",
-    "dataset_num_proc",
-    "disable_tqdm",
+    # TRL / transformers options that change where results go, not what is computed (logging_dir: transformers < 5)
+    *"report_to run_name logging_dir logging_first_step save_total_limit save_only_model push_to_hub".split(),
+    *"hub_model_id hub_strategy hub_private_repo dataloader_num_workers dataset_num_proc disable_tqdm".split(),
 )
 #: Files of the run folder holding one JSON row per step, trimmed back to the checkpoint on resume.
 STEP_LOGS = ("metrics.jsonl", "eval_samples.jsonl")
@@ -82,17 +61,14 @@ NOT_LOADED = ("training_args.bin",)
 
 
 def write_marker(checkpoint: str | Path, step: int) -> Path:
-    """Write ``checkpoint/COMPLETE``: the step and every file's size and SHA-256 (written via a temporary
-    file and an atomic rename, so the marker itself is never partial)."""
+    """Write ``checkpoint/COMPLETE``, the step and every file's size and SHA-256, atomically; return its path."""
     checkpoint = Path(checkpoint)
     files = {
         str(path.relative_to(checkpoint)): {"size": path.stat().st_size, "sha256": file_sha256(path)}
         for path in sorted(checkpoint.rglob("*"))
         if path.is_file() and not path.name.startswith(MARKER_FILE)
     }
-    tmp = checkpoint / f"{MARKER_FILE}.tmp"
-    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
-    os.replace(tmp, checkpoint / MARKER_FILE)
+    write_text_atomic(checkpoint / MARKER_FILE, json.dumps({"step": step, "files": files}, indent=1))
     return checkpoint / MARKER_FILE
 
 
@@ -121,10 +97,7 @@ def unsafe_pickle(path: Path) -> str | None:
 
 
 def checkpoint_problem(checkpoint: str | Path) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from (``None`` when it is complete): no marker, an unreadable
-    marker, no ``trainer_state.json``, a listed file missing or changed (size or checksum), a ``trainer_state.json``
-    that is not a JSON object, or a pickled file that torch refuses to load as plain tensors (:func:`unsafe_pickle`:
-    corrupt, or replaced by a pickle that would run code)."""
+    """Why ``checkpoint`` cannot be resumed from, in one line (``None`` when it is complete): see the module."""
     checkpoint = Path(checkpoint)
     marker = checkpoint / MARKER_FILE
     if not marker.is_file():
@@ -190,8 +163,7 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path:
 
 
 def check_resume_recipe(recipe: Any, run_dir: str | Path) -> None:
-    """Refuse to resume when ``recipe`` and the run's ``recipe.yaml`` differ on a key that changes the result
-    (any key but :data:`NON_RESULT_KEYS`).
+    """Refuse to resume when ``recipe`` and the run's ``recipe.yaml`` differ on a key not in :data:`NON_RESULT_KEYS`.
 
     Raises:
         RunFolderError: no ``recipe.yaml`` in ``run_dir`` (nothing to resume).
@@ -214,10 +186,9 @@ def check_resume_recipe(recipe: Any, run_dir: str | Path) -> None:
 
 
 def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
-    """Check the recipe and the inputs' fingerprints (:func:`dpo_xpu.outputs.run_folder.check_fingerprints`), pick the
-    newest complete checkpoint, remove the partial ones after it, trim ``metrics.jsonl`` / ``eval_samples.jsonl`` to
-    the rows at or before its step (the resumed run appends the later ones again), and rebuild the rows
-    ``metrics.jsonl`` lost at or before it from the checkpoint's log history (:func:`restore_step_rows`).
+    """Check the recipe and the inputs' fingerprints, pick the newest complete checkpoint, remove the partial ones
+    after it, trim the :data:`STEP_LOGS` to its step (the resumed run appends the later rows again) and rebuild the
+    rows ``metrics.jsonl`` lost before it (:func:`restore_step_rows`).
 
     Returns:
         The checkpoint to pass to ``trainer.train(resume_from_checkpoint=...)``.
@@ -258,8 +229,7 @@ def newest_complete_step(run_dir: str | Path) -> int | None:
 
 
 def _step_rows(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
-    """Each line of a JSON-lines step log with its row: ``None`` for a line that is not a JSON object with an integer
-    ``step`` (cut off mid-write, or corrupt)."""
+    """Each line of a JSON-lines step log with its row, ``None`` where it is not an object with an integer ``step``."""
     out: list[tuple[str, dict[str, Any] | None]] = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
@@ -294,13 +264,9 @@ def _row_kind(row: dict[str, Any]) -> tuple[int, int]:
 
 
 def restore_step_rows(path: Path, checkpoint: Path, step: int) -> list[int]:
-    """Rebuild the rows ``metrics.jsonl`` lost at or before ``step`` from the checkpoint's ``log_history``.
-
-    Every logged train or evaluation row is in the log history of the checkpoint's ``trainer_state.json``
-    (:class:`~dpo_xpu.callbacks.metrics.MetricsLoggerCallback` adds the row's own keys to it); rows missing from the
-    file, such as one whose line was cut off mid-write, are rebuilt with
-    :func:`~dpo_xpu.callbacks.metrics.metrics_row` (the same keys as logged ones) and the file is rewritten in step
-    order, atomically. The rows it holds are kept as they are.
+    """Rebuild the rows ``metrics.jsonl`` lost at or before ``step`` (a line cut off mid-write) from the log history
+    of the checkpoint's ``trainer_state.json``, with :func:`~dpo_xpu.callbacks.metrics.metrics_row`; rewrite the file
+    in step order, atomically, keeping the rows it holds.
 
     Returns:
         The steps of the rows rebuilt (empty when none was missing).
@@ -325,11 +291,7 @@ def restore_step_rows(path: Path, checkpoint: Path, step: int) -> list[int]:
 
 
 class CheckpointCallback(TrainerCallback):
-    """Mark each checkpoint complete once ``Trainer`` has written it, and save one at the last step."""
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.max_steps > 0 and state.global_step >= state.max_steps:
-            control.should_save = True
+    """Mark each checkpoint complete once ``Trainer`` has written it."""
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from dpo_xpu.distributed import barrier
@@ -344,9 +306,9 @@ class CheckpointCallback(TrainerCallback):
 class KeepTrainableDtypes(TrainerCallback):
     """Keep the trainable parameters in the dtypes they had when the trainer was built.
 
-    TRL keeps a quantized model's LoRA weights in bfloat16 (as QLoRA recommends), but when ``Trainer`` resumes it
-    reloads the adapter with PEFT's ``load_adapter``, which upcasts it to float32; the resumed run would then no
-    longer compute what the uninterrupted one did. This callback casts them back when training begins.
+    TRL keeps a quantized model's LoRA weights in bfloat16 (QLoRA), but on resume PEFT's ``load_adapter`` upcasts
+    them to float32, and the resumed run would no longer compute what the uninterrupted one did: they (and their
+    optimizer moments) are cast back when training begins.
 
     Args:
         model: the trainer's model, after the trainer was built.

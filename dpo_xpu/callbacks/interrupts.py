@@ -83,13 +83,8 @@ class StopOnSignal(TrainerCallback):
 
 #: The logged values :class:`StopOnDivergence` checks (TRL's names).
 WATCHED = (
-    "loss",
-    "grad_norm",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
+    *("loss", "grad_norm", "rewards/chosen", "rewards/rejected"),
+    *("rewards/margins", "logps/chosen", "logps/rejected"),
 )
 
 
@@ -148,11 +143,10 @@ def divergence_message(step: int, logs: dict[str, Any], args: Any, weights_ok: b
 class StopOnDivergence(TrainerCallback):
     """Stop training at the first non-finite step, before it is saved, with one line saying why.
 
-    After each optimizer step the trainable weights are checked (:func:`weights_finite`); when one is NaN or
-    infinite, the step is logged (so its values are in ``metrics.jsonl``), not saved nor evaluated, and training
-    stops. At that log, or at any log whose :data:`WATCHED` values are not finite, it raises
-    :class:`~dpo_xpu.errors.TrainingDiverged` (:func:`divergence_message`). Put it after the callbacks that write
-    the step's row and mark checkpoints: ``Trainer`` calls callbacks in order.
+    After each optimizer step the trainable weights are checked (:func:`weights_finite`); a non-finite one makes the
+    step logged (its values reach ``metrics.jsonl``), not saved nor evaluated, and stops training. At that log, or
+    any log whose :data:`WATCHED` values are not finite, it raises :class:`~dpo_xpu.errors.TrainingDiverged`. Put it
+    after the callbacks that write the step's row and mark checkpoints (``Trainer`` calls them in order).
     """
 
     def __init__(self) -> None:

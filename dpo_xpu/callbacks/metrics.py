@@ -23,16 +23,9 @@ logger = logging.getLogger(__name__)
 #: The metrics written for each training log, with TRL's names.
 TRAIN_KEYS = (
     "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "learning_rate",
-    "grad_norm",
+    *("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
+    *("logps/chosen", "logps/rejected", "learning_rate", "grad_norm"),
 )
-
 
 #: Keys of a ``metrics.jsonl`` row that are not in the trainer's log (the step-0 check's ``step0/*``, the eval rows'
 #: drift, the throughput's ``perf/*``, ``elapsed_s``): :class:`MetricsLoggerCallback` also adds them to the trainer's
@@ -49,14 +42,9 @@ def _clean(value: Any) -> Any:
 
 
 def metrics_row(entry: dict[str, Any]) -> dict[str, Any] | None:
-    """The ``metrics.jsonl`` row of one trainer log: an entry of ``trainer.state.log_history`` (its ``logs`` with
-    ``step`` and ``epoch``); ``None`` for a log that is not a step (the end-of-training summary).
-
-    A train row holds ``step``, ``epoch``, the :data:`TRAIN_KEYS` logged, then the entry's :data:`ROW_EXTRAS`; an
-    evaluation row the ``eval_*`` values renamed ``eval/*``, then the extras. :class:`MetricsLoggerCallback` writes
-    each row from it, and resume rebuilds rows lost from ``metrics.jsonl`` with it from a checkpoint's log history,
-    so both have the same keys, in the same order.
-    """
+    """The ``metrics.jsonl`` row of one entry of ``trainer.state.log_history`` (``None`` for the end-of-training
+    summary): ``step``, ``epoch``, the :data:`TRAIN_KEYS` logged (or the ``eval_*`` values renamed ``eval/*``), then
+    the entry's :data:`ROW_EXTRAS`. The logger and resume's rebuild both use it, so rows have the same keys."""
     row: dict[str, Any] = {"step": entry.get("step"), "epoch": _clean(entry.get("epoch"))}
     if "loss" in entry:
         row.update({key: _clean(entry[key]) for key in TRAIN_KEYS if key in entry})
@@ -73,18 +61,12 @@ def metrics_row(entry: dict[str, Any]) -> dict[str, Any] | None:
 class MetricsLoggerCallback(TrainerCallback):
     """Append one JSON line per logging step to ``<run_dir>/metrics.jsonl``.
 
-    Train rows hold ``step``, ``epoch``, ``elapsed_s`` (seconds since training began) and the
-    :data:`TRAIN_KEYS` the trainer logged. Evaluation rows hold the trainer's ``eval_*`` values renamed
-    ``eval/*`` (``eval_rewards/margins`` -> ``eval/rewards/margins``), plus ``eval/drift_chosen_logratio``:
-    ``eval/rewards/chosen / beta``, the mean ``log pi(y_w|x) - log pi_ref(y_w|x)`` over the chosen answers (TRL's
-    reward is ``beta`` times that log-ratio, Rafailov et al. 2023, eq. 5; the same estimate as
-    :func:`dpo_xpu.eval.heldout.evaluate_preferences`). Not written for ``reference_free`` runs.
-
-    With ``step0``, the row logged at step 1 also gets the step-0 check's keys (:mod:`dpo_xpu.train.step0`).
-    With ``meter``, each train row gets the throughput since the last one (``perf/pairs_per_s``,
-    ``perf/tokens_per_s``, ``perf/step_s``, ``perf/mfu``: :class:`~dpo_xpu.train.throughput.ThroughputMeter`), and
-    the log says how long the run will take: after the first step (which includes warm-up) and again after the
-    fifth (:func:`time_estimate`).
+    Rows as :func:`metrics_row`, plus ``elapsed_s`` (seconds since training began); evaluation rows also get
+    ``eval/drift_chosen_logratio`` = ``eval/rewards/chosen / beta``, the mean ``log pi(y_w|x) - log pi_ref(y_w|x)``
+    over the chosen answers (TRL's reward is ``beta`` times it, Rafailov et al. 2023, eq. 5), except for
+    ``reference_free`` runs. With ``step0`` the step-1 row gets the step-0 check's keys; with ``meter`` each train
+    row gets the ``perf/*`` throughput since the last one, and the log says how long the run will take after steps
+    1 (warm-up included) and 5 (:func:`time_estimate`).
 
     Args:
         run_dir: the run folder; created if absent.
@@ -104,8 +86,7 @@ class MetricsLoggerCallback(TrainerCallback):
         self.meter = meter
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Refuse to append to rows of another training (a second trainer on the same ``output_dir``): rows after
-        the step training starts from would be mixed with this run's.
+        """Refuse to append to rows of another training (a second trainer on the same ``output_dir``).
 
         Raises:
             RunFolderError: ``metrics.jsonl`` already holds rows after ``state.global_step``.
@@ -186,10 +167,8 @@ def time_estimate(steps_done: int, seconds: float, steps_left: int) -> str:
 
 
 def step_line(logs: dict[str, Any], state: Any) -> str | None:
-    """One concise line for a logged step (``None`` for the end-of-training summary).
-
-    ``"step 5/40  loss 0.6812  accuracy 0.75  margin 0.0310  lr 2.00e-04"``; evaluation rows start with ``eval``.
-    """
+    """One line for a logged step, ``"step 5/40  loss 0.6812  accuracy 0.75  margin 0.0310  lr 2.00e-04"``
+    (evaluation rows start with ``eval``); ``None`` for the end-of-training summary."""
     prefix = "eval_" if "eval_loss" in logs else ""
     if f"{prefix}loss" not in logs:
         return None
@@ -234,9 +213,9 @@ class StepLinePrinterCallback(TrainerCallback):
 
 
 def use_step_lines(trainer: Any, notebook: bool) -> None:
-    """Replace the trainer's progress callback (transformers' bar that prints every metric's dict, or its notebook
-    table that grows a row per step above the live curves) by :class:`StepLineProgressCallback` (a bar; in a
-    notebook without lines) or, with ``disable_tqdm``, :class:`StepLinePrinterCallback`."""
+    """Replace the trainer's progress callback (a dict of every metric per step, or a notebook table) by
+    :class:`StepLineProgressCallback` (in a notebook without lines) or, with ``disable_tqdm``,
+    :class:`StepLinePrinterCallback`."""
     from transformers.trainer_callback import PrinterCallback
 
     removed = [PrinterCallback, ProgressCallback]
@@ -275,14 +254,11 @@ def _live_display_available() -> bool:
 class LiveRewardPlotCallback(TrainerCallback):
     """Redraw the reward curves at logging steps and save them as ``reward_curves.png``.
 
-    In a Jupyter kernel the picture is updated in place in the cell's output (one display, replaced at
-    each redraw); elsewhere (scripts, CI) only the PNG is written. Reads the rows that
-    :class:`MetricsLoggerCallback` wrote, so put this callback after it.
-
-    Drawing takes about half a second on a CPU; on a GPU, where a step of a small model takes less, a redraw at
-    every step would double the run's time (measured on an H200: the defaults at 0.54x TRL's pairs/s with a redraw
-    per step). So a logging step redraws only where redrawing stays under ``max_share`` of the wall time since the
-    last redraw; the first logging step and the end of training always redraw.
+    In a Jupyter kernel the picture is replaced in place in the cell's output; elsewhere only the PNG is written.
+    Reads the rows :class:`MetricsLoggerCallback` wrote, so put it after that one. A redraw takes about half a
+    second, which on a GPU would double a small model's run (H200: 0.54x TRL's pairs/s redrawing every step), so a
+    logging step redraws only while redrawing stays under ``max_share`` of the wall time; the first logging step
+    and the end of training always redraw.
 
     Args:
         run_dir: the run folder holding ``metrics.jsonl``.
@@ -373,12 +349,10 @@ class _AdapterView:
 
 
 class EvalSamplesCallback(TrainerCallback):
-    """At each evaluation, greedy answers of the policy and of the reference to fixed eval prompts, appended to
-    ``<run_dir>/eval_samples.jsonl`` (one ``{"step", "prompt", "policy", "reference"}`` line per prompt).
-
-    Uses :func:`dpo_xpu.eval.heldout.generate_samples`. The reference is ``reference`` when given (the
-    ``separate`` strategy), else TRL's frozen ``ref`` adapter when the policy has one (TRL adds it to a PEFT
-    policy: a copy of the adapter as training began), else the policy with its adapters disabled.
+    """At each evaluation, greedy answers of the policy and of the reference to fixed prompts
+    (:func:`dpo_xpu.eval.heldout.generate_samples`), appended to ``<run_dir>/eval_samples.jsonl``, one
+    ``{"step", "prompt", "policy", "reference"}`` line per prompt. The reference is ``reference`` when given, else
+    TRL's frozen ``ref`` adapter when the policy has one, else the policy with its adapters disabled.
 
     Args:
         run_dir: the run folder.

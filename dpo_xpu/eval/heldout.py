@@ -6,7 +6,9 @@ Optimization", eq. 5 and section 5)::
     r(x, y) = beta * (log pi_theta(y|x) - log pi_ref(y|x))
 
 and a pair counts as "won" when the chosen answer's reward beats the rejected one's. The reference is the
-policy's own base with its LoRA adapters disabled, as in training with ``reference: adapter-off``.
+policy's own base with its LoRA adapters disabled, as in training with ``reference: adapter-off``. Not
+``DPOTrainer.evaluate``: this scores a finished policy on raw text pairs, without a trainer or its tokenized data,
+in both TRL generations (0.11 and 1.x).
 
     >>> metrics = evaluate_preferences(policy, tokenizer, heldout, beta=0.1)
     >>> samples = generate_samples(policy, tokenizer, heldout["prompt"][:3])
@@ -54,21 +56,10 @@ def sequence_log_probs(
 ) -> torch.Tensor:
     """Sum of the answer tokens' log-probabilities given the prompt, ``log pi(y|x)``, for each pair.
 
-    Computed here rather than by TRL because TRL's (``DPOTrainer.concatenated_forward``) needs a whole trainer,
-    config and tokenized dataset, and changed between TRL 0.11 and 1.x; TRL's ``selective_log_softmax`` is used
-    for the per-token step where it exists. Tokenization follows TRL 1.x (no special tokens added; the answer
-    starts where the ids of the prompt and of prompt + answer diverge). Sequences are right-padded here, whatever
-    the tokenizer's ``padding_side``, and prompt and padding positions are masked out.
-
-    Args:
-        model (`torch.nn.Module`): a causal LM (a PEFT model uses its active adapters).
-        tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
-        prompts (`Sequence[str]`), answers (`Sequence[str]`): N prompts and their N answers.
-        batch_size (`int`, defaults to 4): sequences per forward pass.
-        max_length (`int`, *optional*): cut prompt + answer to this many tokens (the answer's end goes).
-        max_prompt_length (`int`, *optional*): keep only the prompt's last this many tokens.
-        on_batch (`Callable[[int], Any]`, *optional*): called after each batch with its number of sequences (a
-            progress bar's `update`).
+    Tokenized as TRL 1.x does (no special tokens; the answer starts where the ids of the prompt and of prompt +
+    answer diverge), right-padded, prompt and padding masked out; TRL's ``selective_log_softmax`` where it exists.
+    ``max_length`` cuts prompt + answer (the answer's end goes), ``max_prompt_length`` keeps the prompt's last
+    tokens; ``on_batch`` is called with each batch's number of sequences (a progress bar's ``update``).
 
     Returns:
         `torch.Tensor`: shape `[N]`, float32 on the CPU, in nats (an empty answer gives 0).
@@ -128,15 +119,9 @@ def evaluate_preferences(
     single-sample estimate of ``KL(pi || pi_ref)`` on those prompts, which is only unbiased for answers sampled
     from the policy; chosen answers come from the data, so read it as a drift indicator, not an exact KL.
 
-    Args:
-        policy (`PeftModel`): the trained policy.
-        tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
-        dataset (`datasets.Dataset` or `dict`): columns `prompt`, `chosen`, `rejected` (see `format_orca_dataset`).
-        beta (`float`, defaults to 0.1): the DPO beta the policy was trained with.
-        reference (`torch.nn.Module`, *optional*): a separate reference; `None` uses `policy.disable_adapter()`.
-        batch_size, max_length, max_prompt_length: as :func:`sequence_log_probs`.
-        progress (`bool`, defaults to `False`): show a progress bar (tqdm) over the 4 x N scored sequences (chosen
-            and rejected, under the policy and the reference).
+    ``dataset`` has columns ``prompt``, ``chosen``, ``rejected``; ``beta`` is the one the policy was trained with;
+    ``reference`` is a separate reference (``None``: ``policy.disable_adapter()``); ``batch_size``, ``max_length``,
+    ``max_prompt_length`` as :func:`sequence_log_probs`; ``progress`` shows a bar over the 4 x N scored sequences.
 
     Returns:
         `dict`: `reward_accuracy` (fraction of pairs with chosen reward > rejected reward), `mean_margin`,
@@ -188,16 +173,9 @@ def generate_samples(
 ) -> list[dict[str, str]]:
     """Greedy answers of the policy and of the reference to the same prompts, side by side.
 
-    Args:
-        policy (`PeftModel`): the trained policy.
-        tokenizer (`PreTrainedTokenizerBase`): its tokenizer (prompts are left-padded for the batch).
-        prompts (`Sequence[str]`): formatted prompts (ChatML, ending with the assistant turn's opening).
-        max_new_tokens (`int`, defaults to 64): tokens generated at most per answer; generation also stops at
-            the EOS token and at `<|im_end|>` where the vocabulary has it.
-        reference (`torch.nn.Module`, *optional*): a separate reference; `None` uses `policy.disable_adapter()`.
-        batch_size (`int`, *optional*): prompts generated for together; `None`: all at once.
-        progress (`bool`, defaults to `False`): show a progress bar (tqdm) over the answers, the policy's then the
-            reference's.
+    ``prompts`` are formatted (ChatML, ending with the assistant turn's opening) and left-padded; generation stops
+    after ``max_new_tokens``, at EOS and at ``<|im_end|>``; ``reference`` as :func:`evaluate_preferences`;
+    ``batch_size`` prompts at a time (``None``: all at once); ``progress`` shows a bar over the answers.
 
     Returns:
         `list[dict]`: one `{"prompt", "policy", "reference"}` per prompt, answers decoded without special tokens.
@@ -236,13 +214,7 @@ def load_run_recipe(run_dir: str | Path, **expected: Any) -> Any:
     """Read the recipe a training run saved (`<run_dir>/recipe.yaml`) and check it against `expected` values.
 
     Evaluating with the run's own recipe (data, `limit`, `seed`, `eval_fraction`) gives back exactly the rows it
-    held out, so no training pair leaks into the evaluation.
-
-    Args:
-        run_dir (`str`): the run folder. expected: recipe keys and the values the caller assumes.
-
-    Returns:
-        `dpo_xpu.recipes.Recipe`: the run's recipe.
+    held out, so no training pair leaks into the evaluation. Returns the run's ``Recipe``.
 
     Raises:
         RunFolderError: no `recipe.yaml` in `run_dir`. RecipeError: an expected value differs from the run's.

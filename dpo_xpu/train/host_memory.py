@@ -53,12 +53,8 @@ def _mallinfo2() -> Any:
 
 
 def allocated_mib() -> float | None:
-    """Memory in use by glibc's allocator now, in MiB: its heap chunks in use plus its mmapped blocks (``uordblks +
-    hblkhd`` of ``mallinfo2``), without the freed memory it keeps resident.
-
-    Returns:
-        MiB in use, or ``None`` where glibc 2.33 or later is absent.
-    """
+    """Memory in use by glibc's allocator now, in MiB (``uordblks + hblkhd`` of ``mallinfo2``: heap chunks in use
+    plus mmapped blocks, without the freed memory it keeps resident); ``None`` without glibc 2.33 or later."""
     function = _mallinfo2()
     if function is None:
         return None
@@ -67,11 +63,7 @@ def allocated_mib() -> float | None:
 
 
 def release_freed_memory() -> bool:
-    """Return the allocator's free pages to the OS (glibc ``malloc_trim(0)``).
-
-    Returns:
-        ``True`` where glibc did it, ``False`` where glibc is absent (nothing is done).
-    """
+    """Return the allocator's free pages to the OS (glibc ``malloc_trim(0)``); ``False`` where glibc is absent."""
     trim = _malloc_trim()
     if trim is None:
         return False
@@ -80,10 +72,7 @@ def release_freed_memory() -> bool:
 
 
 def release_after_training_forward(model: torch.nn.Module) -> Any:
-    """Call :func:`release_freed_memory` after each forward pass of ``model`` that runs with gradients on.
-
-    Args:
-        model: the policy the trainer runs (on the CPU).
+    """Call :func:`release_freed_memory` after each forward pass of ``model`` (the CPU policy) with gradients on.
 
     Returns:
         The hook's handle (``.remove()`` undoes it), or ``None`` where glibc is absent.

@@ -69,11 +69,9 @@ def dpo_norm_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Length-normalised DPO: :func:`sigmoid_loss` on per-token average log-probs.
 
-    As open-instruct's ``dpo_norm`` (its ``concatenated_forward(average_log_prob=True)`` followed by ``dpo_loss``):
-    every log-prob, policy and reference, is divided by its answer's length ``|y|`` before eq. 7 of Rafailov et al.
-    2023 (with Mitchell 2023's label smoothing). The SimPO paper (Meng et al. 2024, section 2.2) motivates the
-    normalisation: a summed log-prob favours short answers. Equal to TRL 1.x's ``sigmoid_norm`` when
-    ``label_smoothing`` is 0.
+    As open-instruct's ``dpo_norm`` (``concatenated_forward(average_log_prob=True)``, then ``dpo_loss``): every
+    log-prob is divided by its answer's length ``|y|`` before eq. 7 of Rafailov et al. 2023 (a summed log-prob favours
+    short answers: Meng et al. 2024, section 2.2). TRL 1.x's ``sigmoid_norm`` when ``label_smoothing`` is 0.
 
     Args:
         chosen_lengths, rejected_lengths (`torch.Tensor` `[B]`): answer lengths in tokens (>= 1).
@@ -145,29 +143,13 @@ def own_loss(
     Raises:
         ValueError: ``loss_type`` is not one of :data:`OWN_LOSSES`.
     """
+    policy = (policy_chosen_logps, policy_rejected_logps)
+    ref = (ref_chosen_logps, ref_rejected_logps)
+    lengths = (chosen_lengths, rejected_lengths)
     if loss_type == "sigmoid":
-        return sigmoid_loss(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, label_smoothing
-        )
+        return sigmoid_loss(*policy, *ref, beta, label_smoothing)
     if loss_type == "dpo_norm":
-        return dpo_norm_loss(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            chosen_lengths,
-            rejected_lengths,
-            beta,
-            label_smoothing,
-        )
+        return dpo_norm_loss(*policy, *ref, *lengths, beta, label_smoothing)
     if loss_type == "simpo":
-        return simpo_loss(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            chosen_lengths,
-            rejected_lengths,
-            beta,
-            simpo_gamma,
-            label_smoothing,
-        )
+        return simpo_loss(*policy, *lengths, beta, simpo_gamma, label_smoothing)
     raise ValueError(f"no own loss {loss_type!r}: dpo_xpu computes {', '.join(OWN_LOSSES)}")

@@ -12,15 +12,14 @@ prediction.
 
 Why our own code: no library does this for TRL's ``DPOTrainer``. TRL's ``padding_free`` is disabled in TRL 1.16
 and packs whole sequences (the prompt still twice); Liger-Kernel tracks it as an open request (linkedin/Liger-Kernel
-#476); the paper's code is a research fork of another trainer. The packing here is small and leaves TRL's loss,
-its loop and its metrics in place: :class:`PrefixSharing` hooks the model call that TRL makes
-(``model(input_ids, attention_mask, labels=..., fused_lm_head=True)``), runs the packed batch through TRL's own
-fused LM head (``shift_labels``), and returns the per-token outputs in TRL's two-sequence layout.
+#476); the paper's code is a research fork of another trainer. :class:`PrefixSharing` hooks the fused-LM-head call TRL
+makes (:mod:`dpo_xpu.train.trl_internals`), runs the packed batch through TRL's own fused LM head and returns the
+per-token outputs in TRL's two-sequence layout, leaving TRL's loss, loop and metrics in place.
 
-Supported attention implementations: ``sdpa`` (the default of transformers, and what runs on XPU) and ``eager``,
-which take an arbitrary 4-D mask. With ``prefix_sharing: true`` a flash-attention model, or TRL 0.11 (the ipex-llm
-backend), raises :class:`~dpo_xpu.errors.RecipeError`; with ``prefix_sharing: auto`` (the default) the run goes on
-with TRL's two sequences per pair and the log says why (:func:`prefix_sharing_decision`).
+Attention: ``sdpa`` (transformers' default, and what runs on XPU) and ``eager`` take the 4-D mask. With
+``prefix_sharing: true`` flash attention or TRL 0.11 (the ipex-llm backend) raises
+:class:`~dpo_xpu.errors.RecipeError`; with ``auto`` (the default) the run keeps two sequences per pair and the log
+says why (:func:`prefix_sharing_decision`); a batch not in TRL's pair layout runs unpacked, and the log says why once.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from dpo_xpu.errors import RecipeError
+from dpo_xpu.train.trl_internals import SHIFT_LABELS, attn_implementation, is_fused_head_call
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class PackedPairs:
         segments: ``[B, L]`` int8: 0 prompt, 1 chosen branch, 2 rejected branch, 3 padding.
         attention_mask: ``[B, 1, L, L]`` bool, True where a query (row) may attend a key (column): causal, and
             only to the prompt or its own branch.
-        shift_labels: ``[B, L]`` the next token of each position within its branch, ``-100`` where unscored.
+        next_tokens: ``[B, L]`` the next token of each position within its branch, ``-100`` where unscored (the
+            fused LM head's already-shifted labels).
         target_mask: ``[2B, T - 1]`` bool, the scored positions in TRL's layout (chosen rows, then rejected).
         sequence_tokens: real tokens in TRL's two-sequence layout (prompt counted twice).
         packed_tokens: real tokens in the packed layout.
@@ -61,7 +62,7 @@ class PackedPairs:
     position_ids: torch.Tensor
     segments: torch.Tensor
     attention_mask: torch.Tensor
-    shift_labels: torch.Tensor
+    next_tokens: torch.Tensor
     target_mask: torch.Tensor
     sequence_tokens: int
     packed_tokens: int
@@ -85,9 +86,9 @@ class PackedPairs:
         """Move per-token values ``[B, L]`` (zero where unscored) to TRL's layout ``[2B, T - 1]``, keeping autograd.
 
         The values of row ``b``'s chosen branch go to row ``b``, those of its rejected branch to row ``B + b``, at
-        the positions TRL scores (``completion_mask[:, 1:]``), in order.
+        the positions TRL scores (its answer mask without the first column), in order.
         """
-        scored = self.shift_labels != -100
+        scored = self.next_tokens != -100
         pairs = per_token.size(0)
         out = []
         for segment, rows in ((_CHOSEN, slice(0, pairs)), (_REJECTED, slice(pairs, 2 * pairs))):
@@ -108,7 +109,7 @@ def _split_row(ids: torch.Tensor, real: torch.Tensor, answer: torch.Tensor) -> t
 
 
 def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> PackedPairs | None:
-    """Pack TRL's two-sequence batch into one sequence per pair (prefix sharing).
+    """Pack TRL's two-sequence batch into one sequence per pair (prefix sharing); :func:`packing` also says why not.
 
     Args:
         input_ids: ``[2B, T]``, the ``B`` chosen rows (prompt + chosen) then the ``B`` rejected rows, right-padded,
@@ -121,8 +122,14 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
         pair whose two rows have different prompts, an empty prompt, or tokens out of order). The caller then runs
         the plain two-sequence forward.
     """
+    packed = packing(input_ids, attention_mask, labels)
+    return packed if isinstance(packed, PackedPairs) else None
+
+
+def packing(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> PackedPairs | str:
+    """As :func:`pack_pairs`, but a declined batch gives the reason (one line) instead of ``None``."""
     if input_ids.dim() != 2 or input_ids.size(0) % 2:
-        return None
+        return "not an even number of rows (chosen rows, then rejected rows)"
     pairs = input_ids.size(0) // 2
     real = attention_mask.bool()
     answer = labels != -100
@@ -132,32 +139,23 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
         c, r = b, pairs + b
         split_c = _split_row(input_ids[c], real[c], answer[c])
         split_r = _split_row(input_ids[r], real[r], answer[r])
-        if split_c is None or split_r is None or split_c[0] != split_r[0] or split_c[0] == 0:
-            return None
+        if split_c is None or split_r is None:
+            return "a row is not laid out as prompt, answer, right padding"
+        if split_c[0] != split_r[0] or split_c[0] == 0:
+            return "a pair's two rows have different prompts, or an empty one"
         prompt_len, n_chosen = split_c
         n_rejected = split_r[1]
         prompt = input_ids[c, :prompt_len]
         if not torch.equal(prompt, input_ids[r, :prompt_len]):
-            return None
+            return "a pair's two rows have different prompts"
         chosen = input_ids[c, prompt_len : prompt_len + n_chosen]
         rejected = input_ids[r, prompt_len : prompt_len + n_rejected]
         last = prompt[-1:]
         ids = torch.cat([prompt[:-1], last, chosen, last, rejected])
         start = prompt_len - 1
-        positions = torch.cat(
-            [
-                torch.arange(start, device=device),
-                torch.arange(start, start + n_chosen + 1, device=device),
-                torch.arange(start, start + n_rejected + 1, device=device),
-            ]
-        )
-        segments = torch.cat(
-            [
-                torch.full((start,), _PROMPT, device=device, dtype=torch.int8),
-                torch.full((n_chosen + 1,), _CHOSEN, device=device, dtype=torch.int8),
-                torch.full((n_rejected + 1,), _REJECTED, device=device, dtype=torch.int8),
-            ]
-        )
+        parts = ((start, _PROMPT, 0), (n_chosen + 1, _CHOSEN, start), (n_rejected + 1, _REJECTED, start))
+        positions = torch.cat([torch.arange(first, first + n, device=device) for n, _, first in parts])
+        segments = torch.cat([torch.full((n,), seg, device=device, dtype=torch.int8) for n, seg, _ in parts])
         unscored = torch.full((1,), -100, device=device, dtype=input_ids.dtype)
         shift = torch.cat([torch.full((start,), -100, device=device, dtype=input_ids.dtype), chosen, unscored])
         shift = torch.cat([shift, rejected, unscored])
@@ -173,7 +171,7 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     packed_ids = padded(0, 0, input_ids.dtype)
     position_ids = padded(1, 0, torch.long)
     segments = padded(2, _PAD, torch.int8)
-    shift_labels = padded(3, -100, input_ids.dtype)
+    next_tokens = padded(3, -100, input_ids.dtype)
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     keys = segments[:, None, :]
     # A query sees earlier prompt tokens and earlier tokens of its own branch; padding sees only padding and the
@@ -184,11 +182,15 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
         position_ids=position_ids,
         segments=segments,
         attention_mask=allowed[:, None],
-        shift_labels=shift_labels,
+        next_tokens=next_tokens,
         target_mask=answer[:, 1:],
         sequence_tokens=int(real.sum()),
         packed_tokens=int((segments != _PAD).sum()),
     )
+
+
+def _attention_error(attn_implementation: str | None) -> RecipeError:
+    return RecipeError(f"prefix_sharing: {_attention_reason(attn_implementation)}. {_ATTENTION_FIX}")
 
 
 def _attention_reason(attn_implementation: str | None) -> str:
@@ -198,30 +200,19 @@ def _attention_reason(attn_implementation: str | None) -> str:
 _ATTENTION_FIX = "Load it with attn_implementation='sdpa', or set prefix_sharing: false"
 
 
-def _attention_error(attn_implementation: str | None) -> RecipeError:
-    return RecipeError(f"prefix_sharing: {_attention_reason(attn_implementation)}. {_ATTENTION_FIX}")
-
-
-def _attn_implementation(module: torch.nn.Module) -> str | None:
-    config = getattr(module, "config", None)
-    return getattr(config, "_attn_implementation", None) if config is not None else None
-
-
 class PrefixSharing:
-    """While active, a call ``module(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)`` runs packed.
+    """While active, TRL's fused-LM-head calls of ``module`` run packed, one sequence per pair.
 
     A forward pre-hook packs TRL's batch (:func:`pack_pairs`) and calls the model with the packed ids, the 4-D mask,
-    the position ids and ``shift_labels`` (scored by TRL's fused LM head without shifting); a forward hook moves the
-    per-token outputs (``log_probs``, ``entropy``, ``mean_logits``, ...) back to TRL's ``[2B, T - 1]`` layout. Any
-    other call passes unchanged, and so does a batch :func:`pack_pairs` declines.
-
-    Contexts nest: an inner one on the same module sees the packed call (no ``labels``) and passes it through.
+    the position ids and the already-shifted labels; a forward hook moves the per-token outputs (log-probs, entropy,
+    ...) back to TRL's ``[2B, T - 1]`` layout. Any other call passes unchanged, and so does a batch that
+    :func:`packing` declines (its reason logged at info level, once per reason). Contexts nest: an inner one on the
+    same module sees the packed call and passes it through.
 
     Args:
         module: the model TRL calls (the PEFT model, or a plain model with TRL's fused LM head).
-        tokens: a dict to add the token counts to (``"sequence"``: real tokens in TRL's layout, ``"packed"``: run
-            in the packed one, summed over the packed calls, for throughput and FLOPs accounting); default a new
-            one, kept as ``self.tokens``.
+        tokens: a dict to add the token counts to (``"sequence"``: real tokens in TRL's layout, ``"packed"``: in the
+            packed one, for throughput and FLOPs accounting); default a new one, kept as ``self.tokens``.
 
     Raises:
         RecipeError: (on a call) the model's attention implementation cannot take a 4-D mask.
@@ -247,21 +238,23 @@ class PrefixSharing:
         self._pending.clear()
 
     def _pack(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-        if args or not kwargs.get("fused_lm_head") or kwargs.get("labels") is None:
+        if args or not is_fused_head_call(kwargs) or kwargs.get("input_ids") is None:
             return None
-        if kwargs.get("input_ids") is None or kwargs.get("attention_mask") is None:
+        if kwargs.get("attention_mask") is None:
             return None
-        packed = pack_pairs(kwargs["input_ids"], kwargs["attention_mask"], kwargs["labels"])
-        if packed is None:
-            logger.debug("prefix sharing: batch not in TRL's pair layout, running it unpacked")
+        packed = packing(kwargs["input_ids"], kwargs["attention_mask"], kwargs["labels"])
+        if isinstance(packed, str):
+            if packed not in _DECLINED:
+                _DECLINED.add(packed)
+                logger.info("prefix sharing: a batch runs unpacked, two sequences per pair: %s", packed)
             return None
         new = {k: v for k, v in kwargs.items() if k != "labels"}
         new.update(
             input_ids=packed.input_ids,
-            attention_mask=packed.mask_for(_attn_implementation(module)),
+            attention_mask=packed.mask_for(attn_implementation(module)),
             position_ids=packed.position_ids,
-            shift_labels=packed.shift_labels,
         )
+        new[SHIFT_LABELS] = packed.next_tokens
         self._pending[id(packed.input_ids)] = packed
         self.tokens["sequence"] += packed.sequence_tokens
         self.tokens["packed"] += packed.packed_tokens
@@ -271,31 +264,26 @@ class PrefixSharing:
         packed = self._pending.pop(id(kwargs.get("input_ids")), None)
         if packed is None:
             return None
-        fields = {}
-        for name, value in output.items():
-            if torch.is_tensor(value) and value.shape == packed.shift_labels.shape:
-                value = packed.unpack(value)
-            fields[name] = value
-        return type(output)(**fields)
+        shape = packed.next_tokens.shape
+        return type(output)(
+            **{k: packed.unpack(v) if torch.is_tensor(v) and v.shape == shape else v for k, v in output.items()}
+        )
+
+
+#: Reasons a batch ran unpacked that the log already gave (each said once per process).
+_DECLINED: set[str] = set()
 
 
 def prefix_sharing_obstacle(model: torch.nn.Module, trl_generation: str) -> tuple[str, str] | None:
-    """What keeps prefix sharing from running on this stack, if anything.
-
-    Args:
-        model: the policy (a PEFT model or a plain causal LM).
-        trl_generation: ``"1.x"`` or ``"0.11"`` (:func:`dpo_xpu.train.trl_config.trl_generation`).
-
-    Returns:
-        ``None`` where it runs; else ``(reason, fix)``: TRL 0.11 (no fused LM head to score packed labels), or an
-        attention implementation that cannot take a 4-D mask.
-    """
+    """``None`` where prefix sharing runs on this stack, else ``(reason, fix)``: TRL 0.11 (no fused LM head to score
+    the packed labels), or an attention implementation that cannot take a 4-D mask. ``trl_generation``: ``"1.x"``
+    or ``"0.11"`` (:func:`~dpo_xpu.train.trl_internals.trl_generation`)."""
     if trl_generation != "1.x":
         return (
             f"needs TRL >= 1.0 (its fused LM head scores the packed sequence); TRL {trl_generation} is installed",
             "Set prefix_sharing: false, or use the native environment",
         )
-    attn = _attn_implementation(model)
+    attn = attn_implementation(model)
     if attn not in (None, *SUPPORTED_ATTENTION):
         return _attention_reason(attn), _ATTENTION_FIX
     return None
@@ -304,26 +292,21 @@ def prefix_sharing_obstacle(model: torch.nn.Module, trl_generation: str) -> tupl
 def check_prefix_sharing(model: torch.nn.Module, trl_generation: str) -> None:
     """Refuse prefix sharing where it cannot run, before any training starts.
 
-    Args:
-        model: the policy (a PEFT model or a plain causal LM).
-        trl_generation: ``"1.x"`` or ``"0.11"`` (:func:`dpo_xpu.train.trl_config.trl_generation`).
-
     Raises:
         RecipeError: where :func:`prefix_sharing_obstacle` names an obstacle: its reason and its fix.
     """
     obstacle = prefix_sharing_obstacle(model, trl_generation)
     if obstacle is not None:
-        reason, fix = obstacle
-        raise RecipeError(f"prefix_sharing: {reason}. {fix}")
+        raise RecipeError(f"prefix_sharing: {obstacle[0]}. {obstacle[1]}")
 
 
 def prefix_sharing_decision(setting: bool | str, model: torch.nn.Module, trl_generation: str) -> tuple[bool, str]:
-    """Whether a run shares prefixes, and why: ``prefix_sharing`` as the recipe sets it, ``auto`` resolved.
+    """Whether a run shares prefixes, and why.
 
     Args:
         setting: the recipe's ``prefix_sharing``: ``True``, ``False`` or ``"auto"`` (on where it runs).
         model: the policy (a PEFT model or a plain causal LM).
-        trl_generation: ``"1.x"`` or ``"0.11"`` (:func:`dpo_xpu.train.trl_config.trl_generation`).
+        trl_generation: ``"1.x"`` or ``"0.11"``.
 
     Returns:
         ``(on, why)``: the decision, and one line for the log.

@@ -1,34 +1,17 @@
 """Precomputed reference log-probs, cached on disk (the ``precomputed`` reference strategy).
 
-DPO needs, for every pair, the reference model's summed log-probability of the chosen and of the rejected
-answer (Rafailov et al. 2023, eq. 7). The reference never changes, so they can be computed once, before
-training, with no gradient and in length-sorted batches (little padding); each training step then runs the
-policy only. TRL 1.x can do this itself (``precompute_ref_log_probs``), but its cache is keyed by the dataset
-fingerprint and a hash of the weights only: it is not keyed by ``max_length`` or ``truncation_mode`` (applied
-later, by the collator), so changing them silently reuses stale values, and a damaged cache file is not
-detected. This module keeps TRL's computation (``DPOTrainer.compute_ref_log_probs``, same kernels, same
-collator) and replaces the cache:
+DPO needs each pair's reference log-probability of the chosen and the rejected answer (Rafailov et al. 2023, eq. 7).
+The reference never changes, so they are computed once, before training, with no gradient in length-sorted batches,
+and each step runs the policy only. TRL 1.x can do this itself (``precompute_ref_log_probs``), but its cache is
+keyed by the dataset fingerprint and a hash of the weights only: not by ``max_length`` or ``truncation_mode``
+(applied later, by the collator), so changing them silently reuses stale values, and a damaged file goes unnoticed.
+This module keeps TRL's computation (``DPOTrainer.compute_ref_log_probs``) and replaces the cache: the key is a
+sha256 over everything that changes the numbers (:func:`reference_cache_key`); the file, ``<key>.safetensors``, holds
+the key, row count and a checksum, is written atomically and is rebuilt with a warning when damaged; a valid file is
+checked on two batches computed again (:func:`cached_logps_gap`) and recomputed when stale, so the step-0 check
+(:mod:`dpo_xpu.train.step0`) sees the reference the run trains with.
 
-- the key is a sha256 over everything that changes the numbers (:func:`reference_cache_key`): the weights
-  (a sha256 of the local weight files' bytes, remembered until a file changes, :func:`weights_digest`; or the hub
-  id and commit), the model config and quantization, the
-  compute dtype and autocast, the device type, the tokenizer and its chat template, the tokenized rows in
-  order, ``max_length``, ``truncation_mode``, ``max_prompt_length``, and the TRL, torch and bitsandbytes
-  versions;
-- the file is ``<cache_dir>/<key>.safetensors`` (two float32 tensors of shape ``(rows,)``) with the key, the
-  row count and a sha256 of the tensor bytes in its header, written to a temporary file and renamed into
-  place; a file that is truncated, fails its checksum or has the wrong key or shape is rebuilt with a
-  warning, never used;
-- a valid file is checked before use: its shortest and longest batch are computed again with the reference
-  (:func:`cached_logps_gap`, the same batches: equal to the bit), and a file whose values differ (stale: written for
-  other weights) is recomputed with a warning, so that training never starts on it and the step-0 check
-  (:mod:`dpo_xpu.train.step0`) of the run sees the reference it trains with.
-
-```python
-trainer = make_dpo_trainer(recipe, policy, None, tokenizer, train_dataset)  # precompute_ref_log_probs=False
-info = attach_precomputed_reference(trainer, recipe)  # CacheInfo(hit=..., path=..., key=...)
-trainer.train()
-```
+Entry point: :func:`attach_precomputed_reference` on a built trainer, before ``train()``.
 """
 
 from __future__ import annotations
@@ -43,12 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from dpo_xpu.files import atomic_write_bytes, default_cache_dir, weights_digest
 from dpo_xpu.train.step0 import STEP0_TOLERANCE
-from dpo_xpu.train.trl_internals import route_reference_precompute
+from dpo_xpu.train.trl_internals import (
+    CONFIG_BOOKKEEPING,
+    collator_truncation,
+    config_origin,
+    route_reference_precompute,
+)
 
 if TYPE_CHECKING:
-    import torch
     from datasets import Dataset
 
     from dpo_xpu.recipes import Recipe
@@ -60,27 +49,16 @@ FORMAT_VERSION = 1
 #: The tokenized columns TRL 1.x's ``DPOTrainer`` gives every row; the reference log-probs depend on them.
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-#: Largest difference (nats) between a cached reference log-prob and the same batch computed again that is taken as
-#: the same value: the step-0 check's tolerance. Recomputed with the same batches, equal values agree to the bit.
+#: Largest difference (nats) between a cached log-prob and the same batch computed again taken as the same value.
 CHECK_TOLERANCE = STEP0_TOLERANCE
 
 
 @dataclass
 class CacheInfo:
-    """What :func:`attach_precomputed_reference` did for one dataset.
-
-    Args:
-        hit: the cached file was valid and used (``False``: computed now and written).
-        path: the cache file, ``<cache_dir>/<key>.safetensors``.
-        key: the sha256 hex digest of :attr:`components`.
-        rows: pairs covered (the dataset's length).
-        seconds: wall time to load (hit) or compute and write (miss).
-        rebuilt: a file was present but invalid (truncated, bad checksum, wrong key or shape, or stale) and was
-            rebuilt.
-        components: the values the key was computed from (also written beside the file as ``<key>.json``).
-        stale: a valid file's values differed from the reference model's on the rows checked
-            (:func:`cached_logps_gap`), so it was recomputed (``rebuilt`` is then ``True`` too).
-    """
+    """What :func:`attach_precomputed_reference` did for one dataset: ``hit`` (the cached file was used), ``path``
+    (``<cache_dir>/<key>.safetensors``), ``key`` (sha256 of ``components``, also written as ``<key>.json``), ``rows``,
+    ``seconds`` (to load, or compute and write), ``rebuilt`` (an invalid or stale file was replaced) and ``stale``
+    (a valid file's values differed from the reference model's: :func:`cached_logps_gap`)."""
 
     hit: bool
     path: Path
@@ -101,30 +79,17 @@ def _sha256_json(value: Any) -> str:
 
 
 def tokenizer_digest(tokenizer: Any) -> tuple[str, str]:
-    """Return ``(tokenizer_sha256, chat_template_sha256)``.
-
-    The tokenizer digest covers the fast tokenizer's full definition (``backend_tokenizer.to_str()``: vocab,
-    merges, normalizer, pre-tokenizer, added tokens), or the sorted vocabulary for a slow one, plus the special
-    tokens and padding side.
-    """
+    """``(tokenizer_sha256, chat_template_sha256)``: the fast tokenizer's full definition (the sorted vocabulary for a
+    slow one), its special tokens and padding side; and the chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    extra = json.dumps(
-        {"special": getattr(tokenizer, "special_tokens_map", {}), "padding_side": tokenizer.padding_side},
-        sort_keys=True,
-        default=str,
-    )
-    tok = hashlib.sha256((body + extra).encode()).hexdigest()
-    template = getattr(tokenizer, "chat_template", None)
-    return tok, hashlib.sha256(json.dumps(template, sort_keys=True, default=str).encode()).hexdigest()
+    extra = {"special": getattr(tokenizer, "special_tokens_map", {}), "padding_side": tokenizer.padding_side}
+    tok = hashlib.sha256((body + json.dumps(extra, sort_keys=True, default=str)).encode()).hexdigest()
+    return tok, _sha256_json(getattr(tokenizer, "chat_template", None))
 
 
 def dataset_digest(dataset: Dataset, columns: tuple[str, ...] = TOKEN_COLUMNS) -> str:
-    """sha256 over the token ids of every row, in row order (so it covers data, tokenizer and chat template).
-
-    Args:
-        dataset: TRL-tokenized rows with list-of-int ``columns``.
-        columns: the columns to hash. Default ``("prompt_ids", "chosen_ids", "rejected_ids")``.
+    """sha256 over the token ids of ``columns`` in every row, in row order (data, tokenizer and chat template).
 
     Raises:
         KeyError: a column is missing (the dataset was not tokenized by ``DPOTrainer``).
@@ -132,8 +97,7 @@ def dataset_digest(dataset: Dataset, columns: tuple[str, ...] = TOKEN_COLUMNS) -
     import numpy as np
     import pyarrow.compute as pc
 
-    missing = [c for c in columns if c not in dataset.column_names]
-    if missing:
+    if missing := [c for c in columns if c not in dataset.column_names]:
         raise KeyError(f"dataset lacks the tokenized column(s) {missing}; found {dataset.column_names}")
     h = hashlib.sha256(str(len(dataset)).encode())
     for batch in dataset.select_columns(list(columns)).with_format("arrow").iter(batch_size=4096):
@@ -145,10 +109,6 @@ def dataset_digest(dataset: Dataset, columns: tuple[str, ...] = TOKEN_COLUMNS) -
     return h.hexdigest()
 
 
-def _base_model(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def reference_cache_key(
     trainer: Any,
     dataset: Dataset,
@@ -156,42 +116,34 @@ def reference_cache_key(
     model_name_or_path: str | None = None,
     memo_dir: Path | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The cache key for the reference log-probs of ``dataset`` under ``trainer``.
-
-    ``prefix_sharing`` is not part of the key: packing a pair into one sequence changes the log-probs only by
-    float rounding (the tests bound it at 1e-4), so a cache written with or without it serves both.
-
-    Args:
-        trainer: a TRL 1.x ``DPOTrainer`` (its model, tokenizer, collator settings and device are read).
-        dataset: the TRL-tokenized rows (with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``).
-        recipe: the run's recipe, for ``backend``, ``quantization`` and ``max_prompt_length``; optional.
-        model_name_or_path: the base model's folder or hub id; default the recipe's, else the model config's
-            ``_name_or_path``.
-        memo_dir: where :func:`weights_digest` remembers digests of local folders.
+    """The cache key for the reference log-probs of ``dataset`` (TRL-tokenized rows) under ``trainer`` (a TRL 1.x
+    ``DPOTrainer``), with the ``recipe``'s backend, quantization and ``max_prompt_length`` where given; the model is
+    ``model_name_or_path``, else the recipe's, else its config's; ``memo_dir`` remembers weights digests.
+    ``prefix_sharing`` is not part of it: it changes the log-probs only by float rounding (tests: < 1e-4).
 
     Returns:
         ``(key, components)``: the sha256 hex digest and the JSON-able dict it was computed over.
     """
     import bitsandbytes
-    import torch
     import trl
 
-    base = _base_model(trainer.ref_model if trainer.ref_model is not None else trainer.model)
+    base = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     config = base.config
-    name = model_name_or_path or (recipe.model_name_or_path if recipe is not None else None) or config._name_or_path
+    name, commit = config_origin(config, model_name_or_path or (recipe.model_name_or_path if recipe else None))
     path = Path(str(name)).expanduser()
     name = str(path.resolve()) if path.exists() else str(name)
     quant = getattr(config, "quantization_config", None)
     quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
-    config_dict = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    config_dict = {k: v for k, v in config.to_dict().items() if k not in CONFIG_BOOKKEEPING}
     tok, template = tokenizer_digest(trainer.processing_class)
     args = trainer.args
-    collator = trainer.data_collator  # TRL truncates in the collator, with these two values
+    max_length, truncation_mode = collator_truncation(trainer)
     peft_config = getattr(trainer.model, "peft_config", {}) or {}
     components = {
         "format_version": FORMAT_VERSION,
         "model": name,
-        "weights": weights_digest(name, getattr(config, "_commit_hash", None), memo_dir=memo_dir),
+        "weights": weights_digest(name, commit, memo_dir=memo_dir),
         "model_config": _sha256_json(config_dict),
         "quantization": quant,
         "recipe_quantization": recipe.quantization if recipe is not None else None,
@@ -203,8 +155,8 @@ def reference_cache_key(
         "chat_template": template,
         "data": dataset_digest(dataset),
         "rows": len(dataset),
-        "max_length": getattr(collator, "max_length", args.max_length),
-        "truncation_mode": getattr(collator, "truncation_mode", args.truncation_mode),
+        "max_length": max_length,
+        "truncation_mode": truncation_mode,
         "max_prompt_length": recipe.max_prompt_length if recipe is not None else None,
         "ld_alpha": getattr(trainer, "ld_alpha", None),
         "ref_adapter": "ref" in peft_config,
@@ -217,10 +169,7 @@ def reference_cache_key(
 
 def _length_order(rows: Dataset) -> list[int]:
     """Row indices by increasing pair length (prompt + longer answer, tokens); ties keep row order."""
-    lengths = [
-        len(p) + max(len(c), len(r))
-        for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], strict=True)
-    ]
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(*(rows[c] for c in TOKEN_COLUMNS), strict=True)]
     return sorted(range(len(lengths)), key=lambda i: lengths[i])
 
 
@@ -229,20 +178,12 @@ def compute_reference_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs of every pair, with TRL's own ``compute_ref_log_probs`` (no grad, batched).
 
-    Rows are batched in order of length (so batches carry little padding) and the results put back in row
-    order. The reference is ``trainer.ref_model`` when set, else the policy with its adapters disabled.
-
-    Args:
-        trainer: a TRL 1.x ``DPOTrainer``.
-        dataset: TRL-tokenized rows.
-        batch_size: pairs per forward (each pair is two sequences).
-        desc: the progress bar's label.
+    Rows are batched by length (little padding), ``batch_size`` pairs each, and the results put back in row order.
+    The reference is ``trainer.ref_model`` when set, else the policy with its adapters disabled.
 
     Returns:
-        ``(ref_chosen_logps, ref_rejected_logps)``, float32 CPU tensors of shape ``(len(dataset),)``: summed
-        log-probabilities (nats) of each answer's tokens, after the collator's truncation to ``max_length``.
+        ``(ref_chosen_logps, ref_rejected_logps)``, float32 CPU ``(len(dataset),)``: summed answer log-probs (nats).
     """
-    import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -257,21 +198,16 @@ def compute_reference_logps(
         c, r = trainer.compute_ref_log_probs(model, batch)
         chosen.append(c.detach().float().cpu())
         rejected.append(r.detach().float().cpu())
-    ref_chosen = torch.empty(len(order), dtype=torch.float32)
-    ref_rejected = torch.empty(len(order), dtype=torch.float32)
-    index = torch.tensor(order, dtype=torch.long)
-    if order:
-        ref_chosen[index] = torch.cat(chosen)
-        ref_rejected[index] = torch.cat(rejected)
+    back = torch.tensor(order, dtype=torch.long).argsort()  # row order again
+    ref_chosen = torch.cat(chosen)[back] if order else torch.zeros(0)
+    ref_rejected = torch.cat(rejected)[back] if order else torch.zeros(0)
     if not (torch.isfinite(ref_chosen).all() and torch.isfinite(ref_rejected).all()):
         logger.warning("some reference log-probs are not finite (NaN/inf): check the model's numerics")
     return ref_chosen, ref_rejected
 
 
 def _tensor_sha256(chosen: torch.Tensor, rejected: torch.Tensor) -> str:
-    h = hashlib.sha256(chosen.contiguous().numpy().tobytes())
-    h.update(rejected.contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return hashlib.sha256(chosen.contiguous().numpy().tobytes() + rejected.contiguous().numpy().tobytes()).hexdigest()
 
 
 def save_reference_logps(
@@ -284,30 +220,16 @@ def save_reference_logps(
 ) -> Path:
     """Write the cache file atomically (temporary file + rename) with its key, row count and checksum.
 
-    Args:
-        path (`str` or `Path`): the ``.safetensors`` file to write; ``<stem>.json`` beside it gets ``components``
-            (for people).
-        chosen (`torch.Tensor`): float32, shape ``(rows,)``; rejected (`torch.Tensor`): the same.
-        key (`str`): the cache key, stored in the header and checked on load.
-        components (`dict`): what the key was computed over.
-        batch_size (`int`, *optional*): the pairs per forward they were computed with, stored so that a later hit
-            recomputes its check batches exactly as they were (:func:`cached_reference_logps`).
-
-    Returns:
-        `Path`: ``path``.
+    ``chosen`` and ``rejected`` are float32 ``(rows,)``; ``components`` go beside it as ``<stem>.json`` (for people);
+    ``batch_size`` (pairs per forward they were computed with) lets a later hit recompute its check batches exactly.
+    Returns ``path``.
     """
     from safetensors.torch import save
 
     path = Path(path)
     chosen, rejected = chosen.float().contiguous(), rejected.float().contiguous()
-    metadata = {
-        "format_version": str(FORMAT_VERSION),
-        "key": key,
-        "rows": str(chosen.numel()),
-        "sha256": _tensor_sha256(chosen, rejected),
-    }
-    if batch_size is not None:
-        metadata["batch_size"] = str(batch_size)
+    metadata = {"format_version": str(FORMAT_VERSION), "key": key, "rows": str(chosen.numel())}
+    metadata.update(sha256=_tensor_sha256(chosen, rejected), batch_size=str(batch_size or ""))
     data = save({REF_COLUMNS[0]: chosen, REF_COLUMNS[1]: rejected}, metadata=metadata)
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(components, indent=1, default=str).encode())
     atomic_write_bytes(path, data)
@@ -315,21 +237,17 @@ def save_reference_logps(
 
 
 def load_reference_logps(path: str | Path, key: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read and verify a cache file.
-
-    Args:
-        path: the ``.safetensors`` file.
-        key: the expected cache key.
-        rows: the expected number of pairs.
-
-    Returns:
-        ``(ref_chosen_logps, ref_rejected_logps)``, float32 tensors of shape ``(rows,)``.
+    """Read and verify a cache file written for ``key``: ``(ref_chosen_logps, ref_rejected_logps)``, ``(rows,)``.
 
     Raises:
-        CacheFileError: the file cannot be parsed (truncated or overwritten), lacks a tensor, has another key,
-            format version or row count, a wrong shape or dtype, or its tensor bytes fail the sha256 checksum.
+        CacheFileError: unreadable (truncated, overwritten), another key, format version or row count, a wrong shape
+            or dtype, or tensor bytes that fail the checksum.
     """
-    import torch
+    return _load(path, key, rows)[:2]
+
+
+def _load(path: str | Path, key: str, rows: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """As :func:`load_reference_logps`, plus the batch size the file was computed with (``None``: not recorded)."""
     from safetensors import safe_open
 
     try:
@@ -348,44 +266,21 @@ def load_reference_logps(path: str | Path, key: str, rows: int) -> tuple[torch.T
             raise CacheFileError(f"{path}: tensor of shape {tuple(tensor.shape)} {tensor.dtype}, expected ({rows},)")
     if _tensor_sha256(chosen, rejected) != metadata.get("sha256"):
         raise CacheFileError(f"{path}: checksum mismatch (the file is corrupted)")
-    return chosen, rejected
-
-
-def _stored_batch_size(path: Path) -> int | None:
-    """The batch size a valid cache file was computed with (``None``: not recorded, a file of an older dpo_xpu)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            value = (handle.metadata() or {}).get("batch_size", "")
-    except Exception:  # replaced since it was read (another process): check with the current batch size
-        return None
-    return int(value) if value.isdigit() else None
+    stored = metadata.get("batch_size", "")
+    return chosen, rejected, int(stored) if stored.isdigit() else None
 
 
 def cached_logps_gap(
     trainer: Any, dataset: Dataset, chosen: torch.Tensor, rejected: torch.Tensor, batch_size: int
 ) -> float:
-    """How far cached reference log-probs are from the reference model's, on the rows of two batches.
-
-    The shortest and the longest batch of :func:`compute_reference_logps` (its length order, ``batch_size`` pairs
-    each, the same padding) are computed again with the trainer's reference, so that values computed by this model
-    match to the last bit and stale ones (other weights, another truncation) differ by whole nats. Two batches of
-    the many a dataset has: a cache hit stays cheap.
-
-    Args:
-        trainer (`DPOTrainer`): a TRL 1.x ``DPOTrainer`` (its reference: ``ref_model``, else the adapter-off policy).
-        dataset (`datasets.Dataset`): the TRL-tokenized rows the log-probs belong to.
-        chosen (`torch.Tensor`): the cached ``ref_chosen_logps``, shape ``(len(dataset),)``; rejected
-            (`torch.Tensor`): the cached ``ref_rejected_logps``.
-        batch_size (`int`): the pairs per forward the cached values were computed with.
+    """How far cached reference log-probs are from the reference model's: the shortest and the longest batch of
+    :func:`compute_reference_logps` are computed again (same order and padding), so values of this model match to the
+    bit and stale ones (other weights, another truncation) differ by whole nats; two batches keep a hit cheap.
 
     Returns:
-        `float`: the largest absolute difference over the rows checked, in nats (``inf`` where only one side is
-        NaN); ``0.0`` for an empty dataset.
+        The largest absolute difference over the rows checked, in nats (``inf`` where only one side is NaN); ``0.0``
+        for an empty dataset.
     """
-    import torch
-
     order = _length_order(dataset.select_columns(list(TOKEN_COLUMNS)))
     last = (len(order) - 1) // batch_size * batch_size if order else 0
     rows = order[:batch_size] + order[last:] if last >= batch_size else order
@@ -401,37 +296,18 @@ def cached_logps_gap(
     return gap
 
 
-def cached_reference_logps(
+def _cached_logps(
     trainer: Any,
     dataset: Dataset,
-    cache_dir: str | Path | None = None,
-    recipe: Recipe | None = None,
-    batch_size: int | None = None,
-    name: str = "train",
-    model_name_or_path: str | None = None,
+    cache_dir: Path,
+    recipe: Recipe | None,
+    batch_size: int | None,
+    name: str,
+    model_name_or_path: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, CacheInfo]:
-    """Load the reference log-probs of ``dataset`` from the cache, or compute and store them.
-
-    A valid file is checked before use: two of its batches are computed again (:func:`cached_logps_gap`), and a file
-    whose values differ by more than :data:`CHECK_TOLERANCE` nats (stale: written for other weights, or by a
-    dpo_xpu whose key missed a change) is recomputed with a warning, so that training never starts on it.
-
-    Args:
-        trainer (`DPOTrainer`): a TRL 1.x ``DPOTrainer``.
-        dataset (`datasets.Dataset`): its TRL-tokenized rows (``trainer.train_dataset`` or an eval split).
-        cache_dir (`str` or `Path`, *optional*): the cache folder; default :func:`default_cache_dir`.
-        recipe (`Recipe`, *optional*): the run's recipe (see :func:`reference_cache_key`).
-        batch_size (`int`, *optional*): pairs per reference forward; default ``args.precompute_ref_batch_size`` or
-            ``args.per_device_train_batch_size``.
-        name (`str`): the split's name, for messages.
-        model_name_or_path (`str`, *optional*): the base model's folder or hub id (see :func:`reference_cache_key`).
-
-    Returns:
-        `tuple[torch.Tensor, torch.Tensor, CacheInfo]`: ``(ref_chosen_logps, ref_rejected_logps, info)``; tensors
-        float32 of shape ``(len(dataset),)``.
-    """
+    """``(ref_chosen_logps, ref_rejected_logps, info)`` of ``dataset`` from the cache, else computed and stored; a
+    valid file more than :data:`CHECK_TOLERANCE` nats off on two recomputed batches (stale) is recomputed."""
     start = time.perf_counter()
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key, components = reference_cache_key(trainer, dataset, recipe, model_name_or_path, memo_dir=cache_dir)
     path = cache_dir / f"{key}.safetensors"
     args = trainer.args
@@ -439,12 +315,12 @@ def cached_reference_logps(
     rebuilt = stale = False
     if path.exists():
         try:
-            chosen, rejected = load_reference_logps(path, key, len(dataset))
+            chosen, rejected, stored_batch_size = _load(path, key, len(dataset))
         except CacheFileError as exc:
             logger.warning("reference log-prob cache %s is invalid (%s): recomputing it", path, exc)
             rebuilt = True
         else:
-            gap = cached_logps_gap(trainer, dataset, chosen, rejected, _stored_batch_size(path) or batch_size)
+            gap = cached_logps_gap(trainer, dataset, chosen, rejected, stored_batch_size or batch_size)
             if gap <= CHECK_TOLERANCE:
                 logger.info("reference log-probs for %s (%d pairs) loaded from %s", name, len(dataset), path)
                 info = CacheInfo(True, path, key, len(dataset), time.perf_counter() - start, False, components)
@@ -452,9 +328,7 @@ def cached_reference_logps(
             logger.warning(
                 "reference log-prob cache %s is stale: its values differ from the reference model's by %.4g nats "
                 "(more than %g) on the rows checked: recomputing it",
-                path,
-                gap,
-                CHECK_TOLERANCE,
+                *(path, gap, CHECK_TOLERANCE),
             )
             rebuilt = stale = True
     chosen, rejected = compute_reference_logps(trainer, dataset, batch_size, desc=f"Reference log-probs ({name})")
@@ -465,11 +339,8 @@ def cached_reference_logps(
 
 
 def _with_ref_columns(dataset: Dataset, chosen: torch.Tensor, rejected: torch.Tensor) -> Dataset:
-    present = [c for c in REF_COLUMNS if c in dataset.column_names]
-    if present:
-        dataset = dataset.remove_columns(present)
-    dataset = dataset.add_column(REF_COLUMNS[0], chosen.tolist())
-    return dataset.add_column(REF_COLUMNS[1], rejected.tolist())
+    dataset = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
+    return dataset.add_column(REF_COLUMNS[0], chosen.tolist()).add_column(REF_COLUMNS[1], rejected.tolist())
 
 
 def attach_precomputed_reference(
@@ -482,31 +353,16 @@ def attach_precomputed_reference(
 ) -> CacheInfo:
     """Give a TRL 1.x ``DPOTrainer`` cached reference log-probs, so that training runs the policy only.
 
-    Call it on a trainer built with ``precompute_ref_log_probs=False`` (so TRL does not compute them itself),
-    before ``train()``. It adds the ``ref_chosen_logps`` / ``ref_rejected_logps`` columns to the train (and
-    eval) dataset, from the cache or computed now (:func:`cached_reference_logps`), switches the trainer to
-    read them (``trainer.precompute_ref_logps = True``, as TRL's own precompute does), routes later
-    ``evaluate(new_dataset)`` calls through the same cache, and drops a separate ``ref_model`` (frees its
-    memory; with PEFT the reference is the policy's base, shared, so there is nothing to free).
-
-    Where the log-probs came from is left on the trainer: ``trainer.reference_cache_info`` is the train split's
-    :class:`CacheInfo`, ``trainer.reference_cache_by_split`` maps each split's name (``"train"``, ``"eval"`` or the
-    eval dict's keys; ``"eval"`` again for a dataset given to ``evaluate``) to its latest :class:`CacheInfo`.
-
-    Args:
-        trainer (`DPOTrainer`): a TRL >= 1.0 ``DPOTrainer`` whose datasets are tokenized (any trainer after
-            ``__init__``).
-        recipe (`Recipe`, *optional*): the run's recipe (for the cache key).
-        cache_dir (`str` or `Path`, *optional*): the cache folder; default ``$DPO_XPU_CACHE_DIR`` or
-            ``~/.cache/dpo_xpu/reference-logps``.
-        batch_size (`int`, *optional*): pairs per reference forward; default ``precompute_ref_batch_size`` or the
-            train batch.
-        model_name_or_path (`str`, *optional*): the base model's folder or hub id, for the key (default: the
-            recipe's).
-        free_reference (`bool`): set ``trainer.ref_model`` to ``None`` afterwards. Default ``True``.
+    Call it on a trainer built with ``precompute_ref_log_probs=False``, before ``train()``. It adds the
+    ``ref_chosen_logps`` / ``ref_rejected_logps`` columns to the train (and eval) dataset, from the cache or computed
+    now (checked first: :func:`cached_logps_gap`), makes the trainer read them, routes later
+    ``evaluate(new_dataset)`` calls through the same cache, and with ``free_reference`` drops a separate
+    ``ref_model``. ``trainer.reference_cache_info`` is then the train split's :class:`CacheInfo`, and
+    ``trainer.reference_cache_by_split`` maps each split's name (``"train"``, ``"eval"`` or the eval dict's keys) to
+    its latest one.
 
     Returns:
-        `CacheInfo`: the train split's (``hit``, ``path``, ``key``, ``rows``, ``seconds``, ``stale``).
+        The train split's :class:`CacheInfo`.
 
     Raises:
         KeyError: the train dataset is not tokenized (no ``prompt_ids``/``chosen_ids``/``rejected_ids``).
@@ -514,14 +370,12 @@ def attach_precomputed_reference(
     """
     from datasets import Dataset
 
-    if not isinstance(trainer.train_dataset, Dataset):
-        raise TypeError(
-            f"precomputed reference log-probs need a map-style datasets.Dataset, found {type(trainer.train_dataset)}"
-        )
+    if not isinstance(found := trainer.train_dataset, Dataset):
+        raise TypeError(f"precomputed reference log-probs need a map-style datasets.Dataset, found {type(found)}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     def precompute(self: Any, dataset: Dataset, name: str, batch: int | None = None) -> Dataset:
-        chosen, rejected, info = cached_reference_logps(
+        chosen, rejected, info = _cached_logps(
             self, dataset, cache_dir, recipe, batch_size or batch, name, model_name_or_path
         )
         by_split[name] = info
@@ -537,14 +391,10 @@ def attach_precomputed_reference(
     elif eval_dataset is not None:
         trainer.eval_dataset = cached(eval_dataset, "eval")
     if free_reference and trainer.ref_model is not None:
-        import torch
-
         trainer.ref_model = None
         gc.collect()
-        for backend in ("cuda", "xpu"):
-            module = getattr(torch, backend, None)
-            if module is not None and module.is_available():
-                module.empty_cache()
+        if torch.accelerator.is_available():
+            torch.accelerator.empty_cache()
         logger.info("separate reference model freed: training reads the precomputed log-probs")
     trainer.reference_cache_info = by_split["train"]
     return trainer.reference_cache_info

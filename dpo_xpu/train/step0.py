@@ -7,15 +7,10 @@ value at a zero margin: ``-log sigmoid(0) = ln 2`` for sigmoid DPO (eq. 7), cons
 ``1`` for ``hinge``, ``(1 / (2 beta))^2`` for ``ipo`` (Azar et al. 2023, eq. 17). When the logged values differ by
 more than float noise, the reference is not computing what the policy computes (it was loaded in another dtype, on
 another device, or with another kernel), and every reward of the run is biased by that gap. The check says so
-once, plainly: in the log, in the first row of ``metrics.jsonl`` (keys ``step0/logratio_gap`` and
-``step0/warning``) and in notebook 3.
-
-This check comes after the first update, too late to change the reference the run trains with. A ``precomputed``
-reference is therefore checked before the first step instead: a cached file whose values differ from the reference
-model's is recomputed (:func:`dpo_xpu.train.reference_cache.cached_reference_logps`), so a stale cache never reaches
-this check.
-
-No library checks this (TRL logs the numbers, never what they should be at step 0), hence this small module.
+once, plainly: in the log, in the first row of ``metrics.jsonl`` (``step0/logratio_gap``, ``step0/warning``) and in
+notebook 3. (A ``precomputed`` reference is checked before the first step instead:
+:func:`dpo_xpu.train.reference_cache.cached_logps_gap`.) No library checks this (TRL logs the numbers, never what
+they should be at step 0), hence this small module.
 """
 
 from __future__ import annotations
@@ -52,8 +47,7 @@ def expected_step0_loss(loss_type: str, beta: float, nll_loss_coef: float = 0.0)
 
 def _strip_peft(name: str) -> str:
     """A PEFT policy's parameter name as the plain model names it."""
-    name = name.removeprefix("base_model.model.")
-    return name.replace(".base_layer.", ".")
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 def dtype_mismatches(policy: Any, reference: Any) -> list[str]:
@@ -128,13 +122,8 @@ class Step0Check:
 
 
 def step0_causes(recipe: Any, policy: Any, reference: Any, device_type: str) -> list[str]:
-    """The likely causes of a step-0 gap for this run, most likely first.
-
-    Args:
-        recipe: the run's :class:`~dpo_xpu.recipes.Recipe`.
-        policy: the policy model; reference: the ``separate`` reference or ``None``.
-        device_type: the policy's device type (``"cpu"``, ``"xpu"``, ``"cuda"``).
-    """
+    """The likely causes of a step-0 gap for this run, most likely first (``reference``: a ``separate`` one or
+    ``None``; ``device_type``: the policy's)."""
     causes = []
     if reference is not None:
         mismatches = dtype_mismatches(policy, reference)

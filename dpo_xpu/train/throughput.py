@@ -25,18 +25,8 @@ def model_flops(config: Any, tokens: float, mean_seq_len: float, forward_only: b
     """Model FLOPs of a pass over ``tokens`` tokens (Kaplan et al. 2020, sec. 2.1; PaLM, Chowdhery et al. 2022, app. B).
 
     ``6 N + 12 L H Q S`` per token for forward and backward, ``2 N + 4 L H Q S`` for a forward only, where ``N``
-    counts the parameters of the matrix multiplies (layers + output head, tied embeddings once:
-    :func:`dpo_xpu.train.memory.matmul_parameters`), ``L`` layers, ``H`` heads, ``Q`` head dimension, ``S`` the mean
-    sequence length.
-
-    Args:
-        config: the model's ``PretrainedConfig``.
-        tokens (`float`): tokens run through the model.
-        mean_seq_len (`float`): their mean sequence length, in tokens.
-        forward_only (`bool`, defaults to `False`): a forward pass alone (a reference model's).
-
-    Returns:
-        `float`: FLOPs.
+    counts the parameters of the matrix multiplies (:func:`dpo_xpu.train.memory.matmul_parameters`), ``L`` layers,
+    ``H`` heads, ``Q`` head dimension, ``S`` = ``mean_seq_len``. Returns FLOPs.
     """
     from dpo_xpu.train.memory import matmul_parameters
 
@@ -58,18 +48,8 @@ def synchronize(device: str) -> None:
 
 @functools.lru_cache(maxsize=8)
 def matmul_gflops(device: str, dtype_name: str = "bfloat16", n: int | None = None, repeats: int = 3) -> float:
-    """The device's matmul ceiling: the best GFLOP/s of ``repeats`` timed ``n x n @ n x n`` matmuls (``2 n^3`` FLOPs
-    each) after a warm-up, measured once per process and arguments.
-
-    Args:
-        device (`str`): ``"cpu"``, ``"xpu"``, ``"cuda"`` (optionally ``:N``).
-        dtype_name (`str`, defaults to `"bfloat16"`): the compute dtype, as torch names it.
-        n (`int`, *optional*): the matrix size; default 1024 on a CPU (about 0.1 s in all), 8192 on a GPU.
-        repeats (`int`, defaults to 3): timed matmuls; the fastest counts.
-
-    Returns:
-        `float`: GFLOP/s (1e9 FLOP per second).
-    """
+    """The device's matmul ceiling in GFLOP/s: the fastest of ``repeats`` timed ``n x n @ n x n`` matmuls (``2 n^3``
+    FLOPs each; ``n`` 1024 on a CPU, 8192 on a GPU) after a warm-up, measured once per process and arguments."""
     import torch
 
     kind = str(device).split(":")[0]
@@ -91,22 +71,11 @@ def matmul_gflops(device: str, dtype_name: str = "bfloat16", n: int | None = Non
 class ThroughputMeter:
     """The ``perf/*`` values of each logged training step, from the step's wall time and TRL's token count.
 
-    Between two logged steps: ``perf/pairs_per_s`` (preference pairs trained: steps x global batch),
-    ``perf/tokens_per_s`` (the tokens TRL counts in ``num_tokens``: prompt and answer of both sequences, before any
-    prefix sharing), ``perf/step_s`` (seconds per optimizer step) and, where ``peak_gflops`` is known,
-    ``perf/mfu``: the model FLOPs of the tokens the model really ran (with prefix sharing, each prompt once:
-    ``token_ratio``; plus a forward pass of the reference where it runs at each step) per second, over the peak.
-
-    Args:
-        config: the policy's model config (for :func:`model_flops`).
-        pairs_per_step (`int`): pairs per optimizer step over every process (the global batch).
-        peak_gflops (`float`, *optional*): the device's ceiling in the compute dtype (:func:`matmul_gflops`),
-            per process; ``None`` leaves ``perf/mfu`` out.
-        processes (`int`, defaults to 1): data-parallel processes (MFU is per device).
-        reference_forward (`bool`, defaults to `False`): a reference model runs a forward pass at each step
-            (``adapter-off``, ``separate``), not a precomputed or absent one.
-        token_ratio (`callable`, *optional*): returns the share of TRL's counted tokens the model ran (prefix
-            sharing; 1.0 without).
+    Between two logged steps: ``perf/pairs_per_s`` (steps x ``pairs_per_step``, the global batch),
+    ``perf/tokens_per_s`` (TRL's ``num_tokens``: both sequences, before prefix sharing), ``perf/step_s`` and, with
+    ``peak_gflops`` (per process, :func:`matmul_gflops`), ``perf/mfu``: the model FLOPs of the tokens really run
+    (``token_ratio()`` of TRL's count with prefix sharing; plus a reference forward with ``reference_forward``) per
+    second, per process (``processes``), over the peak.
     """
 
     def __init__(
@@ -160,13 +129,8 @@ class ThroughputMeter:
 
 
 def trainer_meter(trainer: Any, reference_forward: bool) -> ThroughputMeter:
-    """The :class:`ThroughputMeter` of a built trainer: its policy's config, global batch, device and compute dtype
-    (the matmul ceiling measured once per process), and its prefix sharing's token count where it has one.
-
-    Args:
-        trainer: a ``DPOTrainer`` (or :class:`~dpo_xpu.train.trainer.DpoXpuTrainer`).
-        reference_forward (`bool`): a reference forward pass runs at each step (not precomputed, not reference-free).
-    """
+    """The :class:`ThroughputMeter` of a built trainer (its policy's config, global batch, device, compute dtype and
+    prefix sharing's token count); ``reference_forward``: a reference forward runs at each step."""
     model = trainer.model
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     args = trainer.args

@@ -1,22 +1,17 @@
 """``DpoXpuTrainer``: TRL 1.x's ``DPOTrainer`` with dpo_xpu's own losses, a reference-free mode, a CPU reference and
-prefix sharing.
+prefix sharing; :func:`~dpo_xpu.train.factory.build_trainer` picks it only when a recipe needs one of these.
 
-:func:`dpo_xpu.pipeline.make_dpo_trainer` picks it only when a recipe needs one of these; otherwise the plain
-``DPOTrainer`` runs. It changes one method, ``_compute_loss``, and leaves TRL's forward passes, its loss loop and
-its metrics in place:
+It changes one method, ``_compute_loss``, and keeps TRL's forward passes, loss loop and metrics:
 
-1. the reference log-probs are handed to TRL as if precomputed: zeros for a reference-free loss (no reference
-   forward at all), or computed by TRL's own ``compute_ref_log_probs`` on the reference's device (a ``separate``
-   reference kept on the CPU gets its inputs moved there and its log-probs moved back);
-2. for an own loss (see :mod:`dpo_xpu.train.losses`), TRL's loss list holds a zero-weighted ``sigmoid`` placeholder
-   (plus TRL's ``sft`` NLL term when ``nll_loss_coef`` > 0); the policy's per-token log-probs are read from the forward
-   pass TRL already made (a forward hook), the own loss is added to TRL's, and TRL's ``rewards/*`` metrics are
-   replaced by the own loss's rewards. Every other metric (``logps/*``, ``logits/*``, entropy) is TRL's;
-3. with ``prefix_sharing``, every model call TRL makes (policy and reference) runs one packed sequence per pair
-   (:mod:`dpo_xpu.train.prefix_sharing`) and hands TRL the per-token outputs in its own layout;
-4. for ``ipo``, whose loss acts on length-averaged log-ratios (TRL's ``ipo`` divides by the answer length), the
-   logged ``rewards/*`` are ``beta`` times those averaged log-ratios, as TRL 0.11 logs them, instead of TRL 1.x's
-   summed ones: every ``rewards/*`` metric is the quantity whose difference the loss acts on.
+1. the reference log-probs are handed to TRL as if precomputed: zeros for a reference-free loss, or TRL's own
+   ``compute_ref_log_probs`` on the reference's device (a ``separate`` reference kept on the CPU);
+2. for an own loss (:mod:`dpo_xpu.train.losses`), TRL's loss list holds a zero-weighted ``sigmoid`` placeholder; the
+   policy's per-token log-probs are read from TRL's forward pass (a forward hook), the own loss is added to TRL's,
+   and TRL's ``rewards/*`` are replaced by the own loss's rewards; every other metric is TRL's;
+3. with ``prefix_sharing``, every model call TRL makes runs one packed sequence per pair
+   (:mod:`dpo_xpu.train.prefix_sharing`);
+4. for ``ipo`` (whose loss acts on length-averaged log-ratios) the logged ``rewards/*`` are ``beta`` times those
+   averages, as TRL 0.11 logs them, instead of TRL 1.x's sums.
 """
 
 from __future__ import annotations
@@ -30,7 +25,14 @@ from trl import DPOTrainer
 
 from dpo_xpu.train.losses import own_loss
 from dpo_xpu.train.prefix_sharing import PrefixSharing
-from dpo_xpu.train.trl_internals import mark_prepared, reference_logps_from_batch, step_metrics
+from dpo_xpu.train.trl_internals import (
+    answer_mask,
+    chosen_rejected,
+    fused_head_log_probs,
+    mark_prepared,
+    reference_logps_from_batch,
+    step_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +41,14 @@ class DpoXpuTrainer(DPOTrainer):
     """TRL 1.x ``DPOTrainer`` plus dpo_xpu's losses, reference-free training and a reference on another device.
 
     Args:
-        own_loss_type (`str`, *optional*): ``"sigmoid"`` (conservative DPO), ``"dpo_norm"`` or ``"simpo"``
-            computed by :mod:`dpo_xpu.train.losses`; ``None`` keeps TRL's loss.
-        reference_free (`bool`, defaults to `False`): take every reference log-prob as 0 (no reference forward).
-        label_smoothing (`float`, defaults to 0): the own loss's label smoothing (conservative DPO's epsilon).
-        simpo_gamma (`float`, defaults to 0.5): SimPO's target margin.
-        reference_device (`str`, *optional*): keep ``ref_model`` on this device (``"cpu"``) instead of the
-            accelerator: accelerate is told not to place it, and its inputs go there.
-        prefix_sharing (`bool`, defaults to `False`): run each pair as one packed sequence, the prompt computed
-            once (:mod:`dpo_xpu.train.prefix_sharing`). ``prefix_sharing_tokens`` then counts the real tokens in TRL's
+        own_loss_type: ``"sigmoid"`` (conservative DPO), ``"dpo_norm"`` or ``"simpo"`` (:mod:`dpo_xpu.train.losses`);
+            ``None`` keeps TRL's loss. ``label_smoothing`` and ``simpo_gamma`` are its parameters.
+        reference_free: take every reference log-prob as 0 (no reference forward).
+        reference_device: keep ``ref_model`` on this device (``"cpu"``): accelerate does not place it; its inputs go
+            there.
+        prefix_sharing: one packed sequence per pair; ``prefix_sharing_tokens`` counts the real tokens in TRL's
             layout (``"sequence"``) and in the packed one (``"packed"``).
-        length_normalised_rewards (`bool`, defaults to `False`): log ``rewards/*`` as ``beta`` times the
-            length-averaged log-ratio (for ``ipo``, whose loss uses that average).
+        length_normalised_rewards: log ``rewards/*`` as ``beta`` times the length-averaged log-ratio (``ipo``).
         *args, **kwargs: as ``trl.DPOTrainer``.
     """
 
@@ -129,7 +127,7 @@ class DpoXpuTrainer(DPOTrainer):
         if self.own_loss_type is None:
             if self.length_normalised_rewards:
                 chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = self._answer_logps(
-                    recorded[0].log_probs, inputs
+                    fused_head_log_probs(recorded[0]), inputs
                 )
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
                 self._replace_rewards(
@@ -138,7 +136,7 @@ class DpoXpuTrainer(DPOTrainer):
                 )
             return result
         loss, outputs = result if return_outputs else (result, None)
-        loss = loss + self._own_loss(recorded[0].log_probs, inputs)
+        loss = loss + self._own_loss(fused_head_log_probs(recorded[0]), inputs)
         return (loss, outputs) if return_outputs else loss
 
     @staticmethod
@@ -148,13 +146,10 @@ class DpoXpuTrainer(DPOTrainer):
         """Summed answer log-probs ``(chosen [B], rejected [B])`` from the per-token ones ``[2B, T-1]``, and the
         answer lengths ``(chosen [B], rejected [B])`` in tokens, counted as TRL's ``sigmoid_norm`` and ``ipo`` count
         them (the completion mask, at least 1)."""
-        completion_mask = inputs["completion_mask"]
-        shift_mask = completion_mask[..., 1:]
-        per_token_logps = per_token_logps[:, -shift_mask.size(1) :]
-        logps = (per_token_logps * shift_mask).sum(dim=1)
-        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-        chosen_lengths, rejected_lengths = completion_mask.sum(dim=1).clamp(min=1).to(logps.dtype).chunk(2, dim=0)
-        return chosen_logps, rejected_logps, chosen_lengths, rejected_lengths
+        mask = answer_mask(inputs)
+        shift_mask = mask[..., 1:]
+        logps = (per_token_logps[:, -shift_mask.size(1) :] * shift_mask).sum(dim=1)
+        return (*chosen_rejected(logps), *chosen_rejected(mask.sum(dim=1).clamp(min=1).to(logps.dtype)))
 
     def _replace_rewards(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
         """Put these rewards ``[B]`` in place of the ``rewards/*`` TRL just logged for this micro-batch."""
@@ -187,11 +182,9 @@ class DpoXpuTrainer(DPOTrainer):
 def match_reference_adapter_dtype(model: torch.nn.Module) -> int:
     """Give TRL's frozen "ref" adapter the dtype of the trained "default" adapter it was copied from.
 
-    TRL 1.x, given a model that already has an adapter (``adapter_name_or_path``), copies it as a frozen "ref"
-    adapter (the reference = the starting policy), then casts the trainable adapter of a quantized model to bf16
-    (QLoRA's recipe), but not the copy. PEFT runs an adapter in its weights' dtype, so the policy and its reference
-    would differ at step 0 (stories260K: 9.6 nats on one answer, a first loss of 0.51 instead of ln 2). Casting the
-    copy the same way makes both the same bf16-rounded adapter.
+    TRL 1.x copies a starting adapter as a frozen "ref" adapter, then casts the trainable one of a quantized model to
+    bf16 (QLoRA), but not the copy; PEFT runs an adapter in its weights' dtype, so policy and reference would differ
+    at step 0 (stories260K: 9.6 nats on one answer, a first loss of 0.51 instead of ln 2).
 
     Returns:
         The number of "ref" parameters cast (0 when the model has no "ref" adapter or the dtypes already match).

@@ -1,31 +1,30 @@
-"""Every reach of dpo_xpu into the private parts of TRL, accelerate and transformers, gathered in one place.
+"""Every reach of dpo_xpu into the private or undocumented parts of TRL, transformers, accelerate, PEFT and
+bitsandbytes, each behind one name here whose docstring says what breaks without it.
 
-dpo_xpu keeps TRL's loop, losses and metrics, and changes a few things no public option reaches. Each of those
-touches a name that a TRL release may rename without notice; they all go through this module, and
-:func:`missing_internals` (run by the test suite and by :func:`dpo_xpu.pipeline.make_dpo_trainer`) names each one the
-installed TRL lacks, with its version, so a TRL upgrade fails at once with one line instead of deep in a step.
+A release may rename any of them without notice: :func:`missing_internals` (run when the trainer is built, by
+:func:`require_internals`, and by ``tests/test_trl_internals.py``) names each one the installed libraries lack, with
+their versions, so an upgrade fails at once with one line instead of deep in a step. No other module spells these
+names (the test checks it), except the ``_compute_loss`` override in :mod:`dpo_xpu.train.trainer` and
+``models/backends/native.py``, below this module's layer, which sets bitsandbytes'
+``Linear4bit.support_avx512bf16_for_cpu`` (so a reference in eval mode uses the training kernel) and transformers'
+``config._name_or_path``; both are checked here all the same.
 
-What is reached, and why (TRL 1.x unless said otherwise):
-
-- ``DPOTrainer._compute_loss(model, inputs, return_outputs)``: overridden by
-  :class:`~dpo_xpu.train.trainer.DpoXpuTrainer` to add dpo_xpu's own losses, prefix sharing and a CPU reference;
-- ``DPOTrainer.precompute_ref_logps`` (attribute): TRL reads the reference log-probs from the batch when it is
-  true; the trainer sets it for the length of one loss call, and the precomputed reference for the whole run;
-- ``DPOTrainer._metrics[mode]``: the per-micro-batch lists TRL logs; dpo_xpu's own losses replace ``rewards/*``;
-- ``DPOTrainer._precompute_ref_logps(dataset, name, batch_size)``: routed through dpo_xpu's on-disk cache
-  (:mod:`dpo_xpu.train.reference_cache`), so that ``evaluate(new_dataset)`` uses the cache too;
-- ``trl.trainer.utils._use_triton(device)``: TRL's switch that scores only answer tokens; opened for the CPU
-  (:func:`score_answer_tokens_only_on_cpu`);
-- ``trl.trainer.utils.use_adapter`` and ``selective_log_softmax``: TRL's helpers (public module, undocumented);
-- accelerate's ``model._is_accelerate_prepared``: marks a reference kept on the CPU so ``prepare`` leaves it there;
-- transformers' ``Trainer._load_from_checkpoint(resume_from_checkpoint, model)``: wrapped on ``--resume`` under
-  several processes, to cast the reloaded LoRA weights back before DDP builds its buckets;
-- TRL 0.11 (the ipex-llm backend): ``DPOTrainer.get_batch_loss_metrics(model, batch, train_eval)``.
+Reached (TRL 1.x unless said otherwise): ``DPOTrainer._compute_loss``, ``._precompute_ref_logps``,
+``.compute_ref_log_probs``, ``.precompute_ref_logps``, ``._metrics``; the batch's ``completion_mask`` and row order;
+the fused LM head's call, ``shift_labels`` and ``log_probs``; ``trl.trainer.utils._use_triton``, ``use_adapter``,
+``selective_log_softmax``; TRL's log-prob tile; ``DataCollatorForPreference.max_length`` / ``truncation_mode``;
+transformers' ``config._attn_implementation``, ``_name_or_path``, ``_commit_hash`` and
+``Trainer._load_from_checkpoint``; accelerate's ``_is_accelerate_prepared``; TRL 0.11's
+``DPOTrainer.get_batch_loss_metrics``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import importlib
+import importlib.metadata
 import inspect
 import types
 from collections.abc import Callable, Iterator
@@ -43,6 +42,20 @@ TRAINER_METHODS_011 = {"get_batch_loss_metrics": ("model", "batch", "train_eval"
 TRL_UTILS_1X = ("_use_triton", "use_adapter", "selective_log_softmax")
 #: Attributes TRL 1.x's ``DPOTrainer.__init__`` sets that dpo_xpu reads or writes (checked on a built trainer).
 TRAINER_ATTRIBUTES_1X = ("_metrics", "precompute_ref_logps")
+#: TRL 1.x's log-prob tile, tokens x vocabulary entries (``trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`` by
+#: ``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``, checked): a change makes the memory planner's logits term wrong.
+LOGPROB_TILE = (4096, 32768)
+#: The fused LM head's argument that takes labels already shifted (scored as given); prefix sharing passes it.
+SHIFT_LABELS = "shift_labels"
+#: Config entries that record where a model came from, not what it computes.
+CONFIG_BOOKKEEPING = ("_name_or_path", "transformers_version")
+#: ``(module, object, names its source must hold)``: reaches into code that has no signature to check.
+SOURCE_NAMES_1X = (
+    ("trl.trainer.utils", "add_fused_lm_head", ("fused_lm_head", SHIFT_LABELS)),
+    ("trl.trainer.dpo_trainer", "DPOTrainer", ("completion_mask",)),
+    ("accelerate.accelerator", "Accelerator", ("_is_accelerate_prepared",)),
+    ("bitsandbytes.nn.modules", "Linear4bit", ("support_avx512bf16_for_cpu",)),
+)
 
 
 def trl_generation() -> str:
@@ -54,15 +67,69 @@ def trl_generation() -> str:
     return "1.x" if Version(trl.__version__) >= Version("0.12") else "0.11"
 
 
+def installed_versions() -> str:
+    """``"trl 1.16.0, transformers 5.25.0, peft 0.21.2, bitsandbytes 0.50.2"`` (``absent`` for a missing one)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def one(name: str) -> str:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return f"{name} absent"
+
+    return ", ".join(one(n) for n in ("trl", "transformers", "accelerate", "peft", "bitsandbytes"))
+
+
+def _missing_1x(where: str) -> list[str]:
+    import transformers
+    import trl.trainer.utils as trl_utils
+
+    problems = [f"{where}: trl.trainer.utils has no {n}" for n in TRL_UTILS_1X if not hasattr(trl_utils, n)]
+    fused_output = getattr(trl_utils, "FusedCausalLMOutput", None)
+    if fused_output is None or "log_probs" not in {f.name for f in dataclasses.fields(fused_output)}:
+        problems.append(f"{where}: the fused LM head's output has no log_probs")
+    try:
+        from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+
+        tile = (TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+    except (ImportError, AttributeError):
+        tile = None
+    if tile != LOGPROB_TILE:
+        problems.append(f"{where}: TRL's log-prob tile is {tile}, the memory planner assumes {LOGPROB_TILE}")
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    fields = {f.name for f in dataclasses.fields(DataCollatorForPreference)}
+    problems += [
+        f"{where}: DataCollatorForPreference has no {n}" for n in ("max_length", "truncation_mode") if n not in fields
+    ]
+    config = transformers.PretrainedConfig()
+    problems += [
+        f"transformers {transformers.__version__}: a model config has no {n}"
+        for n in ("_attn_implementation", "_name_or_path")
+        if not hasattr(config, n)
+    ]
+    for module_name, name, names in SOURCE_NAMES_1X:
+        library = module_name.split(".")[0]
+        try:
+            source = inspect.getsource(getattr(importlib.import_module(module_name), name))
+        except (ImportError, AttributeError, OSError, TypeError):
+            if library == "bitsandbytes":  # optional: no NF4 without it
+                continue
+            source = ""
+        owner = f"{library} {importlib.metadata.version(library)}: {module_name}.{name}"
+        problems += [f"{owner} no longer uses {n}" for n in names if n not in source]
+    return problems
+
+
 def missing_internals(trainer: Any | None = None) -> list[str]:
-    """The private names dpo_xpu relies on that the installed TRL lacks (empty when all are there).
+    """The private names dpo_xpu relies on that the installed libraries lack (empty when all are there).
 
     Args:
         trainer: a built ``DPOTrainer``; when given, its attributes (:data:`TRAINER_ATTRIBUTES_1X`) are checked too.
 
     Returns:
-        One line per missing name, each naming the installed TRL version, e.g. ``"trl 1.17.0: DPOTrainer has no
-        method _compute_loss (dpo_xpu overrides it)"``.
+        One line per missing name, each naming the library and its version, e.g. ``"trl 1.17.0: DPOTrainer has no
+        method _compute_loss (dpo_xpu overrides or calls it)"``.
     """
     import trl
     from trl import DPOTrainer
@@ -75,14 +142,11 @@ def missing_internals(trainer: Any | None = None) -> list[str]:
         if method is None:
             problems.append(f"{where}: DPOTrainer has no method {name} (dpo_xpu overrides or calls it)")
             continue
-        found = list(inspect.signature(method).parameters)
-        absent = [p for p in params if p not in found]
+        absent = [p for p in params if p not in inspect.signature(method).parameters]
         if absent:
             problems.append(f"{where}: DPOTrainer.{name} lacks the parameter(s) {', '.join(absent)}")
     if trl_generation() == "1.x":
-        import trl.trainer.utils as trl_utils
-
-        problems += [f"{where}: trl.trainer.utils has no {n}" for n in TRL_UTILS_1X if not hasattr(trl_utils, n)]
+        problems += _missing_1x(where)
         if trainer is not None:
             problems += [
                 f"{where}: a built DPOTrainer has no attribute {n}"
@@ -96,26 +160,29 @@ def require_internals(trainer: Any | None = None) -> None:
     """Raise when :func:`missing_internals` finds anything.
 
     Raises:
-        RuntimeError: one line per missing name and the fix (the TRL range dpo_xpu is tested with).
+        RuntimeError: one line per missing name, the installed versions and the fix.
     """
     problems = missing_internals(trainer)
     if problems:
         raise RuntimeError(
             "dpo_xpu does not support the installed TRL: "
             + "; ".join(problems)
-            + ". Fix: install the TRL release dpo_xpu is tested with (environment.yml: trl 1.16 for the native "
-            "backend; environment-ipex-llm.yml: trl 0.11.4), or upgrade dpo_xpu"
+            + f" (installed: {installed_versions()}). Fix: install the TRL release dpo_xpu is tested with "
+            "(environment.yml: trl 1.16 for the native backend; environment-ipex-llm.yml: trl 0.11.4), or upgrade "
+            "dpo_xpu"
         )
 
 
 def step_metrics(trainer: Any) -> dict[str, list[float]]:
-    """TRL's metric lists of the current mode (``train`` or ``eval``): one value appended per micro-batch."""
+    """TRL's metric lists of the current mode (``train`` or ``eval``): one value appended per micro-batch. Breaks
+    without ``_metrics``: the own losses' ``rewards/*`` cannot replace TRL's."""
     return trainer._metrics["train" if trainer.model.training else "eval"]
 
 
 @contextlib.contextmanager
 def reference_logps_from_batch(trainer: Any) -> Iterator[None]:
-    """Within the block, TRL reads ``ref_chosen_logps`` / ``ref_rejected_logps`` from the batch."""
+    """Within the block, TRL reads ``ref_chosen_logps`` / ``ref_rejected_logps`` from the batch. Breaks without
+    ``precompute_ref_logps``: TRL runs a second reference forward."""
     before = trainer.precompute_ref_logps
     trainer.precompute_ref_logps = True
     try:
@@ -126,7 +193,8 @@ def reference_logps_from_batch(trainer: Any) -> Iterator[None]:
 
 def route_reference_precompute(trainer: Any, precompute: Callable[..., Any]) -> Callable[..., Any]:
     """Replace the trainer's ``_precompute_ref_logps`` by ``precompute(trainer, dataset, name, batch=None)`` for the
-    rest of the run, read the log-probs from the datasets from now on, and return the bound method."""
+    rest of the run, read the log-probs from the datasets from now on, and return the bound method. Breaks without
+    it: ``evaluate(new_dataset)`` bypasses the reference cache."""
     trainer._precompute_ref_logps = types.MethodType(precompute, trainer)
     trainer.precompute_ref_logps = True
     trainer.args.precompute_ref_log_probs = True
@@ -134,51 +202,128 @@ def route_reference_precompute(trainer: Any, precompute: Callable[..., Any]) -> 
 
 
 def mark_prepared(model: Any) -> None:
-    """Make accelerate's ``prepare`` return ``model`` unchanged (not moved to the accelerator)."""
+    """Make accelerate's ``prepare`` return ``model`` unchanged. Breaks without it: a CPU reference is moved to the
+    accelerator (or, 4-bit, refused)."""
     model._is_accelerate_prepared = True
 
 
-def score_answer_tokens_only_on_cpu(enabled: bool = True) -> bool:
-    """Let TRL 1.x's fused LM head score only the answer tokens on the CPU, as it already does on XPU and CUDA.
+def answer_mask(inputs: dict[str, Any]) -> Any:
+    """The batch's answer mask ``[2B, T]`` (1 on answer tokens), chosen rows first (:func:`chosen_rejected`). Breaks
+    without it: the own losses' answer log-probs and lengths."""
+    return inputs["completion_mask"]
 
-    TRL computes per-token log-probs in vocabulary chunks without materialising the logits. On Triton devices
-    (XPU, CUDA) it scores only the positions with a label (the answer tokens); elsewhere it scores every position,
-    prompt and padding included, because on Neuron a changing number of positions would recompile the graph
-    (``trl.trainer.utils``, the ``compact`` switch). The CPU compiles nothing, so there the extra positions are
-    pure waste: the LM head (vocabulary x hidden) dominates a step's FLOPs and memory on 150k-token vocabularies.
-    This opens the switch for the CPU only; the kernels stay TRL's, and each scored token's log-prob is
-    computed exactly as before (its row of the chunked log-softmax does not depend on the other rows).
-    No library offers this, hence these few lines of our own. :func:`~dpo_xpu.pipeline.make_dpo_trainer`
-    calls it for CPU runs.
 
-    Args:
-        enabled: ``True`` opens the switch for the CPU; ``False`` restores TRL's own behaviour.
+def chosen_rejected(rows: Any) -> tuple[Any, Any]:
+    """Split a tensor over TRL's batch rows ``[2B, ...]`` into its chosen and rejected halves ``[B, ...]``."""
+    return rows.chunk(2, dim=0)
 
-    Returns:
+
+def is_fused_head_call(kwargs: dict[str, Any]) -> bool:
+    """Whether a model call's keyword arguments are TRL's fused-LM-head call (``labels=..., fused_lm_head=True``).
+    Breaks without it: prefix sharing never packs."""
+    return bool(kwargs.get("fused_lm_head")) and kwargs.get("labels") is not None
+
+
+def fused_head_log_probs(output: Any) -> Any:
+    """The per-token log-probs ``[rows, T - 1]`` of a fused-LM-head call's output. Breaks without it: the own
+    losses."""
+    return output.log_probs
+
+
+def attn_implementation(module: Any) -> str | None:
+    """The attention implementation transformers runs ``module`` with (``"sdpa"``, ``"eager"``, ...), else None.
+    Breaks without it: prefix sharing cannot pick its mask's form."""
+    return getattr(getattr(module, "config", None), "_attn_implementation", None)
+
+
+def config_origin(config: Any, name: str | None = None) -> tuple[str | None, str | None]:
+    """``(name or path, hub commit)`` a model config was loaded from (``None`` where unknown); ``name`` overrides
+    the config's own.
+
+    transformers 4.x records the commit as ``config._commit_hash``; 5.x does not, so for a hub id the commit is
+    read from the snapshot folder of the local hub cache that holds its ``config.json``.
+    """
+    from pathlib import Path
+
+    name, commit = name or getattr(config, "_name_or_path", None), getattr(config, "_commit_hash", None)
+    if commit is None and name and not Path(name).expanduser().exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(name, "config.json")
+        except Exception:  # noqa: BLE001 - not a valid hub id: no commit to read
+            found = None
+        commit = Path(found).parent.name if isinstance(found, str) else None
+    return name, commit
+
+
+def collator_truncation(trainer: Any) -> tuple[int | None, str]:
+    """``(max_length, truncation_mode)`` TRL's collator truncates with (the trainer's args where it has none).
+    Breaks without them: the reference cache reuses stale log-probs after a truncation change."""
+    collator, args = trainer.data_collator, trainer.args
+    return getattr(collator, "max_length", args.max_length), getattr(collator, "truncation_mode", args.truncation_mode)
+
+
+def _compact_switch(trl_own: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    def compact_positions(device: Any) -> bool:
+        return device.type == "cpu" or trl_own(device)
+
+    compact_positions.trl_own = trl_own  # type: ignore[attr-defined]
+    return compact_positions
+
+
+@contextlib.contextmanager
+def answer_tokens_only_on_cpu() -> Iterator[bool]:
+    """Within the block, TRL 1.x's fused LM head scores only the answer tokens on the CPU, as on XPU and CUDA.
+
+    TRL computes per-token log-probs in vocabulary chunks. On Triton devices it scores only the positions with a
+    label; elsewhere every position, prompt and padding included, because on Neuron a changing number of positions
+    would recompile the graph (``trl.trainer.utils``, ``compact``). The CPU compiles nothing, so there the extra
+    positions are pure waste (the LM head dominates a step on 150k-token vocabularies). Each scored token's log-prob
+    is computed exactly as before; the kernels stay TRL's. No library offers this, hence these few lines. On exit
+    the switch is put back as it was. :func:`answer_tokens_only_on_cpu_for` scopes it to one trainer.
+
+    Yields:
         ``True`` when TRL has the switch, ``False`` for a TRL without it (0.11 has no fused LM head).
     """
     try:
         import trl.trainer.utils as trl_utils
     except ImportError:  # pragma: no cover - TRL is a dependency
-        return False
-    current = getattr(trl_utils, "_use_triton", None)
-    if current is None:
-        return False
-    trl_own = getattr(current, "trl_own", current)
-    if not enabled:
-        trl_utils._use_triton = trl_own
-    elif current is trl_own:
+        trl_utils = None
+    before = getattr(trl_utils, "_use_triton", None)
+    if before is None:
+        yield False
+        return
+    trl_utils._use_triton = _compact_switch(getattr(before, "trl_own", before))
+    try:
+        yield True
+    finally:
+        trl_utils._use_triton = before
 
-        def compact_positions(device: Any) -> bool:
-            return device.type == "cpu" or trl_own(device)
 
-        compact_positions.trl_own = trl_own  # type: ignore[attr-defined]
-        trl_utils._use_triton = compact_positions
-    return True
+#: The trainer methods :func:`answer_tokens_only_on_cpu_for` runs under the switch.
+SCORING_METHODS = ("train", "evaluate", "predict", "compute_ref_log_probs")
+
+
+def answer_tokens_only_on_cpu_for(trainer: Any) -> None:
+    """Run the trainer's :data:`SCORING_METHODS` under :func:`answer_tokens_only_on_cpu`; other trainers in the
+    process keep TRL's behaviour."""
+    for name in SCORING_METHODS:
+        method = getattr(trainer, name, None)
+        if method is None:
+            continue
+
+        @functools.wraps(method)
+        def scoped(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+            with answer_tokens_only_on_cpu():
+                return _method(*args, **kwargs)
+
+        setattr(trainer, name, scoped)
 
 
 def use_adapter(model: Any, adapter_name: str | None) -> Any:
-    """TRL's context manager that runs a PEFT model with ``adapter_name`` active (``None``: adapters off)."""
+    """TRL's context manager that runs a PEFT model with ``adapter_name`` active (``None``: adapters off). Breaks
+    without it: the evaluation samples of TRL's frozen ``ref`` adapter."""
     from trl.trainer.utils import use_adapter as trl_use_adapter
 
     return trl_use_adapter(model, adapter_name=adapter_name)
@@ -195,18 +340,16 @@ def selective_log_softmax() -> Callable[[Any, Any], Any] | None:
 
 def keep_dtypes_before_ddp(trainer: Any, keeper: Any) -> None:
     """On ``resume`` under several processes, cast the reloaded LoRA weights back to their dtypes before DDP
-    wraps the model (the pipeline calls it only under several processes).
+    wraps the model.
 
-    ``Trainer`` reloads the checkpoint's adapter (PEFT upcasts it to float32) before ``accelerator.prepare``
-    builds DDP's gradient buckets; :class:`dpo_xpu.callbacks.checkpoints.KeepTrainableDtypes` casts them back only at
-    ``on_train_begin``, after DDP was built for float32 parameters, and DDP then no longer keeps the ranks' LoRA
-    weights equal (measured: different digests on the two ranks after a resume). So the cast also runs right after
-    the reload. A reach into transformers' private ``Trainer._load_from_checkpoint`` (transformers 5.x; TRL's
-    ``DPOTrainer`` inherits it): when the name is gone this raises rather than silently training apart.
+    ``Trainer`` reloads the checkpoint's adapter (PEFT upcasts it to float32) before ``accelerator.prepare`` builds
+    DDP's gradient buckets; :class:`~dpo_xpu.callbacks.checkpoints.KeepTrainableDtypes` casts back only at
+    ``on_train_begin``, too late: DDP then no longer keeps the ranks' LoRA weights equal (measured: different digests
+    on the two ranks after a resume). So the cast also runs right after the reload.
 
     Args:
         trainer: the run's trainer, before ``train(resume_from_checkpoint=...)``.
-        keeper: its :class:`~dpo_xpu.callbacks.checkpoints.KeepTrainableDtypes` callback.
+        keeper: its ``KeepTrainableDtypes`` callback.
 
     Raises:
         AttributeError: the installed transformers has no ``Trainer._load_from_checkpoint``.

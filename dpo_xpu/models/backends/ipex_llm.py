@@ -2,42 +2,39 @@
 QLoRA, TRL < 0.12).
 
 ipex-llm was archived upstream on 2026-01-28 (no more fixes, security fixes included) and
-intel-extension-for-pytorch was discontinued after 2.8: this backend exists for users who still have
-that stack (``environment-ipex-llm.yml``). New work should use the ``native`` backend.
+intel-extension-for-pytorch was discontinued after 2.8: this backend exists for users who still have that stack
+(``environment-ipex-llm.yml``). New work should use the ``native`` backend.
 
 What the example (``python/llm/example/GPU/LLM-Finetuning/DPO/dpo_finetuning.py`` in intel/ipex-llm) does, and so
-what this backend does:
+this backend:
 
 * policy: ``ipex_llm.transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=
   BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))``,
-  moved to the device, then ipex-llm's ``prepare_model_for_kbit_training`` and ``get_peft_model``, then
-  ``config.use_cache = False``. ipex-llm 2.2.0 turns the ``BitsAndBytesConfig`` into ``load_in_low_bit="nf4"``,
-  ``optimize_model=False``, ``modules_to_not_convert=["lm_head"]``, and **drops the compute dtype**: the model is
-  loaded with ``torch_dtype="auto"`` (the checkpoint's dtype: float32 for a float32 checkpoint), and
-  ``prepare_model_for_kbit_training`` then casts every norm to float32. Building the config needs the
-  ``bitsandbytes`` package importable (the example installs bitsandbytes 0.45.1), not its kernels;
+  moved to the device, then ipex-llm's ``prepare_model_for_kbit_training`` and ``get_peft_model``, ``use_cache``
+  off. ipex-llm 2.2.0 turns the config into ``load_in_low_bit="nf4"``, ``optimize_model=False``,
+  ``modules_to_not_convert=["lm_head"]`` and **drops the compute dtype** (``torch_dtype="auto"``: a float32
+  checkpoint stays float32), and ``prepare_model_for_kbit_training`` casts every norm to float32. Building the config
+  needs ``bitsandbytes`` importable (the example installs 0.45.1), not its kernels;
 * reference (``separate``): ``from_pretrained(path, load_in_low_bit="nf4", optimize_model=False,
-  torch_dtype=torch.bfloat16, modules_to_not_convert=["lm_head"])``: bf16 everywhere it is not low-bit. So on a
-  float32 checkpoint the policy's norms, embeddings and output layer are float32 and the reference's bfloat16, and
-  the two differ at step 0 (the step-0 check of :mod:`dpo_xpu.callbacks.metrics` says so); on a bf16 checkpoint only the
-  norms differ;
+  torch_dtype=torch.bfloat16, modules_to_not_convert=["lm_head"])``: bf16 wherever it is not low-bit, so on a float32
+  checkpoint policy and reference differ at step 0 (the step-0 check says so);
 * training: ``optim="adamw_hf"`` and, with ``--gradient-checkpointing``, transformers 4.45's default reentrant
   checkpointing (set in :func:`dpo_xpu.train.trl_config.dpo_config_kwargs` for TRL 0.11).
 
-On CPU, ipex-llm's low-bit layers run one kernel for a forward that builds a graph (``self.training`` and an input
-that requires grad) and another for inference, and the two round differently on some CPUs. The reference always
-runs the inference kernel; with reentrant checkpointing the policy's checkpointed layers run their first forward
-without a graph, so they take the same kernel.
+On CPU, ipex-llm's low-bit layers run one kernel for a forward that builds a graph and another for inference, which
+round differently on some CPUs; the reference always runs the inference kernel, and with reentrant checkpointing so
+do the policy's checkpointed layers' first forwards.
 
-The unavoidable differences from the example: ipex-llm refuses NF4 on a CPU ("NF3, NF4, FP4 and FP8 quantization
-are currently not supported on CPU"), so there the config asks for ``int4`` (ipex-llm's ``sym_int4``) and the
-reference for ``sym_int4``, and this is logged; the compute dtype (and the reference's dtype) is the recipe's
+The unavoidable differences: ipex-llm refuses NF4 on a CPU, so there the config asks for ``int4`` (``sym_int4``) and
+the reference for ``sym_int4``, and this is logged; the compute dtype (and the reference's) is the recipe's
 (``bf16: true``, the original recipe's, gives the example's bfloat16).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -162,8 +159,7 @@ def load_policy_model(
     lora: LoraSettings,
     gradient_checkpointing: bool = False,
 ) -> Any:
-    """The example's policy: its ``BitsAndBytesConfig`` through ipex-llm, ipex-llm's ``prepare_model_for_kbit_training``
-    and ``get_peft_model``, ``use_cache`` off. Arguments as :func:`dpo_xpu.models.loading.load_policy_model`.
+    """The example's policy (see the module); arguments as :func:`dpo_xpu.models.loading.load_policy_model`.
 
     Raises:
         ModelLoadError: ipex-llm or bitsandbytes is missing, the model cannot be found, or no LoRA target exists.
@@ -184,15 +180,26 @@ def load_policy_model(
     )
     from peft.tuners.lora import LoraModel
 
-    original = LoraModel.__dict__["_create_new_module"]
-    try:
+    # ipex-llm 2.2.0 puts a staticmethod of LoraModel back as a plain function, which breaks every later
+    # get_peft_model call in the process ("takes 3 positional arguments but 4 were given").
+    with _class_restored(LoraModel):
         model = get_peft_model(model, config)
-    finally:
-        # ipex-llm 2.2.0 puts this staticmethod back as a plain function, which breaks every later
-        # get_peft_model call in the process ("takes 3 positional arguments but 4 were given").
-        LoraModel._create_new_module = original
     model.config.use_cache = False
     return model
+
+
+@contextlib.contextmanager
+def _class_restored(cls: type) -> Iterator[None]:
+    """Put back, after the block, every attribute of ``cls`` the block replaced, added or removed."""
+    before = dict(vars(cls))
+    try:
+        yield
+    finally:
+        for name in set(vars(cls)) - set(before):
+            delattr(cls, name)
+        for name, value in before.items():
+            if vars(cls).get(name) is not value:
+                setattr(cls, name, value)
 
 
 def load_reference_model(model_name_or_path: str, quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
