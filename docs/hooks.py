@@ -61,7 +61,7 @@ CURVES_URI = "assets/reward_curves.png"
 #: the step). A name ending in ``.`` takes the package and every module under it; a module no step names goes
 #: to the last page.
 API_GROUPS: list[tuple[str, str, str, tuple[str, ...]]] = [
-    ("recipe", "Recipe", "The recipe: dpo_xpu's keys, TRL's options, the notebooks' presets.", ("recipes", "presets")),
+    ("recipe", "Recipe", "The recipe: dpo_xpu's keys, TRL's options.", ("recipes",)),
     (
         "environment",
         "Environment",
@@ -70,7 +70,12 @@ API_GROUPS: list[tuple[str, str, str, tuple[str, ...]]] = [
     ),
     ("data", "Data", "Preference pairs: reading, validating, formatting, mixing, lengths, truncation.", ("data.",)),
     ("models", "Models", "Tokenizer, NF4 policy with LoRA, reference; the backends; hub checks.", ("models.", "hub")),
-    ("train", "Training", "Recipe -> DPOConfig, the reference plan, the trainer and its losses, the memory planner, the step-0 check.", ("train.",)),
+    (
+        "train",
+        "Training",
+        "Recipe -> DPOConfig, the reference plan, the trainer, its losses, memory planner and step-0 check.",
+        ("train.",),
+    ),
     ("callbacks", "Callbacks", "Metrics, live curves, checkpoints, signals.", ("callbacks.",)),
     (
         "outputs-eval",
@@ -90,11 +95,11 @@ API_GROUPS: list[tuple[str, str, str, tuple[str, ...]]] = [
 #: module alphabetically.
 API_ORDER = [
     "recipes",
-    "presets",
     "environment",
     "device",
     "data",
     "data.preferences",
+    "data.rows",
     "data.sources",
     "data.lengths",
     "data.truncation",
@@ -109,6 +114,7 @@ API_ORDER = [
     "models.backends.ipex_llm_trainer",
     "train",
     "train.trl_config",
+    "train.factory",
     "train.reference",
     "train.trainer",
     "train.losses",
@@ -123,6 +129,8 @@ API_ORDER = [
     "callbacks.interrupts",
     "outputs",
     "outputs.run_folder",
+    "outputs.adapter",
+    "outputs.fingerprints",
     "outputs.plotting",
     "outputs.model_card",
     "outputs.merge",
@@ -218,9 +226,9 @@ def select_notebook(committed: Path, executed_dir: Path) -> NotebookSource:
     params = papermill.get("parameters") or {}
     how = ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in params.items()) or "its default parameters"
     note = f"executed by papermill{' on ' + when if when else ''} with {how}"
-    if params.get("preset") == "demo":
+    if str(params.get("recipe_file", "")).endswith("cpu_demo.yaml"):
         note += (
-            " (`make demo`: the tiny offline demo model and the shipped sample, on CPU; the outputs show the "
+            " (`make demo`: SmolLM2-135M-Instruct and the shipped sample, on CPU; the outputs show the "
             "mechanics, not a good model)"
         )
     return NotebookSource(committed.name, executed, True, note)
@@ -402,7 +410,7 @@ def _recipes_shipped() -> str:
     parts = []
     for path in recipes:
         parts.append(f"### `recipes/{path.name}`\n\n{_recipe_header(path) or '(no description)'}\n")
-    defaults = dataclasses.asdict(Recipe())
+    defaults = {**Recipe().to_dict(), "trl_options": {}}
     values = {p.name: yaml.safe_load(p.read_text(encoding="utf-8")) or {} for p in recipes}
     header = "| key | default | " + " | ".join(f"`{name}`" for name in values) + " |"
     rows = [header, "|---" * (len(values) + 2) + "|"]
@@ -423,8 +431,8 @@ def recipe_estimates() -> list[dict[str, Any]]:
     """The memory planner's verdict for each shipped recipe whose model is in :data:`MODEL_SHAPES`: ``recipe``
     (file name), the recipe, its ``estimate`` (:class:`dpo_xpu.train.memory.MemoryEstimate`) and ``fits``, a dict of
     GiB -> bool for :data:`GPU_SIZES`."""
-    from dpo_xpu.train.memory import recipe_fits
     from dpo_xpu.recipes import load_recipe
+    from dpo_xpu.train.memory import recipe_fits
 
     out = []
     for path in sorted((ROOT / "recipes").glob("*.yaml")):

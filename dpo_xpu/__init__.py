@@ -52,10 +52,10 @@ _EXPORTS = {
     "start_run": "pipeline",
     "open_run": "pipeline",
     "prepare_resume_of": "pipeline",
-    "load_run_data": "pipeline",
-    "load_run_models": "pipeline",
-    "save_adapter": "pipeline",
-    "export_merged": "pipeline",
+    "load_run_data": "train.factory",
+    "load_run_models": "train.factory",
+    "save_adapter": "outputs.adapter",
+    "export_merged": "outputs.merge",
     "sigmoid_loss": "train.losses",
     "dpo_norm_loss": "train.losses",
     "simpo_loss": "train.losses",
@@ -84,7 +84,7 @@ _EXPORTS = {
     "export_run": "finished_run",
     # demo assets
     "build_demo_model": "demo",
-    "apply_preset": "presets",
+    "notebook_recipe": "demo",
     "gguf_to_folder": "models.gguf",
     # performance: cached reference log-probs, memory planner
     "attach_precomputed_reference": "train.reference_cache",

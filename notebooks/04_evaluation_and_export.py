@@ -21,40 +21,34 @@
 # copy of the base that loads without PEFT or bitsandbytes.
 
 # %% tags=["parameters"]
-preset = None  # None: the values below (an Intel GPU); "demo": a real small chat model on CPU (recipes/cpu_demo.yaml)
-output_dir = "../runs/qwen2.5-1.5b-dpo"  # the run folder: 03 writes it, 04 reads it (recipe.yaml, adapter/)
-device = "auto"  # "auto" (xpu, then cuda, then cpu), "xpu", "cuda" or "cpu"
+# The run notebook 3 trained: its recipe file, or its folder (None: the recipe's output_dir). As in notebook 3.
+recipe_file = "../recipes/arc_16gb_qwen2.5_1.5b.yaml"  # Qwen2.5-1.5B on an Intel GPU; CPU: "../recipes/cpu_demo.yaml"
+output_dir = None  # the run folder: 03 writes it, 04 reads it (recipe.yaml, adapter/)
+device = None  # "auto" (xpu, then cuda, then cpu), "xpu", "cuda" or "cpu"; None: the run's
 split = "eval"  # "eval": the pairs held out from training; "train": the trained pairs (a run with eval_fraction 0)
 max_eval_pairs = 200  # evaluate at most this many pairs
 batch_size = 4  # sequences per forward pass, prompts per generation
-num_samples = 4  # prompts answered by policy and reference
-max_new_tokens = 128  # tokens per generated answer, at most
+num_eval_samples = None  # prompts answered by policy and reference; None: the run's
+max_new_tokens = None  # tokens per generated answer, at most; None: the run's
 merge_rtol = 0.1  # the merge may move the logits by this share of the adapter's own effect on them
-
-# %%
-# preset = "demo", for a CPU-only or offline machine: the parameters above that still have these
-# defaults take the demo's values: its run folder (runs/demo, which notebook 3 wrote with
-# recipes/cpu_demo.yaml) and 4 answers of at most 48 tokens. A parameter you changed above keeps your value.
-from dpo_xpu import apply_preset
-
-defaults = dict(output_dir="../runs/qwen2.5-1.5b-dpo", device="auto", num_samples=4, max_new_tokens=128)
-changed = apply_preset(preset, defaults, globals())  # {} with preset None
 
 # %% [markdown]
 # ## The run
 #
 # Everything about the run comes from its folder, so nothing is given twice: `recipe.yaml` (written by notebook 3)
 # names the model, the data, `limit`, `seed` and `eval_fraction`, which select the very rows training held out (none
-# of them trained on), and `bf16`, `backend` and `beta`, with which the policy is loaded and scored; `adapter/` holds
-# the trained LoRA adapter and the tokenizer. The same steps run from a terminal:
-# `dpo-xpu evaluate <output_dir>` and `dpo-xpu export <output_dir> --merged`.
+# of them trained on), `bf16`, `backend` and `beta`, with which the policy is loaded and scored, and the samples'
+# `num_eval_samples` and `max_new_tokens`; `adapter/` holds the trained LoRA adapter and the tokenizer. The run
+# folder is `output_dir`, or the recipe file's. The same steps run from a terminal: `dpo-xpu evaluate <output_dir>`
+# and `dpo-xpu export <output_dir> --merged`.
 
 # %%
 import pandas as pd
 
-from dpo_xpu import evaluate_run, export_run, load_run_recipe
+from dpo_xpu import evaluate_run, export_run, load_run_recipe, notebook_recipe
 
-recipe = load_run_recipe(output_dir)
+run_dir = notebook_recipe(recipe_file, output_dir=output_dir).output_dir
+recipe = load_run_recipe(run_dir)
 keys = ("model_name_or_path", "dataset_name_or_path", "limit", "seed", "eval_fraction", "beta", "bf16", "backend")
 pd.Series({key: getattr(recipe, key) for key in keys}, dtype=object).to_frame("recipe.yaml")
 
@@ -72,7 +66,7 @@ pd.Series({key: getattr(recipe, key) for key in keys}, dtype=object).to_frame("r
 # penalises); it is exact only for answers sampled from the policy, so read it as an indicator.
 
 # %%
-evaluation = evaluate_run(output_dir, max_eval_pairs=max_eval_pairs, num_samples=num_samples,
+evaluation = evaluate_run(run_dir, max_eval_pairs=max_eval_pairs, num_eval_samples=num_eval_samples,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, split=split)
 pd.Series(evaluation.metrics, dtype=object).drop("merge", errors="ignore").to_frame(f"{split} pairs")
 
@@ -86,10 +80,10 @@ pd.Series(evaluation.metrics, dtype=object).drop("merge", errors="ignore").to_fr
 # the line above the table says so: after a few steps, or at a low learning rate, the rewards move before the most
 # likely tokens do.
 #
-# **With `preset = "demo"`** policy and reference are SmolLM2-135M-Instruct with and without the adapter. After 12
+# **With `recipes/cpu_demo.yaml`** policy and reference are SmolLM2-135M-Instruct with and without the adapter. After 12
 # steps at a deliberately high learning rate their greedy answers differ on the held-out prompts: the same opening,
 # then other reasoning. A 135M-parameter model gets the arithmetic wrong either way: the demo shows DPO moving the
-# model, not 12 steps making it better. (With `preset = "tiny"`, the tests' random model, the policy answers `""`:
+# model, not 12 steps making it better. (With `recipes/cpu_tiny.yaml`, the tests' random model, the policy answers `""`:
 # see Troubleshooting, "The tiny run's policy answers".)
 
 # %%
@@ -113,7 +107,7 @@ pd.DataFrame(evaluation.samples).style.set_properties(**{"white-space": "pre-wra
 # `dpo-xpu export <output_dir> --merged` refuses to unless given `--overwrite`.
 
 # %%
-exported = export_run(output_dir, merged=True, overwrite=True, rtol=merge_rtol)
+exported = export_run(run_dir, merged=True, overwrite=True, rtol=merge_rtol)
 print(exported.summary())
 exported.check
 

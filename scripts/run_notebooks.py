@@ -1,19 +1,17 @@
 """Run the four tutorial notebooks in order with papermill; executed copies go to <output_dir>/notebooks/.
 
-    .venv/bin/python scripts/run_notebooks.py --preset demo         # SmolLM2-135M-Instruct on CPU (`make demo`)
-    .venv/bin/python scripts/run_notebooks.py --preset tiny         # the tiny random model built offline (tests)
-    .venv/bin/python scripts/run_notebooks.py --preset shared       # stories260K + the 284 orca rows in ../shared
+    .venv/bin/python scripts/run_notebooks.py --recipe recipes/cpu_demo.yaml  # SmolLM2-135M-Instruct on CPU (make demo)
+    .venv/bin/python scripts/run_notebooks.py --recipe recipes/cpu_tiny.yaml  # a tiny random model built offline
     .venv/bin/python scripts/run_notebooks.py --param max_steps=50 --param output_dir=../runs/mine
-    .venv/bin/python scripts/run_notebooks.py --preset demo --only 03 04 --overwrite
+    .venv/bin/python scripts/run_notebooks.py --recipe recipes/cpu_demo.yaml --only 03 04 --overwrite
 
-Each notebook gets only the parameters its `parameters` cell declares; values are read as YAML scalars
-(`5e-4`, `true`, `null`). Relative paths are relative to notebooks/, where the notebooks run. `--preset demo`
-passes the notebooks' own `preset = "demo"`: each takes recipes/cpu_demo.yaml's values for the parameters not
-given with --param (and links the demo's model when missing); `--preset tiny` likewise with recipes/cpu_tiny.yaml.
-Before anything runs or moves, notebook 03's parameters are checked as its recipe (dpo_xpu.make_recipe): a bad one
-stops here, in one line, with the earlier run in place. Then an earlier run in output_dir is moved to the first free
-<output_dir>.previous, .previous-2, ... (every earlier run is kept), unless --overwrite is given (then notebook 03
-moves its files aside). A folder that is not a dpo_xpu run is never moved: choose another output_dir.
+`--recipe` sets the notebooks' `recipe_file` (theirs: recipes/arc_16gb_qwen2.5_1.5b.yaml); each notebook gets only
+the parameters its `parameters` cell declares; values are read as YAML scalars (`5e-4`, `true`, `null`). Relative
+paths in --param are relative to notebooks/, where the notebooks run. Before anything runs or moves,
+notebook 03's recipe is made as it will make it (dpo_xpu.notebook_recipe, which also readies a demo's model): a bad
+parameter stops here, in one line, with the earlier run in place. Then an earlier run in output_dir is moved to the
+first free <output_dir>.previous, .previous-2, ... (every earlier run is kept), unless --overwrite is given (then
+notebook 03 moves its files aside). A folder that is not a dpo_xpu run is never moved: choose another output_dir.
 The kernel is `python3`, which jupyter_client starts with this interpreter (sys.executable), over an encrypted
 (CurveZMQ) connection where pyzmq and the kernel support it.
 """
@@ -22,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
-import io
 import os
 import sys
 import time
@@ -38,42 +34,8 @@ NOTEBOOKS = (
     "03_dpo_training.ipynb",
     "04_evaluation_and_export.ipynb",
 )
-SHARED = Path(os.environ.get("DPO_XPU_SHARED", ROOT.parent / "shared")).resolve()
-
-CPU_TRAINING = {
-    "bf16": False,
-    "per_device_train_batch_size": 2,
-    "gradient_accumulation_steps": 1,
-    "warmup_steps": 3,
-    "gradient_checkpointing": False,
-    "learning_rate": 5e-4,
-    "eval_fraction": 0.1,
-    "num_samples": 3,
-    "max_new_tokens": 48,
-}
-RECIPES_DIR = ROOT / "recipes"
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # the embedded default: the notebooks' own preset, the tiny ChatML model built offline + the shipped sample
-    # with recipes/cpu_demo.yaml's values, so `make demo` and `dpo-xpu train --recipe recipes/cpu_demo.yaml` train
-    # the same way
-    "demo": {"preset": "demo"},
-    "tiny": {"preset": "tiny"},  # the same with recipes/cpu_tiny.yaml: the tiny random model, seconds per step
-    "shared": {  # real inputs from ../shared: stories260K (no ChatML tokens) and 64 of the 284 orca rows
-        **CPU_TRAINING,
-        "model_name_or_path": str(SHARED / "models" / "stories260K"),
-        "dataset_name_or_path": str(SHARED / "data" / "orca_dpo_pairs" / "sample-284.jsonl"),
-        "output_dir": str(ROOT / "runs" / "shared"),
-        "limit": 64,
-        "eval_fraction": 0.125,
-        # any recipe key reaches notebook 03 this way: here, evaluation of the held-out pairs during training,
-        # with each pair run as one sequence (prefix sharing) in training and evaluation
-        "recipe_overrides": {"eval_steps": 6, "eval_samples": False, "prefix_sharing": True},
-        "max_length": 1024,
-        "max_prompt_length": 512,
-        "max_steps": 12,
-    },
-}
+#: Notebook 03's parameters that are not recipe keys.
+NOT_RECIPE_KEYS = ("recipe_file", "recipe_overrides", "overwrite", "resume")
 
 
 def notebook_parameters(path: Path) -> dict[str, Any]:
@@ -125,22 +87,20 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 
 def notebook_recipe(declared: dict[str, Any], values: dict[str, Any]) -> Any:
-    """The recipe notebook 03 builds from its declared parameters and ``values`` (its preset applied, then
-    ``make_recipe`` of its recipe keys and ``recipe_overrides``), so a bad parameter fails before anything runs.
+    """The recipe notebook 03 makes from its declared parameters and ``values`` (:func:`dpo_xpu.notebook_recipe`,
+    seen from notebooks/), so that a bad parameter fails before anything runs.
 
     Raises:
-        DpoXpuError: a bad parameter (``RecipeError``: an unknown preset, a value of the wrong type or out of range).
+        DpoXpuError: a bad parameter (``RecipeError``: a missing recipe file, a value of the wrong type or out of
+            range; ``ModelLoadError``: the demo's model package is not installed).
     """
-    from dpo_xpu.presets import PRESET_RECIPES, apply_preset, preset_recipe
-    from dpo_xpu.recipes import make_recipe, recipe_keys
+    from dpo_xpu.demo import notebook_recipe as make
 
-    namespace = {**declared, **{key: value for key, value in values.items() if key in declared}}
-    keys = [key for key in declared if key in recipe_keys()]
-    preset = namespace.get("preset")
-    recipe_path = preset_recipe(preset, RECIPES_DIR) if preset in PRESET_RECIPES else None
-    with contextlib.redirect_stdout(io.StringIO()):  # notebook 03 prints its own "preset demo: ..." line
-        apply_preset(preset, {key: declared[key] for key in keys}, namespace, recipe_path=recipe_path)
-    return make_recipe({**{key: namespace[key] for key in keys}, **(namespace.get("recipe_overrides") or {})})
+    given = {**declared, **{key: value for key, value in values.items() if key in declared}}
+    keys = {key: given[key] for key in declared if key not in NOT_RECIPE_KEYS}
+    if keys.get("output_dir") is not None:  # relative to notebooks/, where the notebook runs
+        keys["output_dir"] = str(NOTEBOOKS_DIR / str(keys["output_dir"]))
+    return make(NOTEBOOKS_DIR / given["recipe_file"], given.get("recipe_overrides"), **keys)
 
 
 def check_run_folder(output_dir: Path) -> None:
@@ -175,14 +135,16 @@ def move_earlier_run(output_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="a set of parameter values (default: none)")
+    parser.add_argument("--recipe", type=Path, help="the notebooks' recipe_file (default: theirs)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
     parser.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks (01 02 03 04)")
     parser.add_argument("--overwrite", action="store_true", help="let notebook 03 replace a run in output_dir")
     args = parser.parse_args(argv)
 
     declared = {name: notebook_parameters(NOTEBOOKS_DIR / name) for name in NOTEBOOKS}
-    values = {**PRESETS.get(args.preset, {}), **parse_params(args.param)}
+    values = parse_params(args.param)
+    if args.recipe:  # given from here, passed as seen from notebooks/
+        values["recipe_file"] = os.path.relpath(args.recipe.resolve(), NOTEBOOKS_DIR)
     unknown = sorted(set(values) - set().union(*declared.values()))
     if unknown:
         raise SystemExit(f"run_notebooks: no notebook has the parameter(s) {', '.join(unknown)}")
@@ -190,24 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         values["overwrite"] = True
     selected = [n for n in NOTEBOOKS if not args.only or n[:2] in {o.zfill(2) for o in args.only}]
 
-    if "output_dir" in values:
-        output_dir = (NOTEBOOKS_DIR / values["output_dir"]).resolve()
-    elif values.get("preset") in ("demo", "tiny"):  # where the notebooks' preset puts the run
-        from dpo_xpu.presets import preset_recipe
-        from dpo_xpu.recipes import load_recipe
+    from dpo_xpu.errors import DpoXpuError
 
-        output_dir = (ROOT / load_recipe(preset_recipe(values["preset"], RECIPES_DIR)).output_dir).resolve()
-    else:
-        output_dir = (NOTEBOOKS_DIR / declared[NOTEBOOKS[2]]["output_dir"]).resolve()
-    if NOTEBOOKS[2] in selected:
-        from dpo_xpu.errors import DpoXpuError
-
-        try:
-            notebook_recipe(declared[NOTEBOOKS[2]], values)
-        except DpoXpuError as exc:
-            raise SystemExit(
-                f"run_notebooks: error: notebook {NOTEBOOKS[2]}'s parameters: {exc} (nothing was run or moved)"
-            ) from None
+    try:
+        output_dir = Path(notebook_recipe(declared[NOTEBOOKS[2]], values).output_dir).resolve()
+    except DpoXpuError as exc:
+        raise SystemExit(
+            f"run_notebooks: error: notebook {NOTEBOOKS[2]}'s parameters: {exc} (nothing was run or moved)"
+        ) from None
 
     import papermill
     from jupyter_client.kernelspec import KernelSpecManager

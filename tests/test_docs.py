@@ -151,18 +151,30 @@ def test_hook_selects_executed_notebooks_when_present(tmp_path: Path) -> None:
 
     nb = json.loads(committed.read_text(encoding="utf-8"))
     params = next(i for i, c in enumerate(nb["cells"]) if "parameters" in c["metadata"].get("tags", []))
-    injected = {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "source": 'preset = "demo"\n'}
+    injected = {
+        "cell_type": "code",
+        "metadata": {"tags": ["injected-parameters"]},
+        "source": 'recipe_file = "../recipes/cpu_demo.yaml"\n',
+    }
     injected |= {"outputs": [], "execution_count": 1}
     nb["cells"].insert(params + 1, injected)
     code = next(c for c in nb["cells"] if c["cell_type"] == "code" and c is not injected)
     code["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["step 30/30  loss 0.2970\n"]}]
-    papermill = {"parameters": {"preset": "demo"}, "end_time": "2026-01-02T03:04:05", "exception": None}
+    papermill = {
+        "parameters": {"recipe_file": "../recipes/cpu_demo.yaml"},
+        "end_time": "2026-01-02T03:04:05",
+        "exception": None,
+    }
     nb["metadata"]["papermill"] = papermill
     copy = executed_dir / committed.name
     copy.write_text(json.dumps(nb), encoding="utf-8")
     picked = hooks.select_notebook(committed, executed_dir)
     assert (picked.path, picked.executed) == (copy, True)
-    assert "2026-01-02" in picked.note and 'preset = "demo"' in picked.note and "make demo" in picked.note
+    assert (
+        "2026-01-02" in picked.note
+        and 'recipe_file = "../recipes/cpu_demo.yaml"' in picked.note
+        and "make demo" in picked.note
+    )
     assert [s.executed for s in hooks.notebook_sources(executed_dir)].count(True) == 1
 
     papermill["exception"] = True
@@ -301,7 +313,7 @@ def test_troubleshooting_quotes_the_package_messages(site: Path) -> None:
         "device.py": ["is visible to PyTorch"],
         "environment.py": ["ipex-llm is installed but oneAPI's setvars.sh was not sourced"],
         "train/trl_config.py": ["is not computed by the installed TRL"],
-        "data/preferences.py": ["pair states no preference"],
+        "data/rows.py": ["pair states no preference"],
     }
     for module, quotes in fragments.items():
         source = " ".join((ROOT / "dpo_xpu" / module).read_text(encoding="utf-8").split())

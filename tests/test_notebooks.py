@@ -1,12 +1,12 @@
 """The four notebooks: committed clean, one literal `parameters` cell each, and run in order with papermill.
 
-The run (marker `notebook`, a few minutes on 2 CPU cores) uses the real inputs in ../shared: stories260K and 64
-of the 284 orca rows, 12 steps, then asserts on what the notebooks recorded in the run folder. The live-plot
-callback itself is unit-tested outside Jupyter in test_plotting_callbacks.py. The `preset` cell of each notebook is
-run here without a kernel with `preset = "tiny"` (the tests' own: the tiny random model, recipes/cpu_tiny.yaml;
-`preset = "demo"` trains SmolLM2 for `make demo`); test_demo.py runs notebook 03 with it under papermill. Each notebook
-is paired (jupytext.toml) with a py:percent text file holding the same cells, checked here without running
-anything: scripts/sync_notebooks.py syncs the pairs and its --check mode finds a pair out of sync.
+Each notebook names its values once: a `recipe_file` and the keys a reader may change, `None` meaning the recipe's,
+passed to `dpo_xpu.notebook_recipe` (checked here without a kernel). The run (marker `notebook`, a few minutes on 2
+CPU cores) takes recipes/cpu_tiny.yaml with the real inputs in ../shared (stories260K and 64 of the 284 orca rows,
+12 steps), then asserts on what the notebooks recorded in the run folder. The live-plot callback itself is
+unit-tested outside Jupyter in test_plotting_callbacks.py. Each notebook is paired (jupytext.toml) with a
+py:percent text file holding the same cells, checked here without running anything: scripts/sync_notebooks.py
+syncs the pairs and its --check mode finds a pair out of sync.
 """
 
 from __future__ import annotations
@@ -33,19 +33,28 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 #: Parameters each notebook must declare (its step's inputs), beyond its own extras.
 REQUIRED = {
-    "01": {"device", "backend"},
-    "02": {"model_name_or_path", "dataset_name_or_path", "limit", "seed", "max_length", "max_prompt_length"},
-    "03": {"model_name_or_path", "dataset_name_or_path", "output_dir", "max_steps", "device", "backend", "limit"}
-    | {"eval_fraction", "seed", "max_length", "max_prompt_length", "learning_rate", "beta", "bf16"},
+    "01": {"recipe_file", "device", "backend"},
+    "02": {"recipe_file", "model_name_or_path", "dataset_name_or_path", "limit", "seed", "max_length"}
+    | {"max_prompt_length"},
+    "03": {"recipe_file", "model_name_or_path", "dataset_name_or_path", "output_dir", "max_steps", "device"}
+    | {"backend", "limit", "eval_fraction", "seed", "max_length", "max_prompt_length", "learning_rate", "beta", "bf16"},
     # 04 reads the run's recipe.yaml: only where the run is and how to evaluate it
-    "04": {"output_dir", "device", "split", "max_eval_pairs", "batch_size", "num_samples", "max_new_tokens"}
-    | {"merge_rtol"},
+    "04": {"recipe_file", "output_dir", "device", "split", "max_eval_pairs", "batch_size", "num_eval_samples"}
+    | {"max_new_tokens", "merge_rtol"},
 }
-RUN = {"limit": 64, "eval_fraction": 0.125, "max_steps": 12, "num_samples": 2, "max_new_tokens": 24}
-DEMO_RECIPE = ROOT / "recipes" / "cpu_tiny.yaml"
-#: What preset = "tiny" sets beyond recipes/cpu_tiny.yaml (dpo_xpu.presets.PRESET_EXTRAS["tiny"], written out here).
-DEMO_EXTRAS = {"eval_fraction": 0.1, "num_samples": 3, "max_new_tokens": 48}
-DEMO_PATHS = ("model_name_or_path", "dataset_name_or_path", "output_dir")
+RUN = {"limit": 64, "eval_fraction": 0.125, "max_steps": 12, "num_eval_samples": 2, "max_new_tokens": 24}
+DEFAULT_RECIPE = ROOT / "recipes" / "arc_16gb_qwen2.5_1.5b.yaml"
+TINY_RECIPE = ROOT / "recipes" / "cpu_tiny.yaml"
+RECIPE_PATHS = ("model_name_or_path", "dataset_name_or_path", "output_dir")
+#: Each notebook's own parameters: not recipe keys.
+OWN = {
+    "01": set(),
+    "02": {"num_examples"},
+    "03": {"overwrite", "resume", "recipe_overrides"},
+    "04": {"split", "max_eval_pairs", "batch_size", "merge_rtol"},
+}
+#: The values a notebook sets itself rather than take the recipe's: 03's held-out share, which 04 evaluates.
+NOTEBOOK_VALUES = {"eval_fraction": 0.1}
 
 
 def _parameters(path: Path) -> dict:
@@ -61,24 +70,46 @@ def _parameters(path: Path) -> dict:
     return values
 
 
-def _preset_cell(path: Path) -> str:
-    """The code cell right after the parameters cell."""
+def _recipe_statement(path: Path) -> ast.Assign:
+    """The notebook's one statement that calls ``notebook_recipe``."""
     nb = nbformat.read(path, as_version=4)
-    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    return nb.cells[index + 1].source
+    found = [
+        node
+        for cell in nb.cells
+        if cell.cell_type == "code" and "notebook_recipe(" in cell.source
+        for node in ast.parse("\n".join(line for line in cell.source.splitlines() if not line.startswith("%"))).body
+        if isinstance(node, ast.Assign) and "notebook_recipe(" in ast.unparse(node)
+    ]
+    assert len(found) == 1, f"{path.name}: {len(found)} statements call notebook_recipe, expected one"
+    return found[0]
 
 
-def _run_preset_cell(path: Path, monkeypatch, **given) -> tuple[dict, list]:
-    """Run the preset cell as Jupyter would (cwd notebooks/), after the parameters and what papermill injects;
-    build_demo_model is recorded, not run. Returns the notebook's variables and the folders it would build."""
-    import dpo_xpu
+def _notebook_recipe(path: Path, monkeypatch, **given) -> tuple[object, list]:
+    """Notebook ``path``'s recipe, made as Jupyter would (cwd notebooks/) from its parameters and what papermill
+    injects (``given``); build_demo_model is recorded, not run. Returns the recipe (04: its run folder) and the
+    folders it would build."""
+    import dpo_xpu.demo
+    from dpo_xpu import notebook_recipe
 
     built: list = []
-    monkeypatch.setattr(dpo_xpu, "build_demo_model", lambda dest, **kwargs: built.append(str(dest)) or Path(dest))
+    monkeypatch.setattr(dpo_xpu.demo, "build_demo_model", lambda dest, **kwargs: built.append(str(dest)) or dest)
     monkeypatch.chdir(ROOT / "notebooks")
-    namespace = {**_parameters(path), **given}
-    exec(compile(_preset_cell(path), f"{path.name}:preset", "exec"), namespace)
-    return namespace, built
+    namespace = {**_parameters(path), **given, "notebook_recipe": notebook_recipe}
+    statement = _recipe_statement(path)
+    exec(compile(ast.Module([statement], []), f"{path.name}:recipe", "exec"), namespace)
+    return namespace[statement.targets[0].id], built
+
+
+def _recipe_values(recipe_path: Path, **values) -> dict:
+    """The recipe file's values, its paths as the notebooks resolve them (from the project root, where they
+    exist), then ``values``."""
+    from dpo_xpu import load_recipe
+
+    recipe = load_recipe(recipe_path).to_dict()
+    for key in RECIPE_PATHS:
+        if key == "output_dir" or (ROOT / recipe[key]).exists():
+            recipe[key] = str((ROOT / recipe[key]).resolve())
+    return {**recipe, **values}
 
 
 def test_the_four_notebooks_exist():
@@ -100,66 +131,75 @@ def test_one_literal_parameters_cell_with_the_step_inputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_every_notebook_has_a_preset_parameter_and_cell(path):
+def test_every_notebook_names_its_values_once(path):
+    """The parameters cell names a recipe file and leaves the recipe's keys at None (the recipe's), no second table of
+    defaults follows, and one statement passes the keys to notebook_recipe (04: the run folder alone; its other keys
+    go to evaluate_run, where None is the run's)."""
     values = _parameters(path)
-    assert "preset" in values, f"{path.name}: the parameters cell lacks `preset`"
-    assert values["preset"] is None, "the default must stay the real user's GPU run"
-    cell = _preset_cell(path)
-    assert "changed = apply_preset(preset, defaults, globals())" in cell  # the package does the work
-    # the defaults the cell compares with are the parameters cell's own, so only untouched values are replaced
-    node = next(n for n in ast.parse(cell).body if isinstance(n, ast.Assign) and n.targets[0].id == "defaults")
-    defaults = {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.value.keywords}
-    assert {"model_name_or_path", "output_dir"} & set(defaults)
-    assert {name: values[name] for name in defaults} == defaults
+    assert values["recipe_file"] == "../recipes/arc_16gb_qwen2.5_1.5b.yaml", "the default stays the real user's GPU run"
+    keys = set(values) - OWN[path.name[:2]] - {"recipe_file"}
+    assert keys and all(values[name] == NOTEBOOK_VALUES.get(name) for name in keys), values
+    source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    assert "defaults" not in source and "preset" not in source and "make_recipe" not in source
+    call = next(n for n in ast.walk(_recipe_statement(path)) if isinstance(n, ast.Call))
+    passed = {keyword.arg for keyword in call.keywords if isinstance(keyword.value, ast.Name)}
+    assert passed == ({"output_dir"} if path.name.startswith("04") else keys), path.name
+
+
+def test_the_default_recipe_is_the_real_users_run():
+    from dpo_xpu import load_recipe
+
+    recipe = load_recipe(DEFAULT_RECIPE)
+    assert recipe.model_name_or_path == "Qwen/Qwen2.5-1.5B-Instruct" and recipe.device == "auto" and recipe.bf16
+    assert (recipe.max_steps, recipe.learning_rate, recipe.max_length, recipe.gradient_accumulation_steps) == (
+        200,
+        5e-5,
+        1024,
+        8,
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_preset_tiny_takes_the_tiny_recipes_values(path, monkeypatch):
-    from dpo_xpu import load_recipe
+def test_the_default_parameters_take_the_default_recipe(path, monkeypatch):
+    made, built = _notebook_recipe(path, monkeypatch)
+    expected = _recipe_values(DEFAULT_RECIPE, **{k: v for k, v in NOTEBOOK_VALUES.items() if k in _parameters(path)})
+    if path.name.startswith("04"):
+        assert made == expected["output_dir"] == str(ROOT / "runs" / "qwen2.5-1.5b-dpo")
+    else:
+        assert made.to_dict() == expected
+    assert built == []
 
-    demo = {**load_recipe(DEMO_RECIPE).to_dict(), **DEMO_EXTRAS}
-    for key in DEMO_PATHS:
-        demo[key] = str((ROOT / demo[key]).resolve())
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_tiny_recipe_gives_its_values_and_builds_its_model(path, monkeypatch):
+    made, built = _notebook_recipe(path, monkeypatch, recipe_file="../recipes/cpu_tiny.yaml")
     declared = _parameters(path)
-    values, built = _run_preset_cell(path, monkeypatch, preset="tiny")
-    covered = [name for name in declared if name in demo]
-    assert covered
-    for name in covered:
-        assert values[name] == demo[name], (path.name, name, values[name], demo[name])
-    expected = [demo["model_name_or_path"]] if "model_name_or_path" in declared else []
-    assert built == expected, "the demo model is built (or reused) where the preset points"
-    for name in set(declared) - set(demo) - {"preset"}:  # the notebook's own extras keep their defaults
-        assert values[name] == declared[name], name
+    expected = _recipe_values(TINY_RECIPE, **{k: v for k, v in NOTEBOOK_VALUES.items() if k in declared})
+    assert built == [str(ROOT / "runs" / "demo-model")], "the tiny model is built (or reused) where the recipe names it"
+    if path.name.startswith("04"):
+        assert made == expected["output_dir"] == str(ROOT / "runs" / "tiny")
+    else:
+        assert made.to_dict() == expected
+        assert made.learning_rate == 2e-3 and made.bf16 is False and Path(made.model_name_or_path).is_absolute()
 
 
-def test_preset_tiny_in_notebook_03_is_the_cpu_tiny_training(monkeypatch):
-    from dpo_xpu import load_recipe
-
-    demo = load_recipe(DEMO_RECIPE)
+def test_the_values_you_give_replace_the_recipes(monkeypatch):
     path = ROOT / "notebooks" / "03_dpo_training.ipynb"
-    declared = _parameters(path)
-    values, _ = _run_preset_cell(path, monkeypatch, preset="tiny")
-    assert values["learning_rate"] == demo.learning_rate != declared["learning_rate"]
-    assert values["max_steps"] == demo.max_steps != declared["max_steps"]
-    assert values["bf16"] is False and values["eval_fraction"] == DEMO_EXTRAS["eval_fraction"]
-    assert Path(values["model_name_or_path"]) == ROOT / "runs" / "demo-model"
-
-
-def test_preset_tiny_keeps_the_values_you_changed(monkeypatch):
-    path = ROOT / "notebooks" / "03_dpo_training.ipynb"
-    values, built = _run_preset_cell(path, monkeypatch, preset="tiny", max_steps=7, model_name_or_path="mine")
-    assert values["max_steps"] == 7 and values["model_name_or_path"] == "mine"
+    given = dict(max_steps=7, model_name_or_path="mine", output_dir="../runs/mine", recipe_overrides={"limit": None})
+    made, built = _notebook_recipe(path, monkeypatch, recipe_file="../recipes/cpu_tiny.yaml", **given)
+    assert (made.max_steps, made.model_name_or_path, made.output_dir) == (7, "mine", "../runs/mine")
     assert built == [], "no demo model is built for a model you chose"
-    assert values["learning_rate"] != _parameters(path)["learning_rate"], "the untouched values still change"
+    assert made.learning_rate == 2e-3, "the values you leave at None are the recipe's"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_preset_none_changes_nothing_and_an_unknown_preset_is_refused(path, monkeypatch):
-    declared = _parameters(path)
-    values, built = _run_preset_cell(path, monkeypatch)
-    assert {name: values[name] for name in declared} == declared and built == []
-    with pytest.raises(ValueError, match="preset = 'gpu'"):
-        _run_preset_cell(path, monkeypatch, preset="gpu")
+def test_a_missing_recipe_file_is_one_line_with_the_closest(path, monkeypatch):
+    from dpo_xpu import RecipeError
+
+    with pytest.raises(RecipeError, match="recipe_file = '../recipes/cpu_tiy.yaml' does not exist") as err:
+        _notebook_recipe(path, monkeypatch, recipe_file="../recipes/cpu_tiy.yaml")
+    assert 'did you mean "cpu_tiny.yaml"?' in str(err.value) and "cpu_demo.yaml" in str(err.value)
+    assert err.value._render_traceback_() == [f"RecipeError: {err.value}"]  # one line in Jupyter
 
 
 def test_notebook_03_shows_a_model_it_cannot_load_as_one_line(tmp_path, capsys):
@@ -299,27 +339,23 @@ def test_sync_check_finds_a_missing_text_file_and_a_second_parameters_cell(tmp_p
     assert "01_environment_check.ipynb has 2 cells tagged 'parameters', expected exactly one" in result.stderr
 
 
-def test_run_notebooks_presets_name_declared_parameters():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import run_notebooks
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    declared = set().union(*(_parameters(p) for p in NOTEBOOKS))
-    for preset, values in run_notebooks.PRESETS.items():
-        assert set(values) <= declared, f"preset {preset}: unknown {sorted(set(values) - declared)}"
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, stories260k_path, orca_rows_path):
     out = tmp_path_factory.mktemp("notebooks") / "run"
     params = {
         **RUN,
-        "model_name_or_path": stories260k_path,
+        "model_name_or_path": stories260k_path,  # stories260K: no ChatML tokens
         "dataset_name_or_path": orca_rows_path,
         "output_dir": out,
+        "learning_rate": 5e-4,
+        "warmup_steps": 3,
+        "max_length": 1024,
+        "max_prompt_length": 512,
+        # any recipe key reaches notebook 03 this way: here, evaluation of the held-out pairs during training, with
+        # each pair run as one sequence (prefix sharing) in training and evaluation
+        "recipe_overrides": {"eval_steps": 6, "eval_samples": False, "prefix_sharing": True},
     }
-    result = run_notebooks(params, "--preset", "shared", timeout=900)
+    result = run_notebooks(params, "--recipe", "recipes/cpu_tiny.yaml", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return out
 
@@ -338,7 +374,7 @@ def test_metrics_start_at_ln2_and_stay_finite(run_dir):
     rows = [r for r in all_rows if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, RUN["max_steps"] + 1))
     assert abs(rows[0]["loss"] - math.log(2)) < 0.01
-    # the shared preset's recipe_overrides turn on evaluation every 6 steps (and at step 0) in notebook 03, and
+    # the run's recipe_overrides turn on evaluation every 6 steps (and at step 0) in notebook 03, and
     # prefix sharing: the loss still starts at ln 2 in training and evaluation
     assert "prefix_sharing: true" in (run_dir / "recipe.yaml").read_text()
     evals = [r for r in all_rows if "eval/loss" in r]
@@ -381,7 +417,7 @@ def test_samples_answer_held_out_prompts_with_policy_and_reference(run_dir):
     from dpo_xpu import load_recipe, load_run_data, load_tokenizer
 
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == RUN["num_samples"]
+    assert len(samples) == RUN["num_eval_samples"]
     assert all(isinstance(s["policy"], str) and isinstance(s["reference"], str) for s in samples)
     assert any(s["policy"] or s["reference"] for s in samples)
     recipe = load_recipe(run_dir / "recipe.yaml")

@@ -1,7 +1,7 @@
 """Faulty recipes end in one line (a RecipeError) that names the key or the file and the fix (issue #22).
 
 Dicts given to launch_training, duplicate keys, files that are not UTF-8, YAML syntax errors and tags, misspelt
-keys, NaN / infinity / overflowing numbers, TRL options refused by value, and unknown notebook presets.
+keys, NaN / infinity / overflowing numbers, TRL options refused by value, and a notebook's missing recipe_file.
 """
 
 from __future__ import annotations
@@ -48,7 +48,12 @@ def test_launch_training_reads_a_dict_as_a_recipe_file(tmp_path, monkeypatch):
     run_dir = launch.launch_training({**values, "learning_rate": "1e-4", "max_steps": "5"}, num_processes=1)
     (recipe,) = seen
     assert run_dir == tmp_path / "run"
-    assert recipe.trl_options == {"report_to": ["tensorboard"]}
+    assert recipe.trl_options == {
+        "output_dir": str(tmp_path / "run"),
+        "report_to": ["tensorboard"],
+        "learning_rate": 1e-4,
+        "max_steps": 5,
+    }
     assert (recipe.learning_rate, recipe.max_steps) == (1e-4, 5)
     with pytest.raises(RecipeError, match="learning_rte \\(did you mean learning_rate\\?\\)"):
         launch.launch_training({**values, "learning_rte": 1e-4}, num_processes=1)
@@ -204,21 +209,23 @@ def test_trl_option_values_are_converted_to_their_field_type():
 )
 def test_validate_recipe_names_the_key_dpo_config_refuses(tmp_path, values, message):
     from dpo_xpu.train.trl_config import validate_recipe
+    from dpo_xpu.train.trl_internals import trl_generation
 
     recipe = make_recipe({"output_dir": str(tmp_path / "run"), **values})
     with pytest.raises(RecipeError) as err:
-        validate_recipe(recipe, use_cpu=True)
+        validate_recipe(recipe, use_cpu=True, generation=trl_generation())
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
 
 
 def test_validate_recipe_accepts_the_shipped_recipes_and_writes_nothing(tmp_path):
     from dpo_xpu.train.trl_config import validate_recipe
+    from dpo_xpu.train.trl_internals import trl_generation
 
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         recipe = load_recipe(path, {"output_dir": str(tmp_path / path.stem)})
         if recipe.backend == "native":
-            validate_recipe(recipe, use_cpu=True)
+            validate_recipe(recipe, use_cpu=True, generation=trl_generation())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -232,17 +239,19 @@ def test_run_training_refuses_a_trl_option_before_the_run_folder_is_touched(tmp_
     assert not run.exists()
 
 
-# 8. notebook presets ------------------------------------------------------------------------------------------------
+# 8. a notebook's recipe_file ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "preset, hint",
-    [("cpu", 'use None (the defaults above, for an Intel GPU) or "demo"'), ("Demo", 'did you mean "demo"?')],
+    "recipe_file, hint",
+    [("recipes/gpu.yaml", "the recipes in recipes: "), ("recipes/cpu_dem.yaml", 'did you mean "cpu_demo.yaml"?')],
 )
-def test_an_unknown_preset_is_one_line_with_the_valid_ones(preset, hint):
-    from dpo_xpu.presets import apply_preset
+def test_a_missing_recipe_file_is_one_line_with_the_shipped_ones(recipe_file, hint, monkeypatch):
+    from dpo_xpu.demo import notebook_recipe
 
+    monkeypatch.chdir(ROOT)
     with pytest.raises(RecipeError) as err:
-        apply_preset(preset, {}, {})
-    assert str(err.value).startswith(f"preset = {preset!r} is not a preset: ") and hint in str(err.value)
+        notebook_recipe(recipe_file)
+    assert str(err.value).startswith(f"recipe_file = {recipe_file!r} does not exist: ") and hint in str(err.value)
+    assert "cpu_tiny.yaml" in str(err.value)
     assert err.value._render_traceback_() == [f"RecipeError: {err.value}"]  # one line in Jupyter
