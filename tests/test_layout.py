@@ -6,6 +6,7 @@ modules; subpackages that import nothing themselves.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -82,6 +83,22 @@ def test_a_backward_import_breaks_the_layers(tmp_path: Path) -> None:
     result = _lint_imports(tmp_path)
     assert result.returncode != 0
     assert "dpo_xpu.data.truncation -> dpo_xpu.pipeline" in result.stdout
+
+
+#: The most functions the recipe may reach from ``run_training`` (docs/architecture.md): today's count, so that it can
+#: only fall (#23 asks for 30).
+RECIPE_STOPS = 48
+
+
+def test_the_recipe_reaches_few_places() -> None:
+    """``scripts/recipe_stops.py`` follows ``recipe`` from ``run_training``; the count may not grow."""
+    spec = importlib.util.spec_from_file_location("recipe_stops", PACKAGE.parent / "scripts" / "recipe_stops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    edges = module.recipe_stops()
+    stops = {stop for _, stop in edges}
+    assert "dpo_xpu.train.trl_config.dpo_config_kwargs" in stops  # the walk reaches TRL's config
+    assert len(edges) + 1 <= RECIPE_STOPS, "\n".join(f"{a} -> {b}" for a, b in edges)
 
 
 def test_no_private_name_is_imported_across_modules() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = [p for p in ("dpo_xpu", "tests", "scripts", "benchmarks") if (ROOT / p).exists()]
+TARGETS = [p for p in ("dpo_xpu", "tests", "scripts", "benchmarks", "docs/hooks.py") if (ROOT / p).exists()]
 
 
 def _ruff() -> list[str]:
