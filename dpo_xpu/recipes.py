@@ -315,8 +315,9 @@ class Recipe:
             return options[name]
         if name in TRL_DEFAULT_OVERRIDES:
             return TRL_DEFAULT_OVERRIDES[name][0]
-        if name in trl_option_names():
-            return trl_option_names()[name]
+        names = trl_option_names()
+        if name in names:
+            return names[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:

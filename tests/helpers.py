@@ -23,6 +23,15 @@ QWEN05 = {
 }
 
 
+def config_kwargs(recipe: Recipe, generation: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``dpo_config_kwargs`` with the recipe's reference plan for ``generation`` (default: the installed TRL's), as
+    the trainer factory computes it."""
+    from dpo_xpu.train.reference import reference_plan
+    from dpo_xpu.train.trl_config import dpo_config_kwargs, trl_generation
+
+    return dpo_config_kwargs(recipe, reference_plan(recipe, generation or trl_generation()), **kwargs)
+
+
 def cpu_recipe(model: str | Path, data: str | Path, output_dir: str | Path, **overrides: Any) -> Recipe:
     """A recipe for a short CPU run: NF4 + LoRA, adapter-off, float32 compute (bf16 is emulated on this CPU and
     about 6x slower), no checkpoints. Lengths suit stories260K on orca rows (~475-670 tokens with its 512-piece

@@ -6,29 +6,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import cpu_recipe
+from helpers import config_kwargs, cpu_recipe
 
 from dpo_xpu.callbacks.metrics import EVAL_SAMPLES_FILE
 from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.train.reference import reference_plan
-from dpo_xpu.train.trl_config import dpo_config_kwargs
-from dpo_xpu.train.trl_internals import trl_generation
-
-
-def _config_kwargs(recipe: Recipe, generation: str | None = None, **kwargs):
-    """``dpo_config_kwargs`` with the recipe's reference plan, as the trainer factory computes it."""
-    generation = generation or trl_generation()
-    return dpo_config_kwargs(recipe, generation, reference_plan(recipe, generation), **kwargs)
 
 
 def test_eval_settings_need_eval_steps_and_an_eval_split():
-    assert "eval_strategy" not in _config_kwargs(Recipe(eval_fraction=0.1), "1.x")
-    assert "eval_strategy" not in _config_kwargs(Recipe(eval_steps=5), "1.x")
-    kwargs = _config_kwargs(Recipe(eval_steps=5, eval_fraction=0.1, per_device_train_batch_size=3), "1.x")
+    assert "eval_strategy" not in config_kwargs(Recipe(eval_fraction=0.1), "1.x")
+    assert "eval_strategy" not in config_kwargs(Recipe(eval_steps=5), "1.x")
+    kwargs = config_kwargs(Recipe(eval_steps=5, eval_fraction=0.1, per_device_train_batch_size=3), "1.x")
     assert kwargs["eval_strategy"] == "steps" and kwargs["eval_steps"] == 5 and kwargs["eval_on_start"] is True
     assert kwargs["per_device_eval_batch_size"] == 3
-    assert "eval_strategy" not in _config_kwargs(Recipe(eval_steps=5, eval_fraction=0.1), "1.x", has_eval_dataset=False)
+    assert "eval_strategy" not in config_kwargs(Recipe(eval_steps=5, eval_fraction=0.1), "1.x", has_eval_dataset=False)
 
 
 @pytest.fixture(scope="module")

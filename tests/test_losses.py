@@ -8,23 +8,17 @@ import math
 
 import pytest
 import torch
+from helpers import config_kwargs
 from helpers import cpu_recipe as shared_recipe
 
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import Recipe
 from dpo_xpu.train.losses import dpo_norm_loss, own_loss, sigmoid_loss, simpo_loss
-from dpo_xpu.train.reference import reference_plan
-from dpo_xpu.train.trl_config import dpo_config_kwargs, own_loss_type, trl_generation
+from dpo_xpu.train.trl_config import own_loss_type, trl_generation
 
 LN2 = math.log(2)
 BETA = 0.1
-
-
-def _config_kwargs(recipe: Recipe, generation: str | None = None, **kwargs):
-    """``dpo_config_kwargs`` with the recipe's reference plan, as the trainer factory computes it."""
-    generation = generation or trl_generation()
-    return dpo_config_kwargs(recipe, generation, reference_plan(recipe, generation), **kwargs)
 
 
 # Fixed per-sequence log-probs (nats) and answer lengths (tokens) for 3 pairs.
@@ -114,7 +108,7 @@ def test_own_loss_dispatches_and_refuses_unknown_names():
 )
 def test_trl_1x_mapping(overrides, loss_type, weights, own):
     recipe = Recipe(**overrides)
-    kwargs = _config_kwargs(recipe, "1.x")
+    kwargs = config_kwargs(recipe, "1.x")
     assert kwargs["loss_type"] == loss_type
     assert kwargs.get("loss_weights") == weights
     assert own_loss_type(recipe, "1.x") == own
@@ -122,10 +116,10 @@ def test_trl_1x_mapping(overrides, loss_type, weights, own):
 
 
 def test_trl_011_mapping_uses_its_own_label_smoothing_reference_free_and_rpo_alpha():
-    kwargs = _config_kwargs(Recipe(label_smoothing=0.1, reference_free=True, nll_loss_coef=0.5), "0.11")
+    kwargs = config_kwargs(Recipe(label_smoothing=0.1, reference_free=True, nll_loss_coef=0.5), "0.11")
     assert kwargs["loss_type"] == "sigmoid" and kwargs["label_smoothing"] == 0.1
     assert kwargs["reference_free"] is True and kwargs["rpo_alpha"] == 0.5
-    assert _config_kwargs(Recipe(), "0.11")["rpo_alpha"] is None
+    assert config_kwargs(Recipe(), "0.11")["rpo_alpha"] is None
 
 
 @pytest.mark.parametrize(
@@ -142,7 +136,7 @@ def test_trl_011_mapping_uses_its_own_label_smoothing_reference_free_and_rpo_alp
 )
 def test_settings_nothing_can_honour_are_refused(overrides, generation, field):
     with pytest.raises(RecipeError) as err:
-        _config_kwargs(Recipe(**overrides), generation)
+        config_kwargs(Recipe(**overrides), generation)
     assert str(err.value).startswith(field) or f"{field}:" in str(err.value)
     if field in ("loss_type", "label_smoothing", "reference_device"):
         assert f"TRL {generation}" in str(err.value)
@@ -154,7 +148,7 @@ def test_installed_trl_accepts_the_own_loss_config(tmp_path):
     # TRL 1.x: an own loss with TRL's sft term; TRL 0.11: its own label smoothing, reference_free and rpo_alpha
     own = {"loss_type": "simpo"} if trl_generation() == "1.x" else {"label_smoothing": 0.1, "reference_free": True}
     recipe = Recipe(output_dir=str(tmp_path), bf16=False, nll_loss_coef=0.5, **own)
-    config = DPOConfig(**_config_kwargs(recipe, use_cpu=True))
+    config = DPOConfig(**config_kwargs(recipe, use_cpu=True))
     assert config.beta == 0.1
 
 

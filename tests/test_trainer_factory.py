@@ -6,20 +6,14 @@ from __future__ import annotations
 import math
 
 import pytest
-from helpers import cpu_recipe
+from helpers import config_kwargs, cpu_recipe
 
 from dpo_xpu.data.truncation import truncate_prompts
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.models.loading import load_tokenizer
 from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import Recipe
-from dpo_xpu.train.reference import reference_plan
-from dpo_xpu.train.trl_config import dpo_config_kwargs
 from dpo_xpu.train.trl_internals import trl_generation
-
-
-def config_kwargs(recipe: Recipe, generation: str, **kwargs) -> dict:
-    return dpo_config_kwargs(recipe, generation, reference_plan(recipe, generation), **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -5,18 +5,16 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from helpers import cpu_recipe
+from helpers import config_kwargs, cpu_recipe
 
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.pipeline import run_training
 from dpo_xpu.recipes import load_recipe, make_recipe, trl_option_names
-from dpo_xpu.train.reference import reference_plan
-from dpo_xpu.train.trl_config import dpo_config_kwargs
 from dpo_xpu.train.trl_internals import trl_generation
 
 
 def _kwargs(recipe):
-    return dpo_config_kwargs(recipe, "1.x", reference_plan(recipe, "1.x"))
+    return config_kwargs(recipe, "1.x")
 
 
 pytestmark = pytest.mark.skipif(trl_generation() != "1.x", reason="TRL 1.x's options (the native environment)")

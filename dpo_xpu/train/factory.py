@@ -168,9 +168,7 @@ def build_trainer(
     logger.info("%s", plan.why)
     generation = plan.generation
     on_cpu = next(model.parameters()).device.type == "cpu"
-    config_kwargs = dpo_config_kwargs(
-        recipe, generation, plan, use_cpu=on_cpu, has_eval_dataset=eval_dataset is not None
-    )
+    config_kwargs = dpo_config_kwargs(recipe, plan, use_cpu=on_cpu, has_eval_dataset=eval_dataset is not None)
     if on_cpu:
         from dpo_xpu.train.host_memory import release_after_training_forward
 
@@ -180,7 +178,7 @@ def build_trainer(
     torch.manual_seed(recipe.seed)
     prefix_sharing, why = prefix_sharing_decision(recipe.prefix_sharing, model, generation)
     logger.info("%s", why)
-    trainer_class, extra = _trainer_class(recipe, plan, generation, prefix_sharing)
+    trainer_class, extra = _trainer_class(recipe, plan, prefix_sharing)
     trainer = trainer_class(
         model=model,
         ref_model=ref_model,
@@ -225,14 +223,13 @@ def _truncate_evaluated_prompts(trainer: Any, recipe: Recipe, generation: str, t
     trainer.evaluate = evaluate_cut
 
 
-def _trainer_class(
-    recipe: Recipe, plan: ReferencePlan, generation: str, prefix_sharing: bool = False
-) -> tuple[type, dict[str, Any]]:
+def _trainer_class(recipe: Recipe, plan: ReferencePlan, prefix_sharing: bool = False) -> tuple[type, dict[str, Any]]:
     """The trainer class for a recipe and its extra keywords: TRL's ``DPOTrainer``, unless the recipe needs
     :class:`~dpo_xpu.train.trainer.DpoXpuTrainer` (TRL 1.x: an own loss, reference-free, a CPU reference, prefix
     sharing, ipo's averaged rewards) or the ipex-llm backend's reference-free trainer (TRL 0.11)."""
     from trl import DPOTrainer
 
+    generation = plan.generation
     if generation == "0.11":
         if recipe.reference_free:
             from dpo_xpu.models.backends.ipex_llm_trainer import ReferenceFreeDPOTrainer

@@ -154,7 +154,6 @@ def _trl_options(recipe: Recipe, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def dpo_config_kwargs(
     recipe: Recipe,
-    generation: str,
     plan: ReferencePlan,
     use_cpu: bool = False,
     has_eval_dataset: bool | None = None,
@@ -165,9 +164,9 @@ def dpo_config_kwargs(
 
     Args:
         recipe: the run's recipe.
-        generation: ``"0.11"`` or ``"1.x"`` (:func:`dpo_xpu.train.trl_internals.trl_generation`).
-        plan: the run's reference plan (:func:`dpo_xpu.train.reference.reference_plan`); TRL precomputes the
-            reference log-probs where ``plan.trl_precomputes``.
+        plan: the run's reference plan (:func:`dpo_xpu.train.reference.reference_plan`), made for the TRL
+            generation it maps onto (``plan.generation``); TRL precomputes the reference log-probs where
+            ``plan.trl_precomputes``.
         use_cpu: train on the CPU even where an accelerator is visible.
         has_eval_dataset: whether the trainer gets an eval split; ``None``: ``recipe.eval_fraction > 0``.
             With one and ``recipe.eval_steps``, evaluation runs every ``eval_steps`` and at step 0
@@ -177,6 +176,7 @@ def dpo_config_kwargs(
         RecipeError: a recipe value the TRL generation cannot honour (for example a ``loss_type`` only TRL
             1.x has, asked of TRL 0.11); the message names the field and the TRL version.
     """
+    generation = plan.generation
     _check_loss_settings(recipe, generation, plan)
     kwargs: dict[str, Any] = {
         **{name: value for name, (value, _) in TRL_DEFAULT_OVERRIDES.items()},
@@ -224,7 +224,7 @@ def validate_recipe(recipe: Recipe, use_cpu: bool = False, *, generation: str) -
     """
     from trl import DPOConfig
 
-    kwargs = dpo_config_kwargs(recipe, generation, reference_plan(recipe, generation), use_cpu=use_cpu)
+    kwargs = dpo_config_kwargs(recipe, reference_plan(recipe, generation), use_cpu=use_cpu)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
