@@ -61,7 +61,12 @@ CURVES_URI = "assets/reward_curves.png"
 #: the step). A name ending in ``.`` takes the package and every module under it; a module no step names goes
 #: to the last page.
 API_GROUPS: list[tuple[str, str, str, tuple[str, ...]]] = [
-    ("recipe", "Recipe", "The recipe: dpo_xpu's keys, TRL's options.", ("recipes",)),
+    (
+        "recipe",
+        "Recipe",
+        "The recipe: dpo_xpu's keys, TRL's options, their values and files.",
+        ("recipes", "recipe_values", "recipe_files"),
+    ),
     (
         "environment",
         "Environment",
@@ -95,6 +100,8 @@ API_GROUPS: list[tuple[str, str, str, tuple[str, ...]]] = [
 #: module alphabetically.
 API_ORDER = [
     "recipes",
+    "recipe_values",
+    "recipe_files",
     "environment",
     "device",
     "data",
@@ -119,6 +126,7 @@ API_ORDER = [
     "train.trainer",
     "train.losses",
     "train.prefix_sharing",
+    "train.packing",
     "train.reference_cache",
     "train.trl_internals",
     "train.memory",

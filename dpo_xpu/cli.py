@@ -162,7 +162,7 @@ TRL_OPTION_TOPICS = (
 
 
 def _train_epilog() -> str:
-    """The recipe keys for ``dpo-xpu train --help``: dpo_xpu's own by topic (:data:`dpo_xpu.recipes.KEY_TOPICS`;
+    """The recipe keys for ``dpo-xpu train --help``: dpo_xpu's own by topic (:data:`dpo_xpu.recipe_values.KEY_TOPICS`;
     default, unit and the whole meaning from the Recipe's field metadata, TRL's default where it differs), then the
     installed TRL's options: its DPO options, then transformers' by topic (:data:`TRL_OPTION_TOPICS`), each with
     its default and the first sentence of its help, never cut."""
@@ -172,13 +172,8 @@ def _train_epilog() -> str:
     from transformers import TrainingArguments
     from trl import DPOConfig
 
-    from dpo_xpu.recipes import (
-        KEY_TOPICS,
-        TRL_DEFAULT_OVERRIDES,
-        key_docs,
-        trl_default_differences,
-        trl_option_names,
-    )
+    from dpo_xpu.recipe_values import KEY_TOPICS, TRL_DEFAULT_OVERRIDES
+    from dpo_xpu.recipes import key_docs, trl_default_differences, trl_option_names
 
     differs, docs = trl_default_differences(), key_docs()
     lines = ["dpo_xpu's recipe keys (default [unit]: meaning; docs/options.md has the sources):"]
@@ -232,7 +227,7 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     Args:
         with_options: list every recipe key and TRL option in ``train --help`` (imports TRL, so only for help).
     """
-    from dpo_xpu.recipes import BACKENDS
+    from dpo_xpu.recipe_values import BACKENDS
 
     parser = argparse.ArgumentParser(prog="dpo-xpu", description="DPO with NF4 + LoRA on Intel GPUs.")
     noise = parser.add_mutually_exclusive_group()

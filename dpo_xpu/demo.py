@@ -202,7 +202,6 @@ def notebook_recipe(recipe_file: str | Path, recipe_overrides: dict[str, Any] | 
     given = {**{key: value for key, value in values.items() if value is not None}, **(recipe_overrides or {})}
     recipe = load_recipe(path, given)
     root = path.resolve().parent.parent
-    paths = {}
     for key in RECIPE_PATHS:
         value = getattr(recipe, key)
         if key in given or value is None:
@@ -212,5 +211,5 @@ def notebook_recipe(recipe_file: str | Path, recipe_overrides: dict[str, Any] | 
         elif key == "model_name_or_path" and value == "runs/demo-model":
             build_demo_model(root / value)  # offline, in seconds
         if key == "output_dir" or (root / value).exists():
-            paths[key] = str((root / value).resolve())
-    return load_recipe(path, {**given, **paths})
+            setattr(recipe, key, str((root / value).resolve()))  # a path: nothing in the recipe's checks reads it
+    return recipe

@@ -1,18 +1,11 @@
-"""Errors a user can cause, each with a message that says what was wrong and how to fix it.
-
-The CLI prints any :class:`DpoXpuError` as one line and exits non-zero (2), without a traceback; a notebook
-shows it as one line too.
-"""
+"""Errors a user can cause, each saying what was wrong and how to fix it: one line on the CLI (exit 2) and notebook."""
 
 from __future__ import annotations
 
 
 class DpoXpuError(Exception):
-    """Base class for errors caused by user input or the machine's set-up (not by a bug).
-
-    In a Jupyter notebook it shows as one line (``ModelLoadError: ...``), not as a traceback: IPython renders an
-    exception through its ``_render_traceback_`` when it has one.
-    """
+    """Base class for errors caused by user input or the machine's set-up (not by a bug); IPython shows it as one
+    line through ``_render_traceback_``."""
 
     def _render_traceback_(self) -> list[str]:
         return [f"{type(self).__name__}: {self}"]
@@ -39,10 +32,7 @@ class RunFolderError(DpoXpuError, FileExistsError):
 
 
 class TrainingInterrupted(DpoXpuError):
-    """Training stopped on SIGINT or SIGTERM after saving a checkpoint: the message says how to resume.
-
-    ``exit_code`` is the shell's code for the signal (130 for SIGINT, 143 for SIGTERM).
-    """
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint; ``exit_code`` is the shell's (130, 143)."""
 
     def __init__(self, message: str, exit_code: int = 130) -> None:
         super().__init__(message)
@@ -50,5 +40,5 @@ class TrainingInterrupted(DpoXpuError):
 
 
 class TrainingDiverged(DpoXpuError, FloatingPointError):
-    """Training stopped at the first non-finite loss or weight (NaN or infinity): the message names the step, the
-    logged values, the likely cause and the last good checkpoint, which is kept (the diverged state is not saved)."""
+    """Training stopped at the first non-finite loss or weight: the message names the step, the values, the likely
+    cause and the last good checkpoint."""

@@ -1,25 +1,21 @@
 """Files (a leaf below every step): modes under the user's umask, atomic writes, weight digests, the cache folder.
 
-safetensors writes ``*.safetensors`` with mode 600 whatever the umask, so a run's adapter, checkpoints and merged
-model could not be read by the user's group where the rest of the run folder can: :func:`apply_umask` gives them the
-umask's mode (no library offers it; one ``chmod`` a file). A model is identified by the sha256 of its weight files
-(:func:`weights_digest`), remembered until a file changes; the conversion, fingerprints and reference cache read it.
+safetensors writes mode 600 whatever the umask, so :func:`apply_umask` gives a saved folder the umask's mode (no
+library offers it); :func:`weights_digest` identifies a model by its weights' sha256, remembered until a file changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-#: Environment variable naming the cache folder (default ``~/.cache/dpo_xpu/reference-logps``).
-CACHE_DIR_ENV = "DPO_XPU_CACHE_DIR"
+CACHE_DIR_ENV = "DPO_XPU_CACHE_DIR"  # the cache folder (default ~/.cache/dpo_xpu/reference-logps)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-#: Bytes of each end of a weight file hashed into its memo entry (:func:`weights_digest`).
-SAMPLE_BYTES = 64 * 1024
-#: The file in the cache folder remembering each model folder's weights digest and what it was computed for.
+SAMPLE_BYTES = 64 * 1024  # of each end of a weight file, hashed into its memo entry
 WEIGHTS_MEMO_FILE = "weights-memo.json"
 
 
@@ -31,16 +27,13 @@ def current_umask() -> int:
 
 
 def apply_umask(folder: str | Path) -> None:
-    """Give every file under ``folder`` (a folder written by ``save_pretrained``, or one file) the mode a new file
-    gets under the process's umask (``0o666 & ~umask``); files that are not ours to change are left as they are."""
+    """Give every file under ``folder`` (or the one file) the mode ``0o666 & ~umask``, where we may."""
     mode = 0o666 & ~current_umask()
     root = Path(folder)
     for path in [root] if root.is_file() else root.rglob("*"):
         if path.is_file() and not path.is_symlink():
-            try:
+            with contextlib.suppress(PermissionError):
                 path.chmod(mode)
-            except PermissionError:
-                pass
 
 
 def default_cache_dir() -> Path:
@@ -49,21 +42,25 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "dpo_xpu" / "reference-logps"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and a rename: never a partial file."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and a rename: never a partial file, and a full
+    disk leaves the old file whole and no temporary file behind."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _file_signature(path: Path) -> dict[str, Any]:
-    """What identifies a weight file's bytes without reading them all: inode, size, modification and status-change
-    times (a rewrite in place changes the latter even when ``os.utime`` sets the former back), and a sha256 of its
-    first and last :data:`SAMPLE_BYTES` (a different file of the same size almost always differs there)."""
+    """What identifies a file's bytes without reading them all: inode, size, mtime, ctime (changed by a rewrite even
+    when ``os.utime`` sets mtime back), and a sha256 of its first and last :data:`SAMPLE_BYTES`."""
     stat = path.stat()
     sample = hashlib.sha256()
     with path.open("rb") as handle:
@@ -71,17 +68,12 @@ def _file_signature(path: Path) -> dict[str, Any]:
         if stat.st_size > SAMPLE_BYTES:
             handle.seek(max(SAMPLE_BYTES, stat.st_size - SAMPLE_BYTES))
             sample.update(handle.read(SAMPLE_BYTES))
-    return {
-        "inode": stat.st_ino,
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "ctime_ns": stat.st_ctime_ns,
-        "sample": sample.hexdigest(),
-    }
+    times = {"mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+    return {"inode": stat.st_ino, "size": stat.st_size, **times, "sample": sample.hexdigest()}
 
 
 def _hash_weight_files(files: list[Path], total: int) -> str:
-    """``"sha256:<hex>"`` over each file's name and bytes, in the given order, with a progress bar."""
+    """``"sha256:<hex>"`` over each file's name and bytes, in order."""
     from tqdm.auto import tqdm
 
     h = hashlib.sha256()
@@ -96,20 +88,9 @@ def _hash_weight_files(files: list[Path], total: int) -> str:
 
 
 def weights_digest(model_name_or_path: str | Path, revision: str | None = None, memo_dir: Path | None = None) -> str:
-    """Identify a model's weights by their content.
-
-    A local folder (or weight file) gets the sha256 over its weight files (``WEIGHT_SUFFIXES``; names and bytes, in
-    name order), remembered in ``<memo_dir>/weights-memo.json`` against each file's :func:`_file_signature` (reading
-    14 GB takes tens of seconds) and recomputed when one changes; ``memo_dir=None`` remembers nothing. A hub id gives
-    ``"hub:<id>@<revision>"`` (``revision``: the commit the weights were loaded from,
-    :func:`dpo_xpu.train.trl_internals.config_origin`).
-
-    Returns:
-        ``"sha256:<hex>"`` for a folder, ``"hub:<id>@<revision>"`` for a hub id.
-
-    Raises:
-        ValueError: a local folder without any weight file.
-    """
+    """``"sha256:<hex>"`` over a local folder's (or file's) weight files, names and bytes in name order, remembered
+    in ``<memo_dir>/weights-memo.json`` until a file's signature changes (14 GB take tens of seconds to read;
+    ``memo_dir=None``: not remembered); ``"hub:<id>@<revision>"`` for a hub id. `ValueError` without weight files."""
     path = Path(model_name_or_path).expanduser()
     if not path.exists():
         return f"hub:{model_name_or_path}@{revision or 'unknown'}"
@@ -120,10 +101,8 @@ def weights_digest(model_name_or_path: str | Path, revision: str | None = None, 
     memo_file = memo_dir / WEIGHTS_MEMO_FILE if memo_dir is not None else None
     memo: dict[str, Any] = {}
     if memo_file is not None and memo_file.is_file():
-        try:
+        with contextlib.suppress(OSError, ValueError):
             memo = json.loads(memo_file.read_text())
-        except (OSError, ValueError):
-            memo = {}
     folder = str(path.resolve())
     entry = memo.get(folder)
     if isinstance(entry, dict) and entry.get("files") == signature and "digest" in entry:

@@ -1,14 +1,6 @@
 """The steps after training, on a finished run folder: evaluate it, export it (``dpo-xpu evaluate``, ``dpo-xpu
-export``, notebook 4).
-
-Everything comes from the run folder, so nothing is given twice: its ``recipe.yaml`` gives the model, the data,
-``limit``, ``seed``, ``eval_fraction`` (hence the very rows training held out), ``bf16``, ``backend`` and ``beta``;
-``adapter/`` the trained LoRA adapter and the tokenizer. Only the evaluation's own settings (how many pairs and
-samples, batch size, device) are arguments.
-
-    >>> evaluation = evaluate_run("runs/demo")  # evaluation.json and samples.jsonl in runs/demo
-    >>> print(evaluation.summary())
-    >>> exported = export_run("runs/demo", merged=True)  # runs/demo/merged and runs/demo/merge_check.json
+export``, notebook 4). The folder's ``recipe.yaml`` and ``adapter/`` give everything else (the model, the very rows
+training held out, ``beta``), so only the evaluation's own settings are arguments.
 """
 
 from __future__ import annotations
@@ -41,18 +33,11 @@ from dpo_xpu.train.factory import compute_dtype, load_run_data
 SPLITS = ("eval", "train")
 #: Characters of a prompt and of an answer shown per line by :meth:`RunEvaluation.comparison`.
 PROMPT_CHARS, ANSWER_CHARS = 100, 240
-#: Why a policy's greedy answers can equal the reference's after training (:func:`samples_verdict`).
 UNCHANGED_WHY = "too few steps or too low a learning rate; the rewards can move before the argmax tokens do"
 
 
-def finished_run_recipe(run_dir: str | Path) -> Any:
-    """The recipe of a finished run (``recipe.yaml``, as training saved it), whose ``adapter/`` is there.
-
-    Raises:
-        RunFolderError: ``run_dir`` is not a folder, has no ``recipe.yaml``, or no adapter yet (training did not
-            finish).
-    """
-    run_dir = Path(run_dir)
+def _finished_run_recipe(run_dir: Path) -> Any:
+    """The recipe of a finished run; :class:`RunFolderError` when there is none or no adapter yet."""
     if not run_dir.is_dir():
         raise RunFolderError(f"{run_dir} is not a folder: give a run folder written by dpo-xpu train or notebook 3")
     recipe = load_run_recipe(run_dir)
@@ -64,8 +49,8 @@ def finished_run_recipe(run_dir: str | Path) -> Any:
     return recipe
 
 
-def _check_split(run_dir: Path, recipe: Any, split: str) -> None:
-    """Refuse an unknown ``split``, and ``eval`` on a run that held no rows out."""
+def _check_evaluable(run_dir: Path, recipe: Any, split: str) -> None:
+    """Refuse an unknown ``split``, ``eval`` on a run that held no rows out, a policy we cannot rebuild."""
     if split not in SPLITS:
         raise RecipeError(f"split: {split!r} is not a split: use 'eval' (the held-out rows) or 'train'")
     if split == "eval" and not recipe.eval_fraction:
@@ -74,10 +59,6 @@ def _check_split(run_dir: Path, recipe: Any, split: str) -> None:
             "trained on with --split train (split='train'), which measures what it learnt, not how it generalises, "
             "or train again with eval_fraction > 0"
         )
-
-
-def _supported(run_dir: Path, recipe: Any) -> None:
-    """Refuse a run whose trained policy or reference :func:`load_trained_policy` cannot rebuild."""
     if recipe.sft_checkpoint or recipe.adapter_name_or_path:
         key = "sft_checkpoint" if recipe.sft_checkpoint else "adapter_name_or_path"
         raise RecipeError(
@@ -88,8 +69,7 @@ def _supported(run_dir: Path, recipe: Any) -> None:
 
 
 def samples_verdict(differ: int, total: int) -> str:
-    """``"samples_differ: k of n ..."``: how many of the ``total`` policy answers differ from the reference's,
-    saying plainly when none changed yet."""
+    """``"samples_differ: k of n ..."``, saying plainly when no policy answer changed yet."""
     if total == 0:
         return "samples_differ: no samples were generated (num_eval_samples 0)"
     if differ == 0:
@@ -101,7 +81,7 @@ def samples_verdict(differ: int, total: int) -> str:
 
 
 def _user_turn(prompt: str) -> str:
-    """The last user message of a ChatML prompt (the whole prompt when it has none), on one line."""
+    """The last user message of a ChatML prompt (else the prompt), on one line."""
     found = re.findall(r"<\|im_start\|>user\n(.*?)(?:<\|im_end\|>|$)", prompt, flags=re.S)
     return " ".join((found[-1] if found else prompt).split())
 
@@ -113,10 +93,8 @@ def _cut(text: str, limit: int) -> str:
 
 @dataclass
 class RunEvaluation:
-    """What :func:`evaluate_run` measured and wrote: ``metrics`` as in ``evaluation.json``
-    (:func:`evaluate_preferences`'s figures, ``split``, ``samples_differ``, ``n_samples``, and ``merge``, the merge
-    check, once the run was exported merged); ``samples`` as in ``samples.jsonl`` (``prompt``, ``policy``,
-    ``reference``, ``identical``)."""
+    """What :func:`evaluate_run` measured and wrote: ``metrics`` as in ``evaluation.json``, ``samples`` as in
+    ``samples.jsonl``."""
 
     run_dir: Path
     metrics: dict[str, Any]
@@ -145,8 +123,7 @@ class RunEvaluation:
         )
 
     def comparison(self) -> str:
-        """Each prompt with the policy's and the reference's answers, marked identical or different (long texts cut;
-        ``samples.jsonl`` has them whole)."""
+        """Each prompt with the policy's and the reference's answers, marked identical or different (cut short)."""
         lines = []
         for number, sample in enumerate(self.samples, 1):
             lines.append(f"[{number}] {'identical' if sample['identical'] else 'different'}")
@@ -169,38 +146,17 @@ def evaluate_run(
     split: str = "eval",
     progress: bool = True,
 ) -> RunEvaluation:
-    """Evaluate a finished run from its folder alone: reward accuracy, margin and drift on the rows training held
-    out, and the policy's and the reference's greedy answers side by side.
-
-    The run's ``recipe.yaml`` gives back the held-out split exactly (:func:`dpo_xpu.train.factory.load_run_data`), the
-    policy is its base loaded as in training with ``adapter/`` on top
-    (:func:`dpo_xpu.models.loading.load_trained_policy`), the reference that base with the adapter switched off.
-
-    Args:
-        max_eval_pairs: score at most this many pairs (the split's first ones).
-        num_eval_samples: prompts answered by policy and reference; default the recipe's ``num_eval_samples``.
-        max_new_tokens: tokens per answer at most; default the recipe's.
-        batch_size: sequences per forward pass, prompts per generation.
-        device: ``"auto"``, ``"xpu"``, ``"cuda"``, ``"cpu"``; default the recipe's.
-        split: ``"eval"``, the held-out rows, or ``"train"``, the rows trained on (what it learnt, not how it
-            generalises).
-        progress: progress bars over the scored sequences and the answers.
-
-    Returns:
-        The figures and samples, also written to ``<run_dir>/evaluation.json`` and ``<run_dir>/samples.jsonl``.
-
-    Raises:
-        RunFolderError: ``run_dir`` is not a finished run.
-        RecipeError: an unknown ``split``; ``eval`` on a run that held no rows out; a run trained from
-            ``sft_checkpoint`` or ``adapter_name_or_path`` (not supported yet).
-        ModelLoadError, DeviceNotAvailableError: the base model or the device is missing.
-    """
+    """Evaluate a finished run from its folder alone: reward accuracy, margin and drift on the first
+    ``max_eval_pairs`` held-out rows (``split="train"``: the rows trained on), and ``num_eval_samples`` greedy answers
+    of the policy (base + ``adapter/``) and the reference (adapter off); ``None``: the recipe's values. Returns them,
+    also written to ``evaluation.json`` and ``samples.jsonl``. :class:`RunFolderError`: not a finished run;
+    :class:`RecipeError`: an unknown ``split``, ``eval`` without held-out rows, a run from ``sft_checkpoint`` or
+    ``adapter_name_or_path``."""
     from dpo_xpu.models.loading import load_tokenizer, load_trained_policy
 
     run_dir = Path(run_dir)
-    recipe = finished_run_recipe(run_dir)
-    _check_split(run_dir, recipe, split)
-    _supported(run_dir, recipe)
+    recipe = _finished_run_recipe(run_dir)
+    _check_evaluable(run_dir, recipe, split)
     tokenizer = load_tokenizer(run_dir / ADAPTER_DIR)
     train, heldout = load_run_data(recipe, tokenizer)  # the rows as training split them
     rows = heldout if split == "eval" else train
@@ -213,25 +169,12 @@ def evaluate_run(
         compute_dtype(recipe),
         recipe.backend,
     )
-    metrics: dict[str, Any] = evaluate_preferences(
-        policy,
-        tokenizer,
-        rows,
-        beta=recipe.beta,
-        batch_size=batch_size,
-        max_length=recipe.max_length,
-        max_prompt_length=recipe.max_prompt_length,
-        progress=progress,
-    )
+    shared = {"batch_size": batch_size, "progress": progress}
+    cut = {"max_length": recipe.max_length, "max_prompt_length": recipe.max_prompt_length}
+    metrics: dict[str, Any] = evaluate_preferences(policy, tokenizer, rows, beta=recipe.beta, **cut, **shared)
     count = recipe.num_eval_samples if num_eval_samples is None else num_eval_samples
-    samples = generate_samples(
-        policy,
-        tokenizer,
-        rows["prompt"][:count],
-        max_new_tokens=max_new_tokens or recipe.max_new_tokens,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    new_tokens = max_new_tokens or recipe.max_new_tokens
+    samples = generate_samples(policy, tokenizer, rows["prompt"][:count], max_new_tokens=new_tokens, **shared)
     for sample in samples:
         sample["identical"] = sample["policy"] == sample["reference"]
     metrics.update(split=split, samples_differ=sum(not s["identical"] for s in samples), n_samples=len(samples))
@@ -244,9 +187,7 @@ def evaluate_run(
 
 @dataclass
 class RunExport:
-    """What :func:`export_run` wrote: the adapter (``<run_dir>/adapter``, or its copy), the merged model with
-    ``merged=True``, and the merge check (:func:`dpo_xpu.outputs.merge.merge_checked`'s report, also in
-    ``check_path``)."""
+    """What :func:`export_run` wrote: the adapter (or its copy), the merged model, and the merge check's report."""
 
     run_dir: Path
     adapter_dir: Path
@@ -260,7 +201,7 @@ class RunExport:
         return self.check is None or bool(self.check["matches"])
 
     def summary(self) -> str:
-        """Where the adapter and the merged model are, and the merge check's verdict, in a few lines."""
+        """Where the adapter and the merged model are, and the merge check's verdict."""
         lines = [f"adapter:      {self.adapter_dir} (LoRA adapter, tokenizer and model card; loads with PEFT)"]
         if self.merged_dir is None:
             lines.append(f"a model without PEFT or bitsandbytes: dpo-xpu export {self.run_dir} --merged")
@@ -286,7 +227,7 @@ class RunExport:
 
 
 def _taken(out: Path, overwrite: bool, what: str) -> bool:
-    """Whether ``out`` holds something (a file, a folder that is not empty); refused unless ``overwrite``."""
+    """Whether ``out`` holds something; refused unless ``overwrite``."""
     taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if taken and not overwrite:
         raise RunFolderError(
@@ -297,8 +238,7 @@ def _taken(out: Path, overwrite: bool, what: str) -> bool:
 
 @contextlib.contextmanager
 def _replacing(out: Path, overwrite: bool, what: str) -> Iterator[None]:
-    """Write ``out`` in the block (:func:`_taken` refuses first); what it held is moved aside and deleted only once
-    the block succeeded, put back if it fails."""
+    """Write ``out`` in the block; what it held is deleted once the block succeeded, put back if it fails."""
     taken = _taken(out, overwrite, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) if taken else None
@@ -323,27 +263,14 @@ def export_run(
     overwrite: bool = False,
     rtol: float = MERGE_RTOL,
 ) -> RunExport:
-    """Export a finished run from its folder: the adapter is already in ``<run_dir>/adapter``; ``merged`` merges it
-    into an unquantized copy of the base, checked on a few of the run's prompts as ``export: merged`` in training
-    does (:func:`dpo_xpu.outputs.merge.export_merged`). The check's report goes to ``<run_dir>/merge_check.json``
-    and, when the run was evaluated, under ``merge`` in ``<run_dir>/evaluation.json``.
-
-    Args:
-        merged: merge the adapter into the base (bf16, float32 where bf16 would change what the adapter does).
-        out_dir: where the merged model goes (default ``<run_dir>/merged``); without ``merged``, where to copy the
-            adapter folder (default: nowhere).
-        overwrite: replace what ``out_dir`` holds (deleted once the new one is written).
-        rtol: the merge may move the logits by this share of the adapter's own effect on them.
-
-    Raises:
-        RunFolderError: ``run_dir`` is not a finished run; ``out_dir`` already holds something and ``overwrite`` is
-            not set.
-        ModelLoadError: the base model cannot be found.
-    """
+    """Export a finished run: the adapter is in ``<run_dir>/adapter`` (or copied to ``out_dir``); ``merged`` merges
+    it as ``export: merged`` does (:func:`dpo_xpu.outputs.merge.export_merged`) into ``out_dir`` (default
+    ``<run_dir>/merged``), its check also under ``merge`` in an ``evaluation.json``. ``overwrite`` replaces ``out_dir``
+    (else :class:`RunFolderError`, as for a run that did not finish)."""
     from dpo_xpu.models.loading import load_tokenizer
 
     run_dir = Path(run_dir)
-    recipe = finished_run_recipe(run_dir)
+    recipe = _finished_run_recipe(run_dir)
     adapter_dir = run_dir / ADAPTER_DIR
     if not merged:
         if out_dir is None:

@@ -1,11 +1,6 @@
-"""Whether a Hugging Face Hub id can be loaded here, decided at once instead of after the hub client's retries.
-
-With no network, ``from_pretrained("org/name")`` and ``load_dataset("org/name")`` retry for over a minute, then
-raise a traceback. :func:`check_hub_id` answers in well under a second: the id is in the hub cache (its folder,
-named by huggingface_hub's ``repo_folder_name``, holds a snapshot), or the hub is switched off or cannot be
-reached, and then one line says how to pass a local file or folder instead. ``HF_HUB_OFFLINE`` is read at each
-call (huggingface_hub's constant is fixed when it is imported, before a notebook may set it); the reachability
-probe (one TCP connection, 3 s at most) is ours, as the library has none that does not retry.
+"""Whether a Hugging Face Hub id can be loaded here, decided at once instead of after the hub client's retries
+(over a minute without network). ``HF_HUB_OFFLINE`` is read at each call (huggingface_hub's constant is fixed at its
+import, before a notebook may set it); the probe (one TCP connection) is ours: the library has none without retries.
 """
 
 from __future__ import annotations
@@ -18,25 +13,12 @@ from urllib.parse import urlparse
 
 from dpo_xpu.errors import DpoXpuError
 
-#: Seconds the reachability probe waits for the hub's host.
 PROBE_TIMEOUT_S = 3.0
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _cached(repo_id: str, repo_type: str) -> bool:
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots"
-    return snapshots.is_dir() and any(snapshots.iterdir())
 
 
 @functools.lru_cache(maxsize=8)
 def _probe(host: str, port: int) -> str | None:
-    """Connect once per process to the hub's host (a run resolves its model several times)."""
+    """Connect once per process to the hub's host."""
     try:
         socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
     except OSError as exc:
@@ -45,9 +27,8 @@ def _probe(host: str, port: int) -> str | None:
 
 
 def hub_unreachable_reason() -> str | None:
-    """Why the Hugging Face Hub cannot be reached from here, or ``None`` when its host accepts a connection (the
-    probe's answer is kept for the process)."""
-    if _offline():
+    """Why the Hugging Face Hub cannot be reached from here, or ``None``."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return "the hub is switched off here (HF_HUB_OFFLINE=1)"
     from huggingface_hub import constants
 
@@ -56,18 +37,13 @@ def hub_unreachable_reason() -> str | None:
 
 
 def check_hub_id(repo_id: str, repo_type: str, error: type[DpoXpuError], key: str) -> None:
-    """Raise ``error`` at once when the hub id ``repo_id`` can neither come from the cache nor from the hub.
+    """Raise ``error`` (naming the recipe ``key`` and how to pass a local path instead) when the hub id ``repo_id``
+    (``repo_type`` ``"model"`` or ``"dataset"``) is neither in the cache nor reachable."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
-    Args:
-        repo_id: the id, ``name`` or ``org/name``.
-        repo_type: ``"model"`` or ``"dataset"``.
-        error: the error class to raise (``ModelLoadError``, ``PreferenceDataError``).
-        key: the recipe key that named it (``model_name_or_path``, ``dataset_name_or_path``), quoted in the message.
-
-    Raises:
-        error: the id is not cached and the hub is off or unreachable; the message says how to pass a local path.
-    """
-    if _cached(repo_id, repo_type):
+    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots"
+    if snapshots.is_dir() and any(snapshots.iterdir()):
         return
     reason = hub_unreachable_reason()
     if reason is None:

@@ -40,6 +40,45 @@ def test_options_round_trip_through_yaml_and_reach_dpo_config(tmp_path):
     assert kwargs["f_divergence_type"] == "js_divergence"
 
 
+def test_every_trl_option_set_as_an_attribute_or_keyword_is_kept_in_trl_options(tmp_path):
+    """``recipe.ld_alpha = ...`` (any DPOConfig option, not only dpo_xpu's overrides) lands in ``trl_options``, so
+    ``to_dict``, ``recipe.yaml`` and DPOConfig see it; a dpo_xpu key that TRL also has stays dpo_xpu's."""
+    from dpo_xpu.recipes import Recipe
+
+    recipe = make_recipe({"output_dir": str(tmp_path / "run"), "max_steps": 5})
+    recipe.ld_alpha, recipe.report_to, recipe.max_steps, recipe.loss_type = 0.5, ["tensorboard"], 7, "ipo"
+    assert recipe.trl_options == {
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 7,
+        "ld_alpha": 0.5,
+        "report_to": ["tensorboard"],
+    }
+    assert recipe.to_dict()["ld_alpha"] == 0.5 and recipe.to_dict()["loss_type"] == "ipo"
+    assert load_recipe(recipe.save(tmp_path / "r.yaml")) == recipe
+    assert (_kwargs(recipe)["ld_alpha"], _kwargs(recipe)["max_steps"]) == (0.5, 7)
+    assert Recipe(ld_alpha=0.5, max_steps=7).trl_options == {"ld_alpha": 0.5, "max_steps": 7}
+    with pytest.raises(RecipeError, match="lerning_rate \\(did you mean learning_rate\\?\\)"):
+        Recipe(lerning_rate=1e-4)
+
+
+def test_assigning_trl_options_keeps_the_training_keys_and_checks_the_options(tmp_path):
+    """``recipe.trl_options = {...}`` replaces the other TRL options, not output_dir, max_steps and the other training
+    keys of the recipe (which are recipe keys, read as attributes), and converts and checks what it is given."""
+    recipe = make_recipe({"output_dir": str(tmp_path / "run"), "max_steps": 5, "use_weighting": True})
+    recipe.trl_options = {"ld_alpha": "0.5", "learning_rate": 1e-4}
+    assert recipe.trl_options == {
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 5,
+        "ld_alpha": 0.5,
+        "learning_rate": 1e-4,
+    }
+    assert (recipe.output_dir, recipe.max_steps, recipe.use_weighting) == (str(tmp_path / "run"), 5, False)
+    with pytest.raises(RecipeError, match="precompute_ref_log_probs: .*reference: precomputed"):
+        recipe.trl_options = {"precompute_ref_log_probs": True}
+    with pytest.raises(RecipeError, match="ld_alpha: expected a number"):
+        recipe.trl_options = {"ld_alpha": "half"}
+
+
 @pytest.mark.parametrize(
     "values, match",
     [

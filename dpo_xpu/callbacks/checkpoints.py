@@ -1,23 +1,15 @@
 """Checkpoints a run can resume from, and the checks that make resuming safe.
 
-transformers' ``Trainer`` writes ``<output_dir>/checkpoint-N/`` every ``save_steps`` and at the last step
-(``DefaultFlowCallback``, with ``save_strategy: steps``): the LoRA adapter, the optimizer, scheduler and RNG states
-and ``trainer_state.json`` (the step, hence the data position it skips to on resume). :class:`CheckpointCallback`
-adds a ``COMPLETE`` marker once a checkpoint is written, listing every file with its size and SHA-256, written last
-and atomically. A checkpoint without a valid marker (interrupted while saving, or a file changed since), with a
-``trainer_state.json`` that is not JSON, or with a pickle torch refuses to load as plain tensors
-(``weights_only=True``: a corrupt or hostile ``optimizer.pt``) cannot be resumed from:
-:func:`find_resume_checkpoint` skips it, says why, and never loads it.
-
-On resume, ``metrics.jsonl`` is trimmed back to the checkpoint's step, and rows it lost at or before that step (a
-line cut off mid-write) are rebuilt from the checkpoint's ``log_history`` (:func:`restore_step_rows`).
-
-    >>> checkpoint = find_resume_checkpoint("runs/dpo")      # newest complete checkpoint-N
-    >>> check_resume_recipe(recipe, "runs/dpo")               # refuses a recipe that changes the result
+transformers' ``Trainer`` writes ``checkpoint-N/``; :class:`CheckpointCallback` then adds a ``COMPLETE`` marker,
+written last and atomically, listing every file's size and SHA-256. A checkpoint without a valid marker, with a
+``trainer_state.json`` that is not JSON, or with a pickle torch refuses to load as plain tensors (a corrupt or hostile
+``optimizer.pt``) is skipped with the reason and never loaded. On resume the step logs are trimmed to the checkpoint
+and the rows ``metrics.jsonl`` lost are rebuilt from its ``log_history``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -29,53 +21,43 @@ from transformers import TrainerCallback
 
 from dpo_xpu.callbacks.metrics import metrics_row
 from dpo_xpu.errors import RecipeError, RunFolderError
-from dpo_xpu.files import apply_umask
+from dpo_xpu.files import apply_umask, atomic_write_bytes
+from dpo_xpu.outputs.fingerprints import check_fingerprints, file_sha256, read_json
 from dpo_xpu.outputs.plotting import METRICS_FILE
-from dpo_xpu.outputs.run_folder import (
-    check_fingerprints,
-    file_sha256,
-    raise_if_disk_full_at_start,
-    read_json,
-    write_text_atomic,
-)
+from dpo_xpu.outputs.run_folder import raise_if_disk_full_at_start
 
 logger = logging.getLogger(__name__)
 
 MARKER_FILE = "COMPLETE"
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 #: Recipe keys that do not change what training computes; they may differ when resuming.
-NON_RESULT_KEYS = (
-    *"output_dir device reference_device logging_steps save_steps eval_steps eval_samples num_eval_samples".split(),
-    "max_new_tokens",
-    "export",
-    # TRL / transformers options that change where results go, not what is computed (logging_dir: transformers < 5)
-    *"report_to run_name logging_dir logging_first_step save_total_limit save_only_model push_to_hub".split(),
-    *"hub_model_id hub_strategy hub_private_repo dataloader_num_workers dataset_num_proc disable_tqdm".split(),
+#: Then TRL / transformers options that change where results go (``logging_dir``: transformers < 5).
+NON_RESULT_KEYS = tuple(
+    "output_dir device reference_device logging_steps save_steps eval_steps eval_samples num_eval_samples "
+    "max_new_tokens export report_to run_name logging_dir logging_first_step save_total_limit save_only_model "
+    "push_to_hub hub_model_id hub_strategy hub_private_repo dataloader_num_workers dataset_num_proc "
+    "disable_tqdm".split()
 )
-#: Files of the run folder holding one JSON row per step, trimmed back to the checkpoint on resume.
 STEP_LOGS = ("metrics.jsonl", "eval_samples.jsonl")
-#: A checkpoint's pickled files that ``Trainer`` loads on resume (``torch.load(..., weights_only=True)``);
-#: ``training_args.bin`` is never loaded.
+#: A checkpoint's pickled files that ``Trainer`` loads on resume (``training_args.bin`` is never loaded).
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 NOT_LOADED = ("training_args.bin",)
 
 
 def write_marker(checkpoint: str | Path, step: int) -> Path:
-    """Write ``checkpoint/COMPLETE``, the step and every file's size and SHA-256, atomically; return its path."""
+    """Write ``checkpoint/COMPLETE``: the step and every file's size and SHA-256; return its path."""
     checkpoint = Path(checkpoint)
     files = {
         str(path.relative_to(checkpoint)): {"size": path.stat().st_size, "sha256": file_sha256(path)}
         for path in sorted(checkpoint.rglob("*"))
         if path.is_file() and not path.name.startswith(MARKER_FILE)
     }
-    write_text_atomic(checkpoint / MARKER_FILE, json.dumps({"step": step, "files": files}, indent=1))
+    atomic_write_bytes(checkpoint / MARKER_FILE, json.dumps({"step": step, "files": files}, indent=1).encode())
     return checkpoint / MARKER_FILE
 
 
-def unsafe_pickle(path: Path) -> str | None:
-    """Why torch refuses to load ``path`` as plain tensors (``weights_only=True``, with the numpy types transformers
-    allows for ``rng_state.pth``), in one line; ``None`` when it loads. Tensors are memory-mapped where the file
-    allows it, so a large ``optimizer.pt`` is not read into memory."""
+def _unsafe_pickle(path: Path) -> str | None:
+    """Why torch refuses to load ``path`` as plain tensors (as ``Trainer`` loads it; memory-mapped where possible)."""
     import torch
     from transformers.trainer_pt_utils import safe_globals
 
@@ -97,7 +79,7 @@ def unsafe_pickle(path: Path) -> str | None:
 
 
 def checkpoint_problem(checkpoint: str | Path) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from, in one line (``None`` when it is complete): see the module."""
+    """Why ``checkpoint`` cannot be resumed from, in one line (``None`` when it is complete)."""
     checkpoint = Path(checkpoint)
     marker = checkpoint / MARKER_FILE
     if not marker.is_file():
@@ -114,15 +96,14 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
             return f"{name} differs from its checksum"
-    try:
+    state = None
+    with contextlib.suppress(ValueError, OSError):
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    except (ValueError, OSError):
-        state = None
     if not isinstance(state, dict):
         return "trainer_state.json is not a JSON object (corrupt)"
     for path in sorted(checkpoint.iterdir()):
         if path.suffix in PICKLE_SUFFIXES and path.name not in NOT_LOADED and path.is_file():
-            why = unsafe_pickle(path)
+            why = _unsafe_pickle(path)
             if why is not None:
                 return (
                     f"torch refuses to load {path.name} as plain tensors ({why}): it is corrupt or was replaced, "
@@ -133,20 +114,13 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every ``checkpoint-N`` folder in ``run_dir``, newest first."""
-    found = []
-    for path in Path(run_dir).glob("checkpoint-*"):
-        match = CHECKPOINT_PATTERN.fullmatch(path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return sorted(found, reverse=True)
+    matches = ((CHECKPOINT_PATTERN.fullmatch(p.name), p) for p in Path(run_dir).glob("checkpoint-*") if p.is_dir())
+    return sorted(((int(match.group(1)), path) for match, path in matches if match), reverse=True)
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> Path:
-    """The newest complete checkpoint in ``run_dir``; partial ones are logged and skipped.
-
-    Raises:
-        RunFolderError: ``run_dir`` holds no complete checkpoint.
-    """
+    """The newest complete checkpoint in ``run_dir`` (partial ones are logged and skipped); else
+    :class:`RunFolderError`."""
     skipped = []
     for _step, path in list_checkpoints(run_dir):
         problem = checkpoint_problem(path)
@@ -163,12 +137,8 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path:
 
 
 def check_resume_recipe(recipe: Any, run_dir: str | Path) -> None:
-    """Refuse to resume when ``recipe`` and the run's ``recipe.yaml`` differ on a key not in :data:`NON_RESULT_KEYS`.
-
-    Raises:
-        RunFolderError: no ``recipe.yaml`` in ``run_dir`` (nothing to resume).
-        RecipeError: the recipes differ; the message names each differing key with both values.
-    """
+    """Refuse to resume (:class:`RecipeError` naming each key with both values) when ``recipe`` and the run's
+    ``recipe.yaml`` differ on a key not in :data:`NON_RESULT_KEYS`; :class:`RunFolderError` without one."""
     from dpo_xpu.recipes import load_recipe
 
     path = Path(run_dir) / "recipe.yaml"
@@ -186,17 +156,9 @@ def check_resume_recipe(recipe: Any, run_dir: str | Path) -> None:
 
 
 def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
-    """Check the recipe and the inputs' fingerprints, pick the newest complete checkpoint, remove the partial ones
-    after it, trim the :data:`STEP_LOGS` to its step (the resumed run appends the later rows again) and rebuild the
-    rows ``metrics.jsonl`` lost before it (:func:`restore_step_rows`).
-
-    Returns:
-        The checkpoint to pass to ``trainer.train(resume_from_checkpoint=...)``.
-
-    Raises:
-        RunFolderError: no run or no complete checkpoint to resume; inputs changed; a corrupt ``fingerprints.json``;
-            a full disk (one line; the logs are rewritten atomically, so they stay whole).
-        RecipeError: the recipe differs from the run's on a key that changes the result.
+    """Check the recipe (:class:`RecipeError`) and the inputs, remove the partial checkpoints after the newest
+    complete one, trim the :data:`STEP_LOGS` to its step and rebuild lost rows; return it, for
+    ``trainer.train(resume_from_checkpoint=)``. :class:`RunFolderError`: nothing to resume, inputs changed, disk full.
     """
     check_resume_recipe(recipe, run_dir)
     check_fingerprints(recipe, run_dir)
@@ -213,12 +175,8 @@ def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
         raise_if_disk_full_at_start(run_dir, exc, resume=True)
         raise
     if restored:
-        logger.warning(
-            "%s had lost the rows of step(s) %s: rebuilt them from %s",
-            METRICS_FILE,
-            ", ".join(str(s) for s in sorted(set(restored))),
-            checkpoint / "trainer_state.json",
-        )
+        steps, source = ", ".join(str(s) for s in sorted(set(restored))), checkpoint / "trainer_state.json"
+        logger.warning(f"{METRICS_FILE} had lost the rows of step(s) {steps}: rebuilt them from {source}")
     logger.info("resuming %s from %s (step %d)", run_dir, checkpoint.name, step)  # a normal resume: no warning
     return checkpoint
 
@@ -229,23 +187,21 @@ def newest_complete_step(run_dir: str | Path) -> int | None:
 
 
 def _step_rows(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
-    """Each line of a JSON-lines step log with its row, ``None`` where it is not an object with an integer ``step``."""
+    """Each line of a step log with its row (``None``: not an object with an integer ``step``)."""
     out: list[tuple[str, dict[str, Any] | None]] = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
-        try:
+        row = None
+        with contextlib.suppress(ValueError):
             row = json.loads(line)
-        except ValueError:
-            row = None
         ok = isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
         out.append((line, row if ok else None))
     return out
 
 
 def trim_step_log(path: Path, step: int) -> int:
-    """Drop the rows of a JSON-lines file whose ``step`` is after ``step``, and the lines that are not rows (cut off
-    mid-write, or corrupt: logged); rewrite it atomically and return how many lines were dropped."""
+    """Drop the rows after ``step`` and the lines that are not rows (logged) from a step log; return how many."""
     if not path.is_file():
         return 0
     lines = _step_rows(path)
@@ -254,26 +210,18 @@ def trim_step_log(path: Path, step: int) -> int:
     if corrupt:
         logger.warning("%s: dropped %d line(s) that are not JSON rows, e.g. %.80r", path, len(corrupt), corrupt[0])
     if len(kept) != len(lines):
-        write_text_atomic(path, "".join(kept))
+        atomic_write_bytes(path, "".join(kept).encode())
     return len(lines) - len(kept)
 
 
 def _row_kind(row: dict[str, Any]) -> tuple[int, int]:
-    """``(step, 0)`` for a train row, ``(step, 1)`` for an evaluation row: the order the callback writes them in."""
+    """``(step, 0)`` for a train row, ``(step, 1)`` for an evaluation row: the order they are written in."""
     return row["step"], 0 if "loss" in row else 1
 
 
 def restore_step_rows(path: Path, checkpoint: Path, step: int) -> list[int]:
-    """Rebuild the rows ``metrics.jsonl`` lost at or before ``step`` (a line cut off mid-write) from the log history
-    of the checkpoint's ``trainer_state.json``, with :func:`~dpo_xpu.callbacks.metrics.metrics_row`; rewrite the file
-    in step order, atomically, keeping the rows it holds.
-
-    Returns:
-        The steps of the rows rebuilt (empty when none was missing).
-
-    Raises:
-        RunFolderError: ``trainer_state.json`` is not valid JSON.
-    """
+    """Rebuild the rows ``metrics.jsonl`` lost at or before ``step`` from the checkpoint's ``log_history``, in step
+    order; return their steps (:class:`RunFolderError` for a corrupt ``trainer_state.json``)."""
     state = read_json(
         checkpoint / "trainer_state.json",
         f"delete {checkpoint.name} to resume from an older checkpoint, or start again with --overwrite",
@@ -286,7 +234,7 @@ def restore_step_rows(path: Path, checkpoint: Path, step: int) -> list[int]:
     missing = [row for row in logged if _row_kind(row) not in present]
     if missing:
         merged = sorted(rows + missing, key=_row_kind)  # stable: rows of the same step and kind keep their order
-        write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in merged))
+        atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in merged).encode())
     return [row["step"] for row in missing]
 
 
@@ -304,15 +252,9 @@ class CheckpointCallback(TrainerCallback):
 
 
 class KeepTrainableDtypes(TrainerCallback):
-    """Keep the trainable parameters in the dtypes they had when the trainer was built.
-
-    TRL keeps a quantized model's LoRA weights in bfloat16 (QLoRA), but on resume PEFT's ``load_adapter`` upcasts
-    them to float32, and the resumed run would no longer compute what the uninterrupted one did: they (and their
-    optimizer moments) are cast back when training begins.
-
-    Args:
-        model: the trainer's model, after the trainer was built.
-    """
+    """Keep the trainable parameters (and their optimizer moments) in the dtypes they had when the trainer was
+    built: on resume PEFT's ``load_adapter`` upcasts TRL's bfloat16 QLoRA weights to float32, and the resumed run
+    would no longer compute what the uninterrupted one did."""
 
     def __init__(self, model: Any) -> None:
         self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}

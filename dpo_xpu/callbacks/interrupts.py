@@ -1,18 +1,8 @@
 """Stopping a run cleanly: on SIGINT (Ctrl-C) or SIGTERM, and when training diverges to NaN.
 
-While :class:`StopOnSignal` is active, the first SIGINT or SIGTERM only sets a flag; at the end of the step
-being computed its callback asks ``Trainer`` to save a checkpoint and stop. A second signal restores the previous
-handler and interrupts at once (the checkpoint being written, if any, is then partial and skipped on resume).
-
-    >>> stopper = StopOnSignal()
-    >>> with stopper:
-    ...     trainer.add_callback(stopper); trainer.train()
-    >>> stopper.signal_name    # "SIGTERM" when a signal stopped the run, else None
-
-:class:`StopOnDivergence` stops at the first step whose trainable weights or logged loss, rewards or gradient norm
-are not finite, without saving that state as a checkpoint, and raises
-:class:`~dpo_xpu.errors.TrainingDiverged`: one line with the step, the values, the likely cause and the last good
-checkpoint. (``Trainer`` hides a NaN loss by default, ``logging_nan_inf_filter``: the weights and rewards show it.)
+The first signal saves a checkpoint at the end of the step, then stops; a second one interrupts at once (a partial
+checkpoint is skipped on resume). A non-finite step is never saved, and raises one line saying why (``Trainer``'s
+``logging_nan_inf_filter`` hides a NaN loss: the weights and rewards show it).
 """
 
 from __future__ import annotations
@@ -28,12 +18,10 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
 
 class StopOnSignal(TrainerCallback):
-    """A context manager that installs the handlers (main thread only; elsewhere it does nothing) and a
-    ``TrainerCallback`` that turns a received signal into ``should_save`` + ``should_training_stop``."""
+    """A context manager installing the handlers (main thread only) and a callback that turns a received signal into
+    ``should_save`` + ``should_training_stop`` at the step's end."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -41,12 +29,12 @@ class StopOnSignal(TrainerCallback):
 
     @property
     def signal_name(self) -> str | None:
-        """``"SIGINT"`` / ``"SIGTERM"`` once one was received, else ``None``."""
+        """``"SIGINT"`` / ``"SIGTERM"`` once received, else ``None``."""
         return signal.Signals(self.signum).name if self.signum is not None else None
 
     @property
     def exit_code(self) -> int:
-        """The shell's exit code for the signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
+        """The shell's exit code for the signal: 128 + its number."""
         return 128 + (self.signum or signal.SIGINT)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -64,7 +52,7 @@ class StopOnSignal(TrainerCallback):
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in SIGNALS}
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -82,10 +70,7 @@ class StopOnSignal(TrainerCallback):
 
 
 #: The logged values :class:`StopOnDivergence` checks (TRL's names).
-WATCHED = (
-    *("loss", "grad_norm", "rewards/chosen", "rewards/rejected"),
-    *("rewards/margins", "logps/chosen", "logps/rejected"),
-)
+WATCHED = tuple("loss grad_norm rewards/chosen rewards/rejected rewards/margins logps/chosen logps/rejected".split())
 
 
 def _finite(value: Any) -> bool:
@@ -99,7 +84,7 @@ def _show(value: Any) -> str:
 
 
 def weights_finite(model: Any) -> bool:
-    """Whether every trainable parameter of ``model`` is finite (one device sync per device, not per tensor)."""
+    """Whether every trainable parameter of ``model`` is finite (one sync per device, not per tensor)."""
     import torch
 
     flags: dict[Any, list[Any]] = {}
@@ -110,8 +95,8 @@ def weights_finite(model: Any) -> bool:
 
 
 def divergence_message(step: int, logs: dict[str, Any], args: Any, weights_ok: bool) -> str:
-    """The one line of :class:`~dpo_xpu.errors.TrainingDiverged`: the step, the values, the likely causes (from the
-    run's ``learning_rate``, ``beta`` and ``bf16``) and the last good checkpoint in ``args.output_dir``."""
+    """The one line of :class:`~dpo_xpu.errors.TrainingDiverged`: the step, the values, the likely causes and the
+    last good checkpoint."""
     from dpo_xpu.callbacks.checkpoints import newest_complete_step
 
     values = ", ".join(f"{key} {_show(logs[key])}" for key in WATCHED if key in logs)
@@ -141,19 +126,13 @@ def divergence_message(step: int, logs: dict[str, Any], args: Any, weights_ok: b
 
 
 class StopOnDivergence(TrainerCallback):
-    """Stop training at the first non-finite step, before it is saved, with one line saying why.
-
-    After each optimizer step the trainable weights are checked (:func:`weights_finite`); a non-finite one makes the
-    step logged (its values reach ``metrics.jsonl``), not saved nor evaluated, and stops training. At that log, or
-    any log whose :data:`WATCHED` values are not finite, it raises :class:`~dpo_xpu.errors.TrainingDiverged`. Put it
-    after the callbacks that write the step's row and mark checkpoints (``Trainer`` calls them in order).
-    """
+    """Stop at the first non-finite step (weights after the update, or a :data:`WATCHED` value), logged but not
+    saved, raising :class:`~dpo_xpu.errors.TrainingDiverged`. Add it after the callbacks that write the step's row."""
 
     def __init__(self) -> None:
         self.step: int | None = None  # the step whose update made the weights non-finite
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        """Check the trainable weights; on a non-finite one, log this step, do not save it, and stop."""
         if model is not None and not weights_finite(model):
             self.step = state.global_step
             control.should_log = True
@@ -162,7 +141,6 @@ class StopOnDivergence(TrainerCallback):
             control.should_training_stop = True
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        """Raise :class:`~dpo_xpu.errors.TrainingDiverged` at a diverged step's log (before its checkpoint)."""
         from dpo_xpu.errors import TrainingDiverged
 
         logs = logs or {}

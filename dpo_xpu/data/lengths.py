@@ -1,18 +1,4 @@
-"""Token lengths of preference pairs: how long prompts and answers are, and what a ``max_length`` keeps.
-
-Lengths are counted as training sees them (TRL 1.x): no special tokens added, and an answer's tokens are those
-of prompt + answer after the point where they part from the prompt's own tokens.
-
-    >>> lengths = token_lengths(pairs, tokenizer)             # {"prompt": [...], "chosen": [...], "rejected": [...]}
-    >>> length_summary(lengths, max_length=1024, max_prompt_length=512)
-
-The length filter (``drop_long_rows: true``) drops pairs too long for ``max_length`` instead of truncating them,
-counting the whole prompt, before any ``max_prompt_length`` cut:
-
-    >>> kept, report = drop_long_pairs(pairs, tokenizer, max_length=1024)
-    >>> report["dropped"], report["reasons"]
-    (12, {'prompt+chosen': 9, 'prompt+rejected': 7})
-"""
+"""Token lengths of preference pairs as training counts them, what a ``max_length`` keeps, and ``drop_long_rows``."""
 
 from __future__ import annotations
 
@@ -31,12 +17,7 @@ COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def token_lengths(dataset: Any, tokenizer: Any) -> dict[str, list[int]]:
-    """Count the tokens of every prompt, chosen and rejected answer (`dataset`: the columns of
-    :func:`dpo_xpu.data.preferences.format_orca_dataset`), as :func:`dpo_xpu.data.truncation.answer_tokens` does.
-
-    Returns:
-        For each of `prompt`, `chosen`, `rejected`, one token count per row.
-    """
+    """For each of `prompt`, `chosen`, `rejected` (formatted pairs), one token count per row."""
     lengths: dict[str, list[int]] = {column: [] for column in COLUMNS}
     for prompt, chosen, rejected in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"]):
         prompt_ids, chosen_ids = answer_tokens(tokenizer, prompt, chosen, None, None)
@@ -50,25 +31,13 @@ def token_lengths(dataset: Any, tokenizer: Any) -> dict[str, list[int]]:
 def length_summary(
     lengths: dict[str, list[int]], max_length: int, max_prompt_length: int | None = None
 ) -> dict[str, Any]:
-    """Statistics per column and what `max_length` / `max_prompt_length` (tokens) do to the rows.
-
-    A row is kept whole when its prompt (cut to its last `max_prompt_length` tokens) plus its longer answer fits in
-    `max_length`; otherwise the answers lose their end ("truncated"), or, when the prompt alone fills
-    `max_length`, TRL drops the row ("dropped").
-
-    Returns:
-        `dict`: `stats` (per column: `min`, `median`, `mean`, `max` tokens), `rows`, `kept_whole`,
-        `prompt_cut` (prompts longer than `max_prompt_length`), `truncated`, `dropped`.
-    """
+    """Statistics per column (`stats`: `min`, `median`, `mean`, `max` tokens) and what `max_length` /
+    `max_prompt_length` do: `rows`, `kept_whole`, `prompt_cut`, `truncated` (answers lose their end), `dropped` (the
+    prompt alone fills `max_length`)."""
     stats = {
-        column: {
-            "min": min(values),
-            "median": statistics.median(values),
-            "mean": round(statistics.fmean(values), 1),
-            "max": max(values),
-        }
-        for column, values in lengths.items()
-        if values
+        column: {"min": min(v), "median": statistics.median(v), "mean": round(statistics.fmean(v), 1), "max": max(v)}
+        for column, v in lengths.items()
+        if v
     }
     kept = truncated = dropped = prompt_cut = 0
     for prompt, chosen, rejected in zip(lengths["prompt"], lengths["chosen"], lengths["rejected"]):
@@ -81,24 +50,14 @@ def length_summary(
             kept += 1
         else:
             truncated += 1
-    return {
-        "stats": stats,
-        "rows": len(lengths["prompt"]),
-        "kept_whole": kept,
-        "prompt_cut": prompt_cut,
-        "truncated": truncated,
-        "dropped": dropped,
-    }
+    counts = {"kept_whole": kept, "prompt_cut": prompt_cut, "truncated": truncated, "dropped": dropped}
+    return {"stats": stats, "rows": len(lengths["prompt"]), **counts}
 
 
 def plot_token_lengths(
     lengths: dict[str, list[int]], max_length: int | None = None, max_prompt_length: int | None = None
 ) -> Figure:
-    """Histograms of prompt and answer lengths (tokens), with `max_prompt_length` and `max_length` marked.
-
-    Returns:
-        `matplotlib.figure.Figure`: two panels (prompts; chosen and rejected answers), 11 x 3.4 inches.
-    """
+    """Histograms of prompt and answer lengths (tokens; 11 x 3.4 inches), the limits marked."""
     fig = Figure(figsize=(11, 3.4), layout="constrained")
     prompt_ax, answer_ax = fig.subplots(1, 2)
     prompt_ax.hist(lengths["prompt"], bins=30, color="tab:grey")
@@ -121,18 +80,8 @@ REASONS = ("prompt+chosen", "prompt+rejected")
 
 
 def drop_long_pairs(dataset: Any, tokenizer: Any, max_length: int) -> tuple[Any, dict[str, Any]]:
-    """Keep the pairs whose prompt + chosen and prompt + rejected both fit in `max_length` tokens.
-
-    A side longer than :func:`dpo_xpu.data.truncation.char_limit` characters cannot fit: it counts as too long
-    without being tokenised, and a warning names its row.
-
-    Returns:
-        The kept pairs, and a report: `rows` (before), `kept`, `dropped`, `max_length`, and `reasons` (rows over the
-        limit per side; a row too long on both counts under both).
-
-    Raises:
-        PreferenceDataError: every pair is too long.
-    """
+    """The pairs whose prompt + chosen and prompt + rejected fit in `max_length` tokens, and a report: `rows`, `kept`,
+    `dropped`, `max_length`, `reasons` (rows too long per side). `PreferenceDataError` when none fits."""
     limit = char_limit(tokenizer, max_length)
     prompts, keep, far, reasons = dataset["prompt"], [], [], dict.fromkeys(REASONS, 0)
     for index, (prompt, *answers) in enumerate(zip(prompts, dataset["chosen"], dataset["rejected"])):
@@ -140,35 +89,24 @@ def drop_long_pairs(dataset: Any, tokenizer: Any, max_length: int) -> tuple[Any,
         for reason, answer in zip(REASONS, answers):
             if len(prompt) + len(answer) > limit:  # cannot fit: not worth tokenising
                 too_long[reason] = True
-            else:
-                prompt_ids, answer_ids = answer_tokens(tokenizer, prompt, answer, None, None)
-                too_long[reason] = len(prompt_ids) + len(answer_ids) > max_length
+            else:  # prompt + answer tokens
+                too_long[reason] = sum(map(len, answer_tokens(tokenizer, prompt, answer, None, None))) > max_length
             reasons[reason] += too_long[reason]
         if any(len(prompt) + len(answer) > limit for answer in answers):
             far.append(index + 1)
         if not any(too_long.values()):
             keep.append(index)
     rows = len(prompts)
-    report = {
-        "rows": rows,
-        "kept": len(keep),
-        "dropped": rows - len(keep),
-        "max_length": max_length,
-        "reasons": reasons,
-    }
+    report = dict(rows=rows, kept=len(keep), dropped=rows - len(keep), max_length=max_length, reasons=reasons)
     if far:
         logger.warning(
-            "drop_long_rows: %s far longer than max_length=%d tokens (over %d characters): dropped without tokenising",
-            row_list(far),
-            max_length,
-            limit,
+            f"drop_long_rows: {row_list(far)} far longer than max_length={max_length} tokens (over {limit} "
+            "characters): dropped without tokenising"
         )
+    counts = ", ".join(f"{reason} too long: {count}" for reason, count in reasons.items())
     logger.info(
-        "drop_long_rows: dropped %d of %d pairs longer than max_length=%d tokens (%s)",
-        report["dropped"],
-        report["rows"],
-        max_length,
-        ", ".join(f"{reason} too long: {count}" for reason, count in reasons.items()),
+        f"drop_long_rows: dropped {report['dropped']} of {rows} pairs longer than max_length={max_length} tokens "
+        f"({counts})"
     )
     if not keep:
         raise PreferenceDataError(

@@ -1,9 +1,7 @@
-"""Preference rows as read and checked: the file readers and the row validation of every data format.
+"""Preference rows as read and checked: every bad row is one line naming the file line (or row), column and fix.
 
-Every bad row is refused with one line that names the file line (or row), the column and the fix. The JSON readers
-are ours, not ``datasets``' loaders: those infer one pyarrow type per column, so a stray number or null is cast or
-refused before validation could name its row, a repeated key keeps its last value silently, and a bad byte or
-bracket is reported without its line. Parquet files are read with pyarrow.
+The JSON readers are ours, not ``datasets``': those cast or refuse a stray value before its row can be named, keep a
+repeated key's last value silently, and report a bad byte or bracket without its line. Parquet is read by pyarrow.
 """
 
 from __future__ import annotations
@@ -17,11 +15,8 @@ import datasets
 
 from dpo_xpu.errors import PreferenceDataError
 
-ORCA_COLUMNS: tuple[str, ...] = ("system", "question", "chosen", "rejected")
-"""The columns of Intel/orca_dpo_pairs, in the dataset's order."""
-
+ORCA_COLUMNS: tuple[str, ...] = ("system", "question", "chosen", "rejected")  # Intel/orca_dpo_pairs' order
 LOCAL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
-"""File types read from disk."""
 
 _FIXES = {
     "system": "give every row a string 'system' prompt (use \"\" for none)",
@@ -34,11 +29,15 @@ _CONVERSATIONAL_HINT = (
     "message lists, or only 'chosen' and 'rejected' holding whole conversations)"
 )
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
-"""The message roles the conversational format accepts."""
+_SAME = "identical to 'chosen' (after stripping whitespace), so the pair states no preference"
 
 
 def _fix(column: str) -> str:
     return _FIXES.get(column, f"give every row a non-empty {column!r} or remove the row")
+
+
+def _where(source_name: str, line_numbers: Sequence[int] | None, index: int) -> str:
+    return f"{source_name} line {line_numbers[index]}" if line_numbers else f"{source_name} row {index + 1}"
 
 
 def _describe(value: Any) -> str:
@@ -56,17 +55,11 @@ def validate_preference_rows(
     allow_empty: Sequence[str] = ("system",),
 ) -> int:
     """Check that every row holds each of `columns` as a string (non-blank outside `allow_empty`) and a `chosen`
-    that differs from `rejected`, stopping at the first bad row.
-
-    `source_name` (a file name) starts each message; with `line_numbers` (1-based file lines) it says "line N",
-    else "row N". Returns the number of rows checked.
-
-    Raises:
-        PreferenceDataError: the first bad row; the message names the row, the column and the fix.
-    """
+    that differs from `rejected`; return the number of rows. The first bad row raises a `PreferenceDataError` naming
+    `source_name`, "line N" (1-based `line_numbers`) or "row N", the column and the fix."""
     count = 0
     for index, row in enumerate(rows):
-        where = f"{source_name} line {line_numbers[index]}" if line_numbers else f"{source_name} row {index + 1}"
+        where = _where(source_name, line_numbers, index)
         if not isinstance(row, Mapping):
             raise PreferenceDataError(
                 f"{where}: expected a JSON object with the columns {list(columns)}, found {_describe(row)}. "
@@ -91,8 +84,7 @@ def validate_preference_rows(
                 )
         if "chosen" in columns and "rejected" in columns and row["chosen"].strip() == row["rejected"].strip():
             raise PreferenceDataError(
-                f"{where}, column 'rejected': identical to 'chosen' (after stripping whitespace), so the "
-                "pair states no preference. Fix: give a worse 'rejected' answer or remove the row."
+                f"{where}, column 'rejected': {_SAME}. Fix: give a worse 'rejected' answer or remove the row."
             )
         count += 1
     return count
@@ -152,22 +144,13 @@ def _stripped(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
 def validate_conversational_rows(
     rows: Iterable[Mapping[str, Any]], source_name: str = "rows", line_numbers: Sequence[int] | None = None
 ) -> list[dict[str, list[dict[str, str]]]]:
-    """Check rows in TRL's conversational preference format and split implicit prompts off.
-
-    A row holds `chosen` and `rejected` lists of `{"role", "content"}` messages (role one of `ROLES`) and either a
-    `prompt` list (then they hold the answer) or none (then they hold whole conversations, whose shared start is
-    the prompt). The prompt must end with a user message; each answer starts and ends with an assistant message.
-    `source_name` and `line_numbers` as in :func:`validate_preference_rows`.
-
-    Returns:
-        One `{"prompt", "chosen", "rejected"}` of message lists (only `role` and `content` kept) a row.
-
-    Raises:
-        PreferenceDataError: the first bad row; the message names the line or row, column, message and the fix.
+    """One `{"prompt", "chosen", "rejected"}` of `{"role", "content"}` message lists a row of TRL's conversational
+    format; without `prompt`, the conversations' shared start is the prompt. The prompt ends with a user message,
+    each answer starts and ends with an assistant one; else `PreferenceDataError`, as :func:`validate_preference_rows`.
     """
     pairs = []
     for index, row in enumerate(rows):
-        where = f"{source_name} line {line_numbers[index]}" if line_numbers else f"{source_name} row {index + 1}"
+        where = _where(source_name, line_numbers, index)
         if not isinstance(row, Mapping) or "chosen" not in row or "rejected" not in row:
             found = f"the columns {sorted(row)}" if isinstance(row, Mapping) else _describe(row)
             raise PreferenceDataError(
@@ -177,8 +160,7 @@ def validate_conversational_rows(
         chosen, rejected = _messages(row["chosen"], where, "chosen"), _messages(row["rejected"], where, "rejected")
         if _stripped(chosen) == _stripped(rejected):
             raise PreferenceDataError(
-                f"{where}, column 'rejected': identical to 'chosen' (after stripping whitespace), so the pair "
-                "states no preference. Fix: give a worse 'rejected' answer or remove the row."
+                f"{where}, column 'rejected': {_SAME}. Fix: give a worse 'rejected' answer or remove the row."
             )
         if row.get("prompt") is None:
             pairs_of_messages = enumerate(zip(chosen, rejected))
@@ -217,13 +199,11 @@ def validate_conversational_rows(
 
 
 class _RepeatedKey(dict):
-    """A JSON object that repeats a key; `key` is the first key it repeats."""
-
-    key: str = ""
+    key: str = ""  # the first key the JSON object repeats
 
 
 def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """`json` object hook: keep the object, but mark it when a key repeats (plain `json` keeps the last value)."""
+    """`json` object hook: mark an object whose key repeats (plain `json` keeps the last value)."""
     row = dict(pairs)
     if len(row) == len(pairs):
         return row
@@ -234,7 +214,7 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _repeated_key(value: Any, path: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
-    """The path to the first repeated key in a parsed JSON value (e.g. `('chosen', 0, 'content')`), or None."""
+    """The path to the first repeated key (e.g. `('chosen', 0, 'content')`), or None."""
     if isinstance(value, _RepeatedKey):
         return (*path, value.key)
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
@@ -293,7 +273,6 @@ def _read_jsonl(path: Path, text: str | None = None) -> tuple[list[Any], list[in
 
 
 def _read_local_rows(path: Path) -> tuple[list[Any], list[int] | None]:
-    """The rows of a local file as read, and for JSON lines the file line of each (else ``None``)."""
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".json":
@@ -323,29 +302,16 @@ def _read_local_rows(path: Path) -> tuple[list[Any], list[int] | None]:
         ) from None
 
 
-def is_local(source: str | Path) -> bool:
-    """Whether `source` names a local file (a `Path`, a known suffix, or an existing path) rather than a hub id."""
-    path = Path(source)
-    return isinstance(source, Path) or path.suffix in LOCAL_SUFFIXES or path.exists()
-
-
 def read_source(source: str | Path, split: str = "train") -> tuple[Any, list[int] | None, str]:
-    """The rows of a local file or a hub dataset split, as read (not yet validated).
-
-    Returns:
-        ``(rows, line_numbers, name)``: a list of row objects (local) or a `datasets.Dataset` (hub); for JSON lines
-        the file line of each row (else ``None``); the name messages quote (the file name, or ``"id [split]"``).
-
-    Raises:
-        PreferenceDataError: a local file is missing, a folder, of another type, unreadable (not UTF-8, bad JSON,
-            a repeated key: the message names the line) or empty; or a hub id is neither cached nor reachable.
-    """
-    if not is_local(source):
+    """``(rows, line_numbers, name)`` of a local file (a `Path`, a known suffix, or an existing path) or a hub split,
+    unvalidated: a list of rows or a `datasets.Dataset`, each row's file line (JSON lines; else ``None``), the name
+    messages quote. `PreferenceDataError` when it cannot be read (naming the line) or is empty."""
+    path = Path(source)
+    if not (isinstance(source, Path) or path.suffix in LOCAL_SUFFIXES or path.exists()):
         from dpo_xpu.hub import check_hub_id
 
         check_hub_id(str(source), "dataset", PreferenceDataError, "dataset_name_or_path")
         return datasets.load_dataset(str(source), split=split), None, f"{source} [{split}]"
-    path = Path(source)
     if path.is_dir():
         raise PreferenceDataError(
             f"{path} is a directory, not a data file. Fix: pass one .jsonl, .json or .parquet file (e.g. "

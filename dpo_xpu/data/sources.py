@@ -1,16 +1,8 @@
 """Where preference pairs come from: the orca, generic (``prompt``/``chosen``/``rejected``) and conversational
 formats, and mixtures of several sources.
 
-Orca and generic rows are read into the orca columns and formatted by
-:func:`dpo_xpu.data.preferences.chatml_format`: a generic ``prompt`` is the user's message (``question``, with an
-empty ``system``), so write the bare message, not one already in a chat template. Conversational rows are read into
-``prompt``/``chosen``/``rejected`` message lists, formatted by :func:`dpo_xpu.data.preferences.conversational_format`;
-a mixture holding a conversational source turns its orca sources into messages too, so every row gets one format.
-
-```python
-rows = load_preference_pairs("my_pairs.jsonl")  # format detected from the columns
-mixed, counts = mix_sources({"Intel/orca_dpo_pairs": 0.7, "my_pairs.jsonl": 0.3}, limit=1000, seed=42)
-```
+A generic ``prompt`` becomes the orca ``question`` (the bare user message, not one already in a chat template) with
+an empty ``system``; a mixture holding a conversational source turns its orca sources into messages too.
 """
 
 from __future__ import annotations
@@ -29,27 +21,15 @@ from dpo_xpu.errors import PreferenceDataError
 
 logger = logging.getLogger(__name__)
 
-PAIR_COLUMNS: tuple[str, ...] = ("prompt", "chosen", "rejected")
-"""The columns of the generic preference format."""
-
-FORMATS: tuple[str, ...] = ("auto", "orca", "prompt-chosen-rejected", "conversational")
-"""The values of `data_format` that :func:`load_preference_pairs` accepts."""
+PAIR_COLUMNS: tuple[str, ...] = ("prompt", "chosen", "rejected")  # the generic format's
+FORMATS: tuple[str, ...] = ("auto", "orca", "prompt-chosen-rejected", "conversational")  # data_format's values
 
 _REQUIRED: dict[str, tuple[str, ...]] = {"orca": ORCA_COLUMNS, "prompt-chosen-rejected": PAIR_COLUMNS}
 
 
 def detect_format(columns: Sequence[str], source_name: str = "rows", example: Mapping[str, Any] | None = None) -> str:
-    """Tell the data format from the columns (and, for message lists, the first row `example`).
-
-    Returns:
-        `"orca"` when `columns` hold the orca columns; else `"conversational"` when `example` holds a list in
-        `prompt`, `chosen` or `rejected` and `columns` hold `chosen` and `rejected`; else
-        `"prompt-chosen-rejected"` when they hold `prompt`, `chosen` and `rejected`.
-
-    Raises:
-        PreferenceDataError: no format's columns are all present; the message names the missing columns of the
-            nearest format (two or more of its columns present, or message lists), else shows every format.
-    """
+    """The data format of `columns`: `"orca"`, else `"conversational"` (the first row `example` holds message
+    lists), else `"prompt-chosen-rejected"`; `PreferenceDataError` naming the nearest format's missing columns."""
     have = set(columns)
     if set(ORCA_COLUMNS) <= have:
         return "orca"
@@ -76,14 +56,8 @@ def detect_format(columns: Sequence[str], source_name: str = "rows", example: Ma
 
 
 def _generic_to_orca(rows: Sequence[Mapping[str, Any]] | datasets.Dataset) -> datasets.Dataset:
-    return datasets.Dataset.from_dict(
-        {
-            "system": [""] * len(rows),
-            "question": [row["prompt"] for row in rows],
-            "chosen": [row["chosen"] for row in rows],
-            "rejected": [row["rejected"] for row in rows],
-        }
-    )
+    renamed = {orca: [row[generic] for row in rows] for orca, generic in zip(ORCA_COLUMNS[1:], PAIR_COLUMNS)}
+    return datasets.Dataset.from_dict({"system": [""] * len(rows), **renamed})
 
 
 def _orca_to_conversational(rows: datasets.Dataset) -> datasets.Dataset:
@@ -100,28 +74,11 @@ def _orca_to_conversational(rows: datasets.Dataset) -> datasets.Dataset:
 
 
 def load_preference_pairs(
-    source: str | Path,
-    data_format: str = "auto",
-    split: str = "train",
-    limit: int | None = None,
-    seed: int = 42,
+    source: str | Path, data_format: str = "auto", split: str = "train", limit: int | None = None, seed: int = 42
 ) -> datasets.Dataset:
-    """Load and validate preference pairs in any of the formats of `FORMATS`.
-
-    Args:
-        source: a hub dataset id or a local `.jsonl` / `.json` / `.parquet` file.
-        data_format: `"orca"`, `"prompt-chosen-rejected"`, `"conversational"` or `"auto"` (:func:`detect_format`
-            on the first row, or the hub dataset's columns).
-        split, limit, seed: as :func:`dpo_xpu.data.preferences.load_orca_dpo_pairs`.
-
-    Returns:
-        The orca columns (generic rows get `system=""` and `question=prompt`), or for conversational data
-        `prompt`, `chosen`, `rejected` message lists (implicit prompts split off).
-
-    Raises:
-        PreferenceDataError: an unknown `data_format`, a source that cannot be read, an undetectable format, or a
-            bad row (the message names the line or row, the column and the fix).
-    """
+    """Validated pairs in one of `FORMATS` (`"auto"`: :func:`detect_format`), arguments as
+    :func:`~dpo_xpu.data.preferences.load_orca_dpo_pairs`: the orca columns, or conversational message lists.
+    `PreferenceDataError`: an unknown `data_format`, an unreadable source, an undetectable format, or a bad row."""
     if data_format not in FORMATS:
         raise PreferenceDataError(f"data_format: unknown {data_format!r}. Fix: use one of {list(FORMATS)}.")
     if data_format == "orca":
@@ -141,24 +98,15 @@ def load_preference_pairs(
         pairs = validate_conversational_rows(rows, source_name=name, line_numbers=line_numbers)
         dataset = datasets.Dataset.from_dict({column: [pair[column] for pair in pairs] for column in PAIR_COLUMNS})
     else:
-        validate_preference_rows(
-            rows, columns=PAIR_COLUMNS, source_name=name, line_numbers=line_numbers, allow_empty=()
-        )
+        validate_preference_rows(rows, PAIR_COLUMNS, name, line_numbers, allow_empty=())
         dataset = _generic_to_orca(rows)
     logger.info("Loaded %d %s pairs from %s", len(dataset), found, source)
     return keep_shuffled(dataset, limit, seed)
 
 
 def mixture_counts(available: Mapping[str, int], proportions: Mapping[str, float], limit: int | None = None):
-    """How many rows to draw from each source so the mixture has the asked proportions.
-
-    The total is `min(available / proportion)` over sources (proportions normalised to sum 1), or `limit` when
-    smaller; each source gets `total * proportion` rounded by the largest-remainder method, so every count is
-    within one row of what was asked and the counts add up to the total.
-
-    Returns:
-        `dict[str, int]`: rows per source, in the order of `proportions`.
-    """
+    """Rows to draw per source (in the order of `proportions`): the total is `min(available / proportion)` (or
+    `limit` when smaller), each share rounded by the largest-remainder method, so the counts add up to it."""
     weight = sum(proportions.values())
     shares = {name: value / weight for name, value in proportions.items()}
     total = min(math.floor(available[name] / share + 1e-9) for name, share in shares.items())
@@ -175,24 +123,10 @@ def mixture_counts(available: Mapping[str, int], proportions: Mapping[str, float
 
 
 def mix_sources(
-    mixture: Mapping[str, float],
-    limit: int | None = None,
-    seed: int = 42,
-    data_format: str = "auto",
+    mixture: Mapping[str, float], limit: int | None = None, seed: int = 42, data_format: str = "auto"
 ) -> tuple[datasets.Dataset, dict[str, int]]:
-    """Draw a seeded mixture of several sources, without replacement, in the given proportions.
-
-    Each source (hub id or local file -> any positive weight) is loaded with :func:`load_preference_pairs` in
-    `data_format` (`"auto"`: per source), shuffled with `seed`, and its first :func:`mixture_counts` rows taken (in
-    all `limit`, or as many as the proportions allow); the mixture is shuffled again with `seed`.
-
-    Returns:
-        The mixed rows (orca columns, or conversational ones when a source is conversational) and the rows drawn
-        per source.
-
-    Raises:
-        PreferenceDataError: a source cannot be loaded or holds a bad row.
-    """
+    """A seeded mixture of sources (hub id or file -> positive weight), drawn without replacement in those
+    proportions, and the rows drawn per source; `PreferenceDataError` for a source that cannot be loaded."""
     loaded = {name: load_preference_pairs(name, data_format=data_format, seed=seed) for name in mixture}
     if len({tuple(rows.column_names) for rows in loaded.values()}) > 1:  # conversational and orca sources
         loaded = {

@@ -1,18 +1,8 @@
-"""Evaluation and export: held-out preference metrics, policy-vs-reference samples, the merged model.
+"""Held-out preference metrics and policy-vs-reference samples of a policy.
 
-The implicit DPO reward of an answer ``y`` to a prompt ``x`` is (Rafailov et al. 2023, "Direct Preference
-Optimization", eq. 5 and section 5)::
-
-    r(x, y) = beta * (log pi_theta(y|x) - log pi_ref(y|x))
-
-and a pair counts as "won" when the chosen answer's reward beats the rejected one's. The reference is the
-policy's own base with its LoRA adapters disabled, as in training with ``reference: adapter-off``. Not
-``DPOTrainer.evaluate``: this scores a finished policy on raw text pairs, without a trainer or its tokenized data,
-in both TRL generations (0.11 and 1.x).
-
-    >>> metrics = evaluate_preferences(policy, tokenizer, heldout, beta=0.1)
-    >>> samples = generate_samples(policy, tokenizer, heldout["prompt"][:3])
-    >>> write_evaluation(run_dir, metrics, samples)
+The implicit DPO reward is ``r(x, y) = beta * (log pi_theta(y|x) - log pi_ref(y|x))`` (Rafailov et al. 2023, eq. 5),
+the reference by default the policy with its LoRA adapters disabled. Not ``DPOTrainer.evaluate``: this scores a
+finished policy on raw text pairs, without a trainer or its tokenized data, in both TRL generations.
 """
 
 from __future__ import annotations
@@ -54,19 +44,9 @@ def sequence_log_probs(
     max_prompt_length: int | None = None,
     on_batch: Callable[[int], Any] | None = None,
 ) -> torch.Tensor:
-    """Sum of the answer tokens' log-probabilities given the prompt, ``log pi(y|x)``, for each pair.
-
-    Tokenized as TRL 1.x does (no special tokens; the answer starts where the ids of the prompt and of prompt +
-    answer diverge), right-padded, prompt and padding masked out; TRL's ``selective_log_softmax`` where it exists.
-    ``max_length`` cuts prompt + answer (the answer's end goes), ``max_prompt_length`` keeps the prompt's last
-    tokens; ``on_batch`` is called with each batch's number of sequences (a progress bar's ``update``).
-
-    Returns:
-        `torch.Tensor`: shape `[N]`, float32 on the CPU, in nats (an empty answer gives 0).
-
-    Raises:
-        ValueError: `prompts` and `answers` differ in length.
-    """
+    """``log pi(y|x)`` of each pair, summed over the answer's tokens cut as TRL cuts them
+    (:func:`dpo_xpu.data.truncation.answer_tokens`): shape `[N]`, float32 on the CPU, nats. ``on_batch`` gets each
+    batch's number of sequences. `ValueError` when `prompts` and `answers` differ in length."""
     if len(prompts) != len(answers):
         raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers: give one answer per prompt")
     device = next(model.parameters()).device
@@ -112,35 +92,20 @@ def evaluate_preferences(
     max_prompt_length: int | None = None,
     progress: bool = False,
 ) -> dict[str, float | int]:
-    """Reward accuracy, margins and drift of the policy against the reference on preference pairs.
-
-    Rewards are ``beta * (log pi(y|x) - log pi_ref(y|x))`` (Rafailov et al. 2023, eq. 5 and section 5).
-    ``drift_chosen_logratio`` is the mean of ``log pi(y_w|x) - log pi_ref(y_w|x)`` over the chosen answers: a
-    single-sample estimate of ``KL(pi || pi_ref)`` on those prompts, which is only unbiased for answers sampled
-    from the policy; chosen answers come from the data, so read it as a drift indicator, not an exact KL.
-
-    ``dataset`` has columns ``prompt``, ``chosen``, ``rejected``; ``beta`` is the one the policy was trained with;
-    ``reference`` is a separate reference (``None``: ``policy.disable_adapter()``); ``batch_size``, ``max_length``,
-    ``max_prompt_length`` as :func:`sequence_log_probs`; ``progress`` shows a bar over the 4 x N scored sequences.
-
-    Returns:
-        `dict`: `reward_accuracy` (fraction of pairs with chosen reward > rejected reward), `mean_margin`,
-        `mean_chosen_reward`, `mean_rejected_reward` (nats, scaled by beta), `drift_chosen_logratio` (nats,
-        unscaled), `beta`, `n_pairs`.
-    """
+    """Reward accuracy (share of pairs whose chosen reward beats the rejected one's), mean margin, chosen and
+    rejected rewards (nats, scaled by ``beta``), and ``drift_chosen_logratio``: the mean of ``log pi(y_w|x) - log
+    pi_ref(y_w|x)`` (nats), a drift indicator, not an exact KL (the chosen answers are not sampled from the policy).
+    ``reference``: a separate model (``None``: the policy's adapters off); also returns `beta`, `n_pairs`."""
     from tqdm.auto import tqdm
 
-    prompts = list(dataset["prompt"])
+    prompts, answers = list(dataset["prompt"]), {c: list(dataset[c]) for c in ("chosen", "rejected")}
     with tqdm(total=4 * len(prompts), desc="scoring pairs", unit="seq", disable=not progress) as bar:
         kwargs = {"batch_size": batch_size, "max_length": max_length, "max_prompt_length": max_prompt_length}
         kwargs["on_batch"] = bar.update
-        logps = {
-            c: sequence_log_probs(policy, tokenizer, prompts, list(dataset[c]), **kwargs)
-            for c in ("chosen", "rejected")
-        }
+        logps = {c: sequence_log_probs(policy, tokenizer, prompts, a, **kwargs) for c, a in answers.items()}
         with _reference_context(policy, reference):
             ref_model = reference if reference is not None else policy
-            ref = {c: sequence_log_probs(ref_model, tokenizer, prompts, list(dataset[c]), **kwargs) for c in logps}
+            ref = {c: sequence_log_probs(ref_model, tokenizer, prompts, a, **kwargs) for c, a in answers.items()}
     chosen, rejected = beta * (logps["chosen"] - ref["chosen"]), beta * (logps["rejected"] - ref["rejected"])
     return {
         "reward_accuracy": (chosen > rejected).float().mean().item(),
@@ -171,15 +136,9 @@ def generate_samples(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> list[dict[str, str]]:
-    """Greedy answers of the policy and of the reference to the same prompts, side by side.
-
-    ``prompts`` are formatted (ChatML, ending with the assistant turn's opening) and left-padded; generation stops
-    after ``max_new_tokens``, at EOS and at ``<|im_end|>``; ``reference`` as :func:`evaluate_preferences`;
-    ``batch_size`` prompts at a time (``None``: all at once); ``progress`` shows a bar over the answers.
-
-    Returns:
-        `list[dict]`: one `{"prompt", "policy", "reference"}` per prompt, answers decoded without special tokens.
-    """
+    """One `{"prompt", "policy", "reference"}` per formatted prompt: the greedy answers (at most ``max_new_tokens``,
+    stopping at EOS and ``<|im_end|>``), ``batch_size`` prompts at a time (``None``: all); ``reference`` as
+    :func:`evaluate_preferences`."""
     from tqdm.auto import tqdm
 
     if not prompts:
@@ -211,14 +170,8 @@ def generate_samples(
 
 
 def load_run_recipe(run_dir: str | Path, **expected: Any) -> Any:
-    """Read the recipe a training run saved (`<run_dir>/recipe.yaml`) and check it against `expected` values.
-
-    Evaluating with the run's own recipe (data, `limit`, `seed`, `eval_fraction`) gives back exactly the rows it
-    held out, so no training pair leaks into the evaluation. Returns the run's ``Recipe``.
-
-    Raises:
-        RunFolderError: no `recipe.yaml` in `run_dir`. RecipeError: an expected value differs from the run's.
-    """
+    """The recipe a run saved (it gives back exactly the rows it held out), checked against `expected` values:
+    :class:`RunFolderError` without one, :class:`RecipeError` when a value differs."""
     from dpo_xpu.errors import RecipeError, RunFolderError
     from dpo_xpu.recipes import load_recipe
 
@@ -236,12 +189,8 @@ def load_run_recipe(run_dir: str | Path, **expected: Any) -> Any:
 def write_evaluation(
     run_dir: str | Path, metrics: dict[str, Any], samples: Sequence[dict[str, Any]] = ()
 ) -> tuple[Path, Path]:
-    """Write `metrics` to `<run_dir>/evaluation.json` and `samples` (one JSON object per line) to
-    `<run_dir>/samples.jsonl`; return both paths.
-
-    Raises:
-        ValueError: a metric is a float that is NaN or infinite (JSON cannot hold it; something went wrong).
-    """
+    """Write `metrics` to `<run_dir>/evaluation.json` and `samples` to `<run_dir>/samples.jsonl`; return both paths
+    (`ValueError` for a metric that is NaN or infinite)."""
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise ValueError(f"metrics {bad} are not finite ({[metrics[k] for k in bad]}): check the run before saving")

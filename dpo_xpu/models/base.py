@@ -1,10 +1,7 @@
 """What the model loaders and both backends share: LoRA settings, the model path, ``from_pretrained`` with one-line
-errors.
-
-A user's files fail in a few known ways: a file cut short by a download or copy, a folder that is not a model, a
-model that needs its own Python code, a pickle that could run code, a model type this transformers lacks.
-:func:`loading` turns each into one :class:`ModelLoadError` line naming the file and the fix, and lets any other
-exception (a bug) through as it is; transformers raises each as a traceback of its own wording, hence this module.
+errors. transformers raises a damaged file, a folder that is no model, a model needing its own code, a pickle that
+could run code or an unknown model type as a traceback of its own wording: :func:`loading` makes each one
+:class:`ModelLoadError` line naming the file and the fix, and lets anything else (a bug) through.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ from dpo_xpu.models.dtypes import dtype_kwarg  # noqa: F401 - the backends and e
 from dpo_xpu.models.gguf import find_gguf, gguf_to_folder, model_origin
 from dpo_xpu.recipes import DEFAULT_LORA_TARGETS
 
-#: The files of a folder holding only a tokenizer (one of them is enough); a model folder has config.json besides.
+#: The files of a folder holding only a tokenizer (one of them is enough).
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 #: The files of a model folder that transformers reads and that :func:`resolve_model_path` checks before any load.
 _CHECKED_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "*.safetensors")
@@ -34,40 +31,30 @@ _SHIPPED = "use a model whose architecture transformers {} ships (Llama, Qwen2, 
 
 @dataclass
 class LoraSettings:
-    """LoRA adapter settings (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
-
-    Args:
-        r: rank of the update matrices A (r x in) and B (out x r). Default 16 (the original recipe).
-        alpha: scaling numerator; the update B @ A is scaled by ``alpha / r``. Default 16.
-        dropout: dropout on the adapter input. Default 0.05.
-        target_modules: names of the layers that get adapters (or PEFT's ``"all-linear"``); names the model lacks
-            are skipped, and none present is an error. Default: the attention and MLP projections.
-    """
+    """LoRA adapter settings (Hu et al. 2021): the update ``B @ A`` (``B``: out x ``r``, ``A``: ``r`` x in) is scaled
+    by ``alpha / r``; ``dropout`` on the adapter input; ``target_modules``: layer names (names the model lacks are
+    skipped) or PEFT's ``"all-linear"``. Defaults: the original recipe's."""
 
     r: int = 16
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
+    def peft_config(self, target_modules: list[str] | str | None = None) -> Any:
+        """PEFT's ``LoraConfig`` of these settings for a causal LM (no bias), on ``target_modules`` if given."""
+        from peft import LoraConfig
+
+        targets = target_modules or self.target_modules
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        )
+
 
 def resolve_model_path(model_name_or_path: str | Path, check_hub: bool = True, tokenizer_only: bool = False) -> str:
-    """Return a local folder as an absolute path, checked, or a hub id unchanged; a GGUF file as its converted folder.
-
-    A string is a hub id when no such local path exists, it has the form ``name`` or ``org/name``, and ``org`` is
-    not a local folder (``runs/demo-model`` before ``make demo`` is a missing folder). A hub id that is neither
-    cached nor reachable is refused at once (``check_hub``, :func:`dpo_xpu.hub.check_hub_id`). A local folder must
-    hold ``config.json`` (or, with ``tokenizer_only``, a tokenizer), readable config, tokenizer and safetensors files,
-    and a model type transformers ships. A GGUF file, or a folder holding one and no ``config.json``, is converted
-    once into the model cache (:func:`dpo_xpu.models.gguf.gguf_to_folder`).
-
-    Returns:
-        The absolute folder (for a GGUF file, the converted folder), or the hub id.
-
-    Raises:
-        ModelLoadError: a local-looking path (absolute, ``./``, ``~``, more than one ``/``, inside an existing folder)
-            that is absent, no model folder, holds a damaged file or needs the model's own code, or a GGUF file
-            that cannot be converted; or a hub id that cannot be had. The message names the file and the fix.
-    """
+    """A local model folder as an absolute path, checked (``config.json``, or with ``tokenizer_only`` a tokenizer;
+    readable files; a model type transformers ships); a GGUF file as its converted folder; a hub id (``name`` or
+    ``org/name``, ``org`` no local folder) unchanged, refused at once when neither cached nor reachable
+    (``check_hub``). Else one :class:`ModelLoadError` line naming the file and the fix."""
     text = str(model_name_or_path)
     path = Path(text).expanduser()
     gguf = find_gguf(path) if path.exists() else None
@@ -150,14 +137,10 @@ def _unknown_type(model_type: str) -> str:
 
 
 def _unreadable_files(path: Path, patterns: tuple[str, ...] = ("*.json", "*.safetensors")) -> dict[str, str]:
-    """The files of ``path`` (a file, or a folder's files matching ``patterns``) that are no valid JSON or
-    safetensors file: name -> why."""
+    """name -> why, for the files of ``path`` (or matching ``patterns`` in it) that are no valid JSON/safetensors."""
     from safetensors import SafetensorError, safe_open
 
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted({file for pattern in patterns for file in path.glob(pattern) if file.is_file()})
+    files = [path] if path.is_file() else sorted({f for pattern in patterns for f in path.glob(pattern) if f.is_file()})
     unreadable = {}
     for file in files:
         try:
@@ -172,7 +155,6 @@ def _unreadable_files(path: Path, patterns: tuple[str, ...] = ("*.json", "*.safe
 
 
 def _damaged(files: dict[str, str]) -> str:
-    """The message for damaged files (name -> why)."""
     return f"{', '.join(files)} cannot be read ({'; '.join(files.values())}): {_REDOWNLOAD}"
 
 
@@ -189,8 +171,7 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def _load_failure(exc: BaseException, path: Path) -> str | None:
-    """What a user's file did wrong to raise ``exc`` while loading ``path``, with the fix; ``None`` when ``exc`` is
-    none of the known failures (a bug, or a failure the caller describes)."""
+    """What a user's file did wrong to raise ``exc`` while loading ``path``, with the fix; ``None`` if unknown."""
     from safetensors import SafetensorError
 
     text = str(exc)
@@ -239,7 +220,6 @@ def _load_failure(exc: BaseException, path: Path) -> str | None:
 
 
 def _innermost(exc: BaseException) -> str:
-    """The file of the innermost frame that ``exc`` was raised in."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
@@ -248,14 +228,8 @@ def _innermost(exc: BaseException) -> str:
 
 @contextmanager
 def loading(what: str, path: str | Path, fallback: str | None = None) -> Iterator[None]:
-    """Turn a user's file that fails to load inside the block into one :class:`ModelLoadError` line,
-    ``"{what} {path}: {problem}: {fix}"``, for the known failures (a damaged JSON, safetensors or pickle file, a
-    pickle that could run code, a model needing its own code, an unknown model type, a missing file); with
-    ``fallback`` (a fix), also for any other ``OSError``/``ValueError``. Anything else passes through.
-
-    Raises:
-        ModelLoadError: a known failure, or an ``OSError``/``ValueError`` when ``fallback`` is given.
-    """
+    """Turn a user's file that fails to load in the block into one :class:`ModelLoadError` line, ``"{what} {path}:
+    {problem}: {fix}"``, for the known failures; with ``fallback`` (a fix), for any ``OSError``/``ValueError`` too."""
     from safetensors import SafetensorError
 
     try:
@@ -272,9 +246,8 @@ def loading(what: str, path: str | Path, fallback: str | None = None) -> Iterato
 
 
 def from_pretrained(loader: Any, model_name_or_path: str, **kwargs: Any) -> Any:
-    """``loader.from_pretrained`` with ``trust_remote_code=False``; a damaged or refused file (:func:`loading`), or a
-    hub id the hub did not provide, is one :class:`ModelLoadError`. A model converted from a GGUF file is named as
-    the file names it (:func:`dpo_xpu.models.gguf.model_origin`), a name that reaches the adapter's config."""
+    """``loader.from_pretrained`` with ``trust_remote_code=False``; a damaged or refused file, or a hub id the hub did
+    not provide, is one :class:`ModelLoadError`. A model converted from GGUF is named as the file names it."""
     what = "tokenizer" if "Tokenizer" in getattr(loader, "__name__", "") else "model"
     try:
         with loading(what, model_name_or_path):

@@ -1,14 +1,13 @@
 """GGUF checkpoints (llama.cpp's format) as models: accepted wherever a model is named, converted once and cached.
 
-transformers reads a GGUF file (``gguf_file=``, with the ``gguf`` package) but redoes the dequantization (tens of
-seconds) at every load and marks the model GGUF-quantized, which ``save_pretrained`` refuses. :func:`gguf_to_folder`
-dequantizes once into a plain Hugging Face folder in the model cache, which every loader then reads; the folder's
-:data:`GGUF_MARKER` keeps the file's ``general.*`` metadata, so a model loaded from it carries the file's name
-(:func:`model_origin`) into the adapter and the model card. No library keeps such a conversion, hence this module.
+transformers reads a GGUF file but dequantizes it again at every load (tens of seconds) and marks the model
+GGUF-quantized, which ``save_pretrained`` refuses; no library keeps a conversion, hence :func:`gguf_to_folder`. The
+folder's :data:`GGUF_MARKER` keeps the file's metadata, so the adapter and the model card carry the file's name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,8 +21,7 @@ logger = logging.getLogger(__name__)
 
 #: The file of a converted folder that records its GGUF file, the file's metadata and the model's name.
 GGUF_MARKER = "dpo_xpu_gguf.json"
-#: The GGUF metadata keys (``general.<key>``) a model's name is taken from, the first one present: a hub repository
-#: the file names as its source, else its name, else its base name (else the file's own name).
+#: The GGUF metadata keys (``general.<key>``) a model's name is taken from, the first one present.
 NAME_KEYS = ("source.huggingface.repository", "name", "basename")
 
 
@@ -36,12 +34,8 @@ def model_cache_dir() -> Path:
 
 
 def find_gguf(path: str | Path) -> Path | None:
-    """The GGUF file a local model path names: the path itself (a ``.gguf`` file), or the one ``.gguf`` file of a
-    folder without ``config.json``; ``None`` for anything else.
-
-    Raises:
-        ModelLoadError: a folder without ``config.json`` holds several GGUF files (the message names them).
-    """
+    """The GGUF file a local path names: a ``.gguf`` file, or the one of a folder without ``config.json``; else
+    ``None``. :class:`ModelLoadError` when such a folder holds several."""
     path = Path(path).expanduser()
     if path.is_file():
         return path if path.suffix.lower() == ".gguf" else None
@@ -57,8 +51,7 @@ def find_gguf(path: str | Path) -> Path | None:
 
 
 def gguf_metadata(gguf_path: str | Path) -> dict[str, Any]:
-    """The ``general.*`` metadata of a GGUF file (name, organization, basename, size_label, license, ...), without
-    the ``general.`` prefix: its text and number fields, and lists of text. ``{}`` without the ``gguf`` package."""
+    """The ``general.*`` text and number fields of a GGUF file, without the prefix (``{}`` without ``gguf``)."""
     try:
         from gguf import GGUFReader, GGUFValueType
     except ImportError:
@@ -86,20 +79,8 @@ def gguf_name(metadata: dict[str, Any], gguf_path: str | Path) -> str:
 
 
 def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, dtype: str = "bfloat16") -> Path:
-    """Convert a GGUF file into a Hugging Face folder once, and return the folder.
-
-    Args:
-        gguf_path: the ``.gguf`` file.
-        cache_dir: where converted folders are kept, ``<stem>-<sha256[:16]>-<dtype>``; default :func:`model_cache_dir`.
-        dtype: the weights' dtype in the folder, ``"bfloat16"`` (default) or ``"float32"``.
-
-    Returns:
-        The folder, loadable with ``from_pretrained`` and as ``model_name_or_path``; its :data:`GGUF_MARKER` names
-        the file, its metadata and the model's name (:func:`gguf_name`).
-
-    Raises:
-        ModelLoadError: the file is missing, the ``gguf`` package is not installed, or transformers cannot read it.
-    """
+    """Convert a GGUF file once into a Hugging Face folder of ``dtype`` weights, ``<stem>-<sha256[:16]>-<dtype>`` in
+    ``cache_dir`` (default :func:`model_cache_dir`), and return it; :class:`ModelLoadError` when it cannot."""
     import torch
 
     from dpo_xpu.files import apply_umask, default_cache_dir, weights_digest
@@ -171,15 +152,14 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
 
 
 def model_origin(model_name_or_path: str | Path) -> dict[str, Any] | None:
-    """What a GGUF model is, for display: ``{"name", "gguf", "metadata", ...}`` for a GGUF file, a folder holding one,
-    or a folder converted from one (its :data:`GGUF_MARKER`); ``None`` for any other model. Nothing is converted."""
+    """``{"name", "gguf", "metadata", ...}`` of a GGUF file, a folder holding one or converted from one; else ``None``.
+    Nothing is converted."""
     path = Path(str(model_name_or_path)).expanduser()
     marker = path / GGUF_MARKER
     if marker.is_file() and (path / "config.json").is_file():
-        try:
+        origin = None
+        with contextlib.suppress(OSError, ValueError):
             origin = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
         return origin if isinstance(origin, dict) and origin.get("name") else None
     try:
         gguf_path = find_gguf(path) if path.exists() else None

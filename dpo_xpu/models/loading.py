@@ -18,24 +18,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _device_and_dtype(device: str | torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
-    """The backend loaders' ``device`` (resolved: ``"auto"`` -> xpu, cuda or cpu) and ``dtype`` (default bf16)."""
-    import torch
-
-    from dpo_xpu.device import select_device
-
-    return {
-        "device": device if isinstance(device, torch.device) else select_device(device),
-        "dtype": dtype or torch.bfloat16,
-    }
-
-
 def load_tokenizer(model_name_or_path: str | Path, padding_side: str = "left") -> PreTrainedTokenizerBase:
-    """Load the tokenizer with ``padding_side`` (left, for batched generation) and a pad token (EOS when it has none).
-
-    Raises:
-        ModelLoadError: the folder or hub id cannot be found, holds no tokenizer, or a tokenizer file is damaged.
-    """
+    """The tokenizer with ``padding_side`` (left, for batched generation) and a pad token (EOS when it has none);
+    :class:`ModelLoadError` when none can be loaded."""
     from transformers import AutoTokenizer
 
     tokenizer = from_pretrained(AutoTokenizer, resolve_model_path(model_name_or_path, tokenizer_only=True))
@@ -56,39 +41,14 @@ def load_policy_model(
     sft_state_dict: str | Path | dict[str, torch.Tensor] | None = None,
     adapter_name_or_path: str | Path | None = None,
 ) -> PreTrainedModel:
-    """Load the policy: the base model (NF4 by default) with trainable LoRA adapters.
-
-    Args:
-        model_name_or_path: hub id, local folder or GGUF file.
-        quantization: ``"nf4"`` (bitsandbytes 4-bit NormalFloat, compute dtype ``dtype``) or ``"none"``.
-        device: ``"auto"``, ``"xpu"``, ``"cuda"``, ``"cpu"`` or a ``torch.device``.
-        dtype: compute/weight dtype, default ``torch.bfloat16``.
-        lora: adapter settings, default :class:`LoraSettings` ``()``.
-        backend: ``"native"`` or ``"ipex-llm"``.
-        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
-        sft_state_dict: an SFT checkpoint (``policy.pt``, :func:`load_sft_state_dict`) or its state dict, loaded
-            into the base before quantization.
-        adapter_name_or_path: an existing LoRA adapter (folder or hub id) to continue training, with its own
-            settings (``lora`` unused); TRL 1.x's ``adapter-off`` reference then freezes a copy of it, so the
-            reference is the starting policy, as DPO's reference is the starting point.
-
-    Returns:
-        A ``peft.PeftModel`` on ``device`` whose only trainable parameters are the LoRA matrices.
-
-    Raises:
-        ModelLoadError: the model, SFT checkpoint or adapter cannot be found or loaded, or do not fit; the message
-            names the file and the fix. DeviceNotAvailableError: ``device`` is absent.
-    """
+    """The policy: a ``peft.PeftModel`` on ``device`` whose only trainable parameters are LoRA matrices, over the
+    base (hub id, folder or GGUF file; ``quantization`` ``"nf4"`` or ``"none"``; ``dtype`` default bf16), with an SFT
+    checkpoint (:func:`load_sft_state_dict`) loaded before quantization, or continuing ``adapter_name_or_path`` (its
+    own settings; TRL 1.x's ``adapter-off`` reference then starts from it too). Raises :class:`ModelLoadError`."""
     loader = get_backend(backend).load_policy_model
     path = resolve_model_path(model_name_or_path)
-    return loader(
-        path,
-        quantization=quantization,
-        **_device_and_dtype(device, dtype),
-        lora=lora or LoraSettings(),
-        gradient_checkpointing=gradient_checkpointing,
-        **_starting_point(loader, backend, path, sft_state_dict, adapter_name_or_path),
-    )
+    kwargs = _loader_kwargs(loader, backend, path, quantization, device, dtype, sft_state_dict, adapter_name_or_path)
+    return loader(path, lora=lora or LoraSettings(), gradient_checkpointing=gradient_checkpointing, **kwargs)
 
 
 def load_reference_model(
@@ -99,65 +59,46 @@ def load_reference_model(
     backend: str = "native",
     sft_state_dict: str | Path | dict[str, torch.Tensor] | None = None,
 ) -> PreTrainedModel:
-    """Load a separate frozen reference model (the ``separate`` strategy): same base, no adapters,
-    eval mode, no parameter requiring grad. Arguments as :func:`load_policy_model`; give the policy's
-    ``sft_state_dict`` so both start from the same SFT weights.
-    """
+    """A separate frozen reference (the ``separate`` strategy): the base, no adapters, eval mode; arguments as
+    :func:`load_policy_model` (give the policy's ``sft_state_dict``)."""
     loader = get_backend(backend).load_reference_model
     path = resolve_model_path(model_name_or_path)
-    return loader(
-        path,
-        quantization=quantization,
-        **_device_and_dtype(device, dtype),
-        **_starting_point(loader, backend, path, sft_state_dict, None),
-    )
+    return loader(path, **_loader_kwargs(loader, backend, path, quantization, device, dtype, sft_state_dict, None))
 
 
-def _starting_point(
-    loader: Any,
-    backend: str,
-    model_name_or_path: str,
-    sft_state_dict: str | Path | dict[str, torch.Tensor] | None,
-    adapter_name_or_path: str | Path | None,
+def _loader_kwargs(
+    loader: Any, backend: str, path: str, quantization: str, device: Any, dtype: Any, sft: Any, adapter: Any
 ) -> dict[str, Any]:
-    """Backend keywords for an SFT state dict and a starting adapter; refuse them where the backend lacks them."""
+    """A backend loader's keywords: ``device`` resolved, ``dtype`` (default bf16), an SFT state dict and a starting
+    adapter, refused where the backend lacks them."""
     import inspect
 
-    extra: dict[str, Any] = {}
-    if sft_state_dict is not None:
-        if not isinstance(sft_state_dict, dict):
-            sft_state_dict = load_sft_state_dict(sft_state_dict, model_name_or_path)
-        extra["state_dict"] = sft_state_dict
-    if adapter_name_or_path is not None:
-        extra["adapter_name_or_path"] = str(adapter_name_or_path)
-    missing = [k for k in extra if k not in inspect.signature(loader).parameters]
+    import torch
+
+    from dpo_xpu.device import select_device
+
+    kwargs: dict[str, Any] = {"quantization": quantization, "dtype": dtype or torch.bfloat16}
+    kwargs["device"] = device if isinstance(device, torch.device) else select_device(device)
+    if sft is not None:
+        kwargs["state_dict"] = sft if isinstance(sft, dict) else load_sft_state_dict(sft, path)
+    if adapter is not None:
+        kwargs["adapter_name_or_path"] = str(adapter)
+    names = {"state_dict": "sft_checkpoint", "adapter_name_or_path": "adapter_name_or_path"}
+    missing = [names[k] for k in names if k in kwargs and k not in inspect.signature(loader).parameters]
     if missing:
-        names = {"state_dict": "sft_checkpoint", "adapter_name_or_path": "adapter_name_or_path"}
-        raise ModelLoadError(
-            f"backend {backend!r} cannot apply {', '.join(names[k] for k in missing)}: use backend 'native'"
-        )
-    return extra
+        raise ModelLoadError(f"backend {backend!r} cannot apply {', '.join(missing)}: use backend 'native'")
+    return kwargs
 
 
-#: State-dict entries older transformers saved that current models rebuild themselves (rotary frequencies).
+#: State-dict entries older transformers saved that current models rebuild themselves.
 _IGNORED_SFT_KEYS = ("rotary_emb.inv_freq",)
 
 
 def load_sft_state_dict(path: str | Path, model_name_or_path: str | Path) -> dict[str, torch.Tensor]:
-    """Read an SFT checkpoint as the original DPO code writes it and check it fits the model.
-
-    The original code (Rafailov et al. 2023, github.com/eric-mitchell/direct-preference-optimization) saves
-    ``torch.save({"step_idx": ..., "state": policy.state_dict(), "metrics": ...}, "policy.pt")``; ``state`` must
-    name exactly the parameters of ``model_name_or_path`` with their shapes (``rotary_emb.inv_freq`` ignored, a tied
-    output embedding may be absent). Loaded with ``weights_only=True`` (no code runs), onto the CPU.
-
-    Returns:
-        The state dict (parameter name -> tensor).
-
-    Raises:
-        ModelLoadError: the file is missing, damaged or a pickle of more than tensors, has no ``state`` dict, or its
-            keys or shapes differ from the model's; the message names the file, what differs and the fix.
-    """
+    """The state dict of an SFT checkpoint as the original DPO code writes it (Rafailov et al. 2023,
+    github.com/eric-mitchell/direct-preference-optimization: ``torch.save({"state": policy.state_dict(), ...})``),
+    loaded with ``weights_only=True`` onto the CPU; :class:`ModelLoadError` naming what differs when it is missing,
+    damaged, more than tensors, or not exactly the model's parameters and shapes."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -204,18 +145,12 @@ def load_trained_policy(
     dtype: torch.dtype | None = None,
     backend: str = "native",
 ) -> PreTrainedModel:
-    """Load the base as for training (same quantization and dtype, so the same logits) with a saved LoRA adapter
-    (``<run>/adapter``) on it, in eval mode with no trainable parameter.
-
-    Raises:
-        ModelLoadError: the base or the adapter folder cannot be found or loaded; the message names the file and fix.
-    """
+    """The base loaded as for training (the same logits) with a saved adapter on it, frozen, in eval mode;
+    :class:`ModelLoadError` naming the file and the fix."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json): give a run's adapter/ folder")
-    return get_backend(backend).load_trained_policy(
-        resolve_model_path(model_name_or_path),
-        str(adapter_dir),
-        quantization=quantization,
-        **_device_and_dtype(device, dtype),
-    )
+    loader = get_backend(backend).load_trained_policy
+    path = resolve_model_path(model_name_or_path)
+    kwargs = _loader_kwargs(loader, backend, path, quantization, device, dtype, None, None)
+    return loader(path, str(adapter_dir), **kwargs)

@@ -26,12 +26,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 def save_adapter(
     trainer: Any, tokenizer: PreTrainedTokenizerBase, run_dir: str | Path, recipe: Recipe | None = None
 ) -> Path:
-    """Save the LoRA adapter (``adapter_model.safetensors``, ``adapter_config.json``), the tokenizer and the model
-    card (:mod:`dpo_xpu.outputs.model_card`, also as ``<run_dir>/README.md``) to ``<run_dir>/adapter``; return it.
-
-    Args:
-        recipe: the run's recipe; default the run folder's ``recipe.yaml`` (no card when there is none).
-    """
+    """Save the LoRA adapter, the tokenizer and the model card (also ``<run_dir>/README.md``; ``recipe`` default the
+    run folder's ``recipe.yaml``, no card without one) to ``<run_dir>/adapter``; return it."""
     from dpo_xpu.recipes import load_recipe
 
     adapter_dir = Path(run_dir) / ADAPTER_DIR
@@ -47,9 +43,8 @@ def save_adapter(
 
 
 def finished_adapter(recipe: Recipe, run_dir: Path, checkpoint: Path) -> Path | None:
-    """For ``resume`` on a run whose newest checkpoint is its last step: its ``adapter/``, saved again from that
-    checkpoint (with the tokenizer and the model card) if it is missing, and a line saying nothing is left to train;
-    ``None`` when the run has steps left."""
+    """For ``resume`` of a run whose checkpoint is its last step: its ``adapter/`` (saved again from the checkpoint
+    if missing), saying nothing is left to train; ``None`` when steps are left."""
     from dpo_xpu.models.loading import load_tokenizer
     from dpo_xpu.outputs.merge import MERGED_DIR
 

@@ -17,8 +17,7 @@ FINGERPRINTS_FILE = "fingerprints.json"
 
 
 def read_json(path: str | Path, fix: str) -> Any:
-    """The JSON value in ``path``, a file of the run folder; a corrupt one is a one-line :class:`RunFolderError`
-    naming it, where the parse failed, and ``fix`` (what the user can do)."""
+    """The JSON value in ``path``; a corrupt file is one :class:`RunFolderError` line: where, and ``fix``."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -30,7 +29,7 @@ def read_json(path: str | Path, fix: str) -> Any:
 
 
 def file_sha256(path: Path) -> str:
-    """The SHA-256 hex digest of a file's bytes (read in 1 MiB blocks; ``hashlib.file_digest`` needs Python 3.11)."""
+    """The SHA-256 hex digest of a file's bytes (``hashlib.file_digest`` needs Python 3.11)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -47,12 +46,8 @@ def _file_digest(path: Path) -> str:
 
 
 def input_fingerprints(recipe: Any) -> dict[str, str]:
-    """Content fingerprints of a recipe's local inputs: ``{key: "sha256:..."}``; hub ids as ``"hub:<id>"``.
-
-    The model is identified by its weight files (:func:`dpo_xpu.files.weights_digest`, remembered
-    against each file's size and modification time, so a 14 GB model is read once); data files, an SFT checkpoint
-    and a starting adapter by all their bytes.
-    """
+    """``{key: "sha256:..."}`` of a recipe's local inputs (the model by :func:`dpo_xpu.files.weights_digest`, the
+    rest by all their bytes); hub ids as ``"hub:<id>"``."""
     from dpo_xpu.files import default_cache_dir, weights_digest
 
     out: dict[str, str] = {}
@@ -75,22 +70,9 @@ def input_fingerprints(recipe: Any) -> dict[str, str]:
     return out
 
 
-def save_fingerprints(recipe: Any, run_dir: str | Path) -> Path:
-    """Write :func:`input_fingerprints` to ``<run_dir>/fingerprints.json``; return the path."""
-    path = Path(run_dir) / FINGERPRINTS_FILE
-    path.write_text(json.dumps(input_fingerprints(recipe), indent=1) + "\n", encoding="utf-8")
-    return path
-
-
 def check_fingerprints(recipe: Any, run_dir: str | Path) -> None:
-    """Refuse to resume when a local input changed in content since the run started.
-
-    A run folder written before fingerprints were kept is resumed with a warning.
-
-    Raises:
-        RunFolderError: the model, a data file, the SFT checkpoint or the starting adapter differs (the message
-            names each one), or ``fingerprints.json`` is corrupt (one line naming it and the fix).
-    """
+    """Refuse to resume (:class:`RunFolderError` naming each one) when a local input changed in content since the
+    run started, or ``fingerprints.json`` is corrupt; without the file, a warning."""
     path = Path(run_dir) / FINGERPRINTS_FILE
     if not path.is_file():
         logger.warning("%s has no %s: cannot check that the data and model are unchanged", run_dir, FINGERPRINTS_FILE)

@@ -1,12 +1,4 @@
-"""Export: merge a trained LoRA adapter into an unquantized copy of the base, and check the merged model.
-
-The adapter trained on the NF4 base is merged into the base loaded in bf16 (PEFT's ``merge_and_unload``), so
-the result loads anywhere with plain ``AutoModelForCausalLM.from_pretrained``, without PEFT or bitsandbytes.
-:func:`export_merged` does it for a run (``<run>/merged``, ``<run>/merge_check.json``).
-
-    >>> merged_dir = merge_and_save(run_dir / "adapter", out_dir=run_dir / "merged")
-    >>> check_merged_logits(merged_dir, run_dir / "adapter", texts=["<|im_start|>user\nHi<|im_end|>\n"])
-"""
+"""Export: the LoRA adapter merged into an unquantized copy of the base, checked; loads without PEFT or bitsandbytes."""
 
 from __future__ import annotations
 
@@ -28,12 +20,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 MERGED_DIR = "merged"
-#: The largest distance of the merged model's logits from the adapter model's, as a fraction of the adapter's own
-#: effect on them (how far it moves the base's logits): a merge may round away at most a tenth of what the adapter
-#: does (:func:`merge_checked`). A share of the largest logit would hide a lost update: on SmolLM2-135M-Instruct a
-#: bf16 merge moved the logits by 0.42 (1% of the largest logit, 38.9), 60% of the adapter's effect (0.69).
+#: The merged logits' largest distance from the adapter model's, as a share of the adapter's own effect on them. A
+#: share of the largest logit would hide a lost update: on SmolLM2-135M-Instruct a bf16 merge moved the logits by
+#: 0.42 (1% of the largest logit), 60% of the adapter's effect.
 MERGE_RTOL = 0.1
-#: New tokens generated greedily from each check text by both models (:func:`check_merged_logits`).
 GREEDY_TOKENS = 16
 
 
@@ -60,12 +50,8 @@ def merge_and_save(
     dtype: torch.dtype = torch.bfloat16,
     device: str = "cpu",
 ) -> Path:
-    """Merge a LoRA adapter (its folder or the trained ``PeftModel``) into an unquantized copy of the base (PEFT's
-    ``merge_and_unload``) and save it with the tokenizer to ``out_dir``; return ``out_dir``.
-
-    The base (default the adapter config's) is loaded in ``dtype`` on ``device``, not NF4: merging into 4-bit weights
-    would round the update away. The merged weights ``W + (alpha / r) * B @ A`` are rounded to ``dtype`` once.
-    """
+    """Merge a LoRA adapter (folder or ``PeftModel``) into the base (default the adapter config's) loaded in
+    ``dtype``, not NF4, which would round the update away; save it with the tokenizer to ``out_dir``, returned."""
     from transformers import AutoTokenizer
 
     out_dir = Path(out_dir)
@@ -75,26 +61,19 @@ def merge_and_save(
         base = model.peft_config["default"].base_model_name_or_path
         model.merge_and_unload().save_pretrained(out_dir)
         has_tokenizer = any((adapter_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
-        AutoTokenizer.from_pretrained(
-            str(adapter_dir if has_tokenizer else base_model_name_or_path or base)
-        ).save_pretrained(out_dir)
+        tokenizer_source = adapter_dir if has_tokenizer else base_model_name_or_path or base
+        AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(out_dir)
     apply_umask(out_dir)  # safetensors writes mode 600 whatever the umask
     logger.info("merged model (%s) saved to %s", dtype, out_dir)
     return out_dir
 
 
 def _greedy(model: Any, tokenizer: Any, texts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
-    """The ids ``model`` generates greedily after each text (one text at a time: no padding to differ)."""
-    out = []
+    """The ids ``model`` generates greedily after each text (one at a time: no padding to differ)."""
+    out, settings = [], {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        generated = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
         out.append(generated[0, ids.shape[1] :].tolist())
     return out
 
@@ -109,19 +88,10 @@ def check_merged_logits(
     compute_dtype: torch.dtype = torch.float32,
     greedy_tokens: int = GREEDY_TOKENS,
 ) -> dict[str, Any]:
-    """Compare the reloaded merged model with the adapter on the same unquantized base: logits and greedy text.
-
-    Both run in ``compute_dtype`` (float32: compute rounding hides nothing), the adapter model from the base loaded in
-    ``dtype`` as the merge loaded it, so what remains is the one rounding of the merged weights. It is judged against
-    ``adapter_effect``, how far the adapter moves the logits at all; ``greedy_tokens`` new tokens (0: none) from each
-    text show whether the rounding changes what the model says.
-
-    Returns:
-        ``max_abs_diff`` (merged vs adapter model, non-padding positions), ``adapter_effect`` (adapter model vs
-        base), ``effect_ratio`` (their ratio), ``max_abs_logit``, ``greedy_same`` of ``greedy_texts``,
-        ``greedy_first_difference`` (per text, the first new token that differs, or ``None``), ``compute_dtype``,
-        ``weights_dtype``.
-    """
+    """Compare the reloaded merged model with the adapter on the base loaded in ``dtype``, both computing in
+    ``compute_dtype``, so only the merged weights' rounding remains: ``max_abs_diff`` of the logits, against
+    ``adapter_effect`` (adapter model vs base; ``effect_ratio``), ``greedy_same`` of ``greedy_texts`` continuations
+    (``greedy_tokens`` each; ``greedy_first_difference``), ``max_abs_logit``, ``compute_dtype``, ``weights_dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
@@ -166,32 +136,24 @@ def merge_checked(
     dtype: torch.dtype = torch.bfloat16,
     greedy_tokens: int = GREEDY_TOKENS,
 ) -> tuple[Path, dict[str, Any]]:
-    """:func:`merge_and_save` in ``dtype``, checked with :func:`check_merged_logits` on ``texts``; merged again in
-    float32 where the rounding moved the logits by more than ``rtol`` of the adapter's own effect, or changed a
-    greedy continuation. A small update on a deep model is the case: on SmolLM2-135M-Instruct after 6 DPO steps, a
-    bf16 merge moved the logits by 35% of the adapter's effect and greedy text parted after about 40 tokens, while
-    the float32 merge matched within 1e-4 (at twice the file size; the log says why).
-
-    Returns:
-        ``(out_dir, report)``: :func:`check_merged_logits`'s report for the saved weights, plus ``rtol``,
-        ``matches`` and ``fallback`` (``None``, or the one-line reason the weights were saved in float32).
-    """
+    """:func:`merge_and_save` in ``dtype``, checked by :func:`check_merged_logits` on ``texts``, merged again in
+    float32 where the rounding moved the logits by more than ``rtol`` of the adapter's effect or changed a greedy
+    text (on SmolLM2-135M after 6 steps, bf16 moved them by 35%, float32 matched within 1e-4). Returns ``(out_dir,
+    report)``: the check's report, plus ``rtol``, ``matches`` and ``fallback`` (why float32, or ``None``)."""
+    reason = None
     with tempfile.TemporaryDirectory() as scratch:
         adapter_dir = _adapter_source(adapter, Path(scratch))
-        merged = merge_and_save(adapter_dir, base_model_name_or_path, out_dir, dtype=dtype)
-        report = check_merged_logits(
-            merged, adapter_dir, texts, base_model_name_or_path, dtype, greedy_tokens=greedy_tokens
-        )
-        report["fallback"] = None
-        if not _merge_matches(report, rtol) and dtype != torch.float32:
+        for weights in (dtype, torch.float32):
+            merged = merge_and_save(adapter_dir, base_model_name_or_path, out_dir, dtype=weights)
+            report = check_merged_logits(
+                merged, adapter_dir, texts, base_model_name_or_path, weights, greedy_tokens=greedy_tokens
+            )
+            report["fallback"] = reason
+            if _merge_matches(report, rtol) or weights == torch.float32:
+                break
             changed = merge_mismatch(report, rtol)
             reason = f"merged weights saved in float32: rounding them to {report['weights_dtype']} {changed}"
             logger.info("%s", reason)  # handled: the report and the summary say so
-            merged = merge_and_save(adapter_dir, base_model_name_or_path, out_dir, dtype=torch.float32)
-            report = check_merged_logits(
-                merged, adapter_dir, texts, base_model_name_or_path, torch.float32, greedy_tokens=greedy_tokens
-            )
-            report["fallback"] = reason
     report["rtol"] = rtol
     report["matches"] = _merge_matches(report, rtol)
     return Path(out_dir), report
@@ -214,7 +176,6 @@ def merge_mismatch(report: dict[str, Any], rtol: float) -> str:
 
 
 def _merge_matches(report: dict[str, Any], rtol: float) -> bool:
-    """The merged logits are within ``rtol`` of the adapter's effect and every greedy continuation is the same."""
     return report["effect_ratio"] <= rtol and report["greedy_same"] == report["greedy_texts"]
 
 
@@ -226,19 +187,10 @@ def export_merged(
     rtol: float | None = None,
     out_dir: str | Path | None = None,
 ) -> Path:
-    """Merge the run's adapter into a bf16 copy of the base on the CPU and save it, with the tokenizer, to
-    ``out_dir`` (default ``<run>/merged``): :func:`merge_checked` with ``texts`` (its report in
-    ``<run>/merge_check.json``; float32 weights where bf16 would change what the adapter does), else
-    :func:`merge_and_save`. With ``sft_checkpoint``, the base the adapter was trained on is the SFT weights, written
-    once in bf16 to a temporary folder.
-
-    Args:
-        texts: a few inputs for the check (the run's prompts, :func:`run_prompts`); ``None`` merges without it.
-        rtol: the check's bound (:data:`MERGE_RTOL` when ``None``).
-
-    Returns:
-        The folder, loadable with ``AutoModelForCausalLM.from_pretrained`` (no PEFT, no bitsandbytes needed).
-    """
+    """Merge the run's adapter into a bf16 copy of its base (with ``sft_checkpoint``, the SFT weights) on the CPU,
+    into ``out_dir`` (default ``<run>/merged``), returned: :func:`merge_checked` on ``texts`` (the run's prompts,
+    :func:`run_prompts`; report in ``<run>/merge_check.json``; ``rtol`` default :data:`MERGE_RTOL`), or without
+    ``texts`` :func:`merge_and_save`."""
     from dpo_xpu.models.backends import get_backend
     from dpo_xpu.models.base import resolve_model_path
     from dpo_xpu.models.loading import load_sft_state_dict
@@ -246,41 +198,25 @@ def export_merged(
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / MERGED_DIR
     base = resolve_model_path(recipe.model_name_or_path)
-    if not recipe.sft_checkpoint:
-        return _merge(adapter_dir, base, out_dir, run_dir, texts, rtol)
-    state = load_sft_state_dict(recipe.sft_checkpoint, base)
     with tempfile.TemporaryDirectory(prefix="dpo-xpu-sft-base-") as scratch:
-        sft_base = get_backend("native").load_base(base, "none", torch.device("cpu"), torch.bfloat16, state)
-        sft_base.save_pretrained(scratch)
-        del sft_base, state
-        return _merge(adapter_dir, scratch, out_dir, run_dir, texts, rtol)
-
-
-def _merge(
-    adapter_dir: str | Path,
-    base: str | Path,
-    out_dir: Path,
-    run_dir: Path,
-    texts: Sequence[str] | None,
-    rtol: float | None,
-) -> Path:
-    if not texts:
-        return merge_and_save(adapter_dir, base, out_dir=out_dir)
-    merged, report = merge_checked(adapter_dir, base, out_dir, list(texts), rtol=MERGE_RTOL if rtol is None else rtol)
-    (run_dir / MERGE_CHECK_FILE).write_text(json.dumps(report, indent=2, default=str))
+        if recipe.sft_checkpoint:  # the base the adapter was trained on: the SFT weights, written once in bf16
+            state = load_sft_state_dict(recipe.sft_checkpoint, base)
+            sft_base = get_backend("native").load_base(base, "none", torch.device("cpu"), torch.bfloat16, state)
+            sft_base.save_pretrained(scratch)
+            base, sft_base, state = scratch, None, None
+        if not texts:
+            return merge_and_save(adapter_dir, base, out_dir=out_dir)
+        merged, report = merge_checked(
+            adapter_dir, base, out_dir, list(texts), rtol=MERGE_RTOL if rtol is None else rtol
+        )
+    check = run_dir / MERGE_CHECK_FILE
+    check.write_text(json.dumps(report, indent=2, default=str))
+    trouble = "" if report["matches"] else f"; the merge {merge_mismatch(report, report['rtol'])}: check {check}"
     logger.log(
         logging.INFO if report["matches"] else logging.WARNING,
-        "merged model in %s (%s): logits within %.3g of the adapter model's (%.0f%% of the adapter's effect), greedy "
-        "text the same on %d of %d prompts%s",
-        merged,
-        report["weights_dtype"],
-        report["max_abs_diff"],
-        100 * report["effect_ratio"],
-        report["greedy_same"],
-        report["greedy_texts"],
-        ""
-        if report["matches"]
-        else f"; the merge {merge_mismatch(report, report['rtol'])}: check {run_dir / MERGE_CHECK_FILE}",
+        f"merged model in {merged} ({report['weights_dtype']}): logits within {report['max_abs_diff']:.3g} of the "
+        f"adapter model's ({100 * report['effect_ratio']:.0f}% of the adapter's effect), greedy text the same on "
+        f"{report['greedy_same']} of {report['greedy_texts']} prompts{trouble}",
     )
     return merged
 

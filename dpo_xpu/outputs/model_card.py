@@ -1,11 +1,7 @@
-"""The model card of a run: ``<run>/README.md`` and ``<run>/adapter/README.md`` name the base model, the data, the
-recipe and the final metrics.
+"""The model card of a run (``<run>/README.md``, ``<run>/adapter/README.md``): base model, data, recipe, metrics.
 
-TRL writes a card at every checkpoint save, but names the base model only when it is a hub id: for a local folder
-it writes "a fine-tuned version of [None](https://huggingface.co/None)". PEFT's adapter card is an empty template.
-dpo_xpu writes one card, with the Hub's metadata block (``base_model``, ``library_name: peft``, ``datasets``,
-``tags``), in place of both when the adapter is saved. A base given as a GGUF file is named as the file names it,
-with the file's path and metadata, not by the folder it was converted into (:func:`dpo_xpu.models.gguf.model_origin`).
+TRL's card names a local base "[None](https://huggingface.co/None)" and PEFT's is an empty template, so dpo_xpu writes
+one, with the Hub's metadata block, in place of both; a GGUF base is named as the file names it.
 """
 
 from __future__ import annotations
@@ -24,39 +20,26 @@ CARD_METRICS = (
 )
 #: GGUF metadata keys (``general.<key>``) quoted in the card, in this order, where the file has them.
 GGUF_KEYS = ("name", "organization", "basename", "finetune", "size_label", "license", "source.url")
+_USE_SECTION = """## Use
+
+```python
+from peft import AutoPeftModelForCausalLM
+
+model = AutoPeftModelForCausalLM.from_pretrained("<this folder>")  # loads the base, then the adapter
+```
+
+or `dpo_xpu.load_trained_policy(base, adapter_dir)`, which loads the base as it was trained (NF4).
+"""
 #: Recipe keys listed in the card's training section.
-CARD_KEYS = (
-    "backend",
-    "quantization",
-    "reference",
-    "loss_type",
-    "beta",
-    "learning_rate",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "max_steps",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "max_length",
-    "max_prompt_length",
-    "lora_r",
-    "lora_alpha",
-    "lora_target_modules",
-    "bf16",
-    "seed",
+CARD_KEYS = tuple(
+    "backend quantization reference loss_type beta learning_rate lr_scheduler_type warmup_steps max_steps "
+    "per_device_train_batch_size gradient_accumulation_steps max_length max_prompt_length lora_r lora_alpha "
+    "lora_target_modules bf16 seed".split()
 )
 
 
 def model_card(recipe: Any, metrics: list[dict[str, Any]], decisions: Sequence[str] | None = None) -> str:
-    """The card's Markdown text for a run.
-
-    Args:
-        recipe: the run's :class:`~dpo_xpu.recipes.Recipe`.
-        metrics: the rows of its ``metrics.jsonl`` (the last training row is quoted).
-
-    Returns:
-        The card, starting with the Hub's YAML metadata block.
-    """
+    """The card's Markdown for a run's recipe and ``metrics.jsonl`` rows (the last training row is quoted)."""
     from dpo_xpu.models.gguf import model_origin
 
     base = str(recipe.model_name_or_path)
@@ -76,7 +59,7 @@ def model_card(recipe: Any, metrics: list[dict[str, Any]], decisions: Sequence[s
         + ", ".join(f"`{s}`" for s in sources)
         + ".",
         "",
-        *(_gguf_section(origin) if origin else _use_section()),
+        *(_gguf_section(origin) if origin else _USE_SECTION.split("\n")),
         "## Training",
         "",
         "| key | value |",
@@ -93,23 +76,7 @@ def model_card(recipe: Any, metrics: list[dict[str, Any]], decisions: Sequence[s
     return "\n".join(front + body)
 
 
-def _use_section() -> list[str]:
-    return [
-        "## Use",
-        "",
-        "```python",
-        "from peft import AutoPeftModelForCausalLM",
-        "",
-        'model = AutoPeftModelForCausalLM.from_pretrained("<this folder>")  # loads the base, then the adapter',
-        "```",
-        "",
-        "or `dpo_xpu.load_trained_policy(base, adapter_dir)`, which loads the base as it was trained (NF4).",
-        "",
-    ]
-
-
 def _gguf_section(origin: dict[str, Any]) -> list[str]:
-    """The base model's GGUF file, what its metadata says, and how to load the adapter on it."""
     metadata = origin.get("metadata") or {}
     said = [f"| `general.{key}` | {metadata[key]} |" for key in GGUF_KEYS if metadata.get(key) not in (None, "")]
     lines = [
@@ -134,11 +101,8 @@ def _gguf_section(origin: dict[str, Any]) -> list[str]:
 def write_model_cards(
     recipe: Any, run_dir: str | Path, adapter_dir: str | Path, decisions: Sequence[str] | None = None
 ) -> list[Path]:
-    """Write :func:`model_card` to ``<run_dir>/README.md`` and ``<adapter_dir>/README.md``; return both paths.
-
-    Args:
-        decisions: one line each on what ``auto`` chose (``trainer.decisions``: the reference, prefix sharing).
-    """
+    """Write :func:`model_card` (``decisions``: what ``auto`` chose) to ``<run_dir>/README.md`` and
+    ``<adapter_dir>/README.md``; return both paths."""
     from dpo_xpu.outputs.plotting import METRICS_FILE, read_metrics
 
     metrics_path = Path(run_dir) / METRICS_FILE

@@ -1,8 +1,4 @@
-"""Reward-curve plots from a run's ``metrics.jsonl``.
-
-Drawn on a bare ``matplotlib.figure.Figure`` (no pyplot state), so plotting works headless, in scripts,
-under papermill and in JupyterLab alike.
-"""
+"""Reward-curve plots from a run's ``metrics.jsonl``, on a bare ``Figure`` (no pyplot state: works headless)."""
 
 from __future__ import annotations
 
@@ -28,13 +24,7 @@ PANELS: list[tuple[str, list[str], str]] = [
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Read ``metrics.jsonl`` (or a run folder holding it) into a list of dicts, one per logged step.
-
-    A last line cut off mid-write (training still running) is skipped.
-
-    Raises:
-        FileNotFoundError: no metrics file at ``path``.
-    """
+    """The rows of ``metrics.jsonl`` (or of a run folder's), skipping a line cut off mid-write."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
@@ -46,44 +36,26 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _series(rows: Iterable[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for row in rows:
-        value = row.get(key)
-        if isinstance(value, (int, float)) and "step" in row:
-            xs.append(row["step"])
-            ys.append(value)
-    return xs, ys
+    points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float)) and "step" in row]
+    return [x for x, _ in points], [y for _, y in points]
 
 
 def plot_reward_curves(
-    metrics: str | Path | list[dict[str, Any]],
-    out_path: str | Path | None = None,
-    title: str | None = None,
+    metrics: str | Path | list[dict[str, Any]], out_path: str | Path | None = None, title: str | None = None
 ) -> Figure:
-    """Draw chosen and rejected rewards, margin, accuracy and loss against the optimizer step.
-
-    Rewards are ``beta * (log pi_theta(y|x) - log pi_ref(y|x))`` (Rafailov et al. 2023, eq. 5 and section 5),
-    as logged by TRL. Evaluation rows (``eval/...`` names) are drawn with markers in the same panels.
-
-    Args:
-        metrics: a run folder, a ``metrics.jsonl`` path, or the rows themselves.
-        out_path: where to save the PNG (e.g. ``run_dir / "reward_curves.png"``); ``None`` saves nothing.
-        title: figure title; default none.
-
-    Returns:
-        The figure (1 x 4 panels, 16 x 3.6 inches).
-    """
+    """Chosen and rejected rewards (``beta * (log pi_theta(y|x) - log pi_ref(y|x))``, Rafailov et al. 2023, eq. 5),
+    margin, accuracy and loss against the step, evaluation rows with markers: 1 x 4 panels, 16 x 3.6 inches.
+    ``metrics``: a run folder, a ``metrics.jsonl`` path or the rows; ``out_path``: where to save the PNG."""
     rows = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
     fig = Figure(figsize=(16, 3.6), layout="constrained")
     axes = fig.subplots(1, len(PANELS))
     for ax, (panel, keys, ylabel) in zip(axes, PANELS):
         for key in keys:
-            xs, ys = _series(rows, key)
-            if xs:
-                ax.plot(xs, ys, label=key.split("/")[-1] if len(keys) > 1 else "train")
-            exs, eys = _series(rows, "eval/" + key)
-            if exs:
-                ax.plot(exs, eys, "o--", label=("eval " + key.split("/")[-1]) if len(keys) > 1 else "eval")
+            name = key.split("/")[-1] if len(keys) > 1 else ""
+            for prefix, style, label in (("", "-", name or "train"), ("eval/", "o--", f"eval {name}".strip())):
+                xs, ys = _series(rows, prefix + key)
+                if xs:
+                    ax.plot(xs, ys, style, label=label)
         if keys == ["loss"]:
             ax.axhline(math.log(2), color="grey", linestyle=":", label="ln 2 (start)")
         if keys == ["rewards/accuracies"]:

@@ -1,21 +1,15 @@
 """The run folder (``recipe.output_dir``): one run, one process at a time, nothing a user produced lost or mixed.
 
-- a lock (:class:`RunLock`, ``fcntl.flock`` on ``<run>/.dpo-xpu.lock``): a second process is refused with a line
-  naming the holder; the kernel drops the lock when its process ends, so a dead process's lock is taken over;
-- a folder holding files but no dpo_xpu marker (:data:`OWN_MARKERS`, a checkpoint's ``COMPLETE``) is the user's and
-  is refused (:func:`foreign_files`); a folder whose start never trained (:data:`START_FILES` only) is reused;
-- ``overwrite`` moves the earlier run to ``<run>.previous`` (:func:`aside_name`), never deletes it, and a start that
-  fails before its first step moves it back (:func:`undo_start`, :func:`starting`);
-- a full disk is one line saying what was kept and how to continue (:func:`disk_full_message`).
-
-No package does run-folder bookkeeping for TRL, hence this module. Without ``fcntl`` (Windows) nothing is locked,
-and a warning says so.
+A lock (``fcntl.flock``, dropped by the kernel when its process ends; none on Windows, with a warning); a folder of
+the user's files is refused; ``overwrite`` moves the earlier run aside, and back when the start fails; a full disk
+is one line saying what was kept. No package does run-folder bookkeeping for TRL, hence this module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -28,9 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpo_xpu.errors import RunFolderError
-
-# check_fingerprints, file_sha256 and read_json are imported from here by dpo_xpu.callbacks.checkpoints
-from dpo_xpu.outputs.fingerprints import FINGERPRINTS_FILE, check_fingerprints, file_sha256, read_json  # noqa: F401
+from dpo_xpu.outputs.fingerprints import FINGERPRINTS_FILE, input_fingerprints
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -40,8 +32,7 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = ".dpo-xpu.lock"
 #: What a start writes before the first step; alone, they do not make a run.
 START_FILES = ("recipe.yaml", "environment.json", "data_report.json", FINGERPRINTS_FILE)
-#: The report of ``export: merged``'s check of the merged logits (:func:`dpo_xpu.outputs.merge.export_merged`).
-MERGE_CHECK_FILE = "merge_check.json"
+MERGE_CHECK_FILE = "merge_check.json"  # The report of ``export: merged``'s check of the merged logits.
 #: What only training writes; any of them (or a ``checkpoint-N`` folder) means the folder holds a run.
 TRAINED_FILES = ("metrics.jsonl", "reward_curves.png", "adapter", "eval_samples.jsonl", "merged", MERGE_CHECK_FILE)
 #: What a run writes after training: the model card, and notebook 4's evaluation; moved aside with the run.
@@ -52,34 +43,15 @@ OWN_MARKERS = (LOCK_FILE, FINGERPRINTS_FILE)
 NOTEBOOKS_DIR = "notebooks"
 
 
-def trained_markers(run_dir: str | Path) -> list[str]:
-    """The names in ``run_dir`` that show a run trained there (an empty ``metrics.jsonl`` does not)."""
-    run_dir = Path(run_dir)
-    found = []
-    for name in TRAINED_FILES:
-        path = run_dir / name
-        if path.is_file() and path.stat().st_size == 0:
-            continue
-        if path.exists():
-            found.append(name)
-    found += sorted(p.name for p in run_dir.glob("checkpoint-*") if p.is_dir())
-    return found
-
-
-def foreign_files(run_dir: str | Path) -> list[str]:
-    """The sorted names in ``run_dir`` dpo_xpu did not write; ``[]`` for a dpo_xpu run folder (holding one of
-    :data:`OWN_MARKERS` or a ``checkpoint-N/COMPLETE``) or a folder of hidden files and executed notebooks only."""
+def refuse_foreign(run_dir: str | Path) -> None:
+    """Raise :class:`RunFolderError`, naming them, when ``run_dir`` holds files dpo_xpu did not write (hidden files
+    and executed notebooks aside), unless it holds one of :data:`OWN_MARKERS` or a ``checkpoint-N/COMPLETE``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        return []
+        return
     if any((run_dir / name).exists() for name in OWN_MARKERS) or any(run_dir.glob("checkpoint-*/COMPLETE")):
-        return []
-    return sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.name != NOTEBOOKS_DIR)
-
-
-def refuse_foreign(run_dir: str | Path) -> None:
-    """Raise :class:`RunFolderError`, naming them, when ``run_dir`` holds files dpo_xpu did not write."""
-    foreign = foreign_files(run_dir)
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.name != NOTEBOOKS_DIR)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise RunFolderError(
@@ -87,16 +59,6 @@ def refuse_foreign(run_dir: str | Path) -> None:
             f"replace (its recipe.yaml, README.md) or mix with, and --overwrite moves only a dpo_xpu run. Fix: choose "
             "another output_dir (a new or empty folder); nothing was changed in this one"
         )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:
@@ -108,13 +70,12 @@ class RunLock:
         self._fd: int | None = None
 
     def _holder(self) -> dict[str, Any]:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             return json.loads(self.path.read_text(encoding="utf-8") or "{}")
-        except (OSError, ValueError):
-            return {}
+        return {}
 
     def acquire(self) -> RunLock:
-        """Take the lock, or raise :class:`RunFolderError` naming the process that holds it (pid, command, since)."""
+        """Take the lock, or raise :class:`RunFolderError` naming the process that holds it."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
@@ -139,8 +100,13 @@ class RunLock:
                 "ends or stop it, or use another output_dir"
             ) from None
         pid = previous.get("pid")
-        if isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid):
-            logger.warning("taking over the lock of %s left by process %d, no longer running", self.run_dir, pid)
+        if isinstance(pid, int) and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                logger.warning("taking over the lock of %s left by process %d, no longer running", self.run_dir, pid)
+            except PermissionError:  # alive, another user's
+                pass
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -170,13 +136,13 @@ class RunLock:
         return self._fd is not None
 
 
-#: Locks this process holds, by resolved run folder (a notebook's start_run keeps its lock until the kernel ends).
+#: Locks this process holds, by resolved run folder (a notebook keeps its lock until the kernel ends).
 _HELD: dict[Path, RunLock] = {}
 
 
 def lock_run_dir(run_dir: str | Path) -> RunLock:
     """Lock ``run_dir`` for this process (re-entrant); :class:`RunFolderError` when another process holds it or it is
-    not a dpo_xpu run folder (:func:`refuse_foreign`: no lock file is written among the user's files)."""
+    not a dpo_xpu run folder (no lock file is written among the user's files)."""
     key = Path(run_dir).resolve()
     lock = _HELD.get(key)
     if lock is None or not lock.held:
@@ -193,31 +159,11 @@ def unlock_run_dir(run_dir: str | Path) -> None:
         lock.release()
 
 
-def check_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` if needed; :class:`RunFolderError` when it is a file or cannot be written to."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunFolderError(f"output_dir {run_dir} is a file, not a folder: choose another output_dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".dpo-xpu-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise_if_disk_full_at_start(run_dir, exc)
-        raise RunFolderError(
-            f"cannot write to output_dir {run_dir} ({exc.strerror or exc}): choose a folder you can write to"
-        ) from None
-
-
 def aside_name(run_dir: str | Path) -> Path:
-    """The first free name of ``<run_dir>.previous``, ``.previous-2``, ...: nothing moved aside before is replaced."""
+    """The first free name of ``<run_dir>.previous``, ``.previous-2``, ..."""
     run_dir = Path(run_dir)
-    candidate = run_dir.with_name(run_dir.name + ".previous")
-    n = 2
-    while os.path.lexists(candidate):
-        candidate = run_dir.with_name(f"{run_dir.name}.previous-{n}")
-        n += 1
-    return candidate
+    names = (run_dir.name + ".previous" + (f"-{n}" if n > 1 else "") for n in itertools.count(1))
+    return next(run_dir.with_name(name) for name in names if not os.path.lexists(run_dir.with_name(name)))
 
 
 def _is_run_file(name: str) -> bool:
@@ -225,7 +171,7 @@ def _is_run_file(name: str) -> bool:
 
 
 def move_aside(run_dir: Path) -> Path:
-    """Move the run's files (not the user's, nor the executed notebooks) into a new folder :func:`aside_name`."""
+    """Move the run's files (not the user's, nor the executed notebooks) into a new :func:`aside_name` folder."""
     aside = aside_name(run_dir)
     aside.mkdir()  # raises rather than reuse a folder another process created meanwhile
     for entry in run_dir.iterdir():
@@ -244,20 +190,26 @@ class StartedRun:
 
 
 def prepare_run_dir(output_dir: str | Path, overwrite: bool = False) -> StartedRun:
-    """Lock the run folder and make it ready for a new run: a run there (:func:`trained_markers`) is refused, or with
-    ``overwrite`` moved aside (logged); files of a start that never trained are reused.
-
-    Returns:
-        A :class:`StartedRun`, for :func:`undo_start` when the start fails before its first step.
-
-    Raises:
-        RunFolderError: the folder holds a run and ``overwrite`` is false; it holds files dpo_xpu did not write;
-            another process holds it; it is a file, not writable, or its disk is full.
-    """
+    """Lock the run folder and ready it for a new run: a run there is refused (:class:`RunFolderError`, as are a
+    folder of the user's files, held, a file, not writable or on a full disk) or with ``overwrite`` moved aside; a
+    start that never trained is reused. Returns a :class:`StartedRun` for :func:`undo_start`."""
     run_dir = Path(output_dir)
-    check_writable(run_dir)
-    lock_run_dir(run_dir)  # refuses a folder of the user's (refuse_foreign) before anything is written or moved
-    present = trained_markers(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"output_dir {run_dir} is a file, not a folder: choose another output_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".dpo-xpu-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise_if_disk_full_at_start(run_dir, exc)
+        raise RunFolderError(
+            f"cannot write to output_dir {run_dir} ({exc.strerror or exc}): choose a folder you can write to"
+        ) from None
+    lock_run_dir(run_dir)  # refuses a folder of the user's before anything is written or moved
+    trained = [run_dir / name for name in TRAINED_FILES]  # a run trained there; an empty metrics.jsonl does not count
+    present = [path.name for path in trained if path.is_dir() or (path.is_file() and path.stat().st_size)]
+    present += sorted(p.name for p in run_dir.glob("checkpoint-*") if p.is_dir())
     started = StartedRun(run_dir)
     if present and not overwrite:
         raise RunFolderError(
@@ -275,13 +227,10 @@ def prepare_run_dir(output_dir: str | Path, overwrite: bool = False) -> StartedR
 
 
 def undo_start(started: StartedRun) -> None:
-    """Put the folder back as before a start that failed before its first step: remove what it wrote, and move an
-    earlier run that ``overwrite`` moved aside back."""
+    """Undo a start that failed before its first step: remove what it wrote, move an earlier run back."""
     run_dir = started.run_dir
     for entry in run_dir.iterdir() if run_dir.is_dir() else []:
-        if entry.name == LOCK_FILE or entry.name in started.existed_before:
-            continue
-        if _is_run_file(entry.name):
+        if _is_run_file(entry.name) and entry.name not in started.existed_before:  # never the lock file
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     if started.moved_to is not None and started.moved_to.is_dir():
         for entry in started.moved_to.iterdir():
@@ -294,8 +243,8 @@ def undo_start(started: StartedRun) -> None:
 
 @contextlib.contextmanager
 def starting(started: StartedRun, new: bool = True) -> Iterator[None]:
-    """Around a start's first writes: when they fail, a ``new`` start is undone (:func:`undo_start`; a resume's folder
-    is left as it is), and a full disk is one :class:`RunFolderError` (:func:`disk_full_at_start_message`)."""
+    """Around a start's first writes: when they fail, a ``new`` start is undone (a resume's folder is left as it
+    is), and a full disk is one :class:`RunFolderError`."""
     try:
         yield
     except BaseException as exc:
@@ -308,12 +257,9 @@ def starting(started: StartedRun, new: bool = True) -> Iterator[None]:
 def start_run_folder(
     recipe: Any, environment: Callable[[], Any], overwrite: bool = False, resume: bool = False
 ) -> tuple[StartedRun, Any]:
-    """Lock and prepare the run folder (:func:`prepare_run_dir`; with ``resume``, lock it only) and write the start's
-    files: ``recipe.yaml`` and ``fingerprints.json`` for a new run, and ``environment.json`` (the report
-    ``environment()`` returns, by its ``to_dict()``). A new start that fails is undone; a full disk is one line
-    (:func:`starting`). Returns what the start did and the report."""
-    from dpo_xpu.outputs.fingerprints import save_fingerprints
-
+    """Lock and prepare the run folder (with ``resume``, lock it only) and write the start's files: ``recipe.yaml``
+    and ``fingerprints.json`` for a new run, ``environment.json`` (``environment().to_dict()``). Returns what the
+    start did and the report."""
     run_dir = Path(recipe.output_dir)
     if resume:
         lock_run_dir(run_dir)
@@ -323,41 +269,28 @@ def start_run_folder(
     with starting(started, new=not resume):
         if not resume:
             recipe.save(run_dir / "recipe.yaml")
-            save_fingerprints(recipe, run_dir)
+            fingerprints = json.dumps(input_fingerprints(recipe), indent=1) + "\n"
+            (run_dir / FINGERPRINTS_FILE).write_text(fingerprints, encoding="utf-8")
         report = environment()
         (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
     return started, report
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace ``path``'s text through a temporary file and a rename: a full disk leaves the old text whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` is the device running out of space (``ENOSPC``, also as torch's ``unexpected pos``)."""
+    """Whether ``exc`` is the device running out of space (``ENOSPC``, or torch's zip writer's short write)."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return True
     text = str(exc)
-    # torch's zip writer reports a short write as "[enforce fail at inline_container.cc] unexpected pos A vs B"
     return "No space left on device" in text or ("unexpected pos" in text and "inline_container" in text)
 
 
 def _free_mib(run_dir: str | Path) -> int | str:
-    """The free space of ``run_dir``'s disk in MiB (of its nearest existing parent), or ``"?"``."""
     path = Path(run_dir)
     while not path.exists() and path != path.parent:
         path = path.parent
-    try:
+    with contextlib.suppress(OSError):
         return shutil.disk_usage(path).free // 2**20
-    except OSError:
-        return "?"
+    return "?"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -373,24 +306,18 @@ def disk_full_message(run_dir: str | Path, exc: BaseException, kept_step: int | 
     )
 
 
-def disk_full_at_start_message(
-    run_dir: str | Path, exc: BaseException, writing: str | Path | None = None, resume: bool = False
-) -> str:
-    """One line for a disk full before the first step: what was being written (``writing``, default the exception's
-    file, else the folder), that nothing changed, and the fix (for a ``resume``: resume again)."""
-    writing = writing or getattr(exc, "filename", None) or run_dir
-    again = "resume again (--resume)" if resume else "start again"
-    kept = "the run is as it was" if resume else "nothing was trained and the folder is as it was"
-    return (
-        f"no space left on device while writing {writing} before the first step ({_free_mib(run_dir)} MiB free; "
-        f"{_first_line(exc)}): {kept}. Fix: free some space on that disk (or choose an output_dir on another "
-        f"disk), then {again}"
-    )
-
-
 def raise_if_disk_full_at_start(
     run_dir: str | Path, exc: BaseException, writing: str | Path | None = None, resume: bool = False
 ) -> None:
-    """Raise :func:`disk_full_at_start_message` as a :class:`RunFolderError` in place of a full-disk ``exc``."""
-    if isinstance(exc, Exception) and disk_full(exc):
-        raise RunFolderError(disk_full_at_start_message(run_dir, exc, writing, resume)) from None
+    """In place of a full-disk ``exc`` before the first step, one :class:`RunFolderError`: what was being written
+    (default the exception's file, else the folder), that nothing changed, and the fix."""
+    if not (isinstance(exc, Exception) and disk_full(exc)):
+        return
+    writing = writing or getattr(exc, "filename", None) or run_dir
+    again = "resume again (--resume)" if resume else "start again"
+    kept = "the run is as it was" if resume else "nothing was trained and the folder is as it was"
+    raise RunFolderError(
+        f"no space left on device while writing {writing} before the first step ({_free_mib(run_dir)} MiB free; "
+        f"{_first_line(exc)}): {kept}. Fix: free some space on that disk (or choose an output_dir on another "
+        f"disk), then {again}"
+    ) from None

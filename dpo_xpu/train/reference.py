@@ -7,7 +7,7 @@ A recipe's ``reference`` (``auto``, ``adapter-off``, ``separate``, ``precomputed
 deciding again.
 
 ``reference: auto`` (the default) picks the fastest exact strategy that the rest of the recipe allows, and says why
-(:func:`resolve_reference`): ``precomputed`` (one reference forward per row, sorted by length, batched and cached
+(:func:`reference_plan`): ``precomputed`` (one reference forward per row, sorted by length, batched and cached
 on disk, so a rerun on the same data computes nothing), unless the run trains on only part of its rows (then
 precomputing every row costs more than the per-step reference forwards of ``adapter-off``), a reference-free loss
 needs none, ``reference_device: cpu`` needs a ``separate`` model, a starting adapter is the reference
@@ -56,54 +56,50 @@ class ReferencePlan:
         return self.precomputed_by == "trl"
 
 
-def is_reference_free(recipe: Recipe) -> bool:
-    """Every reference log-prob is 0: ``reference_free``, or ``loss_type: simpo`` (SimPO, Meng et al. 2024)."""
-    return recipe.reference_free or recipe.loss_type == "simpo"
-
-
-def trained_pairs(recipe: Recipe, rows: int, world_size: int = 1) -> float:
-    """Preference pairs a run trains on: ``max_steps`` x the global batch (per-device batch x gradient
-    accumulation x ``world_size``), or ``num_train_epochs`` x ``rows`` when ``max_steps`` is ``-1``."""
-    if recipe.max_steps > 0:
-        return recipe.max_steps * recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps * world_size
-    return recipe.num_train_epochs * rows
-
-
-def resolve_reference(recipe: Recipe, generation: str, rows: int | None = None, world_size: int = 1) -> tuple[str, str]:
-    """The strategy ``reference: auto`` stands for, and why; an explicit ``reference`` is returned as it is.
+def reference_plan(recipe: Recipe, generation: str, rows: int | None = None, world_size: int = 1) -> ReferencePlan:
+    """The :class:`ReferencePlan` of a recipe: an explicit ``reference`` as it is, or what ``reference: auto``
+    stands for, and why.
 
     Args:
         recipe: the run's recipe.
         generation: ``"0.11"`` or ``"1.x"`` (:func:`dpo_xpu.train.trl_internals.trl_generation`).
         rows: training rows, once the data is loaded; ``None`` before (then a run is taken to cover its rows).
         world_size: data-parallel processes (the global batch is this times the per-device batch).
-
-    Returns:
-        ``(strategy, why)``: ``adapter-off``, ``separate`` or ``precomputed``, and one line for the log.
     """
+    # every reference log-prob is 0: reference_free, or SimPO (Meng et al. 2024)
+    free = recipe.reference_free or recipe.loss_type == "simpo"
+    # pairs the run trains on: max_steps x the global batch, or epochs x rows when max_steps is -1
+    global_batch = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps * world_size
+    pairs = (
+        (recipe.max_steps * global_batch if recipe.max_steps > 0 else recipe.num_train_epochs * rows) if rows else None
+    )
     if recipe.reference != "auto":
-        return recipe.reference, f"reference: {recipe.reference} (set in the recipe)"
-    if is_reference_free(recipe):
-        return "adapter-off", "reference: auto -> adapter-off (a reference-free loss computes no reference)"
-    if recipe.reference_device == "cpu":
-        return "separate", "reference: auto -> separate (reference_device: cpu moves a separate model)"
-    if recipe.adapter_name_or_path:
-        return "adapter-off", "reference: auto -> adapter-off (the starting adapter's frozen copy is the reference)"
-    if generation != "1.x" or recipe.backend == "ipex-llm":
-        return "adapter-off", "reference: auto -> adapter-off (the ipex-llm backend runs Intel's example as it is)"
-    pairs = trained_pairs(recipe, rows, world_size) if rows else None
-    if pairs is not None and pairs < rows:
-        return "adapter-off", (
-            f"reference: auto -> adapter-off (the run trains on {pairs:g} pairs of {rows} rows: precomputing every "
-            "row would cost more than the reference forwards of its steps)"
+        strategy, why = recipe.reference, f"reference: {recipe.reference} (set in the recipe)"
+    elif free:
+        strategy, why = "adapter-off", "reference: auto -> adapter-off (a reference-free loss computes no reference)"
+    elif recipe.reference_device == "cpu":
+        strategy, why = "separate", "reference: auto -> separate (reference_device: cpu moves a separate model)"
+    elif recipe.adapter_name_or_path:
+        strategy, why = (
+            "adapter-off",
+            ("reference: auto -> adapter-off (the starting adapter's frozen copy is the reference)"),
         )
-    return "precomputed", "reference: auto -> precomputed (each row's reference computed once, then cached on disk)"
-
-
-def reference_plan(recipe: Recipe, generation: str, rows: int | None = None, world_size: int = 1) -> ReferencePlan:
-    """The :class:`ReferencePlan` of a recipe on a TRL generation (``"0.11"`` or ``"1.x"``); ``rows`` and
-    ``world_size`` as for :func:`resolve_reference`."""
-    strategy, why = resolve_reference(recipe, generation, rows, world_size)
+    elif generation != "1.x" or recipe.backend == "ipex-llm":
+        strategy, why = (
+            "adapter-off",
+            ("reference: auto -> adapter-off (the ipex-llm backend runs Intel's example as it is)"),
+        )
+    elif pairs is not None and pairs < rows:
+        strategy, why = (
+            "adapter-off",
+            (
+                f"reference: auto -> adapter-off (the run trains on {pairs:g} pairs of {rows} rows: precomputing every "
+                "row would cost more than the reference forwards of its steps)"
+            ),
+        )
+    else:
+        strategy = "precomputed"
+        why = "reference: auto -> precomputed (each row's reference computed once, then cached on disk)"
     precomputed_by = None
     if strategy == "precomputed":
         precomputed_by = "dpo_xpu" if generation == "1.x" else "trl"
@@ -111,7 +107,7 @@ def reference_plan(recipe: Recipe, generation: str, rows: int | None = None, wor
         strategy=strategy,
         separate_model=strategy == "separate",
         precomputed_by=precomputed_by,
-        reference_free=is_reference_free(recipe),
+        reference_free=free,
         device="cpu" if recipe.reference_device == "cpu" else None,
         generation=generation,
         why=why,

@@ -1,33 +1,12 @@
-"""The ipex-llm backend: Intel's DPO QLoRA example reproduced step for step (ipex-llm low-bit loading, ipex-llm
-QLoRA, TRL < 0.12).
+"""The ipex-llm backend: Intel's DPO QLoRA example (``python/llm/example/GPU/LLM-Finetuning/DPO/dpo_finetuning.py``
+in intel/ipex-llm) step for step: ipex-llm low-bit loading and QLoRA, TRL < 0.12 (docs/backends.md says what that
+implies). ipex-llm was archived upstream on 2026-01-28 and intel-extension-for-pytorch discontinued after 2.8: this
+backend is for users who still have that stack; new work should use ``native``.
 
-ipex-llm was archived upstream on 2026-01-28 (no more fixes, security fixes included) and
-intel-extension-for-pytorch was discontinued after 2.8: this backend exists for users who still have that stack
-(``environment-ipex-llm.yml``). New work should use the ``native`` backend.
-
-What the example (``python/llm/example/GPU/LLM-Finetuning/DPO/dpo_finetuning.py`` in intel/ipex-llm) does, and so
-this backend:
-
-* policy: ``ipex_llm.transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=
-  BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))``,
-  moved to the device, then ipex-llm's ``prepare_model_for_kbit_training`` and ``get_peft_model``, ``use_cache``
-  off. ipex-llm 2.2.0 turns the config into ``load_in_low_bit="nf4"``, ``optimize_model=False``,
-  ``modules_to_not_convert=["lm_head"]`` and **drops the compute dtype** (``torch_dtype="auto"``: a float32
-  checkpoint stays float32), and ``prepare_model_for_kbit_training`` casts every norm to float32. Building the config
-  needs ``bitsandbytes`` importable (the example installs 0.45.1), not its kernels;
-* reference (``separate``): ``from_pretrained(path, load_in_low_bit="nf4", optimize_model=False,
-  torch_dtype=torch.bfloat16, modules_to_not_convert=["lm_head"])``: bf16 wherever it is not low-bit, so on a float32
-  checkpoint policy and reference differ at step 0 (the step-0 check says so);
-* training: ``optim="adamw_hf"`` and, with ``--gradient-checkpointing``, transformers 4.45's default reentrant
-  checkpointing (set in :func:`dpo_xpu.train.trl_config.dpo_config_kwargs` for TRL 0.11).
-
-On CPU, ipex-llm's low-bit layers run one kernel for a forward that builds a graph and another for inference, which
-round differently on some CPUs; the reference always runs the inference kernel, and with reentrant checkpointing so
-do the policy's checkpointed layers' first forwards.
-
-The unavoidable differences: ipex-llm refuses NF4 on a CPU, so there the config asks for ``int4`` (``sym_int4``) and
-the reference for ``sym_int4``, and this is logged; the compute dtype (and the reference's) is the recipe's
-(``bf16: true``, the original recipe's, gives the example's bfloat16).
+The example's policy: its ``BitsAndBytesConfig`` (NF4, bf16 compute) through ipex-llm, which 2.2.0 loads with
+``torch_dtype="auto"`` (a float32 checkpoint stays float32), then ipex-llm's ``prepare_model_for_kbit_training``
+(norms in float32) and ``get_peft_model``. Its ``separate`` reference: ``load_in_low_bit``, ``torch_dtype=bf16``.
+ipex-llm refuses NF4 on a CPU: there ``int4`` / ``sym_int4``, logged.
 """
 
 from __future__ import annotations
@@ -53,7 +32,7 @@ FUSED_QKV = {"q_proj", "k_proj", "v_proj"}
 
 
 def _import_ipex_llm() -> Any:
-    """Import ``ipex_llm.transformers`` (restoring the root log level, which ipex-llm sets to INFO)."""
+    """Import ``ipex_llm.transformers``, restoring the root log level (ipex-llm sets it to INFO)."""
     root = logging.getLogger()
     level = root.level
     try:
@@ -71,11 +50,7 @@ def _import_ipex_llm() -> Any:
 
 
 def low_bit_format(quantization: str, device: torch.device) -> str:
-    """ipex-llm's ``load_in_low_bit`` value: ``nf4`` on XPU, ``sym_int4`` where NF4 is refused (CPU).
-
-    Raises:
-        ModelLoadError: a quantization this backend does not offer (only ``nf4``).
-    """
+    """ipex-llm's ``load_in_low_bit``: ``nf4`` on XPU, ``sym_int4`` on a CPU; :class:`ModelLoadError` but for NF4."""
     if quantization != "nf4":
         raise ModelLoadError(
             f"quantization {quantization!r} is not offered by the ipex-llm backend (the original recipe is NF4); "
@@ -88,11 +63,7 @@ def low_bit_format(quantization: str, device: torch.device) -> str:
 
 
 def _bnb_config(quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """The example's ``BitsAndBytesConfig`` (NF4, no double quantization, ``dtype`` compute), ``int4`` on a CPU.
-
-    Raises:
-        ModelLoadError: bitsandbytes is not importable (transformers needs it to build the config).
-    """
+    """The example's ``BitsAndBytesConfig`` (``int4`` on a CPU); :class:`ModelLoadError` without bitsandbytes."""
     from transformers import BitsAndBytesConfig
 
     quant_type = "nf4" if low_bit_format(quantization, device) == "nf4" else "int4"
@@ -120,28 +91,11 @@ def _from_pretrained(model_name_or_path: str, device: torch.device, **kwargs: An
 
 
 def _load_policy_base(model_name_or_path: str, quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """The example's policy base: its ``BitsAndBytesConfig`` through ipex-llm (which loads ``torch_dtype="auto"``)."""
     return _from_pretrained(model_name_or_path, device, quantization_config=_bnb_config(quantization, device, dtype))
 
 
-def _load_reference_base(model_name_or_path: str, quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """The example's reference: ``load_in_low_bit``, ``optimize_model=False``, ``torch_dtype=dtype``, lm_head kept."""
-    return _from_pretrained(
-        model_name_or_path,
-        device,
-        load_in_low_bit=low_bit_format(quantization, device),
-        optimize_model=False,
-        torch_dtype=dtype,
-        modules_to_not_convert=["lm_head"],
-    )
-
-
 def lora_targets(model: torch.nn.Module, wanted: list[str]) -> list[str]:
-    """The LoRA target names that the loaded model really has; a fused ``qkv_proj`` replaces q/k/v.
-
-    Raises:
-        ModelLoadError: none of them exists.
-    """
+    """The LoRA targets the loaded model has (a fused ``qkv_proj`` replaces q/k/v); :class:`ModelLoadError` if none."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     present = [t for t in wanted if t in names]
     if "qkv_proj" in names and FUSED_QKV & set(wanted) and "qkv_proj" not in present:
@@ -159,26 +113,13 @@ def load_policy_model(
     lora: LoraSettings,
     gradient_checkpointing: bool = False,
 ) -> Any:
-    """The example's policy (see the module); arguments as :func:`dpo_xpu.models.loading.load_policy_model`.
-
-    Raises:
-        ModelLoadError: ipex-llm or bitsandbytes is missing, the model cannot be found, or no LoRA target exists.
-    """
-    from peft import LoraConfig
-
+    """The example's policy; arguments as :func:`dpo_xpu.models.loading.load_policy_model`."""
     model = _load_policy_base(model_name_or_path, quantization, device, dtype)
     from ipex_llm.transformers.qlora import get_peft_model, prepare_model_for_kbit_training
+    from peft.tuners.lora import LoraModel
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora_targets(model, lora.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    from peft.tuners.lora import LoraModel
+    config = lora.peft_config(lora_targets(model, lora.target_modules))
 
     # ipex-llm 2.2.0 puts a staticmethod of LoraModel back as a plain function, which breaks every later
     # get_peft_model call in the process ("takes 3 positional arguments but 4 were given").
@@ -203,11 +144,10 @@ def _class_restored(cls: type) -> Iterator[None]:
 
 
 def load_reference_model(model_name_or_path: str, quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """The example's reference (``load_in_low_bit``, ``torch_dtype=dtype``), frozen, eval mode."""
-    model = _load_reference_base(model_name_or_path, quantization, device, dtype)
-    model.requires_grad_(False)
-    model.eval()
-    return model
+    """The example's reference (``load_in_low_bit``, ``torch_dtype=dtype``, lm_head kept), frozen, eval mode."""
+    kwargs = dict(load_in_low_bit=low_bit_format(quantization, device), optimize_model=False, torch_dtype=dtype)
+    model = _from_pretrained(model_name_or_path, device, modules_to_not_convert=["lm_head"], **kwargs)
+    return model.requires_grad_(False).eval()
 
 
 def load_trained_policy(

@@ -1,10 +1,8 @@
 """TRL 0.11's ``DPOTrainer`` (the ipex-llm backend) with a reference-free mode that runs no reference forward.
 
-TRL 0.11's ``reference_free=True`` drops the reference from the loss but still runs the reference model every step
-and logs ``beta * (log pi - log pi_ref)`` of a reference the loss ignores (up to hundreds of nats apart from what
-the loss acts on). Here the reference log-probs are handed to TRL as precomputed zeros: no reference forward, and
-``rewards/*`` are ``beta * log pi(y|x)``, the quantities the loss compares, as on the native backend
-(:class:`dpo_xpu.train.trainer.DpoXpuTrainer`). TRL offers no switch for this, hence this subclass.
+TRL 0.11's ``reference_free=True`` still runs the reference every step and logs rewards of a reference the loss
+ignores; here its log-probs are precomputed zeros, so ``rewards/*`` are ``beta * log pi(y|x)``, as on the native
+backend. TRL offers no switch for this, hence this subclass.
 """
 
 from __future__ import annotations

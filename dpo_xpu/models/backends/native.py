@@ -1,13 +1,12 @@
 """The native backend: PyTorch's own device (xpu, cuda or cpu), bitsandbytes NF4, PEFT LoRA, TRL 1.x.
 
-NF4 is bitsandbytes' 4-bit NormalFloat (Dettmers et al. 2023, "QLoRA", section 3) with bf16 compute;
-bitsandbytes >= 0.48 runs it on XPU, CUDA and CPU. The policy gets PEFT's
-``prepare_model_for_kbit_training`` (norms and embeddings upcast to float32) and LoRA adapters; a
-``separate`` reference gets the same upcast, frozen, so both compute the same numbers at step 0.
+NF4 is bitsandbytes' 4-bit NormalFloat (Dettmers et al. 2023, "QLoRA", section 3) with bf16 compute. The policy and a
+``separate`` reference both get PEFT's ``prepare_model_for_kbit_training``, so they compute the same numbers at step 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -21,15 +20,9 @@ logger = logging.getLogger(__name__)
 
 
 def disable_cpu_nf4_repack(model: torch.nn.Module) -> int:
-    """Keep bitsandbytes from repacking NF4 weights for its AVX512-BF16 CPU inference kernel.
-
-    bitsandbytes 0.50 repacks a ``Linear4bit`` at its first eval-mode, no-grad call on such CPUs, and fails ("N must
-    be divisible by block_n") when its output size is not a multiple of 32 (stories260K's MLP has 172); the repacked
-    kernel also rounds differently, so an eval-mode reference would not match the adapter-off policy.
-
-    Returns:
-        The number of ``Linear4bit`` layers changed (0 for a model without NF4 layers).
-    """
+    """Keep bitsandbytes 0.50 from repacking NF4 weights for its AVX512-BF16 CPU inference kernel, which fails ("N
+    must be divisible by block_n") on output sizes not a multiple of 32 and rounds differently from the training
+    kernel; return the number of ``Linear4bit`` layers changed."""
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -49,20 +42,14 @@ def load_base(
     dtype: torch.dtype,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Any:
-    """The base model on ``device``: NF4 (compute in ``dtype``) or ``dtype`` weights (``quantization: none``), with an
-    SFT ``state_dict`` applied before quantization; for the policy, the reference and the base of a merged export.
-
-    Raises:
-        ModelLoadError: the model cannot be found or loaded (the message names it and the fix).
-    """
+    """The base model on ``device``: NF4 (compute in ``dtype``) or ``dtype`` weights, with an SFT ``state_dict``
+    applied before quantization; :class:`ModelLoadError` naming it and the fix."""
     kwargs: dict[str, Any] = {**dtype_kwarg(dtype), "device_map": {"": str(device)}}
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype,
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     elif quantization != "none":
         raise ModelLoadError(f"quantization {quantization!r} is not supported by the native backend (nf4, none)")
@@ -76,8 +63,8 @@ def load_base(
 
 
 def _from_state_dict(model_name_or_path: str, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> Any:
-    """The base's architecture with the weights of ``state_dict``, loaded (and quantized) as from disk; transformers
-    takes ``state_dict=`` only without a model path, so the class is looked up from the config."""
+    """The base's architecture with ``state_dict``'s weights, loaded as from disk (transformers takes ``state_dict=``
+    only without a model path)."""
     from transformers import AutoConfig, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -87,10 +74,8 @@ def _from_state_dict(model_name_or_path: str, state_dict: dict[str, torch.Tensor
             None, config=config, state_dict=state_dict, **kwargs
         )
     model.name_or_path = model.config._name_or_path = model_name_or_path
-    try:
+    with contextlib.suppress(OSError):  # no generation_config.json: keep the one built from the config
         model.generation_config = GenerationConfig.from_pretrained(model_name_or_path)
-    except OSError:
-        pass  # the folder has no generation_config.json: keep the one built from the config
     logger.info(
         "base weights from the SFT state dict (%d tensors), architecture of %s", len(state_dict), model_name_or_path
     )
@@ -108,23 +93,11 @@ def _upcast_for_training(model: PreTrainedModel, quantization: str, gradient_che
 
 
 def _add_lora(model: PreTrainedModel, lora: LoraSettings) -> PreTrainedModel:
-    """PEFT LoRA adapters on `lora.target_modules` (names the model lacks are skipped; PEFT takes "all-linear").
+    """PEFT LoRA adapters; :class:`ModelLoadError` listing the model's linear layers when no target exists."""
+    from peft import get_peft_model
 
-    Raises:
-        ModelLoadError: none of the names exists (PEFT's error, as one line listing the model's linear layers).
-    """
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
     try:
-        policy = get_peft_model(model, config)
+        policy = get_peft_model(model, lora.peft_config())
     except ValueError as exc:
         if "not found in the base model" not in str(exc):
             raise
@@ -149,9 +122,8 @@ def load_policy_model(
     state_dict: dict[str, torch.Tensor] | None = None,
     adapter_name_or_path: str | None = None,
 ) -> PreTrainedModel:
-    """Base model (NF4 or plain) + ``prepare_model_for_kbit_training`` + PEFT LoRA adapters (or the given adapter,
-    trainable); arguments as :func:`dpo_xpu.models.loading.load_policy_model` (``state_dict``: its ``sft_state_dict``).
-    """
+    """Base + ``prepare_model_for_kbit_training`` + LoRA adapters (or the given adapter, trainable); arguments as
+    :func:`dpo_xpu.models.loading.load_policy_model`."""
     from peft import PeftModel
 
     model = load_base(model_name_or_path, quantization, device, dtype, state_dict)
@@ -178,17 +150,11 @@ def load_reference_model(
     """A frozen copy of the base in eval mode, with the policy's dtype handling (the ``separate`` strategy)."""
     model = load_base(model_name_or_path, quantization, device, dtype, state_dict)
     _upcast_for_training(model, quantization, gradient_checkpointing=False)
-    model.requires_grad_(False)
-    model.eval()
-    return model
+    return model.requires_grad_(False).eval()
 
 
 def load_trained_policy(
-    model_name_or_path: str,
-    adapter_dir: str,
-    quantization: str,
-    device: torch.device,
-    dtype: torch.dtype,
+    model_name_or_path: str, adapter_dir: str, quantization: str, device: torch.device, dtype: torch.dtype
 ) -> PreTrainedModel:
     """The base prepared as for training, with a saved LoRA adapter loaded on it (eval mode, frozen)."""
     from peft import PeftModel
