@@ -1,15 +1,18 @@
 """The device a run trains on: ``select_device("auto")`` picks xpu, then cuda, then cpu (torch is imported inside
-the functions, so that asking costs nothing until a device is needed)."""
+the functions, so that asking costs nothing until a device is needed), and whether it computes in bfloat16
+(:func:`use_bf16`: ``bf16: auto``). No library says whether a CPU runs bf16 natively (PyTorch's
+``get_cpu_capability`` names the vector width, not the bf16 instructions), hence the flags read here."""
 
 from __future__ import annotations
 
 import logging
 import re
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpo_xpu.distributed import device_for_rank
-from dpo_xpu.errors import DeviceNotAvailableError
+from dpo_xpu.errors import DeviceNotAvailableError, RecipeError
 from dpo_xpu.recipes import DEVICE_PATTERN
 
 if TYPE_CHECKING:
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 XPU_WHEELS = "pip install torch --index-url https://download.pytorch.org/whl/xpu"
+#: ``/proc/cpuinfo`` flags of the CPU instructions that compute bf16 natively (oneDNN's bf16 matmuls), best first.
+CPU_BF16_FLAGS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"))
 
 
 def _ipex_installed() -> bool:
@@ -107,3 +112,50 @@ def select_device(device: str = "auto") -> torch.device:
             f"device {device!r} asked for, but PyTorch sees {count} {kind} device(s) (indices 0..{count - 1})"
         )
     return torch.device(device_for_rank(kind, index, count))
+
+
+def cpu_bf16_instructions(cpuinfo: str | None = None) -> str | None:
+    """The CPU's native bf16 instructions, ``"AMX"`` or ``"AVX512-BF16"`` (:data:`CPU_BF16_FLAGS`), or ``None``
+    where bf16 is emulated or nothing says (no ``/proc/cpuinfo``: not Linux).
+
+    Args:
+        cpuinfo: the text of ``/proc/cpuinfo`` (default: read it).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
+    return next((name for flag, name in CPU_BF16_FLAGS if flag in flags), None)
+
+
+def use_bf16(bf16: bool | str, device: torch.device | str, cpuinfo: str | None = None) -> tuple[bool, str]:
+    """Whether a run on ``device`` computes in bfloat16, and why (one line): the one place ``bf16: auto`` is decided.
+
+    ``true`` and ``false`` are kept. ``auto``: on for xpu and cuda where ``torch.<kind>.is_bf16_supported()``, and
+    on CPUs with AMX or AVX512-BF16 (:func:`cpu_bf16_instructions`); off where bf16 would be emulated, which on a
+    CPU without them runs about 6x slower than float32 (9.5 against 1.6 s per step, stories260K, 2 cores).
+
+    Args:
+        bf16: the recipe's ``bf16``: ``True``, ``False`` or ``"auto"``.
+        device: the run's device (:func:`select_device`).
+        cpuinfo: for a CPU, the text of ``/proc/cpuinfo`` (default: read it).
+
+    Raises:
+        RecipeError: ``bf16`` is none of those.
+    """
+    if not (isinstance(bf16, bool) or bf16 == "auto"):
+        raise RecipeError(f"bf16: {bf16!r} is not one of auto, true, false")
+    kind = str(device).split(":")[0]
+    if kind == "cpu":
+        found = cpu_bf16_instructions(cpuinfo)
+        native = found is not None
+        fact = f"this CPU has {found}" if native else "this CPU has no AVX512-BF16 or AMX: bf16 would be emulated"
+    else:
+        check = getattr(getattr(import_torch(), kind, None), "is_bf16_supported", None)
+        native = bool(check()) if check is not None else kind == "xpu"
+        fact = f"{kind} {'supports' if native else 'does not support'} bf16 (torch.{kind}.is_bf16_supported())"
+    if bf16 == "auto":
+        return native, f"bf16: auto is {'on' if native else 'off (float32)'}: {fact}"
+    return bf16, f"bf16: {str(bf16).lower()} in the recipe ({fact})"

@@ -2,14 +2,15 @@
 
 Each rank trains on its own device and holds one full NF4 copy of the base; the Trainer's DDP averages the LoRA
 gradients, so one step sees ``per_device_train_batch_size x processes x gradient_accumulation_steps`` pairs. The
-process group and the collectives are accelerate's (``PartialState``, ``broadcast_object_list``). What dpo_xpu adds:
+process group and the collectives are accelerate's (``PartialState``, ``gather_object``). What dpo_xpu adds:
 
 - the rank's device (:func:`device_for_rank`);
 - rank 0 alone decides and writes the run folder (:func:`on_rank_zero`), and its result, or its error with the same
-  one-line message, reaches every rank: accelerate's ``main_process_first`` / ``on_main_process`` leave the other
-  ranks waiting at a barrier when rank 0 raises, hence our own;
-- the ``precomputed`` reference is computed by rank 0, then read from its cache by the others
-  (:func:`main_process_first`);
+  one-line message, reaches every rank; a check that fails on one rank alone (:func:`on_every_rank`: a node without
+  the model) stops every rank too: accelerate's ``main_process_first`` / ``on_main_process`` leave the other ranks
+  waiting at a barrier when one raises, hence our own;
+- the ``precomputed`` reference is computed once per node, by its first process into the node's own cache folder,
+  then read from it by the node's other processes (:func:`main_process_first`): nodes need not share a file system;
 - SIGINT / SIGTERM stop every rank after the same step (:func:`agree_on_signal`);
 - FSDP and DeepSpeed ZeRO are refused (:func:`check_engine`): sharding packed NF4 weights corrupts some (bitsandbytes
   issue #1945).
@@ -42,8 +43,8 @@ BNB_FSDP_ISSUE = "https://github.com/bitsandbytes-foundation/bitsandbytes/issues
 ALL_RANKS_ATTR = "dpo_xpu_all_ranks"
 
 
-class RankZeroFailed(RuntimeError):
-    """Raised on the other ranks when rank 0 failed with an error that is no :class:`~dpo_xpu.errors.DpoXpuError`."""
+class RankFailed(RuntimeError):
+    """Raised on the other ranks when one failed with an error that is no :class:`~dpo_xpu.errors.DpoXpuError`."""
 
 
 def _env_int(name: str, default: int) -> int:
@@ -76,6 +77,11 @@ def is_distributed() -> bool:
 def is_main_process() -> bool:
     """Whether this process writes the run folder: rank 0, or the only process."""
     return rank() == 0
+
+
+def is_local_main_process() -> bool:
+    """Whether this process is its node's first (``LOCAL_RANK`` 0): it fills the node's caches."""
+    return local_rank() == 0
 
 
 def device_for_rank(kind: str, index: str | int | None, count: int) -> str:
@@ -179,12 +185,6 @@ def global_batch_line(recipe: Recipe) -> str:
     )
 
 
-def _broadcast(value: Any) -> Any:
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value])[0]
-
-
 def _describe(exc: BaseException) -> dict[str, Any]:
     return {
         "module": type(exc).__module__,
@@ -194,42 +194,52 @@ def _describe(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def _rebuild(info: dict[str, Any]) -> BaseException:
-    """Rank 0's error as this rank raises it: the same :mod:`dpo_xpu.errors` class and message, marked as
-    raised by every rank."""
+def _rebuild(info: dict[str, Any], where: int) -> BaseException:
+    """Rank ``where``'s error as this rank raises it: the same :mod:`dpo_xpu.errors` class and message (prefixed
+    ``on rank N:`` when N is not 0), marked as raised by every rank."""
     from dpo_xpu import errors
 
     cls = getattr(errors, info["name"], None) if info["module"] == errors.__name__ else None
+    message = info["message"] if where == 0 else f"on rank {where}: {info['message']}"
     exc: BaseException
     if isinstance(cls, type) and issubclass(cls, DpoXpuError):
-        exc = cls(info["message"])
+        exc = cls(message)
         if info.get("exit_code") is not None:
             exc.exit_code = info["exit_code"]  # type: ignore[attr-defined]
     elif info["name"] == "KeyboardInterrupt":
         exc = KeyboardInterrupt()
     else:
         first = (info["message"].splitlines() or [""])[0][:300]
-        exc = RankZeroFailed(f"rank 0 failed with {info['name']}: {first}")
+        exc = RankFailed(f"rank {where} failed with {info['name']}: {first}")
     setattr(exc, ALL_RANKS_ATTR, True)
     return exc
 
 
-def _rank_zero_runs(fn: Callable[..., T], args: Any, kwargs: Any, share_result: bool) -> tuple[bool, Any]:
-    """``(True, fn's value)`` on rank 0, ``(False, the value rank 0 shared, or None)`` elsewhere; rank 0's error is
-    raised on every rank."""
-    if rank() == 0:
+def _run_where(runs_here: bool, fn: Callable[..., T], args: Any, kwargs: Any, share: bool = False) -> list[Any]:
+    """Run ``fn`` on the ranks where ``runs_here``, then gather every rank's outcome (a collective: every rank calls
+    it). Returns each rank's ``fn`` value (shared ones, else this rank's only); any rank's error is raised on every
+    rank (this rank's own, else the lowest failing rank's, see :func:`_rebuild`)."""
+    from accelerate.utils import gather_object
+
+    own: BaseException | None = None
+    value: Any = None
+    outcome: tuple[str, Any] = ("skipped", None)
+    if runs_here:
         try:
             value = fn(*args, **kwargs)
+            outcome = ("ok", value if share else None)
         except BaseException as exc:
-            _broadcast(("error", _describe(exc)))
-            setattr(exc, ALL_RANKS_ATTR, True)
-            raise
-        _broadcast(("ok", value if share_result else None))
-        return True, value
-    status, payload = _broadcast(None)  # wait for rank 0
-    if status == "error":
-        raise _rebuild(payload)
-    return False, payload
+            own, outcome = exc, ("error", _describe(exc))
+    outcomes = gather_object([outcome])
+    failed = [(r, info) for r, (status, info) in enumerate(outcomes) if status == "error"]
+    if own is not None:
+        setattr(own, ALL_RANKS_ATTR, True)
+        raise own
+    if failed:
+        raise _rebuild(failed[0][1], failed[0][0])
+    values = [payload for _, payload in outcomes]
+    values[rank()] = value
+    return values
 
 
 def on_rank_zero(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -237,20 +247,34 @@ def on_rank_zero(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
     Raises:
         BaseException: what ``fn`` raised on rank 0, on every rank: a :class:`~dpo_xpu.errors.DpoXpuError` as the
-            same class and message, anything else as :class:`RankZeroFailed`.
+            same class and message, anything else as :class:`RankFailed`.
     """
     if not is_distributed():
         return fn(*args, **kwargs)
-    return _rank_zero_runs(fn, args, kwargs, share_result=True)[1]
+    return _run_where(rank() == 0, fn, args, kwargs, share=True)[0]
+
+
+def on_every_rank(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` on every rank, each returning its own result; when it fails on any rank (a node without the model
+    or the data), every rank raises that error (``on rank N: ...`` beside rank 0's own), so that no rank is left
+    waiting for the failed one at its next collective. A collective: call it where every rank does (never inside
+    :func:`on_rank_zero`'s ``fn``). Alone, just call it."""
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    return _run_where(True, fn, args, kwargs)[rank()]
 
 
 def main_process_first(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run ``fn`` on rank 0 first (for what it caches on disk), then on the other ranks, each returning its own
-    result; rank 0's error is raised on every rank, as :func:`on_rank_zero` does. Alone, just call it."""
+    """Run ``fn`` first on each node's first process (``LOCAL_RANK`` 0; the nodes at the same time), then on the
+    node's other processes, each returning its own result: what ``fn`` caches on disk is computed once per node,
+    into that node's own folder (nodes need not share a file system). An error on any rank is raised on every rank,
+    as :func:`on_every_rank` does. Alone, just call it."""
     if not is_distributed():
         return fn(*args, **kwargs)
-    ran, value = _rank_zero_runs(fn, args, kwargs, share_result=False)
-    return value if ran else fn(*args, **kwargs)
+    first = is_local_main_process()
+    firsts = _run_where(first, fn, args, kwargs)
+    others = _run_where(not first, fn, args, kwargs)  # a collective: every rank calls it
+    return (firsts if first else others)[rank()]
 
 
 def barrier() -> None:

@@ -270,7 +270,8 @@ def check_environment(
         backend: ``"native"`` or ``"ipex-llm"``; default ``"ipex-llm"`` where it is installed, else
             ``recipe.backend`` or ``"native"``.
         recipe: add a ``memory`` verdict: whether it is expected to fit the device it would train on
-            (:func:`dpo_xpu.train.memory.recipe_fits`; the host's RAM for a CPU run).
+            (:func:`dpo_xpu.train.memory.recipe_fits`; the host's RAM for a CPU run). The ``bf16`` verdict says
+            whether the run computes in bfloat16 there and why (``bf16: auto`` without a recipe).
         plan: the run's reference plan, for that verdict (default ``recipe_fits``'s).
 
     Returns:
@@ -285,6 +286,7 @@ def check_environment(
     backend = backend or ("ipex-llm" if probe.versions.get("ipex-llm") else recipe.backend if recipe else "native")
     statuses = [_backend_status(name, probe) for name in BACKENDS]
     report = EnvironmentReport(backend, probe, statuses, _verdicts(probe, backend))
+    report.verdicts.append(_bf16_verdict(*((recipe.bf16, recipe.device) if recipe else ("auto", "auto")), probe))
     if recipe is not None:
         report.verdicts.append(_memory_verdict(recipe, probe, plan))
     for verdict in report.verdicts:
@@ -294,6 +296,24 @@ def check_environment(
 
 def _host_memory_mib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
+def _bf16_verdict(bf16: bool | str, device: str, probe: Probe) -> Verdict:
+    """Whether a run with the recipe's ``bf16`` and ``device`` computes in bfloat16 on the device it would train
+    on, and why; a warning where ``bf16: true`` asks a device to emulate it."""
+    from dpo_xpu.device import use_bf16
+
+    kind = device.split(":")[0]
+    target = next((a for a in probe.accelerators if kind in ("auto", a.kind)), None)
+    device = f"{target.kind}:{target.index}" if target is not None and kind != "cpu" else "cpu"
+    try:
+        on, why = use_bf16(bf16, device)
+        native = use_bf16("auto", device)[0]
+    except Exception as exc:  # a broken driver must not break the check
+        return Verdict("warning", "bf16", f"cannot tell whether {device} computes bf16 natively: {exc}")
+    if on and not native:
+        return Verdict("warning", "bf16", why, "set bf16: auto (float32 here): emulated bf16 is several times slower")
+    return Verdict("ok", "bf16", why)
 
 
 def _memory_verdict(recipe: Recipe, probe: Probe, plan: ReferencePlan | None = None) -> Verdict:

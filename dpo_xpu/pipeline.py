@@ -85,7 +85,8 @@ def _start(recipe: Recipe, overwrite: bool = False, resume: bool = False, genera
 
 def open_run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> tuple[Path, Path | None]:
     """Open the run folder for training step by step (notebook 03): :func:`start_run` for a new run, or, with
-    ``resume``, the run already there, checked and trimmed to its newest complete checkpoint.
+    ``resume``, the run already there, checked and trimmed to its newest complete checkpoint. Settles ``bf16:
+    auto`` on ``recipe`` for its device, as :func:`run_training` does.
 
     Returns:
         ``(run_dir, checkpoint)``: the checkpoint to pass to :func:`prepare_resume_of` and to
@@ -95,9 +96,13 @@ def open_run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> t
         RunFolderError: as :func:`start_run`; with ``resume``, a folder without a run or without a complete
             checkpoint, or a run that is already complete (nothing to train: evaluate it, or train longer in a new run).
     """
+    from dpo_xpu.device import select_device, use_bf16
+
     run_dir = Path(recipe.output_dir)
     if resume and overwrite:
         raise RunFolderError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
+    recipe.bf16, why = use_bf16(recipe.bf16, select_device(recipe.device))  # auto -> a bool, as run_training
+    logger.info(why)
     opened = _open_run(recipe, run_dir, overwrite, resume)
     if isinstance(opened, RunResult):
         raise RunFolderError(
@@ -241,6 +246,9 @@ def run_training(
     a checkpoint at the end of the current step, then stop.
 
     Args:
+        recipe: the run's recipe; its ``bf16: auto`` is settled in place for the device
+            (:func:`dpo_xpu.device.use_bf16`, the reason logged at INFO), so that TRL's ``DPOConfig``, the models
+            and the run folder's ``recipe.yaml`` see what runs.
         resume: continue the run in ``recipe.output_dir`` from its newest complete checkpoint; the recipe must
             match the run's on every key that changes the result.
 
@@ -252,13 +260,14 @@ def run_training(
     """
     from dpo_xpu.callbacks.interrupts import StopOnSignal
     from dpo_xpu.callbacks.metrics import FirstStepCallback
-    from dpo_xpu.device import select_device
+    from dpo_xpu.device import select_device, use_bf16
     from dpo_xpu.distributed import (
         check_engine,
         global_batch_line,
         init_distributed,
         is_distributed,
         is_main_process,
+        on_every_rank,
         on_rank_zero,
     )
     from dpo_xpu.models.base import resolve_model_path
@@ -267,11 +276,13 @@ def run_training(
     if resume and overwrite:
         raise RunFolderError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
     device = select_device(recipe.device)  # an absent device fails here, before anything is loaded or written
+    recipe.bf16, why = use_bf16(recipe.bf16, device)  # auto -> a bool, once: TRL, the models, recipe.yaml see it
+    logger.info(why)
     init_distributed(device)  # several processes (torchrun, accelerate launch): join their group (dpo_xpu.distributed)
     check_engine(recipe)
     generation = trl_generation()  # once per run, passed down (with the reference plan, once the data is loaded)
     validate_recipe(recipe, use_cpu=device.type == "cpu", generation=generation)  # every TRL option, before writing
-    resolve_model_path(recipe.model_name_or_path)  # so does a missing model folder or an unreachable hub id
+    on_every_rank(resolve_model_path, recipe.model_name_or_path)  # so does a missing model or hub id, on any node
     run_dir = Path(recipe.output_dir)
     try:
         # rank 0 alone locks and prepares the folder; every rank gets its decision, or its error
@@ -339,12 +350,14 @@ def _build(
     seeded as a fresh process would be."""
     from transformers import set_seed
 
-    from dpo_xpu.distributed import is_main_process, world_size
+    from dpo_xpu.distributed import is_main_process, on_every_rank, world_size
     from dpo_xpu.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model_name_or_path)
     report = run_dir / "data_report.json" if is_main_process() else None  # rank 0 alone writes the run folder
-    train_dataset, eval_dataset = load_run_data(recipe, tokenizer, report_path=report)
+    train_dataset, eval_dataset = on_every_rank(
+        load_run_data, recipe, tokenizer, report_path=report
+    )  # a node without the data stops all
     plan = reference_plan(recipe, generation, rows=len(train_dataset), world_size=world_size())
     set_seed(recipe.seed)  # LoRA's random init draws from the global RNG: same seed, same run, in any process
     policy, reference = load_run_models(recipe, plan)

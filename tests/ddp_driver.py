@@ -12,6 +12,12 @@ It runs ``dpo_xpu.cli.main`` on the arguments after ``OUT_DIR`` and writes ``OUT
 - ``exit_code``.
 
 With ``DDP_TEST_SIGNAL_STEP=N`` and ``DDP_TEST_SIGNAL_RANK=R``, rank R sends itself SIGTERM at the end of step N.
+With ``DDP_TEST_NO_BARRIER=1`` a rank leaves without waiting for the others (a rank failing alone: they wait elsewhere).
+
+``OUT_DIR probe CACHE_DIR FAILING_RANK`` trains nothing: :func:`dpo_xpu.distributed.main_process_first` fills
+``CACHE_DIR/cache.txt`` (each rank appends ``computed R`` or ``read R``, in order), then
+:func:`dpo_xpu.distributed.on_every_rank` fails on ``FAILING_RANK`` alone; ``OUT_DIR/rank<R>.json`` holds the error
+each rank raised.
 """
 
 from __future__ import annotations
@@ -48,8 +54,41 @@ def _record(writes: list[str]) -> Any:
     return hook
 
 
+def probe(out: Path, cache: Path, failing_rank: int) -> int:
+    import torch
+
+    from dpo_xpu import distributed
+    from dpo_xpu.errors import RecipeError
+
+    rank = distributed.rank()
+    distributed.init_distributed(torch.device("cpu"))
+
+    def fill() -> None:
+        cache.mkdir(parents=True, exist_ok=True)
+        done = (cache / "cache.txt").exists()
+        with (cache / "cache.txt").open("a") as handle:
+            handle.write(f"{'read' if done else 'computed'} {rank}\n")
+
+    def check() -> None:
+        if rank == failing_rank:
+            raise RecipeError("no model here")
+
+    distributed.main_process_first(fill)
+    report: dict[str, Any] = {"rank": rank, "error": None}
+    try:
+        distributed.on_every_rank(check)
+    except RecipeError as exc:
+        report.update(error=str(exc), all_ranks=distributed.raised_by_all_ranks(exc))
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    distributed.barrier()
+    torch.distributed.destroy_process_group()  # no rank leaves while another still talks to it
+    return 0
+
+
 def main() -> int:
     out = Path(sys.argv[1])
+    if sys.argv[2] == "probe":
+        return probe(out, Path(sys.argv[3]), int(sys.argv[4]))
     argv = sys.argv[2:]
     rank = int(os.environ.get("RANK", "0"))
     writes: list[str] = []
@@ -96,7 +135,8 @@ def main() -> int:
         from dpo_xpu.distributed import barrier
 
         try:
-            barrier()
+            if not os.environ.get("DDP_TEST_NO_BARRIER"):
+                barrier()
         except Exception:  # noqa: BLE001 - the group is gone: nothing to wait for
             pass
     return code

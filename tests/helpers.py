@@ -33,9 +33,10 @@ def config_kwargs(recipe: Recipe, generation: str | None = None, **kwargs: Any) 
 
 
 def cpu_recipe(model: str | Path, data: str | Path, output_dir: str | Path, **overrides: Any) -> Recipe:
-    """A recipe for a short CPU run: NF4 + LoRA, adapter-off, float32 compute (bf16 is emulated on this CPU and
-    about 6x slower), no checkpoints. Lengths suit stories260K on orca rows (~475-670 tokens with its 512-piece
-    vocabulary); pass ``max_length=512, max_prompt_length=256`` for the demo model."""
+    """A recipe for a short CPU run: NF4 + LoRA, adapter-off, float32 compute (the tests' numbers; bf16 is emulated,
+    about 6x slower, on CPUs without AVX512-BF16 or AMX), no checkpoints. Lengths suit stories260K on orca rows
+    (~475-670 tokens with its 512-piece vocabulary); pass ``max_length=512, max_prompt_length=256`` for the demo
+    model."""
     values: dict[str, Any] = dict(
         model_name_or_path=str(model),
         dataset_name_or_path=str(data),

@@ -3,7 +3,8 @@
 Two processes x batch 1 must train what one process x batch 1 x 2 accumulation steps trains on the same rows
 and seed (DDP averages the two ranks' gradients as accumulation averages the two micro-batches); rank 0 alone
 writes the run folder; the ``precomputed`` reference is computed once; a SIGTERM to one rank stops both at the same
-step, and ``--resume`` under two processes finishes the run as the uninterrupted one. Each rank is
+step, and ``--resume`` under two processes finishes the run as the uninterrupted one. Two ``torchrun`` launchers
+simulate two nodes (#25): the same training, a reference cache per node, a node's failure stopping both. Each rank is
 tests/ddp_driver.py (the CLI, plus a digest of its LoRA weights and the files it wrote).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,10 +65,22 @@ def torchrun(
     recipe: Path, report_dir: Path, *extra: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess, list[dict[str, Any]]]:
     """``dpo-xpu train --recipe RECIPE EXTRA`` on two gloo ranks; the process and both ranks' reports."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(DRIVER), str(report_dir), "train", "--recipe", str(recipe), *extra]
+    empty_reports(report_dir)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=driver_env(env), timeout=600)
+    return proc, read_reports(report_dir)
+
+
+def empty_reports(report_dir: Path) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     for old in report_dir.glob("rank*.json"):
         old.unlink()
-    full_env = {
+
+
+def driver_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The ranks' environment: this checkout, offline, one thread each, plus ``env``."""
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "HF_HUB_OFFLINE": "1",
@@ -74,11 +88,44 @@ def torchrun(
         "OMP_NUM_THREADS": "1",
         **(env or {}),
     }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(DRIVER), str(report_dir), "train", "--recipe", str(recipe), *extra]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=full_env, timeout=600)
-    reports = [json.loads(p.read_text()) for p in sorted(report_dir.glob("rank*.json"))]
-    return proc, reports
+
+
+def read_reports(report_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(report_dir.glob("rank*.json"))]
+
+
+def two_nodes(
+    driver_args: list[list[str]], report_dir: Path, envs: list[dict[str, str]], nproc: int = 1
+) -> tuple[list[subprocess.CompletedProcess], list[dict[str, Any]]]:
+    """Two ``torchrun`` launchers on this machine as two nodes of ``nproc`` processes (``--nnodes 2 --node-rank
+    0/1``, static rendezvous on 127.0.0.1, gloo), each running the driver on its ``driver_args`` with its ``envs``
+    (``DPO_XPU_CACHE_DIR``: each node's own disk); both launchers and every rank's report."""
+    with socket.socket() as probe:  # a free port for node 0's rendezvous store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    empty_reports(report_dir)
+    procs, logs = [], []
+    for node, (args, env) in enumerate(zip(driver_args, envs, strict=True)):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", str(nproc)]
+        command += ["--node-rank", str(node), "--rdzv-endpoint", f"127.0.0.1:{port}", str(DRIVER), str(report_dir)]
+        out, err = ((report_dir / f"node{node}.{stream}").open("w") for stream in ("out", "err"))
+        logs += [out, err]
+        procs.append(subprocess.Popen([*command, *args], cwd=ROOT, env=driver_env(env), stdout=out, stderr=err))
+    try:
+        for proc in procs:
+            proc.wait(timeout=600)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # a launcher left waiting: the test fails, nothing stays behind
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    done = []
+    for node, proc in enumerate(procs):
+        out, err = ((report_dir / f"node{node}.{stream}").read_text() for stream in ("out", "err"))
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done, read_reports(report_dir)
 
 
 def train_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -182,6 +229,56 @@ def test_precomputed_reference_is_computed_once_by_rank0(single, stories260k_pat
     assert writes_inside(next(r for r in reports if r["rank"] == 0), cache)
 
 
+def test_each_node_fills_its_cache_once_and_one_ranks_error_stops_every_rank(tmp_path):
+    """Two nodes of two processes: each node's first process fills the node's own cache folder, then its second
+    reads it; a check failing on rank 3 alone is raised on all four, said with its rank."""
+    caches = [tmp_path / "node0-cache", tmp_path / "node1-cache"]
+    procs, reports = two_nodes([["probe", str(cache), "3"] for cache in caches], tmp_path / "rep", [{}, {}], nproc=2)
+    assert [p.returncode for p in procs] == [0, 0], procs[1].stderr[-3000:]
+    assert (caches[0] / "cache.txt").read_text().splitlines() == ["computed 0", "read 1"]
+    assert (caches[1] / "cache.txt").read_text().splitlines() == ["computed 2", "read 3"]
+    errors = {r["rank"]: (r["error"], r["all_ranks"]) for r in reports}
+    assert errors == {3: ("no model here", True), **{r: ("on rank 3: no model here", True) for r in (0, 1, 2)}}
+
+
+@pytest.mark.slow
+def test_two_nodes_train_as_one_process_and_each_node_computes_its_reference_once(
+    single, stories260k_path, orca_rows_path, tmp_path
+):
+    """Two launchers as two nodes of one process each (their own cache folders: no shared file system) train what
+    one process with accumulation 2 trains; rank 0 writes the one adapter; each node computes its reference once."""
+    run_dir, caches = tmp_path / "two-nodes", [tmp_path / "cache0", tmp_path / "cache1"]
+    values = recipe_values(stories260k_path, orca_rows_path, run_dir, reference="precomputed")
+    args = ["train", "--recipe", str(write_recipe(tmp_path / "r.yaml", values))]
+    procs, reports = two_nodes([args, args], tmp_path / "rep", [{"DPO_XPU_CACHE_DIR": str(c)} for c in caches])
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-3000:] + procs[1].stderr[-3000:]
+    assert "global batch 2 = 1 per device x 2 processes x 1 accumulation step" in procs[0].stderr
+    worst = check_like_single(run_dir, single["precomputed"], reports)
+    print(f"two nodes: largest per-step loss difference vs 1 process x accumulation 2: {worst:.2e}")
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["adapter", f"checkpoint-{STEPS}"]
+    for node, (proc, cache) in enumerate(zip(procs, caches, strict=True)):
+        assert len(list(cache.glob("*.safetensors"))) == 1, node
+        assert proc.stderr.count("reference log-probs for train (8 pairs) computed and cached") == 1, node
+    rank0, rank1 = sorted(reports, key=lambda r: r["rank"])
+    assert writes_inside(rank1, run_dir, caches[0]) == [], "node 1 wrote into the run folder or node 0's cache"
+    assert writes_inside(rank0, caches[1]) == [], "node 0 wrote into node 1's cache"
+    assert writes_inside(rank1, caches[1]) and writes_inside(rank0, caches[0])
+
+
+def test_a_failure_on_node1_stops_both_launchers_with_one_line(stories260k_path, orca_rows_path, tmp_path):
+    """Node 1 lacks the model: both launchers stop (no rank left waiting), the error said in one line, once."""
+    recipes = []
+    for node, model in enumerate((stories260k_path, tmp_path / "absent-model")):
+        values = recipe_values(model, orca_rows_path, tmp_path / "run")
+        recipes.append(["train", "--recipe", str(write_recipe(tmp_path / f"r{node}.yaml", values))])
+    procs, _ = two_nodes(recipes, tmp_path / "rep", [{"DDP_TEST_NO_BARRIER": "1"}] * 2)
+    assert all(p.returncode != 0 for p in procs)
+    stderr = procs[0].stderr + procs[1].stderr
+    assert stderr.count("dpo-xpu: error:") == 1, stderr[-3000:]
+    line = next(x for x in stderr.splitlines() if x.startswith("dpo-xpu: error:"))
+    assert "absent-model does not exist" in line
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_finishes_the_run(
     single, stories260k_path, orca_rows_path, tmp_path
@@ -262,6 +359,7 @@ def test_single_process_helpers_run_directly(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.on_rank_zero(lambda x: x + 1, 1) == 2
     assert distributed.main_process_first(lambda: "ok") == "ok"
+    assert distributed.on_every_rank(lambda x: x * 2, 2) == 4
     assert distributed.agree_on_signal(None) is None
     assert distributed.agree_on_signal(15) == 15
     assert distributed.ddp_config_kwargs({}) == {}

@@ -94,6 +94,12 @@ def test_causes_name_the_dtype_first_for_a_separate_reference():
     assert "training kernel" in no_gc[0] and "gradient_checkpointing: true" in no_gc[0]
 
 
+def test_a_bf16_run_names_rounding_in_other_batch_shapes_and_a_float32_one_does_not():
+    bf16 = step0_causes(Recipe(bf16=True), PeftLike(), None, "cpu")
+    assert bf16[0].startswith("bf16 rounding") and "bf16: false" in bf16[0]
+    assert not any("bf16 rounding" in cause for cause in step0_causes(Recipe(bf16=False), PeftLike(), None, "cpu"))
+
+
 def test_the_metrics_logger_adds_the_check_to_the_step1_row_only(tmp_path):
     class State:
         global_step, epoch = 1, 0.1

@@ -99,6 +99,32 @@ def test_saved_adapter_reproduces_the_trained_logits(trained, stories260k_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "reference, prefix_sharing",
+    [("adapter-off", False), ("precomputed", False), ("precomputed", True)],
+)
+def test_the_step0_check_holds_in_bf16(
+    stories260k_path, orca_rows_path, tmp_path, monkeypatch, reference, prefix_sharing
+):
+    """In bf16 too the reference computes what the policy computes before the first update: loss ln 2 within 1e-3,
+    rewards 0 (a precomputed reference in length-sorted batches, and packed with prefix sharing, included)."""
+    monkeypatch.setenv("DPO_XPU_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = shared_recipe(
+        stories260k_path,
+        orca_rows_path,
+        tmp_path / reference,
+        reference=reference,
+        prefix_sharing=prefix_sharing,
+        bf16=True,
+        max_steps=1,
+        limit=8,
+    )
+    first = run_training(recipe, live_plot=False).metrics[0]
+    assert first["loss"] == pytest.approx(LN2, abs=1e-3)
+    assert first["step0/logratio_gap"] <= 1e-3 and "step0/warning" not in first
+
+
+@pytest.mark.slow
 def test_separate_and_adapter_off_agree_at_the_first_step(stories260k_path, orca_rows_path, tmp_path):
     firsts = {}
     for reference in ("adapter-off", "separate"):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpo_xpu.data.truncation import truncate_prompts
 from dpo_xpu.errors import RecipeError
+from dpo_xpu.train.packing import packing_budget
 from dpo_xpu.train.prefix_sharing import prefix_sharing_decision
 from dpo_xpu.train.reference import reference_plan
 from dpo_xpu.train.trl_config import dpo_config_kwargs, own_loss_type
@@ -76,11 +77,14 @@ def load_run_data(
 
 
 def compute_dtype(recipe: Recipe) -> Any:
-    """The run's compute dtype: ``torch.bfloat16`` with ``bf16`` (accelerators), else ``torch.float32`` (on CPUs
-    without AMX bf16 is emulated, about 6x slower: 9.5 vs 1.6 s per step for stories260K on the 2-core CI machine)."""
+    """The run's compute dtype: ``torch.bfloat16`` with ``bf16`` (``auto`` not yet settled by the run: as
+    :func:`dpo_xpu.device.use_bf16` decides for the recipe's device), else ``torch.float32``."""
     import torch
 
-    return torch.bfloat16 if recipe.bf16 else torch.float32
+    from dpo_xpu.device import select_device, use_bf16
+
+    bf16 = recipe.bf16 if isinstance(recipe.bf16, bool) else use_bf16(recipe.bf16, select_device(recipe.device))[0]
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def load_run_models(
@@ -177,8 +181,14 @@ def build_trainer(
     tokenizer_kw = "processing_class" if "processing_class" in inspect.signature(DPOTrainer).parameters else "tokenizer"
     torch.manual_seed(recipe.seed)
     prefix_sharing, why = prefix_sharing_decision(recipe.prefix_sharing, model, generation)
+    row_tokens = None
+    if prefix_sharing:
+        batch, max_length = recipe.per_device_train_batch_size, recipe.max_length
+        in_bf16 = plan.precomputed_by is not None and compute_dtype(recipe) != torch.float32
+        row_tokens, packing_why = packing_budget(recipe.prefix_sharing, model, batch, max_length, in_bf16)
+        why = f"{why}; {packing_why}"
     logger.info("%s", why)
-    trainer_class, extra = _trainer_class(recipe, plan, prefix_sharing)
+    trainer_class, extra = _trainer_class(recipe, plan, prefix_sharing, row_tokens)
     trainer = trainer_class(
         model=model,
         ref_model=ref_model,
@@ -223,7 +233,9 @@ def _truncate_evaluated_prompts(trainer: Any, recipe: Recipe, generation: str, t
     trainer.evaluate = evaluate_cut
 
 
-def _trainer_class(recipe: Recipe, plan: ReferencePlan, prefix_sharing: bool = False) -> tuple[type, dict[str, Any]]:
+def _trainer_class(
+    recipe: Recipe, plan: ReferencePlan, prefix_sharing: bool = False, row_tokens: int | None = None
+) -> tuple[type, dict[str, Any]]:
     """The trainer class for a recipe and its extra keywords: TRL's ``DPOTrainer``, unless the recipe needs
     :class:`~dpo_xpu.train.trainer.DpoXpuTrainer` (TRL 1.x: an own loss, reference-free, a CPU reference, prefix
     sharing, ipo's averaged rewards) or the ipex-llm backend's reference-free trainer (TRL 0.11)."""
@@ -249,5 +261,6 @@ def _trainer_class(recipe: Recipe, plan: ReferencePlan, prefix_sharing: bool = F
         simpo_gamma=recipe.simpo_gamma,
         reference_device=plan.device,
         prefix_sharing=prefix_sharing,
+        packing_row_tokens=row_tokens,
         length_normalised_rewards=ipo,
     )

@@ -8,13 +8,16 @@ prompt and its own earlier tokens but never the other answer, and position ids t
 prompt ends. Every scored token then has exactly the context and position it had in its own sequence, so its
 log-prob is the same (up to float rounding) while the prompt is computed once. The last prompt token is repeated in
 each branch because it is the position that predicts the answer's first token, and both answers need that
-prediction.
+prediction. Padding-free packing, which the paper combines with prefix sharing, puts several packed pairs in one
+row, position ids restarting per pair and the mask kept inside each pair, so no pad token runs through the model
+(:func:`~dpo_xpu.train.packing.packing_budget` sizes the rows; with eager attention, one row per pair).
 
 Why our own code: no library does this for TRL's ``DPOTrainer``. TRL's ``padding_free`` is disabled in TRL 1.16
-and packs whole sequences (the prompt still twice); Liger-Kernel tracks it as an open request (linkedin/Liger-Kernel
-#476); the paper's code is a research fork of another trainer. :class:`PrefixSharing` hooks the fused-LM-head call TRL
-makes (:mod:`dpo_xpu.train.trl_internals`), runs the packed batch through TRL's own fused LM head and returns the
-per-token outputs in TRL's two-sequence layout, leaving TRL's loss, loop and metrics in place.
+(it warns and pads), packed whole sequences (the prompt still twice) and needed flash attention; Liger-Kernel
+tracks it as an open request (linkedin/Liger-Kernel #476); the paper's code is a research fork of another trainer.
+:class:`PrefixSharing` hooks the fused-LM-head call TRL makes (:mod:`dpo_xpu.train.trl_internals`), runs the packed
+batch through TRL's own fused LM head and returns the per-token outputs in TRL's two-sequence layout, leaving TRL's
+loss, loop and metrics in place.
 
 Attention: ``sdpa`` (transformers' default, and what runs on XPU) and ``eager`` take the 4-D mask. With
 ``prefix_sharing: true`` flash attention or TRL 0.11 (the ipex-llm backend) raises
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 
 from dpo_xpu.errors import RecipeError
+from dpo_xpu.train.packing import group_rows
 from dpo_xpu.train.trl_internals import SHIFT_LABELS, attn_implementation, is_fused_head_call
 
 logger = logging.getLogger(__name__)
@@ -43,15 +47,16 @@ _PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
 
 @dataclass
 class PackedPairs:
-    """A batch of ``B`` preference pairs packed into ``B`` sequences of length ``L``.
+    """A batch of ``B`` preference pairs packed into ``R`` rows of length ``L`` (``R = B``: one pair per row;
+    ``R < B``: padding-free, several pairs per row, each ``prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected``).
 
     Attributes:
-        input_ids: ``[B, L]`` token ids, ``prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected`` then padding.
-        position_ids: ``[B, L]``; both answers continue from the prompt's last position.
-        segments: ``[B, L]`` int8: 0 prompt, 1 chosen branch, 2 rejected branch, 3 padding.
-        attention_mask: ``[B, 1, L, L]`` bool, True where a query (row) may attend a key (column): causal, and
-            only to the prompt or its own branch.
-        next_tokens: ``[B, L]`` the next token of each position within its branch, ``-100`` where unscored (the
+        input_ids: ``[R, L]`` token ids, the pairs in order, then padding (at the end of a row only).
+        position_ids: ``[R, L]``; restart at 0 for each pair; both answers continue from the prompt's last position.
+        segments: ``[R, L]`` int8: 0 prompt, 1 chosen branch, 2 rejected branch, 3 padding.
+        attention_mask: ``[R, 1, L, L]`` bool, True where a query (row) may attend a key (column): causal, within
+            its own pair, and only to the prompt or its own branch.
+        next_tokens: ``[R, L]`` the next token of each position within its branch, ``-100`` where unscored (the
             fused LM head's already-shifted labels).
         target_mask: ``[2B, T - 1]`` bool, the scored positions in TRL's layout (chosen rows, then rejected).
         sequence_tokens: real tokens in TRL's two-sequence layout (prompt counted twice).
@@ -83,13 +88,13 @@ class PackedPairs:
         raise _attention_error(attn_implementation)
 
     def unpack(self, per_token: torch.Tensor) -> torch.Tensor:
-        """Move per-token values ``[B, L]`` (zero where unscored) to TRL's layout ``[2B, T - 1]``, keeping autograd.
+        """Move per-token values ``[R, L]`` (zero where unscored) to TRL's layout ``[2B, T - 1]``, keeping autograd.
 
-        The values of row ``b``'s chosen branch go to row ``b``, those of its rejected branch to row ``B + b``, at
+        The values of pair ``b``'s chosen branch go to row ``b``, those of its rejected branch to row ``B + b``, at
         the positions TRL scores (its answer mask without the first column), in order.
         """
         scored = self.next_tokens != -100
-        pairs = per_token.size(0)
+        pairs = self.target_mask.size(0) // 2
         out = []
         for segment, rows in ((_CHOSEN, slice(0, pairs)), (_REJECTED, slice(pairs, 2 * pairs))):
             values = per_token[scored & (self.segments == segment)]
@@ -108,25 +113,31 @@ def _split_row(ids: torch.Tensor, real: torch.Tensor, answer: torch.Tensor) -> t
     return prompt, n_answer
 
 
-def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> PackedPairs | None:
-    """Pack TRL's two-sequence batch into one sequence per pair (prefix sharing); :func:`packing` also says why not.
+def pack_pairs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, row_tokens: int | None = None
+) -> PackedPairs | None:
+    """Pack TRL's two-sequence batch with prefix sharing; :func:`packing` also says why not.
 
     Args:
         input_ids: ``[2B, T]``, the ``B`` chosen rows (prompt + chosen) then the ``B`` rejected rows, right-padded,
             as TRL 1.x's ``DataCollatorForPreference`` builds them.
         attention_mask: ``[2B, T]``, 1 on real tokens.
         labels: ``[2B, T]``, the answer tokens' ids and ``-100`` elsewhere (TRL's ``labels``).
+        row_tokens: ``None``: one row per pair, right-padded to the longest; a number: padding-free, consecutive
+            pairs share a row of at most that many tokens (a longer pair gets a row of its own).
 
     Returns:
         The :class:`PackedPairs`, or ``None`` when the batch does not have that layout (an odd number of rows, a
         pair whose two rows have different prompts, an empty prompt, or tokens out of order). The caller then runs
         the plain two-sequence forward.
     """
-    packed = packing(input_ids, attention_mask, labels)
+    packed = packing(input_ids, attention_mask, labels, row_tokens)
     return packed if isinstance(packed, PackedPairs) else None
 
 
-def packing(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> PackedPairs | str:
+def packing(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, row_tokens: int | None = None
+) -> PackedPairs | str:
     """As :func:`pack_pairs`, but a declined batch gives the reason (one line) instead of ``None``."""
     if input_ids.dim() != 2 or input_ids.size(0) % 2:
         return "not an even number of rows (chosen rows, then rejected rows)"
@@ -134,7 +145,7 @@ def packing(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch
     real = attention_mask.bool()
     answer = labels != -100
     device = input_ids.device
-    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    parts: list[tuple[torch.Tensor, ...]] = []  # per pair: ids, positions, segments, next tokens
     for b in range(pairs):
         c, r = b, pairs + b
         split_c = _split_row(input_ids[c], real[c], answer[c])
@@ -153,40 +164,45 @@ def packing(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch
         last = prompt[-1:]
         ids = torch.cat([prompt[:-1], last, chosen, last, rejected])
         start = prompt_len - 1
-        parts = ((start, _PROMPT, 0), (n_chosen + 1, _CHOSEN, start), (n_rejected + 1, _REJECTED, start))
-        positions = torch.cat([torch.arange(first, first + n, device=device) for n, _, first in parts])
-        segments = torch.cat([torch.full((n,), seg, device=device, dtype=torch.int8) for n, seg, _ in parts])
+        spans = ((start, _PROMPT, 0), (n_chosen + 1, _CHOSEN, start), (n_rejected + 1, _REJECTED, start))
+        positions = torch.cat([torch.arange(first, first + n, device=device) for n, _, first in spans])
+        segments = torch.cat([torch.full((n,), seg, device=device, dtype=torch.int8) for n, seg, _ in spans])
         unscored = torch.full((1,), -100, device=device, dtype=input_ids.dtype)
         shift = torch.cat([torch.full((start,), -100, device=device, dtype=input_ids.dtype), chosen, unscored])
-        shift = torch.cat([shift, rejected, unscored])
-        rows.append((ids, positions, segments, shift))
-    length = max(row[0].numel() for row in rows)
+        parts.append((ids, positions, segments, torch.cat([shift, rejected, unscored])))
+    # pairs in order, so that unpack's row-major reading keeps TRL's row order
+    rows = group_rows([part[0].numel() for part in parts], row_tokens)
+    length = max(sum(parts[b][0].numel() for b in row) for row in rows)
 
-    def padded(index: int, value: int, dtype: torch.dtype) -> torch.Tensor:
-        out = torch.full((pairs, length), value, device=device, dtype=dtype)
-        for b, row in enumerate(rows):
-            out[b, : row[index].numel()] = row[index]
+    def laid_out(index: int, value: int, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.full((len(rows), length), value, device=device, dtype=dtype)
+        for i, row in enumerate(rows):
+            values = torch.cat([parts[b][index] for b in row]) if index >= 0 else _pair_index(parts, row)
+            out[i, : values.numel()] = values.to(dtype)
         return out
 
-    packed_ids = padded(0, 0, input_ids.dtype)
-    position_ids = padded(1, 0, torch.long)
-    segments = padded(2, _PAD, torch.int8)
-    next_tokens = padded(3, -100, input_ids.dtype)
+    segments = laid_out(2, _PAD, torch.int8)
+    pair = laid_out(-1, -1, torch.int32)  # which pair each position belongs to, -1 for padding
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     keys = segments[:, None, :]
-    # A query sees earlier prompt tokens and earlier tokens of its own branch; padding sees only padding and the
-    # prompt (never read), so no row of the mask is empty (an empty row would make sdpa return NaN).
-    allowed = causal & ((keys == _PROMPT) | (keys == segments[:, :, None]))
+    # A query sees earlier prompt tokens and earlier tokens of its own branch, of its own pair; padding sees only
+    # padding (never read), so no row of the mask is empty (an empty row would make sdpa return NaN).
+    same_pair = pair[:, :, None] == pair[:, None, :]
+    allowed = causal & same_pair & ((keys == _PROMPT) | (keys == segments[:, :, None]))
     return PackedPairs(
-        input_ids=packed_ids,
-        position_ids=position_ids,
+        input_ids=laid_out(0, 0, input_ids.dtype),
+        position_ids=laid_out(1, 0, torch.long),
         segments=segments,
         attention_mask=allowed[:, None],
-        next_tokens=next_tokens,
+        next_tokens=laid_out(3, -100, input_ids.dtype),
         target_mask=answer[:, 1:],
         sequence_tokens=int(real.sum()),
         packed_tokens=int((segments != _PAD).sum()),
     )
+
+
+def _pair_index(parts: list[tuple[torch.Tensor, ...]], row: list[int]) -> torch.Tensor:
+    return torch.cat([torch.full((parts[b][0].numel(),), b, device=parts[b][0].device) for b in row])
 
 
 def _attention_error(attn_implementation: str | None) -> RecipeError:
@@ -201,7 +217,7 @@ _ATTENTION_FIX = "Load it with attn_implementation='sdpa', or set prefix_sharing
 
 
 class PrefixSharing:
-    """While active, TRL's fused-LM-head calls of ``module`` run packed, one sequence per pair.
+    """While active, TRL's fused-LM-head calls of ``module`` run packed, each pair's prompt once.
 
     A forward pre-hook packs TRL's batch (:func:`pack_pairs`) and calls the model with the packed ids, the 4-D mask,
     the position ids and the already-shifted labels; a forward hook moves the per-token outputs (log-probs, entropy,
@@ -213,13 +229,17 @@ class PrefixSharing:
         module: the model TRL calls (the PEFT model, or a plain model with TRL's fused LM head).
         tokens: a dict to add the token counts to (``"sequence"``: real tokens in TRL's layout, ``"packed"``: in the
             packed one, for throughput and FLOPs accounting); default a new one, kept as ``self.tokens``.
+        row_tokens: as :func:`pack_pairs`: ``None`` one row per pair, else padding-free rows of at most that many.
 
     Raises:
         RecipeError: (on a call) the model's attention implementation cannot take a 4-D mask.
     """
 
-    def __init__(self, module: torch.nn.Module, tokens: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, module: torch.nn.Module, tokens: dict[str, int] | None = None, row_tokens: int | None = None
+    ) -> None:
         self.module = module
+        self.row_tokens = row_tokens
         self.tokens = tokens if tokens is not None else {"sequence": 0, "packed": 0}
         self._handles: list[Any] = []
         self._pending: dict[int, PackedPairs] = {}
@@ -242,7 +262,7 @@ class PrefixSharing:
             return None
         if kwargs.get("attention_mask") is None:
             return None
-        packed = packing(kwargs["input_ids"], kwargs["attention_mask"], kwargs["labels"])
+        packed = packing(kwargs["input_ids"], kwargs["attention_mask"], kwargs["labels"], self.row_tokens)
         if isinstance(packed, str):
             if packed not in _DECLINED:
                 _DECLINED.add(packed)
@@ -304,7 +324,8 @@ def prefix_sharing_decision(setting: bool | str, model: torch.nn.Module, trl_gen
     """Whether a run shares prefixes, and why.
 
     Args:
-        setting: the recipe's ``prefix_sharing``: ``True``, ``False`` or ``"auto"`` (on where it runs).
+        setting: the recipe's ``prefix_sharing``: ``True``, ``False``, ``"auto"`` (on where it runs) or
+            ``"unpacked"`` (on, one row per pair: :func:`~dpo_xpu.train.packing.packing_budget`).
         model: the policy (a PEFT model or a plain causal LM).
         trl_generation: ``"1.x"`` or ``"0.11"``.
 
@@ -312,13 +333,14 @@ def prefix_sharing_decision(setting: bool | str, model: torch.nn.Module, trl_gen
         ``(on, why)``: the decision, and one line for the log.
 
     Raises:
-        RecipeError: ``setting`` is ``True`` where prefix sharing cannot run (see :func:`check_prefix_sharing`).
+        RecipeError: ``setting`` is ``True`` (or ``"unpacked"``) where prefix sharing cannot run (see
+            :func:`check_prefix_sharing`).
     """
     if setting is False:
         return False, "prefix sharing: off (prefix_sharing: false)"
-    if setting is True:
+    if setting is True or setting == "unpacked":
         check_prefix_sharing(model, trl_generation)
-        return True, "prefix sharing: on (prefix_sharing: true): each pair runs as one sequence, its prompt once"
+        return True, f"prefix sharing: on (prefix_sharing: {str(setting).lower()}): each pair's prompt computed once"
     obstacle = prefix_sharing_obstacle(model, trl_generation)
     if obstacle is not None:
         return False, f"prefix sharing: auto -> off, two sequences per pair ({obstacle[0]})"

@@ -119,7 +119,7 @@ def reference_cache_key(
     """The cache key for the reference log-probs of ``dataset`` (TRL-tokenized rows) under ``trainer`` (a TRL 1.x
     ``DPOTrainer``), with the ``recipe``'s backend, quantization and ``max_prompt_length`` where given; the model is
     ``model_name_or_path``, else the recipe's, else its config's; ``memo_dir`` remembers weights digests.
-    ``prefix_sharing`` is not part of it: it changes the log-probs only by float rounding (tests: < 1e-4).
+    ``prefix_sharing`` and its packing are not part of it: they change the log-probs only by float rounding.
 
     Returns:
         ``(key, components)``: the sha256 hex digest and the JSON-able dict it was computed over.
@@ -178,8 +178,8 @@ def compute_reference_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs of every pair, with TRL's own ``compute_ref_log_probs`` (no grad, batched).
 
-    Rows are batched by length (little padding), ``batch_size`` pairs each, and the results put back in row order.
-    The reference is ``trainer.ref_model`` when set, else the policy with its adapters disabled.
+    Rows are batched by length, ``batch_size`` pairs each (results in row order), on ``trainer.ref_model``, else the
+    policy with its adapters off; with prefix sharing packed as the training steps are (``compute_ref_log_probs``).
 
     Returns:
         ``(ref_chosen_logps, ref_rejected_logps)``, float32 CPU ``(len(dataset),)``: summed answer log-probs (nats).

@@ -146,6 +146,11 @@ def step0_causes(recipe: Any, policy: Any, reference: Any, device_type: str) -> 
             "reference, which round differently on some CPUs; gradient_checkpointing: true (reentrant, as the "
             "example's README runs it) makes the policy's first forward take the inference kernel too"
         )
+    if recipe.bf16 is True:
+        causes.append(
+            "bf16 rounding: a reference computed in other batch shapes (other padding, a precomputed reference's "
+            "length-sorted batches) rounds differently in bf16; a run with bf16: false shows whether the gap is that"
+        )
     causes.append(
         "the reference is not loaded as the policy is (other weights, dtype or quantization), or a kernel rounds "
         "differently in training and in inference"

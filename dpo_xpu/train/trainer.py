@@ -8,8 +8,8 @@ It changes one method, ``_compute_loss``, and keeps TRL's forward passes, loss l
 2. for an own loss (:mod:`dpo_xpu.train.losses`), TRL's loss list holds a zero-weighted ``sigmoid`` placeholder; the
    policy's per-token log-probs are read from TRL's forward pass (a forward hook), the own loss is added to TRL's,
    and TRL's ``rewards/*`` are replaced by the own loss's rewards; every other metric is TRL's;
-3. with ``prefix_sharing``, every model call TRL makes runs one packed sequence per pair
-   (:mod:`dpo_xpu.train.prefix_sharing`);
+3. with ``prefix_sharing``, every model call TRL makes runs packed, each pair's prompt once, and with
+   ``packing_row_tokens`` several pairs per row, padding-free (:mod:`dpo_xpu.train.prefix_sharing`);
 4. for ``ipo`` (whose loss acts on length-averaged log-ratios) the logged ``rewards/*`` are ``beta`` times those
    averages, as TRL 0.11 logs them, instead of TRL 1.x's sums.
 """
@@ -46,8 +46,10 @@ class DpoXpuTrainer(DPOTrainer):
         reference_free: take every reference log-prob as 0 (no reference forward).
         reference_device: keep ``ref_model`` on this device (``"cpu"``): accelerate does not place it; its inputs go
             there.
-        prefix_sharing: one packed sequence per pair; ``prefix_sharing_tokens`` counts the real tokens in TRL's
-            layout (``"sequence"``) and in the packed one (``"packed"``).
+        prefix_sharing: run each pair packed, its prompt once; ``prefix_sharing_tokens`` counts the real tokens in
+            TRL's layout (``"sequence"``) and in the packed one (``"packed"``).
+        packing_row_tokens: with ``prefix_sharing``, the padding-free rows' budget in tokens (several pairs per
+            row); ``None``: one row per pair, padded to the longest.
         length_normalised_rewards: log ``rewards/*`` as ``beta`` times the length-averaged log-ratio (``ipo``).
         *args, **kwargs: as ``trl.DPOTrainer``.
     """
@@ -61,6 +63,7 @@ class DpoXpuTrainer(DPOTrainer):
         simpo_gamma: float = 0.5,
         reference_device: str | None = None,
         prefix_sharing: bool = False,
+        packing_row_tokens: int | None = None,
         length_normalised_rewards: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -76,6 +79,7 @@ class DpoXpuTrainer(DPOTrainer):
         self.simpo_gamma = simpo_gamma
         self.reference_device = torch.device(reference_device) if reference_device is not None else None
         self.prefix_sharing = prefix_sharing
+        self.packing_row_tokens = packing_row_tokens
         self.length_normalised_rewards = length_normalised_rewards
         self.prefix_sharing_tokens = {"sequence": 0, "packed": 0}
         if self.reference_device is not None and self.ref_model is not None:
@@ -98,7 +102,7 @@ class DpoXpuTrainer(DPOTrainer):
         """A :class:`PrefixSharing` context on ``model`` counting into ``prefix_sharing_tokens``, else a no-op."""
         if not self.prefix_sharing:
             return contextlib.nullcontext()
-        return PrefixSharing(model, tokens=self.prefix_sharing_tokens)
+        return PrefixSharing(model, tokens=self.prefix_sharing_tokens, row_tokens=self.packing_row_tokens)
 
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """TRL's reference log-probs ``(chosen [B], rejected [B])``, packed per pair with ``prefix_sharing``."""

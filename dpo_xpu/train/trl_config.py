@@ -160,7 +160,8 @@ def dpo_config_kwargs(
 ) -> dict[str, Any]:
     """Map a recipe onto ``trl.DPOConfig`` keyword arguments for a TRL generation: dpo_xpu's values for TRL options
     (:data:`~dpo_xpu.recipes.TRL_DEFAULT_OVERRIDES`) under the recipe's own (``trl_options``), as they are, plus
-    what dpo_xpu's keys mean for that generation (loss, optimizer, reference, evaluation).
+    what dpo_xpu's keys mean for that generation (loss, optimizer, reference, evaluation); ``bf16: auto`` as a bool
+    (:func:`dpo_xpu.device.use_bf16`).
 
     Args:
         recipe: the run's recipe.
@@ -194,6 +195,10 @@ def dpo_config_kwargs(
         "use_cpu": use_cpu,
     }
     kwargs.update(_trl_options(recipe, kwargs))
+    if kwargs.get("bf16") == "auto":  # a run settles it where it resolves the device (pipeline.settle_bf16)
+        from dpo_xpu.device import select_device, use_bf16
+
+        kwargs["bf16"] = use_bf16("auto", "cpu" if use_cpu else select_device(recipe.device))[0]
     if recipe.eval_steps and (recipe.eval_fraction > 0 if has_eval_dataset is None else has_eval_dataset):
         kwargs.update(
             eval_strategy="steps",
