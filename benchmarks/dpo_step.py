@@ -51,7 +51,8 @@ fit``) the first ``steps x batch`` rows, in file order, whose prompt and both an
 (so nothing is truncated), on the CPU 12 pairs of at most 320 tokens, batch 2, 6 steps. ``--model qwen2-0.5b``
 is the Qwen2 architecture at the size of Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads, 2 key-value heads,
 intermediate 4864, vocabulary 151,936, tied embeddings) with random weights (seed 0) and the real Qwen2
-tokenizer; ``--rows first`` takes the first rows after the recipe's seeded shuffle and truncates them. Results go
+tokenizer; ``--rows first`` takes the first rows after the recipe's seeded shuffle and truncates them, ``--rows
+longest`` the longest rows cut to ``max_length`` (``benchmarks/scaling.py``'s, so that batches reach it). Results go
 to a JSON file (``--out``, default ``benchmarks/results/dpo_step-<device>[-quick].json``) and a table on stdout.
 
 Measurements:
@@ -64,7 +65,8 @@ Measurements:
   (psutil), minus the RSS before the strategy loaded its models, with glibc's mmap threshold fixed at 1 MiB so
   that freed tensors leave the RSS (:func:`fix_malloc_mmap_threshold`; ``--keep-malloc`` turns that off); the
   sampler can miss a spike shorter than 10 ms. On a GPU, the allocator's peak (``max_memory_allocated`` after
-  ``reset_peak_memory_stats`` before loading).
+  ``reset_peak_memory_stats`` before loading; dpo_xpu's trainers reset it at each logged step, so the largest of the
+  setup's, each step's ``perf/peak_memory_mib`` and the rest's).
 - ``mfu``: model FLOPs per second / the matrix-multiply ceiling of the compute dtype measured here
   (``mfu_ceiling_gflops``: ``matmul_bf16_gflops`` for bf16 runs, ``matmul_fp32_gflops`` for float32 ones; best of a
   few ``n x n`` matmuls; a CPU without bf16 instructions emulates bf16 far below its float32 speed). Model FLOPs
@@ -261,6 +263,7 @@ class Settings:
     rows: int
     fit_rows: bool = True
     trl_cpu_repack: bool = False
+    longest_rows: bool = False
 
 
 def _recipe(
@@ -279,7 +282,7 @@ def _recipe(
             "backend": backend,
             "device": settings.device,
             "quantization": "nf4",
-            "limit": None if settings.fit_rows else settings.rows,
+            "limit": None if settings.fit_rows or settings.longest_rows else settings.rows,
             "drop_long_rows": settings.fit_rows,
             "max_steps": settings.steps,
             "per_device_train_batch_size": settings.batch,
@@ -322,13 +325,14 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     if strategy.endswith("-cold") or defaults:
         shutil.rmtree(ref_cache, ignore_errors=True)
     train_dataset, _ = load_run_data(recipe, tokenizer)
-    if settings.fit_rows:  # the first rows that fit whole (drop_long_rows kept them in file order)
+    if settings.fit_rows or settings.longest_rows:  # fit: the first rows that fit whole (drop_long_rows)
         if len(train_dataset) < settings.rows:
             raise SystemExit(
                 f"only {len(train_dataset)} rows fit in max_length={settings.max_length} tokens, {settings.rows} "
                 "needed: raise --max-length, lower --steps or --batch, or pass --rows first"
             )
-        train_dataset = train_dataset.select(range(settings.rows))
+        keep = longest_rows(train_dataset, tokenizer, settings) if settings.longest_rows else range(settings.rows)
+        train_dataset = train_dataset.select(keep)
     device = settings.device.split(":")[0]
     on_gpu = device in ("cuda", "xpu")
 
@@ -360,6 +364,8 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
     if strategy == "original":
         for name in SCORING_METHODS:
             vars(trainer).pop(name, None)
+    step_ends = StepTimer()
+    trainer.add_callback(step_ends)
     del policy, reference_model
     # several processes: rank 0 computes (cold) and the others read its cache file
     info = (
@@ -370,6 +376,8 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         info = getattr(trainer, "reference_cache_info", None)
         prefix_sharing = bool(getattr(trainer, "prefix_sharing", False))
         precomputed = info is not None
+    # dpo_xpu's trainers reset the allocator's peak at each logged step (perf/peak_memory_mib): keep the setup's
+    setup_peak = getattr(torch, device).max_memory_allocated() / 2**20 if on_gpu else None
     trainer.train()
     synchronize(settings.device)
     elapsed = time.perf_counter() - start
@@ -379,9 +387,11 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         if sampler.allocated_peak_mib is not None and allocated_baseline is not None
         else None
     )
-    peak_device = getattr(torch, device).max_memory_allocated() / 2**20 if on_gpu else None
-
     logs = [row for row in trainer.state.log_history if "loss" in row]
+    peak_device = None
+    if on_gpu:  # the setup's peak, each logged step's (perf/peak_memory_mib), the rest since the last log
+        windows = [row["perf/peak_memory_mib"] for row in logs if "perf/peak_memory_mib" in row]
+        peak_device = max(setup_peak, getattr(torch, device).max_memory_allocated() / 2**20, *windows)
     pairs = settings.steps * settings.batch * world_size()  # per-device batch on each of the processes
     tokens = int(logs[-1].get("num_tokens", 0)) if logs else 0
     if not tokens:  # TRL 0.11 logs no token count: every row is trained once (rows = steps x batch)
@@ -419,6 +429,8 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         "prefix_token_ratio": ratio,
         "answer_share": answer_share(trainer.train_dataset, settings.max_length),
         "prefix_sharing": prefix_sharing,
+        "step_seconds": step_ends.seconds(),
+        "sequence_tokens": sequence_tokens(train_dataset, tokenizer, settings),
         "pid": os.getpid(),
         "trl_cpu_repack": settings.trl_cpu_repack if peer else None,
         "phase_peaks_mib": {name: peak for name, (peak, _) in phases.items()},
@@ -430,6 +442,50 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         if on_gpu and kind == device:
             getattr(torch, kind).empty_cache()
     return row
+
+
+class StepTimer:
+    """A ``TrainerCallback`` (duck-typed: transformers calls each hook it finds) noting when training began and when
+    each optimizer step ended, for the wall seconds of each step (:meth:`seconds`): the first includes warm-up."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("on_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.times = [time.perf_counter()]
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:])]
+
+
+def sequence_tokens(dataset: Any, tokenizer: Any, settings: Settings) -> list[int]:
+    """Each pair's longer sequence in tokens, prompt + the longer answer, cut as TRL cuts them (the prompt to its last
+    ``max_prompt_length`` tokens, then the answer to ``max_length``): the length its batch is padded to at least."""
+    from dpo_xpu.data.lengths import token_lengths
+    from dpo_xpu.data.truncation import kept_answer_length
+
+    lengths = token_lengths(dataset, tokenizer)
+    kept = []
+    for p, c, r in zip(lengths["prompt"], lengths["chosen"], lengths["rejected"], strict=True):
+        p = min(p, settings.max_prompt_length)
+        kept.append(p + kept_answer_length(p, max(c, r), settings.max_length))
+    return kept
+
+
+def longest_rows(dataset: Any, tokenizer: Any, settings: Settings) -> list[int]:
+    """The indices, in file order, of the ``settings.rows`` pairs with the longest sequences as trained
+    (:func:`sequence_tokens`; ``--rows longest``): the pairs longer than ``max_length`` first, cut to it, so that
+    each batch reaches ``max_length`` where enough pairs are that long, then the longest of the others."""
+    lengths = sequence_tokens(dataset, tokenizer, settings)
+    return sorted(sorted(range(len(lengths)), key=lambda i: -lengths[i])[: settings.rows])
 
 
 def build_trl_peer(
@@ -527,15 +583,53 @@ def _unavailable(strategy: str) -> str | None:
     return None
 
 
-def _machine(device: str) -> dict[str, Any]:
+def _versions() -> dict[str, str]:
+    """The installed versions of the libraries a run's numbers depend on (absent ones left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "dpo-xpu"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _commit() -> str | None:
+    """The project's git commit, ``+dirty`` when the tree has changes; ``None`` outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``None``."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
+def machine_info(device: str) -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model() or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "device": device,
         "torch": torch.__version__,
+        "versions": _versions(),
+        "commit": _commit(),
     }
     kind = device.split(":")[0]
     if kind in ("cuda", "xpu") and getattr(torch, kind).is_available():
@@ -615,7 +709,7 @@ def estimate_rows(settings: Settings, config: Any, strategies: list[str], scored
             max_length=settings.max_length,
             gradient_checkpointing=settings.gradient_checkpointing,
             compute_dtype="bfloat16" if settings.bf16 else "float32",
-            device="cpu" if on_cpu else "gpu",
+            device=settings.device.split(":")[0],
             scored_fraction=1.0 if every_position and on_cpu else scored,
             chunked_logits=chunked,
         )
@@ -750,9 +844,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-prompt-length", type=int, default=None, help="default max_length x 2 // 3")
     parser.add_argument(
         "--rows",
-        choices=("fit", "first"),
+        choices=("fit", "first", "longest"),
         default="fit",
-        help="fit (default): the first rows that fit whole in max_length; first: the first rows, truncated",
+        help="fit (default): the first rows that fit whole in max_length; first: the first rows, truncated; "
+        "longest: the longest rows, cut to max_length (sequences that reach it)",
     )
     parser.add_argument(
         "--rounds", type=int, default=None, help="interleaved rounds, fastest reported (default 3; quick 1)"
@@ -941,6 +1036,7 @@ def main(argv: list[str] | None = None) -> dict:
         learning_rate=5e-5,
         rows=steps * batch * world_size(),
         fit_rows=args.rows == "fit",
+        longest_rows=args.rows == "longest",
         trl_cpu_repack=args.trl_cpu_repack,
     )
     logger.info("settings: %s", settings)
@@ -984,7 +1080,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_planner_error(results, estimates)
     payload = write_results(
         out,
-        _machine(args.device),
+        machine_info(args.device),
         gflops,
         results,
         ceiling_gflops=gflops if settings.bf16 else gflops_fp32,

@@ -140,3 +140,35 @@ def test_each_strategy_runs_in_its_own_process_and_the_fastest_round_is_reported
     assert all(r["reference_cache_hit"] is False for r in runs if r["strategy"] == "defaults")  # cold every round
     assert rows["defaults"]["losses"] == pytest.approx(rows["trl-peft"]["losses"], abs=1e-4)
     assert "rounds: " in script.format_table(payload)
+
+
+@require_orca_rows
+@require_qwen2_tokenizer
+def test_scaling_runs_a_cell_writes_table_and_figure_and_resumes(tmp_path):
+    """benchmarks/scaling.py on one cell of the tiny model: the JSON (machine, versions, commit), the rows near
+    max_length (--rows longest), the planner beside the peak, the markdown table and the PNG; a second call with
+    the same settings keeps the cell instead of running it again."""
+    spec = importlib.util.spec_from_file_location("scaling", PROJECT_ROOT / "benchmarks" / "scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    out, figure = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    argv = ["--model", "tiny", "--max-lengths", "256", "--batches", "2", "--dtypes", "float32", "--steps", "2"]
+    argv += ["--rounds", "1", "--strategies", "defaults", "--out", str(out), "--figure", str(figure)]
+    payload = scaling.main([*argv, "--work-dir", str(tmp_path / "work")])
+    assert json.loads(out.read_text()) == payload
+    assert {"torch", "transformers", "trl", "peft"} <= set(payload["machine"]["versions"])
+    assert "commit" in payload["machine"]
+    (cell,) = payload["cells"]
+    assert (cell["dtype"], cell["batch"], cell["max_length"]) == ("float32", 2, 256)
+    (row,) = cell["rows"]
+    assert row["strategy"] == "defaults" and not row.get("error")
+    assert len(row["sequence_tokens"]) == 4  # steps x batch pairs, the longest that fit whole
+    assert all(0.75 * 256 < n <= 256 for n in row["sequence_tokens"])
+    assert row["step_pairs_per_s"] == pytest.approx(2 / row["step_seconds"][1])  # the step after the first
+    assert row["peak_memory_mib"] > 0 and row["planner_mib"] > 0
+    assert row["planner_error"] == pytest.approx(row["planner_mib"] / row["peak_memory_mib"] - 1)
+    table = out.with_suffix(".md").read_text()
+    assert "| float32 | 2 | 256 |" in table and "commit " in table
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = scaling.main([*argv, "--work-dir", str(tmp_path / "none")])  # resumed: nothing left to run
+    assert again["cells"] == payload["cells"] and not (tmp_path / "none").exists()

@@ -6,7 +6,14 @@ import pytest
 from helpers import QWEN05
 
 from dpo_xpu.recipes import make_recipe
-from dpo_xpu.train.memory import MIB, NF4_BYTES_PER_PARAM, estimate_memory, matmul_parameters, recipe_fits
+from dpo_xpu.train.memory import (
+    GPU_RUNTIME_MIB,
+    MIB,
+    NF4_BYTES_PER_PARAM,
+    estimate_memory,
+    matmul_parameters,
+    recipe_fits,
+)
 
 
 def test_matmul_parameters_match_a_real_model():
@@ -159,3 +166,17 @@ def test_cpu_tile_copies_match_trls_torch_fallback():
     tile_mib = tokens * vocab * 4 / MIB
     copies = (peak[0] - base) / tile_mib  # 8.8 measured on the CI machine: 8.25 tiles and library scratch
     assert copies == pytest.approx(CPU_TILE_COPIES, rel=0.15), f"TRL's CPU backward held {copies:.2f} tiles"
+
+
+def test_gpu_logits_are_tiles_in_place_with_the_allocators_own_tensors_beside():
+    """On CUDA TRL's Triton kernels hold one float32 log-prob tile, and the allocator holds GPU_RUNTIME_MIB more
+    (both measured by ``benchmarks/scaling.py`` on an H200); XPU (and ``gpu``, which one not known) keep a margin of
+    four tiles until measured."""
+    cuda, xpu, gpu = (estimate_memory(QWEN05, batch=2, max_length=1024, device=d) for d in ("cuda", "xpu", "gpu"))
+    tile = 4096 * 32768 * 4 / MIB  # TRL's log-prob tile: 2 x 2 x 1024 positions fill it
+    assert cuda.components_mib["logits"] == pytest.approx(tile)
+    assert xpu.components_mib["logits"] == pytest.approx(4 * tile) == gpu.components_mib["logits"]
+    assert cuda.components_mib["runtime"] == GPU_RUNTIME_MIB["cuda"] > 0
+    assert cuda.total_mib < xpu.total_mib == gpu.total_mib
+    with pytest.raises(ValueError, match="device must be"):
+        estimate_memory(QWEN05, device="tpu")

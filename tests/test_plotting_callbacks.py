@@ -6,6 +6,8 @@ import json
 import math
 from types import SimpleNamespace
 
+import pytest
+
 from dpo_xpu.callbacks.metrics import LiveRewardPlotCallback, MetricsLoggerCallback
 from dpo_xpu.outputs.plotting import plot_reward_curves, read_metrics
 
@@ -119,3 +121,30 @@ def test_live_callback_before_any_row_draws_nothing(tmp_path):
     live = LiveRewardPlotCallback(tmp_path, display=False)
     assert live.redraw() is None
     assert not (tmp_path / "reward_curves.png").exists()
+
+
+def test_peak_memory_is_each_windows_own_peak():
+    """perf/peak_memory_mib: the peak since the last reading, then reset (on CPU the process's peak resident memory,
+    where Linux lets it be reset): a 64 MiB block freed inside a window counts in that window only."""
+    import torch
+
+    from dpo_xpu.train.throughput import ThroughputMeter, peak_memory_mib
+
+    if peak_memory_mib("cpu") is None:
+        pytest.skip("no resettable peak resident memory on this OS (Linux's /proc/self/clear_refs)")
+    meter = ThroughputMeter(config=None, pairs_per_step=2, device="cpu")
+    meter.start()
+    block = torch.ones(64 * 2**20 // 4)  # written, so resident; freed at once (glibc returns blocks this large)
+    del block
+    first = meter.values(1, None)["perf/peak_memory_mib"]
+    second = meter.values(2, None)["perf/peak_memory_mib"]
+    assert second > 0
+    assert first > second + 48
+
+
+def test_step_line_shows_throughput_and_peak_memory():
+    from dpo_xpu.callbacks.metrics import step_line
+
+    logs = {"loss": 0.6931, "perf/pairs_per_s": 0.25, "perf/mfu": 0.123, "perf/peak_memory_mib": 1234.4}
+    line = step_line(logs, SimpleNamespace(global_step=3, max_steps=10))
+    assert line == "step 3/10  loss 0.6931  pairs/s 0.25  MFU 12.3%  peak MiB 1,234"

@@ -167,7 +167,8 @@ def time_estimate(steps_done: int, seconds: float, steps_left: int) -> str:
 
 
 def step_line(logs: dict[str, Any], state: Any) -> str | None:
-    """One line for a logged step, ``"step 5/40  loss 0.6812  accuracy 0.75  margin 0.0310  lr 2.00e-04"``
+    """One line for a logged step, ``"step 5/40  loss 0.6812  accuracy 0.75  margin 0.0310  lr 2.00e-04"`` (then
+    pairs/s, MFU and peak MiB where logged)
     (evaluation rows start with ``eval``); ``None`` for the end-of-training summary."""
     prefix = "eval_" if "eval_loss" in logs else ""
     if f"{prefix}loss" not in logs:
@@ -180,6 +181,7 @@ def step_line(logs: dict[str, Any], state: Any) -> str | None:
         ("learning_rate", "lr", ".2e"),
         ("perf/pairs_per_s", "pairs/s", ".3g"),
         ("perf/mfu", "MFU", ".1%"),
+        ("perf/peak_memory_mib", "peak MiB", ",.0f"),
     ):
         value = logs.get(prefix + key)
         if isinstance(value, (int, float)):

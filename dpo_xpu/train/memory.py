@@ -12,15 +12,17 @@ From the model config (a Llama / Mistral / Qwen2-style decoder) and the recipe:
 - ``logits``: TRL 1.x's tiled log-probs (:data:`LOGPROB_TILE`) instead of the full float32 logits (those are
   ``full_logits_mib``, and the term on TRL 0.11): :data:`CPU_TILE_COPIES` tiles alive in the backward of TRL's
   torch fallback (checked by ``tests/test_memory.py`` against TRL's function), :data:`GPU_TILE_COPIES` for its
-  Triton kernels (a margin, not measured); only answer tokens where TRL scores only those (``scored_fraction``);
+  Triton kernels; only answer tokens where TRL scores only those (``scored_fraction``);
 - ``transients``: one layer's backward (recomputed activations, temporaries, on CPU a dequantised NF4 weight);
-- ``runtime``: on CPU, resident memory beyond the tensors (:data:`CPU_RUNTIME_MIB`, measured).
+- ``runtime``: on CPU, resident memory beyond the tensors (:data:`CPU_RUNTIME_MIB`); on CUDA, the allocator's
+  tensors not itemised here (:data:`GPU_RUNTIME_MIB`); both measured.
 
 The LM head's backward runs before any layer's, so the total is ``weights + lora_and_optimizer + runtime +
 activations + max(logits, transients)``. The estimate also names its largest single allocation: Intel Arc A-series
 cards cannot allocate more than 4 GiB in one piece (intel/intel-extension-for-pytorch #325). Sequences are taken
-as padded to ``max_length``. Checked against ``benchmarks/dpo_step.py`` on CPU (SmolLM2-135M-Instruct, orca rows):
-within 15% of the measured peaks.
+as padded to ``max_length``. Checked against ``benchmarks/dpo_step.py`` on CPU (SmolLM2-135M-Instruct, orca rows)
+and ``benchmarks/scaling.py`` on CUDA (its shape, ``max_length`` 256-1024, batch 1-4, bf16): within 15% of the
+measured peaks.
 """
 
 from __future__ import annotations
@@ -48,9 +50,14 @@ ACT_PER_TOKEN_LAYER = (16, 5)
 #: ``log_p``, ``p``, ``grad``, ``is_target.float() - p`` and its product with the incoming gradient, plus the
 #: boolean ``is_target`` (a quarter). The forward pass holds about half as many.
 CPU_TILE_COPIES = 8.25
-#: On XPU and CUDA TRL's Triton kernels overwrite the tile in place (one tile, plus its float32 upcast in the
-#: backward on XPU in bf16): a margin over that, not measured here.
-GPU_TILE_COPIES = 4
+#: Float32 tiles alive at once in TRL's Triton kernels, which overwrite the tile in place: one on CUDA (measured by
+#: ``benchmarks/scaling.py`` on an H200: 0.8 to 1.3 tiles beyond the other terms); on XPU one plus its float32
+#: upcast in the bf16 backward, planned with a margin (4) until measured; ``device="gpu"`` (which not known) as XPU.
+GPU_TILE_COPIES = {"cuda": 1, "xpu": 4, "gpu": 4}
+#: The allocator's tensors that the terms here leave out (kernel workspaces, bitsandbytes' dequantisation buffers,
+#: the LM head's input gradient), by device: 60 to 100 MiB measured on CUDA at every shape of
+#: ``benchmarks/scaling.py``; within XPU's tile margin.
+GPU_RUNTIME_MIB = {"cuda": 72, "xpu": 0, "gpu": 0}
 #: Resident memory beyond the tensors on CPU (bitsandbytes and PEFT state, oneDNN primitive caches, glibc's
 #: free lists), measured on the benchmark as resident memory minus live allocations; not counted on GPUs.
 CPU_RUNTIME_MIB = 150
@@ -163,7 +170,8 @@ def estimate_memory(
         batch: pairs per step (two sequences each). max_length: tokens per sequence, padded to it.
         compute_dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``: the dtype of activations.
         lora_targets: projection names with adapters; default all seven of :func:`linear_shapes`.
-        device: ``"gpu"`` (the allocator's peak) or ``"cpu"`` (resident memory).
+        device: ``"cuda"``, ``"xpu"`` or ``"gpu"`` (either: XPU's figures): the allocator's peak; ``"cpu"``:
+            resident memory.
         scored_fraction: the share of positions that go through the LM head, in (0, 1]: 1.0 where every position
             is scored, the answer tokens' share where only those are (about 0.5 on orca pairs at 256 tokens).
         chunked_logits: TRL 1.x's tiled log-probs; ``False`` for TRL 0.11, which builds the full float32 logits,
@@ -173,8 +181,8 @@ def estimate_memory(
         A :class:`MemoryEstimate`, sizes in MiB.
 
     Raises:
-        ValueError: an unknown ``quantization``, ``reference`` or ``compute_dtype``, a non-positive size, or a
-            ``scored_fraction`` outside (0, 1].
+        ValueError: an unknown ``quantization``, ``reference``, ``compute_dtype`` or ``device``, a non-positive
+            size, or a ``scored_fraction`` outside (0, 1].
     """
     if quantization not in ("nf4", "none"):
         raise ValueError(f"quantization must be 'nf4' or 'none', found {quantization!r}")
@@ -182,6 +190,8 @@ def estimate_memory(
         raise ValueError(f"reference must be 'adapter-off', 'separate' or 'precomputed', found {reference!r}")
     if compute_dtype not in DTYPE_BYTES:
         raise ValueError(f"compute_dtype must be one of {sorted(DTYPE_BYTES)}, found {compute_dtype!r}")
+    if device != "cpu" and device not in GPU_TILE_COPIES:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'xpu' or 'gpu', found {device!r}")
     if batch <= 0 or max_length <= 0 or lora_r <= 0:
         raise ValueError(f"batch, max_length and lora_r must be > 0, found {batch}, {max_length}, {lora_r}")
     if not 0.0 < scored_fraction <= 1.0:
@@ -209,7 +219,7 @@ def estimate_memory(
         activations = tokens * layers * per_layer_full
     tile_tokens, tile_vocab = LOGPROB_TILE
     tile = min(tokens * scored_fraction, tile_tokens) * min(vocab, tile_vocab) * 4
-    logits = tile * (CPU_TILE_COPIES if device == "cpu" else GPU_TILE_COPIES)
+    logits = tile * (CPU_TILE_COPIES if device == "cpu" else GPU_TILE_COPIES[device])
     if not chunked_logits:
         logits = tokens * vocab * 4 * 3  # TRL 0.11: logits, log-softmax and its gradient, whole
     largest = max(i * o for i, o in shapes.values())
@@ -226,7 +236,7 @@ def estimate_memory(
         "activations": activations / MIB,
         "logits": logits / MIB,
         "transients": transients / MIB,
-        "runtime": CPU_RUNTIME_MIB if device == "cpu" else 0.0,
+        "runtime": CPU_RUNTIME_MIB if device == "cpu" else GPU_RUNTIME_MIB[device],
     }
     settings = {
         "quantization": quantization,
@@ -294,6 +304,12 @@ def recipe_fits(
         config = from_pretrained(AutoConfig, resolve_model_path(recipe.model_name_or_path))
     plan = plan or reference_plan(recipe, "1.x" if recipe.backend == "native" else "0.11")
     reference = plan.strategy
+    bf16 = recipe.bf16  # bool once a run settled it; an unsettled auto: bf16 on a GPU (planned, maybe absent here)
+    if not isinstance(bf16, bool):
+        from dpo_xpu.device import select_device, use_bf16
+
+        where = recipe.device if recipe.device != "auto" else select_device("auto").type
+        bf16 = not where.startswith("cpu") or use_bf16(bf16, "cpu")[0]
     estimate = estimate_memory(
         config,
         quantization=recipe.quantization,
@@ -301,10 +317,10 @@ def recipe_fits(
         batch=recipe.per_device_train_batch_size,
         max_length=recipe.max_length,
         gradient_checkpointing=recipe.gradient_checkpointing,
-        compute_dtype="bfloat16" if recipe.bf16 else "float32",
+        compute_dtype="bfloat16" if bf16 else "float32",
         lora_r=recipe.lora_r,
         lora_targets=recipe.lora_target_modules,
-        device="cpu" if recipe.device.startswith("cpu") else "gpu",
+        device=kind if (kind := recipe.device.split(":")[0]) in ("cpu", "cuda", "xpu") else "gpu",
         chunked_logits=plan.generation == "1.x",  # TRL 0.11 (the ipex-llm backend) builds the full logits
     )
     budget = FIT_FRACTION * device_memory_mib

@@ -1,12 +1,13 @@
 """Throughput of a run: model FLOPs, the device's matmul ceiling, and the ``perf/*`` values of each logged step.
 
 Every run logs, with each training step's row of ``metrics.jsonl``, how fast it trains (``perf/pairs_per_s``,
-``perf/tokens_per_s``) and its model FLOPs utilisation (``perf/mfu``): the model FLOPs of the step (Kaplan et al.
-2020; PaLM, Chowdhery et al. 2022, app. B) over the wall time, against the device's matmul ceiling in the compute
-dtype, measured once per process (:func:`matmul_gflops`). Published peaks are not used: they differ by SKU, clock and
-power limit (Arc A-series, Data Center GPU Max, consumer and server CUDA cards), and a CPU has none that bf16
-emulation honours; the measured ceiling is what this device does with one large matmul. open-instruct logs the same
-(``perf/mfu_step``); transformers and TRL log neither, hence this module.
+``perf/tokens_per_s``), its peak memory (``perf/peak_memory_mib``, :func:`peak_memory_mib`) and its model FLOPs
+utilisation (``perf/mfu``): the model FLOPs of the step (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, app. B)
+over the wall time, against the device's matmul ceiling in the compute dtype, measured once per process
+(:func:`matmul_gflops`). Published peaks are not used: they differ by SKU, clock and power limit (Arc A-series, Data
+Center GPU Max, consumer and server CUDA cards), and a CPU has none that bf16 emulation honours; the measured
+ceiling is what this device does with one large matmul. open-instruct logs the same (``perf/mfu_step``);
+transformers and TRL log neither, hence this module.
 
     >>> meter = ThroughputMeter(model.config, pairs_per_step=8, peak_gflops=matmul_gflops("xpu", torch.bfloat16))
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 from typing import Any
 
 #: The key prefix of the throughput values in a ``metrics.jsonl`` row.
@@ -68,11 +70,38 @@ def matmul_gflops(device: str, dtype_name: str = "bfloat16", n: int | None = Non
     return 2 * n**3 / best / 1e9
 
 
+def peak_memory_mib(device: str) -> float | None:
+    """The peak memory since the last call (MiB), reset for the next one.
+
+    On XPU and CUDA the allocator's peak (``max_memory_allocated``: tensors only, then ``reset_peak_memory_stats``);
+    on a Linux CPU the process's peak resident memory (``VmHWM`` in ``/proc/self/status``, reset by writing 5 to
+    ``/proc/self/clear_refs``, Linux >= 4.0: the whole process, weights, runtime and allocator caches included);
+    ``None`` where neither is available (other OSes: their peak RSS, ``ru_maxrss``, cannot be reset). The reset is
+    process-wide: ``max_memory_allocated`` read after training covers only the time since the last logged step.
+    """
+    import torch
+
+    kind = str(device).split(":")[0]
+    if kind in ("cuda", "xpu"):
+        backend = getattr(torch, kind)
+        peak = backend.max_memory_allocated() / 2**20
+        backend.reset_peak_memory_stats()
+        return peak
+    try:
+        status = Path("/proc/self/status").read_text()
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    line = next((line for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return int(line.split()[1]) / 1024 if line else None  # kB
+
+
 class ThroughputMeter:
     """The ``perf/*`` values of each logged training step, from the step's wall time and TRL's token count.
 
     Between two logged steps: ``perf/pairs_per_s`` (steps x ``pairs_per_step``, the global batch),
-    ``perf/tokens_per_s`` (TRL's ``num_tokens``: both sequences, before prefix sharing), ``perf/step_s`` and, with
+    ``perf/tokens_per_s`` (TRL's ``num_tokens``: both sequences, before prefix sharing), ``perf/step_s``, with
+    ``device`` ``perf/peak_memory_mib`` (:func:`peak_memory_mib`, where the device reports it) and, with
     ``peak_gflops`` (per process, :func:`matmul_gflops`), ``perf/mfu``: the model FLOPs of the tokens really run
     (``token_ratio()`` of TRL's count with prefix sharing; plus a reference forward with ``reference_forward``) per
     second, per process (``processes``), over the peak.
@@ -86,6 +115,7 @@ class ThroughputMeter:
         processes: int = 1,
         reference_forward: bool = False,
         token_ratio: Any = None,
+        device: str | None = None,
     ) -> None:
         self.config = config
         self.pairs_per_step = pairs_per_step
@@ -93,10 +123,13 @@ class ThroughputMeter:
         self.processes = max(1, processes)
         self.reference_forward = reference_forward
         self.token_ratio = token_ratio or (lambda: 1.0)
+        self.device = device
         self._last: tuple[float, int, float] | None = None  # (time, step, tokens) at the last logged step
 
     def start(self, step: int = 0, tokens: float = 0.0) -> None:
-        """Start timing at ``step`` (training's begin, or a resumed checkpoint's step)."""
+        """Start timing, and the peak memory's window, at ``step`` (training's begin, or a resumed checkpoint's)."""
+        if self.device is not None:
+            peak_memory_mib(self.device)
         self._last = (time.perf_counter(), step, tokens)
 
     def values(self, step: int, tokens: float | None) -> dict[str, float]:
@@ -114,6 +147,9 @@ class ThroughputMeter:
             f"{PERF_PREFIX}step_s": round(seconds / steps, 4),
             f"{PERF_PREFIX}pairs_per_s": round(steps * self.pairs_per_step / seconds, 4),
         }
+        peak = peak_memory_mib(self.device) if self.device is not None else None
+        if peak is not None:
+            out[f"{PERF_PREFIX}peak_memory_mib"] = round(peak, 1)
         if tokens is None or tokens <= last_tokens:
             return out
         counted = tokens - last_tokens
@@ -143,4 +179,4 @@ def trainer_meter(trainer: Any, reference_forward: bool) -> ThroughputMeter:
         counts = getattr(trainer, "prefix_sharing_tokens", None)
         return counts["packed"] / counts["sequence"] if counts and counts.get("sequence") else 1.0
 
-    return ThroughputMeter(config, pairs, peak, processes, reference_forward, token_ratio)
+    return ThroughputMeter(config, pairs, peak, processes, reference_forward, token_ratio, device)
