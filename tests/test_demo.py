@@ -86,28 +86,35 @@ def test_the_demo_recipe_trains_smollm2_from_the_installed_package(tmp_path, mon
     assert find_gguf(folder).resolve() == source.resolve() and link_demo_gguf(folder) == folder  # a link, reused
 
 
-def test_notebook_recipe_reads_the_recipe_once_and_roots_its_paths(monkeypatch):
+def test_notebook_recipe_reads_the_recipe_once_and_roots_its_paths(monkeypatch, tmp_path):
     """notebook_recipe loads the file once (one conversion, one check) and makes its paths absolute on that recipe;
-    a value given stays as given, and the result equals the file's values with the rooted paths."""
+    a value given stays as given, and the result equals the file's values with the rooted paths. The project is a
+    copy in tmp_path (its recipe and data), and the demo model's build only makes its folder there."""
     import dpo_xpu.demo
     import dpo_xpu.recipes
     from dpo_xpu import load_recipe, notebook_recipe
     from dpo_xpu.demo import RECIPE_PATHS
 
+    tiny_file = tmp_path / "recipes" / TINY_RECIPE.name
+    tiny_file.parent.mkdir()
+    shutil.copy(TINY_RECIPE, tiny_file)
+    data = load_recipe(TINY_RECIPE).dataset_name_or_path
+    (tmp_path / data).parent.mkdir(parents=True)
+    shutil.copy(ROOT / data, tmp_path / data)
     loads, built, load = [], [], dpo_xpu.recipes.load_recipe
     monkeypatch.setattr(dpo_xpu.recipes, "load_recipe", lambda *args: loads.append(args) or load(*args))
-    monkeypatch.setattr(dpo_xpu.demo, "build_demo_model", lambda dest: built.append(dest) or dest)
-    recipe = notebook_recipe(TINY_RECIPE, max_steps=3, learning_rate=None, recipe_overrides={"limit": None})
-    assert len(loads) == 1 and built == [ROOT / "runs" / "demo-model"]
-    tiny = load(TINY_RECIPE, {"max_steps": 3, "limit": None})
-    rooted = {key: str((ROOT / getattr(tiny, key)).resolve()) for key in RECIPE_PATHS}
-    assert recipe.to_dict() == {**tiny.to_dict(), **rooted} and recipe.trl_options["output_dir"] == rooted["output_dir"]
-    given = notebook_recipe(TINY_RECIPE, output_dir="mine", model_name_or_path="runs/demo-model")
-    assert (given.output_dir, given.model_name_or_path) == ("mine", "runs/demo-model")
-    assert (
-        given.dataset_name_or_path == rooted["dataset_name_or_path"]
-        and given.max_steps == load_recipe(TINY_RECIPE).max_steps
+    monkeypatch.setattr(
+        dpo_xpu.demo, "build_demo_model", lambda dest: built.append(dest) or dest.mkdir(parents=True) or dest
     )
+    recipe = notebook_recipe(tiny_file, max_steps=3, learning_rate=None, recipe_overrides={"limit": None})
+    assert len(loads) == 1 and built == [tmp_path / "runs" / "demo-model"]
+    tiny = load(tiny_file, {"max_steps": 3, "limit": None})
+    rooted = {key: str((tmp_path / getattr(tiny, key)).resolve()) for key in RECIPE_PATHS}
+    assert recipe.to_dict() == {**tiny.to_dict(), **rooted} and recipe.trl_options["output_dir"] == rooted["output_dir"]
+    given = notebook_recipe(tiny_file, output_dir="mine", model_name_or_path="runs/demo-model")
+    assert (given.output_dir, given.model_name_or_path) == ("mine", "runs/demo-model")
+    assert given.dataset_name_or_path == rooted["dataset_name_or_path"]
+    assert given.max_steps == load_recipe(tiny_file).max_steps
 
 
 @pytest.mark.notebook
