@@ -159,3 +159,12 @@ def use_bf16(bf16: bool | str, device: torch.device | str, cpuinfo: str | None =
     if bf16 == "auto":
         return native, f"bf16: auto is {'on' if native else 'off (float32)'}: {fact}"
     return bf16, f"bf16: {str(bf16).lower()} in the recipe ({fact})"
+
+
+def compute_dtype(bf16: bool | str, device: torch.device | str) -> torch.dtype:
+    """``torch.bfloat16`` where :func:`use_bf16` says a run on ``device`` (a device, or a recipe's ``device`` value,
+    resolved by :func:`select_device` for ``bf16: auto``) computes in bf16, else ``torch.float32``."""
+    torch = import_torch()
+    if bf16 == "auto" and not isinstance(device, torch.device):
+        device = select_device(device)
+    return torch.bfloat16 if use_bf16(bf16, device)[0] else torch.float32

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from dpo_xpu.device import compute_dtype
 from dpo_xpu.errors import RecipeError, RunFolderError
 from dpo_xpu.eval.heldout import (
     EVALUATION_FILE,
@@ -27,7 +28,7 @@ from dpo_xpu.eval.heldout import (
 from dpo_xpu.outputs.adapter import ADAPTER_DIR
 from dpo_xpu.outputs.merge import MERGE_RTOL, MERGED_DIR, export_merged, merge_mismatch, run_prompts
 from dpo_xpu.outputs.run_folder import MERGE_CHECK_FILE
-from dpo_xpu.train.factory import compute_dtype, load_run_data
+from dpo_xpu.train.factory import load_run_data
 
 #: The rows :func:`evaluate_run` can score: the held-out split (``eval``) or the rows trained on (``train``).
 SPLITS = ("eval", "train")
@@ -47,25 +48,6 @@ def _finished_run_recipe(run_dir: Path) -> Any:
             f"first: dpo-xpu train --recipe {run_dir / 'recipe.yaml'} --resume"
         )
     return recipe
-
-
-def _check_evaluable(run_dir: Path, recipe: Any, split: str) -> None:
-    """Refuse an unknown ``split``, ``eval`` on a run that held no rows out, a policy we cannot rebuild."""
-    if split not in SPLITS:
-        raise RecipeError(f"split: {split!r} is not a split: use 'eval' (the held-out rows) or 'train'")
-    if split == "eval" and not recipe.eval_fraction:
-        raise RecipeError(
-            f"{run_dir} held no rows out (eval_fraction: {recipe.eval_fraction}): evaluate the rows it "
-            "trained on with --split train (split='train'), which measures what it learnt, not how it generalises, "
-            "or train again with eval_fraction > 0"
-        )
-    if recipe.sft_checkpoint or recipe.adapter_name_or_path:
-        key = "sft_checkpoint" if recipe.sft_checkpoint else "adapter_name_or_path"
-        raise RecipeError(
-            f"{run_dir} was trained with {key}: evaluating it is not supported yet (the policy is loaded on "
-            "the plain base, and its reference would be the base rather than the run's starting model); use the "
-            "evaluation during training (eval_steps) instead"
-        )
 
 
 def samples_verdict(differ: int, total: int) -> str:
@@ -128,11 +110,8 @@ class RunEvaluation:
         for number, sample in enumerate(self.samples, 1):
             lines.append(f"[{number}] {'identical' if sample['identical'] else 'different'}")
             lines.append(f"  prompt:    {_cut(_user_turn(sample['prompt']), PROMPT_CHARS)}")
-            if sample["identical"]:
-                lines.append(f"  both:      {_cut(sample['policy'], ANSWER_CHARS)}")
-            else:
-                lines.append(f"  policy:    {_cut(sample['policy'], ANSWER_CHARS)}")
-                lines.append(f"  reference: {_cut(sample['reference'], ANSWER_CHARS)}")
+            shown = [("both", "policy")] if sample["identical"] else [("policy", "policy"), ("reference", "reference")]
+            lines += [f"  {label + ':':<11}{_cut(sample[key], ANSWER_CHARS)}" for label, key in shown]
         return "\n".join(lines)
 
 
@@ -156,7 +135,21 @@ def evaluate_run(
 
     run_dir = Path(run_dir)
     recipe = _finished_run_recipe(run_dir)
-    _check_evaluable(run_dir, recipe, split)
+    if split not in SPLITS:
+        raise RecipeError(f"split: {split!r} is not a split: use 'eval' (the held-out rows) or 'train'")
+    if split == "eval" and not recipe.eval_fraction:
+        raise RecipeError(
+            f"{run_dir} held no rows out (eval_fraction: {recipe.eval_fraction}): evaluate the rows it "
+            "trained on with --split train (split='train'), which measures what it learnt, not how it generalises, "
+            "or train again with eval_fraction > 0"
+        )
+    if recipe.sft_checkpoint or recipe.adapter_name_or_path:
+        key = "sft_checkpoint" if recipe.sft_checkpoint else "adapter_name_or_path"
+        raise RecipeError(
+            f"{run_dir} was trained with {key}: evaluating it is not supported yet (the policy is loaded on "
+            "the plain base, and its reference would be the base rather than the run's starting model); use the "
+            "evaluation during training (eval_steps) instead"
+        )
     tokenizer = load_tokenizer(run_dir / ADAPTER_DIR)
     train, heldout = load_run_data(recipe, tokenizer)  # the rows as training split them
     rows = heldout if split == "eval" else train
@@ -166,7 +159,7 @@ def evaluate_run(
         run_dir / ADAPTER_DIR,
         recipe.quantization,
         device or recipe.device,
-        compute_dtype(recipe),
+        compute_dtype(recipe.bf16, device or recipe.device),
         recipe.backend,
     )
     shared = {"batch_size": batch_size, "progress": progress}
@@ -203,26 +196,22 @@ class RunExport:
     def summary(self) -> str:
         """Where the adapter and the merged model are, and the merge check's verdict."""
         lines = [f"adapter:      {self.adapter_dir} (LoRA adapter, tokenizer and model card; loads with PEFT)"]
+        c = self.check
         if self.merged_dir is None:
             lines.append(f"a model without PEFT or bitsandbytes: dpo-xpu export {self.run_dir} --merged")
-            return "\n".join(lines)
-        dtype = f" ({self.check['weights_dtype']})" if self.check else ""
-        lines.append(f"merged model: {self.merged_dir}{dtype}, loads with AutoModelForCausalLM.from_pretrained")
-        if self.check is None:
-            return "\n".join(lines)
-        c = self.check
-        if c["matches"]:
+        else:
+            dtype = f" ({c['weights_dtype']})" if c else ""
+            lines.append(f"merged model: {self.merged_dir}{dtype}, loads with AutoModelForCausalLM.from_pretrained")
+        if c is not None:
             verdict = (
                 f"matches: logits within {c['max_abs_diff']:.3g} of the adapter model's ({100 * c['effect_ratio']:.2g}"
                 f"% of the adapter's own effect, at most {c['rtol']:.0%}), greedy text the same on {c['greedy_same']} "
                 f"of {c['greedy_texts']} prompts"
+                if c["matches"]
+                else f"DIFFERS: the merge {merge_mismatch(c, c['rtol'])}"
             )
-        else:
-            verdict = f"DIFFERS: the merge {merge_mismatch(c, c['rtol'])}"
-        lines.append(f"merge check:  {verdict}")
-        if c.get("fallback"):
-            lines.append(f"              {c['fallback']}")
-        lines.append(f"              {self.check_path}")
+            lines += [f"merge check:  {verdict}", *([f"              {c['fallback']}"] if c.get("fallback") else [])]
+            lines.append(f"              {self.check_path}")
         return "\n".join(lines)
 
 
@@ -241,19 +230,17 @@ def _replacing(out: Path, overwrite: bool, what: str) -> Iterator[None]:
     """Write ``out`` in the block; what it held is deleted once the block succeeded, put back if it fails."""
     taken = _taken(out, overwrite, what)
     out.parent.mkdir(parents=True, exist_ok=True)
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) if taken else None
-    if aside is not None:
-        out.rename(aside / out.name)
+    aside = out.rename(Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name) if taken else None
     try:
         yield
     except BaseException:
         if aside is not None:
             shutil.rmtree(out, ignore_errors=True)
-            (aside / out.name).rename(out)
-            aside.rmdir()
+            aside.rename(out)
+            aside.parent.rmdir()
         raise
     if aside is not None:
-        shutil.rmtree(aside)
+        shutil.rmtree(aside.parent)
 
 
 def export_run(

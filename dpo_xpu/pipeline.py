@@ -166,8 +166,8 @@ def make_dpo_trainer(
     from dpo_xpu.train.throughput import trainer_meter
 
     plan = plan or reference_plan(recipe, trl_generation(), rows=len(train_dataset), world_size=world_size())
-    train_dataset = cut_prompts(recipe, plan.generation, tokenizer, train_dataset)
-    eval_dataset = cut_prompts(recipe, plan.generation, tokenizer, eval_dataset)
+    train_dataset = cut_prompts(recipe.max_prompt_length, plan.generation, tokenizer, train_dataset)
+    eval_dataset = cut_prompts(recipe.max_prompt_length, plan.generation, tokenizer, eval_dataset)
     own = _run_callbacks(recipe, plan, model, ref_model, tokenizer, eval_dataset, live_plot)
     trainer = build_trainer(
         recipe, plan, model, ref_model, tokenizer, train_dataset, eval_dataset, own + (callbacks or [])
@@ -200,7 +200,15 @@ def _run_callbacks(
         step0 = Step0Check(
             beta=recipe.beta,
             expected_loss=expected_step0_loss(recipe.loss_type, recipe.beta, recipe.nll_loss_coef),
-            causes=step0_causes(recipe, model, ref_model, next(model.parameters()).device.type),
+            causes=step0_causes(
+                model,
+                ref_model,
+                next(model.parameters()).device.type,
+                backend=recipe.backend,
+                reference_device=recipe.reference_device,
+                gradient_checkpointing=recipe.gradient_checkpointing,
+                bf16=recipe.bf16,
+            ),
         )
     out: list[TrainerCallback] = [
         MetricsLoggerCallback(recipe.output_dir, step0=step0),
@@ -279,7 +287,7 @@ def run_training(
     recipe.bf16, why = use_bf16(recipe.bf16, device)  # auto -> a bool, once: TRL, the models, recipe.yaml see it
     logger.info(why)
     init_distributed(device)  # several processes (torchrun, accelerate launch): join their group (dpo_xpu.distributed)
-    check_engine(recipe)
+    check_engine(recipe.quantization, recipe.trl_options)
     generation = trl_generation()  # once per run, passed down (with the reference plan, once the data is loaded)
     validate_recipe(recipe, use_cpu=device.type == "cpu", generation=generation)  # every TRL option, before writing
     on_every_rank(resolve_model_path, recipe.model_name_or_path)  # so does a missing model or hub id, on any node
@@ -291,7 +299,10 @@ def run_training(
             return opened
         started, checkpoint = opened
         if is_main_process():
-            logger.log(logging.WARNING if is_distributed() else logging.INFO, global_batch_line(recipe))
+            logger.log(
+                logging.WARNING if is_distributed() else logging.INFO,
+                global_batch_line(recipe.per_device_train_batch_size, recipe.gradient_accumulation_steps),
+            )
         first_step = FirstStepCallback()
         try:
             trainer, tokenizer = _build(recipe, run_dir, callbacks, live_plot, generation)

@@ -102,7 +102,7 @@ def test_the_adapter_and_the_card_name_the_gguf_model_and_the_merge_finds_its_ba
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "llama"
 
     recipe = make_recipe({"model_name_or_path": str(gguf_folder), "output_dir": str(tmp_path / "run")})
-    card = model_card(recipe, [])
+    card = model_card(recipe.to_dict(), [])
     assert "# DPO LoRA adapter for llama" in card and f"GGUF file (llama.cpp's format) `{gguf}`" in card
     assert "base_model:" not in card and str(cache) not in card  # no hub id to name; never the cache folder
 

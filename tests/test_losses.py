@@ -111,7 +111,7 @@ def test_trl_1x_mapping(overrides, loss_type, weights, own):
     kwargs = config_kwargs(recipe, "1.x")
     assert kwargs["loss_type"] == loss_type
     assert kwargs.get("loss_weights") == weights
-    assert own_loss_type(recipe, "1.x") == own
+    assert own_loss_type(recipe.loss_type, recipe.label_smoothing, "1.x") == own
     assert "reference_free" not in kwargs and "rpo_alpha" not in kwargs
 
 

@@ -36,7 +36,7 @@ def base(stories260k_path, orca_rows_path, tmp_path_factory):
 
 
 def _key(trainer, recipe, cache):
-    return reference_cache_key(trainer, trainer.train_dataset, recipe, memo_dir=cache)[0]
+    return reference_cache_key(trainer, trainer.train_dataset, recipe.to_dict(), memo_dir=cache)[0]
 
 
 def test_hit_after_miss_gives_same_values(base, tmp_path):
@@ -122,7 +122,7 @@ def test_weights_rewritten_in_place_with_same_size_and_mtime_change_the_key(base
     copy, memo = tmp_path / "model", tmp_path / "memo"
     shutil.copytree(recipe.model_name_or_path, copy)
     weights = copy / "model.safetensors"
-    before_key = reference_cache_key(trainer, trainer.train_dataset, recipe, str(copy), memo_dir=memo)[0]
+    before_key = reference_cache_key(trainer, trainer.train_dataset, recipe.to_dict(), str(copy), memo_dir=memo)[0]
     before = weights_digest(copy, memo_dir=memo)
 
     stat = weights.stat()
@@ -135,7 +135,9 @@ def test_weights_rewritten_in_place_with_same_size_and_mtime_change_the_key(base
 
     after = weights_digest(copy, memo_dir=memo)
     assert after != before and after == weights_digest(copy)  # the new bytes' digest, read again
-    assert reference_cache_key(trainer, trainer.train_dataset, recipe, str(copy), memo_dir=memo)[0] != before_key
+    assert (
+        reference_cache_key(trainer, trainer.train_dataset, recipe.to_dict(), str(copy), memo_dir=memo)[0] != before_key
+    )
 
 
 def test_weights_digest_is_remembered_until_a_file_changes(stories260k_path, tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from dpo_xpu.callbacks.metrics import MetricsLoggerCallback
-from dpo_xpu.recipes import Recipe
 from dpo_xpu.train.step0 import (
     GAP_KEY,
     WARNING_KEY,
@@ -86,18 +85,17 @@ def test_dtype_mismatches_compare_the_same_parameters_by_name():
 
 
 def test_causes_name_the_dtype_first_for_a_separate_reference():
-    causes = step0_causes(Recipe(backend="ipex-llm", reference="separate"), PeftLike(), Tiny(torch.bfloat16), "cpu")
+    causes = step0_causes(PeftLike(), Tiny(torch.bfloat16), "cpu", backend="ipex-llm")
     assert causes[0].startswith("the separate reference was loaded in another dtype than the policy: norm.weight")
     assert "(and 1 more)" in causes[0] and "ipex-llm example" in causes[0]
-    recipe = Recipe(backend="ipex-llm", reference="adapter-off", gradient_checkpointing=False)
-    no_gc = step0_causes(recipe, PeftLike(), None, "cpu")
+    no_gc = step0_causes(PeftLike(), None, "cpu", backend="ipex-llm", gradient_checkpointing=False)
     assert "training kernel" in no_gc[0] and "gradient_checkpointing: true" in no_gc[0]
 
 
 def test_a_bf16_run_names_rounding_in_other_batch_shapes_and_a_float32_one_does_not():
-    bf16 = step0_causes(Recipe(bf16=True), PeftLike(), None, "cpu")
+    bf16 = step0_causes(PeftLike(), None, "cpu", bf16=True)
     assert bf16[0].startswith("bf16 rounding") and "bf16: false" in bf16[0]
-    assert not any("bf16 rounding" in cause for cause in step0_causes(Recipe(bf16=False), PeftLike(), None, "cpu"))
+    assert not any("bf16 rounding" in cause for cause in step0_causes(PeftLike(), None, "cpu", bf16=False))
 
 
 def test_the_metrics_logger_adds_the_check_to_the_step1_row_only(tmp_path):
@@ -137,7 +135,7 @@ def test_a_stale_precomputed_reference_is_recomputed_before_the_first_step(
     recipe = short_recipe(stories260k_path, orca_rows_path, tmp_path / "first", reference="precomputed", max_steps=1)
     first = make_trainer(recipe)
     info = first.reference_cache_info
-    chosen, rejected = load_reference_logps(info.path, info.key, info.rows)
+    chosen, rejected, _ = load_reference_logps(info.path, info.key, info.rows)
     save_reference_logps(info.path, chosen + 5.0, rejected - 5.0, info.key, info.components)  # valid, but stale
 
     with caplog.at_level(logging.WARNING):

@@ -6,9 +6,12 @@ one, with the Hub's metadata block, in place of both; a GGUF base is named as th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dpo_xpu.recipes import Recipe
 
 #: Metrics of the last logged step quoted in the card, with their labels.
 CARD_METRICS = (
@@ -38,14 +41,15 @@ CARD_KEYS = tuple(
 )
 
 
-def model_card(recipe: Any, metrics: list[dict[str, Any]], decisions: Sequence[str] | None = None) -> str:
-    """The card's Markdown for a run's recipe and ``metrics.jsonl`` rows (the last training row is quoted)."""
+def model_card(values: Mapping[str, Any], metrics: list[dict[str, Any]], decisions: Sequence[str] | None = None) -> str:
+    """The card's Markdown for a run's recipe values (``Recipe.to_dict()``) and ``metrics.jsonl`` rows (the last
+    training row is quoted)."""
     from dpo_xpu.models.gguf import model_origin
 
-    base = str(recipe.model_name_or_path)
+    base = str(values["model_name_or_path"])
     origin = model_origin(base)
     name = origin["name"] if origin else base
-    sources = list(recipe.dataset_mixture) if recipe.dataset_mixture else [recipe.dataset_name_or_path]
+    sources = list(values.get("dataset_mixture") or [values["dataset_name_or_path"]])
     last = next((row for row in reversed(metrics) if "loss" in row), {})
     hub_id = not origin or name == origin.get("metadata", {}).get("source.huggingface.repository")
     front = ["---", *([f"base_model: {name}"] if hub_id else []), "library_name: peft", "pipeline_tag: text-generation"]
@@ -54,7 +58,7 @@ def model_card(recipe: Any, metrics: list[dict[str, Any]], decisions: Sequence[s
     body = [
         f"# DPO LoRA adapter for {Path(name).name}",
         "",
-        f"A LoRA adapter (rank {recipe.lora_r}) trained with Direct Preference Optimization (Rafailov et al. 2023) "
+        f"A LoRA adapter (rank {values['lora_r']}) trained with Direct Preference Optimization (Rafailov et al. 2023) "
         f"by dpo_xpu on top of the base model `{name}`, on the preference pairs of "
         + ", ".join(f"`{s}`" for s in sources)
         + ".",
@@ -64,7 +68,7 @@ def model_card(recipe: Any, metrics: list[dict[str, Any]], decisions: Sequence[s
         "",
         "| key | value |",
         "|---|---|",
-        *(f"| `{key}` | `{getattr(recipe, key)}` |" for key in CARD_KEYS),
+        *(f"| `{key}` | `{values[key]}` |" for key in CARD_KEYS),
         "",
     ]
     if decisions:  # what the recipe's `auto` values resolved to in this run, as the log said
@@ -99,14 +103,14 @@ def _gguf_section(origin: dict[str, Any]) -> list[str]:
 
 
 def write_model_cards(
-    recipe: Any, run_dir: str | Path, adapter_dir: str | Path, decisions: Sequence[str] | None = None
+    recipe: Recipe, run_dir: str | Path, adapter_dir: str | Path, decisions: Sequence[str] | None = None
 ) -> list[Path]:
     """Write :func:`model_card` (``decisions``: what ``auto`` chose) to ``<run_dir>/README.md`` and
     ``<adapter_dir>/README.md``; return both paths."""
     from dpo_xpu.outputs.plotting import METRICS_FILE, read_metrics
 
     metrics_path = Path(run_dir) / METRICS_FILE
-    text = model_card(recipe, read_metrics(metrics_path) if metrics_path.is_file() else [], decisions)
+    text = model_card(recipe.to_dict(), read_metrics(metrics_path) if metrics_path.is_file() else [], decisions)
     paths = [Path(run_dir) / "README.md", Path(adapter_dir) / "README.md"]
     for path in paths:
         path.write_text(text, encoding="utf-8")

@@ -37,12 +37,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def cut_prompts(recipe: Recipe, generation: str, tokenizer: PreTrainedTokenizerBase, dataset: Any) -> Any:
-    """``dataset`` with its prompts cut to ``max_prompt_length`` on TRL 1.x (which has no such option); as it is
-    otherwise (TRL 0.11 cuts them itself), and for ``None``."""
-    if dataset is None or generation != "1.x" or recipe.max_prompt_length is None:
+def cut_prompts(
+    max_prompt_length: int | None, generation: str, tokenizer: PreTrainedTokenizerBase, dataset: Any
+) -> Any:
+    """``dataset`` with its prompts cut to ``max_prompt_length`` tokens on TRL 1.x (which has no such option); as it
+    is otherwise (TRL 0.11 cuts them itself), and for ``None``."""
+    if dataset is None or generation != "1.x" or max_prompt_length is None:
         return dataset
-    return truncate_prompts(dataset, tokenizer, recipe.max_prompt_length)
+    return truncate_prompts(dataset, tokenizer, max_prompt_length)
 
 
 def load_run_data(
@@ -76,24 +78,13 @@ def load_run_data(
     return splits
 
 
-def compute_dtype(recipe: Recipe) -> Any:
-    """The run's compute dtype: ``torch.bfloat16`` with ``bf16`` (``auto`` not yet settled by the run: as
-    :func:`dpo_xpu.device.use_bf16` decides for the recipe's device), else ``torch.float32``."""
-    import torch
-
-    from dpo_xpu.device import select_device, use_bf16
-
-    bf16 = recipe.bf16 if isinstance(recipe.bf16, bool) else use_bf16(recipe.bf16, select_device(recipe.device))[0]
-    return torch.bfloat16 if bf16 else torch.float32
-
-
 def load_run_models(
     recipe: Recipe, plan: ReferencePlan | None = None
 ) -> tuple[PreTrainedModel, PreTrainedModel | None]:
     """Load the policy (with LoRA) and, for the ``separate`` strategy, the frozen reference; ``plan`` is the run's
     reference plan (default: the one without the rows, which never changes whether a reference is loaded)."""
 
-    from dpo_xpu.device import select_device
+    from dpo_xpu.device import compute_dtype, select_device
     from dpo_xpu.models.base import LoraSettings
     from dpo_xpu.models.loading import load_policy_model, load_reference_model, load_sft_state_dict
 
@@ -104,7 +95,7 @@ def load_run_models(
         )
     plan = plan or reference_plan(recipe, trl_generation())
     device = select_device(recipe.device)
-    dtype = compute_dtype(recipe)
+    dtype = compute_dtype(recipe.bf16, device)
     lora = LoraSettings(recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout, recipe.lora_target_modules)
     # One SFT state dict (read once) for both models, applied before quantization.
     sft = load_sft_state_dict(recipe.sft_checkpoint, recipe.model_name_or_path) if recipe.sft_checkpoint else None
@@ -184,11 +175,14 @@ def build_trainer(
     row_tokens = None
     if prefix_sharing:
         batch, max_length = recipe.per_device_train_batch_size, recipe.max_length
-        in_bf16 = plan.precomputed_by is not None and compute_dtype(recipe) != torch.float32
+        in_bf16 = plan.precomputed_by is not None and bool(config_kwargs.get("bf16"))
         row_tokens, packing_why = packing_budget(recipe.prefix_sharing, model, batch, max_length, in_bf16)
         why = f"{why}; {packing_why}"
     logger.info("%s", why)
-    trainer_class, extra = _trainer_class(recipe, plan, prefix_sharing, row_tokens)
+    own = own_loss_type(recipe.loss_type, recipe.label_smoothing, generation)
+    trainer_class, extra = _trainer_class(plan, own, recipe.loss_type == "ipo", prefix_sharing, row_tokens)
+    if trainer_class.__name__ == "DpoXpuTrainer":  # its own losses' settings too
+        extra.update(label_smoothing=recipe.label_smoothing, simpo_gamma=recipe.simpo_gamma)
     trainer = trainer_class(
         model=model,
         ref_model=ref_model,
@@ -202,7 +196,7 @@ def build_trainer(
     require_internals(trainer)  # a TRL release that renamed what dpo_xpu reaches into fails here, in one line
     trainer.decisions = [plan.why, why]  # what `auto` chose, one line each, for notebooks and reports
     if generation == "1.x" and recipe.max_prompt_length is not None:
-        _truncate_evaluated_prompts(trainer, recipe, generation, tokenizer)
+        _truncate_evaluated_prompts(trainer, recipe.max_prompt_length, generation, tokenizer)
     if generation == "1.x" and on_cpu:
         answer_tokens_only_on_cpu_for(trainer)  # TRL's switch on for this trainer's passes alone, restored after
     if generation == "1.x" and recipe.adapter_name_or_path:
@@ -218,38 +212,37 @@ def build_trainer(
     return trainer
 
 
-def _truncate_evaluated_prompts(trainer: Any, recipe: Recipe, generation: str, tokenizer: Any) -> None:
+def _truncate_evaluated_prompts(trainer: Any, max_prompt_length: int, generation: str, tokenizer: Any) -> None:
     """Cut the prompts of data given to ``trainer.evaluate`` as the run's own were cut (TRL 1.x would drop each new
     row whose prompt alone passes ``max_length``, without a word). Wraps this trainer's ``evaluate`` only."""
     evaluate = trainer.evaluate
 
     def evaluate_cut(eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: cut_prompts(recipe, generation, tokenizer, v) for k, v in eval_dataset.items()}
+            eval_dataset = {
+                k: cut_prompts(max_prompt_length, generation, tokenizer, v) for k, v in eval_dataset.items()
+            }
         else:
-            eval_dataset = cut_prompts(recipe, generation, tokenizer, eval_dataset)
+            eval_dataset = cut_prompts(max_prompt_length, generation, tokenizer, eval_dataset)
         return evaluate(eval_dataset, *args, **kwargs)
 
     trainer.evaluate = evaluate_cut
 
 
 def _trainer_class(
-    recipe: Recipe, plan: ReferencePlan, prefix_sharing: bool = False, row_tokens: int | None = None
+    plan: ReferencePlan, own: str | None, ipo: bool, prefix_sharing: bool = False, row_tokens: int | None = None
 ) -> tuple[type, dict[str, Any]]:
-    """The trainer class for a recipe and its extra keywords: TRL's ``DPOTrainer``, unless the recipe needs
-    :class:`~dpo_xpu.train.trainer.DpoXpuTrainer` (TRL 1.x: an own loss, reference-free, a CPU reference, prefix
-    sharing, ipo's averaged rewards) or the ipex-llm backend's reference-free trainer (TRL 0.11)."""
+    """The trainer class and its extra keywords: TRL's ``DPOTrainer``, unless the run needs
+    :class:`~dpo_xpu.train.trainer.DpoXpuTrainer` (TRL 1.x: an own loss ``own``, reference-free, a CPU reference,
+    prefix sharing, ``ipo``'s averaged rewards) or the ipex-llm backend's reference-free trainer (TRL 0.11)."""
     from trl import DPOTrainer
 
-    generation = plan.generation
-    if generation == "0.11":
-        if recipe.reference_free:
+    if plan.generation == "0.11":
+        if plan.reference_free:
             from dpo_xpu.models.backends.ipex_llm_trainer import ReferenceFreeDPOTrainer
 
             return ReferenceFreeDPOTrainer, {}
         return DPOTrainer, {}
-    own = own_loss_type(recipe, generation)
-    ipo = recipe.loss_type == "ipo"
     if not (own or plan.reference_free or plan.device is not None or prefix_sharing or ipo):
         return DPOTrainer, {}
     from dpo_xpu.train.trainer import DpoXpuTrainer
@@ -257,8 +250,6 @@ def _trainer_class(
     return DpoXpuTrainer, dict(
         own_loss_type=own,
         reference_free=plan.reference_free,
-        label_smoothing=recipe.label_smoothing,
-        simpo_gamma=recipe.simpo_gamma,
         reference_device=plan.device,
         prefix_sharing=prefix_sharing,
         packing_row_tokens=row_tokens,

@@ -73,33 +73,28 @@ def reference_plan(recipe: Recipe, generation: str, rows: int | None = None, wor
     pairs = (
         (recipe.max_steps * global_batch if recipe.max_steps > 0 else recipe.num_train_epochs * rows) if rows else None
     )
+    auto = (  # what reference: auto stands for: the first strategy whose condition holds, and why
+        (free, "adapter-off", "a reference-free loss computes no reference"),
+        (recipe.reference_device == "cpu", "separate", "reference_device: cpu moves a separate model"),
+        (bool(recipe.adapter_name_or_path), "adapter-off", "the starting adapter's frozen copy is the reference"),
+        (
+            generation != "1.x" or recipe.backend == "ipex-llm",
+            "adapter-off",
+            "the ipex-llm backend runs Intel's example",
+        ),
+        (
+            pairs is not None and pairs < rows,
+            "adapter-off",
+            f"the run trains on {pairs or 0:g} pairs of {rows} rows: precomputing every row would cost more than the "
+            "reference forwards of its steps",
+        ),
+        (True, "precomputed", "each row's reference computed once, then cached on disk"),
+    )
     if recipe.reference != "auto":
         strategy, why = recipe.reference, f"reference: {recipe.reference} (set in the recipe)"
-    elif free:
-        strategy, why = "adapter-off", "reference: auto -> adapter-off (a reference-free loss computes no reference)"
-    elif recipe.reference_device == "cpu":
-        strategy, why = "separate", "reference: auto -> separate (reference_device: cpu moves a separate model)"
-    elif recipe.adapter_name_or_path:
-        strategy, why = (
-            "adapter-off",
-            ("reference: auto -> adapter-off (the starting adapter's frozen copy is the reference)"),
-        )
-    elif generation != "1.x" or recipe.backend == "ipex-llm":
-        strategy, why = (
-            "adapter-off",
-            ("reference: auto -> adapter-off (the ipex-llm backend runs Intel's example as it is)"),
-        )
-    elif pairs is not None and pairs < rows:
-        strategy, why = (
-            "adapter-off",
-            (
-                f"reference: auto -> adapter-off (the run trains on {pairs:g} pairs of {rows} rows: precomputing every "
-                "row would cost more than the reference forwards of its steps)"
-            ),
-        )
     else:
-        strategy = "precomputed"
-        why = "reference: auto -> precomputed (each row's reference computed once, then cached on disk)"
+        strategy, reason = next((strategy, reason) for holds, strategy, reason in auto if holds)
+        why = f"reference: auto -> {strategy} ({reason})"
     precomputed_by = None
     if strategy == "precomputed":
         precomputed_by = "dpo_xpu" if generation == "1.x" else "trl"

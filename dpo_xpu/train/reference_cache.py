@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,13 +113,14 @@ def dataset_digest(dataset: Dataset, columns: tuple[str, ...] = TOKEN_COLUMNS) -
 def reference_cache_key(
     trainer: Any,
     dataset: Dataset,
-    recipe: Recipe | None = None,
+    recipe_values: Mapping[str, Any] | None = None,
     model_name_or_path: str | None = None,
     memo_dir: Path | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The cache key for the reference log-probs of ``dataset`` (TRL-tokenized rows) under ``trainer`` (a TRL 1.x
-    ``DPOTrainer``), with the ``recipe``'s backend, quantization and ``max_prompt_length`` where given; the model is
-    ``model_name_or_path``, else the recipe's, else its config's; ``memo_dir`` remembers weights digests.
+    ``DPOTrainer``), with a recipe's ``backend``, ``quantization`` and ``max_prompt_length`` where given
+    (``recipe_values``: ``Recipe.to_dict()``); the model is ``model_name_or_path``, else the recipe's, else its
+    config's; ``memo_dir`` remembers weights digests.
     ``prefix_sharing`` and its packing are not part of it: they change the log-probs only by float rounding.
 
     Returns:
@@ -130,7 +132,8 @@ def reference_cache_key(
     base = trainer.ref_model if trainer.ref_model is not None else trainer.model
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     config = base.config
-    name, commit = config_origin(config, model_name_or_path or (recipe.model_name_or_path if recipe else None))
+    values = recipe_values or {}
+    name, commit = config_origin(config, model_name_or_path or values.get("model_name_or_path"))
     path = Path(str(name)).expanduser()
     name = str(path.resolve()) if path.exists() else str(name)
     quant = getattr(config, "quantization_config", None)
@@ -146,8 +149,8 @@ def reference_cache_key(
         "weights": weights_digest(name, commit, memo_dir=memo_dir),
         "model_config": _sha256_json(config_dict),
         "quantization": quant,
-        "recipe_quantization": recipe.quantization if recipe is not None else None,
-        "backend": recipe.backend if recipe is not None else "native",
+        "recipe_quantization": values.get("quantization"),
+        "backend": values.get("backend", "native"),
         "param_dtypes": sorted({str(p.dtype) for p in base.parameters()}),
         "autocast": "bf16" if args.bf16 else "fp16" if args.fp16 else "none",
         "device": trainer.accelerator.device.type,
@@ -157,7 +160,7 @@ def reference_cache_key(
         "rows": len(dataset),
         "max_length": max_length,
         "truncation_mode": truncation_mode,
-        "max_prompt_length": recipe.max_prompt_length if recipe is not None else None,
+        "max_prompt_length": values.get("max_prompt_length"),
         "ld_alpha": getattr(trainer, "ld_alpha", None),
         "ref_adapter": "ref" in peft_config,
         "trl": trl.__version__,
@@ -236,18 +239,14 @@ def save_reference_logps(
     return path
 
 
-def load_reference_logps(path: str | Path, key: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read and verify a cache file written for ``key``: ``(ref_chosen_logps, ref_rejected_logps)``, ``(rows,)``.
+def load_reference_logps(path: str | Path, key: str, rows: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """Read and verify a cache file written for ``key``: ``(ref_chosen_logps, ref_rejected_logps, batch_size)``, the
+    tensors ``(rows,)``, ``batch_size`` the pairs per forward they were computed with (``None``: not recorded).
 
     Raises:
         CacheFileError: unreadable (truncated, overwritten), another key, format version or row count, a wrong shape
             or dtype, or tensor bytes that fail the checksum.
     """
-    return _load(path, key, rows)[:2]
-
-
-def _load(path: str | Path, key: str, rows: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-    """As :func:`load_reference_logps`, plus the batch size the file was computed with (``None``: not recorded)."""
     from safetensors import safe_open
 
     try:
@@ -300,7 +299,7 @@ def _cached_logps(
     trainer: Any,
     dataset: Dataset,
     cache_dir: Path,
-    recipe: Recipe | None,
+    recipe_values: Mapping[str, Any] | None,
     batch_size: int | None,
     name: str,
     model_name_or_path: str | None,
@@ -308,14 +307,14 @@ def _cached_logps(
     """``(ref_chosen_logps, ref_rejected_logps, info)`` of ``dataset`` from the cache, else computed and stored; a
     valid file more than :data:`CHECK_TOLERANCE` nats off on two recomputed batches (stale) is recomputed."""
     start = time.perf_counter()
-    key, components = reference_cache_key(trainer, dataset, recipe, model_name_or_path, memo_dir=cache_dir)
+    key, components = reference_cache_key(trainer, dataset, recipe_values, model_name_or_path, memo_dir=cache_dir)
     path = cache_dir / f"{key}.safetensors"
     args = trainer.args
     batch_size = batch_size or args.precompute_ref_batch_size or args.per_device_train_batch_size
     rebuilt = stale = False
     if path.exists():
         try:
-            chosen, rejected, stored_batch_size = _load(path, key, len(dataset))
+            chosen, rejected, stored_batch_size = load_reference_logps(path, key, len(dataset))
         except CacheFileError as exc:
             logger.warning("reference log-prob cache %s is invalid (%s): recomputing it", path, exc)
             rebuilt = True
@@ -373,10 +372,11 @@ def attach_precomputed_reference(
     if not isinstance(found := trainer.train_dataset, Dataset):
         raise TypeError(f"precomputed reference log-probs need a map-style datasets.Dataset, found {type(found)}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    values = recipe.to_dict() if recipe is not None else None
 
     def precompute(self: Any, dataset: Dataset, name: str, batch: int | None = None) -> Dataset:
         chosen, rejected, info = _cached_logps(
-            self, dataset, cache_dir, recipe, batch_size or batch, name, model_name_or_path
+            self, dataset, cache_dir, values, batch_size or batch, name, model_name_or_path
         )
         by_split[name] = info
         return _with_ref_columns(dataset, chosen, rejected)

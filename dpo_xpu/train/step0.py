@@ -121,9 +121,18 @@ class Step0Check:
         return out
 
 
-def step0_causes(recipe: Any, policy: Any, reference: Any, device_type: str) -> list[str]:
-    """The likely causes of a step-0 gap for this run, most likely first (``reference``: a ``separate`` one or
-    ``None``; ``device_type``: the policy's)."""
+def step0_causes(
+    policy: Any,
+    reference: Any,
+    device_type: str,
+    *,
+    backend: str = "native",
+    reference_device: str = "same",
+    gradient_checkpointing: bool = True,
+    bf16: bool = False,
+) -> list[str]:
+    """The likely causes of a step-0 gap for a run, most likely first (``reference``: a ``separate`` one or ``None``;
+    ``device_type``: the policy's; the keywords: the recipe's values, ``bf16`` settled)."""
     causes = []
     if reference is not None:
         mismatches = dtype_mismatches(policy, reference)
@@ -134,19 +143,19 @@ def step0_causes(recipe: Any, policy: Any, reference: Any, device_type: str) -> 
                 + (
                     ". The ipex-llm example loads its policy with the checkpoint's dtype and float32 norms, its "
                     "reference in bfloat16"
-                    if recipe.backend == "ipex-llm"
+                    if backend == "ipex-llm"
                     else ""
                 )
             )
-    if recipe.reference_device != "same":
-        causes.append(f"the reference runs on {recipe.reference_device}, the policy on {device_type}: other kernels")
-    if recipe.backend == "ipex-llm" and device_type == "cpu" and not recipe.gradient_checkpointing:
+    if reference_device != "same":
+        causes.append(f"the reference runs on {reference_device}, the policy on {device_type}: other kernels")
+    if backend == "ipex-llm" and device_type == "cpu" and not gradient_checkpointing:
         causes.append(
             "ipex-llm's CPU low-bit layers run a training kernel for the policy and an inference kernel for the "
             "reference, which round differently on some CPUs; gradient_checkpointing: true (reentrant, as the "
             "example's README runs it) makes the policy's first forward take the inference kernel too"
         )
-    if recipe.bf16 is True:
+    if bf16 is True:
         causes.append(
             "bf16 rounding: a reference computed in other batch shapes (other padding, a precomputed reference's "
             "length-sorted batches) rounds differently in bf16; a run with bf16: false shows whether the gap is that"

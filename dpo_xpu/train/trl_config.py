@@ -39,8 +39,9 @@ TRL_LABEL_SMOOTHING_LOSSES = {
 OWN_LOSS_TYPES = tuple(t for t in OWN_LOSSES if t not in TRL_LOSS_TYPES["1.x"])
 
 
-def own_loss_type(recipe: Recipe, generation: str) -> str | None:
-    """The loss dpo_xpu computes itself (:mod:`dpo_xpu.train.losses`) for this recipe, or ``None`` where TRL does.
+def own_loss_type(loss_type: str, label_smoothing: float, generation: str) -> str | None:
+    """The loss dpo_xpu computes itself (:mod:`dpo_xpu.train.losses`) for a recipe's ``loss_type`` and
+    ``label_smoothing``, or ``None`` where TRL does.
 
     On TRL 1.x: ``simpo`` and ``dpo_norm`` always; ``sigmoid`` when ``label_smoothing`` > 0 (TRL's ``sigmoid`` has
     none). ``dpo_norm`` is dpo_xpu's even without label smoothing, where TRL's ``sigmoid_norm`` computes the same
@@ -49,75 +50,66 @@ def own_loss_type(recipe: Recipe, generation: str) -> str | None:
     """
     if generation == "0.11":
         return None
-    if recipe.loss_type in ("simpo", "dpo_norm"):
-        return recipe.loss_type
-    if recipe.loss_type == "sigmoid" and recipe.label_smoothing > 0:
-        return recipe.loss_type
+    if loss_type in ("simpo", "dpo_norm") or (loss_type == "sigmoid" and label_smoothing > 0):
+        return loss_type
     return None
 
 
-def _check_loss_settings(recipe: Recipe, generation: str, plan: ReferencePlan) -> None:
-    """Refuse loss settings neither the TRL generation nor dpo_xpu can honour (see :func:`dpo_config_kwargs`)."""
+def _loss_kwargs(recipe: Recipe, plan: ReferencePlan) -> dict[str, Any]:
+    """``DPOConfig``'s loss keywords for the TRL generation ``plan.generation``, after refusing loss settings
+    neither it nor dpo_xpu can honour (see :func:`dpo_config_kwargs`). TRL 0.11:
+    :func:`dpo_xpu.models.backends.ipex_llm_config.loss_kwargs`. TRL 1.x gets a ``loss_type`` list: the TRL loss or,
+    for an own loss, a zero-weighted ``sigmoid`` placeholder, plus ``sft`` weighted by ``nll_loss_coef``."""
     import trl
 
+    generation, loss_type, smoothing = plan.generation, recipe.loss_type, recipe.label_smoothing
     version = f"the installed TRL {trl.__version__} (TRL {generation})"
-    own = OWN_LOSS_TYPES if generation == "1.x" else ()
-    if recipe.loss_type not in TRL_LOSS_TYPES[generation] + own:
+    own_types = OWN_LOSS_TYPES if generation == "1.x" else ()
+    own = own_loss_type(loss_type, smoothing, generation)
+    if loss_type not in TRL_LOSS_TYPES[generation] + own_types:
         hint = (
             f"; dpo_xpu computes {', '.join(OWN_LOSS_TYPES)} on TRL >= 0.12 only (the native backend)"
-            if recipe.loss_type in OWN_LOSS_TYPES
+            if loss_type in OWN_LOSS_TYPES
             else ""
         )
         raise RecipeError(
-            f"loss_type: {recipe.loss_type!r} is not computed by the installed TRL {trl.__version__} "
-            f"(TRL {generation}); it offers "
-            f"{', '.join(TRL_LOSS_TYPES[generation] + own)}{hint}. Choose one of those, or use the environment "
-            "whose TRL has it"
+            f"loss_type: {loss_type!r} is not computed by the installed TRL {trl.__version__} (TRL {generation}); it "
+            f"offers {', '.join(TRL_LOSS_TYPES[generation] + own_types)}{hint}. Choose one of those, or use the "
+            "environment whose TRL has it"
         )
-    if recipe.label_smoothing > 0 and not (
-        own_loss_type(recipe, generation) or recipe.loss_type in TRL_LABEL_SMOOTHING_LOSSES[generation]
-    ):
+    if smoothing > 0 and not (own or loss_type in TRL_LABEL_SMOOTHING_LOSSES[generation]):
         raise RecipeError(
-            f"label_smoothing: {recipe.label_smoothing} has no effect on loss_type {recipe.loss_type!r} with "
-            f"{version}; "
-            f"it applies to sigmoid, dpo_norm, simpo and TRL's {', '.join(TRL_LABEL_SMOOTHING_LOSSES[generation])}. "
+            f"label_smoothing: {smoothing} has no effect on loss_type {loss_type!r} with {version}; it applies to "
+            f"sigmoid, dpo_norm, simpo and TRL's {', '.join(TRL_LABEL_SMOOTHING_LOSSES[generation])}. "
             "Set label_smoothing: 0 or choose one of those"
         )
     if plan.reference_free and plan.strategy != "adapter-off":
         raise RecipeError(
             f"reference: {recipe.reference!r} loads or precomputes a reference that a reference-free loss "
-            f"(reference_free: {recipe.reference_free}, loss_type: {recipe.loss_type!r}) never uses; set "
+            f"(reference_free: {recipe.reference_free}, loss_type: {loss_type!r}) never uses; set "
             "reference: adapter-off"
         )
-    if generation == "0.11" and recipe.reference_device != "same":
-        raise RecipeError(
-            f"reference_device: {recipe.reference_device!r} needs TRL >= 0.12 (the native backend); {version} "
-            "keeps the reference on the policy's device. Set reference_device: same"
-        )
-
-
-def _loss_kwargs(recipe: Recipe, generation: str) -> dict[str, Any]:
-    """``DPOConfig`` loss keywords. TRL 0.11: :func:`dpo_xpu.models.backends.ipex_llm_config.loss_kwargs`. TRL 1.x
-    gets a ``loss_type`` list: the TRL loss or, for an own loss, a zero-weighted ``sigmoid`` placeholder, plus
-    ``sft`` weighted by ``nll_loss_coef``."""
     if generation == "0.11":
-        return ipex_llm_config.loss_kwargs(recipe)
-    own = own_loss_type(recipe, generation)
-    types = ["sigmoid" if own else recipe.loss_type]
-    weights = [0.0 if own else 1.0]
+        if recipe.reference_device != "same":
+            raise RecipeError(
+                f"reference_device: {recipe.reference_device!r} needs TRL >= 0.12 (the native backend); {version} "
+                "keeps the reference on the policy's device. Set reference_device: same"
+            )
+        return ipex_llm_config.loss_kwargs(loss_type, smoothing, recipe.reference_free, recipe.nll_loss_coef)
+    types, weights = ["sigmoid" if own else loss_type], [0.0 if own else 1.0]
     if recipe.nll_loss_coef > 0:
         types.append("sft")
         weights.append(recipe.nll_loss_coef)
     kwargs: dict[str, Any] = {"loss_type": types}
     if weights != [1.0]:
         kwargs["loss_weights"] = weights
-    if recipe.label_smoothing > 0 and not own:
-        kwargs["label_smoothing"] = recipe.label_smoothing
+    if smoothing > 0 and not own:
+        kwargs["label_smoothing"] = smoothing
     return kwargs
 
 
-def _trl_options(recipe: Recipe, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's TRL options (``recipe.trl_options``) as ``DPOConfig`` keywords, over ``kwargs``.
+def _trl_options(trl_options: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's TRL options (``recipe.trl_options``) as ``DPOConfig`` keywords, over ``kwargs``.
 
     ``warmup_ratio`` replaces ``warmup_steps``; transformers >= 5 has no ``warmup_ratio`` and reads a fractional
     ``warmup_steps`` as the ratio instead.
@@ -129,7 +121,7 @@ def _trl_options(recipe: Recipe, kwargs: dict[str, Any]) -> dict[str, Any]:
 
     from trl import DPOConfig
 
-    options = dict(recipe.trl_options)
+    options = dict(trl_options)
     if "loss_weights" in options and "loss_weights" in kwargs:
         raise RecipeError(
             "loss_weights: dpo_xpu weighs TRL's loss terms itself for this recipe (an own loss, or nll_loss_coef): "
@@ -177,16 +169,14 @@ def dpo_config_kwargs(
         RecipeError: a recipe value the TRL generation cannot honour (for example a ``loss_type`` only TRL
             1.x has, asked of TRL 0.11); the message names the field and the TRL version.
     """
-    generation = plan.generation
-    _check_loss_settings(recipe, generation, plan)
     kwargs: dict[str, Any] = {
         **{name: value for name, (value, _) in TRL_DEFAULT_OVERRIDES.items()},
-        **_loss_kwargs(recipe, generation),
+        **_loss_kwargs(recipe, plan),
         "save_strategy": "steps",
         # TRL 1.x: PyTorch's AdamW, and the non-reentrant checkpointing PyTorch recommends (no input needs grad)
         **(
-            ipex_llm_config.config_kwargs(recipe)
-            if generation == "0.11"
+            ipex_llm_config.config_kwargs(recipe.max_prompt_length)
+            if plan.generation == "0.11"
             else {"optim": "adamw_torch", "gradient_checkpointing_kwargs": {"use_reentrant": False}}
         ),
         "precompute_ref_log_probs": plan.trl_precomputes,
@@ -194,7 +184,7 @@ def dpo_config_kwargs(
         "remove_unused_columns": False,
         "use_cpu": use_cpu,
     }
-    kwargs.update(_trl_options(recipe, kwargs))
+    kwargs.update(_trl_options(recipe.trl_options, kwargs))
     if kwargs.get("bf16") == "auto":  # a run settles it where it resolves the device (pipeline.settle_bf16)
         from dpo_xpu.device import select_device, use_bf16
 
@@ -235,10 +225,10 @@ def validate_recipe(recipe: Recipe, use_cpu: bool = False, *, generation: str) -
             warnings.simplefilter("ignore")
             DPOConfig(**copy.deepcopy(kwargs))
     except (TypeError, ValueError, NotImplementedError) as exc:
-        raise RecipeError(_refusal(recipe, kwargs, exc)) from None
+        raise RecipeError(_refusal(recipe.trl_options, kwargs, exc)) from None
 
 
-def _refusal(recipe: Recipe, kwargs: dict[str, Any], exc: Exception) -> str:
+def _refusal(trl_options: dict[str, Any], kwargs: dict[str, Any], exc: Exception) -> str:
     """``DPOConfig``'s refusal of a recipe as one line: the recipe keys its message names (by name, as
     ``--name``, or by the enum of their field: ``OptimizerNames`` -> ``optim``), its message, and the fix."""
     import transformers
@@ -247,11 +237,11 @@ def _refusal(recipe: Recipe, kwargs: dict[str, Any], exc: Exception) -> str:
     text = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
     if len(text) > 400:
         text = text[:397] + "..."
-    given = list(recipe.trl_options) + [key for key in recipe_keys() if key in kwargs]
+    given = list(trl_options) + [key for key in recipe_keys() if key in kwargs]
     named = [key for key in given if re.search(rf"(?<![A-Za-z0-9_]){re.escape(key)}(?![A-Za-z0-9_])", text)]
     if not named:  # by the enum of their field (OptimizerNames -> optim)
         types, words = trl_option_types(), set(re.findall(r"\w+", text))
-        named = [key for key in recipe.trl_options if _enum_names(types.get(key)) & words]
+        named = [key for key in trl_options if _enum_names(types.get(key)) & words]
     versions = f"the installed TRL {trl.__version__} / transformers {transformers.__version__}"
     if named:
         keys = ", ".join(dict.fromkeys(named))

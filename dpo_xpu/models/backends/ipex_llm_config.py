@@ -3,10 +3,7 @@ so that neither TRL generation's names leak into the other's (:mod:`dpo_xpu.trai
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from dpo_xpu.recipes import Recipe
+from typing import Any
 
 #: Loss types TRL 0.11 computes (``DPOConfig.loss_type``).
 LOSS_TYPES = tuple(
@@ -19,16 +16,17 @@ LABEL_SMOOTHING_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair")
 OPTIMIZER_KWARGS: dict[str, Any] = {"optim": "adamw_hf"}
 
 
-def loss_kwargs(recipe: Recipe) -> dict[str, Any]:
-    """TRL 0.11's loss keywords, ``rpo_alpha`` being the NLL term ``nll_loss_coef`` (``None`` when 0)."""
+def loss_kwargs(loss_type: str, label_smoothing: float, reference_free: bool, nll_loss_coef: float) -> dict[str, Any]:
+    """TRL 0.11's loss keywords for a recipe's values, ``rpo_alpha`` being the NLL term ``nll_loss_coef`` (``None``
+    when 0)."""
     return {
-        "loss_type": recipe.loss_type,
-        "label_smoothing": recipe.label_smoothing,
-        "reference_free": recipe.reference_free,
-        "rpo_alpha": recipe.nll_loss_coef or None,
+        "loss_type": loss_type,
+        "label_smoothing": label_smoothing,
+        "reference_free": reference_free,
+        "rpo_alpha": nll_loss_coef or None,
     }
 
 
-def config_kwargs(recipe: Recipe) -> dict[str, Any]:
+def config_kwargs(max_prompt_length: int | None) -> dict[str, Any]:
     """The rest: ``max_prompt_length`` (TRL 0.11 cuts prompts itself) and :data:`OPTIMIZER_KWARGS`."""
-    return {"max_prompt_length": recipe.max_prompt_length, **OPTIMIZER_KWARGS}
+    return {"max_prompt_length": max_prompt_length, **OPTIMIZER_KWARGS}
