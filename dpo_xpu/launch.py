@@ -6,7 +6,6 @@ hence this one (the ranks themselves are :mod:`dpo_xpu.distributed`'s business).
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,18 +14,6 @@ from dpo_xpu.errors import RecipeError
 
 if TYPE_CHECKING:
     from dpo_xpu.recipes import Recipe
-
-logger = logging.getLogger(__name__)
-
-
-def _device_count() -> tuple[str, int]:
-    """The accelerator kind of this machine (xpu, then cuda) and its device count; ``("cpu", 0)`` without one."""
-    from dpo_xpu.device import device_count
-
-    for kind in ("xpu", "cuda"):
-        if (count := device_count(kind)) > 0:
-            return kind, count
-    return "cpu", 0
 
 
 def _train_worker(recipe: Recipe, overwrite: bool, resume: bool) -> None:
@@ -64,6 +51,9 @@ def launch_training(
         RecipeError: a bad recipe, ``num_processes`` < 1, or more processes than the recipe's devices.
         DpoXpuError: from training.
     """
+    from accelerate import debug_launcher, notebook_launcher
+
+    from dpo_xpu.device import device_count
     from dpo_xpu.recipes import Recipe, load_recipe, make_recipe
 
     if isinstance(recipe, dict):
@@ -76,14 +66,13 @@ def launch_training(
             f"{type(recipe).__name__}"
         )
     on_cpu = recipe.device.startswith("cpu")
-    kind, count = _device_count()
+    kind, count = next(((k, n) for k in ("xpu", "cuda") if (n := device_count(k)) > 0), ("cpu", 0))
     if num_processes is None:
         num_processes = 1 if on_cpu else max(1, count)
     if num_processes < 1:
         raise RecipeError(f"num_processes must be at least 1, found {num_processes}")
     if num_processes == 1:
         where = "the CPU" if on_cpu or count == 0 else f"one {kind} device"
-        logger.warning("launch_training: one process on %s: training in this process", where)
         print(f"launch_training: one process on {where}: training in this process", flush=True)
         _train_worker(recipe, overwrite, resume)
         return Path(recipe.output_dir)
@@ -91,12 +80,6 @@ def launch_training(
         raise RecipeError(
             f"num_processes={num_processes} but this machine has {count} {kind} device(s): ask for at most {count}"
         )
-    if on_cpu:
-        from accelerate import debug_launcher
-
-        debug_launcher(_train_worker, args=(recipe, overwrite, resume), num_processes=num_processes)
-    else:
-        from accelerate import notebook_launcher
-
-        notebook_launcher(_train_worker, args=(recipe, overwrite, resume), num_processes=num_processes)
+    launcher = debug_launcher if on_cpu else notebook_launcher  # debug_launcher: gloo processes on the CPU
+    launcher(_train_worker, args=(recipe, overwrite, resume), num_processes=num_processes)
     return Path(recipe.output_dir)

@@ -6,6 +6,7 @@ keeps the last), a non-UTF-8 byte is named with its offset and line, and each YA
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,8 @@ class _RecipeLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *defaults` merges may be overridden on purpose
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = first_seen.setdefault(key, key_node)
-            except TypeError:
-                continue  # an unhashable key: PyYAML's own error follows
-            if first is not key_node:
+            key = self.construct_object(key_node, deep=True)  # an unhashable key: PyYAML's own error follows
+            if isinstance(key, Hashable) and (first := first_seen.setdefault(key, key_node)) is not key_node:
                 raise _DuplicateKeyError(
                     None,
                     None,

@@ -1,9 +1,8 @@
-"""A recipe's values: what dpo_xpu's keys may hold, the recipe keys by topic, dpo_xpu's defaults over TRL's
-(:data:`TRL_DEFAULT_OVERRIDES`, the one table of them, with the reasons), the TRL options dpo_xpu sets itself, and
-the conversion of a YAML or ``--set`` value to its key's type: TRL's options through the argparse actions that
-transformers' ``HfArgumentParser`` builds for the installed ``DPOConfig``, dpo_xpu's keys by ``int``, ``float``,
-``str``. Our own code is what no parser does: NaN and infinity refused, ``5e-5`` (a string to PyYAML) read as a
-number, and one line naming the key, what it expects and the closest valid value.
+"""A recipe's values: the keys by topic, dpo_xpu's defaults over TRL's (:data:`TRL_DEFAULT_OVERRIDES`, the one
+table, with reasons), the TRL options dpo_xpu sets itself, range checks, and a YAML or ``--set`` value converted to
+its key's type: TRL's options by the argparse actions of transformers' ``HfArgumentParser`` for the installed
+``DPOConfig``, dpo_xpu's keys by ``int``, ``float``, ``str``. Ours is what no parser does: NaN and infinity refused,
+``5e-5`` (a string to PyYAML) read as a number, one line naming the key, what it expects and the closest value.
 """
 
 from __future__ import annotations
@@ -21,17 +20,13 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from dpo_xpu.errors import RecipeError
 
-# The values dpo_xpu's own keys may take.
+# Values that other modules read too (the other keys' choices are declared in their ``Recipe`` field).
 #: The device names a recipe and :func:`dpo_xpu.device.select_device` accept: a kind, optionally with an index.
 DEVICE_PATTERN = r"(auto|cpu|xpu|cuda)(?::(\d+))?"
 #: The software stacks behind the one API (dpo_xpu.models.backends.<name>).
 BACKENDS = ("native", "ipex-llm")
-REFERENCE_STRATEGIES = ("auto", "adapter-off", "separate", "precomputed")
-DATA_FORMATS = ("auto", "orca", "prompt-chosen-rejected", "conversational")
 #: How training rows are written as text (dpo_xpu.data.preferences): the model's own chat template or ChatML.
 CHAT_FORMATS = ("auto", "model", "chatml")
-EXPORT_FORMATS = ("adapter", "merged")
-QUANTIZATIONS = ("nf4", "none")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Where a default comes from (the options table's last column).
@@ -108,32 +103,19 @@ TRL_OPTION_ALIASES = ("warmup_ratio",)
 #: The recipe keys by topic, in the order ``dpo-xpu train --help`` and the options table show them (every key once).
 KEY_TOPICS: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
     (topic, tuple(keys.split()))
-    for topic, keys in (
-        ("the run", "model_name_or_path dataset_name_or_path output_dir backend device seed"),
-        (
-            "model and LoRA",
-            "quantization bf16 gradient_checkpointing lora_r lora_alpha lora_dropout lora_target_modules "
-            "sft_checkpoint adapter_name_or_path",
-        ),
-        (
-            "data",
-            "data_format chat_format limit eval_fraction dataset_mixture max_length max_prompt_length drop_long_rows",
-        ),
-        (
-            "DPO loss and reference",
-            "beta loss_type label_smoothing nll_loss_coef simpo_gamma reference_free reference reference_device "
-            "prefix_sharing",
-        ),
-        (
-            "optimisation",
-            "learning_rate lr_scheduler_type warmup_steps max_steps num_train_epochs per_device_train_batch_size "
-            "gradient_accumulation_steps",
-        ),
-        (
-            "logging, evaluation and outputs",
-            "logging_steps save_steps eval_steps eval_samples num_eval_samples max_new_tokens export",
-        ),
-    )
+    for topic, keys in {
+        "the run": "model_name_or_path dataset_name_or_path output_dir backend device seed",
+        "model and LoRA": "quantization bf16 gradient_checkpointing lora_r lora_alpha lora_dropout lora_target_modules "
+        "sft_checkpoint adapter_name_or_path",
+        "data": "data_format chat_format limit eval_fraction dataset_mixture max_length max_prompt_length "
+        "drop_long_rows",
+        "DPO loss and reference": "beta loss_type label_smoothing nll_loss_coef simpo_gamma reference_free reference "
+        "reference_device prefix_sharing",
+        "optimisation": "learning_rate lr_scheduler_type warmup_steps max_steps num_train_epochs "
+        "per_device_train_batch_size gradient_accumulation_steps",
+        "logging, evaluation and outputs": "logging_steps save_steps eval_steps eval_samples num_eval_samples "
+        "max_new_tokens export",
+    }.items()
 )
 
 
@@ -247,14 +229,6 @@ def _words(annotation: Any) -> str:
     return " or ".join(dict.fromkeys(words)) or "null"
 
 
-def _float(value: Any) -> float | None:
-    """``value`` (a number or a string holding one) as a float, or ``None``."""
-    try:
-        return None if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def convert_value(name: str, value: Any, annotation: Any, nullable: bool = False, option: str | None = None) -> Any:
     """A YAML or ``--set`` value (PyYAML reads ``5e-5`` as a string; ``"a,b"`` is a list) converted to a key's
     annotation, or refused, so that ``save_total_limit: abc`` fails here rather than at the first checkpoint. A TRL
@@ -285,7 +259,10 @@ def convert_value(name: str, value: Any, annotation: Any, nullable: bool = False
     if (str in kinds and bool in kinds or option == "bf16") and str(value).strip().lower() == "auto":
         return "auto"  # bf16: settled per device by dpo_xpu.device.use_bf16
     integer = int in kinds and float not in kinds
-    number = _float(value) if kinds & {int, float} else None
+    try:
+        number = float(value) if kinds & {int, float} and not isinstance(value, bool) else None
+    except (TypeError, ValueError):  # a YAML date, a word
+        number = None
     if number is not None and not math.isfinite(number):
         if integer:
             raise RecipeError(f"{name}: expected a finite integer, found {value!r}")
@@ -324,7 +301,7 @@ _POSITIVE = (
 
 def check_values(values: dict[str, Any]) -> None:
     """Refuse what a recipe's keys may not hold (``values``: :meth:`dpo_xpu.recipes.Recipe.to_dict`): a number that
-    is not finite, a value not allowed or out of range, keys that cannot work together.
+    is not finite or out of range, a device that is not one, keys that cannot work together.
 
     Raises:
         RecipeError: the first such value, in one line naming its key.
@@ -332,18 +309,6 @@ def check_values(values: dict[str, Any]) -> None:
     for name, value in values.items():
         _check_number(name, value)
     r = SimpleNamespace(**values)
-    for name, choices in (
-        ("backend", BACKENDS),
-        ("quantization", QUANTIZATIONS),
-        ("reference", REFERENCE_STRATEGIES),
-        ("data_format", DATA_FORMATS),
-        ("chat_format", CHAT_FORMATS),
-        ("export", EXPORT_FORMATS),
-        ("reference_device", ("same", "cpu")),
-        ("prefix_sharing", ("auto", True, False, "unpacked")),
-    ):
-        if values[name] not in choices:
-            raise RecipeError(f"{name}: {values[name]!r} is not one of {', '.join(str(c).lower() for c in choices)}")
     if r.prefix_sharing in (True, "unpacked") and r.backend == "ipex-llm":
         raise RecipeError(
             "prefix_sharing: needs the native backend (TRL 1.x's fused LM head); the ipex-llm stack pins TRL "

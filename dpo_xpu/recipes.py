@@ -1,11 +1,10 @@
 """Recipes: every setting of a run in one flat mapping, loadable from YAML.
 
-A recipe holds dpo_xpu's own keys (model, data, backend, reference, prefix sharing, LoRA, export, samples, and the
-loss keys dpo_xpu maps onto each TRL generation), declared in :class:`Recipe`, and any option of the installed TRL's
-``DPOConfig`` (and transformers' ``TrainingArguments`` under it) under its own name, kept in ``trl_options`` and
-passed to TRL as it is. It is not a ``DPOConfig`` because one recipe serves both TRL generations (0.11 for
-ipex-llm, 1.x for the native backend), whose fields differ. Values and dpo_xpu's defaults over TRL's:
-:mod:`dpo_xpu.recipe_values`; the YAML files: :mod:`dpo_xpu.recipe_files`.
+A recipe holds dpo_xpu's own keys (model, data, backend, reference, LoRA, export, the loss keys it maps onto each
+TRL generation ...: :class:`Recipe`) and any option of the installed TRL's ``DPOConfig`` (and transformers'
+``TrainingArguments``) under its own name, passed to TRL as it is. It is not a ``DPOConfig``: one recipe serves both
+TRL generations (0.11 for ipex-llm, 1.x for the native backend), whose fields differ. Values and dpo_xpu's defaults
+over TRL's: :mod:`dpo_xpu.recipe_values`; the YAML files: :mod:`dpo_xpu.recipe_files`.
 
     >>> recipe = load_recipe("recipes/cpu_demo.yaml", overrides=["max_steps=5"])
 """
@@ -21,8 +20,8 @@ from typing import Any, get_type_hints
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.recipe_files import parse_overrides, read_recipe_file, write_recipe_file
 from dpo_xpu.recipe_values import (  # the noqa names: other modules import them from here
-    BACKENDS,  # noqa: F401
-    CHAT_FORMATS,  # noqa: F401
+    BACKENDS,
+    CHAT_FORMATS,
     DEFAULT_LORA_TARGETS,
     DEVICE_PATTERN,  # noqa: F401
     KEY_TOPICS,  # noqa: F401
@@ -40,10 +39,14 @@ from dpo_xpu.recipe_values import (  # the noqa names: other modules import them
 )
 
 
-def _key(default: Any, unit: str, help: str, default_from: str) -> Any:
-    """A dpo_xpu recipe key: its default, and in the field's metadata its unit or allowed values, meaning and the
-    source of its default (:func:`key_docs`: ``dpo-xpu train --help``, the options page and the README's table)."""
+def _key(default: Any, unit: str | tuple, help: str, default_from: str) -> Any:
+    """A dpo_xpu recipe key: its default, and in the field's metadata its unit or its allowed values (a tuple, kept as
+    ``choices`` and checked by :class:`Recipe`), meaning and the source of its default (:func:`key_docs`:
+    ``dpo-xpu train --help``, the options page and the README's table)."""
     metadata = {"unit": unit, "help": help, "default_from": default_from}
+    if isinstance(unit, tuple):  # shown as `a` \| bool \| `b`
+        words = dict.fromkeys("bool" if isinstance(c, bool) else f"`{c}`" for c in unit)
+        metadata.update(unit=" \\| ".join(words), choices=unit)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -62,7 +65,8 @@ class Recipe:
     refused with the key to use; ``warmup_ratio`` is accepted on every transformers and replaces ``warmup_steps``.
 
     Raises:
-        RecipeError: an unknown key (with the closest), a value out of range or not allowed, in one line naming it.
+        RecipeError: an unknown key (with the closest), a value of the wrong type (keywords are converted as a recipe
+            file's values are), out of range or not allowed, in one line naming it.
     """
 
     model_name_or_path: str = _key(
@@ -74,23 +78,23 @@ class Recipe:
         "`Intel/orca_dpo_pairs` or a local `.jsonl` / `.json` / `.parquet` with its columns",
         ORIGINAL,
     )
-    backend: str = _key("native", "`native` \\| `ipex-llm`", "the software stack (see [Backends](backends.md))", OURS)
+    backend: str = _key("native", BACKENDS, "the software stack (see [Backends](backends.md))", OURS)
     device: str = _key(
         "auto", "`auto` \\| `xpu` \\| `cuda` \\| `cpu`, optionally `:N`", "`auto` picks xpu, then cuda, then cpu", OURS
     )
     quantization: str = _key(
-        "nf4", "`nf4` \\| `none`", "4-bit NormalFloat base weights (QLoRA, Dettmers et al. 2023)", ORIGINAL
+        "nf4", ("nf4", "none"), "4-bit NormalFloat base weights (QLoRA, Dettmers et al. 2023)", ORIGINAL
     )
     reference: str = _key(
         "auto",
-        "`auto` \\| `adapter-off` \\| `separate` \\| `precomputed`",
+        ("auto", "adapter-off", "separate", "precomputed"),
         "how reference log-probs are computed (see [reference strategies](how-dpo-works.md#reference-strategies)); "
         "`auto`: `precomputed` where it saves work, else what the other keys need, with the reason logged",
         f"{OURS} (the original loaded a `separate` NF4 copy)",
     )
     prefix_sharing: bool | str = _key(
         "auto",
-        "`auto` \\| bool \\| `unpacked`",
+        ("auto", True, False, "unpacked"),
         "run each pair as one sequence with the prompt computed once, for policy and reference, several pairs per "
         "row with no padding (see [prefix sharing](how-dpo-works.md#prefix-sharing)); native backend, sdpa or eager "
         "attention; `auto`: on where it runs, off with the reason logged; one row per pair (logged) with eager "
@@ -103,7 +107,7 @@ class Recipe:
     eval_fraction: float = _key(0.0, "fraction of rows, in [0, 1)", "rows held out for evaluation; 0 disables it", OURS)
     data_format: str = _key(
         "auto",
-        "`auto` \\| `orca` \\| `prompt-chosen-rejected` \\| `conversational`",
+        ("auto", "orca", "prompt-chosen-rejected", "conversational"),
         "the columns of the data: orca (`system`, `question`, `chosen`, `rejected`), plain `prompt`/`chosen`/"
         "`rejected` strings, or TRL's conversational format (`prompt`/`chosen`/`rejected` as lists of `{role, "
         "content}` messages, or only `chosen`/`rejected` holding whole conversations, whose shared start is the "
@@ -112,7 +116,7 @@ class Recipe:
     )
     chat_format: str = _key(
         "auto",
-        "`auto` \\| `model` \\| `chatml`",
+        CHAT_FORMATS,
         "how rows become text: auto writes orca and plain rows in ChatML (the original recipe; a warning says when "
         "the model's own template is not ChatML) and conversational rows in the model's own chat template; model "
         "writes every row in the model's template; chatml writes every row in ChatML. A tokenizer without a chat "
@@ -142,7 +146,7 @@ class Recipe:
     )
     reference_device: str = _key(
         "same",
-        "`same` \\| `cpu`",
+        ("same", "cpu"),
         "`cpu` keeps a `separate` reference off the accelerator (less device memory, slower steps)",
         f"{OURS} (`same`), as OpenRLHF's reference offload",
     )
@@ -206,7 +210,7 @@ class Recipe:
     max_new_tokens: int = _key(64, "tokens", "length limit of each generated sample", OURS)
     export: str = _key(
         "adapter",
-        "`adapter` \\| `merged`",
+        ("adapter", "merged"),
         "save the LoRA adapter only, or merged into a bf16 copy of the base (float32 where bf16 would move the "
         "logits on the run's prompts by more than 10% of the adapter's own effect, or change a greedy answer; the "
         "check in merge_check.json)",
@@ -224,7 +228,8 @@ class Recipe:
     def __init__(self, trl_options: dict[str, Any] | None = None, **values: Any) -> None:
         options = {**(trl_options or {}), **{name: values.pop(name) for name in list(values) if name not in _OWN_KEYS}}
         for f in fields(self):
-            object.__setattr__(self, f.name, values[f.name] if f.name in values else field_default(f))
+            value = convert_value(f.name, values[f.name], _TYPES[f.name]) if f.name in values else field_default(f)
+            object.__setattr__(self, f.name, value)
         object.__setattr__(self, "trl_options", trl_values(options, _OWN_KEYS) if options else options)
         self._check()
 
@@ -256,6 +261,11 @@ class Recipe:
         return isinstance(other, Recipe) and self.to_dict() == other.to_dict()
 
     def _check(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                words = ", ".join(str(c).lower() for c in choices)
+                raise RecipeError(f"{f.name}: {getattr(self, f.name)!r} is not one of {words}")
         check_values(self.to_dict())
         if self.max_prompt_length is None:  # the original recipe's ratio (1024 of 1536): lowering max_length composes
             self.max_prompt_length = max(1, self.max_length * 2 // 3)
@@ -275,21 +285,18 @@ class Recipe:
         return write_recipe_file(path, self.to_dict())
 
 
-_OWN_KEYS = [f.name for f in fields(Recipe)]
+_TYPES = get_type_hints(Recipe)  # dpo_xpu's own keys and their annotations
+_OWN_KEYS = list(_TYPES)
 
 
 def key_docs() -> dict[str, dict[str, Any]]:
     """Every recipe key of :func:`recipe_keys`: ``{"default", "unit", "help", "default_from"}`` (the default as a
-    recipe file would hold it)."""
-    own = {f.name: f for f in fields(Recipe)}
-    docs = {}
-    for key in recipe_keys():
-        if key in own:
-            docs[key] = {"default": field_default(own[key]), **own[key].metadata}
-        else:
-            (default, default_from), (unit, help) = TRL_DEFAULT_OVERRIDES[key], TRL_KEY_DOCS[key]
-            docs[key] = {"default": default, "unit": unit, "help": help, "default_from": default_from}
-    return docs
+    recipe file would hold it), and ``"choices"`` where a key has them."""
+    docs = {f.name: {"default": field_default(f), **f.metadata} for f in fields(Recipe)}
+    for key, (unit, help) in TRL_KEY_DOCS.items():
+        default, default_from = TRL_DEFAULT_OVERRIDES[key]
+        docs[key] = {"default": default, "unit": unit, "help": help, "default_from": default_from}
+    return {key: docs[key] for key in recipe_keys()}
 
 
 def trl_default_differences() -> dict[str, tuple[Any, Any]]:
@@ -306,37 +313,28 @@ def trl_default_differences() -> dict[str, tuple[Any, Any]]:
 
 
 def _markdown_value(value: Any) -> str:
-    if value is None:
-        return "`null`"
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
     if isinstance(value, list):
         return f"`{', '.join(value)}`"
-    return f"`{value}`"
+    return f"`{'null' if value is None else str(value).lower() if isinstance(value, bool) else value}`"
 
 
 def options_table(full: bool = True) -> str:
     """The recipe keys as a Markdown table: key, type, default, unit or values, meaning and where the default comes
     from, with TRL's default where it differs (:func:`trl_default_differences`). ``full=False`` gives the README's
     short table: key, default, unit or values, where the default comes from."""
-    differs = trl_default_differences()
-    types = {f.name: f.type for f in fields(Recipe)}
+    differs, types = trl_default_differences(), {f.name: f.type for f in fields(Recipe)}
     header = ["key", "type", "default", "unit / values", "meaning", "default from"]
-    if not full:
-        header = ["key", "default", "unit / values", "default from"]
+    header = header if full else ["key", "default", "unit / values", "default from"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, doc in key_docs().items():
-        origin = doc["default_from"]
-        if name in differs:
-            origin += f"; TRL's default: {_markdown_value(differs[name][1])}"
+        theirs = f"; TRL's default: {_markdown_value(differs[name][1])}" if name in differs else ""
         cells = {
             "key": f"`{name}`",
-            # python-markdown does not split a cell at a pipe inside a code span
-            "type": f"`{types.get(name, type(doc['default']).__name__)}`",
+            "type": f"`{types.get(name, type(doc['default']).__name__)}`",  # no cell split at a code span's pipe
             "default": _markdown_value(doc["default"]),
             "unit / values": doc["unit"],
             "meaning": doc["help"],
-            "default from": origin,
+            "default from": doc["default_from"] + theirs,
         }
         rows.append("| " + " | ".join(cells[h] for h in header) + " |")
     return "\n".join(rows)
@@ -366,9 +364,7 @@ def make_recipe(values: dict[str, Any]) -> Recipe:
     names = [key for key in values if not isinstance(key, str)]
     if names:
         raise RecipeError(f"recipe key {names[0]!r} is not a name: keys are names such as learning_rate (key: value)")
-    hints = get_type_hints(Recipe)
-    own = {k: convert_value(k, v, hints[k]) for k, v in values.items() if k in hints and k != "trl_options"}
-    return Recipe(**{**values, **own, "trl_options": values.get("trl_options") or {}})
+    return Recipe(**values)
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:

@@ -40,6 +40,8 @@ def test_lora_targets_follow_a_fused_qkv():
     assert lora_targets(Attn(), ["q_proj", "k_proj", "v_proj", "o_proj"]) == ["o_proj", "qkv_proj"]
     with pytest.raises(ModelLoadError):
         lora_targets(Attn(), ["gate_proj"])
+    with pytest.raises(ModelLoadError, match="'all-linear' is not offered by the ipex-llm backend"):
+        lora_targets(Attn(), "all-linear")  # one line, not PEFT's string taken letter by letter
 
 
 def ipex_recipe(model, data, out, **kw) -> Recipe:

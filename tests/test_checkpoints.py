@@ -91,7 +91,7 @@ def test_step_log_is_trimmed_to_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 0, "eval/loss": 0.7}, {"step": 1}, {"step": 2}, {"step": 2, "eval/loss": 0.6}, {"step": 3}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
-    assert trim_step_log(path, 2) == 2
+    assert trim_step_log(path, 2) == []  # no checkpoint: nothing rebuilt
     assert [r["step"] for r in read_metrics(path)] == [0, 1, 2, 2]
 
 

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dpo_xpu.data import preferences
-from dpo_xpu.data.preferences import chatml_format, conversational_format, format_orca_dataset
+from dpo_xpu.data.preferences import chatml_format, format_orca_dataset
 from dpo_xpu.data.sources import mix_sources
 from dpo_xpu.errors import PreferenceDataError
 
@@ -89,7 +89,7 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_conversational_rows_use_a_zephyr_template(templated) -> None:
     tokenizer = templated(ZEPHYR)
-    formatted = conversational_format(conversation(ORCA), tokenizer)
+    formatted = chatml_format(conversation(ORCA), tokenizer)
     assert formatted == ZEPHYR_ORCA
     whole = tokenizer.apply_chat_template(conversation(ORCA)["prompt"] + [m("assistant", "4.")], tokenize=False)
     assert formatted["prompt"] + formatted["chosen"] == whole  # prompt + answer is the whole chat, as rendered
@@ -101,7 +101,7 @@ def test_conversational_multi_turn_answer_uses_a_llama3_template(templated) -> N
         "chosen": [m("assistant", "Apple."), m("user", "Another?"), m("assistant", "Pear.")],
         "rejected": [m("assistant", "Rock.")],
     }
-    assert conversational_format(row, templated(LLAMA3), row=4) == {
+    assert chatml_format(row, templated(LLAMA3), row=4) == {
         "prompt": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nName a fruit.<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
         "chosen": "Apple.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAnother?<|eot_id|>"
@@ -123,12 +123,12 @@ def test_conversational_rows_in_a_dataset_and_the_boundary_check(templated) -> N
 def test_a_template_that_refuses_the_messages_names_the_row_and_the_switch(templated) -> None:
     tokenizer = templated(GEMMA)
     with pytest.raises(PreferenceDataError) as caught:
-        conversational_format(conversation(ORCA), tokenizer, row=3)
+        chatml_format(conversation(ORCA), tokenizer, row=3)
     assert str(caught.value).startswith(
         "row 3: the tokenizer's chat template refused the messages (System role not supported). Fix:"
     )
     assert "chat_format: chatml" in str(caught.value)
-    assert conversational_format(conversation({**ORCA, "system": ""}), tokenizer) == {
+    assert chatml_format(conversation({**ORCA, "system": ""}), tokenizer) == {
         "prompt": "<start_of_turn>user\nWhat is 2 + 2?<end_of_turn>\n<start_of_turn>model\n",
         "chosen": "4.<end_of_turn>\n",
         "rejected": "5.<end_of_turn>\n",
@@ -146,7 +146,7 @@ def test_a_template_that_refuses_the_messages_names_the_row_and_the_switch(templ
 def test_a_template_whose_prompt_is_not_the_start_of_the_chat_is_refused(templated, template: str) -> None:
     assert template != ZEPHYR
     with pytest.raises(PreferenceDataError, match=r"^row 1, column 'chosen': the tokenizer's chat template renders"):
-        conversational_format(conversation(ORCA), templated(template), row=1)
+        chatml_format(conversation(ORCA), templated(template), row=1)
 
 
 # --- orca rows: ChatML by default, said once; chat_format="model" -------------------------------------------------
@@ -173,7 +173,7 @@ def test_orca_rows_in_the_model_template(templated, caplog: pytest.LogCaptureFix
     assert formatted[0] == ZEPHYR_ORCA == chatml_format(ORCA, tokenizer, chat_format="model")
     assert formatted[1]["prompt"] == "<|user|>\nWhat is 2 + 2?<|endoftext|>\n<|assistant|>\n"
     # the same strings as the conversational row of the same pair
-    assert formatted[0] == conversational_format(conversation(ORCA), tokenizer)
+    assert formatted[0] == chatml_format(conversation(ORCA), tokenizer)
 
 
 def test_chatml_and_templateless_tokenizers_are_unchanged(qwen2, stories, caplog: pytest.LogCaptureFixture) -> None:
@@ -181,7 +181,7 @@ def test_chatml_and_templateless_tokenizers_are_unchanged(qwen2, stories, caplog
         for tokenizer in (qwen2, stories):
             for chat_format in preferences.CHAT_FORMATS:
                 assert chatml_format(ORCA, tokenizer, chat_format=chat_format) == CHATML_ORCA
-                assert conversational_format(conversation(ORCA), tokenizer, chat_format=chat_format) == CHATML_ORCA
+                assert chatml_format(conversation(ORCA), tokenizer, chat_format=chat_format) == CHATML_ORCA
     assert warnings_of(caplog) == []
     assert stories.chat_template is None
 

@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from dpo_xpu.data.preferences import (
-    conversational_format,
+    chatml_format,
     format_orca_dataset,
     load_orca_dpo_pairs,
 )
@@ -91,10 +91,10 @@ def test_multi_turn_prompt_and_answer_exact_strings(tokenizer) -> None:
         "chosen": "Apple.<|im_end|>\n<|im_start|>user\nAnother?<|im_end|>\n<|im_start|>assistant\nPear.<|im_end|>\n",
         "rejected": "Rock.<|im_end|>\n",
     }
-    assert conversational_format(row, tokenizer) == expected
+    assert chatml_format(row, tokenizer) == expected
     whole = [{"chosen": prompt + row["chosen"], "rejected": prompt + row["rejected"]}]
     assert validate_conversational_rows(whole) == [row]  # the implicit form splits at the first difference
-    assert conversational_format(validate_conversational_rows(whole)[0], tokenizer) == expected
+    assert chatml_format(validate_conversational_rows(whole)[0], tokenizer) == expected
     assert tokenizer.chat_template is None or "<|im_start|>" in tokenizer.chat_template  # tokenizer unchanged
 
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from helpers import short_recipe
 
-from dpo_xpu.callbacks.checkpoints import checkpoint_problem, restore_step_rows, write_marker
+from dpo_xpu.callbacks.checkpoints import checkpoint_problem, trim_step_log, write_marker
 from dpo_xpu.cli import main as cli_main
 from dpo_xpu.errors import RunFolderError, TrainingDiverged
 from dpo_xpu.outputs.plotting import read_metrics
@@ -99,14 +99,14 @@ def test_restored_rows_keep_the_files_rows_and_order(tmp_path):
     path = tmp_path / "metrics.jsonl"
     kept = {"step": 1, "epoch": 0.5, "loss": 0.69, "rewards/chosen": 0.0, "step0/logratio_gap": 0.0, "elapsed_s": 9.0}
     path.write_text(json.dumps(kept) + "\n")
-    assert restore_step_rows(path, checkpoint, 2) == [0, 2]
+    assert trim_step_log(path, 2, checkpoint) == [0, 2]
     rows = read_metrics(path)
     assert rows == [
         {"step": 0, "epoch": 0, "eval/loss": 0.69, "eval/rewards/chosen": 0.0, "elapsed_s": 0.5},
         kept,  # the file's own row, not the rebuilt one
         {"step": 2, "epoch": 1.0, "loss": "nan", "grad_norm": 2.0, "elapsed_s": 2.0},
     ]
-    assert restore_step_rows(path, checkpoint, 2) == []
+    assert trim_step_log(path, 2, checkpoint) == []
 
 
 # 2. a folder holding the user's own files ---------------------------------------------------------------------------

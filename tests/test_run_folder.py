@@ -24,8 +24,8 @@ from dpo_xpu.recipes import Recipe
 
 HOLD_LOCK = """
 import sys, time
-from dpo_xpu.outputs.run_folder import RunLock
-RunLock(sys.argv[1]).acquire()
+from dpo_xpu.outputs.run_folder import lock_run_dir
+lock_run_dir(sys.argv[1])
 print("locked", flush=True)
 time.sleep(120)
 """

@@ -19,10 +19,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from dpo_xpu.callbacks.metrics import metrics_row
+from dpo_xpu.callbacks.metrics import EVAL_SAMPLES_FILE, metrics_row
 from dpo_xpu.errors import RecipeError, RunFolderError
 from dpo_xpu.files import apply_umask, atomic_write_bytes
-from dpo_xpu.outputs.fingerprints import check_fingerprints, file_sha256, read_json
+from dpo_xpu.outputs.fingerprints import check_fingerprints, file_sha256
 from dpo_xpu.outputs.plotting import METRICS_FILE
 from dpo_xpu.outputs.run_folder import raise_if_disk_full_at_start
 
@@ -38,14 +38,12 @@ NON_RESULT_KEYS = tuple(
     "push_to_hub hub_model_id hub_strategy hub_private_repo dataloader_num_workers dataset_num_proc "
     "disable_tqdm".split()
 )
-STEP_LOGS = ("metrics.jsonl", "eval_samples.jsonl")
-#: A checkpoint's pickled files that ``Trainer`` loads on resume (``training_args.bin`` is never loaded).
+#: A checkpoint's pickled files, which ``Trainer`` loads on resume (all but ``training_args.bin``).
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
-NOT_LOADED = ("training_args.bin",)
 
 
-def write_marker(checkpoint: str | Path, step: int) -> Path:
-    """Write ``checkpoint/COMPLETE``: the step and every file's size and SHA-256; return its path."""
+def write_marker(checkpoint: str | Path, step: int) -> None:
+    """Write ``checkpoint/COMPLETE``: the step and every file's size and SHA-256."""
     checkpoint = Path(checkpoint)
     files = {
         str(path.relative_to(checkpoint)): {"size": path.stat().st_size, "sha256": file_sha256(path)}
@@ -53,7 +51,6 @@ def write_marker(checkpoint: str | Path, step: int) -> Path:
         if path.is_file() and not path.name.startswith(MARKER_FILE)
     }
     atomic_write_bytes(checkpoint / MARKER_FILE, json.dumps({"step": step, "files": files}, indent=1).encode())
-    return checkpoint / MARKER_FILE
 
 
 def _unsafe_pickle(path: Path) -> str | None:
@@ -102,7 +99,7 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
     if not isinstance(state, dict):
         return "trainer_state.json is not a JSON object (corrupt)"
     for path in sorted(checkpoint.iterdir()):
-        if path.suffix in PICKLE_SUFFIXES and path.name not in NOT_LOADED and path.is_file():
+        if path.suffix in PICKLE_SUFFIXES and path.name != "training_args.bin" and path.is_file():
             why = _unsafe_pickle(path)
             if why is not None:
                 return (
@@ -145,8 +142,7 @@ def check_resume_recipe(recipe: Any, run_dir: str | Path) -> None:
     if not path.is_file():
         raise RunFolderError(f"{path} does not exist: there is no run to resume in {run_dir}; train without --resume")
     saved, given = load_recipe(path).to_dict(), recipe.to_dict()
-    keys = list(given) + [key for key in saved if key not in given]
-    differ = [key for key in keys if key not in NON_RESULT_KEYS and given.get(key) != saved.get(key)]
+    differ = [key for key in {**given, **saved} if key not in NON_RESULT_KEYS and given.get(key) != saved.get(key)]
     if differ:
         found = "; ".join(f"{key}: run has {saved.get(key)!r}, recipe has {given.get(key)!r}" for key in differ)
         raise RecipeError(
@@ -157,7 +153,7 @@ def check_resume_recipe(recipe: Any, run_dir: str | Path) -> None:
 
 def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
     """Check the recipe (:class:`RecipeError`) and the inputs, remove the partial checkpoints after the newest
-    complete one, trim the :data:`STEP_LOGS` to its step and rebuild lost rows; return it, for
+    complete one, trim the step logs to its step and rebuild lost rows (:func:`trim_step_log`); return it, for
     ``trainer.train(resume_from_checkpoint=)``. :class:`RunFolderError`: nothing to resume, inputs changed, disk full.
     """
     check_resume_recipe(recipe, run_dir)
@@ -168,9 +164,8 @@ def prepare_resume(recipe: Any, run_dir: str | Path) -> Path:
         if later > step:
             shutil.rmtree(path)  # partial (find_resume_checkpoint picked the newest complete one)
     try:
-        for name in STEP_LOGS:
-            trim_step_log(Path(run_dir) / name, step)
-        restored = restore_step_rows(Path(run_dir) / METRICS_FILE, checkpoint, step)
+        trim_step_log(Path(run_dir) / EVAL_SAMPLES_FILE, step)
+        restored = trim_step_log(Path(run_dir) / METRICS_FILE, step, checkpoint)
     except OSError as exc:
         raise_if_disk_full_at_start(run_dir, exc, resume=True)
         raise
@@ -186,55 +181,38 @@ def newest_complete_step(run_dir: str | Path) -> int | None:
     return next((step for step, path in list_checkpoints(run_dir) if checkpoint_problem(path) is None), None)
 
 
-def _step_rows(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
-    """Each line of a step log with its row (``None``: not an object with an integer ``step``)."""
-    out: list[tuple[str, dict[str, Any] | None]] = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        row = None
-        with contextlib.suppress(ValueError):
-            row = json.loads(line)
-        ok = isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
-        out.append((line, row if ok else None))
-    return out
-
-
-def trim_step_log(path: Path, step: int) -> int:
-    """Drop the rows after ``step`` and the lines that are not rows (logged) from a step log; return how many."""
-    if not path.is_file():
-        return 0
-    lines = _step_rows(path)
-    kept = [line + "\n" for line, row in lines if row is not None and row["step"] <= step]
-    corrupt = [line for line, row in lines if row is None]
-    if corrupt:
-        logger.warning("%s: dropped %d line(s) that are not JSON rows, e.g. %.80r", path, len(corrupt), corrupt[0])
-    if len(kept) != len(lines):
-        atomic_write_bytes(path, "".join(kept).encode())
-    return len(lines) - len(kept)
-
-
 def _row_kind(row: dict[str, Any]) -> tuple[int, int]:
     """``(step, 0)`` for a train row, ``(step, 1)`` for an evaluation row: the order they are written in."""
     return row["step"], 0 if "loss" in row else 1
 
 
-def restore_step_rows(path: Path, checkpoint: Path, step: int) -> list[int]:
-    """Rebuild the rows ``metrics.jsonl`` lost at or before ``step`` from the checkpoint's ``log_history``, in step
-    order; return their steps (:class:`RunFolderError` for a corrupt ``trainer_state.json``)."""
-    state = read_json(
-        checkpoint / "trainer_state.json",
-        f"delete {checkpoint.name} to resume from an older checkpoint, or start again with --overwrite",
-    )
-    history = state.get("log_history", []) if isinstance(state, dict) else []
-    logged = [metrics_row(entry) for entry in history if isinstance(entry, dict)]
-    logged = [row for row in logged if row is not None and isinstance(row["step"], int) and row["step"] <= step]
-    rows = [row for _, row in _step_rows(path) if row is not None] if path.is_file() else []
-    present = {_row_kind(row) for row in rows}
-    missing = [row for row in logged if _row_kind(row) not in present]
-    if missing:
-        merged = sorted(rows + missing, key=_row_kind)  # stable: rows of the same step and kind keep their order
-        atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in merged).encode())
+def trim_step_log(path: Path, step: int, checkpoint: Path | None = None) -> list[int]:
+    """Drop a step log's rows after ``step`` and its lines that are not rows (logged); with a complete
+    ``checkpoint``, add the rows of its ``log_history`` (:func:`metrics_row`) up to ``step`` that the log lost, in
+    step order. Returns the steps of the rows added."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    kept, corrupt = [], []
+    for line in filter(str.strip, lines):
+        row = None
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+        if not (isinstance(row, dict) and type(row.get("step")) is int):  # not bool either
+            corrupt.append(line)
+        elif row["step"] <= step:
+            kept.append((_row_kind(row), line))
+    if corrupt:
+        logger.warning("%s: dropped %d line(s) that are not JSON rows, e.g. %.80r", path, len(corrupt), corrupt[0])
+    history = []
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        history = [metrics_row(entry) for entry in state.get("log_history", []) if isinstance(entry, dict)]
+    present = {kind for kind, _ in kept}
+    missing = [row for row in history if row and type(row["step"]) is int and row["step"] <= step]
+    missing = [row for row in missing if _row_kind(row) not in present]
+    if missing or len(kept) != len(lines):
+        kept += [(_row_kind(row), json.dumps(row)) for row in missing]
+        kept.sort(key=lambda pair: pair[0])  # stable: rows of the same step and kind keep their order
+        atomic_write_bytes(path, "".join(line + "\n" for _, line in kept).encode())
     return [row["step"] for row in missing]
 
 

@@ -65,22 +65,11 @@ class StopOnSignal(TrainerCallback):
 
         self.signum = agree_on_signal(self.signum)  # several processes: a signal to any rank stops them all here
         if self.signum is not None:
-            control.should_save = True
-            control.should_training_stop = True
+            control.should_save = control.should_training_stop = True
 
 
 #: The logged values :class:`StopOnDivergence` checks (TRL's names).
 WATCHED = tuple("loss grad_norm rewards/chosen rewards/rejected rewards/margins logps/chosen logps/rejected".split())
-
-
-def _finite(value: Any) -> bool:
-    value = value.item() if hasattr(value, "item") else value
-    return not isinstance(value, float) or math.isfinite(value)
-
-
-def _show(value: Any) -> str:
-    value = value.item() if hasattr(value, "item") else value
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def weights_finite(model: Any) -> bool:
@@ -95,13 +84,12 @@ def weights_finite(model: Any) -> bool:
 
 
 def divergence_message(step: int, logs: dict[str, Any], args: Any, weights_ok: bool) -> str:
-    """The one line of :class:`~dpo_xpu.errors.TrainingDiverged`: the step, the values, the likely causes and the
-    last good checkpoint."""
+    """The one line of :class:`~dpo_xpu.errors.TrainingDiverged`: the step, its :data:`WATCHED` values, the likely
+    causes and the last good checkpoint."""
     from dpo_xpu.callbacks.checkpoints import newest_complete_step
 
-    values = ", ".join(f"{key} {_show(logs[key])}" for key in WATCHED if key in logs)
-    if not weights_ok:
-        values += (", " if values else "") + "trainable weights not finite after the update"
+    values = [f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in logs.items()]
+    values += [] if weights_ok else ["trainable weights not finite after the update"]
     lr, beta, bf16 = getattr(args, "learning_rate", None), getattr(args, "beta", None), getattr(args, "bf16", False)
     causes = []
     if isinstance(lr, float) and lr > 1e-3:
@@ -110,18 +98,14 @@ def divergence_message(step: int, logs: dict[str, Any], args: Any, weights_ok: b
         causes.append(f"beta {beta:g} is large (DPO uses about 0.01 to 0.5)")
     if bf16:
         causes.append("a bf16 overflow (bf16: false computes in float32)")
-    if not causes:
-        causes.append(f"learning_rate {lr:g} too high for this model and data" if isinstance(lr, float) else "")
+    if not causes and isinstance(lr, float):
+        causes.append(f"learning_rate {lr:g} too high for this model and data")
     kept = newest_complete_step(args.output_dir)
-    where = (
-        f"the last good checkpoint, checkpoint-{kept}, is kept (--resume continues from it with the same recipe)"
-        if kept is not None
-        else "no checkpoint was saved before it"
-    )
+    where = f"the last good checkpoint, checkpoint-{kept}, is kept (--resume continues from it with the same recipe)"
     return (
-        f"training diverged at step {step}: {values}. Likely cause: {'; or '.join(c for c in causes if c)}. The "
-        f"diverged state was not saved; {where}. Fix: lower learning_rate (or beta) and start again with --overwrite "
-        "(overwrite=True)"
+        f"training diverged at step {step}: {', '.join(values)}. Likely cause: {'; or '.join(causes)}. The diverged "
+        f"state was not saved; {where if kept is not None else 'no checkpoint was saved before it'}. Fix: lower "
+        "learning_rate (or beta) and start again with --overwrite (overwrite=True)"
     )
 
 
@@ -135,15 +119,13 @@ class StopOnDivergence(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is not None and not weights_finite(model):
             self.step = state.global_step
-            control.should_log = True
-            control.should_save = False
-            control.should_evaluate = False
-            control.should_training_stop = True
+            control.should_log = control.should_training_stop = True
+            control.should_save = control.should_evaluate = False
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         from dpo_xpu.errors import TrainingDiverged
 
-        logs = logs or {}
-        if self.step is None and all(_finite(logs[key]) for key in WATCHED if key in logs):
+        logs = {key: v.item() if hasattr(v, "item") else v for key, v in (logs or {}).items() if key in WATCHED}
+        if self.step is None and all(math.isfinite(v) for v in logs.values() if isinstance(v, float)):
             return
         raise TrainingDiverged(divergence_message(state.global_step, logs, args, weights_ok=self.step is None))

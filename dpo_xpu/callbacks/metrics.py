@@ -1,7 +1,5 @@
-"""Trainer callbacks: ``metrics.jsonl`` at every logging step, and reward curves redrawn live.
-
-Both are plain ``transformers.TrainerCallback`` subclasses, so they work with TRL 0.11 and TRL 1.x.
-"""
+"""Trainer callbacks: ``metrics.jsonl`` rows, live reward curves, one line per logged step, policy-vs-reference
+samples. Plain ``transformers.TrainerCallback`` subclasses, so they work with TRL 0.11 and TRL 1.x."""
 
 from __future__ import annotations
 
@@ -15,16 +13,16 @@ from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+from transformers.utils import is_in_notebook
 
 from dpo_xpu.outputs.plotting import CURVES_FILE, METRICS_FILE, plot_reward_curves, read_metrics
 
 logger = logging.getLogger(__name__)
 
 #: The metrics written for each training log, with TRL's names.
-TRAIN_KEYS = (
-    "loss",
-    *("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
-    *("logps/chosen", "logps/rejected", "learning_rate", "grad_norm"),
+TRAIN_KEYS = tuple(
+    "loss rewards/chosen rewards/rejected rewards/accuracies rewards/margins logps/chosen logps/rejected "
+    "learning_rate grad_norm".split()
 )
 
 #: Keys of a ``metrics.jsonl`` row that are not in the trainer's log (the step-0 check's ``step0/*``, the eval rows'
@@ -52,26 +50,19 @@ def metrics_row(entry: dict[str, Any]) -> dict[str, Any] | None:
         row.update({"eval/" + key[5:]: _clean(v) for key, v in entry.items() if key.startswith("eval_")})
     else:
         return None
-    row.update({key: v for key, v in entry.items() if key.startswith(ROW_EXTRAS) and key != "elapsed_s"})
-    if "elapsed_s" in entry:
-        row["elapsed_s"] = entry["elapsed_s"]
-    return row
+    return row | {key: v for key, v in entry.items() if key.startswith(ROW_EXTRAS)}  # elapsed_s comes last
 
 
 class MetricsLoggerCallback(TrainerCallback):
-    """Append one JSON line per logging step to ``<run_dir>/metrics.jsonl``.
+    """Append one JSON line per logging step to ``<run_dir>/metrics.jsonl`` (``run_dir`` created if absent).
 
     Rows as :func:`metrics_row`, plus ``elapsed_s`` (seconds since training began); evaluation rows also get
     ``eval/drift_chosen_logratio`` = ``eval/rewards/chosen / beta``, the mean ``log pi(y_w|x) - log pi_ref(y_w|x)``
     over the chosen answers (TRL's reward is ``beta`` times it, Rafailov et al. 2023, eq. 5), except for
-    ``reference_free`` runs. With ``step0`` the step-1 row gets the step-0 check's keys; with ``meter`` each train
-    row gets the ``perf/*`` throughput since the last one, and the log says how long the run will take after steps
-    1 (warm-up included) and 5 (:func:`time_estimate`).
-
-    Args:
-        run_dir: the run folder; created if absent.
-        step0: the run's :class:`~dpo_xpu.train.step0.Step0Check`, or ``None`` (no check: a reference-free loss).
-        meter: a :class:`~dpo_xpu.train.throughput.ThroughputMeter`, or ``None`` (no ``perf/*`` keys).
+    ``reference_free`` runs. With ``step0`` (the run's :class:`~dpo_xpu.train.step0.Step0Check`; ``None``: no check)
+    the step-1 row gets the step-0 check's keys; with ``meter`` (a :class:`~dpo_xpu.train.throughput.ThroughputMeter`)
+    each train row gets the ``perf/*`` throughput since the last one. The log says how long the run will take after
+    steps 1 (warm-up included) and 5 (:func:`time_estimate`).
     """
 
     #: Steps after which the time the run will take is logged (the first includes warm-up; later ones correct it).
@@ -86,11 +77,8 @@ class MetricsLoggerCallback(TrainerCallback):
         self.meter = meter
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Refuse to append to rows of another training (a second trainer on the same ``output_dir``).
-
-        Raises:
-            RunFolderError: ``metrics.jsonl`` already holds rows after ``state.global_step``.
-        """
+        """Refuse (:class:`RunFolderError`) a ``metrics.jsonl`` holding rows after ``state.global_step``: another
+        training's (a second trainer on the same ``output_dir``), which this one's would mix with."""
         from dpo_xpu.errors import RunFolderError
 
         self._start = time.perf_counter()
@@ -102,9 +90,8 @@ class MetricsLoggerCallback(TrainerCallback):
         fresh_start_on_rows = state.global_step == 0 and self.path.is_file() and self.path.stat().st_size > 0
         if fresh_start_on_rows or any(step > state.global_step for step in steps):
             raise RunFolderError(
-                f"{self.path} already holds the steps of another training (up to step "
-                f"{max(steps, default=0)}): this one would mix its "
-                "steps with them. Fix: give this trainer another output_dir, or resume the run "
+                f"{self.path} already holds the steps of another training (up to step {max(steps, default=0)}): this "
+                "one would mix its steps with them. Fix: give this trainer another output_dir, or resume the run "
                 "(run_training(recipe, resume=True))"
             )
 
@@ -112,7 +99,8 @@ class MetricsLoggerCallback(TrainerCallback):
         """Append the step's row (:func:`metrics_row`); its :data:`ROW_EXTRAS` also go to the log history's entry."""
         if not getattr(state, "is_world_process_zero", True):
             return  # under several processes, rank 0 alone writes (its logs are already averaged over the ranks)
-        row = metrics_row({**(logs or {}), "step": state.global_step, "epoch": state.epoch})
+        logs = logs if logs is not None else {}
+        row = metrics_row({**logs, "step": state.global_step, "epoch": state.epoch})
         if row is None:
             return  # the end-of-training summary (train_runtime, ...) is not a step
         extras: dict[str, Any] = {}
@@ -120,10 +108,9 @@ class MetricsLoggerCallback(TrainerCallback):
             if self.step0 is not None and state.global_step == 1:
                 extras.update(self.step0(row))
             if self.meter is not None:
-                perf = self.meter.values(state.global_step, (logs or {}).get("num_tokens"))
+                perf = self.meter.values(state.global_step, logs.get("num_tokens"))
                 extras.update(perf)
-                if logs is not None:
-                    logs.update(perf)  # for the step line, printed by a callback after this one
+                logs.update(perf)  # for the step line, printed by a callback after this one
             done = state.global_step - self._first_step
             steps_left = getattr(state, "max_steps", 0) - state.global_step
             if done in self.ESTIMATE_AT and steps_left > 0:
@@ -131,7 +118,6 @@ class MetricsLoggerCallback(TrainerCallback):
         else:
             beta, chosen = getattr(args, "beta", None), row.get("eval/rewards/chosen")
             if beta and isinstance(chosen, (int, float)) and not getattr(args, "reference_free", False):
-                # drift: mean log pi(y_w|x) - log pi_ref(y_w|x) over the chosen answers (TRL's reward / beta)
                 extras["eval/drift_chosen_logratio"] = chosen / beta
         extras["elapsed_s"] = round(time.perf_counter() - self._start, 3)
         row.update(extras)
@@ -145,9 +131,7 @@ class MetricsLoggerCallback(TrainerCallback):
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
 
 
 def time_estimate(steps_done: int, seconds: float, steps_left: int) -> str:
@@ -157,19 +141,16 @@ def time_estimate(steps_done: int, seconds: float, steps_left: int) -> str:
     'step 1 took 12 s (warm-up included): the 39 steps left will take about 8 min'
     """
     per_step = seconds / steps_done
-    head = (
-        f"step 1 took {_duration(seconds)} (warm-up included)"
-        if steps_done == 1
-        else (f"{steps_done} steps took {_duration(seconds)} ({per_step:.3g} s a step)")
-    )
+    head = f"{steps_done} steps took {_duration(seconds)} ({per_step:.3g} s a step)"
+    if steps_done == 1:
+        head = f"step 1 took {_duration(seconds)} (warm-up included)"
     rest = "the last step" if steps_left == 1 else f"the {steps_left} steps left"
     return f"{head}: {rest} will take about {_duration(per_step * steps_left)}"
 
 
 def step_line(logs: dict[str, Any], state: Any) -> str | None:
-    """One line for a logged step, ``"step 5/40  loss 0.6812  accuracy 0.75  margin 0.0310  lr 2.00e-04"`` (then
-    pairs/s, MFU and peak MiB where logged)
-    (evaluation rows start with ``eval``); ``None`` for the end-of-training summary."""
+    """One line for a logged step, ``"step 5/40  loss 0.6812  accuracy 0.75  margin 0.0310  lr 2.00e-04"``, then
+    pairs/s, MFU and peak MiB where logged (evaluation rows start with ``eval``); ``None`` for the summary."""
     prefix = "eval_" if "eval_loss" in logs else ""
     if f"{prefix}loss" not in logs:
         return None
@@ -189,29 +170,32 @@ def step_line(logs: dict[str, Any], state: Any) -> str | None:
     return "  ".join(parts)
 
 
-class StepLineProgressCallback(ProgressCallback):
-    """transformers' progress bar, with one concise line per logged step (:func:`step_line`) instead of the raw
-    dict of every metric; ``lines=False`` (notebooks, where the live curves show the values) prints none."""
+class StepLinePrinterCallback(TrainerCallback):
+    """One concise line per logged step (:func:`step_line`, rank 0 only), printed: for runs without a progress bar
+    (``disable_tqdm``)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        line = step_line(logs or {}, state) if state.is_world_process_zero else None
+        if line is not None:
+            self.write(line)
+
+    def write(self, line: str) -> None:
+        """Print one step line to stdout."""
+        print(line, flush=True)
+
+
+class StepLineProgressCallback(StepLinePrinterCallback, ProgressCallback):
+    """transformers' progress bar, with the step lines written above it in place of the raw dict of every metric;
+    ``lines=False`` (notebooks, where the live curves show the values) writes none."""
 
     def __init__(self, lines: bool = True) -> None:
         super().__init__()
         self.lines = lines
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        """Write the step's line above the bar (rank 0 only)."""
-        line = step_line(logs or {}, state) if self.lines and state.is_world_process_zero else None
-        if line is not None and self.training_bar is not None:
+    def write(self, line: str) -> None:
+        """Write one step line above the progress bar (nothing with ``lines=False`` or before the bar exists)."""
+        if self.lines and self.training_bar is not None:
             self.training_bar.write(line)
-
-
-class StepLinePrinterCallback(TrainerCallback):
-    """One concise line per logged step (:func:`step_line`), for runs without a progress bar (``disable_tqdm``)."""
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        """Print the step's line (rank 0 only)."""
-        line = step_line(logs or {}, state) if state.is_world_process_zero else None
-        if line is not None:
-            print(line, flush=True)
 
 
 def use_step_lines(trainer: Any, notebook: bool) -> None:
@@ -220,15 +204,10 @@ def use_step_lines(trainer: Any, notebook: bool) -> None:
     :class:`StepLinePrinterCallback`."""
     from transformers.trainer_callback import PrinterCallback
 
-    removed = [PrinterCallback, ProgressCallback]
-    try:
-        from transformers.utils.notebook import NotebookProgressCallback
-
-        removed.append(NotebookProgressCallback)
-    except ImportError:  # pragma: no cover - IPython missing
-        pass
-    for callback in removed:
-        trainer.remove_callback(callback)
+    progress = (PrinterCallback, ProgressCallback, StepLinePrinterCallback)
+    for callback in list(trainer.callback_handler.callbacks):
+        if isinstance(callback, progress) or type(callback).__name__ == "NotebookProgressCallback":  # no IPython import
+            trainer.remove_callback(callback)
     trainer.add_callback(
         StepLinePrinterCallback() if trainer.args.disable_tqdm else StepLineProgressCallback(lines=not notebook)
     )
@@ -240,54 +219,32 @@ class FirstStepCallback(TrainerCallback):
     done = False
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Note that a step ended."""
         self.done = True
 
 
-def _live_display_available() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
-
-
 class LiveRewardPlotCallback(TrainerCallback):
-    """Redraw the reward curves at logging steps and save them as ``reward_curves.png``.
+    """Redraw the reward curves from ``<run_dir>/metrics.jsonl`` at logging steps and save them as
+    ``reward_curves.png``; put it after :class:`MetricsLoggerCallback`, which writes the rows.
 
-    In a Jupyter kernel the picture is replaced in place in the cell's output; elsewhere only the PNG is written.
-    Reads the rows :class:`MetricsLoggerCallback` wrote, so put it after that one. A redraw takes about half a
-    second, which on a GPU would double a small model's run (H200: 0.54x TRL's pairs/s redrawing every step), so a
-    logging step redraws only while redrawing stays under ``max_share`` of the wall time; the first logging step
-    and the end of training always redraw.
-
-    Args:
-        run_dir: the run folder holding ``metrics.jsonl``.
-        every: redraw at most every this many logging events (default 1).
-        display: ``None`` detects a Jupyter kernel; ``True``/``False`` forces it.
-        max_share: the largest share of the wall time spent redrawing (default 0.05).
+    With ``display`` (``None``: in a Jupyter kernel, as transformers' ``is_in_notebook`` says) the picture is also
+    replaced in place in the cell's output. A redraw takes about half a second, which on a GPU would double a small
+    model's run (H200: 0.54x TRL's pairs/s redrawing every step), so a logging step redraws only while redrawing
+    stays under ``max_share`` (default 0.05) of the wall time; the first logging step and the end of training always
+    redraw.
     """
 
-    def __init__(
-        self, run_dir: str | Path, every: int = 1, display: bool | None = None, max_share: float = 0.05
-    ) -> None:
+    def __init__(self, run_dir: str | Path, display: bool | None = None, max_share: float = 0.05) -> None:
         self.run_dir = Path(run_dir)
-        self.every = max(1, every)
-        self.display = _live_display_available() if display is None else display
+        self.display = is_in_notebook() if display is None else display
         self.max_share = max_share
         self._handle: Any = None
-        self._events = 0
         self._last_end: float | None = None  # when the last redraw ended
         self._cost = 0.0  # what the last redraw took, seconds
         self.redraws = 0
 
     def redraw(self) -> Path | None:
         """Draw the curves from ``metrics.jsonl`` now; return the PNG path (``None`` before any row)."""
-        metrics_path = self.run_dir / METRICS_FILE
-        if not metrics_path.exists():
-            return None
-        rows = read_metrics(metrics_path)
+        rows = read_metrics(self.run_dir) if (self.run_dir / METRICS_FILE).exists() else []
         if not rows:
             return None
         out = self.run_dir / CURVES_FILE
@@ -310,13 +267,11 @@ class LiveRewardPlotCallback(TrainerCallback):
 
     def _due(self) -> bool:
         """Whether a redraw now keeps redrawing under ``max_share`` of the wall time since the last one."""
-        if self._last_end is None:
-            return True
-        return self._cost <= self.max_share * (time.perf_counter() - self._last_end + self._cost)
+        last_end = self._last_end
+        return last_end is None or self._cost <= self.max_share * (time.perf_counter() - last_end + self._cost)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self._events += 1
-        if self._events % self.every == 0 and getattr(state, "is_world_process_zero", True) and self._due():
+        if getattr(state, "is_world_process_zero", True) and self._due():
             self.redraw()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -333,15 +288,8 @@ class _AdapterView:
     def __init__(self, model: Any, adapter: str) -> None:
         self.model, self.adapter = model, adapter
 
-    @property
-    def training(self) -> bool:
-        return self.model.training
-
-    def eval(self) -> Any:
-        return self.model.eval()
-
-    def train(self, mode: bool = True) -> Any:
-        return self.model.train(mode)
+    def __getattr__(self, name: str) -> Any:  # training, eval, train, parameters: the policy's
+        return getattr(self.model, name)
 
     def generate(self, **kwargs: Any) -> Any:
         from dpo_xpu.train.trl_internals import use_adapter
@@ -351,18 +299,11 @@ class _AdapterView:
 
 
 class EvalSamplesCallback(TrainerCallback):
-    """At each evaluation, greedy answers of the policy and of the reference to fixed prompts
-    (:func:`dpo_xpu.eval.heldout.generate_samples`), appended to ``<run_dir>/eval_samples.jsonl``, one
-    ``{"step", "prompt", "policy", "reference"}`` line per prompt. The reference is ``reference`` when given, else
-    TRL's frozen ``ref`` adapter when the policy has one, else the policy with its adapters disabled.
-
-    Args:
-        run_dir: the run folder.
-        tokenizer: the run's tokenizer.
-        prompts: the ChatML prompts (e.g. the first ``num_eval_samples`` of the eval split).
-        max_new_tokens: tokens generated at most per answer.
-        reference: a separate reference model, or ``None``.
-    """
+    """At each evaluation, greedy answers (at most ``max_new_tokens`` each) of the policy and of the reference to the
+    ChatML ``prompts`` (e.g. the first ``num_eval_samples`` of the eval split), by
+    :func:`dpo_xpu.eval.heldout.generate_samples`, appended to ``<run_dir>/eval_samples.jsonl``, one
+    ``{"step", "prompt", "policy", "reference"}`` line per prompt. The reference is the separate ``reference`` model
+    when given, else TRL's frozen ``ref`` adapter when the policy has one, else the policy with its adapters off."""
 
     def __init__(
         self, run_dir: str | Path, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64, reference: Any = None

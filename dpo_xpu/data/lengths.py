@@ -39,18 +39,13 @@ def length_summary(
         for column, v in lengths.items()
         if v
     }
-    kept = truncated = dropped = prompt_cut = 0
+    counts = dict.fromkeys(("kept_whole", "prompt_cut", "truncated", "dropped"), 0)
     for prompt, chosen, rejected in zip(lengths["prompt"], lengths["chosen"], lengths["rejected"]):
         if max_prompt_length is not None and prompt > max_prompt_length:
-            prompt_cut += 1
+            counts["prompt_cut"] += 1
             prompt = max_prompt_length
-        if kept_answer_length(prompt, 1, max_length) == 0:
-            dropped += 1
-        elif all(kept_answer_length(prompt, n, max_length) == n for n in (chosen, rejected)):
-            kept += 1
-        else:
-            truncated += 1
-    counts = {"kept_whole": kept, "prompt_cut": prompt_cut, "truncated": truncated, "dropped": dropped}
+        kept = [kept_answer_length(prompt, n, max_length) for n in (1, chosen, rejected)]
+        counts["dropped" if kept[0] == 0 else "kept_whole" if kept[1:] == [chosen, rejected] else "truncated"] += 1
     return {"stats": stats, "rows": len(lengths["prompt"]), **counts}
 
 
@@ -83,20 +78,20 @@ def drop_long_pairs(dataset: Any, tokenizer: Any, max_length: int) -> tuple[Any,
     """The pairs whose prompt + chosen and prompt + rejected fit in `max_length` tokens, and a report: `rows`, `kept`,
     `dropped`, `max_length`, `reasons` (rows too long per side). `PreferenceDataError` when none fits."""
     limit = char_limit(tokenizer, max_length)
-    prompts, keep, far, reasons = dataset["prompt"], [], [], dict.fromkeys(REASONS, 0)
-    for index, (prompt, *answers) in enumerate(zip(prompts, dataset["chosen"], dataset["rejected"])):
-        too_long = {}
-        for reason, answer in zip(REASONS, answers):
-            if len(prompt) + len(answer) > limit:  # cannot fit: not worth tokenising
-                too_long[reason] = True
-            else:  # prompt + answer tokens
-                too_long[reason] = sum(map(len, answer_tokens(tokenizer, prompt, answer, None, None))) > max_length
-            reasons[reason] += too_long[reason]
-        if any(len(prompt) + len(answer) > limit for answer in answers):
+    keep, far, reasons = [], [], dict.fromkeys(REASONS, 0)
+    for index, (prompt, *answers) in enumerate(zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])):
+        cannot_fit = [len(prompt) + len(answer) > limit for answer in answers]  # not worth tokenising
+        too_long = [
+            huge or sum(map(len, answer_tokens(tokenizer, prompt, answer, None, None))) > max_length
+            for huge, answer in zip(cannot_fit, answers)
+        ]
+        for reason, long in zip(REASONS, too_long):
+            reasons[reason] += long
+        if any(cannot_fit):
             far.append(index + 1)
-        if not any(too_long.values()):
+        if not any(too_long):
             keep.append(index)
-    rows = len(prompts)
+    rows = len(dataset)
     report = dict(rows=rows, kept=len(keep), dropped=rows - len(keep), max_length=max_length, reasons=reasons)
     if far:
         logger.warning(
@@ -110,7 +105,7 @@ def drop_long_pairs(dataset: Any, tokenizer: Any, max_length: int) -> tuple[Any,
     )
     if not keep:
         raise PreferenceDataError(
-            f"drop_long_rows: all {report['rows']} pairs are longer than max_length={max_length} tokens "
+            f"drop_long_rows: all {rows} pairs are longer than max_length={max_length} tokens "
             f"({reasons}). Fix: raise max_length, or set drop_long_rows: false to truncate them instead."
         )
-    return dataset.select(keep) if len(keep) < report["rows"] else dataset, report
+    return dataset.select(keep) if len(keep) < rows else dataset, report

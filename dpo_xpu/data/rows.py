@@ -13,27 +13,28 @@ from typing import Any
 
 import datasets
 
+from dpo_xpu.data.truncation import common_prefix_length
 from dpo_xpu.errors import PreferenceDataError
 
 ORCA_COLUMNS: tuple[str, ...] = ("system", "question", "chosen", "rejected")  # Intel/orca_dpo_pairs' order
 LOCAL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
 
-_FIXES = {
-    "system": "give every row a string 'system' prompt (use \"\" for none)",
-    "question": "give every row a non-empty 'question' or remove the row",
-    "chosen": "give every row a non-empty 'chosen' answer or remove the row",
-    "rejected": "give every row a non-empty 'rejected' answer or remove the row",
-}
 _CONVERSATIONAL_HINT = (
     " (for lists of chat messages, use data_format: conversational with 'prompt', 'chosen' and 'rejected' "
     "message lists, or only 'chosen' and 'rejected' holding whole conversations)"
 )
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
-_SAME = "identical to 'chosen' (after stripping whitespace), so the pair states no preference"
+_SAME = (
+    "column 'rejected': identical to 'chosen' (after stripping whitespace), so the pair states no preference. "
+    "Fix: give a worse 'rejected' answer or remove the row."
+)
 
 
 def _fix(column: str) -> str:
-    return _FIXES.get(column, f"give every row a non-empty {column!r} or remove the row")
+    if column == "system":
+        return "give every row a string 'system' prompt (use \"\" for none)"
+    answer = " answer" if column in ("chosen", "rejected") else ""
+    return f"give every row a non-empty {column!r}{answer} or remove the row"
 
 
 def _where(source_name: str, line_numbers: Sequence[int] | None, index: int) -> str:
@@ -58,8 +59,8 @@ def validate_preference_rows(
     that differs from `rejected`; return the number of rows. The first bad row raises a `PreferenceDataError` naming
     `source_name`, "line N" (1-based `line_numbers`) or "row N", the column and the fix."""
     count = 0
-    for index, row in enumerate(rows):
-        where = _where(source_name, line_numbers, index)
+    for count, row in enumerate(rows, start=1):
+        where = _where(source_name, line_numbers, count - 1)
         if not isinstance(row, Mapping):
             raise PreferenceDataError(
                 f"{where}: expected a JSON object with the columns {list(columns)}, found {_describe(row)}. "
@@ -83,10 +84,7 @@ def validate_preference_rows(
                     f"{where}, column {column!r}: expected a non-empty string, found {value!r}. Fix: {_fix(column)}."
                 )
         if "chosen" in columns and "rejected" in columns and row["chosen"].strip() == row["rejected"].strip():
-            raise PreferenceDataError(
-                f"{where}, column 'rejected': {_SAME}. Fix: give a worse 'rejected' answer or remove the row."
-            )
-        count += 1
+            raise PreferenceDataError(f"{where}, {_SAME}")
     return count
 
 
@@ -159,12 +157,9 @@ def validate_conversational_rows(
             )
         chosen, rejected = _messages(row["chosen"], where, "chosen"), _messages(row["rejected"], where, "rejected")
         if _stripped(chosen) == _stripped(rejected):
-            raise PreferenceDataError(
-                f"{where}, column 'rejected': {_SAME}. Fix: give a worse 'rejected' answer or remove the row."
-            )
+            raise PreferenceDataError(f"{where}, {_SAME}")
         if row.get("prompt") is None:
-            pairs_of_messages = enumerate(zip(chosen, rejected))
-            shared = next((i for i, (a, b) in pairs_of_messages if a != b), min(len(chosen), len(rejected)))
+            shared = common_prefix_length(chosen, rejected)
             for column, messages in (("chosen", chosen), ("rejected", rejected)):
                 if shared == len(messages):
                     raise PreferenceDataError(
@@ -204,36 +199,25 @@ class _RepeatedKey(dict):
 
 def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """`json` object hook: mark an object whose key repeats (plain `json` keeps the last value)."""
-    row = dict(pairs)
-    if len(row) == len(pairs):
-        return row
     keys = [key for key, _ in pairs]
-    marked = _RepeatedKey(row)
+    if len(set(keys)) == len(keys):
+        return dict(pairs)
+    marked = _RepeatedKey(pairs)
     marked.key = next(key for index, key in enumerate(keys) if key in keys[:index])
     return marked
 
 
-def _repeated_key(value: Any, path: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
-    """The path to the first repeated key (e.g. `('chosen', 0, 'content')`), or None."""
+def _refuse_repeated_key(value: Any, where: str, path: tuple[str | int, ...] = ()) -> None:
+    """Raise at the first object of `value` that repeats a key, naming where it sits (column, message, key)."""
     if isinstance(value, _RepeatedKey):
-        return (*path, value.key)
+        inside = "".join(f", message {part + 1}" if isinstance(part, int) else f", key {part!r}" for part in path[1:])
+        raise PreferenceDataError(
+            f"{where}{f', column {path[0]!r}{inside}' if path else ''}: the key {value.key!r} appears more than once "
+            f"in one JSON object (only the last value would be kept). Fix: keep a single {value.key!r} in that object."
+        )
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for name, item in items:
-        if (found := _repeated_key(item, (*path, name))) is not None:
-            return found
-    return None
-
-
-def _refuse_repeated_key(row: Any, where: str) -> None:
-    path = _repeated_key(row)
-    if path is None:
-        return
-    inside = "".join(f", message {part + 1}" if isinstance(part, int) else f", key {part!r}" for part in path[1:-1])
-    place = f", column {path[0]!r}{inside}" if len(path) > 1 else ""
-    raise PreferenceDataError(
-        f"{where}{place}: the key {path[-1]!r} appears more than once in one JSON object (only the last value "
-        f"would be kept). Fix: keep a single {path[-1]!r} in that object."
-    )
+        _refuse_repeated_key(item, where, (*path, name))
 
 
 def _read_text(path: Path) -> str:
@@ -273,6 +257,20 @@ def _read_jsonl(path: Path, text: str | None = None) -> tuple[list[Any], list[in
 
 
 def _read_local_rows(path: Path) -> tuple[list[Any], list[int] | None]:
+    hub_id = "or a hub id such as 'Intel/orca_dpo_pairs'"
+    if path.is_dir():
+        raise PreferenceDataError(
+            f"{path} is a directory, not a data file. Fix: pass one .jsonl, .json or .parquet file (e.g. "
+            f"{path / 'train.jsonl'}), {hub_id}."
+        )
+    if not path.is_file():
+        raise PreferenceDataError(
+            f"{path} does not exist. Fix: pass an existing .jsonl, .json or .parquet file, {hub_id}."
+        )
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise PreferenceDataError(
+            f"{path}: unsupported file type {path.suffix!r}. Fix: save the rows as one of {list(LOCAL_SUFFIXES)}."
+        )
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".json":
@@ -302,31 +300,19 @@ def _read_local_rows(path: Path) -> tuple[list[Any], list[int] | None]:
         ) from None
 
 
-def read_source(source: str | Path, split: str = "train") -> tuple[Any, list[int] | None, str]:
+def read_source(source: str | Path, split: str = "train") -> tuple[list[Any], list[int] | None, str]:
     """``(rows, line_numbers, name)`` of a local file (a `Path`, a known suffix, or an existing path) or a hub split,
-    unvalidated: a list of rows or a `datasets.Dataset`, each row's file line (JSON lines; else ``None``), the name
-    messages quote. `PreferenceDataError` when it cannot be read (naming the line) or is empty."""
+    unvalidated: the rows as a list, each row's file line (JSON lines; else ``None``), the name messages quote.
+    `PreferenceDataError` when it cannot be read (naming the line) or is empty."""
     path = Path(source)
-    if not (isinstance(source, Path) or path.suffix in LOCAL_SUFFIXES or path.exists()):
+    if isinstance(source, Path) or path.suffix in LOCAL_SUFFIXES or path.exists():
+        (rows, line_numbers), name = _read_local_rows(path), path.name
+    else:
         from dpo_xpu.hub import check_hub_id
 
         check_hub_id(str(source), "dataset", PreferenceDataError, "dataset_name_or_path")
-        return datasets.load_dataset(str(source), split=split), None, f"{source} [{split}]"
-    if path.is_dir():
-        raise PreferenceDataError(
-            f"{path} is a directory, not a data file. Fix: pass one .jsonl, .json or .parquet file (e.g. "
-            f"{path / 'train.jsonl'}), or a hub id such as 'Intel/orca_dpo_pairs'."
-        )
-    if not path.is_file():
-        raise PreferenceDataError(
-            f"{path} does not exist. Fix: pass an existing .jsonl, .json or .parquet file, or a hub id "
-            "such as 'Intel/orca_dpo_pairs'."
-        )
-    if path.suffix not in LOCAL_SUFFIXES:
-        raise PreferenceDataError(
-            f"{path}: unsupported file type {path.suffix!r}. Fix: save the rows as one of {list(LOCAL_SUFFIXES)}."
-        )
-    rows, line_numbers = _read_local_rows(path)
+        rows, line_numbers = datasets.load_dataset(str(source), split=split).to_list(), None
+        name = f"{source} [{split}]"
     if not rows:
-        raise PreferenceDataError(f"{path} holds no rows. Fix: add at least one preference pair.")
-    return rows, line_numbers, path.name
+        raise PreferenceDataError(f"{source} holds no rows. Fix: add at least one preference pair.")
+    return rows, line_numbers, name

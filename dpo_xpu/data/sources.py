@@ -15,7 +15,6 @@ from typing import Any
 
 import datasets
 
-from dpo_xpu.data.preferences import keep_shuffled, load_orca_dpo_pairs
 from dpo_xpu.data.rows import ORCA_COLUMNS, read_source, validate_conversational_rows, validate_preference_rows
 from dpo_xpu.errors import PreferenceDataError
 
@@ -25,6 +24,8 @@ PAIR_COLUMNS: tuple[str, ...] = ("prompt", "chosen", "rejected")  # the generic 
 FORMATS: tuple[str, ...] = ("auto", "orca", "prompt-chosen-rejected", "conversational")  # data_format's values
 
 _REQUIRED: dict[str, tuple[str, ...]] = {"orca": ORCA_COLUMNS, "prompt-chosen-rejected": PAIR_COLUMNS}
+#: Per format, the column each orca column is read from (None: empty).
+_AS_ORCA = {"orca": ORCA_COLUMNS, "prompt-chosen-rejected": (None, *PAIR_COLUMNS)}
 
 
 def detect_format(columns: Sequence[str], source_name: str = "rows", example: Mapping[str, Any] | None = None) -> str:
@@ -55,53 +56,45 @@ def detect_format(columns: Sequence[str], source_name: str = "rows", example: Ma
     )
 
 
-def _generic_to_orca(rows: Sequence[Mapping[str, Any]] | datasets.Dataset) -> datasets.Dataset:
-    renamed = {orca: [row[generic] for row in rows] for orca, generic in zip(ORCA_COLUMNS[1:], PAIR_COLUMNS)}
-    return datasets.Dataset.from_dict({"system": [""] * len(rows), **renamed})
-
-
-def _orca_to_conversational(rows: datasets.Dataset) -> datasets.Dataset:
-    def turn(role: str, content: str) -> dict[str, str]:
-        return {"role": role, "content": content}
-
-    return datasets.Dataset.from_dict(
-        {
-            "prompt": [[turn("system", r["system"])] * bool(r["system"]) + [turn("user", r["question"])] for r in rows],
-            "chosen": [[turn("assistant", r["chosen"])] for r in rows],
-            "rejected": [[turn("assistant", r["rejected"])] for r in rows],
-        }
-    )
+def orca_messages(row: Mapping[str, str]) -> dict[str, list[dict[str, str]]]:
+    """An orca row as TRL's conversational row: the ``prompt`` messages (a system turn when ``system`` is not empty,
+    the user turn) and one assistant message per answer."""
+    system = [{"role": "system", "content": row["system"]}] if row["system"] else []
+    return {
+        "prompt": [*system, {"role": "user", "content": row["question"]}],
+        **{column: [{"role": "assistant", "content": row[column]}] for column in ("chosen", "rejected")},
+    }
 
 
 def load_preference_pairs(
     source: str | Path, data_format: str = "auto", split: str = "train", limit: int | None = None, seed: int = 42
 ) -> datasets.Dataset:
-    """Validated pairs in one of `FORMATS` (`"auto"`: :func:`detect_format`), arguments as
-    :func:`~dpo_xpu.data.preferences.load_orca_dpo_pairs`: the orca columns, or conversational message lists.
-    `PreferenceDataError`: an unknown `data_format`, an unreadable source, an undetectable format, or a bad row."""
+    """Validated pairs from a hub id (its ``split``) or a ``.jsonl``, ``.json`` or ``.parquet`` file, in one of
+    `FORMATS` (`"auto"`: :func:`detect_format`): the orca columns (a generic ``prompt`` as the ``question``, with
+    an empty ``system``), or conversational message lists. ``limit``: that many rows after a shuffle with ``seed``
+    (``None``: all, in order). `PreferenceDataError`: an unknown `data_format`, an unreadable source, an undetectable
+    format, or a bad row; `ValueError`: a ``limit`` below 1."""
     if data_format not in FORMATS:
         raise PreferenceDataError(f"data_format: unknown {data_format!r}. Fix: use one of {list(FORMATS)}.")
-    if data_format == "orca":
-        return load_orca_dpo_pairs(source, split=split, limit=limit, seed=seed)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of rows or None, got {limit!r}.")
     rows, line_numbers, name = read_source(source, split)
-    if isinstance(rows, datasets.Dataset):
-        columns: Sequence[str] = rows.column_names
-        first = rows[0] if len(rows) else {}
-    else:
-        first = rows[0] if isinstance(rows[0], Mapping) else {}
-        columns = list(first)
+    first = rows[0] if isinstance(rows[0], Mapping) else {}
     where = f"{name} line {line_numbers[0]}" if line_numbers else f"{name} row 1"
-    found = data_format if data_format != "auto" else detect_format(columns, where, first)
-    if found == "orca":
-        return load_orca_dpo_pairs(source, split=split, limit=limit, seed=seed)
+    found = data_format if data_format != "auto" else detect_format(list(first), where, first)
     if found == "conversational":
-        pairs = validate_conversational_rows(rows, source_name=name, line_numbers=line_numbers)
-        dataset = datasets.Dataset.from_dict({column: [pair[column] for pair in pairs] for column in PAIR_COLUMNS})
+        dataset = datasets.Dataset.from_list(validate_conversational_rows(rows, name, line_numbers))
     else:
-        validate_preference_rows(rows, PAIR_COLUMNS, name, line_numbers, allow_empty=())
-        dataset = _generic_to_orca(rows)
+        allow_empty = ("system",) if found == "orca" else ()
+        validate_preference_rows(rows, _REQUIRED[found], name, line_numbers, allow_empty)
+        columns = zip(ORCA_COLUMNS, _AS_ORCA[found])
+        dataset = datasets.Dataset.from_dict({orca: [row[c] if c else "" for row in rows] for orca, c in columns})
     logger.info("Loaded %d %s pairs from %s", len(dataset), found, source)
-    return keep_shuffled(dataset, limit, seed)
+    if limit is None:
+        return dataset
+    kept = dataset.shuffle(seed=seed).select(range(min(limit, len(dataset)))).flatten_indices()
+    logger.info("Kept %d pairs (shuffled with seed %d)", len(kept), seed)
+    return kept
 
 
 def mixture_counts(available: Mapping[str, int], proportions: Mapping[str, float], limit: int | None = None):
@@ -130,7 +123,7 @@ def mix_sources(
     loaded = {name: load_preference_pairs(name, data_format=data_format, seed=seed) for name in mixture}
     if len({tuple(rows.column_names) for rows in loaded.values()}) > 1:  # conversational and orca sources
         loaded = {
-            name: rows if "prompt" in rows.column_names else _orca_to_conversational(rows)
+            name: rows if "prompt" in rows.column_names else datasets.Dataset.from_list(list(map(orca_messages, rows)))
             for name, rows in loaded.items()
         }
     counts = mixture_counts({name: len(rows) for name, rows in loaded.items()}, mixture, limit)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -51,6 +52,11 @@ def row_list(numbers: list[int], shown: int = 10) -> str:
     return f"row{'s' * (len(numbers) > 1)} {head}{more}"
 
 
+def common_prefix_length(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items (token ids, characters, messages) `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def kept_answer_length(prompt_length: int, answer_length: int, max_length: int | None) -> int:
     """Tokens of an answer TRL keeps after a prompt: at most ``max_length - prompt_length`` (``None``: all)."""
     if max_length is None:
@@ -65,9 +71,7 @@ def answer_tokens(
     without special tokens."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
-    start = next(
-        (i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(len(prompt_ids), len(full_ids))
-    )
+    start = common_prefix_length(prompt_ids, full_ids)
     prompt_ids, answer_ids = full_ids[:start], full_ids[start:]
     if max_prompt_length is not None:
         prompt_ids = prompt_ids[-max_prompt_length:]
@@ -83,12 +87,9 @@ def truncate_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_p
 
     def cut(example: dict[str, Any]) -> dict[str, Any]:
         prompt = example["prompt"][-limit:]
-        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        if len(offsets) <= max_prompt_length:
-            return {"prompt": example["prompt"]}
-        start = offsets[len(offsets) - max_prompt_length][0]
-        return {"prompt": prompt[start:]}
+        offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        kept = prompt[offsets[-max_prompt_length][0] :] if len(offsets) > max_prompt_length else example["prompt"]
+        return {"prompt": kept}
 
     before = dataset["prompt"]
     far = [number for number, text in enumerate(before, start=1) if len(text) > limit]

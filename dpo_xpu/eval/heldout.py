@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from dpo_xpu.data.truncation import answer_tokens
 from dpo_xpu.train.trl_internals import selective_log_softmax
-
-logger = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -59,14 +57,9 @@ def sequence_log_probs(
             answer_tokens(tokenizer, p, a, max_length, max_prompt_length)
             for p, a in zip(prompts[begin : begin + batch_size], answers[begin : begin + batch_size])
         ]
-        width = max(len(p) + len(a) for p, a in pieces)
-        ids = torch.full((len(pieces), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        answer_mask = torch.zeros_like(ids, dtype=torch.bool)
-        for row, (p, a) in enumerate(pieces):
-            ids[row, : len(p) + len(a)] = torch.tensor(p + a, dtype=torch.long)
-            attention[row, : len(p) + len(a)] = 1
-            answer_mask[row, len(p) : len(p) + len(a)] = True
+        ids = pad_sequence([torch.tensor(p + a, dtype=torch.long) for p, a in pieces], True, pad_id)
+        attention = pad_sequence([torch.ones(len(p) + len(a), dtype=torch.long) for p, a in pieces], True)
+        answer_mask = pad_sequence([torch.tensor([0] * len(p) + [1] * len(a)) for p, a in pieces], True)
         logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
         # the logits at position t predict token t + 1
         token_lp = _token_log_probs(logits[:, :-1], ids[:, 1:].to(device)).cpu()

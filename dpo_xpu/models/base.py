@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_xpu.errors import ModelLoadError
-from dpo_xpu.models.dtypes import dtype_kwarg  # noqa: F401 - the backends and eval.export import it from here
-from dpo_xpu.models.gguf import find_gguf, gguf_to_folder, model_origin
+from dpo_xpu.models.gguf import dtype_kwarg, find_gguf, gguf_to_folder, model_origin  # noqa: F401 - re-exported
 from dpo_xpu.recipes import DEFAULT_LORA_TARGETS
 
 #: The files of a folder holding only a tokenizer (one of them is enough).
@@ -26,7 +25,6 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 #: The files of a model folder that transformers reads and that :func:`resolve_model_path` checks before any load.
 _CHECKED_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "*.safetensors")
 _REDOWNLOAD = "it is damaged or was cut short (an interrupted download or copy): download or copy it again"
-_SHIPPED = "use a model whose architecture transformers {} ships (Llama, Qwen2, Mistral, Gemma, Phi-3, ...)"
 
 
 @dataclass
@@ -111,28 +109,26 @@ def _check_model_folder(folder: Path) -> None:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
         return  # a known type: transformers' own code builds it (it ignores auto_map then); none: see _load_failure
-    if config.get("auto_map"):
-        entries = ", ".join(f"{key} -> {value}" for key, value in config["auto_map"].items())
-        raise ModelLoadError(f"model {folder}: {_custom_code(f'config.json auto_map: {entries}')}")
-    raise ModelLoadError(f"model {folder}: {_unknown_type(model_type)}")
-
-
-def _custom_code(detail: str) -> str:
-    import transformers
-
-    return (
-        f"it needs its own Python code ({detail}), which dpo_xpu never runs (trust_remote_code: the code would run "
-        f"with your rights on this machine): {_SHIPPED.format(transformers.__version__)}"
+    entries = ", ".join(f"{key} -> {value}" for key, value in (config.get("auto_map") or {}).items())
+    raise ModelLoadError(
+        f"model {folder}: {_unsupported(None if entries else model_type, f'config.json auto_map: {entries}')}"
     )
 
 
-def _unknown_type(model_type: str) -> str:
+def _unsupported(model_type: str | None, custom_code: str = "") -> str:
+    """Why a model transformers does not build is refused: it names ``model_type``, else needs ``custom_code``."""
     import transformers
 
     version = transformers.__version__
+    shipped = f"use a model whose architecture transformers {version} ships (Llama, Qwen2, Mistral, Gemma, Phi-3, ...)"
+    if model_type is not None:
+        return (
+            f"config.json names the model type {model_type!r}, which transformers {version} does not know: if the "
+            f"model is newer than it, upgrade transformers (pip install -U transformers); else {shipped}"
+        )
     return (
-        f"config.json names the model type {model_type!r}, which transformers {version} does not know: if the model "
-        f"is newer than it, upgrade transformers (pip install -U transformers); else {_SHIPPED.format(version)}"
+        f"it needs its own Python code ({custom_code}), which dpo_xpu never runs (trust_remote_code: the code would "
+        f"run with your rights on this machine): {shipped}"
     )
 
 
@@ -188,7 +184,11 @@ def _load_failure(exc: BaseException, path: Path) -> str | None:
             "it fully could run code on this machine): use safetensors weights instead, or a file of tensors only "
             "(torch.save(model.state_dict(), ...)) from a source you trust"
         )
-    torch_frame = isinstance(exc, KeyError) and re.search(r"torch[/\\].*(serialization|unpickler)", _innermost(exc))
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    innermost = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    torch_frame = isinstance(exc, KeyError) and re.search(r"torch[/\\].*(serialization|unpickler)", innermost)
     damaged_pickle = (
         isinstance(exc, (pickle.UnpicklingError, EOFError))
         or torch_frame
@@ -202,10 +202,10 @@ def _load_failure(exc: BaseException, path: Path) -> str | None:
     if damaged_text:
         return _damaged((_unreadable_files(path) if path.exists() else {}) or {"a file of it": _first_line(exc)})
     if isinstance(exc, ValueError) and "contains custom code" in text:
-        return _custom_code("auto_map in its config files")
+        return _unsupported(None, "auto_map in its config files")
     unknown = re.search(r"model type `([^`]+)` but Transformers does not recognize", text)
     if isinstance(exc, ValueError) and unknown:
-        return _unknown_type(unknown.group(1))
+        return _unsupported(unknown.group(1))
     if isinstance(exc, ValueError) and "Should have a `model_type` key" in text:
         return (
             "config.json names no model_type, so it is no transformers model config: give a Hugging Face model "
@@ -217,13 +217,6 @@ def _load_failure(exc: BaseException, path: Path) -> str | None:
             "model.safetensors or its shards with model.safetensors.index.json, the tokenizer files) into it"
         )
     return None
-
-
-def _innermost(exc: BaseException) -> str:
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_code.co_filename if tb is not None else ""
 
 
 @contextmanager

@@ -25,6 +25,15 @@ GGUF_MARKER = "dpo_xpu_gguf.json"
 NAME_KEYS = ("source.huggingface.repository", "name", "basename")
 
 
+def dtype_kwarg(dtype: Any) -> dict[str, Any]:
+    """``dtype=`` for transformers >= 4.56, ``torch_dtype=`` before (the keyword of ``from_pretrained`` and
+    ``from_config``, renamed); here, in the leaf of :mod:`dpo_xpu.models`, for this module and the loaders."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
 def model_cache_dir() -> Path:
     """Where converted models are kept: ``$DPO_XPU_CACHE_DIR/models``, else ``~/.cache/dpo_xpu/models``."""
     from dpo_xpu.files import CACHE_DIR_ENV
@@ -50,32 +59,21 @@ def find_gguf(path: str | Path) -> Path | None:
     return ggufs[0] if ggufs else None
 
 
-def gguf_metadata(gguf_path: str | Path) -> dict[str, Any]:
-    """The ``general.*`` text and number fields of a GGUF file, without the prefix (``{}`` without ``gguf``)."""
-    try:
+def _gguf_origin(gguf_path: Path) -> dict[str, Any]:
+    """``{"gguf", "name", "metadata"}`` of a GGUF file: its ``general.*`` text and number fields without the prefix
+    (none without the ``gguf`` package) and the model's name (:data:`NAME_KEYS`, else the file's stem)."""
+    metadata: dict[str, Any] = {}
+    with contextlib.suppress(ImportError):
         from gguf import GGUFReader, GGUFValueType
-    except ImportError:
-        return {}
-    fields = GGUFReader(str(gguf_path)).fields
-    out: dict[str, Any] = {}
-    for key, field in fields.items():
-        if not key.startswith("general.") or not field.types:
-            continue
-        values = [field.parts[i] for i in field.data]
-        if field.types[-1] == GGUFValueType.STRING:
-            values = [bytes(value).decode("utf-8", errors="replace") for value in values]
-        elif field.types[-1] in (GGUFValueType.ARRAY, GGUFValueType.BOOL):
-            continue
-        else:
-            values = [value.tolist()[0] for value in values]
-        out[key.removeprefix("general.")] = values if field.types[0] == GGUFValueType.ARRAY else values[0]
-    return out
 
-
-def gguf_name(metadata: dict[str, Any], gguf_path: str | Path) -> str:
-    """The model's name as the GGUF file states it (:data:`NAME_KEYS`), else the file's name without ``.gguf``."""
+        skipped = (GGUFValueType.ARRAY, GGUFValueType.BOOL)  # nested arrays, flags
+        for key, field in GGUFReader(str(gguf_path)).fields.items():
+            if key.startswith("general.") and field.types and field.types[-1] not in skipped:
+                with contextlib.suppress(UnicodeDecodeError):  # a name that is no UTF-8: left out
+                    metadata[key.removeprefix("general.")] = field.contents()
     names = [metadata[key].strip() for key in NAME_KEYS if isinstance(metadata.get(key), str)]
-    return next((name for name in names if name), Path(gguf_path).stem)
+    name = next((name for name in names if name), gguf_path.stem)
+    return {"gguf": str(gguf_path.resolve()), "name": name, "metadata": metadata}
 
 
 def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, dtype: str = "bfloat16") -> Path:
@@ -84,7 +82,6 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
     import torch
 
     from dpo_xpu.files import apply_umask, default_cache_dir, weights_digest
-    from dpo_xpu.models.dtypes import dtype_kwarg
 
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
@@ -106,7 +103,7 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s into a Hugging Face folder in %s, once (later runs read the folder)", gguf_path, out)
-    torch_dtype = getattr(torch, dtype)
+    as_dtype = dtype_kwarg(getattr(torch, dtype))
     # transformers >= 5 may keep the weights packed and warns that they compute fastest in float32: they are not
     # computed with here, only copied into the plain model below
     quantizer_log = logging.getLogger("transformers.quantizers.quantizer_gguf")
@@ -114,9 +111,7 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
     quantizer_log.setLevel(logging.ERROR)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, **dtype_kwarg(torch_dtype)
-        )
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, **as_dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(
             f"model {gguf_path}: transformers cannot read this GGUF file ({type(exc).__name__}: {exc}): give a GGUF "
@@ -128,16 +123,15 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights below are plain tensors
-    model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(torch_dtype))
+    model = AutoModelForCausalLM.from_config(config, **as_dtype)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    metadata = gguf_metadata(gguf_path)
-    marker = {"gguf": str(gguf_path), "sha256": sha256, "dtype": dtype, "name": gguf_name(metadata, gguf_path)}
+    marker = {**_gguf_origin(gguf_path), "sha256": sha256, "dtype": dtype}
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / GGUF_MARKER).write_text(json.dumps({**marker, "metadata": metadata}, indent=1, default=str) + "\n")
+    (tmp / GGUF_MARKER).write_text(json.dumps(marker, indent=1, default=str) + "\n")
     apply_umask(tmp)  # safetensors writes mode 600 whatever the umask
     if model_origin(out) is None:  # another process may have finished the same conversion meanwhile
         shutil.rmtree(out, ignore_errors=True)  # a conversion cut short is redone
@@ -167,5 +161,4 @@ def model_origin(model_name_or_path: str | Path) -> dict[str, Any] | None:
         return None
     if gguf_path is None:
         return None
-    metadata = gguf_metadata(gguf_path)
-    return {"gguf": str(gguf_path.resolve()), "name": gguf_name(metadata, gguf_path), "metadata": metadata}
+    return _gguf_origin(gguf_path)

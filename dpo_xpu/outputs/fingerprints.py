@@ -16,18 +16,6 @@ logger = logging.getLogger(__name__)
 FINGERPRINTS_FILE = "fingerprints.json"
 
 
-def read_json(path: str | Path, fix: str) -> Any:
-    """The JSON value in ``path``; a corrupt file is one :class:`RunFolderError` line: where, and ``fix``."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        where = f"not UTF-8 text (byte {exc.start})"
-    except json.JSONDecodeError as exc:
-        where = f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
-    raise RunFolderError(f"{path} is corrupt: {where}. Fix: {fix}")
-
-
 def file_sha256(path: Path) -> str:
     """The SHA-256 hex digest of a file's bytes (``hashlib.file_digest`` needs Python 3.11)."""
     digest = hashlib.sha256()
@@ -37,7 +25,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_digest(path: Path) -> str:
+def _digest(path: Path) -> str:
     """``"sha256:..."`` of a file, or of a folder's files (their relative names and digests, in name order)."""
     if not path.is_dir():
         return "sha256:" + file_sha256(path)
@@ -50,23 +38,21 @@ def input_fingerprints(recipe: Any) -> dict[str, str]:
     rest by all their bytes); hub ids as ``"hub:<id>"``."""
     from dpo_xpu.files import default_cache_dir, weights_digest
 
-    out: dict[str, str] = {}
+    out = {"model_name_or_path": f"hub:{recipe.model_name_or_path}"}
     model = Path(recipe.model_name_or_path).expanduser()
     if model.exists():
         try:
             out["model_name_or_path"] = weights_digest(model, memo_dir=default_cache_dir())
         except (OSError, ValueError):
-            out["model_name_or_path"] = _file_digest(model)
-    else:
-        out["model_name_or_path"] = f"hub:{recipe.model_name_or_path}"
+            out["model_name_or_path"] = _digest(model)
     sources = list(recipe.dataset_mixture) if recipe.dataset_mixture else [recipe.dataset_name_or_path]
     for source in sources:
         path = Path(source).expanduser()
-        out[f"data:{source}"] = _file_digest(path) if path.exists() else f"hub:{source}"
+        out[f"data:{source}"] = _digest(path) if path.exists() else f"hub:{source}"
     for key in ("sft_checkpoint", "adapter_name_or_path"):
         value = getattr(recipe, key)
         if value and Path(value).expanduser().exists():
-            out[key] = _file_digest(Path(value).expanduser())
+            out[key] = _digest(Path(value).expanduser())
     return out
 
 
@@ -77,13 +63,18 @@ def check_fingerprints(recipe: Any, run_dir: str | Path) -> None:
     if not path.is_file():
         logger.warning("%s has no %s: cannot check that the data and model are unchanged", run_dir, FINGERPRINTS_FILE)
         return
-    fix = (
-        "restore it from a copy, or delete it to resume without checking that the model and data are unchanged "
-        "(a warning says so), or start a new run (another output_dir, or --overwrite)"
-    )
-    saved = read_json(path, fix)
+    why = "not a mapping of input names to fingerprints"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        saved, why = None, f"not UTF-8 text (byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        saved, why = None, f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
     if not isinstance(saved, dict) or not all(isinstance(v, str) for v in saved.values()):
-        raise RunFolderError(f"{path} is corrupt: not a mapping of input names to fingerprints. Fix: {fix}")
+        raise RunFolderError(
+            f"{path} is corrupt: {why}. Fix: restore it from a copy, or delete it to resume without checking that the "
+            "model and data are unchanged (a warning says so), or start a new run (another output_dir, or --overwrite)"
+        )
     now = input_fingerprints(recipe)
     changed = [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
     if changed:

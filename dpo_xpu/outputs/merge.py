@@ -149,18 +149,18 @@ def merge_checked(
                 merged, adapter_dir, texts, base_model_name_or_path, weights, greedy_tokens=greedy_tokens
             )
             report["fallback"] = reason
-            if _merge_matches(report, rtol) or weights == torch.float32:
-                break
             changed = merge_mismatch(report, rtol)
+            if not changed or weights == torch.float32:
+                break
             reason = f"merged weights saved in float32: rounding them to {report['weights_dtype']} {changed}"
             logger.info("%s", reason)  # handled: the report and the summary say so
-    report["rtol"] = rtol
-    report["matches"] = _merge_matches(report, rtol)
+    report.update(rtol=rtol, matches=not changed)
     return Path(out_dir), report
 
 
 def merge_mismatch(report: dict[str, Any], rtol: float) -> str:
-    """What a :func:`check_merged_logits` report shows the merge changed, as the end of a sentence."""
+    """What a :func:`check_merged_logits` report shows the merge changed, as the end of a sentence; ``""`` where the
+    logits moved by at most ``rtol`` of the adapter's effect and every greedy text is the same (a faithful merge)."""
     said = []
     if report["effect_ratio"] > rtol:
         said.append(
@@ -172,11 +172,7 @@ def merge_mismatch(report: dict[str, Any], rtol: float) -> str:
             f"changed the greedy text of {report['greedy_texts'] - report['greedy_same']} of "
             f"{report['greedy_texts']} prompts"
         )
-    return " and ".join(said) or "changed nothing"
-
-
-def _merge_matches(report: dict[str, Any], rtol: float) -> bool:
-    return report["effect_ratio"] <= rtol and report["greedy_same"] == report["greedy_texts"]
+    return " and ".join(said)
 
 
 def export_merged(
@@ -184,12 +180,12 @@ def export_merged(
     adapter_dir: str | Path,
     run_dir: str | Path,
     texts: Sequence[str] | None = None,
-    rtol: float | None = None,
+    rtol: float = MERGE_RTOL,
     out_dir: str | Path | None = None,
 ) -> Path:
     """Merge the run's adapter into a bf16 copy of its base (with ``sft_checkpoint``, the SFT weights) on the CPU,
     into ``out_dir`` (default ``<run>/merged``), returned: :func:`merge_checked` on ``texts`` (the run's prompts,
-    :func:`run_prompts`; report in ``<run>/merge_check.json``; ``rtol`` default :data:`MERGE_RTOL`), or without
+    :func:`run_prompts`; report in ``<run>/merge_check.json``), or without
     ``texts`` :func:`merge_and_save`."""
     from dpo_xpu.models.backends import get_backend
     from dpo_xpu.models.base import resolve_model_path
@@ -206,9 +202,7 @@ def export_merged(
             base, sft_base, state = scratch, None, None
         if not texts:
             return merge_and_save(adapter_dir, base, out_dir=out_dir)
-        merged, report = merge_checked(
-            adapter_dir, base, out_dir, list(texts), rtol=MERGE_RTOL if rtol is None else rtol
-        )
+        merged, report = merge_checked(adapter_dir, base, out_dir, list(texts), rtol=rtol)
     check = run_dir / MERGE_CHECK_FILE
     check.write_text(json.dumps(report, indent=2, default=str))
     trouble = "" if report["matches"] else f"; the merge {merge_mismatch(report, report['rtol'])}: check {check}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _series(rows: Iterable[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float)) and "step" in row]
-    return [x for x, _ in points], [y for _, y in points]
-
-
 def plot_reward_curves(
     metrics: str | Path | list[dict[str, Any]], out_path: str | Path | None = None, title: str | None = None
 ) -> Figure:
@@ -53,9 +47,12 @@ def plot_reward_curves(
         for key in keys:
             name = key.split("/")[-1] if len(keys) > 1 else ""
             for prefix, style, label in (("", "-", name or "train"), ("eval/", "o--", f"eval {name}".strip())):
-                xs, ys = _series(rows, prefix + key)
-                if xs:
-                    ax.plot(xs, ys, style, label=label)
+                metric = prefix + key
+                points = [
+                    (r["step"], r[metric]) for r in rows if "step" in r and isinstance(r.get(metric), (int, float))
+                ]
+                if points:
+                    ax.plot(*zip(*points), style, label=label)
         if keys == ["loss"]:
             ax.axhline(math.log(2), color="grey", linestyle=":", label="ln 2 (start)")
         if keys == ["rewards/accuracies"]:

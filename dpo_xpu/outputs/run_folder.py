@@ -25,7 +25,7 @@ from dpo_xpu.errors import RunFolderError
 from dpo_xpu.outputs.fingerprints import FINGERPRINTS_FILE, input_fingerprints
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -61,102 +61,76 @@ def refuse_foreign(run_dir: str | Path) -> None:
         )
 
 
-class RunLock:
-    """An exclusive lock on a run folder, held by this process until :meth:`release` or its end."""
+#: The lock file descriptors this process holds, by resolved run folder (a notebook keeps its lock until the kernel
+#: ends; closing the descriptor drops the ``flock``).
+_HELD: dict[Path, int] = {}
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
-        self._fd: int | None = None
 
-    def _holder(self) -> dict[str, Any]:
-        with contextlib.suppress(OSError, ValueError):
-            return json.loads(self.path.read_text(encoding="utf-8") or "{}")
-        return {}
+def _holder(path: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text(encoding="utf-8") or "{}")
+    return {}
 
-    def acquire(self) -> RunLock:
-        """Take the lock, or raise :class:`RunFolderError` naming the process that holds it."""
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            logger.warning("no fcntl on this platform: %s is not locked against a second process", self.run_dir)
-            return self
-        previous = self._holder()
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise_if_disk_full_at_start(self.run_dir, exc)
+
+def lock_run_dir(run_dir: str | Path) -> None:
+    """Lock ``run_dir`` for this process (re-entrant) until :func:`unlock_run_dir` or the process's end;
+    :class:`RunFolderError` naming the process that holds it, or when it is not a dpo_xpu run folder (no lock file is
+    written among the user's files)."""
+    run_dir = Path(run_dir)
+    if run_dir.resolve() in _HELD:
+        return
+    refuse_foreign(run_dir)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        logger.warning("no fcntl on this platform: %s is not locked against a second process", run_dir)
+        return
+    path = run_dir / LOCK_FILE
+    previous = _holder(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise_if_disk_full_at_start(run_dir, exc)
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise
+        holder = _holder(path)
+        raise RunFolderError(
+            f"{run_dir} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
+            f"({holder.get('command', 'unknown command')}, since {holder.get('since', '?')}): wait until it "
+            "ends or stop it, or use another output_dir"
+        ) from None
+    pid = previous.get("pid")
+    if isinstance(pid, int) and pid != os.getpid():
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            holder = self._holder()
-            raise RunFolderError(
-                f"{self.run_dir} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                f"({holder.get('command', 'unknown command')}, since {holder.get('since', '?')}): wait until it "
-                "ends or stop it, or use another output_dir"
-            ) from None
-        pid = previous.get("pid")
-        if isinstance(pid, int) and pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                logger.warning("taking over the lock of %s left by process %d, no longer running", self.run_dir, pid)
-            except PermissionError:  # alive, another user's
-                pass
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "command": " ".join(sys.argv)[:200],
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(info).encode())
-        except OSError as exc:
-            os.close(fd)  # drops the lock again
-            raise_if_disk_full_at_start(self.run_dir, exc, writing=self.path)
-            raise
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        """Drop the lock (the lock file stays: deleting it would let two processes lock two files)."""
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # no holder any more: only a process that died leaves its name behind
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-    @property
-    def held(self) -> bool:
-        """Whether this object holds the lock."""
-        return self._fd is not None
-
-
-#: Locks this process holds, by resolved run folder (a notebook keeps its lock until the kernel ends).
-_HELD: dict[Path, RunLock] = {}
-
-
-def lock_run_dir(run_dir: str | Path) -> RunLock:
-    """Lock ``run_dir`` for this process (re-entrant); :class:`RunFolderError` when another process holds it or it is
-    not a dpo_xpu run folder (no lock file is written among the user's files)."""
-    key = Path(run_dir).resolve()
-    lock = _HELD.get(key)
-    if lock is None or not lock.held:
-        refuse_foreign(run_dir)
-        lock = RunLock(run_dir).acquire()
-        _HELD[key] = lock
-    return lock
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            logger.warning("taking over the lock of %s left by process %d, no longer running", run_dir, pid)
+        except PermissionError:  # alive, another user's
+            pass
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:200]}
+    info["since"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+    except OSError as exc:
+        os.close(fd)  # drops the lock again
+        raise_if_disk_full_at_start(run_dir, exc, writing=path)
+        raise
+    _HELD[run_dir.resolve()] = fd
 
 
 def unlock_run_dir(run_dir: str | Path) -> None:
-    """Release this process's lock on ``run_dir``, if it holds one."""
-    lock = _HELD.pop(Path(run_dir).resolve(), None)
-    if lock is not None:
-        lock.release()
+    """Release this process's lock on ``run_dir``, if it holds one (the lock file stays: deleting it would let two
+    processes lock two files)."""
+    fd = _HELD.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)  # no holder any more: only a process that died leaves its name behind
+        os.close(fd)
 
 
 def aside_name(run_dir: str | Path) -> Path:
@@ -241,38 +215,27 @@ def undo_start(started: StartedRun) -> None:
         logger.warning("the start failed before its first step: the earlier run is back in %s", run_dir)
 
 
-@contextlib.contextmanager
-def starting(started: StartedRun, new: bool = True) -> Iterator[None]:
-    """Around a start's first writes: when they fail, a ``new`` start is undone (a resume's folder is left as it
-    is), and a full disk is one :class:`RunFolderError`."""
-    try:
-        yield
-    except BaseException as exc:
-        if new:
-            undo_start(started)
-        raise_if_disk_full_at_start(started.run_dir, exc, resume=not new)
-        raise
-
-
 def start_run_folder(
     recipe: Any, environment: Callable[[], Any], overwrite: bool = False, resume: bool = False
 ) -> tuple[StartedRun, Any]:
     """Lock and prepare the run folder (with ``resume``, lock it only) and write the start's files: ``recipe.yaml``
-    and ``fingerprints.json`` for a new run, ``environment.json`` (``environment().to_dict()``). Returns what the
-    start did and the report."""
+    and ``fingerprints.json`` for a new run, ``environment.json`` (``environment().to_dict()``); when they fail, a new
+    start is undone, and a full disk is one :class:`RunFolderError`. Returns what the start did and the report."""
     run_dir = Path(recipe.output_dir)
     if resume:
         lock_run_dir(run_dir)
-        started = StartedRun(run_dir)
-    else:
-        started = prepare_run_dir(run_dir, overwrite=overwrite)
-    with starting(started, new=not resume):
+    started = StartedRun(run_dir) if resume else prepare_run_dir(run_dir, overwrite=overwrite)
+    try:
         if not resume:
             recipe.save(run_dir / "recipe.yaml")
-            fingerprints = json.dumps(input_fingerprints(recipe), indent=1) + "\n"
-            (run_dir / FINGERPRINTS_FILE).write_text(fingerprints, encoding="utf-8")
+            (run_dir / FINGERPRINTS_FILE).write_text(json.dumps(input_fingerprints(recipe), indent=1) + "\n")
         report = environment()
         (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    except BaseException as exc:
+        if not resume:
+            undo_start(started)  # a resume's folder is left as it is
+        raise_if_disk_full_at_start(run_dir, exc, resume=resume)
+        raise
     return started, report
 
 
@@ -284,25 +247,22 @@ def disk_full(exc: BaseException) -> bool:
     return "No space left on device" in text or ("unexpected pos" in text and "inline_container" in text)
 
 
-def _free_mib(run_dir: str | Path) -> int | str:
-    path = Path(run_dir)
+def _space_note(run_dir: str | Path, exc: BaseException) -> str:
+    """``"<free> MiB free; <the exception's first line>"``, for a full disk's message."""
+    path, free = Path(run_dir), "?"
     while not path.exists() and path != path.parent:
         path = path.parent
     with contextlib.suppress(OSError):
-        return shutil.disk_usage(path).free // 2**20
-    return "?"
-
-
-def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+        free = str(shutil.disk_usage(path).free // 2**20)
+    return f"{free} MiB free; {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
 
 
 def disk_full_message(run_dir: str | Path, exc: BaseException, kept_step: int | None) -> str:
     """One line for a full disk: what was kept (``kept_step``: the newest complete checkpoint) and how to continue."""
     kept = f"the complete checkpoints up to step {kept_step}" if kept_step is not None else "no complete checkpoint yet"
     return (
-        f"no space left on device while writing {run_dir} ({_free_mib(run_dir)} MiB free; {_first_line(exc)}). "
-        f"Kept: {kept}, metrics.jsonl. Free some space, then continue with --resume (resume=True)"
+        f"no space left on device while writing {run_dir} ({_space_note(run_dir, exc)}). Kept: {kept}, metrics.jsonl. "
+        "Free some space, then continue with --resume (resume=True)"
     )
 
 
@@ -317,7 +277,6 @@ def raise_if_disk_full_at_start(
     again = "resume again (--resume)" if resume else "start again"
     kept = "the run is as it was" if resume else "nothing was trained and the folder is as it was"
     raise RunFolderError(
-        f"no space left on device while writing {writing} before the first step ({_free_mib(run_dir)} MiB free; "
-        f"{_first_line(exc)}): {kept}. Fix: free some space on that disk (or choose an output_dir on another "
-        f"disk), then {again}"
+        f"no space left on device while writing {writing} before the first step ({_space_note(run_dir, exc)}): "
+        f"{kept}. Fix: free some space on that disk (or choose an output_dir on another disk), then {again}"
     ) from None

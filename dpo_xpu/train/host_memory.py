@@ -1,16 +1,13 @@
 """Host memory on CPU runs: hand glibc's freed pages back to the OS after each training forward pass, and read what
-glibc's allocator has in use (the CPU's counterpart of ``torch.cuda.memory_allocated``, for the benchmark and the
-memory planner's tests).
+glibc's allocator has in use (the CPU's ``torch.cuda.memory_allocated``, for the benchmark and the planner's tests).
 
-glibc's allocator keeps freed blocks below its mmap threshold in its heaps, and a block still in use above them
-keeps the pages below resident: the forward pass of a training step frees many such blocks (the activations that
-gradient checkpointing drops), and they stay in the process's resident memory through the LM head's backward,
-where the step peaks. Measured on SmolLM2-135M-Instruct with dpo_xpu's defaults (``benchmarks/dpo_step.py``): about
-290 MiB resident above what was in use at the peak; with ``malloc_trim(0)`` after each training forward, about 40.
-
-No library offers this (PyTorch has no call for glibc's ``malloc_trim`` or ``mallinfo2``), hence these few lines.
-The trim runs only on the CPU, only where glibc is present, and only for forward passes with gradients on
-(generation and the reference precompute run without them, one forward per token or batch, and are left alone).
+glibc keeps freed blocks below its mmap threshold in its heaps, and a block still in use above them keeps the pages
+below resident: the activations a training forward frees (gradient checkpointing) stay resident through the LM
+head's backward, where the step peaks. Measured on SmolLM2-135M-Instruct with dpo_xpu's defaults
+(``benchmarks/dpo_step.py``): about 290 MiB resident above what was in use at the peak; with ``malloc_trim(0)``
+after each training forward, about 40. PyTorch has no call for glibc's ``malloc_trim`` or ``mallinfo2``, hence these
+few lines. The trim runs only on the CPU, where glibc is present, after forward passes with gradients on
+(generation and the reference precompute are left alone).
 """
 
 from __future__ import annotations
@@ -26,11 +23,15 @@ logger = logging.getLogger(__name__)
 
 
 @functools.cache
-def _malloc_trim() -> Any:
+def _libc(name: str) -> Any:
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
         return None
+
+
+def _malloc_trim() -> Any:
+    return _libc("malloc_trim")
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -42,13 +43,10 @@ class _Mallinfo2(ctypes.Structure):
     ]
 
 
-@functools.cache
 def _mallinfo2() -> Any:
-    try:
-        function = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    function.restype = _Mallinfo2
+    function = _libc("mallinfo2")
+    if function is not None:
+        function.restype = _Mallinfo2
     return function
 
 
@@ -65,18 +63,14 @@ def allocated_mib() -> float | None:
 def release_freed_memory() -> bool:
     """Return the allocator's free pages to the OS (glibc ``malloc_trim(0)``); ``False`` where glibc is absent."""
     trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
+    if trim is not None:
+        trim(0)
+    return trim is not None
 
 
 def release_after_training_forward(model: torch.nn.Module) -> Any:
-    """Call :func:`release_freed_memory` after each forward pass of ``model`` (the CPU policy) with gradients on.
-
-    Returns:
-        The hook's handle (``.remove()`` undoes it), or ``None`` where glibc is absent.
-    """
+    """Call :func:`release_freed_memory` after each forward pass of ``model`` (the CPU policy) with gradients on;
+    return the hook's handle (``.remove()`` undoes it), or ``None`` where glibc is absent."""
     if _malloc_trim() is None:
         logger.debug("no glibc malloc_trim: freed host memory stays with the allocator")
         return None

@@ -3,35 +3,30 @@
 From the model config (a Llama / Mistral / Qwen2-style decoder) and the recipe:
 
 - ``weights``: NF4 linear layers at 4 bits plus a float32 absmax per 64-value block (Dettmers et al. 2023, "QLoRA",
-  sec. 3), other parameters in float32 (PEFT's ``prepare_model_for_kbit_training`` upcasts them); twice that for
-  a ``separate`` reference;
-- ``lora_and_optimizer``: LoRA matrices (Hu et al. 2021) in float32 with gradient and AdamW's two moments, 16 bytes
-  per parameter;
-- ``activations``: what autograd keeps for the backward: :data:`ACT_PER_TOKEN_LAYER` values per token and layer,
-  or one hidden state with gradient checkpointing (Chen et al. 2016);
-- ``logits``: TRL 1.x's tiled log-probs (:data:`LOGPROB_TILE`) instead of the full float32 logits (those are
-  ``full_logits_mib``, and the term on TRL 0.11): :data:`CPU_TILE_COPIES` tiles alive in the backward of TRL's
-  torch fallback (checked by ``tests/test_memory.py`` against TRL's function), :data:`GPU_TILE_COPIES` for its
-  Triton kernels; only answer tokens where TRL scores only those (``scored_fraction``);
+  sec. 3), other parameters in float32 (PEFT's ``prepare_model_for_kbit_training``); twice for ``separate``;
+- ``lora_and_optimizer``: LoRA matrices (Hu et al. 2021) in float32, gradient and AdamW's two moments: 16 bytes each;
+- ``activations``: what autograd keeps for the backward (:data:`ACT_PER_TOKEN_LAYER`), or one hidden state per
+  layer with gradient checkpointing (Chen et al. 2016);
+- ``logits``: TRL 1.x's tiled log-probs (:data:`LOGPROB_TILE`, :data:`CPU_TILE_COPIES`, :data:`GPU_TILE_COPIES`;
+  answer tokens only where TRL scores only those: ``scored_fraction``); on TRL 0.11 the full float32 logits;
 - ``transients``: one layer's backward (recomputed activations, temporaries, on CPU a dequantised NF4 weight);
-- ``runtime``: on CPU, resident memory beyond the tensors (:data:`CPU_RUNTIME_MIB`); on CUDA, the allocator's
-  tensors not itemised here (:data:`GPU_RUNTIME_MIB`); both measured.
+- ``runtime``: :data:`CPU_RUNTIME_MIB`, :data:`GPU_RUNTIME_MIB` (measured).
 
-The LM head's backward runs before any layer's, so the total is ``weights + lora_and_optimizer + runtime +
-activations + max(logits, transients)``. The estimate also names its largest single allocation: Intel Arc A-series
-cards cannot allocate more than 4 GiB in one piece (intel/intel-extension-for-pytorch #325). Sequences are taken
-as padded to ``max_length``. Checked against ``benchmarks/dpo_step.py`` on CPU (SmolLM2-135M-Instruct, orca rows)
-and ``benchmarks/scaling.py`` on CUDA (its shape, ``max_length`` 256-1024, batch 1-4, bf16): within 15% of the
-measured peaks.
+The LM head's backward runs before any layer's: the total is ``weights + lora_and_optimizer + runtime + activations
++ max(logits, transients)``. The estimate names its largest single allocation (Intel Arc A-series cards allocate at
+most 4 GiB in one piece, intel/intel-extension-for-pytorch #325). Sequences count as padded to ``max_length``.
+Within 15% of the peaks ``benchmarks/dpo_step.py`` (CPU, SmolLM2-135M-Instruct) and ``benchmarks/scaling.py``
+(CUDA, ``max_length`` 256-1024, batch 1-4, bf16) measure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dpo_xpu.train.trl_internals import LOGPROB_TILE  # TRL's log-prob tile, checked against TRL there
+from dpo_xpu.train.trl_internals import LOGPROB_TILE
 
 if TYPE_CHECKING:
     from dpo_xpu.recipes import Recipe
@@ -46,20 +41,18 @@ NF4_BLOCKSIZE = 64
 NF4_BYTES_PER_PARAM = 0.5 + 4 / NF4_BLOCKSIZE
 #: Values autograd keeps per token and layer without checkpointing, as ``a * hidden + b * intermediate``.
 ACT_PER_TOKEN_LAYER = (16, 5)
-#: Float32 tiles alive at once in the backward pass of TRL's torch fallback (CPU): the tile buffer, ``y``, ``z``,
-#: ``log_p``, ``p``, ``grad``, ``is_target.float() - p`` and its product with the incoming gradient, plus the
-#: boolean ``is_target`` (a quarter). The forward pass holds about half as many.
+#: Float32 tiles alive at once in the backward of TRL's torch fallback (CPU; ``tests/test_memory.py`` checks it): the
+#: buffer, ``y``, ``z``, ``log_p``, ``p``, ``grad``, ``is_target.float() - p``, its product with the incoming
+#: gradient, and the boolean ``is_target`` (a quarter).
 CPU_TILE_COPIES = 8.25
-#: Float32 tiles alive at once in TRL's Triton kernels, which overwrite the tile in place: one on CUDA (measured by
-#: ``benchmarks/scaling.py`` on an H200: 0.8 to 1.3 tiles beyond the other terms); on XPU one plus its float32
-#: upcast in the bf16 backward, planned with a margin (4) until measured; ``device="gpu"`` (which not known) as XPU.
+#: Float32 tiles alive at once in TRL's in-place Triton kernels: one on CUDA (0.8 to 1.3 measured on an H200); on XPU
+#: one plus its float32 upcast in the bf16 backward, with a margin (4) until measured; ``"gpu"`` (unknown) as XPU.
 GPU_TILE_COPIES = {"cuda": 1, "xpu": 4, "gpu": 4}
-#: The allocator's tensors that the terms here leave out (kernel workspaces, bitsandbytes' dequantisation buffers,
-#: the LM head's input gradient), by device: 60 to 100 MiB measured on CUDA at every shape of
-#: ``benchmarks/scaling.py``; within XPU's tile margin.
+#: The allocator's tensors the terms leave out (kernel workspaces, bitsandbytes' buffers, the LM head's input
+#: gradient): 60 to 100 MiB measured on CUDA at every shape of ``benchmarks/scaling.py``; within XPU's tile margin.
 GPU_RUNTIME_MIB = {"cuda": 72, "xpu": 0, "gpu": 0}
-#: Resident memory beyond the tensors on CPU (bitsandbytes and PEFT state, oneDNN primitive caches, glibc's
-#: free lists), measured on the benchmark as resident memory minus live allocations; not counted on GPUs.
+#: Resident memory beyond the tensors on CPU (library state, oneDNN caches, glibc's free lists), measured as resident
+#: memory minus live allocations.
 CPU_RUNTIME_MIB = 150
 #: Share of the device's memory a recipe may plan to use (the rest: allocator fragmentation, runtime).
 FIT_FRACTION = 0.9
@@ -68,27 +61,17 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ARC_A_SERIES_MAX_ALLOCATION_MIB = 4096
 
 
-def _get(config: Any, name: str, default: Any = None) -> Any:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if isinstance(text, dict):
-        return text.get(name, default)
-    return getattr(text, name, default)
-
-
 def _dims(config: Any) -> tuple[int, int, int, int, int, int, bool]:
-    hidden = _get(config, "hidden_size")
-    heads = _get(config, "num_attention_heads")
-    kv = _get(config, "num_key_value_heads") or heads
-    head_dim = _get(config, "head_dim") or hidden // heads
-    return (
-        hidden,
-        _get(config, "intermediate_size"),
-        _get(config, "num_hidden_layers"),
-        kv * head_dim,
-        heads * head_dim,
-        _get(config, "vocab_size"),
-        bool(_get(config, "tie_word_embeddings", False)),
-    )
+    """``(hidden, intermediate, layers, kv width, q width, vocabulary, tied)`` of a (text) config or its dict."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def get(name: str) -> Any:
+        return text.get(name) if isinstance(text, dict) else getattr(text, name, None)
+
+    hidden, heads, vocab = get("hidden_size"), get("num_attention_heads"), get("vocab_size")
+    head_dim = get("head_dim") or hidden // heads
+    kv_dim, tied = (get("num_key_value_heads") or heads) * head_dim, bool(get("tie_word_embeddings"))
+    return hidden, get("intermediate_size"), get("num_hidden_layers"), kv_dim, heads * head_dim, vocab, tied
 
 
 def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
@@ -137,14 +120,8 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict[str, Any]:
         """The estimate as a JSON-serialisable dict (MiB rounded to 0.1)."""
-        return {
-            "total_mib": round(self.total_mib, 1),
-            "components_mib": {k: round(v, 1) for k, v in self.components_mib.items()},
-            "full_logits_mib": round(self.full_logits_mib, 1),
-            "largest_allocation_mib": round(self.largest_allocation_mib, 1),
-            "largest_allocation": self.largest_allocation,
-            "settings": self.settings,
-        }
+        out = {k: round(v, 1) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+        return {**out, "components_mib": {k: round(v, 1) for k, v in self.components_mib.items()}}
 
 
 def estimate_memory(
@@ -161,37 +138,34 @@ def estimate_memory(
     scored_fraction: float = 1.0,
     chunked_logits: bool = True,
 ) -> MemoryEstimate:
-    """Estimate the peak memory of a DPO training step (policy + reference), by component.
+    """The peak memory of a DPO training step (policy + reference), by component, as a :class:`MemoryEstimate`.
 
     Args:
         config: the model's ``PretrainedConfig`` (or a dict of its fields).
-        quantization: ``"nf4"`` or ``"none"`` (weights in ``compute_dtype``).
+        quantization: ``"nf4"`` or ``"none"`` (weights in ``compute_dtype``: ``"bfloat16"``, ``"float16"`` or
+            ``"float32"``, also the activations' dtype).
         reference: ``"adapter-off"``, ``"separate"`` (a second copy of the weights) or ``"precomputed"``.
         batch: pairs per step (two sequences each). max_length: tokens per sequence, padded to it.
-        compute_dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``: the dtype of activations.
         lora_targets: projection names with adapters; default all seven of :func:`linear_shapes`.
-        device: ``"cuda"``, ``"xpu"`` or ``"gpu"`` (either: XPU's figures): the allocator's peak; ``"cpu"``:
-            resident memory.
-        scored_fraction: the share of positions that go through the LM head, in (0, 1]: 1.0 where every position
-            is scored, the answer tokens' share where only those are (about 0.5 on orca pairs at 256 tokens).
-        chunked_logits: TRL 1.x's tiled log-probs; ``False`` for TRL 0.11, which builds the full float32 logits,
-            their log-softmax and its gradient.
-
-    Returns:
-        A :class:`MemoryEstimate`, sizes in MiB.
+        device: ``"cuda"``, ``"xpu"`` or ``"gpu"`` (XPU's figures): the allocator's peak; ``"cpu"``: resident memory.
+        scored_fraction: the share of positions the LM head scores, in (0, 1]: 1.0, or the answer tokens' share
+            where only those are scored (about 0.5 on orca pairs at 256 tokens).
+        chunked_logits: TRL 1.x's tiled log-probs; ``False`` for TRL 0.11's full float32 logits.
 
     Raises:
         ValueError: an unknown ``quantization``, ``reference``, ``compute_dtype`` or ``device``, a non-positive
             size, or a ``scored_fraction`` outside (0, 1].
     """
-    if quantization not in ("nf4", "none"):
-        raise ValueError(f"quantization must be 'nf4' or 'none', found {quantization!r}")
-    if reference not in ("adapter-off", "separate", "precomputed"):
-        raise ValueError(f"reference must be 'adapter-off', 'separate' or 'precomputed', found {reference!r}")
-    if compute_dtype not in DTYPE_BYTES:
-        raise ValueError(f"compute_dtype must be one of {sorted(DTYPE_BYTES)}, found {compute_dtype!r}")
-    if device != "cpu" and device not in GPU_TILE_COPIES:
-        raise ValueError(f"device must be 'cpu', 'cuda', 'xpu' or 'gpu', found {device!r}")
+    settings = {k: v for k, v in locals().items() if k not in ("config", "lora_targets")}  # the arguments
+    choices = {
+        "quantization": (quantization, ("nf4", "none")),
+        "reference": (reference, ("adapter-off", "separate", "precomputed")),
+        "compute_dtype": (compute_dtype, tuple(DTYPE_BYTES)),
+        "device": (device, ("cpu", *GPU_TILE_COPIES)),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, found {value!r}")
     if batch <= 0 or max_length <= 0 or lora_r <= 0:
         raise ValueError(f"batch, max_length and lora_r must be > 0, found {batch}, {max_length}, {lora_r}")
     if not 0.0 < scored_fraction <= 1.0:
@@ -208,26 +182,19 @@ def estimate_memory(
     weights = one_copy * (2 if reference == "separate" else 1)
 
     targets = lora_targets or list(shapes)
-    lora_params = layers * lora_r * sum(i + o for name, (i, o) in shapes.items() if name in targets)
-    lora = lora_params * 16
+    lora = layers * lora_r * sum(i + o for name, (i, o) in shapes.items() if name in targets) * 16
 
     tokens = 2 * batch * max_length
     per_layer_full = (ACT_PER_TOKEN_LAYER[0] * hidden + ACT_PER_TOKEN_LAYER[1] * inter) * act_bytes
-    if gradient_checkpointing:
-        activations = tokens * layers * hidden * act_bytes
-    else:
-        activations = tokens * layers * per_layer_full
-    tile_tokens, tile_vocab = LOGPROB_TILE
-    tile = min(tokens * scored_fraction, tile_tokens) * min(vocab, tile_vocab) * 4
+    activations = tokens * layers * (hidden * act_bytes if gradient_checkpointing else per_layer_full)
+    tile = min(tokens * scored_fraction, LOGPROB_TILE[0]) * min(vocab, LOGPROB_TILE[1]) * 4
     logits = tile * (CPU_TILE_COPIES if device == "cpu" else GPU_TILE_COPIES[device])
     if not chunked_logits:
         logits = tokens * vocab * 4 * 3  # TRL 0.11: logits, log-softmax and its gradient, whole
-    largest = max(i * o for i, o in shapes.values())
+    dequantised = max(i * o for i, o in shapes.values()) * 4 if device == "cpu" and quantization == "nf4" else 0
     # one layer's backward: its recomputed activations (checkpointing), their gradients' temporaries, and on CPU
     # one dequantised weight
-    transients = tokens * per_layer_full * (1.5 if gradient_checkpointing else 0.5) + (
-        largest * 4 if device == "cpu" and quantization == "nf4" else 0
-    )
+    transients = tokens * per_layer_full * (1.5 if gradient_checkpointing else 0.5) + dequantised
     # policy: logits, log-softmax, gradient (3 copies); reference: logits and log-softmax (2 copies)
     full_logits = tokens * vocab * 4 * (3 + (0 if reference == "precomputed" else 2))
     components = {
@@ -238,25 +205,13 @@ def estimate_memory(
         "transients": transients / MIB,
         "runtime": CPU_RUNTIME_MIB if device == "cpu" else GPU_RUNTIME_MIB[device],
     }
-    settings = {
-        "quantization": quantization,
-        "reference": reference,
-        "batch": batch,
-        "max_length": max_length,
-        "gradient_checkpointing": gradient_checkpointing,
-        "compute_dtype": compute_dtype,
-        "lora_r": lora_r,
-        "device": device,
-        "scored_fraction": scored_fraction,
-        "chunked_logits": chunked_logits,
-    }
     # one tensor each: a tile of TRL's chunked log-probs, the gate/up output of one layer for the whole batch, the
     # embedding (and untied head) upcast to float32, a dequantised NF4 weight (CPU kernels)
     single = {
         ("logits tile" if chunked_logits else "full logits"): tile if chunked_logits else tokens * vocab * 4,
         "MLP activation": tokens * inter * act_bytes,
         "embedding / output head": vocab * hidden * (4 if quantization == "nf4" else act_bytes),
-        "dequantised weight": largest * 4 if device == "cpu" and quantization == "nf4" else 0,
+        "dequantised weight": dequantised,
     }
     name = max(single, key=single.get)
     # the LM head's backward and a layer's backward run one after the other: the larger of the two counts
@@ -280,21 +235,10 @@ class FitVerdict:
 def recipe_fits(
     recipe: Recipe, device_memory_mib: float, config: Any = None, plan: ReferencePlan | None = None
 ) -> FitVerdict:
-    """Say whether ``recipe`` is expected to fit in ``device_memory_mib`` of device (or host) memory.
-
-    Args:
-        recipe: the run's recipe (model, quantization, batch, max_length, checkpointing, bf16, LoRA, device).
-        device_memory_mib: the memory of the device that will train (MiB); for a CPU run, the host's.
-        config: the model config; default ``AutoConfig.from_pretrained(recipe.model_name_or_path)``.
-        plan: the run's reference plan (its strategy and TRL generation); default the plan for the generation the
-            recipe's backend runs (native: TRL 1.x; ipex-llm: TRL 0.11), as for a machine set up for it.
-
-    Returns:
-        A :class:`FitVerdict`; ``fits`` leaves ``1 - FIT_FRACTION`` of the memory for the runtime.
-
-    Raises:
-        ModelLoadError: ``config`` is not given and the model's config cannot be found.
-    """
+    """Whether ``recipe`` is expected to fit in ``device_memory_mib`` (MiB; the host's memory for a CPU run), leaving
+    ``1 - FIT_FRACTION`` of it to the runtime, as a :class:`FitVerdict`. ``config``: the model's (default: loaded
+    from ``recipe.model_name_or_path``, :class:`ModelLoadError` when it cannot be); ``plan``: the run's reference plan
+    (default: the plan of the TRL generation the recipe's backend runs, native 1.x, ipex-llm 0.11)."""
     from dpo_xpu.models.base import from_pretrained, resolve_model_path
     from dpo_xpu.train.reference import reference_plan
 
@@ -303,7 +247,6 @@ def recipe_fits(
 
         config = from_pretrained(AutoConfig, resolve_model_path(recipe.model_name_or_path))
     plan = plan or reference_plan(recipe, "1.x" if recipe.backend == "native" else "0.11")
-    reference = plan.strategy
     bf16 = recipe.bf16  # bool once a run settled it; an unsettled auto: bf16 on a GPU (planned, maybe absent here)
     if not isinstance(bf16, bool):
         from dpo_xpu.device import select_device, use_bf16
@@ -313,7 +256,7 @@ def recipe_fits(
     estimate = estimate_memory(
         config,
         quantization=recipe.quantization,
-        reference=reference,
+        reference=plan.strategy,
         batch=recipe.per_device_train_batch_size,
         max_length=recipe.max_length,
         gradient_checkpointing=recipe.gradient_checkpointing,
@@ -323,8 +266,7 @@ def recipe_fits(
         device=kind if (kind := recipe.device.split(":")[0]) in ("cpu", "cuda", "xpu") else "gpu",
         chunked_logits=plan.generation == "1.x",  # TRL 0.11 (the ipex-llm backend) builds the full logits
     )
-    budget = FIT_FRACTION * device_memory_mib
-    headroom = budget - estimate.total_mib
+    headroom = FIT_FRACTION * device_memory_mib - estimate.total_mib
     parts = estimate.parts()
     if headroom >= 0:
         message = (
@@ -333,7 +275,7 @@ def recipe_fits(
         )
     else:
         hints = []
-        if reference == "separate":
+        if plan.strategy == "separate":
             hints.append("reference: adapter-off or precomputed (one copy of the weights)")
         if not recipe.gradient_checkpointing:
             hints.append("gradient_checkpointing: true")

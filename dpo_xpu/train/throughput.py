@@ -1,26 +1,21 @@
 """Throughput of a run: model FLOPs, the device's matmul ceiling, and the ``perf/*`` values of each logged step.
 
-Every run logs, with each training step's row of ``metrics.jsonl``, how fast it trains (``perf/pairs_per_s``,
-``perf/tokens_per_s``), its peak memory (``perf/peak_memory_mib``, :func:`peak_memory_mib`) and its model FLOPs
-utilisation (``perf/mfu``): the model FLOPs of the step (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, app. B)
-over the wall time, against the device's matmul ceiling in the compute dtype, measured once per process
-(:func:`matmul_gflops`). Published peaks are not used: they differ by SKU, clock and power limit (Arc A-series, Data
-Center GPU Max, consumer and server CUDA cards), and a CPU has none that bf16 emulation honours; the measured
-ceiling is what this device does with one large matmul. open-instruct logs the same (``perf/mfu_step``);
-transformers and TRL log neither, hence this module.
-
-    >>> meter = ThroughputMeter(model.config, pairs_per_step=8, peak_gflops=matmul_gflops("xpu", torch.bfloat16))
+Each training step's row of ``metrics.jsonl`` says how fast the run trains (``perf/pairs_per_s``,
+``perf/tokens_per_s``), its peak memory (:func:`peak_memory_mib`) and its model FLOPs utilisation (``perf/mfu``: the
+step's model FLOPs, Kaplan et al. 2020 and PaLM, Chowdhery et al. 2022, app. B, per second, over the device's matmul
+ceiling in the compute dtype, measured once per process by :func:`matmul_gflops`: published peaks differ by SKU,
+clock and power limit, and a CPU has none that bf16 emulation honours). open-instruct logs the same
+(``perf/mfu_step``); transformers and TRL log neither, hence this module.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-#: The key prefix of the throughput values in a ``metrics.jsonl`` row.
-PERF_PREFIX = "perf/"
 
 
 def model_flops(config: Any, tokens: float, mean_seq_len: float, forward_only: bool = False) -> float:
@@ -71,14 +66,10 @@ def matmul_gflops(device: str, dtype_name: str = "bfloat16", n: int | None = Non
 
 
 def peak_memory_mib(device: str) -> float | None:
-    """The peak memory since the last call (MiB), reset for the next one.
-
-    On XPU and CUDA the allocator's peak (``max_memory_allocated``: tensors only, then ``reset_peak_memory_stats``);
-    on a Linux CPU the process's peak resident memory (``VmHWM`` in ``/proc/self/status``, reset by writing 5 to
-    ``/proc/self/clear_refs``, Linux >= 4.0: the whole process, weights, runtime and allocator caches included);
-    ``None`` where neither is available (other OSes: their peak RSS, ``ru_maxrss``, cannot be reset). The reset is
-    process-wide: ``max_memory_allocated`` read after training covers only the time since the last logged step.
-    """
+    """The peak memory since the last call (MiB), reset for the next one (process-wide): on XPU and CUDA the
+    allocator's (``max_memory_allocated``, tensors only); on a Linux CPU the process's peak resident memory (``VmHWM``
+    in ``/proc/self/status``, reset through ``/proc/self/clear_refs``, Linux >= 4.0); ``None`` elsewhere (other OSes'
+    ``ru_maxrss`` cannot be reset)."""
     import torch
 
     kind = str(device).split(":")[0]
@@ -96,6 +87,7 @@ def peak_memory_mib(device: str) -> float | None:
     return int(line.split()[1]) / 1024 if line else None  # kB
 
 
+@dataclass
 class ThroughputMeter:
     """The ``perf/*`` values of each logged training step, from the step's wall time and TRL's token count.
 
@@ -107,24 +99,14 @@ class ThroughputMeter:
     second, per process (``processes``), over the peak.
     """
 
-    def __init__(
-        self,
-        config: Any,
-        pairs_per_step: int,
-        peak_gflops: float | None = None,
-        processes: int = 1,
-        reference_forward: bool = False,
-        token_ratio: Any = None,
-        device: str | None = None,
-    ) -> None:
-        self.config = config
-        self.pairs_per_step = pairs_per_step
-        self.peak_gflops = peak_gflops
-        self.processes = max(1, processes)
-        self.reference_forward = reference_forward
-        self.token_ratio = token_ratio or (lambda: 1.0)
-        self.device = device
-        self._last: tuple[float, int, float] | None = None  # (time, step, tokens) at the last logged step
+    config: Any
+    pairs_per_step: int
+    peak_gflops: float | None = None
+    processes: int = 1
+    reference_forward: bool = False
+    token_ratio: Callable[[], float] = lambda: 1.0
+    device: str | None = None
+    _last: tuple[float, int, float] | None = field(default=None, init=False)  # (time, step, tokens) when last logged
 
     def start(self, step: int = 0, tokens: float = 0.0) -> None:
         """Start timing, and the peak memory's window, at ``step`` (training's begin, or a resumed checkpoint's)."""
@@ -144,23 +126,23 @@ class ThroughputMeter:
         if seconds <= 0 or steps <= 0:
             return {}
         out = {
-            f"{PERF_PREFIX}step_s": round(seconds / steps, 4),
-            f"{PERF_PREFIX}pairs_per_s": round(steps * self.pairs_per_step / seconds, 4),
+            "perf/step_s": round(seconds / steps, 4),
+            "perf/pairs_per_s": round(steps * self.pairs_per_step / seconds, 4),
         }
         peak = peak_memory_mib(self.device) if self.device is not None else None
         if peak is not None:
-            out[f"{PERF_PREFIX}peak_memory_mib"] = round(peak, 1)
+            out["perf/peak_memory_mib"] = round(peak, 1)
         if tokens is None or tokens <= last_tokens:
             return out
         counted = tokens - last_tokens
-        out[f"{PERF_PREFIX}tokens_per_s"] = round(counted / seconds, 1)
+        out["perf/tokens_per_s"] = round(counted / seconds, 1)
         if self.peak_gflops:
             ran = counted * float(self.token_ratio())
             mean_seq = counted / (2 * steps * self.pairs_per_step)  # two sequences a pair
             flops = model_flops(self.config, ran, mean_seq)
             if self.reference_forward:
                 flops += model_flops(self.config, ran, mean_seq, forward_only=True)
-            out[f"{PERF_PREFIX}mfu"] = round(flops / seconds / self.processes / (self.peak_gflops * 1e9), 5)
+            out["perf/mfu"] = round(flops / seconds / max(1, self.processes) / (self.peak_gflops * 1e9), 5)
         return out
 
 

@@ -1,21 +1,12 @@
-"""Every reach of dpo_xpu into the private or undocumented parts of TRL, transformers, accelerate, PEFT and
+"""Every reach of dpo_xpu into private or undocumented parts of TRL, transformers, accelerate, PEFT and
 bitsandbytes, each behind one name here whose docstring says what breaks without it.
 
-A release may rename any of them without notice: :func:`missing_internals` (run when the trainer is built, by
-:func:`require_internals`, and by ``tests/test_trl_internals.py``) names each one the installed libraries lack, with
-their versions, so an upgrade fails at once with one line instead of deep in a step. No other module spells these
-names (the test checks it), except the ``_compute_loss`` override in :mod:`dpo_xpu.train.trainer` and
-``models/backends/native.py``, below this module's layer, which sets bitsandbytes'
-``Linear4bit.support_avx512bf16_for_cpu`` (so a reference in eval mode uses the training kernel) and transformers'
-``config._name_or_path``; both are checked here all the same.
-
-Reached (TRL 1.x unless said otherwise): ``DPOTrainer._compute_loss``, ``._precompute_ref_logps``,
-``.compute_ref_log_probs``, ``.precompute_ref_logps``, ``._metrics``; the batch's ``completion_mask`` and row order;
-the fused LM head's call, ``shift_labels`` and ``log_probs``; ``trl.trainer.utils._use_triton``, ``use_adapter``,
-``selective_log_softmax``; TRL's log-prob tile; ``DataCollatorForPreference.max_length`` / ``truncation_mode``;
-transformers' ``config._attn_implementation``, ``_name_or_path``, ``_commit_hash`` and
-``Trainer._load_from_checkpoint``; accelerate's ``_is_accelerate_prepared``; TRL 0.11's
-``DPOTrainer.get_batch_loss_metrics``.
+A release may rename any of them without notice: :func:`missing_internals` (run by :func:`require_internals` when
+the trainer is built, and by ``tests/test_trl_internals.py``) names each one the installed libraries lack, with their
+versions, so an upgrade fails at once in one line. No other module spells these names (the test checks it) but the
+``_compute_loss`` override in :mod:`dpo_xpu.train.trainer` and ``models/backends/native.py`` (a layer below), which
+sets bitsandbytes' ``Linear4bit.support_avx512bf16_for_cpu`` and transformers' ``config._name_or_path``; both are
+checked here all the same.
 """
 
 from __future__ import annotations
@@ -80,7 +71,7 @@ def installed_versions() -> str:
     return ", ".join(one(n) for n in ("trl", "transformers", "accelerate", "peft", "bitsandbytes"))
 
 
-def _missing_1x(where: str) -> list[str]:
+def _missing_1x(where: str, trainer: Any) -> list[str]:
     import transformers
     import trl.trainer.utils as trl_utils
 
@@ -118,19 +109,14 @@ def _missing_1x(where: str) -> list[str]:
             source = ""
         owner = f"{library} {importlib.metadata.version(library)}: {module_name}.{name}"
         problems += [f"{owner} no longer uses {n}" for n in names if n not in source]
-    return problems
+    absent = [n for n in TRAINER_ATTRIBUTES_1X if trainer is not None and not hasattr(trainer, n)]
+    return problems + [f"{where}: a built DPOTrainer has no attribute {n}" for n in absent]
 
 
 def missing_internals(trainer: Any | None = None) -> list[str]:
-    """The private names dpo_xpu relies on that the installed libraries lack (empty when all are there).
-
-    Args:
-        trainer: a built ``DPOTrainer``; when given, its attributes (:data:`TRAINER_ATTRIBUTES_1X`) are checked too.
-
-    Returns:
-        One line per missing name, each naming the library and its version, e.g. ``"trl 1.17.0: DPOTrainer has no
-        method _compute_loss (dpo_xpu overrides or calls it)"``.
-    """
+    """The private names dpo_xpu relies on that the installed libraries lack, one line each naming the library and
+    its version (``"trl 1.17.0: DPOTrainer has no method _compute_loss (dpo_xpu overrides or calls it)"``); empty
+    when all are there. With a built ``trainer``, its attributes (:data:`TRAINER_ATTRIBUTES_1X`) are checked too."""
     import trl
     from trl import DPOTrainer
 
@@ -145,23 +131,12 @@ def missing_internals(trainer: Any | None = None) -> list[str]:
         absent = [p for p in params if p not in inspect.signature(method).parameters]
         if absent:
             problems.append(f"{where}: DPOTrainer.{name} lacks the parameter(s) {', '.join(absent)}")
-    if trl_generation() == "1.x":
-        problems += _missing_1x(where)
-        if trainer is not None:
-            problems += [
-                f"{where}: a built DPOTrainer has no attribute {n}"
-                for n in TRAINER_ATTRIBUTES_1X
-                if not hasattr(trainer, n)
-            ]
-    return problems
+    return problems + (_missing_1x(where, trainer) if trl_generation() == "1.x" else [])
 
 
 def require_internals(trainer: Any | None = None) -> None:
-    """Raise when :func:`missing_internals` finds anything.
-
-    Raises:
-        RuntimeError: one line per missing name, the installed versions and the fix.
-    """
+    """Raise ``RuntimeError`` when :func:`missing_internals` finds anything: the missing names, the installed
+    versions and the fix, in one line."""
     problems = missing_internals(trainer)
     if problems:
         raise RuntimeError(
@@ -238,11 +213,8 @@ def attn_implementation(module: Any) -> str | None:
 
 def config_origin(config: Any, name: str | None = None) -> tuple[str | None, str | None]:
     """``(name or path, hub commit)`` a model config was loaded from (``None`` where unknown); ``name`` overrides
-    the config's own.
-
-    transformers 4.x records the commit as ``config._commit_hash``; 5.x does not, so for a hub id the commit is
-    read from the snapshot folder of the local hub cache that holds its ``config.json``.
-    """
+    the config's own. The commit: ``config._commit_hash`` (transformers 4.x), else for a hub id the snapshot folder of
+    the hub cache holding its ``config.json`` (5.x)."""
     from pathlib import Path
 
     name, commit = name or getattr(config, "_name_or_path", None), getattr(config, "_commit_hash", None)
@@ -264,37 +236,32 @@ def collator_truncation(trainer: Any) -> tuple[int | None, str]:
     return getattr(collator, "max_length", args.max_length), getattr(collator, "truncation_mode", args.truncation_mode)
 
 
-def _compact_switch(trl_own: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    def compact_positions(device: Any) -> bool:
-        return device.type == "cpu" or trl_own(device)
-
-    compact_positions.trl_own = trl_own  # type: ignore[attr-defined]
-    return compact_positions
-
-
 @contextlib.contextmanager
 def answer_tokens_only_on_cpu() -> Iterator[bool]:
     """Within the block, TRL 1.x's fused LM head scores only the answer tokens on the CPU, as on XPU and CUDA.
 
-    TRL computes per-token log-probs in vocabulary chunks. On Triton devices it scores only the positions with a
-    label; elsewhere every position, prompt and padding included, because on Neuron a changing number of positions
-    would recompile the graph (``trl.trainer.utils``, ``compact``). The CPU compiles nothing, so there the extra
-    positions are pure waste (the LM head dominates a step on 150k-token vocabularies). Each scored token's log-prob
-    is computed exactly as before; the kernels stay TRL's. No library offers this, hence these few lines. On exit
-    the switch is put back as it was. :func:`answer_tokens_only_on_cpu_for` scopes it to one trainer.
+    TRL scores only the labelled positions on Triton devices, every position elsewhere (on Neuron a changing count
+    would recompile the graph: ``trl.trainer.utils``, ``compact``). The CPU compiles nothing, so there the prompt and
+    padding positions are pure waste (the LM head dominates a step on 150k-token vocabularies); each scored log-prob
+    is computed as before, by TRL's kernels. No library offers this. The switch is put back on exit;
+    :func:`answer_tokens_only_on_cpu_for` scopes it to one trainer.
 
     Yields:
         ``True`` when TRL has the switch, ``False`` for a TRL without it (0.11 has no fused LM head).
     """
-    try:
-        import trl.trainer.utils as trl_utils
-    except ImportError:  # pragma: no cover - TRL is a dependency
-        trl_utils = None
+    import trl.trainer.utils as trl_utils
+
     before = getattr(trl_utils, "_use_triton", None)
     if before is None:
         yield False
         return
-    trl_utils._use_triton = _compact_switch(getattr(before, "trl_own", before))
+    trl_own = getattr(before, "trl_own", before)
+
+    def compact_positions(device: Any) -> bool:
+        return device.type == "cpu" or trl_own(device)
+
+    compact_positions.trl_own = trl_own  # type: ignore[attr-defined]
+    trl_utils._use_triton = compact_positions
     try:
         yield True
     finally:
@@ -331,29 +298,16 @@ def use_adapter(model: Any, adapter_name: str | None) -> Any:
 
 def selective_log_softmax() -> Callable[[Any, Any], Any] | None:
     """TRL's memory-saving ``log_softmax`` + ``gather`` (TRL >= 0.14), or ``None`` where it is absent."""
-    try:
-        from trl.trainer.utils import selective_log_softmax as trl_selective
-    except ImportError:
-        return None
-    return trl_selective
+    import trl.trainer.utils as trl_utils
+
+    return getattr(trl_utils, "selective_log_softmax", None)
 
 
 def keep_dtypes_before_ddp(trainer: Any, keeper: Any) -> None:
-    """On ``resume`` under several processes, cast the reloaded LoRA weights back to their dtypes before DDP
-    wraps the model.
-
-    ``Trainer`` reloads the checkpoint's adapter (PEFT upcasts it to float32) before ``accelerator.prepare`` builds
-    DDP's gradient buckets; :class:`~dpo_xpu.callbacks.checkpoints.KeepTrainableDtypes` casts back only at
-    ``on_train_begin``, too late: DDP then no longer keeps the ranks' LoRA weights equal (measured: different digests
-    on the two ranks after a resume). So the cast also runs right after the reload.
-
-    Args:
-        trainer: the run's trainer, before ``train(resume_from_checkpoint=...)``.
-        keeper: its ``KeepTrainableDtypes`` callback.
-
-    Raises:
-        AttributeError: the installed transformers has no ``Trainer._load_from_checkpoint``.
-    """
+    """Cast the LoRA weights ``trainer`` reloads on resume (PEFT upcasts them to float32) back with ``keeper`` (its
+    ``KeepTrainableDtypes`` callback) right after ``Trainer._load_from_checkpoint``, before DDP builds its buckets:
+    the callback's ``on_train_begin`` comes too late, and the ranks' LoRA weights then drift apart (measured).
+    Raises ``AttributeError`` where transformers lacks ``_load_from_checkpoint``."""
     load = trainer._load_from_checkpoint
 
     def load_then_cast(resume_from_checkpoint: str, model: Any = None) -> None:

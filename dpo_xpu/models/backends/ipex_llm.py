@@ -1,12 +1,11 @@
 """The ipex-llm backend: Intel's DPO QLoRA example (``python/llm/example/GPU/LLM-Finetuning/DPO/dpo_finetuning.py``
-in intel/ipex-llm) step for step: ipex-llm low-bit loading and QLoRA, TRL < 0.12 (docs/backends.md says what that
-implies). ipex-llm was archived upstream on 2026-01-28 and intel-extension-for-pytorch discontinued after 2.8: this
-backend is for users who still have that stack; new work should use ``native``.
+in intel/ipex-llm) step for step, with TRL < 0.12 (docs/backends.md). ipex-llm was archived on 2026-01-28 and
+intel-extension-for-pytorch discontinued after 2.8: this backend is for users who still have that stack.
 
-The example's policy: its ``BitsAndBytesConfig`` (NF4, bf16 compute) through ipex-llm, which 2.2.0 loads with
-``torch_dtype="auto"`` (a float32 checkpoint stays float32), then ipex-llm's ``prepare_model_for_kbit_training``
-(norms in float32) and ``get_peft_model``. Its ``separate`` reference: ``load_in_low_bit``, ``torch_dtype=bf16``.
-ipex-llm refuses NF4 on a CPU: there ``int4`` / ``sym_int4``, logged.
+The example's policy: its ``BitsAndBytesConfig`` (NF4, bf16 compute) through ipex-llm (2.2.0 loads it with
+``torch_dtype="auto"``), ipex-llm's ``prepare_model_for_kbit_training`` (norms in float32) and ``get_peft_model``;
+its ``separate`` reference: ``load_in_low_bit``, ``torch_dtype=bf16``. On a CPU (no NF4 there): ``int4`` /
+``sym_int4``, logged.
 """
 
 from __future__ import annotations
@@ -27,8 +26,6 @@ ARCHIVED_WARNING = (
     "the ipex-llm backend uses ipex-llm, archived upstream on 2026-01-28 (no more fixes, including security "
     "fixes); intel-extension-for-pytorch was discontinued after 2.8. Prefer backend 'native'."
 )
-#: q/k/v projections that ipex-llm's optimize_model may fuse into one ``qkv_proj``.
-FUSED_QKV = {"q_proj", "k_proj", "v_proj"}
 
 
 def _import_ipex_llm() -> Any:
@@ -62,25 +59,6 @@ def low_bit_format(quantization: str, device: torch.device) -> str:
     return "sym_int4"
 
 
-def _bnb_config(quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """The example's ``BitsAndBytesConfig`` (``int4`` on a CPU); :class:`ModelLoadError` without bitsandbytes."""
-    from transformers import BitsAndBytesConfig
-
-    quant_type = "nf4" if low_bit_format(quantization, device) == "nf4" else "int4"
-    try:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_use_double_quant=False,
-            bnb_4bit_quant_type=quant_type,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    except Exception as exc:  # noqa: BLE001 - transformers raises ImportError or PackageNotFoundError
-        raise ModelLoadError(
-            f"the ipex-llm example loads its policy with a BitsAndBytesConfig, which needs the bitsandbytes package "
-            f"({type(exc).__name__}: {exc}): pip install bitsandbytes==0.45.1 (the example's version)"
-        ) from None
-
-
 def _from_pretrained(model_name_or_path: str, device: torch.device, **kwargs: Any) -> Any:
     ipex_transformers = _import_ipex_llm()
     try:
@@ -91,14 +69,36 @@ def _from_pretrained(model_name_or_path: str, device: torch.device, **kwargs: An
 
 
 def _load_policy_base(model_name_or_path: str, quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
-    return _from_pretrained(model_name_or_path, device, quantization_config=_bnb_config(quantization, device, dtype))
+    """The example's policy base: its ``BitsAndBytesConfig`` through ipex-llm (``int4`` on a CPU), on ``device``."""
+    from transformers import BitsAndBytesConfig
+
+    quant_type = "nf4" if low_bit_format(quantization, device) == "nf4" else "int4"
+    try:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_use_double_quant=False,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    except Exception as exc:  # noqa: BLE001 - transformers raises ImportError or PackageNotFoundError
+        raise ModelLoadError(
+            f"the ipex-llm example loads its policy with a BitsAndBytesConfig, which needs the bitsandbytes package "
+            f"({type(exc).__name__}: {exc}): pip install bitsandbytes==0.45.1 (the example's version)"
+        ) from None
+    return _from_pretrained(model_name_or_path, device, quantization_config=config)
 
 
-def lora_targets(model: torch.nn.Module, wanted: list[str]) -> list[str]:
-    """The LoRA targets the loaded model has (a fused ``qkv_proj`` replaces q/k/v); :class:`ModelLoadError` if none."""
+def lora_targets(model: torch.nn.Module, wanted: list[str] | str) -> list[str]:
+    """The LoRA targets the loaded model has (a ``qkv_proj`` ipex-llm's ``optimize_model`` fused replaces q/k/v);
+    :class:`ModelLoadError` if none, or for PEFT's ``"all-linear"`` (targets are matched by name here)."""
+    if isinstance(wanted, str):
+        raise ModelLoadError(
+            f"lora_target_modules: {wanted!r} is not offered by the ipex-llm backend (it matches targets by name "
+            "against ipex-llm's layers): list the names, e.g. [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj]"
+        )
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     present = [t for t in wanted if t in names]
-    if "qkv_proj" in names and FUSED_QKV & set(wanted) and "qkv_proj" not in present:
+    if "qkv_proj" in names and {"q_proj", "k_proj", "v_proj"} & set(wanted) and "qkv_proj" not in present:
         present.append("qkv_proj")
     if not present:
         raise ModelLoadError(f"none of the LoRA target modules {wanted} exists in the model loaded by ipex-llm")
@@ -159,6 +159,4 @@ def load_trained_policy(
 
     model = _load_policy_base(model_name_or_path, quantization, device, dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # float32 norms, as trained
-    policy = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    policy.eval()
-    return policy
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()

@@ -23,16 +23,10 @@ def disable_cpu_nf4_repack(model: torch.nn.Module) -> int:
     """Keep bitsandbytes 0.50 from repacking NF4 weights for its AVX512-BF16 CPU inference kernel, which fails ("N
     must be divisible by block_n") on output sizes not a multiple of 32 and rounds differently from the training
     kernel; return the number of ``Linear4bit`` layers changed."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return 0
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]  # bnb's Linear4bit
+    for module in layers:
+        module.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def load_base(
@@ -41,9 +35,12 @@ def load_base(
     device: torch.device,
     dtype: torch.dtype,
     state_dict: dict[str, torch.Tensor] | None = None,
+    prepare: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> Any:
     """The base model on ``device``: NF4 (compute in ``dtype``) or ``dtype`` weights, with an SFT ``state_dict``
-    applied before quantization; :class:`ModelLoadError` naming it and the fix."""
+    applied before quantization; with ``prepare``, made ready for LoRA training as the policy is (PEFT's
+    ``prepare_model_for_kbit_training`` for NF4). :class:`ModelLoadError` naming it and the fix."""
     kwargs: dict[str, Any] = {**dtype_kwarg(dtype), "device_map": {"": str(device)}}
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
@@ -59,6 +56,13 @@ def load_base(
         model = _from_state_dict(model_name_or_path, state_dict, **kwargs)
     if quantization == "nf4" and device.type == "cpu":
         disable_cpu_nf4_repack(model)
+    if prepare and quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif prepare and gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     return model
 
 
@@ -80,16 +84,6 @@ def _from_state_dict(model_name_or_path: str, state_dict: dict[str, torch.Tensor
         "base weights from the SFT state dict (%d tensors), architecture of %s", len(state_dict), model_name_or_path
     )
     return model
-
-
-def _upcast_for_training(model: PreTrainedModel, quantization: str, gradient_checkpointing: bool) -> None:
-    if quantization == "nf4":
-        from peft import prepare_model_for_kbit_training
-
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
 
 
 def _add_lora(model: PreTrainedModel, lora: LoraSettings) -> PreTrainedModel:
@@ -126,8 +120,7 @@ def load_policy_model(
     :func:`dpo_xpu.models.loading.load_policy_model`."""
     from peft import PeftModel
 
-    model = load_base(model_name_or_path, quantization, device, dtype, state_dict)
-    _upcast_for_training(model, quantization, gradient_checkpointing)
+    model = load_base(model_name_or_path, quantization, device, dtype, state_dict, True, gradient_checkpointing)
     if adapter_name_or_path is not None:
         fix = f"give a LoRA adapter folder (adapter_config.json) trained on {model_name_or_path}, as a run's adapter/"
         with loading("adapter_name_or_path", adapter_name_or_path, fallback=fix):
@@ -148,8 +141,7 @@ def load_reference_model(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> PreTrainedModel:
     """A frozen copy of the base in eval mode, with the policy's dtype handling (the ``separate`` strategy)."""
-    model = load_base(model_name_or_path, quantization, device, dtype, state_dict)
-    _upcast_for_training(model, quantization, gradient_checkpointing=False)
+    model = load_base(model_name_or_path, quantization, device, dtype, state_dict, prepare=True)
     return model.requires_grad_(False).eval()
 
 
@@ -159,8 +151,7 @@ def load_trained_policy(
     """The base prepared as for training, with a saved LoRA adapter loaded on it (eval mode, frozen)."""
     from peft import PeftModel
 
-    model = load_base(model_name_or_path, quantization, device, dtype)
-    _upcast_for_training(model, quantization, gradient_checkpointing=False)
+    model = load_base(model_name_or_path, quantization, device, dtype, prepare=True)
     with loading("adapter", adapter_dir):
         policy = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     if quantization == "nf4":
@@ -168,5 +159,4 @@ def load_trained_policy(
         for name, param in policy.named_parameters():
             if "lora_" in name and "lora_magnitude_vector" not in name:
                 param.data = param.data.to(torch.bfloat16)
-    policy.eval()
-    return policy
+    return policy.eval()
