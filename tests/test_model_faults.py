@@ -90,6 +90,16 @@ def test_a_damaged_json_file_is_named_for_the_tokenizer_and_the_model(model, nam
     _one_line(error)
 
 
+@pytest.mark.parametrize("text", ['{"version": "1.0", "model": {"type": "Nope"}}', "[1, 2]"], ids=["no-keys", "list"])
+def test_a_tokenizer_json_of_the_wrong_structure_is_one_line(model, text):
+    (model / "tokenizer.json").write_text(text)
+    with pytest.raises(
+        ModelLoadError, match=rf"^tokenizer {model}: \w+Error: .*tokenizer.json, tokenizer_config.json"
+    ) as error:
+        load_tokenizer(model)
+    _one_line(error)
+
+
 def test_a_config_that_is_no_json_object_is_refused(model):
     (model / "config.json").write_text("[1, 2]")
     with pytest.raises(ModelLoadError, match=rf"^model {model}: config.json holds no JSON object: it is damaged"):

@@ -222,28 +222,46 @@ def _load_failure(exc: BaseException, path: Path) -> str | None:
 @contextmanager
 def loading(what: str, path: str | Path, fallback: str | None = None) -> Iterator[None]:
     """Turn a user's file that fails to load in the block into one :class:`ModelLoadError` line, ``"{what} {path}:
-    {problem}: {fix}"``, for the known failures; with ``fallback`` (a fix), for any ``OSError``/``ValueError`` too."""
+    {problem}: {fix}"``, for the known failures; with ``fallback`` (a fix), for any ``OSError``, ``ValueError``,
+    ``KeyError`` or ``TypeError`` too (a file of the wrong structure, met deep inside a library's reader)."""
     from safetensors import SafetensorError
 
     try:
         yield
-    except (SafetensorError, pickle.UnpicklingError, EOFError, KeyError, RuntimeError, OSError, ValueError) as exc:
+    except (
+        SafetensorError,
+        pickle.UnpicklingError,
+        EOFError,
+        KeyError,
+        RuntimeError,
+        OSError,
+        ValueError,
+        TypeError,
+    ) as exc:
         if isinstance(exc, ModelLoadError):
             raise
         problem = _load_failure(exc, Path(str(path)).expanduser())
-        if problem is None and fallback is not None and isinstance(exc, (OSError, ValueError)):
+        if problem is None and fallback is not None and isinstance(exc, (OSError, ValueError, KeyError, TypeError)):
             problem = f"{_first_line(exc)}: {fallback}"
         if problem is None:
             raise
         raise ModelLoadError(f"{what} {path}: {problem}") from None
 
 
+#: The fix for a local tokenizer whose files parse as JSON but not as a tokenizer (wrong structure).
+_TOKENIZER_FIX = (
+    "its tokenizer files (tokenizer.json, tokenizer_config.json) are not what transformers reads: copy them again "
+    "from the model's source"
+)
+
+
 def from_pretrained(loader: Any, model_name_or_path: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained`` with ``trust_remote_code=False``; a damaged or refused file, or a hub id the hub did
     not provide, is one :class:`ModelLoadError`. A model converted from GGUF is named as the file names it."""
     what = "tokenizer" if "Tokenizer" in getattr(loader, "__name__", "") else "model"
+    fallback = _TOKENIZER_FIX if what == "tokenizer" and Path(model_name_or_path).is_dir() else None
     try:
-        with loading(what, model_name_or_path):
+        with loading(what, model_name_or_path, fallback):
             loaded = loader.from_pretrained(model_name_or_path, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as exc:
         if isinstance(exc, ModelLoadError) or Path(model_name_or_path).exists():
