@@ -180,9 +180,9 @@ def build_trainer(
         why = f"{why}; {packing_why}"
     logger.info("%s", why)
     own = own_loss_type(recipe.loss_type, recipe.label_smoothing, generation)
-    trainer_class, extra = _trainer_class(plan, own, recipe.loss_type == "ipo", prefix_sharing, row_tokens)
-    if trainer_class.__name__ == "DpoXpuTrainer":  # its own losses' settings too
-        extra.update(label_smoothing=recipe.label_smoothing, simpo_gamma=recipe.simpo_gamma)
+    trainer_class, extra = _trainer_class(
+        plan, own, recipe.loss_type == "ipo", prefix_sharing, row_tokens, recipe.label_smoothing, recipe.simpo_gamma
+    )
     trainer = trainer_class(
         model=model,
         ref_model=ref_model,
@@ -230,7 +230,13 @@ def _truncate_evaluated_prompts(trainer: Any, max_prompt_length: int, generation
 
 
 def _trainer_class(
-    plan: ReferencePlan, own: str | None, ipo: bool, prefix_sharing: bool = False, row_tokens: int | None = None
+    plan: ReferencePlan,
+    own: str | None,
+    ipo: bool,
+    prefix_sharing: bool,
+    row_tokens: int | None,
+    label_smoothing: float,
+    simpo_gamma: float,
 ) -> tuple[type, dict[str, Any]]:
     """The trainer class and its extra keywords: TRL's ``DPOTrainer``, unless the run needs
     :class:`~dpo_xpu.train.trainer.DpoXpuTrainer` (TRL 1.x: an own loss ``own``, reference-free, a CPU reference,
@@ -250,6 +256,8 @@ def _trainer_class(
     return DpoXpuTrainer, dict(
         own_loss_type=own,
         reference_free=plan.reference_free,
+        label_smoothing=label_smoothing,
+        simpo_gamma=simpo_gamma,
         reference_device=plan.device,
         prefix_sharing=prefix_sharing,
         packing_row_tokens=row_tokens,
