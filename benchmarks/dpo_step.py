@@ -343,7 +343,8 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         getattr(torch, device).reset_peak_memory_stats()
     sampler.reset()
     start = time.perf_counter()  # from model loading to the end of training, as a user waits for it
-    phases: dict[str, tuple[float, float]] = {}  # (peak so far, resident now) after each phase, MiB
+    # (peak so far, resident now) after each phase, MiB; for "train", the training phase's own peak
+    phases: dict[str, tuple[float, float]] = {}
     torch.manual_seed(recipe.seed)
     peer = strategy.startswith("trl-")
     if peer:
@@ -378,10 +379,13 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         precomputed = info is not None
     # dpo_xpu's trainers reset the allocator's peak at each logged step (perf/peak_memory_mib): keep the setup's
     setup_peak = getattr(torch, device).max_memory_allocated() / 2**20 if on_gpu else None
+    setup_rss_peak = sampler.peak_mib
+    sampler.reset()  # the training phase's own resident peak (what the memory planner estimates)
     trainer.train()
     synchronize(settings.device)
     elapsed = time.perf_counter() - start
-    peak_rss = sampler.peak_mib - baseline
+    phases["train"] = (sampler.peak_mib - baseline, sampler.current_mib() - baseline)
+    peak_rss = max(setup_rss_peak, sampler.peak_mib) - baseline
     peak_allocated = (
         sampler.allocated_peak_mib - allocated_baseline
         if sampler.allocated_peak_mib is not None and allocated_baseline is not None
@@ -696,6 +700,7 @@ def estimate_rows(settings: Settings, config: Any, strategies: list[str], scored
     dpo_xpu's strategies, and for every strategy on a GPU (TRL scores answer tokens only there).
     """
     from dpo_xpu.train.memory import estimate_memory
+    from dpo_xpu.train.trl_internals import LOGPROB_TILE
 
     on_cpu = settings.device.startswith("cpu")
     rows = []
@@ -712,6 +717,7 @@ def estimate_rows(settings: Settings, config: Any, strategies: list[str], scored
             device=settings.device.split(":")[0],
             scored_fraction=1.0 if every_position and on_cpu else scored,
             chunked_logits=chunked,
+            vocab_chunk=LOGPROB_TILE[1] if every_position else None,  # TRL's own tiles, or dpo_xpu's on the CPU
         )
         rows.append({"strategy": strategy, **est.to_dict()})
     return rows
@@ -725,7 +731,14 @@ def add_planner_error(results: list[dict], estimates: list[dict]) -> None:
         if estimate is None or row.get("skipped") or not row.get("peak_memory_mib"):
             continue
         row["planner_mib"] = estimate["total_mib"]
-        row["planner_error"] = estimate["total_mib"] / row["peak_memory_mib"] - 1
+        row["planner_error"] = estimate["total_mib"] / planned_peak(row) - 1
+
+
+def planned_peak(row: dict) -> float:
+    """The measured peak the planner estimates: on the CPU the training phase's own resident peak (model loading,
+    which can peak higher, is not a training step), on a GPU the run's allocator peak."""
+    train = (row.get("phase_peaks_mib") or {}).get("train")
+    return train if train and row.get("peak_rss_mib") == row["peak_memory_mib"] else row["peak_memory_mib"]
 
 
 def write_results(
@@ -814,8 +827,8 @@ def format_table(payload: dict) -> str:
         if r.get("planner_mib") is not None:
             allocated = r.get("peak_allocated_mib")
             lines.append(
-                f"{r['strategy']:<20}planner {r['planner_mib']:.0f} MiB against {r['peak_memory_mib']:.0f} MiB "
-                f"measured ({100 * r['planner_error']:+.0f}%)"
+                f"{r['strategy']:<20}planner {r['planner_mib']:.0f} MiB against {planned_peak(r):.0f} MiB "
+                f"measured in training ({100 * r['planner_error']:+.0f}%)"
                 + (
                     f"; allocator's peak in use {allocated:.0f} MiB"
                     if allocated and allocated != r["peak_memory_mib"]

@@ -39,7 +39,7 @@ logger = logging.getLogger("scaling")
 STRATEGIES = ("defaults", "trl-precompute", "trl-peft")
 #: The row values a cell keeps from ``dpo_step.py``'s result row.
 KEPT = ("pairs_per_s", "peak_memory_mib", "planner_mib", "planner_error", "first_loss", "last_loss", "mfu")
-KEPT += ("rounds_pairs_per_s", "step_seconds", "sequence_tokens", "answer_share", "seconds")
+KEPT += ("rounds_pairs_per_s", "step_seconds", "sequence_tokens", "answer_share", "seconds", "phase_peaks_mib")
 
 
 def _ints(text: str) -> list[int]:
@@ -142,7 +142,8 @@ def markdown(payload: dict) -> str:
         f"{settings['steps']} steps, {settings['rounds']} round(s) (fastest kept), rows: {settings['rows']}. "
         "pairs/s: from model loading to the end of training; pairs/s in steps: the training steps after the first; "
         "peak: resident memory over the process's before loading (CPU), the allocator's peak (GPU); planner: "
-        "`dpo_xpu.train.memory.estimate_memory`, error = estimate / peak - 1.",
+        "`dpo_xpu.train.memory.estimate_memory`, error = estimate / the training phase's peak - 1 (on a CPU model "
+        "loading can peak higher; the peak column holds the higher one).",
     ]
     if payload.get("note"):
         lines.append(f"\n{payload['note']}")

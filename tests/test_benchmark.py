@@ -166,7 +166,9 @@ def test_scaling_runs_a_cell_writes_table_and_figure_and_resumes(tmp_path):
     assert all(0.75 * 256 < n <= 256 for n in row["sequence_tokens"])
     assert row["step_pairs_per_s"] == pytest.approx(2 / row["step_seconds"][1])  # the step after the first
     assert row["peak_memory_mib"] > 0 and row["planner_mib"] > 0
-    assert row["planner_error"] == pytest.approx(row["planner_mib"] / row["peak_memory_mib"] - 1)
+    train_peak = row["phase_peaks_mib"]["train"]  # on the CPU the planner estimates the training phase's peak
+    assert 0 < train_peak <= row["peak_memory_mib"]
+    assert row["planner_error"] == pytest.approx(row["planner_mib"] / train_peak - 1)
     table = out.with_suffix(".md").read_text()
     assert "| float32 | 2 | 256 |" in table and "commit " in table
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,6 +14,7 @@ from dpo_xpu.train.memory import (
     matmul_parameters,
     recipe_fits,
 )
+from dpo_xpu.train.trl_internals import CPU_LOGPROB_CHUNK, LOGPROB_TILE
 
 
 def test_matmul_parameters_match_a_real_model():
@@ -61,8 +62,9 @@ def test_checkpointing_and_length_scale_activations():
 
 
 def test_scoring_answer_tokens_only_shrinks_the_logit_tile():
-    every = estimate_memory(QWEN05, batch=1, max_length=256, device="cpu")
-    answers = estimate_memory(QWEN05, batch=1, max_length=256, device="cpu", scored_fraction=0.5)
+    trl_tiles = {"device": "cpu", "vocab_chunk": LOGPROB_TILE[1]}  # TRL's own trainer on the CPU
+    every = estimate_memory(QWEN05, batch=1, max_length=256, **trl_tiles)
+    answers = estimate_memory(QWEN05, batch=1, max_length=256, scored_fraction=0.5, **trl_tiles)
     assert answers.components_mib["logits"] == pytest.approx(every.components_mib["logits"] / 2)
     assert every.total_mib - answers.total_mib == pytest.approx(every.components_mib["logits"] / 2)
     # a batch beyond the tile's 4,096 tokens: the tile, not the batch, bounds the term
@@ -114,10 +116,24 @@ def test_largest_allocation_is_the_biggest_single_tensor():
     assert full.to_dict()["largest_allocation"] == "full logits"
 
 
+def test_dpo_xpu_s_narrow_cpu_tiles_shrink_the_logit_term():
+    """On the CPU dpo_xpu's trainers tile the vocabulary CPU_LOGPROB_CHUNK wide (trl_internals.cpu_lm_head), not
+    TRL's 32,768: the logits term shrinks by that ratio, and the head's backward is no longer the step's peak."""
+    ours = estimate_memory(QWEN05, batch=2, max_length=512, device="cpu")
+    trl = estimate_memory(QWEN05, batch=2, max_length=512, device="cpu", vocab_chunk=LOGPROB_TILE[1])
+    ratio = trl.components_mib["logits"] / ours.components_mib["logits"]
+    assert ratio == pytest.approx(LOGPROB_TILE[1] / CPU_LOGPROB_CHUNK)
+    assert ours.total_mib < trl.total_mib
+    assert ours.components_mib["logits"] < ours.components_mib["transients"] < trl.components_mib["logits"]
+    gpu = estimate_memory(QWEN05, batch=2, max_length=512, device="cuda")  # TRL's Triton tiles on a GPU
+    assert gpu.settings["vocab_chunk"] is None and gpu.components_mib["logits"] > ours.components_mib["logits"]
+
+
 def test_head_and_layer_backward_do_not_overlap():
     """The LM head's tiles and a layer's backward temporaries are alive one after the other, never together."""
-    head_bound = estimate_memory(QWEN05, batch=2, max_length=512, device="cpu")
-    layer_bound = estimate_memory(QWEN05, batch=2, max_length=512, device="cpu", gradient_checkpointing=False)
+    trl_tiles = {"device": "cpu", "vocab_chunk": LOGPROB_TILE[1]}
+    head_bound = estimate_memory(QWEN05, batch=2, max_length=512, **trl_tiles)
+    layer_bound = estimate_memory(QWEN05, batch=2, max_length=512, gradient_checkpointing=False, **trl_tiles)
     for est in (head_bound, layer_bound):
         c = est.components_mib
         assert est.total_mib == pytest.approx(sum(c.values()) - min(c["logits"], c["transients"]))

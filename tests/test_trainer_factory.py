@@ -88,14 +88,14 @@ def test_factory_trains_with_max_prompt_length_on_the_installed_trl(stories260k_
 
 
 def test_cpu_scores_only_answer_tokens_with_the_same_log_probs(stories260k_path, monkeypatch):
-    """TRL 1.x's fused LM head: dpo_xpu opens its answer-tokens-only switch on the CPU; numbers stay the same."""
+    """TRL 1.x's fused LM head under dpo_xpu's CPU switches (answer tokens only, narrow tiles): same numbers."""
     trl_utils = pytest.importorskip("trl.trainer.utils")
     if not hasattr(trl_utils, "add_fused_lm_head"):
         pytest.skip("this TRL has no fused LM head (TRL 0.11)")
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dpo_xpu.train.trl_internals import answer_tokens_only_on_cpu
+    from dpo_xpu.train.trl_internals import cpu_lm_head
 
     model = AutoModelForCausalLM.from_pretrained(stories260k_path, dtype=torch.float32).eval()
     trl_utils.add_fused_lm_head(model)
@@ -117,7 +117,7 @@ def test_cpu_scores_only_answer_tokens_with_the_same_log_probs(stories260k_path,
     trl_own = trl_utils._use_triton
     with torch.no_grad():
         every = model(**batch, labels=labels, fused_lm_head=True).log_probs
-        with answer_tokens_only_on_cpu() as switched:
+        with cpu_lm_head() as switched:
             assert switched
             compact = model(**batch, labels=labels, fused_lm_head=True).log_probs
         assert trl_utils._use_triton is trl_own  # restored: a plain DPOTrainer built later keeps TRL's behaviour

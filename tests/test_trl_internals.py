@@ -86,32 +86,60 @@ def test_only_trl_internals_spells_the_private_names() -> None:
     assert offenders == []
 
 
-def test_the_answer_tokens_switch_is_restored_and_scoped_to_one_trainer() -> None:
+def test_the_cpu_lm_head_switches_are_restored_and_scoped_to_one_trainer() -> None:
     trl_utils = pytest.importorskip("trl.trainer.utils")
     if not hasattr(trl_utils, "_use_triton"):
         pytest.skip("this TRL has no fused LM head (TRL 0.11)")
     import torch
 
     cpu = torch.device("cpu")
-    before = trl_utils._use_triton
-    with trl_internals.answer_tokens_only_on_cpu() as switched:
+    before, chunk = trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    assert chunk > trl_internals.CPU_LOGPROB_CHUNK
+    with trl_internals.cpu_lm_head() as switched:
         assert switched and trl_utils._use_triton(cpu)
-        with trl_internals.answer_tokens_only_on_cpu():
+        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == trl_internals.CPU_LOGPROB_CHUNK
+        with trl_internals.cpu_lm_head():
             assert trl_utils._use_triton(cpu)
-        assert trl_utils._use_triton(cpu)
+        assert trl_utils._use_triton(cpu) and trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == trl_internals.CPU_LOGPROB_CHUNK
     assert trl_utils._use_triton is before and not before(cpu)
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == chunk
 
     class Trainer:
-        def train(self) -> bool:
-            return trl_utils._use_triton(cpu)
+        def train(self) -> tuple[bool, int]:
+            return trl_utils._use_triton(cpu), trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
-        def evaluate(self) -> bool:
-            return trl_utils._use_triton(cpu)
+        def evaluate(self) -> tuple[bool, int]:
+            return self.train()
 
     trainer, other = Trainer(), Trainer()
-    trl_internals.answer_tokens_only_on_cpu_for(trainer)
-    assert trainer.train() and trainer.evaluate()
-    assert not other.train() and trl_utils._use_triton is before
+    trl_internals.cpu_lm_head_for(trainer)
+    assert trainer.train() == trainer.evaluate() == (True, trl_internals.CPU_LOGPROB_CHUNK)
+    assert other.train() == (False, chunk) and trl_utils._use_triton is before
+
+
+def test_narrow_cpu_tiles_give_trl_s_log_probs_and_gradients() -> None:
+    """TRL's chunked log-prob function with dpo_xpu's CPU tile width against TRL's own, on a vocabulary several
+    tiles wide whose last tile is partial: log-probs, entropies and both gradients agree to float rounding."""
+    kernels = pytest.importorskip("trl.kernels.chunked_logprob")
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = 2 * trl_internals.CPU_LOGPROB_CHUNK + 301
+    weight = (torch.randn(vocab, 48, generator=generator) * 0.3).requires_grad_()
+    hidden = torch.randn(37, 48, generator=generator).requires_grad_()
+    targets = torch.randint(0, vocab, (37,), generator=generator)
+    grad_out = torch.randn(37, generator=generator)
+    results = []
+    for chunk in (trl_internals.LOGPROB_TILE[1], trl_internals.CPU_LOGPROB_CHUNK):
+        hidden.grad = weight.grad = None
+        log_probs, entropy, *_ = kernels.ChunkedLogProbFunction.apply(
+            hidden, weight, None, targets, 1.0, chunk, None, 1.0, ("entropy",)
+        )
+        (log_probs * grad_out).sum().backward()
+        results.append((log_probs.detach(), entropy.detach(), hidden.grad.clone(), weight.grad.clone()))
+    for wide, narrow in zip(*results, strict=True):
+        torch.testing.assert_close(narrow, wide, rtol=1e-5, atol=1e-5)
+    assert results[0][2].abs().sum() > 0 and results[0][0].max() < 0
 
 
 def test_a_reach_without_a_signature_is_reported_with_its_library_version(monkeypatch: pytest.MonkeyPatch) -> None:

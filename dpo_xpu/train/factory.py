@@ -25,7 +25,7 @@ from dpo_xpu.train.packing import packing_budget
 from dpo_xpu.train.prefix_sharing import prefix_sharing_decision
 from dpo_xpu.train.reference import reference_plan
 from dpo_xpu.train.trl_config import dpo_config_kwargs, own_loss_type
-from dpo_xpu.train.trl_internals import answer_tokens_only_on_cpu_for, require_internals, trl_generation
+from dpo_xpu.train.trl_internals import cpu_lm_head_for, require_internals, trl_generation
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -198,7 +198,7 @@ def build_trainer(
     if generation == "1.x" and recipe.max_prompt_length is not None:
         _truncate_evaluated_prompts(trainer, recipe.max_prompt_length, generation, tokenizer)
     if generation == "1.x" and on_cpu:
-        answer_tokens_only_on_cpu_for(trainer)  # TRL's switch on for this trainer's passes alone, restored after
+        cpu_lm_head_for(trainer)  # TRL's LM head switched for this trainer's passes alone, restored after
     if generation == "1.x" and recipe.adapter_name_or_path:
         from dpo_xpu.train.trainer import match_reference_adapter_dtype
 

@@ -4,11 +4,13 @@ From the model config (a Llama / Mistral / Qwen2-style decoder) and the recipe:
 
 - ``weights``: NF4 linear layers at 4 bits plus a float32 absmax per 64-value block (Dettmers et al. 2023, "QLoRA",
   sec. 3), other parameters in float32 (PEFT's ``prepare_model_for_kbit_training``); twice for ``separate``;
-- ``lora_and_optimizer``: LoRA matrices (Hu et al. 2021) in float32, gradient and AdamW's two moments: 16 bytes each;
+- ``lora_and_optimizer``: LoRA matrices (Hu et al. 2021), their gradients and AdamW's two moments: 4 bytes each, or
+  2 for QLoRA on TRL 1.x, which casts the adapters to bf16 (QLoRA sec. 3; the moments follow the parameter's dtype);
 - ``activations``: what autograd keeps for the backward (:data:`ACT_PER_TOKEN_LAYER`), or one hidden state per
   layer with gradient checkpointing (Chen et al. 2016);
 - ``logits``: TRL 1.x's tiled log-probs (:data:`LOGPROB_TILE`, :data:`CPU_TILE_COPIES`, :data:`GPU_TILE_COPIES`;
-  answer tokens only where TRL scores only those: ``scored_fraction``); on TRL 0.11 the full float32 logits;
+  answer tokens only where TRL scores only those: ``scored_fraction``; on the CPU dpo_xpu's narrower tiles,
+  ``vocab_chunk``); on TRL 0.11 the full float32 logits;
 - ``transients``: one layer's backward (recomputed activations, temporaries, on CPU a dequantised NF4 weight);
 - ``runtime``: :data:`CPU_RUNTIME_MIB`, :data:`GPU_RUNTIME_MIB` (measured).
 
@@ -26,7 +28,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dpo_xpu.train.trl_internals import LOGPROB_TILE
+from dpo_xpu.train.trl_internals import CPU_LOGPROB_CHUNK, LOGPROB_TILE
 
 if TYPE_CHECKING:
     from dpo_xpu.recipes import Recipe
@@ -52,8 +54,8 @@ GPU_TILE_COPIES = {"cuda": 1, "xpu": 4, "gpu": 4}
 #: gradient): 60 to 100 MiB measured on CUDA at every shape of ``benchmarks/scaling.py``; within XPU's tile margin.
 GPU_RUNTIME_MIB = {"cuda": 72, "xpu": 0, "gpu": 0}
 #: Resident memory beyond the tensors on CPU (library state, oneDNN caches, glibc's free lists), measured as resident
-#: memory minus live allocations.
-CPU_RUNTIME_MIB = 150
+#: memory minus glibc's peak in use: 57 MiB for dpo_xpu's defaults and for TRL's peer alike (benchmarks/dpo_step.py).
+CPU_RUNTIME_MIB = 60
 #: Share of the device's memory a recipe may plan to use (the rest: allocator fragmentation, runtime).
 FIT_FRACTION = 0.9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -137,6 +139,7 @@ def estimate_memory(
     device: str = "gpu",
     scored_fraction: float = 1.0,
     chunked_logits: bool = True,
+    vocab_chunk: int | None = None,
 ) -> MemoryEstimate:
     """The peak memory of a DPO training step (policy + reference), by component, as a :class:`MemoryEstimate`.
 
@@ -151,6 +154,9 @@ def estimate_memory(
         scored_fraction: the share of positions the LM head scores, in (0, 1]: 1.0, or the answer tokens' share
             where only those are scored (about 0.5 on orca pairs at 256 tokens).
         chunked_logits: TRL 1.x's tiled log-probs; ``False`` for TRL 0.11's full float32 logits.
+        vocab_chunk: vocabulary entries per log-prob tile; default dpo_xpu's trainers' (on the CPU
+            :data:`~dpo_xpu.train.trl_internals.CPU_LOGPROB_CHUNK`, elsewhere TRL's ``LOGPROB_TILE[1]``); TRL's own
+            trainer on the CPU: ``LOGPROB_TILE[1]``.
 
     Raises:
         ValueError: an unknown ``quantization``, ``reference``, ``compute_dtype`` or ``device``, a non-positive
@@ -182,12 +188,19 @@ def estimate_memory(
     weights = one_copy * (2 if reference == "separate" else 1)
 
     targets = lora_targets or list(shapes)
-    lora = layers * lora_r * sum(i + o for name, (i, o) in shapes.items() if name in targets) * 16
+    bf16_adapters = quantization == "nf4" and chunked_logits  # TRL 1.x (chunked log-probs) casts QLoRA's to bf16
+    lora = (
+        layers
+        * lora_r
+        * sum(i + o for name, (i, o) in shapes.items() if name in targets)
+        * (8 if bf16_adapters else 16)
+    )
 
     tokens = 2 * batch * max_length
     per_layer_full = (ACT_PER_TOKEN_LAYER[0] * hidden + ACT_PER_TOKEN_LAYER[1] * inter) * act_bytes
     activations = tokens * layers * (hidden * act_bytes if gradient_checkpointing else per_layer_full)
-    tile = min(tokens * scored_fraction, LOGPROB_TILE[0]) * min(vocab, LOGPROB_TILE[1]) * 4
+    chunk = vocab_chunk or (CPU_LOGPROB_CHUNK if device == "cpu" else LOGPROB_TILE[1])
+    tile = min(tokens * scored_fraction, LOGPROB_TILE[0]) * min(vocab, chunk) * 4
     logits = tile * (CPU_TILE_COPIES if device == "cpu" else GPU_TILE_COPIES[device])
     if not chunked_logits:
         logits = tokens * vocab * 4 * 3  # TRL 0.11: logits, log-softmax and its gradient, whole

@@ -30,12 +30,14 @@ TRAINER_METHODS_1X = {
 }
 TRAINER_METHODS_011 = {"get_batch_loss_metrics": ("model", "batch", "train_eval")}
 #: Names read in ``trl.trainer.utils`` (TRL 1.x).
-TRL_UTILS_1X = ("_use_triton", "use_adapter", "selective_log_softmax")
+TRL_UTILS_1X = ("_use_triton", "_CHUNKED_LOGPROB_CHUNK_SIZE", "use_adapter", "selective_log_softmax")
 #: Attributes TRL 1.x's ``DPOTrainer.__init__`` sets that dpo_xpu reads or writes (checked on a built trainer).
 TRAINER_ATTRIBUTES_1X = ("_metrics", "precompute_ref_logps")
 #: TRL 1.x's log-prob tile, tokens x vocabulary entries (``trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`` by
 #: ``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``, checked): a change makes the memory planner's logits term wrong.
 LOGPROB_TILE = (4096, 32768)
+#: The vocabulary entries per log-prob tile dpo_xpu's trainers use on the CPU (:func:`cpu_lm_head`).
+CPU_LOGPROB_CHUNK = 2048
 #: The fused LM head's argument that takes labels already shifted (scored as given); prefix sharing passes it.
 SHIFT_LABELS = "shift_labels"
 #: Config entries that record where a model came from, not what it computes.
@@ -237,22 +239,31 @@ def collator_truncation(trainer: Any) -> tuple[int | None, str]:
 
 
 @contextlib.contextmanager
-def answer_tokens_only_on_cpu() -> Iterator[bool]:
-    """Within the block, TRL 1.x's fused LM head scores only the answer tokens on the CPU, as on XPU and CUDA.
+def cpu_lm_head() -> Iterator[bool]:
+    """Within the block, TRL 1.x's fused LM head runs as suits a CPU: answer tokens only, narrow vocabulary tiles.
 
-    TRL scores only the labelled positions on Triton devices, every position elsewhere (on Neuron a changing count
-    would recompile the graph: ``trl.trainer.utils``, ``compact``). The CPU compiles nothing, so there the prompt and
-    padding positions are pure waste (the LM head dominates a step on 150k-token vocabularies); each scored log-prob
-    is computed as before, by TRL's kernels. No library offers this. The switch is put back on exit;
-    :func:`answer_tokens_only_on_cpu_for` scopes it to one trainer.
+    - **Answer tokens only.** TRL scores only the labelled positions on Triton devices, every position elsewhere (on
+      Neuron a changing count would recompile the graph: ``trl.trainer.utils``, ``compact``). The CPU compiles
+      nothing, so there the prompt and padding positions are pure waste (the LM head dominates a step on 150k-token
+      vocabularies).
+    - **Tiles of :data:`CPU_LOGPROB_CHUNK` vocabulary entries**, not TRL's 32,768: on the CPU TRL's torch fallback
+      holds about eight float32 tiles at once in the backward (``memory.CPU_TILE_COPIES``), which made the LM head's
+      backward the peak of a step (SmolLM2-135M-Instruct, 700 scored tokens: 750 MiB of tiles), and its element-wise
+      passes run from cache in a narrow tile (1.5 s against 0.8 s per forward and backward there, measured by
+      ``tests/test_trl_internals.py``'s shapes). The log-sum-exp is online across tiles, so each log-prob is the
+      same up to float rounding.
+
+    Each scored log-prob is computed by TRL's own kernels. No library offers this. Both switches are put back on
+    exit; :func:`cpu_lm_head_for` scopes them to one trainer.
 
     Yields:
-        ``True`` when TRL has the switch, ``False`` for a TRL without it (0.11 has no fused LM head).
+        ``True`` when TRL has the switches, ``False`` for a TRL without them (0.11 has no fused LM head).
     """
     import trl.trainer.utils as trl_utils
 
     before = getattr(trl_utils, "_use_triton", None)
-    if before is None:
+    chunk_before = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
+    if before is None or chunk_before is None:
         yield False
         return
     trl_own = getattr(before, "trl_own", before)
@@ -262,19 +273,21 @@ def answer_tokens_only_on_cpu() -> Iterator[bool]:
 
     compact_positions.trl_own = trl_own  # type: ignore[attr-defined]
     trl_utils._use_triton = compact_positions
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_LOGPROB_CHUNK
     try:
         yield True
     finally:
         trl_utils._use_triton = before
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = chunk_before
 
 
-#: The trainer methods :func:`answer_tokens_only_on_cpu_for` runs under the switch.
+#: The trainer methods :func:`cpu_lm_head_for` runs under the switches.
 SCORING_METHODS = ("train", "evaluate", "predict", "compute_ref_log_probs")
 
 
-def answer_tokens_only_on_cpu_for(trainer: Any) -> None:
-    """Run the trainer's :data:`SCORING_METHODS` under :func:`answer_tokens_only_on_cpu`; other trainers in the
-    process keep TRL's behaviour."""
+def cpu_lm_head_for(trainer: Any) -> None:
+    """Run the trainer's :data:`SCORING_METHODS` under :func:`cpu_lm_head`; other trainers in the process keep
+    TRL's behaviour."""
     for name in SCORING_METHODS:
         method = getattr(trainer, name, None)
         if method is None:
@@ -282,7 +295,7 @@ def answer_tokens_only_on_cpu_for(trainer: Any) -> None:
 
         @functools.wraps(method)
         def scoped(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
-            with answer_tokens_only_on_cpu():
+            with cpu_lm_head():
                 return _method(*args, **kwargs)
 
         setattr(trainer, name, scoped)
