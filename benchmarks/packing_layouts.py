@@ -1,5 +1,6 @@
-"""Prefix-sharing layouts side by side: TRL's two sequences per pair, prefix sharing one row per pair, and
-padding-free packing (several pairs per row), on one micro-batch's forward and backward.
+"""Prefix-sharing layouts side by side: TRL's two sequences per pair, prefix sharing one row per pair, padding-free
+packing (several pairs per row) with sdpa over the whole row, and packing with attention pair by pair
+(``packed-pairs``: :mod:`dpo_xpu.train.pair_attention`, the CPU's default), on one micro-batch's forward and backward.
 
 A random-weight Llama of SmolLM2-135M's shape (or ``--tiny``) with LoRA r16 on every projection, random pairs of
 uneven lengths (prompt 32-256 tokens, answers 8-160, cut to ``--max-length`` as TRL cuts them); each layout scores
@@ -19,6 +20,7 @@ import time
 
 import torch
 
+from dpo_xpu.train.pair_attention import install_pair_attention
 from dpo_xpu.train.prefix_sharing import pack_pairs
 
 
@@ -34,7 +36,9 @@ def _model(tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
+    install_pair_attention(model)  # sdpa for every call without pair_spans: only packed-pairs runs pair by pair
+    return model
 
 
 def _batch(pairs: int, max_length: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -56,7 +60,9 @@ def _batch(pairs: int, max_length: int, gen: torch.Generator) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(answer == 0, -100)}
 
 
-def _step(model: torch.nn.Module, batch: dict[str, torch.Tensor], row_tokens: int | None, two: bool) -> torch.Tensor:
+def _step(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], row_tokens: int | None, two: bool, pairs: bool = False
+) -> torch.Tensor:
     """Forward + backward of one layout; the answer tokens' log-probs in TRL's layout ``[2B, T - 1]``."""
     backbone, head = model.base_model.model.model, model.base_model.model.lm_head
     if two:
@@ -64,8 +70,9 @@ def _step(model: torch.nn.Module, batch: dict[str, torch.Tensor], row_tokens: in
         hidden, labels = hidden[:, :-1], batch["labels"][:, 1:]
     else:
         packed = pack_pairs(batch["input_ids"], batch["attention_mask"], batch["labels"], row_tokens)
+        spans = {"pair_spans": packed.spans} if pairs else {}
         out = backbone(
-            input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids
+            input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids, **spans
         )
         hidden, labels = out.last_hidden_state, packed.next_tokens
     scored = labels != -100
@@ -92,19 +99,20 @@ def main() -> None:
         {k: v.to(args.device) for k, v in _batch(args.batch, args.max_length, gen).items()} for _ in range(args.batches)
     ]
     layouts = {
-        "two-sequences": (None, True),
-        "per-pair": (None, False),
-        "packed": (2 * args.batch * args.max_length, False),
+        "two-sequences": (None, True, False),
+        "per-pair": (None, False, False),
+        "packed": (2 * args.batch * args.max_length, False, False),
+        "packed-pairs": (2 * args.batch * args.max_length, False, True),
     }
     times: dict[str, list[float]] = {name: [] for name in layouts}
     logps: dict[str, list[torch.Tensor]] = {}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for r in range(args.rounds + 1):
         for name in list(layouts) if r % 2 else list(reversed(layouts)):
-            row_tokens, two = layouts[name]
+            row_tokens, two, pairs = layouts[name]
             sync()
             start = time.perf_counter()
-            logps[name] = [_step(model, b, row_tokens, two) for b in batches]
+            logps[name] = [_step(model, b, row_tokens, two, pairs) for b in batches]
             sync()
             model.zero_grad(set_to_none=True)
             if r:
@@ -112,7 +120,7 @@ def main() -> None:
     tokens = {name: 0 for name in layouts}
     for b in batches:
         tokens["two-sequences"] += b["input_ids"].numel()
-        for name in ("per-pair", "packed"):
+        for name in ("per-pair", "packed", "packed-pairs"):
             tokens[name] += pack_pairs(
                 b["input_ids"], b["attention_mask"], b["labels"], layouts[name][0]
             ).input_ids.numel()

@@ -104,23 +104,41 @@ def _demo_policy(tmp_path, attn: str):
 
     folder = build_demo_model(tmp_path / "demo-model")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn, dtype=torch.float32)
+    pairwise = attn == "pairs"  # sdpa, pair by pair (dpo_xpu.train.pair_attention)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation="sdpa" if pairwise else attn, dtype=torch.float32
+    )
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
     model = get_peft_model(model, config)
     for name, param in model.named_parameters():  # B = 0 at init: give the adapter an effect on the logits
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
+    if pairwise:
+        from dpo_xpu.train.pair_attention import install_pair_attention
+
+        install_pair_attention(model)
     return model
 
 
 @pytest.mark.parametrize(
-    ("attn", "row_tokens"), [("sdpa", None), ("eager", None), ("sdpa", 10_000), ("sdpa", 160), ("eager", 10_000)]
+    ("attn", "row_tokens"),
+    [
+        ("sdpa", None),
+        ("eager", None),
+        ("sdpa", 10_000),
+        ("sdpa", 160),
+        ("eager", 10_000),
+        ("pairs", None),
+        ("pairs", 10_000),
+        ("pairs", 160),
+    ],
 )
-def test_packed_forward_equals_two_sequences(tmp_path, attn, row_tokens):
+def test_packed_forward_equals_two_sequences(tmp_path, monkeypatch, attn, row_tokens):
     """TRL's two-sequence forward against prefix sharing, one row per pair (``None``) and padding-free (all pairs in
     one row; 160: two rows): per-token log-probs within 1e-5 (float32), the other outputs within 1e-4, and the LoRA
-    gradients within 1e-4 relative; on the demo model, random pairs of uneven lengths."""
+    gradients within 1e-4 relative; on the demo model, random pairs of uneven lengths. ``pairs``: sdpa computed
+    pair by pair on the packed rows (the CPU's default), which must also see the spans of every pair."""
     model = _demo_policy(tmp_path, attn)
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
@@ -129,6 +147,19 @@ def test_packed_forward_equals_two_sequences(tmp_path, attn, row_tokens):
         return torch.randint(3, vocab, (n,), generator=gen).tolist()
 
     batch = _trl_batch([(toks(40), toks(25), toks(31)), (toks(17), toks(30), toks(6)), (toks(9), toks(1), toks(12))])
+    with_spans: list[bool] = []  # per attention call: did it run pair by pair
+    if attn == "pairs":
+        from transformers import AttentionInterface
+
+        from dpo_xpu.train.pair_attention import PAIR_ATTENTION
+
+        inner = AttentionInterface._global_mapping[PAIR_ATTENTION]
+
+        def spy(*args, **kwargs):
+            with_spans.append(kwargs.get("pair_spans") is not None)
+            return inner(*args, **kwargs)
+
+        monkeypatch.setitem(AttentionInterface._global_mapping, PAIR_ATTENTION, spy)
 
     def run(shared: bool):
         model.zero_grad()
@@ -147,7 +178,9 @@ def test_packed_forward_equals_two_sequences(tmp_path, attn, row_tokens):
         return out, grads
 
     plain, plain_grads = run(False)
+    assert not any(with_spans)  # an unpacked call runs transformers' sdpa
     shared, shared_grads = run(True)
+    assert all(with_spans[len(with_spans) // 2 :]) and (attn == "pairs") == bool(with_spans)
     for field, tolerance in (("log_probs", 1e-5), ("entropy", 1e-4), ("mean_logits", 1e-4)):
         a, b = getattr(plain, field), getattr(shared, field)
         assert a.shape == b.shape
@@ -299,3 +332,27 @@ def test_first_loss_is_ln2_in_bf16(stories260k_path, orca_rows_path, tmp_path, c
     precomputed, rows = first_loss("precomputed")
     assert rows is None and "a reference precomputed in bf16 must see the rows of the steps" in caplog.text
     assert precomputed == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_pair_attention_is_the_cpu_s_choice_and_plain_sdpa_without_spans(tmp_path):
+    """The decision (on for sdpa on the CPU, off on an accelerator and for eager, each with its reason), and a model
+    given pair attention generating exactly what sdpa generates: calls without pair spans run transformers' sdpa."""
+    from dpo_xpu.train.pair_attention import PAIR_ATTENTION, install_pair_attention, pair_attention_decision
+
+    model = _demo_policy(tmp_path, "sdpa").eval()
+    assert pair_attention_decision(model, "cpu") == (
+        True,
+        "attention: pair by pair, only the blocks the packed mask keeps",
+    )
+    on_xpu, why = pair_attention_decision(model, "xpu")
+    assert not on_xpu and "xpu" in why and "packed mask" in why
+    eager, why = pair_attention_decision(_demo_policy(tmp_path, "eager"), "cpu")
+    assert not eager and "'eager'" in why
+    prompt = torch.tensor([[5, 9, 14, 3, 22, 7], [0, 0, 11, 4, 8, 30]])  # the second row left-padded
+    mask = (torch.arange(6) >= torch.tensor([[0], [2]])).long()
+    kwargs = {"input_ids": prompt, "attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    before = model.generate(**kwargs)
+    install_pair_attention(model)
+    assert model.config._attn_implementation == PAIR_ATTENTION
+    assert pair_attention_decision(model, "cpu")[0]  # installed twice is the same choice
+    assert torch.equal(model.generate(**kwargs), before)

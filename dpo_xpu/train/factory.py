@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from dpo_xpu.data.truncation import truncate_prompts
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.train.packing import packing_budget
+from dpo_xpu.train.pair_attention import install_pair_attention, pair_attention_decision
 from dpo_xpu.train.prefix_sharing import prefix_sharing_decision
 from dpo_xpu.train.reference import reference_plan
 from dpo_xpu.train.trl_config import dpo_config_kwargs, own_loss_type
@@ -177,7 +178,11 @@ def build_trainer(
         batch, max_length = recipe.per_device_train_batch_size, recipe.max_length
         in_bf16 = plan.precomputed_by is not None and bool(config_kwargs.get("bf16"))
         row_tokens, packing_why = packing_budget(recipe.prefix_sharing, model, batch, max_length, in_bf16)
-        why = f"{why}; {packing_why}"
+        pairwise, attention_why = pair_attention_decision(model, next(model.parameters()).device.type)
+        for pair_model in (model, ref_model) if pairwise else ():
+            if pair_model is not None:
+                install_pair_attention(pair_model)
+        why = f"{why}; {packing_why}; {attention_why}"
     logger.info("%s", why)
     own = own_loss_type(recipe.loss_type, recipe.label_smoothing, generation)
     trainer_class, extra = _trainer_class(

@@ -35,12 +35,13 @@ import torch
 
 from dpo_xpu.errors import RecipeError
 from dpo_xpu.train.packing import group_rows
+from dpo_xpu.train.pair_attention import PAIR_ATTENTION
 from dpo_xpu.train.trl_internals import SHIFT_LABELS, attn_implementation, is_fused_head_call
 
 logger = logging.getLogger(__name__)
 
-#: Attention implementations that accept the packed 4-D mask.
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+#: Attention implementations that accept the packed 4-D mask (:data:`PAIR_ATTENTION`: sdpa, pair by pair).
+SUPPORTED_ATTENTION = ("sdpa", "eager", PAIR_ATTENTION)
 
 _PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
 
@@ -61,6 +62,8 @@ class PackedPairs:
         target_mask: ``[2B, T - 1]`` bool, the scored positions in TRL's layout (chosen rows, then rejected).
         sequence_tokens: real tokens in TRL's two-sequence layout (prompt counted twice).
         packed_tokens: real tokens in the packed layout.
+        spans: per row, each pair's ``(start, chosen branch start, rejected branch start, end)`` positions
+            (:mod:`dpo_xpu.train.pair_attention`).
     """
 
     input_ids: torch.Tensor
@@ -71,6 +74,7 @@ class PackedPairs:
     target_mask: torch.Tensor
     sequence_tokens: int
     packed_tokens: int
+    spans: tuple[tuple[tuple[int, int, int, int], ...], ...] = ()
 
     def mask_for(self, attn_implementation: str | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The 4-D mask in the form the attention implementation takes: bool for sdpa, additive for eager.
@@ -78,7 +82,7 @@ class PackedPairs:
         Raises:
             RecipeError: an attention implementation that cannot take a 4-D mask (flash attention).
         """
-        if attn_implementation in (None, "sdpa"):
+        if attn_implementation in (None, "sdpa", PAIR_ATTENTION):
             return self.attention_mask
         if attn_implementation == "eager":
             blocked = torch.finfo(dtype).min
@@ -146,6 +150,7 @@ def packing(
     answer = labels != -100
     device = input_ids.device
     parts: list[tuple[torch.Tensor, ...]] = []  # per pair: ids, positions, segments, next tokens
+    sizes: list[tuple[int, int, int]] = []  # per pair: prompt[:-1], chosen branch, rejected branch lengths
     for b in range(pairs):
         c, r = b, pairs + b
         split_c = _split_row(input_ids[c], real[c], answer[c])
@@ -170,6 +175,7 @@ def packing(
         unscored = torch.full((1,), -100, device=device, dtype=input_ids.dtype)
         shift = torch.cat([torch.full((start,), -100, device=device, dtype=input_ids.dtype), chosen, unscored])
         parts.append((ids, positions, segments, torch.cat([shift, rejected, unscored])))
+        sizes.append((start, n_chosen + 1, n_rejected + 1))
     # pairs in order, so that unpack's row-major reading keeps TRL's row order
     rows = group_rows([part[0].numel() for part in parts], row_tokens)
     length = max(sum(parts[b][0].numel() for b in row) for row in rows)
@@ -189,6 +195,14 @@ def packing(
     # padding (never read), so no row of the mask is empty (an empty row would make sdpa return NaN).
     same_pair = pair[:, :, None] == pair[:, None, :]
     allowed = causal & same_pair & ((keys == _PROMPT) | (keys == segments[:, :, None]))
+    spans = []
+    for row in rows:
+        at, row_spans = 0, []
+        for b in row:
+            prompt_rest, chosen_branch, rejected_branch = sizes[b]
+            row_spans.append((at, at + prompt_rest, at + prompt_rest + chosen_branch, at + sum(sizes[b])))
+            at += sum(sizes[b])
+        spans.append(tuple(row_spans))
     return PackedPairs(
         input_ids=laid_out(0, 0, input_ids.dtype),
         position_ids=laid_out(1, 0, torch.long),
@@ -198,6 +212,7 @@ def packing(
         target_mask=answer[:, 1:],
         sequence_tokens=int(real.sum()),
         packed_tokens=int((segments != _PAD).sum()),
+        spans=tuple(spans),
     )
 
 
@@ -275,6 +290,8 @@ class PrefixSharing:
             position_ids=packed.position_ids,
         )
         new[SHIFT_LABELS] = packed.next_tokens
+        if attn_implementation(module) == PAIR_ATTENTION:
+            new["pair_spans"] = packed.spans
         self._pending[id(packed.input_ids)] = packed
         self.tokens["sequence"] += packed.sequence_tokens
         self.tokens["packed"] += packed.packed_tokens
