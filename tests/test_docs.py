@@ -133,7 +133,7 @@ def test_results_page_shows_a_real_run(site: Path) -> None:
     assert evaluation.name in text, "the evaluation table does not say where it comes from"
     assert "samples.jsonl" in text and "<|im_start|>" in text and "policy" in text and "reference" in text
     perf = " ".join(_text(site / "performance" / "index.html").split())
-    for fact in ("AMD EPYC", "TRL 1.16", "66420d5", "NVIDIA H200", "0.54x", "671 MiB", "slower than TRL"):
+    for fact in ("AMD EPYC", "TRL 1.16", "7810d65", "NVIDIA H200", "0.54x", "671 MiB", "slower than TRL"):
         assert fact in perf, f"the Performance page lost {fact!r}"
 
 
