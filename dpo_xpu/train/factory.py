@@ -163,7 +163,8 @@ def build_trainer(
         raise RecipeError(f"reference: {plan.strategy!r} uses no separate model; pass ref_model=None")
     logger.info("%s", plan.why)
     generation = plan.generation
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    device_type = next(model.parameters()).device.type
+    on_cpu = device_type == "cpu"
     config_kwargs = dpo_config_kwargs(recipe, plan, use_cpu=on_cpu, has_eval_dataset=eval_dataset is not None)
     if on_cpu:
         from dpo_xpu.train.host_memory import release_after_training_forward
@@ -178,7 +179,7 @@ def build_trainer(
         batch, max_length = recipe.per_device_train_batch_size, recipe.max_length
         in_bf16 = plan.precomputed_by is not None and bool(config_kwargs.get("bf16"))
         row_tokens, packing_why = packing_budget(recipe.prefix_sharing, model, batch, max_length, in_bf16)
-        pairwise, attention_why = pair_attention_decision(model, next(model.parameters()).device.type)
+        pairwise, attention_why = pair_attention_decision(model, device_type)
         for pair_model in (model, ref_model) if pairwise else ():
             if pair_model is not None:
                 install_pair_attention(pair_model)

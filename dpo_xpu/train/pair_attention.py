@@ -81,12 +81,12 @@ def pair_attention_forward(
 
 
 def _register() -> None:
+    # public API; registering again replaces the entry with the same function
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    if PAIR_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(PAIR_ATTENTION, pair_attention_forward)
-        AttentionMaskInterface.register(PAIR_ATTENTION, sdpa_mask)
+    AttentionInterface.register(PAIR_ATTENTION, pair_attention_forward)
+    AttentionMaskInterface.register(PAIR_ATTENTION, sdpa_mask)
 
 
 def pair_attention_decision(model: Any, device_type: str) -> tuple[bool, str]:

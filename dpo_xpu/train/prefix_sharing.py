@@ -200,8 +200,9 @@ def packing(
         at, row_spans = 0, []
         for b in row:
             prompt_rest, chosen_branch, rejected_branch = sizes[b]
-            row_spans.append((at, at + prompt_rest, at + prompt_rest + chosen_branch, at + sum(sizes[b])))
-            at += sum(sizes[b])
+            end = at + prompt_rest + chosen_branch + rejected_branch
+            row_spans.append((at, at + prompt_rest, at + prompt_rest + chosen_branch, end))
+            at = end
         spans.append(tuple(row_spans))
     return PackedPairs(
         input_ids=laid_out(0, 0, input_ids.dtype),
@@ -283,14 +284,11 @@ class PrefixSharing:
                 _DECLINED.add(packed)
                 logger.info("prefix sharing: a batch runs unpacked, two sequences per pair: %s", packed)
             return None
+        attn = attn_implementation(module)
         new = {k: v for k, v in kwargs.items() if k != "labels"}
-        new.update(
-            input_ids=packed.input_ids,
-            attention_mask=packed.mask_for(attn_implementation(module)),
-            position_ids=packed.position_ids,
-        )
+        new.update(input_ids=packed.input_ids, attention_mask=packed.mask_for(attn), position_ids=packed.position_ids)
         new[SHIFT_LABELS] = packed.next_tokens
-        if attn_implementation(module) == PAIR_ATTENTION:
+        if attn == PAIR_ATTENTION:
             new["pair_spans"] = packed.spans
         self._pending[id(packed.input_ids)] = packed
         self.tokens["sequence"] += packed.sequence_tokens
