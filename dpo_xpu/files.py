@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ CACHE_DIR_ENV = "DPO_XPU_CACHE_DIR"  # the cache folder (default ~/.cache/dpo_xp
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 SAMPLE_BYTES = 64 * 1024  # of each end of a weight file, hashed into its memo entry
 WEIGHTS_MEMO_FILE = "weights-memo.json"
+
+logger = logging.getLogger(__name__)
 
 
 def current_umask() -> int:
@@ -56,6 +59,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """Write ``value`` as indented JSON (UTF-8, a final newline) with :func:`atomic_write_bytes`; return the path."""
+    atomic_write_bytes(path, (json.dumps(value, indent=2, default=str, ensure_ascii=False) + "\n").encode())
+    return Path(path)
+
+
+def read_json_report(path: str | Path) -> Any | None:
+    """The value of a JSON report dpo_xpu wrote (``evaluation.json``, ``merge_check.json``), ``None`` where there is
+    none; a damaged one (not UTF-8 or not JSON: edited by hand, or cut off by a process killed before its writes were
+    atomic) is ``None`` too, with a warning naming it, and left as it is."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("%s is damaged (%s): ignored and left as it is; delete it to write a new one", path, exc)
+        return None
 
 
 def _file_signature(path: Path) -> dict[str, Any]:

@@ -6,7 +6,6 @@ training held out, ``beta``), so only the evaluation's own settings are argument
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from dpo_xpu.eval.heldout import (
     load_run_recipe,
     write_evaluation,
 )
+from dpo_xpu.files import read_json_report, write_json
 from dpo_xpu.outputs.adapter import ADAPTER_DIR
 from dpo_xpu.outputs.merge import MERGE_RTOL, MERGED_DIR, export_merged, merge_mismatch, run_prompts
 from dpo_xpu.outputs.run_folder import MERGE_CHECK_FILE
@@ -171,9 +171,9 @@ def evaluate_run(
     for sample in samples:
         sample["identical"] = sample["policy"] == sample["reference"]
     metrics.update(split=split, samples_differ=sum(not s["identical"] for s in samples), n_samples=len(samples))
-    check = run_dir / MERGE_CHECK_FILE
-    if check.is_file():  # exported merged before: the check belongs to the run's results
-        metrics["merge"] = json.loads(check.read_text(encoding="utf-8"))
+    check = read_json_report(run_dir / MERGE_CHECK_FILE)
+    if check is not None:  # exported merged before: the check belongs to the run's results
+        metrics["merge"] = check
     evaluation_path, samples_path = write_evaluation(run_dir, metrics, samples)
     return RunEvaluation(run_dir, metrics, samples, evaluation_path, samples_path)
 
@@ -274,9 +274,9 @@ def export_run(
     check_path.unlink(missing_ok=True)  # a check of an earlier merge must not pass for this one's
     with _replacing(out, overwrite, "a merged model"):
         export_merged(recipe, adapter_dir, run_dir, texts, rtol=rtol, out_dir=out)
-    check = json.loads(check_path.read_text(encoding="utf-8")) if check_path.is_file() else None
+    check = read_json_report(check_path)
     evaluation = run_dir / EVALUATION_FILE
-    if check is not None and evaluation.is_file():  # the run's results hold the check of its merged model
-        results = {**json.loads(evaluation.read_text(encoding="utf-8")), "merge": check}
-        evaluation.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    results = read_json_report(evaluation) if check is not None else None
+    if isinstance(results, dict):  # the run's results hold the check of its merged model
+        write_json(evaluation, {**results, "merge": check})
     return RunExport(run_dir, adapter_dir, out, check, check_path if check is not None else None)

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from dpo_xpu.errors import RecipeError
+from dpo_xpu.files import atomic_write_bytes
 
 
 class _DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -123,5 +124,5 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
 def write_recipe_file(path: str | Path, values: dict[str, Any]) -> Path:
     """Write ``values`` (plain values, in their order) as a YAML recipe file at ``path``, and return the path."""
     path = Path(path)
-    path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    atomic_write_bytes(path, yaml.safe_dump(values, sort_keys=False, allow_unicode=True).encode("utf-8"))
     return path

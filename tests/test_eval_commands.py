@@ -150,3 +150,18 @@ def test_replacing_puts_the_old_content_back_when_writing_fails(tmp_path):
         (out / "model.safetensors").write_text("half-written")
         raise OSError("disk full")
     assert (out / "model.safetensors").read_text() == "old" and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_damaged_reports_in_the_run_folder_are_left_as_they_are_with_a_warning(run_dir, caplog):
+    """A report cut off by a killed process (or edited by hand) neither stops evaluate and export nor is replaced."""
+    cut_check, cut_evaluation = '{"matches": tr', b'{"reward_accuracy": 0.5, "mar\xff'
+    (run_dir / "merge_check.json").write_text(cut_check)
+    evaluated = evaluate_run(run_dir, num_eval_samples=0, batch_size=2, progress=False)
+    assert "merge" not in evaluated.metrics and (run_dir / "merge_check.json").read_text() == cut_check
+    assert "merge_check.json is damaged" in caplog.text
+    (run_dir / "evaluation.json").write_bytes(cut_evaluation)
+    exported = export_run(run_dir, merged=True)
+    assert exported.matches and json.loads((run_dir / "merge_check.json").read_text())["matches"] is True
+    assert (run_dir / "evaluation.json").read_bytes() == cut_evaluation, "a damaged report is not overwritten"
+    assert "evaluation.json is damaged" in caplog.text
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")], "atomic writes leave no scratch"

@@ -18,6 +18,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from dpo_xpu.data.truncation import answer_tokens
+from dpo_xpu.files import atomic_write_bytes, write_json
 from dpo_xpu.train.trl_internals import selective_log_softmax
 
 EVALUATION_FILE = "evaluation.json"
@@ -190,6 +191,6 @@ def write_evaluation(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     eval_path, samples_path = run_dir / EVALUATION_FILE, run_dir / SAMPLES_FILE
-    eval_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    samples_path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    write_json(eval_path, metrics)  # atomic: a process killed here leaves the earlier files whole
+    atomic_write_bytes(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples).encode())
     return eval_path, samples_path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dpo_xpu.files import apply_umask
+from dpo_xpu.files import apply_umask, write_json
 from dpo_xpu.models.base import dtype_kwarg
 from dpo_xpu.outputs.run_folder import MERGE_CHECK_FILE
 
@@ -204,7 +203,7 @@ def export_merged(
             return merge_and_save(adapter_dir, base, out_dir=out_dir)
         merged, report = merge_checked(adapter_dir, base, out_dir, list(texts), rtol=rtol)
     check = run_dir / MERGE_CHECK_FILE
-    check.write_text(json.dumps(report, indent=2, default=str))
+    write_json(check, report)
     trouble = "" if report["matches"] else f"; the merge {merge_mismatch(report, report['rtol'])}: check {check}"
     logger.log(
         logging.INFO if report["matches"] else logging.WARNING,

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpo_xpu.files import atomic_write_bytes
+
 if TYPE_CHECKING:
     from dpo_xpu.recipes import Recipe
 
@@ -113,5 +115,5 @@ def write_model_cards(
     text = model_card(recipe.to_dict(), read_metrics(metrics_path) if metrics_path.is_file() else [], decisions)
     paths = [Path(run_dir) / "README.md", Path(adapter_dir) / "README.md"]
     for path in paths:
-        path.write_text(text, encoding="utf-8")
+        atomic_write_bytes(path, text.encode("utf-8"))
     return paths

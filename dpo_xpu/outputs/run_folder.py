@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpo_xpu.errors import RunFolderError
+from dpo_xpu.files import write_json
 from dpo_xpu.outputs.fingerprints import FINGERPRINTS_FILE, input_fingerprints
 
 if TYPE_CHECKING:
@@ -228,9 +229,9 @@ def start_run_folder(
     try:
         if not resume:
             recipe.save(run_dir / "recipe.yaml")
-            (run_dir / FINGERPRINTS_FILE).write_text(json.dumps(input_fingerprints(recipe), indent=1) + "\n")
+            write_json(run_dir / FINGERPRINTS_FILE, input_fingerprints(recipe))
         report = environment()
-        (run_dir / "environment.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        write_json(run_dir / "environment.json", report.to_dict())
     except BaseException as exc:
         if not resume:
             undo_start(started)  # a resume's folder is left as it is
