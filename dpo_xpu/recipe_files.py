@@ -6,8 +6,10 @@ keeps the last), a non-UTF-8 byte is named with its offset and line, and each YA
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from pathlib import Path
+import os
+import reprlib
+from collections.abc import Hashable, Mapping
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -69,12 +71,40 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[str, str, str]:
     return where, problem, fix
 
 
-def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """Parse ``["key=value", ...]`` (the CLI's ``--set``) into a dict; values are read as YAML scalars.
+def recipe_mapping(values: Any, what: str = "make_recipe") -> dict[str, Any]:
+    """``values`` (a mapping of recipe keys, given to ``what``) as a dict.
 
     Raises:
-        RecipeError: an item without ``=``, or a value that is not valid YAML (``beta=[``).
+        RecipeError: ``values`` is not a mapping (a string: a file's path or text, for load_recipe), or a key is not
+            a name.
     """
+    if not isinstance(values, Mapping):
+        hint = "; load_recipe(path) reads a recipe file" if isinstance(values, (str, PurePath)) else ""
+        raise RecipeError(
+            f"{what}: expected a mapping of recipe keys ({{'max_steps': 3}}), found {type(values).__name__} "
+            f"{reprlib.repr(values)}{hint}"
+        )
+    names = [key for key in values if not isinstance(key, str)]
+    if names:
+        raise RecipeError(f"recipe key {names[0]!r} is not a name: keys are names such as learning_rate (key: value)")
+    return dict(values)
+
+
+def parse_overrides(overrides: list[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Parse ``["key=value", ...]`` (the CLI's ``--set``) into a dict; values are read as YAML scalars. A mapping
+    is taken as it is (:func:`recipe_mapping`).
+
+    Raises:
+        RecipeError: ``overrides`` is neither a list of ``key=value`` strings nor a mapping, an item without ``=``,
+            or a value that is not valid YAML (``beta=[``).
+    """
+    if isinstance(overrides, Mapping):
+        return recipe_mapping(overrides, "overrides")
+    if not isinstance(overrides, (list, tuple, type(None))) or not all(isinstance(i, str) for i in overrides or []):
+        raise RecipeError(
+            f'overrides: expected a list of "key=value" strings (as --set takes) or a mapping of recipe keys, found '
+            f"{reprlib.repr(overrides)}"
+        )
     result: dict[str, Any] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
@@ -89,17 +119,42 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     return result
 
 
+def with_overrides(values: dict[str, Any], overrides: list[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``values`` (a recipe file's) with ``overrides`` (:func:`parse_overrides`) applied over them: an override also
+    replaces the key where the file gives it inside ``trl_options``.
+
+    Raises:
+        RecipeError: as :func:`parse_overrides`.
+    """
+    given, nested = parse_overrides(overrides), values.get("trl_options")
+    if isinstance(nested, Mapping) and nested.keys() & given.keys():
+        values = {**values, "trl_options": {key: v for key, v in nested.items() if key not in given}}
+    return {**values, **given}
+
+
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """The mapping a recipe file (YAML, UTF-8) holds, its values as YAML reads them; ``{}`` for an empty file.
 
     Raises:
-        RecipeError: the file is missing, is not UTF-8 (the byte, its offset and line), is not valid YAML (the line,
-            the problem and the fix), repeats a key, or is not a YAML mapping.
+        RecipeError: ``path`` is not a path, the file is missing, a folder or unreadable, is not UTF-8 (the byte, its
+            offset and line), is not valid YAML (the line, the problem and the fix), repeats a key, or is not a YAML
+            mapping.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise RecipeError(f"recipe file: expected a path (a str or Path), found {type(path).__name__} {path!r}")
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise RecipeError(f"{path} is a folder, not a recipe file: give a .yaml file")
+    if not path.exists():
         raise RecipeError(f"recipe file {path} does not exist")
-    data = path.read_bytes()
+    try:
+        if not path.is_file():
+            raise OSError(0, "not a regular file")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(
+            f"recipe file {path} cannot be read ({exc.strerror or exc}): give a readable .yaml file"
+        ) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

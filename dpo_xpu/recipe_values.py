@@ -14,7 +14,9 @@ import enum
 import functools
 import math
 import re
+import reprlib
 import typing
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -167,9 +169,17 @@ def trl_values(options: dict[str, Any], own_keys: list[str]) -> dict[str, Any]:
     """TRL options checked and converted (:func:`convert_value`); ``own_keys`` (dpo_xpu's) are not TRL's here.
 
     Raises:
-        RecipeError: a managed TRL option (with the key to use), an unknown key (with the closest valid one, among
-            ``own_keys`` too), or a value the option cannot hold.
+        RecipeError: a name that is not a string, one of ``own_keys`` (give it as a top-level key), a managed TRL
+            option (with the key to use), an unknown key (with the closest valid one, among ``own_keys`` too), or a
+            value the option cannot hold.
     """
+    if not options:
+        return {}
+    for key in options:
+        if not isinstance(key, str):
+            raise RecipeError(f"trl_options: option name {key!r} is not a name: write name: value (ld_alpha: 0.5)")
+        if key in own_keys:
+            raise RecipeError(f"{key}: a dpo_xpu key, not a TRL option: give it as a top-level key, not in trl_options")
     managed = sorted(set(options) & set(MANAGED_TRL_OPTIONS))
     if managed:
         raise RecipeError(
@@ -193,6 +203,29 @@ def trl_values(options: dict[str, Any], own_keys: list[str]) -> dict[str, Any]:
         annotation, nullable, _ = fields.get(key, (float | None, True, None))  # an alias: a number
         converted[key] = convert_value(key, value, annotation, nullable, option=key if key in fields else None)
     return converted
+
+
+def merge_trl_options(nested: Any, top: dict[str, Any], own_keys: list[str], once: bool = False) -> dict[str, Any]:
+    """TRL options given in ``trl_options`` (``nested``: a mapping, or null for none) and as top-level keys
+    (``top``, which win: ``dataclasses.replace(recipe, output_dir=...)``), converted and checked (:func:`trl_values`).
+
+    Raises:
+        RecipeError: ``nested`` is not a mapping of option names, an option is refused by :func:`trl_values`, or
+            (``once``: as in a recipe file) one is given both ways with different values.
+    """
+    if nested is not None and not isinstance(nested, Mapping):
+        raise RecipeError(
+            "trl_options: expected a mapping of TRL option names to values (trl_options: {ld_alpha: 0.5}, or each "
+            f"as a top-level key), found {type(nested).__name__} {reprlib.repr(nested)}"
+        )
+    nested, top = trl_values(dict(nested or {}), own_keys), trl_values(top, own_keys)
+    for key in sorted(nested.keys() & top.keys()):
+        if once and nested[key] != top[key]:
+            raise RecipeError(
+                f"{key}: given twice, as a top-level key ({top[key]!r}) and in trl_options ({nested[key]!r}); give "
+                "it once"
+            )
+    return {**nested, **top}
 
 
 def _check_number(name: str, value: Any) -> None:
@@ -298,17 +331,33 @@ _POSITIVE = (
     "logging_steps"
 ).split()
 
+#: Keys that must be a non-empty string (a path or hub id): what they hold.
+_PATHS = {
+    "model_name_or_path": "a hub id, folder or .gguf file (the base model)",
+    "dataset_name_or_path": "a hub id or a data file",
+    "output_dir": "a folder path (the run folder)",
+}
+
 
 def check_values(values: dict[str, Any]) -> None:
     """Refuse what a recipe's keys may not hold (``values``: :meth:`dpo_xpu.recipes.Recipe.to_dict`): a number that
-    is not finite or out of range, a device that is not one, keys that cannot work together.
+    is not finite or out of range, a device that is not one, a path that is null or empty, no LoRA layer, keys that
+    cannot work together.
 
     Raises:
         RecipeError: the first such value, in one line naming its key.
     """
     for name, value in values.items():
         _check_number(name, value)
+    for name, expected in _PATHS.items():
+        if not isinstance(values[name], str) or not values[name].strip():
+            raise RecipeError(
+                f"{name}: must be {expected}, found {'null' if values[name] is None else reprlib.repr(values[name])}"
+            )
     r = SimpleNamespace(**values)
+    if not r.lora_target_modules or not all(str(m).strip() for m in r.lora_target_modules):
+        found = reprlib.repr(r.lora_target_modules)
+        raise RecipeError(f"lora_target_modules: must name at least one layer (q_proj, v_proj, ...), found {found}")
     if r.prefix_sharing in (True, "unpacked") and r.backend == "ipex-llm":
         raise RecipeError(
             "prefix_sharing: needs the native backend (TRL 1.x's fused LM head); the ipex-llm stack pins TRL "
@@ -340,6 +389,7 @@ def check_values(values: dict[str, Any]) -> None:
         ("max_prompt_length", r.max_prompt_length is None or r.max_prompt_length > 0, "> 0 tokens"),
         ("simpo_gamma", r.simpo_gamma >= 0, ">= 0 nats"),
         ("seed", r.seed >= 0, ">= 0"),
+        ("warmup_ratio", values.get("warmup_ratio") is None or 0 <= values["warmup_ratio"] <= 1, "in [0, 1]"),
     ]:
         if not ok:
             raise RecipeError(f"{name}: must be {expected}, found {values[name]}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from dpo_xpu.errors import RecipeError
-from dpo_xpu.recipe_files import parse_overrides, read_recipe_file, write_recipe_file
+from dpo_xpu.recipe_files import read_recipe_file, recipe_mapping, with_overrides, write_recipe_file
 from dpo_xpu.recipe_values import (  # the noqa names: other modules import them from here
     BACKENDS,
     CHAT_FORMATS,
@@ -33,6 +33,7 @@ from dpo_xpu.recipe_values import (  # the noqa names: other modules import them
     check_values,
     convert_value,
     field_default,
+    merge_trl_options,
     recipe_keys,
     trl_fields,
     trl_values,
@@ -65,8 +66,8 @@ class Recipe:
     refused with the key to use; ``warmup_ratio`` is accepted on every transformers and replaces ``warmup_steps``.
 
     Raises:
-        RecipeError: an unknown key (with the closest), a value of the wrong type (keywords are converted as a recipe
-            file's values are), out of range or not allowed, in one line naming it.
+        RecipeError: an unknown key (with the closest), a value of the wrong type (keywords and assignments are
+            converted and checked as a recipe file's values are), out of range or not allowed.
     """
 
     model_name_or_path: str = _key(
@@ -226,11 +227,11 @@ class Recipe:
     )
 
     def __init__(self, trl_options: dict[str, Any] | None = None, **values: Any) -> None:
-        options = {**(trl_options or {}), **{name: values.pop(name) for name in list(values) if name not in _OWN_KEYS}}
+        top = {name: values.pop(name) for name in list(values) if name not in _OWN_KEYS}
         for f in fields(self):
             value = convert_value(f.name, values[f.name], _TYPES[f.name]) if f.name in values else field_default(f)
             object.__setattr__(self, f.name, value)
-        object.__setattr__(self, "trl_options", trl_values(options, _OWN_KEYS) if options else options)
+        object.__setattr__(self, "trl_options", merge_trl_options(trl_options, top, _OWN_KEYS))
         self._check()
 
     def __getattr__(self, name: str) -> Any:
@@ -248,14 +249,27 @@ class Recipe:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """A TRL option goes into ``trl_options``; ``trl_options`` itself is checked and keeps the training keys."""
+        """A key's value, converted and checked as a recipe file's is; a TRL option goes into ``trl_options``;
+        ``trl_options`` itself replaces the other options and keeps the training keys.
+
+        Raises:
+            RecipeError: an unknown name (with the closest key) or a refused value; the recipe is left unchanged.
+        """
+        if name.startswith("_"):
+            return object.__setattr__(self, name, value)
         if name == "trl_options":
             kept = {key: v for key, v in self.trl_options.items() if key in TRL_KEY_DOCS}
-            object.__setattr__(self, name, {**kept, **trl_values(dict(value or {}), _OWN_KEYS)})
-        elif name in TRL_KEY_DOCS or name not in _OWN_KEYS and name in trl_option_names():
-            self.trl_options[name] = value
-        else:
-            object.__setattr__(self, name, value)
+            value = {**kept, **merge_trl_options(value, {}, _OWN_KEYS)}
+        elif name in _OWN_KEYS:
+            value = convert_value(name, value, _TYPES[name])
+        else:  # a TRL option, or an unknown name: refused with the closest key
+            name, value = "trl_options", {**self.trl_options, **trl_values({name: value}, _OWN_KEYS)}
+        trial = copy.copy(self)  # checked as a whole before the recipe changes
+        if name != "max_prompt_length" and self.__dict__.get("_derived_prompt_length"):
+            object.__setattr__(trial, "max_prompt_length", None)  # derived from max_length again
+        object.__setattr__(trial, name, value)
+        trial._check()
+        self.__dict__.update(trial.__dict__)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Recipe) and self.to_dict() == other.to_dict()
@@ -267,8 +281,9 @@ class Recipe:
                 words = ", ".join(str(c).lower() for c in choices)
                 raise RecipeError(f"{f.name}: {getattr(self, f.name)!r} is not one of {words}")
         check_values(self.to_dict())
+        object.__setattr__(self, "_derived_prompt_length", self.max_prompt_length is None)
         if self.max_prompt_length is None:  # the original recipe's ratio (1024 of 1536): lowering max_length composes
-            self.max_prompt_length = max(1, self.max_length * 2 // 3)
+            object.__setattr__(self, "max_prompt_length", max(1, self.max_length * 2 // 3))
         if self.max_prompt_length >= self.max_length:
             raise RecipeError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
@@ -358,13 +373,13 @@ def make_recipe(values: dict[str, Any]) -> Recipe:
     field's type, TRL's options by transformers' ``HfArgumentParser`` for the installed ``DPOConfig``.
 
     Raises:
-        RecipeError: an unknown key (the message suggests the closest valid one), a managed TRL option (with the key
-            to use), a value of the wrong type, a number that is not finite, or a value out of range.
+        RecipeError: not a mapping of key names, an unknown key (the message suggests the closest valid one), a
+            managed TRL option (with the key to use), a value of the wrong type, not finite, or out of range, or a
+            TRL option given both as a top-level key and in ``trl_options`` with different values.
     """
-    names = [key for key in values if not isinstance(key, str)]
-    if names:
-        raise RecipeError(f"recipe key {names[0]!r} is not a name: keys are names such as learning_rate (key: value)")
-    return Recipe(**values)
+    values = recipe_mapping(values)
+    top = {key: values.pop(key) for key in list(values) if key not in _OWN_KEYS}
+    return Recipe(trl_options=merge_trl_options(values.pop("trl_options", None), top, _OWN_KEYS, once=True), **values)
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
@@ -375,10 +390,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str,
         overrides: ``["key=value", ...]`` as given to ``--set``, or a dict; applied after the file.
 
     Raises:
-        RecipeError: the file is missing, is not UTF-8 (the byte, its offset and line), is not valid YAML (the line,
-            the problem and the fix), repeats a key, is not a YAML mapping, or has unknown keys or bad values; each
-            in one line naming the file or the key, and the fix.
+        RecipeError: ``path`` is not a path, the file is missing or a folder, is not UTF-8 (the byte, its offset and
+            line), is not valid YAML (the line, the problem and the fix), repeats a key, is not a YAML mapping, has
+            unknown keys or bad values, or ``overrides`` are not ``key=value`` strings; each in one line naming the
+            file or the key, and the fix.
     """
-    values = read_recipe_file(path) if path is not None else {}
-    values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
-    return make_recipe(values)
+    return make_recipe(with_overrides(read_recipe_file(path) if path is not None else {}, overrides))

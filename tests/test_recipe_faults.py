@@ -1,7 +1,9 @@
 """Faulty recipes end in one line (a RecipeError) that names the key or the file and the fix (issue #22).
 
 Dicts given to launch_training, duplicate keys, files that are not UTF-8, YAML syntax errors and tags, misspelt
-keys, NaN / infinity / overflowing numbers, TRL options refused by value, and a notebook's missing recipe_file.
+keys, NaN / infinity / overflowing numbers, TRL options refused by value, a notebook's missing recipe_file,
+assignments in Python, trl_options that are not a mapping or repeat a top-level key, empty paths, no LoRA layer,
+warmup_ratio, a folder as the recipe file, and Python API arguments of the wrong kind.
 """
 
 from __future__ import annotations
@@ -255,3 +257,151 @@ def test_a_missing_recipe_file_is_one_line_with_the_shipped_ones(recipe_file, hi
     assert str(err.value).startswith(f"recipe_file = {recipe_file!r} does not exist: ") and hint in str(err.value)
     assert "cpu_tiny.yaml" in str(err.value)
     assert err.value._render_traceback_() == [f"RecipeError: {err.value}"]  # one line in Jupyter
+
+
+# 9. assignments in Python -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("beta", -1.0, "beta: must be > 0, found -1.0"),
+        ("max_steps", 0, "max_steps: must be > 0, or -1"),
+        ("max_prompt_length", 1000, "max_prompt_length (1000) must be smaller than max_length (512)"),
+        ("eval_fraction", 1.5, "eval_fraction: must be in [0, 1), found 1.5"),
+        ("learning_rate", "fast", "learning_rate: expected a number, found 'fast'"),
+        ("lora_r", "big", "lora_r: expected an integer, found 'big'"),
+        ("device", "gpu", "device: 'gpu' is not one of auto, xpu, cuda, cpu"),
+        ("reference", "frozen", "reference: 'frozen' is not one of auto"),
+        ("output_dir", None, "output_dir: must be a folder path"),
+        ("warmup_ratio", 2, "warmup_ratio: must be in [0, 1], found 2"),
+        ("use_cpu", True, "use_cpu: dpo_xpu sets this TRL option itself: set device: cpu"),
+        ("learning_rte", 5.0, "unknown recipe key learning_rte (did you mean learning_rate?)"),
+        ("trl_options", 3, "trl_options: expected a mapping of TRL option names to values"),
+    ],
+)
+def test_an_assignment_is_checked_as_a_file_value_and_a_refused_one_changes_nothing(tmp_path, key, value, message):
+    recipe = make_recipe({"output_dir": str(tmp_path / "run"), "max_length": 512, "report_to": "none"})
+    before = recipe.to_dict()
+    with pytest.raises(RecipeError) as err:
+        setattr(recipe, key, value)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert recipe.to_dict() == before and not hasattr(recipe, "learning_rte")
+
+
+def test_an_assignment_is_converted_and_the_saved_recipe_reads_back(tmp_path):
+    recipe = make_recipe({"output_dir": str(tmp_path / "run")})
+    recipe.learning_rate, recipe.max_steps, recipe.lora_target_modules = "1e-4", "7", "q_proj,v_proj"
+    recipe.eval_fraction, recipe.warmup_ratio = "0.1", 0.5
+    assert (recipe.learning_rate, recipe.max_steps, recipe.eval_fraction, recipe.warmup_ratio) == (1e-4, 7, 0.1, 0.5)
+    assert recipe.lora_target_modules == ["q_proj", "v_proj"]
+    assert load_recipe(recipe.save(tmp_path / "recipe.yaml")) == recipe
+
+
+def test_max_prompt_length_left_unset_follows_an_assigned_max_length():
+    recipe = make_recipe({})
+    recipe.max_length = 300  # unset: two thirds of max_length, as in a file that gives only max_length
+    assert recipe.max_prompt_length == 200
+    recipe.max_prompt_length = 100
+    recipe.max_length = 400
+    assert recipe.max_prompt_length == 100  # set: kept, and checked against max_length
+    with pytest.raises(RecipeError, match=r"max_prompt_length \(100\) must be smaller than max_length \(50\)"):
+        recipe.max_length = 50
+    assert (recipe.max_length, recipe.max_prompt_length) == (400, 100)
+
+
+# 10. trl_options that are not a mapping of names, and keys given twice ----------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["3", "[a, b]", "abc", "true"])
+def test_trl_options_that_are_not_a_mapping_are_refused(value):
+    with pytest.raises(RecipeError, match="^trl_options: expected a mapping of TRL option names to values"):
+        load_recipe(None, [f"trl_options={value}"])
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("{1: 2}", "trl_options: option name 1 is not a name"),
+        ("{null: 2}", "trl_options: option name None is not a name"),
+        ("{lora_r: 8}", "lora_r: a dpo_xpu key, not a TRL option: give it as a top-level key"),
+        ("{lerning_rate: 0.1}", "unknown recipe key lerning_rate (did you mean learning_rate?)"),
+    ],
+)
+def test_keys_inside_trl_options_must_be_trl_option_names(value, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, [f"trl_options={value}"])
+    assert message in str(err.value)
+
+
+def test_an_option_given_at_top_level_and_in_trl_options_must_agree(tmp_path):
+    with pytest.raises(RecipeError, match=r"^max_steps: given twice, .*\(2\) and in trl_options \(3\); give it once"):
+        make_recipe({"max_steps": 2, "trl_options": {"max_steps": 3}})
+    path = _write(tmp_path, "max_steps: 2\ntrl_options: {max_steps: '2', ld_alpha: 0.5}\n")
+    assert load_recipe(path).trl_options == {"max_steps": 2, "ld_alpha": 0.5}  # the same value twice
+    assert "given twice" in _refusal(_write(tmp_path, "seed: 1\ntrl_options: {seed: 2}\n"))
+    # a --set value replaces the file's, wherever the file gives it
+    path = _write(tmp_path, "trl_options: {max_steps: 3, ld_alpha: 0.5}\n")
+    assert load_recipe(path, ["max_steps=5"]).trl_options == {"max_steps": 5, "ld_alpha": 0.5}
+
+
+# 11. values a run cannot start from ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("output_dir=", "output_dir: must be a folder path (the run folder), found null"),
+        ("output_dir=''", "output_dir: must be a folder path (the run folder), found ''"),
+        ("output_dir='  '", "output_dir: must be a folder path"),
+        ("model_name_or_path=''", "model_name_or_path: must be a hub id, folder or .gguf file"),
+        ("model_name_or_path=", "model_name_or_path: null is not allowed"),
+        ("dataset_name_or_path=''", "dataset_name_or_path: must be a hub id or a data file"),
+        ("lora_target_modules=[]", "lora_target_modules: must name at least one layer"),
+        ("lora_target_modules=' , '", "lora_target_modules: must name at least one layer"),
+        ("lora_target_modules=['']", "lora_target_modules: must name at least one layer"),
+        ("warmup_ratio=2", "warmup_ratio: must be in [0, 1], found 2"),
+        ("warmup_ratio=-0.1", "warmup_ratio: must be in [0, 1], found -0.1"),
+    ],
+)
+def test_empty_paths_no_lora_layer_and_a_warmup_ratio_above_one_are_refused(override, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, [override])
+    assert message in str(err.value)
+
+
+def test_a_warmup_ratio_in_range_is_kept():
+    assert load_recipe(None, ["warmup_ratio=1"]).warmup_ratio == 1.0
+
+
+# 12. what is not a recipe file, a mapping or key=value strings ------------------------------------------------------
+
+
+def test_a_folder_given_as_the_recipe_file_is_named_as_a_folder(tmp_path):
+    with pytest.raises(RecipeError, match=f"^{tmp_path} is a folder, not a recipe file: give a .yaml file$"):
+        load_recipe(tmp_path)
+    result = run_cli("train", "--recipe", str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{tmp_path} is a folder, not a recipe file" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: make_recipe(None),
+            "make_recipe: expected a mapping of recipe keys ({'max_steps': 3}), found NoneType",
+        ),
+        (lambda: make_recipe("max_steps: 3"), "found str 'max_steps: 3'; load_recipe(path) reads a recipe file"),
+        (lambda: make_recipe([("max_steps", 3)]), "make_recipe: expected a mapping of recipe keys"),
+        (lambda: load_recipe(3), "recipe file: expected a path (a str or Path), found int 3"),
+        (lambda: load_recipe(None, [3]), 'overrides: expected a list of "key=value" strings'),
+        (lambda: load_recipe(None, "max_steps=3"), 'overrides: expected a list of "key=value" strings'),
+        (lambda: load_recipe(None, {1: 2}), "recipe key 1 is not a name"),
+    ],
+    ids=["none", "yaml-text", "pairs", "int-path", "int-override", "str-overrides", "int-key"],
+)
+def test_the_python_api_names_what_it_expected(call, message):
+    with pytest.raises(RecipeError) as err:
+        call()
+    assert message in str(err.value)

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from dpo_xpu.errors import RecipeError
-from dpo_xpu.recipes import Recipe, load_recipe, make_recipe, parse_overrides, recipe_keys
+from dpo_xpu.recipe_files import parse_overrides
+from dpo_xpu.recipes import Recipe, load_recipe, make_recipe, recipe_keys
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -199,3 +200,37 @@ def test_reference_auto_picks_precomputed_where_it_saves_work_and_says_why():
     assert explicit.separate_model and explicit.why == "reference: separate (set in the recipe)"
     with pytest.raises(RecipeError, match="reference_device: 'cpu' needs reference: separate"):
         Recipe(reference="adapter-off", reference_device="cpu")
+
+
+def test_keywords_win_over_trl_options_as_dataclasses_replace_needs(tmp_path):
+    """``Recipe(trl_options=..., key=...)`` (what ``dataclasses.replace`` calls) takes the keyword; a recipe file
+    or dict (make_recipe) that gives a key both ways with different values is refused instead."""
+    recipe = make_recipe({"output_dir": str(tmp_path / "a"), "max_steps": 5})
+    again = dataclasses.replace(recipe, output_dir=str(tmp_path / "b"), reference="separate")
+    assert (again.output_dir, again.max_steps, again.reference) == (str(tmp_path / "b"), 5, "separate")
+    with pytest.raises(RecipeError, match="output_dir: given twice"):
+        make_recipe({"output_dir": "a", "trl_options": {"output_dir": "b"}})
+
+
+def test_a_recipe_path_that_is_not_a_readable_file_is_one_line(tmp_path):
+    import os
+
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(RecipeError, match=f"^recipe file {fifo} cannot be read \\(not a regular file\\)"):
+        load_recipe(fifo)
+    with pytest.raises(RecipeError, match="is a folder, not a recipe file"):
+        load_recipe("")  # the current folder
+
+
+def test_copies_and_pickles_of_a_recipe_keep_checking_assignments(tmp_path):
+    import copy
+    import pickle
+
+    recipe = make_recipe({"output_dir": str(tmp_path / "run"), "ld_alpha": 0.5})
+    for other in (copy.copy(recipe), copy.deepcopy(recipe), pickle.loads(pickle.dumps(recipe))):
+        assert other == recipe
+        with pytest.raises(RecipeError, match="beta: must be > 0"):
+            other.beta = 0
+        other.max_length = 300  # max_prompt_length unset: follows
+        assert other.max_prompt_length == 200 and recipe.max_length == 1536
