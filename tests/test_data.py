@@ -21,6 +21,7 @@ from dpo_xpu.data.preferences import (
     train_eval_split,
 )
 from dpo_xpu.data.rows import validate_preference_rows
+from dpo_xpu.data.sources import load_preference_pairs
 from dpo_xpu.errors import PreferenceDataError
 
 GOOD = {"system": "Be brief.", "question": "What is 2 + 2?", "chosen": "4.", "rejected": "5."}
@@ -409,3 +410,67 @@ def test_unreadable_parquet_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(PreferenceDataError, match=r"^broken\.parquet: not a readable parquet file \(.*\)\. Fix: ") as e:
         load_orca_dpo_pairs(path)
     assert "\n" not in str(e.value)
+
+
+# --- rows that are no object, text that is no Unicode --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "kind", "found"),
+    [
+        ("[1, 2]", "array", "list [1, 2]"),
+        ("3.5", "number", "float 3.5"),
+        ('"a row"', "string", "str 'a row'"),
+        ("null", "null", "null"),
+        ("true", "boolean", "bool True"),
+    ],
+)
+@pytest.mark.parametrize("line", [1, 2])
+def test_a_jsonl_line_that_is_no_object_is_named_as_such(tmp_path: Path, bad_line, kind, found, line) -> None:
+    """On line 1 too, where the format was guessed from its columns ("cannot tell the data format from [])")."""
+    lines = [json.dumps(GOOD), json.dumps(GOOD)]
+    lines.insert(line - 1, bad_line)
+    path = write_jsonl(tmp_path / "sample.jsonl", lines)
+    with pytest.raises(PreferenceDataError) as caught:
+        load_preference_pairs(path)  # data_format auto
+    message = str(caught.value)
+    assert message.startswith(f"sample.jsonl line {line}: is a JSON {kind}, not an object with the columns ")
+    assert f"(found {found}). Fix: write each row as one JSON object such as {{" in message
+    assert "cannot tell the data format" not in message
+
+
+@pytest.mark.parametrize(("rows", "index"), [([GOOD, None], 1), ([7, GOOD], 0), ([GOOD, GOOD, [GOOD]], 2)])
+def test_a_json_array_item_that_is_no_object_is_named_by_row_and_index(tmp_path: Path, rows, index) -> None:
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    with pytest.raises(PreferenceDataError, match=rf"^pairs\.json row {index + 1} \(array index {index}\): is a JSON "):
+        load_preference_pairs(path)
+
+
+@pytest.mark.parametrize("column", ["system", "question", "chosen", "rejected"])
+def test_a_lone_surrogate_names_line_and_column(tmp_path: Path, column: str) -> None:
+    bad = json.dumps({**GOOD, column: "\ud800 a"})  # written as the JSON escape \ud800 (ensure_ascii)
+    assert "\\ud800" in bad
+    path = write_jsonl(tmp_path / "sample.jsonl", [json.dumps(GOOD), bad])
+    with pytest.raises(PreferenceDataError) as caught:
+        load_preference_pairs(path)
+    message = str(caught.value)
+    assert message.startswith(f"sample.jsonl line 2, column {column!r}: the text is not valid Unicode (a lone ")
+    assert "surrogate U+D800 at character 1" in message and "Fix: replace or remove that character" in message
+
+
+def test_a_lone_surrogate_in_other_formats_is_named(tmp_path: Path) -> None:
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [json.dumps({"prompt": "q", "chosen": "a\udfff", "rejected": "b"})])
+    with pytest.raises(PreferenceDataError, match=r"^pairs\.jsonl line 1, column 'chosen': .*U\+DFFF at character 2"):
+        load_preference_pairs(pairs)
+    talk = {
+        "prompt": [{"role": "user", "content": "q\udc00"}],
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
+    chat = write_jsonl(tmp_path / "chat.jsonl", [json.dumps(talk)])
+    with pytest.raises(PreferenceDataError, match=r"^chat\.jsonl line 1, column 'prompt', message 1, key 'content': "):
+        load_preference_pairs(chat)
+    rows = [{**GOOD, "question": "\ud83d"}]  # rows given directly (no file): by row
+    with pytest.raises(PreferenceDataError, match=r"^rows row 1, column 'question': the text is not valid Unicode"):
+        validate_preference_rows(rows)

@@ -124,3 +124,54 @@ def test_the_smollm2_file_states_its_name_and_organization():
     assert origin["name"] == metadata["name"] == "Smollm2 135M 8k Lc100K Mix1 Ep2"
     assert metadata["organization"] == "HuggingFaceTB" and metadata["basename"] == "smollm2"
     assert metadata["size_label"] == "135M" and metadata["languages"] == ["en"]
+
+
+def _damaged_copy(source: Path, dest: Path, keep: int = 0, data: bytes | None = None) -> Path:
+    """``dest`` holding ``data``, else the first ``keep`` bytes of ``source`` (negative: all but the last ones)."""
+    if data is None:
+        with source.open("rb") as file:
+            data = file.read(keep) if keep > 0 else file.read()[:keep]
+    dest.write_bytes(data)
+    return dest
+
+
+DAMAGED = r"is a truncated or damaged GGUF file \([\w.]+: .*\): download or copy it again"
+
+
+@pytest.mark.parametrize(
+    ("keep", "data"),
+    [(100, None), (-100, None), (0, b"not a GGUF file\n" * 64)],
+    ids=["header-cut", "tensor-data-cut", "no-gguf"],
+)
+def test_a_damaged_gguf_file_is_one_line_naming_it(gguf_folder, cache, tmp_path, keep, data):
+    damaged = _damaged_copy(gguf_folder / "stories260K.gguf", tmp_path / "damaged.gguf", keep, data)
+    size = damaged.stat().st_size
+    with pytest.raises(
+        ModelLoadError, match=rf"^model {re.escape(str(damaged))} \({size:,} bytes\) {DAMAGED}"
+    ) as error:
+        resolve_model_path(damaged)
+    assert "\n" not in str(error.value)
+    assert not list((cache / "models").glob("damaged-*"))  # nothing converted, nothing half-written
+
+
+def test_the_tester_s_cut_smollm2_file_is_one_line(cache, tmp_path):
+    """The reported case: the first 1,000,000 bytes of SmolLM2's file (struct.error inside transformers' reader)."""
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f"shared asset {SMOLLM2_GGUF} is absent (set DPO_XPU_SHARED)")
+    cut = _damaged_copy(SMOLLM2_GGUF, tmp_path / "trunc.gguf", 1_000_000)
+    with pytest.raises(ModelLoadError, match=rf"^model {re.escape(str(cut))} \(1,000,000 bytes\) {DAMAGED}"):
+        resolve_model_path(cut)
+
+
+def test_a_failure_of_transformers_gguf_reader_is_one_line_too(cache, tmp_path, monkeypatch):
+    """Any exception of a GGUF reader on a damaged file: here transformers' own, past a check that let it through."""
+    import dpo_xpu.models.gguf as gguf_module
+
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f"shared asset {SMOLLM2_GGUF} is absent (set DPO_XPU_SHARED)")
+    cut = _damaged_copy(SMOLLM2_GGUF, tmp_path / "trunc.gguf", 1_000_000)
+    monkeypatch.setattr(gguf_module, "_gguf_origin", lambda path: {"gguf": str(path), "name": "x", "metadata": {}})
+    with pytest.raises(ModelLoadError, match=rf"^model {re.escape(str(cut))}") as error:
+        resolve_model_path(cut)
+    assert "\n" not in str(error.value)
+    assert "truncated or damaged" in str(error.value) or "transformers cannot read this GGUF file" in str(error.value)

@@ -290,3 +290,98 @@ def test_the_cli_stops_before_the_run_folder_with_one_line(model, orca_rows_path
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"dpo-xpu: error: model {model}: model.safetensors cannot be read (SafetensorError: " in result.stderr
     assert not run.exists()
+
+
+# 6. files that each read, but do not make a model together
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory) -> Path:
+    """The demo's Qwen2-config model: the case where transformers builds an empty tokenizer from config.json."""
+    from dpo_xpu.demo import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("demo") / "model")
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(demo_model, tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(demo_model / name, folder / name)
+    with pytest.raises(
+        ModelLoadError, match=rf"^model folder {folder} holds no tokenizer files \(tokenizer.json, "
+    ) as error:
+        load_tokenizer(folder)
+    assert "copy the model's tokenizer files into it" in _one_line(error)
+
+
+def test_an_empty_tokenizer_is_refused(model):
+    """The class of the fault above: a tokenizer of a handful of tokens, which encodes ordinary text to nothing."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>")).save(str(model / "tokenizer.json"))
+    with pytest.raises(
+        ModelLoadError, match=rf"^tokenizer {model} is empty \(\d+ tokens; 'hello world' encodes to "
+    ) as error:
+        load_tokenizer(model)
+    assert "are not the model's: copy the model's tokenizer files" in _one_line(error)
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_a_config_that_does_not_match_the_weights_is_refused(model, quantization):
+    _edit_json(model / "config.json", hidden_size=128)
+    with pytest.raises(ModelLoadError) as error:
+        _policy(model, quantization)
+    message = _one_line(error)
+    assert message.startswith(f"model {model}: config.json does not match the weights file model.safetensors: ")
+    assert "[512, 64] in model.safetensors, [512, 128] by config.json" in message  # a differing tensor, named
+    assert message.endswith("copy the config.json that came with these weights (or the weights of this config)")
+
+
+@pytest.fixture
+def adapter(stories260k_path, tmp_path) -> Path:
+    """A LoRA adapter (r=4 on q_proj) saved from stories260K."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(stories260k_path)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            "{}",
+            r"adapter_config.json is no PEFT adapter config \(an object with 'peft_type', .*it holds the keys \[\]\)",
+        ),
+        ("[1, 2]", r"adapter_config.json is no PEFT adapter config .*it holds a JSON list\)"),
+        ("{'peft_type'", r"adapter_config.json cannot be read \(JSONDecodeError: "),
+        ('{"peft_type": "PROMPT_TUNING"}', r"a PROMPT_TUNING adapter, not LoRA \(peft_type\)"),
+        ({"r": "4"}, r"adapter_config.json key 'r' holds '4', not int"),
+        ({"lora_alpha": None}, r"adapter_config.json key 'lora_alpha' holds None, not int or float"),
+        ({"target_modules": 5}, r"adapter_config.json key 'target_modules' holds 5, not list or str"),
+        ({"peft_type": "NOPE"}, r"a NOPE adapter, not LoRA"),
+    ],
+    ids=["empty", "array", "no-json", "not-lora", "r-text", "alpha-null", "targets-number", "unknown-type"],
+)
+def test_a_damaged_adapter_config_is_one_line(stories260k_path, adapter, text, words):
+    if isinstance(text, dict):
+        _edit_json(adapter / "adapter_config.json", **text)
+    else:
+        (adapter / "adapter_config.json").write_text(text)
+    fix = r": give a run's adapter/ folder as training saved it \(copy it again from the run folder\)$"
+    with pytest.raises(ModelLoadError, match=rf"^adapter {adapter}: {words}.*{fix}") as error:
+        load_trained_policy(stories260k_path, adapter, "none", "cpu", torch.float32)
+    _one_line(error)
+    with pytest.raises(ModelLoadError, match=rf"^adapter_name_or_path {adapter}: {words}.*{fix}"):
+        _policy(stories260k_path, adapter_name_or_path=adapter)
+
+
+def test_an_adapter_whose_weights_do_not_fit_the_base_is_one_line(stories260k_path, adapter):
+    _edit_json(adapter / "adapter_config.json", r=8)  # the weights are r=4: shapes differ, as on another base
+    with pytest.raises(ModelLoadError, match=rf"^adapter {adapter}: its tensors do not fit this base model") as error:
+        load_trained_policy(stories260k_path, adapter, "none", "cpu", torch.float32)
+    assert "give the base it was trained on, or copy the adapter/ folder again" in _one_line(error)

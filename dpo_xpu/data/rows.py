@@ -48,6 +48,25 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {shown}"
 
 
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words (array, number, string, boolean, null, object)."""
+    kinds = {list: "array", str: "string", bool: "boolean", type(None): "null", dict: "object"}
+    return next((kind for cls, kind in kinds.items() if isinstance(value, cls)), "number")
+
+
+def _check_unicode(value: str, at: str) -> None:
+    """Refuse text with a lone surrogate (a JSON escape such as \\ud800 without its pair): no Unicode text, so no
+    writer (pyarrow, the tokenizer) can encode it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PreferenceDataError(
+            f"{at}: the text is not valid Unicode (a lone surrogate U+{ord(value[error.start]):04X} at character "
+            f"{error.start + 1}: a JSON escape such as \\ud800 without its pair). Fix: replace or remove "
+            "that character (re-export the text as UTF-8 from its source), or remove the row."
+        ) from None
+
+
 def validate_preference_rows(
     rows: Iterable[Mapping[str, Any]],
     columns: Sequence[str] = ORCA_COLUMNS,
@@ -55,16 +74,18 @@ def validate_preference_rows(
     line_numbers: Sequence[int] | None = None,
     allow_empty: Sequence[str] = ("system",),
 ) -> int:
-    """Check that every row holds each of `columns` as a string (non-blank outside `allow_empty`) and a `chosen`
-    that differs from `rejected`; return the number of rows. The first bad row raises a `PreferenceDataError` naming
-    `source_name`, "line N" (1-based `line_numbers`) or "row N", the column and the fix."""
+    """Check that every row holds each of `columns` as a string of valid Unicode (non-blank outside `allow_empty`)
+    and a `chosen` that differs from `rejected`; return the number of rows. The first bad row raises a
+    `PreferenceDataError` naming `source_name`, "line N" (1-based `line_numbers`) or "row N", the column and the fix
+    (a row that is no object, a missing column, no string, a blank one, a lone surrogate, the same two answers)."""
     count = 0
     for count, row in enumerate(rows, start=1):
         where = _where(source_name, line_numbers, count - 1)
         if not isinstance(row, Mapping):
             raise PreferenceDataError(
-                f"{where}: expected a JSON object with the columns {list(columns)}, found {_describe(row)}. "
-                f"Fix: write each row as an object such as {{{', '.join(f'{c!r}: ...' for c in columns)}}}."
+                f"{where}: is a JSON {_json_kind(row)}, not an object with the columns {list(columns)} (found "
+                f"{_describe(row)}). Fix: write each row as one JSON object such as "
+                f"{{{', '.join(f'{c!r}: ...' for c in columns)}}}, or remove it."
             )
         for column in columns:
             if column not in row:
@@ -83,6 +104,7 @@ def validate_preference_rows(
                 raise PreferenceDataError(
                     f"{where}, column {column!r}: expected a non-empty string, found {value!r}. Fix: {_fix(column)}."
                 )
+            _check_unicode(value, f"{where}, column {column!r}")
         if "chosen" in columns and "rejected" in columns and row["chosen"].strip() == row["rejected"].strip():
             raise PreferenceDataError(f"{where}, {_SAME}")
     return count
@@ -124,6 +146,7 @@ def _messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
                 f"{at}, key 'content': expected a {'string' if role == 'system' else 'non-empty string'}, found "
                 f"{found}. Fix: give every {role!r} message its text as a string 'content', or remove the row."
             )
+        _check_unicode(content, f"{at}, key 'content'")
         messages.append({"role": role, "content": content})
     return messages
 
@@ -220,6 +243,18 @@ def _refuse_repeated_key(value: Any, where: str, path: tuple[str | int, ...] = (
         _refuse_repeated_key(item, where, (*path, name))
 
 
+def check_row_object(row: Any, where: str) -> None:
+    """Raise `PreferenceDataError` naming `where` (the file line or row) for a row that is no JSON object (an array,
+    number, string, boolean or null), before the format is told from its columns (it would have none)."""
+    if not isinstance(row, dict):
+        raise PreferenceDataError(
+            f"{where}: is a JSON {_json_kind(row)}, not an object with the columns of a preference pair (found "
+            f"{_describe(row)}). Fix: write each row as one JSON object such as "
+            '{"system": ..., "question": ..., "chosen": ..., "rejected": ...} or {"prompt": ..., "chosen": ..., '
+            '"rejected": ...}, or remove it.'
+        )
+
+
 def _read_text(path: Path) -> str:
     """The file decoded as UTF-8 (a leading byte-order mark is dropped); bad bytes are reported by line."""
     raw = path.read_bytes()
@@ -285,6 +320,7 @@ def _read_local_rows(path: Path) -> tuple[list[Any], list[int] | None]:
                 f"found {type(data).__name__}. Fix: save the rows as [{{...}}, {{...}}] or as JSON lines."
             )
         for index, row in enumerate(data):
+            check_row_object(row, f"{path.name} row {index + 1} (array index {index})")
             _refuse_repeated_key(row, f"{path.name} row {index + 1}")
         return data, None
     import pyarrow as pa

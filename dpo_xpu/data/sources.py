@@ -15,7 +15,13 @@ from typing import Any
 
 import datasets
 
-from dpo_xpu.data.rows import ORCA_COLUMNS, read_source, validate_conversational_rows, validate_preference_rows
+from dpo_xpu.data.rows import (
+    ORCA_COLUMNS,
+    check_row_object,
+    read_source,
+    validate_conversational_rows,
+    validate_preference_rows,
+)
 from dpo_xpu.errors import PreferenceDataError
 
 logger = logging.getLogger(__name__)
@@ -73,15 +79,17 @@ def load_preference_pairs(
     `FORMATS` (`"auto"`: :func:`detect_format`): the orca columns (a generic ``prompt`` as the ``question``, with
     an empty ``system``), or conversational message lists. ``limit``: that many rows after a shuffle with ``seed``
     (``None``: all, in order). `PreferenceDataError`: an unknown `data_format`, an unreadable source, an undetectable
-    format, or a bad row; `ValueError`: a ``limit`` below 1."""
+    format, a row that is no object, or a bad row (text that is no valid Unicode included); `ValueError`: a
+    ``limit`` below 1."""
     if data_format not in FORMATS:
         raise PreferenceDataError(f"data_format: unknown {data_format!r}. Fix: use one of {list(FORMATS)}.")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of rows or None, got {limit!r}.")
     rows, line_numbers, name = read_source(source, split)
-    first = rows[0] if isinstance(rows[0], Mapping) else {}
     where = f"{name} line {line_numbers[0]}" if line_numbers else f"{name} row 1"
-    found = data_format if data_format != "auto" else detect_format(list(first), where, first)
+    if data_format == "auto":
+        check_row_object(rows[0], where)  # the format is told from its columns
+    found = data_format if data_format != "auto" else detect_format(list(rows[0]), where, rows[0])
     if found == "conversational":
         dataset = datasets.Dataset.from_list(validate_conversational_rows(rows, name, line_numbers))
     else:

@@ -6,6 +6,7 @@ could run code or an unknown model type as a traceback of its own wording: :func
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import re
@@ -201,6 +202,8 @@ def _load_failure(exc: BaseException, path: Path) -> str | None:
     )
     if damaged_text:
         return _damaged((_unreadable_files(path) if path.exists() else {}) or {"a file of it": _first_line(exc)})
+    if isinstance(exc, RuntimeError) and re.search(r"size mismatch|ignore_mismatched_sizes", text):
+        return _shape_mismatch(path)
     if isinstance(exc, ValueError) and "contains custom code" in text:
         return _unsupported(None, "auto_map in its config files")
     unknown = re.search(r"model type `([^`]+)` but Transformers does not recognize", text)
@@ -217,6 +220,38 @@ def _load_failure(exc: BaseException, path: Path) -> str | None:
             "model.safetensors or its shards with model.safetensors.index.json, the tokenizer files) into it"
         )
     return None
+
+
+def _shape_mismatch(path: Path) -> str:
+    """Why weights of other shapes than the config's are refused, naming a differing tensor where it can."""
+    if (path / "adapter_config.json").is_file():
+        return (
+            "its tensors do not fit this base model's layers with the settings of its adapter_config.json: it was "
+            "trained on another model (see base_model_name_or_path there), or its files do not belong together: "
+            "give the base it was trained on, or copy the adapter/ folder again from its run"
+        )
+    weights = sorted(path.glob("*.safetensors"))
+    example = ""
+    with contextlib.suppress(Exception):  # the example is a help, not the error
+        import torch
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        expected = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
+        for file in weights:
+            with safe_open(file, "pt") as tensors:
+                shapes = {key: tensors.get_slice(key).get_shape() for key in tensors.keys()}  # noqa: SIM118
+            key = next((k for k, shape in shapes.items() if expected.get(k, shape) != shape), None)
+            if key is not None:
+                example = f" (e.g. {key}: {shapes[key]} in {file.name}, {expected[key]} by config.json)"
+                break
+    return (
+        f"config.json does not match the weights file {', '.join(p.name for p in weights) or 'of the folder'}: the "
+        f"tensors' shapes differ{example}, so config.json describes another model size: copy the config.json that "
+        "came with these weights (or the weights of this config)"
+    )
 
 
 @contextmanager
@@ -246,6 +281,47 @@ def loading(what: str, path: str | Path, fallback: str | None = None) -> Iterato
         if problem is None:
             raise
         raise ModelLoadError(f"{what} {path}: {problem}") from None
+
+
+#: The keys of a LoRA adapter's config PEFT computes with, and their kinds.
+_LORA_KEYS = {"r": (int,), "lora_alpha": (int, float), "target_modules": (list, str)}
+
+
+def check_adapter_folder(adapter_dir: str | Path, what: str = "adapter") -> Path:
+    """``adapter_dir`` as a path once its ``adapter_config.json`` is a LoRA config PEFT reads (a JSON object with
+    ``peft_type`` ``"LORA"`` and :data:`_LORA_KEYS` of their kinds); else :class:`ModelLoadError` naming the folder,
+    the key and the fix."""
+    from peft import PeftConfig
+
+    adapter_dir = Path(adapter_dir).expanduser()
+    file = adapter_dir / "adapter_config.json"
+    fix = "give a run's adapter/ folder as training saved it (copy it again from the run folder)"
+    if not file.is_file():
+        raise ModelLoadError(f"{what} {adapter_dir} holds no LoRA adapter (adapter_config.json): {fix}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(
+            f"{what} {adapter_dir}: adapter_config.json cannot be read ({_first_line(exc)}): {fix}"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
+        found = f"the keys {sorted(config)[:8]}" if isinstance(config, dict) else f"a JSON {type(config).__name__}"
+        raise ModelLoadError(
+            f"{what} {adapter_dir}: adapter_config.json is no PEFT adapter config (an object with 'peft_type', "
+            f"'r', 'lora_alpha', 'target_modules', ...; it holds {found}): {fix}"
+        )
+    if config["peft_type"] != "LORA":
+        raise ModelLoadError(f"{what} {adapter_dir}: a {config['peft_type']} adapter, not LoRA (peft_type): {fix}")
+    for key, kinds in _LORA_KEYS.items():
+        if not isinstance(config.get(key), kinds) or isinstance(config.get(key), bool):
+            found = repr(config[key])[:40] if key in config else "nothing"
+            raise ModelLoadError(
+                f"{what} {adapter_dir}: adapter_config.json key {key!r} holds {found}, not "
+                f"{' or '.join(k.__name__ for k in kinds)}: {fix}"
+            )
+    with loading(what, adapter_dir, fallback=f"adapter_config.json is damaged: {fix}"):
+        PeftConfig.from_pretrained(str(adapter_dir))
+    return adapter_dir
 
 
 #: The fix for a local tokenizer whose files parse as JSON but not as a tokenizer (wrong structure).

@@ -59,15 +59,32 @@ def find_gguf(path: str | Path) -> Path | None:
     return ggufs[0] if ggufs else None
 
 
+def _damaged_gguf(gguf_path: Path, exc: BaseException) -> str:
+    """Why a GGUF file that fails to parse is refused, with the fix."""
+    size = gguf_path.stat().st_size if gguf_path.is_file() else 0
+    reason = (str(exc).strip().splitlines() or [""])[0][:160]
+    kind = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"
+    return (
+        f"model {gguf_path} ({size:,} bytes) is a truncated or damaged GGUF file ({kind}: {reason}): "
+        "download or copy it again (an interrupted download or copy cuts it short), and check its size or sha256 "
+        "against its source"
+    )
+
+
 def _gguf_origin(gguf_path: Path) -> dict[str, Any]:
     """``{"gguf", "name", "metadata"}`` of a GGUF file: its ``general.*`` text and number fields without the prefix
-    (none without the ``gguf`` package) and the model's name (:data:`NAME_KEYS`, else the file's stem)."""
+    (none without the ``gguf`` package) and the model's name (:data:`NAME_KEYS`, else the file's stem);
+    :class:`ModelLoadError` when the file is truncated or damaged."""
     metadata: dict[str, Any] = {}
     with contextlib.suppress(ImportError):
         from gguf import GGUFReader, GGUFValueType
 
         skipped = (GGUFValueType.ARRAY, GGUFValueType.BOOL)  # nested arrays, flags
-        for key, field in GGUFReader(str(gguf_path)).fields.items():
+        try:
+            fields = GGUFReader(str(gguf_path)).fields
+        except Exception as exc:  # noqa: BLE001 - a damaged file fails in the reader's parsing (struct, numpy, ...)
+            raise ModelLoadError(_damaged_gguf(gguf_path, exc)) from None
+        for key, field in fields.items():
             if key.startswith("general.") and field.types and field.types[-1] not in skipped:
                 with contextlib.suppress(UnicodeDecodeError):  # a name that is no UTF-8: left out
                     metadata[key.removeprefix("general.")] = field.contents()
@@ -78,7 +95,8 @@ def _gguf_origin(gguf_path: Path) -> dict[str, Any]:
 
 def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, dtype: str = "bfloat16") -> Path:
     """Convert a GGUF file once into a Hugging Face folder of ``dtype`` weights, ``<stem>-<sha256[:16]>-<dtype>`` in
-    ``cache_dir`` (default :func:`model_cache_dir`), and return it; :class:`ModelLoadError` when it cannot."""
+    ``cache_dir`` (default :func:`model_cache_dir`), and return it; :class:`ModelLoadError` when it cannot (no gguf
+    package, a truncated or damaged file: any failure of a GGUF reader on it, an architecture transformers lacks)."""
     import torch
 
     from dpo_xpu.files import apply_umask, default_cache_dir, weights_digest
@@ -102,6 +120,7 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
         ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    marker = {**_gguf_origin(gguf_path), "sha256": sha256, "dtype": dtype}  # parses it all: damage named here
     logger.info("converting %s into a Hugging Face folder in %s, once (later runs read the folder)", gguf_path, out)
     as_dtype = dtype_kwarg(getattr(torch, dtype))
     # transformers >= 5 may keep the weights packed and warns that they compute fastest in float32: they are not
@@ -112,7 +131,9 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, **as_dtype)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers' own GGUF reader fails on damage as it parses (struct)
+        if not isinstance(exc, (OSError, ValueError, RuntimeError, KeyError)):
+            raise ModelLoadError(_damaged_gguf(gguf_path, exc)) from None
         raise ModelLoadError(
             f"model {gguf_path}: transformers cannot read this GGUF file ({type(exc).__name__}: {exc}): give a GGUF "
             "file of an architecture transformers reads (Llama, Mistral, Qwen2, Gemma, Phi-3, ...) or a Hugging Face "
@@ -126,7 +147,6 @@ def gguf_to_folder(gguf_path: str | Path, cache_dir: str | Path | None = None, d
     model = AutoModelForCausalLM.from_config(config, **as_dtype)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    marker = {**_gguf_origin(gguf_path), "sha256": sha256, "dtype": dtype}
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

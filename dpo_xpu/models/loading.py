@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpo_xpu.errors import ModelLoadError
 from dpo_xpu.models.backends import get_backend
-from dpo_xpu.models.base import LoraSettings, from_pretrained, loading, resolve_model_path
+from dpo_xpu.models.base import LoraSettings, check_adapter_folder, from_pretrained, loading, resolve_model_path
 
 if TYPE_CHECKING:
     import torch
@@ -18,12 +18,33 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+#: The files a tokenizer is read from, one set enough (as transformers' tokenizer classes name them).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
+#: Fewer tokens than this is no vocabulary (a byte-level one alone holds 256).
+_MIN_VOCAB = 16
+
+
 def load_tokenizer(model_name_or_path: str | Path, padding_side: str = "left") -> PreTrainedTokenizerBase:
-    """The tokenizer with ``padding_side`` (left, for batched generation) and a pad token (EOS when it has none);
-    :class:`ModelLoadError` when none can be loaded."""
+    """The tokenizer with ``padding_side`` (left, for batched generation) and a pad token (EOS when it has none).
+
+    Raises:
+        ModelLoadError: when none can be loaded, or when the one loaded is empty (a vocabulary of fewer than 16
+            tokens, or ordinary text encoded to no tokens: transformers builds such a tokenizer from a config.json
+            alone when the folder holds no tokenizer files)."""
     from transformers import AutoTokenizer
 
-    tokenizer = from_pretrained(AutoTokenizer, resolve_model_path(model_name_or_path, tokenizer_only=True))
+    path = resolve_model_path(model_name_or_path, tokenizer_only=True)
+    tokenizer = from_pretrained(AutoTokenizer, path)
+    if len(tokenizer) < _MIN_VOCAB or not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        files = ", ".join(_TOKENIZER_FILES)
+        fix = "copy the model's tokenizer files into it (as save_pretrained or hf download writes them)"
+        if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
+            raise ModelLoadError(f"model folder {path} holds no tokenizer files ({files}): {fix}")
+        raise ModelLoadError(
+            f"tokenizer {path} is empty ({len(tokenizer)} tokens; 'hello world' encodes to "
+            f"{tokenizer('hello world', add_special_tokens=False)['input_ids']}): its tokenizer files ({files}) "
+            f"are not the model's: {fix}"
+        )
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -47,6 +68,8 @@ def load_policy_model(
     own settings; TRL 1.x's ``adapter-off`` reference then starts from it too). Raises :class:`ModelLoadError`."""
     loader = get_backend(backend).load_policy_model
     path = resolve_model_path(model_name_or_path)
+    if adapter_name_or_path is not None and Path(adapter_name_or_path).expanduser().exists():
+        check_adapter_folder(adapter_name_or_path, "adapter_name_or_path")
     kwargs = _loader_kwargs(loader, backend, path, quantization, device, dtype, sft_state_dict, adapter_name_or_path)
     return loader(path, lora=lora or LoraSettings(), gradient_checkpointing=gradient_checkpointing, **kwargs)
 
@@ -145,11 +168,13 @@ def load_trained_policy(
     dtype: torch.dtype | None = None,
     backend: str = "native",
 ) -> PreTrainedModel:
-    """The base loaded as for training (the same logits) with a saved adapter on it, frozen, in eval mode;
-    :class:`ModelLoadError` naming the file and the fix."""
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelLoadError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json): give a run's adapter/ folder")
+    """The base loaded as for training (the same logits) with a saved adapter on it, frozen, in eval mode.
+
+    Raises:
+        ModelLoadError: naming the file and the fix, for a base that does not load, or an adapter folder without
+            an ``adapter_config.json`` PEFT reads (not JSON, no object, no ``peft_type``, keys of the wrong kind)
+            or whose weights do not fit the base."""
+    adapter_dir = check_adapter_folder(adapter_dir)
     loader = get_backend(backend).load_trained_policy
     path = resolve_model_path(model_name_or_path)
     kwargs = _loader_kwargs(loader, backend, path, quantization, device, dtype, None, None)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dpo_xpu.errors import ModelLoadError
-from dpo_xpu.models.base import LoraSettings
+from dpo_xpu.models.base import LoraSettings, loading
 
 logger = logging.getLogger(__name__)
 
@@ -159,4 +159,5 @@ def load_trained_policy(
 
     model = _load_policy_base(model_name_or_path, quantization, device, dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # float32 norms, as trained
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()
+    with loading("adapter", adapter_dir, fallback="give the run's adapter/ folder trained on this base model"):
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()

@@ -152,7 +152,7 @@ def load_trained_policy(
     from peft import PeftModel
 
     model = load_base(model_name_or_path, quantization, device, dtype, prepare=True)
-    with loading("adapter", adapter_dir):
+    with loading("adapter", adapter_dir, fallback="give the run's adapter/ folder trained on this base model"):
         policy = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     if quantization == "nf4":
         # TRL trains QLoRA adapters in bf16 (QLoRA paper, section 3); keep them so to compute the same logits.
