@@ -30,7 +30,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
     from dpo_xpu.environment import check_environment
     from dpo_xpu.recipes import load_recipe
 
-    recipe = load_recipe(args.recipe, overrides=args.set) if args.recipe else None
+    recipe = load_recipe(args.recipe, overrides=args.set) if args.recipe or args.set else None  # --set: over defaults
     report = check_environment(backend=args.backend, recipe=recipe)
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_table())
     return 1 if report.has_errors else 0
@@ -77,13 +77,19 @@ def _number(value: object, spec: str) -> str:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from dpo_xpu.outputs.plotting import CURVES_FILE, METRICS_FILE, plot_reward_curves
+    from dpo_xpu.outputs.plotting import CURVES_FILE, METRICS_FILE, plot_reward_curves, read_metrics
 
     run_dir = Path(args.run_dir)
     if not (run_dir / METRICS_FILE).is_file():
         raise DpoXpuError(f"{run_dir / METRICS_FILE} does not exist: give a run folder written by 'dpo-xpu train'")
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise DpoXpuError(
+            f"{run_dir / METRICS_FILE} holds no metric rows (JSON objects with a step): nothing to draw, and "
+            f"{CURVES_FILE} is left as it is. Fix: give the folder of a run that trained at least one logged step"
+        )
     out = run_dir / CURVES_FILE
-    plot_reward_curves(run_dir, out_path=out)
+    plot_reward_curves(rows, out_path=out)
     print(out)
     return 0
 
@@ -210,7 +216,13 @@ def build_parser(with_options: bool = False) -> argparse.ArgumentParser:
     env.add_argument("--json", action="store_true", help="print the report as JSON")
     env.add_argument("--backend", choices=BACKENDS)
     env.add_argument("--recipe", help="also say whether this recipe is expected to fit the device's memory")
-    env.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    env.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key (of the defaults without --recipe)",
+    )
     env.set_defaults(func=_cmd_env)
 
     train = sub.add_parser(
@@ -309,6 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dpo-xpu: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the system refused a read or a write: permissions, a full disk, a read-only mount
+        path = exc.filename2 or exc.filename  # a rename's target (atomic writes), else the path
+        where = f": {path}" if path else ""
+        print(
+            f"dpo-xpu: error: {exc.strerror or exc}{where}. Fix: check that path's permissions and the free disk "
+            "space, then run the command again",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

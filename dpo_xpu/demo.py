@@ -12,10 +12,12 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpo_xpu.errors import ModelLoadError, RecipeError
+from dpo_xpu.errors import ModelLoadError, RecipeError, RunFolderError
 
 if TYPE_CHECKING:
     from dpo_xpu.recipes import Recipe
@@ -93,22 +95,43 @@ def build_demo_model(dest: str | Path = "runs/demo-model", force: bool = False) 
     float32 with its tokenizer: byte-level BPE trained on the shipped sample to ``DEMO_CONFIG["vocab_size"]`` tokens
     in all (256 bytes and the 3 ChatML special tokens included), the ChatML template, ``<|endoftext|>`` as EOS and pad.
 
+    It is built in a scratch folder beside ``dest`` and renamed into place: a build that dies leaves no half model.
+
     Raises:
-        FileExistsError: ``dest`` exists, is not empty, and was not built by this function.
+        RunFolderError: ``dest`` is a file, or a folder that holds files and was not built by this function (a
+            ``FileExistsError``); nothing is changed.
     """
+    dest = Path(dest)
+    marker = dest / _MARKER
+    if marker.is_file() and not force:
+        return dest
+    if dest.exists() and not dest.is_dir() or dest.is_dir() and any(dest.iterdir()) and not marker.is_file():
+        raise RunFolderError(
+            f"{dest} is {'a file' if not dest.is_dir() else 'a folder of files dpo-xpu demo-model did not write'}: "
+            "choose another folder for the demo model (a new or empty one); nothing was changed"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
+    try:
+        _write_demo_model(scratch)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if dest.is_dir():  # empty, or the demo model being rebuilt (force)
+        shutil.rmtree(dest)
+    scratch.rename(dest)
+    logger.info("demo model built in %s", dest)
+    return dest
+
+
+def _write_demo_model(dest: Path) -> None:
+    """Train the demo's tokenizer and write it, the seeded model and the marker into ``dest``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     from dpo_xpu.data.preferences import CHATML_TEMPLATE, DEMO_SAMPLE_PATH
 
-    dest = Path(dest)
-    marker = dest / _MARKER
-    if marker.exists() and not force:
-        return dest
-    if dest.exists() and any(dest.iterdir()) and not marker.exists():
-        raise FileExistsError(f"{dest} exists and was not built by build_demo_model: choose another folder")
-    dest.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -135,9 +158,7 @@ def build_demo_model(dest: str | Path = "runs/demo-model", force: bool = False) 
     torch.manual_seed(DEMO_SEED)
     Qwen2ForCausalLM(config).save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
-    marker.write_text(json.dumps({"seed": DEMO_SEED, "config": DEMO_CONFIG}))
-    logger.info("demo model built in %s", dest)
-    return dest
+    (dest / _MARKER).write_text(json.dumps({"seed": DEMO_SEED, "config": DEMO_CONFIG}))
 
 
 def notebook_recipe(recipe_file: str | Path, recipe_overrides: dict[str, Any] | None = None, **values: Any) -> Recipe:

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from dpo_xpu.callbacks.checkpoints import newest_complete_step
 from dpo_xpu.device import compute_dtype
 from dpo_xpu.errors import RecipeError, RunFolderError
 from dpo_xpu.eval.heldout import (
@@ -24,8 +25,9 @@ from dpo_xpu.eval.heldout import (
     load_run_recipe,
     write_evaluation,
 )
-from dpo_xpu.files import read_json_report, write_json
+from dpo_xpu.files import atomic_write_bytes, read_json_report, write_json
 from dpo_xpu.outputs.adapter import ADAPTER_DIR
+from dpo_xpu.outputs.fingerprints import check_fingerprints
 from dpo_xpu.outputs.merge import MERGE_RTOL, MERGED_DIR, export_merged, merge_mismatch, run_prompts
 from dpo_xpu.outputs.run_folder import MERGE_CHECK_FILE
 from dpo_xpu.train.factory import load_run_data
@@ -34,6 +36,8 @@ from dpo_xpu.train.factory import load_run_data
 SPLITS = ("eval", "train")
 #: Characters of a prompt and of an answer shown per line by :meth:`RunEvaluation.comparison`.
 PROMPT_CHARS, ANSWER_CHARS = 100, 240
+#: Written by an export into its ``--out`` folder: ``--overwrite`` replaces only a folder holding it (or ``merged/``).
+EXPORT_MARKER = ".dpo-xpu-export"
 UNCHANGED_WHY = "too few steps or too low a learning rate; the rewards can move before the argmax tokens do"
 
 
@@ -43,9 +47,15 @@ def _finished_run_recipe(run_dir: Path) -> Any:
         raise RunFolderError(f"{run_dir} is not a folder: give a run folder written by dpo-xpu train or notebook 3")
     recipe = load_run_recipe(run_dir)
     if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        then = (
+            f"dpo-xpu train --recipe {run_dir / 'recipe.yaml'} --resume"
+            if newest_complete_step(run_dir) is not None
+            else f"it has no complete checkpoint to resume, so train it again: dpo-xpu train --recipe "
+            f"{run_dir / 'recipe.yaml'} --overwrite"
+        )
         raise RunFolderError(
             f"{run_dir} is not a finished run: it has no {ADAPTER_DIR}/adapter_config.json yet. Finish training "
-            f"first: dpo-xpu train --recipe {run_dir / 'recipe.yaml'} --resume"
+            f"first: {then}"
         )
     return recipe
 
@@ -128,15 +138,23 @@ def evaluate_run(
     """Evaluate a finished run from its folder alone: reward accuracy, margin and drift on the first
     ``max_eval_pairs`` held-out rows (``split="train"``: the rows trained on), and ``num_eval_samples`` greedy answers
     of the policy (base + ``adapter/``) and the reference (adapter off); ``None``: the recipe's values. Returns them,
-    also written to ``evaluation.json`` and ``samples.jsonl``. :class:`RunFolderError`: not a finished run;
-    :class:`RecipeError`: an unknown ``split``, ``eval`` without held-out rows, a run from ``sft_checkpoint`` or
-    ``adapter_name_or_path``."""
+    also written to ``evaluation.json`` and ``samples.jsonl``. :class:`RunFolderError`: not a finished run, or its
+    inputs changed since training; :class:`RecipeError`: an unknown ``split``, a count below 1 (``num_eval_samples``:
+    0), ``eval`` without held-out rows, a run from ``sft_checkpoint`` or ``adapter_name_or_path``."""
     from dpo_xpu.models.loading import load_tokenizer, load_trained_policy
 
     run_dir = Path(run_dir)
     recipe = _finished_run_recipe(run_dir)
     if split not in SPLITS:
         raise RecipeError(f"split: {split!r} is not a split: use 'eval' (the held-out rows) or 'train'")
+    for name, value, least in [
+        ("max_eval_pairs", max_eval_pairs, 1),
+        ("batch_size", batch_size, 1),
+        ("num_eval_samples", num_eval_samples, 0),
+        ("max_new_tokens", max_new_tokens, 1),
+    ]:
+        if value is not None and (type(value) is not int or value < least):
+            raise RecipeError(f"{name} (--{name.replace('_', '-')}): must be an integer >= {least}, found {value!r}")
     if split == "eval" and not recipe.eval_fraction:
         raise RecipeError(
             f"{run_dir} held no rows out (eval_fraction: {recipe.eval_fraction}): evaluate the rows it "
@@ -150,6 +168,7 @@ def evaluate_run(
             "the plain base, and its reference would be the base rather than the run's starting model); use the "
             "evaluation during training (eval_steps) instead"
         )
+    check_fingerprints(recipe, run_dir, "evaluate")
     tokenizer = load_tokenizer(run_dir / ADAPTER_DIR)
     train, heldout = load_run_data(recipe, tokenizer)  # the rows as training split them
     rows = heldout if split == "eval" else train
@@ -215,20 +234,43 @@ class RunExport:
         return "\n".join(lines)
 
 
-def _taken(out: Path, overwrite: bool, what: str) -> bool:
-    """Whether ``out`` holds something; refused unless ``overwrite``."""
-    taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
-    if taken and not overwrite:
+def _taken(out: Path, overwrite: bool, what: str, run_dir: Path | None = None) -> bool:
+    """Whether ``out`` holds something to replace. Refused (:class:`RunFolderError`, nothing changed): ``out`` is the
+    run folder, holds it, or lies in its adapter or a checkpoint; it holds something and ``overwrite`` is off; or
+    ``overwrite`` would replace what no export wrote (a run being trained, a model, the user's files): only a folder
+    holding :data:`EXPORT_MARKER`, or the run's own ``merged/``, is replaced."""
+    target = out.resolve()
+    if run_dir is not None:
+        run = run_dir.resolve()
+        inside = [run / ADAPTER_DIR, *run.glob("checkpoint-*")]
+        if target == run or run.is_relative_to(target) or any(target.is_relative_to(p) for p in inside):
+            raise RunFolderError(
+                f"--out {out} would replace the run folder {run_dir} or part of it (its adapter, a checkpoint): "
+                "choose a folder outside it (a new or empty one), or leave --out out for the default"
+            )
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name] if out.exists() else []
+    if not held:
+        return False
+    shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+    if not overwrite:
         raise RunFolderError(
-            f"{out} already holds {what}: replace it with --overwrite (overwrite=True), or choose another --out"
+            f"{out} already holds {what} ({shown}): replace it with --overwrite (overwrite=True), or choose another "
+            "--out"
         )
-    return taken
+    ours = (out / EXPORT_MARKER).is_file() or (run_dir is not None and target == (run_dir / MERGED_DIR).resolve())
+    if not (out.is_dir() and ours):
+        raise RunFolderError(
+            f"{out} holds files no dpo-xpu export wrote ({shown}), so --overwrite does not replace them: choose "
+            "another --out (a new or empty folder); nothing was changed"
+        )
+    return True
 
 
 @contextlib.contextmanager
-def _replacing(out: Path, overwrite: bool, what: str) -> Iterator[None]:
-    """Write ``out`` in the block; what it held is deleted once the block succeeded, put back if it fails."""
-    taken = _taken(out, overwrite, what)
+def _replacing(out: Path, overwrite: bool, what: str, run_dir: Path | None = None) -> Iterator[None]:
+    """Write ``out`` in the block (checked by :func:`_taken`); what it held is deleted once the block succeeded, put
+    back if it fails; a written ``out`` gets :data:`EXPORT_MARKER`."""
+    taken = _taken(out, overwrite, what, run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     aside = out.rename(Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name) if taken else None
     try:
@@ -239,6 +281,7 @@ def _replacing(out: Path, overwrite: bool, what: str) -> Iterator[None]:
             aside.rename(out)
             aside.parent.rmdir()
         raise
+    write_json(out / EXPORT_MARKER, {"written_by": "dpo-xpu export"})
     if aside is not None:
         shutil.rmtree(aside.parent)
 
@@ -262,18 +305,25 @@ def export_run(
     if not merged:
         if out_dir is None:
             return RunExport(run_dir, adapter_dir)
-        with _replacing(Path(out_dir), overwrite, "files"):
+        with _replacing(Path(out_dir), overwrite, "files", run_dir):
             shutil.copytree(adapter_dir, out_dir, dirs_exist_ok=True)
         return RunExport(run_dir, Path(out_dir))
     out = Path(out_dir) if out_dir is not None else run_dir / MERGED_DIR
-    _taken(out, overwrite, "a merged model")  # refused before anything is loaded
+    _taken(out, overwrite, "files", run_dir)  # refused before anything is loaded
+    check_fingerprints(recipe, run_dir, "export")
     tokenizer = load_tokenizer(adapter_dir)
     train, heldout = load_run_data(recipe, tokenizer)
     texts = run_prompts(SimpleNamespace(eval_dataset=heldout, train_dataset=train), tokenizer)
     check_path = run_dir / MERGE_CHECK_FILE
+    earlier = check_path.read_bytes() if check_path.is_file() else None
     check_path.unlink(missing_ok=True)  # a check of an earlier merge must not pass for this one's
-    with _replacing(out, overwrite, "a merged model"):
-        export_merged(recipe, adapter_dir, run_dir, texts, rtol=rtol, out_dir=out)
+    try:
+        with _replacing(out, overwrite, "files", run_dir):
+            export_merged(recipe, adapter_dir, run_dir, texts, rtol=rtol, out_dir=out)
+    except BaseException:
+        if earlier is not None:  # the earlier merged model is back: so is its check
+            atomic_write_bytes(check_path, earlier)
+        raise
     check = read_json_report(check_path)
     evaluation = run_dir / EVALUATION_FILE
     results = read_json_report(evaluation) if check is not None else None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpo_xpu.errors import RunFolderError, TrainingInterrupted
+from dpo_xpu.errors import RecipeError, RunFolderError, TrainingInterrupted
 from dpo_xpu.outputs.adapter import finished_adapter, save_adapter
 from dpo_xpu.outputs.merge import export_merged, run_prompts
 from dpo_xpu.outputs.run_folder import (
@@ -264,7 +264,8 @@ def run_training(
         RunFolderError: the folder already holds a run (see ``overwrite``), or, with ``resume``, holds no run
             or no complete checkpoint.
         TrainingInterrupted: a signal stopped training; a checkpoint was saved and the message says how to resume.
-        PreferenceDataError, ModelLoadError, DeviceNotAvailableError, RecipeError: bad input (clear message).
+        PreferenceDataError, ModelLoadError, DeviceNotAvailableError, RecipeError: bad input (clear message); a
+            ``recipe`` that is no Recipe (a dict, a path: :func:`launch_training` takes those).
     """
     from dpo_xpu.callbacks.interrupts import StopOnSignal
     from dpo_xpu.callbacks.metrics import FirstStepCallback
@@ -281,6 +282,11 @@ def run_training(
     from dpo_xpu.models.base import resolve_model_path
     from dpo_xpu.outputs.plotting import CURVES_FILE, read_metrics
 
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(
+            f"run_training takes a Recipe, found {type(recipe).__name__}: build it with dpo_xpu.load_recipe(path) or "
+            "dpo_xpu.make_recipe(dict), or call dpo_xpu.launch_training, which takes either"
+        )
     if resume and overwrite:
         raise RunFolderError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
     device = select_device(recipe.device)  # an absent device fails here, before anything is loaded or written

@@ -80,6 +80,8 @@ def recipe_stops(entry: str = ENTRY, package: Path = PACKAGE) -> list[tuple[str,
         for call in ast.walk(node):
             if not isinstance(call, ast.Call):
                 continue
+            if isinstance(call.func, ast.Name) and call.func.id in ("isinstance", "issubclass"):
+                continue  # a type check hands the recipe to no function (its class is not called)
             values = list(call.args) + [k.value for k in call.keywords]
             if not any(isinstance(v, ast.Name) and v.id == "recipe" for v in values):
                 continue

@@ -50,6 +50,10 @@ def test_env_json_reports_versions_and_exit_code():
     assert any(v["topic"] == "accelerator" for v in report["verdicts"])
 
 
+def test_env_checks_set_values_without_a_recipe_file():
+    assert "learning_rte (did you mean learning_rate?)" in one_line_error(cli("env", "--set", "learning_rte=1"))
+
+
 def test_unknown_recipe_key(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("lerning_rate: 1e-4\n")
@@ -86,6 +90,21 @@ def test_bad_data_is_one_line_naming_row_and_column(tmp_path, stories260k_path):
 
 def test_plot_needs_a_run_folder(tmp_path):
     assert "metrics.jsonl" in one_line_error(cli("plot", str(tmp_path)))
+
+
+def test_plot_without_metric_rows_keeps_the_curves_it_has(tmp_path):
+    (tmp_path / "reward_curves.png").write_bytes(b"the curves of the run")
+    for text in ("", "[1, 2]\n", '{"step": 1, "lo'):
+        (tmp_path / "metrics.jsonl").write_text(text)
+        assert "holds no metric rows" in one_line_error(cli("plot", str(tmp_path)))
+    assert (tmp_path / "reward_curves.png").read_bytes() == b"the curves of the run"
+
+
+def test_a_write_the_system_refuses_is_one_line_naming_the_path(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    (tmp_path / "reward_curves.png").mkdir()  # refused as root too, unlike a read-only folder
+    line = one_line_error(cli("plot", str(tmp_path)))
+    assert str(tmp_path / "reward_curves.png") in line and "Fix: check that path's permissions" in line
 
 
 @pytest.mark.slow

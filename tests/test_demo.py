@@ -14,8 +14,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import run_cli
 from transformers import AutoTokenizer
 
+import dpo_xpu.demo
 from dpo_xpu.demo import DEMO_CONFIG, build_demo_model
 from dpo_xpu.errors import ModelLoadError
 
@@ -58,6 +60,22 @@ def test_reuse_and_refusal(demo_dir, tmp_path):
     with pytest.raises(FileExistsError):
         build_demo_model(other)
     assert (other / "mine.txt").read_text() == "keep"
+    for dest in (other / "mine.txt", other):  # a file, a user's folder: one line on the CLI, nothing changed
+        result = run_cli("demo-model", str(dest))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"dpo-xpu: error: {dest} is a " in result.stderr and "nothing was changed" in result.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["mine.txt"] and (other / "mine.txt").read_text() == "keep"
+
+
+def test_a_build_that_dies_leaves_no_half_model(tmp_path, monkeypatch):
+    def dies(dest):
+        (dest / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dpo_xpu.demo, "_write_demo_model", dies)
+    with pytest.raises(KeyboardInterrupt):
+        build_demo_model(tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_demo_recipe_trains_smollm2_from_the_installed_package(tmp_path, monkeypatch):

@@ -74,6 +74,10 @@ def test_a_folder_that_is_not_a_finished_run_is_one_line(tmp_path, run_dir):
     shutil.rmtree(run_dir / "adapter")  # started, not finished
     line = _one_line(run_cli("evaluate", str(run_dir)))
     assert "is not a finished run" in line and f"dpo-xpu train --recipe {run_dir / 'recipe.yaml'} --resume" in line
+    for checkpoint in run_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)  # nothing to resume either
+    line = _one_line(run_cli("evaluate", str(run_dir)))
+    assert "no complete checkpoint to resume" in line and line.endswith(f"{run_dir / 'recipe.yaml'} --overwrite")
 
 
 def test_a_run_without_held_out_rows_says_how_to_evaluate_it(run_dir):
@@ -118,9 +122,8 @@ def test_export_merged_writes_the_model_and_its_check_and_refuses_to_overwrite(r
     assert "merge check:  matches: " in result.stdout and str(run_dir / "merge_check.json") in result.stdout
 
     line = _one_line(run_cli("export", str(run_dir), "--merged"))
-    assert line.endswith(
-        f"{run_dir / 'merged'} already holds a merged model: replace it with --overwrite "
-        "(overwrite=True), or choose another --out"
+    assert f"{run_dir / 'merged'} already holds files (" in line and line.endswith(
+        "): replace it with --overwrite (overwrite=True), or choose another --out"
     )
     assert (run_dir / "merge_check.json").is_file(), "a refused export leaves the earlier check"
 
@@ -131,10 +134,16 @@ def test_export_run_to_another_folder_replaces_it_only_when_asked(run_dir, tmp_p
     assert "dpo-xpu export" in copied.summary() and export_run(run_dir).adapter_dir == run_dir / "adapter"
     out = tmp_path / "elsewhere"
     out.mkdir()
-    (out / "stale.txt").write_text("an earlier export")
-    with pytest.raises(RunFolderError, match="already holds a merged model"):
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(RunFolderError, match=r"already holds files \(notes.txt\)"):
         export_run(run_dir, merged=True, out_dir=out)
-    exported = export_run(run_dir, merged=True, out_dir=out, overwrite=True)
+    with pytest.raises(RunFolderError, match="holds files no dpo-xpu export wrote .notes.txt.*nothing was changed"):
+        export_run(run_dir, merged=True, out_dir=out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    exported = export_run(run_dir, merged=True, out_dir=out)
+    (out / "stale.txt").write_text("left by an earlier export")
+    exported = export_run(run_dir, merged=True, out_dir=out, overwrite=True)  # an export's folder is replaced
     assert exported.merged_dir == out and exported.matches and (out / "config.json").is_file()
     assert not (out / "stale.txt").exists() and not (run_dir / "merged").exists()
     assert exported.check_path == run_dir / "merge_check.json" and exported.check_path.is_file()
@@ -165,3 +174,40 @@ def test_damaged_reports_in_the_run_folder_are_left_as_they_are_with_a_warning(r
     assert (run_dir / "evaluation.json").read_bytes() == cut_evaluation, "a damaged report is not overwritten"
     assert "evaluation.json is damaged" in caplog.text
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")], "atomic writes leave no scratch"
+
+
+def test_export_never_replaces_the_run_itself_or_another_run(run_dir, tmp_path):
+    """--out naming the run folder, its adapter or a checkpoint, or another run (being trained: its lock) is refused
+    before anything is written, with --overwrite too."""
+    other = shutil.copytree(run_dir, tmp_path / "other-run")
+    before = sorted(p.name for p in other.iterdir())
+    for out in (run_dir, run_dir / "adapter", run_dir.parent, *run_dir.glob("checkpoint-*")):
+        for merged in (False, True):
+            with pytest.raises(RunFolderError, match="would replace the run folder"):
+                export_run(run_dir, merged=merged, out_dir=out, overwrite=True)
+    with pytest.raises(RunFolderError, match="holds files no dpo-xpu export wrote"):
+        export_run(run_dir, out_dir=other, overwrite=True)
+    assert sorted(p.name for p in other.iterdir()) == before
+    assert (run_dir / "adapter" / "adapter_config.json").is_file() and (run_dir / "recipe.yaml").is_file()
+
+
+def test_evaluate_and_export_refuse_inputs_that_changed_since_training(run_dir):
+    """Data edited after training would make evaluate score other "held-out" rows: refused, as --resume is."""
+    path = run_dir / "fingerprints.json"
+    saved = json.loads(path.read_text())
+    key = next(k for k in saved if k.startswith("data:"))
+    path.write_text(json.dumps({**saved, key: "sha256:" + "0" * 64}))
+    line = _one_line(run_cli("evaluate", str(run_dir)))
+    assert f"cannot evaluate {run_dir}: these inputs changed in content" in line and "held-out rows" in line
+    with pytest.raises(RunFolderError, match="cannot export .* merge would use another base"):
+        export_run(run_dir, merged=True)
+    assert not (run_dir / "merged").exists() and not (run_dir / "evaluation.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--max-eval-pairs", "0"), ("--batch-size", "0"), ("--max-new-tokens", "-5"), ("--num-eval-samples", "-1")],
+)
+def test_evaluate_refuses_counts_out_of_range_in_one_line(run_dir, flag, value):
+    line = _one_line(run_cli("evaluate", str(run_dir), flag, value))
+    assert f"({flag}): must be an integer >= " in line and not (run_dir / "evaluation.json").exists()

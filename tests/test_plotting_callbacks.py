@@ -62,6 +62,16 @@ def test_read_metrics_skips_a_half_written_last_line(tmp_path):
     assert read_metrics(tmp_path)[-1]["step"] == 4
 
 
+def test_read_metrics_and_plot_skip_lines_that_are_not_rows(tmp_path):
+    """Lines a hand edit or a damaged disk leaves (JSON that is no row, bytes that are not UTF-8) are skipped."""
+    _fake_run(tmp_path)
+    rows = read_metrics(tmp_path)
+    with (tmp_path / "metrics.jsonl").open("ab") as handle:
+        handle.write(b'5\n[1, 2]\nnull\n{"step": "3"}\n{"step": true}\n{"loss": 1}\n\xff\xfe{"step": 8}\n')
+    assert read_metrics(tmp_path) == rows
+    assert len(plot_reward_curves(tmp_path).axes[0].lines) > 0
+
+
 def test_plot_has_four_panels_with_data(tmp_path):
     _fake_run(tmp_path)
     fig = plot_reward_curves(tmp_path, out_path=tmp_path / "c.png")

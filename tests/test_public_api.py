@@ -127,3 +127,12 @@ def test_start_run_save_adapter_and_export_merged(recipe, stories):
         assert not any("lora_" in name for name, _ in model.named_parameters())
     finally:
         unlock_run_dir(run_dir)
+
+
+@pytest.mark.parametrize("given", [{"max_steps": 1}, "recipes/cpu_tiny.yaml", None])
+def test_run_training_names_the_constructors_when_not_given_a_recipe(given, tmp_path):
+    from dpo_xpu.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=f"run_training takes a Recipe, found {type(given).__name__}"):
+        dpo_xpu.run_training(given)
+    assert list(tmp_path.iterdir()) == []

@@ -106,6 +106,17 @@ def test_liger_kernel_is_refused_with_the_reason_where_it_is_missing():
         _kwargs(make_recipe({"use_liger_kernel": True}))
 
 
+def test_a_tracker_that_is_not_installed_is_refused_before_anything_loads(monkeypatch):
+    import transformers.integrations.integration_utils as trackers
+
+    from dpo_xpu.train.trl_config import validate_recipe
+
+    monkeypatch.setattr(trackers, "is_wandb_available", lambda: False)  # whether or not wandb is installed here
+    with pytest.raises(RecipeError, match=r"report_to: WandbCallback requires wandb.*remove it from report_to"):
+        validate_recipe(make_recipe({"report_to": ["wandb"]}), use_cpu=True, generation="1.x")
+    validate_recipe(make_recipe({"report_to": "none"}), use_cpu=True, generation="1.x")
+
+
 def test_train_help_documents_the_options():
     from helpers import run_cli
 

@@ -56,9 +56,18 @@ def input_fingerprints(recipe: Any) -> dict[str, str]:
     return out
 
 
-def check_fingerprints(recipe: Any, run_dir: str | Path) -> None:
-    """Refuse to resume (:class:`RunFolderError` naming each one) when a local input changed in content since the
-    run started, or ``fingerprints.json`` is corrupt; without the file, a warning."""
+#: What each step after the start would do with inputs that changed (``check_fingerprints``' ``doing``).
+CHANGED_INPUTS_RISK = {
+    "resume": "Resuming would train its remaining steps on other data or another model",
+    "evaluate": "Its held-out rows would be other rows (some perhaps trained on), or its base another model",
+    "export": "The merge would use another base model, checked on other prompts",
+}
+
+
+def check_fingerprints(recipe: Any, run_dir: str | Path, doing: str = "resume") -> None:
+    """Refuse to ``doing`` (a key of :data:`CHANGED_INPUTS_RISK`; :class:`RunFolderError` naming each input) when a
+    local input changed in content since the run started, or ``fingerprints.json`` is corrupt; without the file, a
+    warning."""
     path = Path(run_dir) / FINGERPRINTS_FILE
     if not path.is_file():
         logger.warning("%s has no %s: cannot check that the data and model are unchanged", run_dir, FINGERPRINTS_FILE)
@@ -72,7 +81,7 @@ def check_fingerprints(recipe: Any, run_dir: str | Path) -> None:
         saved, why = None, f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
     if not isinstance(saved, dict) or not all(isinstance(v, str) for v in saved.values()):
         raise RunFolderError(
-            f"{path} is corrupt: {why}. Fix: restore it from a copy, or delete it to resume without checking that the "
+            f"{path} is corrupt: {why}. Fix: restore it from a copy, or delete it to {doing} without checking that the "
             "model and data are unchanged (a warning says so), or start a new run (another output_dir, or --overwrite)"
         )
     now = input_fingerprints(recipe)
@@ -80,7 +89,6 @@ def check_fingerprints(recipe: Any, run_dir: str | Path) -> None:
     if changed:
         names = ", ".join(key.removeprefix("data:") for key in changed)
         raise RunFolderError(
-            f"cannot resume {run_dir}: these inputs changed in content since the run started: {names}. Resuming "
-            "would train its remaining steps on other data or another model. Fix: restore them, or start a new run "
-            "(another output_dir, or --overwrite)"
+            f"cannot {doing} {run_dir}: these inputs changed in content since the run started: {names}. "
+            f"{CHANGED_INPUTS_RISK[doing]}. Fix: restore them, or start a new run (another output_dir, or --overwrite)"
         )

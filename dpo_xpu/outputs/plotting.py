@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from dpo_xpu.files import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "reward_curves.png"
@@ -23,14 +26,17 @@ PANELS: list[tuple[str, list[str], str]] = [
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``metrics.jsonl`` (or of a run folder's), skipping a line cut off mid-write."""
+    """The rows of ``metrics.jsonl`` (or of a run folder's): its JSON objects with an integer ``step``. A line that is
+    none (cut off mid-write, edited by hand, not UTF-8) is skipped."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
     rows = []
-    for line in filter(str.strip, path.read_text(encoding="utf-8").splitlines()):
+    for line in filter(str.strip, path.read_text(encoding="utf-8", errors="replace").splitlines()):
         with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
+            row = json.loads(line)
+            if isinstance(row, dict) and type(row.get("step")) is int:  # not a bool either
+                rows.append(row)
     return rows
 
 
@@ -63,6 +69,8 @@ def plot_reward_curves(
             ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    if out_path is not None:
-        fig.savefig(out_path, dpi=100)
+    if out_path is not None:  # atomic: a reader (a notebook, a viewer) never sees half a PNG
+        png = io.BytesIO()
+        fig.savefig(png, dpi=100, format="png")
+        atomic_write_bytes(out_path, png.getvalue())
     return fig

@@ -215,17 +215,23 @@ def validate_recipe(recipe: Recipe, use_cpu: bool = False, *, generation: str) -
 
     Raises:
         RecipeError: a value the installed TRL or transformers refuses, in one line naming the key(s) where the
-            message lets them be found, else quoting transformers' message.
+            message lets them be found, else quoting transformers' message; a ``report_to`` tracker not installed.
     """
+    from transformers.integrations import get_reporting_integration_callbacks
     from trl import DPOConfig
 
     kwargs = dpo_config_kwargs(recipe, reference_plan(recipe, generation), use_cpu=use_cpu)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            DPOConfig(**copy.deepcopy(kwargs))
+            config = DPOConfig(**copy.deepcopy(kwargs))
     except (TypeError, ValueError, NotImplementedError) as exc:
         raise RecipeError(_refusal(recipe.trl_options, kwargs, exc)) from None
+    for tracker in get_reporting_integration_callbacks(config.report_to):
+        try:
+            tracker()  # as the Trainer builds it: a tracker that is not installed is refused now, not after loading
+        except RuntimeError as exc:
+            raise RecipeError(f"report_to: {exc}, or remove it from report_to ({config.report_to})") from None
 
 
 def _refusal(trl_options: dict[str, Any], kwargs: dict[str, Any], exc: Exception) -> str:
