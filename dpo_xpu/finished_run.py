@@ -234,7 +234,7 @@ class RunExport:
         return "\n".join(lines)
 
 
-def _taken(out: Path, overwrite: bool, what: str, run_dir: Path | None = None) -> bool:
+def _taken(out: Path, overwrite: bool, run_dir: Path | None = None) -> bool:
     """Whether ``out`` holds something to replace. Refused (:class:`RunFolderError`, nothing changed): ``out`` is the
     run folder, holds it, or lies in its adapter or a checkpoint; it holds something and ``overwrite`` is off; or
     ``overwrite`` would replace what no export wrote (a run being trained, a model, the user's files): only a folder
@@ -254,7 +254,7 @@ def _taken(out: Path, overwrite: bool, what: str, run_dir: Path | None = None) -
     shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
     if not overwrite:
         raise RunFolderError(
-            f"{out} already holds {what} ({shown}): replace it with --overwrite (overwrite=True), or choose another "
+            f"{out} already holds files ({shown}): replace it with --overwrite (overwrite=True), or choose another "
             "--out"
         )
     ours = (out / EXPORT_MARKER).is_file() or (run_dir is not None and target == (run_dir / MERGED_DIR).resolve())
@@ -267,10 +267,10 @@ def _taken(out: Path, overwrite: bool, what: str, run_dir: Path | None = None) -
 
 
 @contextlib.contextmanager
-def _replacing(out: Path, overwrite: bool, what: str, run_dir: Path | None = None) -> Iterator[None]:
+def _replacing(out: Path, overwrite: bool, run_dir: Path | None = None) -> Iterator[None]:
     """Write ``out`` in the block (checked by :func:`_taken`); what it held is deleted once the block succeeded, put
     back if it fails; a written ``out`` gets :data:`EXPORT_MARKER`."""
-    taken = _taken(out, overwrite, what, run_dir)
+    taken = _taken(out, overwrite, run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     aside = out.rename(Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name) if taken else None
     try:
@@ -305,11 +305,11 @@ def export_run(
     if not merged:
         if out_dir is None:
             return RunExport(run_dir, adapter_dir)
-        with _replacing(Path(out_dir), overwrite, "files", run_dir):
+        with _replacing(Path(out_dir), overwrite, run_dir):
             shutil.copytree(adapter_dir, out_dir, dirs_exist_ok=True)
         return RunExport(run_dir, Path(out_dir))
     out = Path(out_dir) if out_dir is not None else run_dir / MERGED_DIR
-    _taken(out, overwrite, "files", run_dir)  # refused before anything is loaded
+    _taken(out, overwrite, run_dir)  # refused before anything is loaded
     check_fingerprints(recipe, run_dir, "export")
     tokenizer = load_tokenizer(adapter_dir)
     train, heldout = load_run_data(recipe, tokenizer)
@@ -318,7 +318,7 @@ def export_run(
     earlier = check_path.read_bytes() if check_path.is_file() else None
     check_path.unlink(missing_ok=True)  # a check of an earlier merge must not pass for this one's
     try:
-        with _replacing(out, overwrite, "files", run_dir):
+        with _replacing(out, overwrite, run_dir):
             export_merged(recipe, adapter_dir, run_dir, texts, rtol=rtol, out_dir=out)
     except BaseException:
         if earlier is not None:  # the earlier merged model is back: so is its check

@@ -147,9 +147,9 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"{path} is a folder, not a recipe file: give a .yaml file")
     if not path.exists():
         raise RecipeError(f"recipe file {path} does not exist")
+    if not path.is_file():  # a FIFO, a device
+        raise RecipeError(f"recipe file {path} cannot be read (not a regular file): give a readable .yaml file")
     try:
-        if not path.is_file():
-            raise OSError(0, "not a regular file")
         data = path.read_bytes()
     except OSError as exc:
         raise RecipeError(

@@ -10,7 +10,7 @@ from helpers import run_cli, short_recipe
 
 from dpo_xpu import evaluate_run, export_run, load_recipe, load_run_data, load_tokenizer
 from dpo_xpu.errors import RunFolderError
-from dpo_xpu.finished_run import RunEvaluation, _replacing, samples_verdict
+from dpo_xpu.finished_run import EXPORT_MARKER, RunEvaluation, _replacing, samples_verdict
 from dpo_xpu.pipeline import run_training
 
 METRICS = {"reward_accuracy", "mean_margin", "mean_chosen_reward", "mean_rejected_reward", "drift_chosen_logratio"}
@@ -154,7 +154,8 @@ def test_replacing_puts_the_old_content_back_when_writing_fails(tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "model.safetensors").write_text("old")
-    with pytest.raises(OSError), _replacing(out, overwrite=True, what="a merged model"):
+    (out / EXPORT_MARKER).write_text("{}")  # an earlier export's folder: --overwrite may replace it
+    with pytest.raises(OSError, match="disk full"), _replacing(out, overwrite=True):
         out.mkdir()
         (out / "model.safetensors").write_text("half-written")
         raise OSError("disk full")
