@@ -84,7 +84,7 @@ def select_device(device: str = "auto") -> torch.device:
 
     Raises:
         DeviceNotAvailableError: the device is not visible to PyTorch (the message says how to fix it), its index
-            is out of range, or ``device`` is not a valid choice.
+            is out of range (a CPU's is 0), or ``device`` is not a valid choice.
     """
     import torch
 
@@ -103,6 +103,8 @@ def select_device(device: str = "auto") -> torch.device:
         logger.info("select_device('auto'): no xpu or cuda device, using cpu")
         return torch.device("cpu")
     if kind == "cpu":
+        if index not in (None, "0"):
+            raise DeviceNotAvailableError(f"device {device!r}: PyTorch has one CPU device, 'cpu' (or 'cpu:0')")
         return torch.device("cpu")
     count = device_count(kind)
     if count == 0:

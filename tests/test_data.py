@@ -25,6 +25,11 @@ from dpo_xpu.data.sources import load_preference_pairs
 from dpo_xpu.errors import PreferenceDataError
 
 GOOD = {"system": "Be brief.", "question": "What is 2 + 2?", "chosen": "4.", "rejected": "5."}
+CONVERSATION = {
+    "prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+    "chosen": [{"role": "assistant", "content": "4."}],
+    "rejected": [{"role": "assistant", "content": "5."}],
+}
 IM_START, IM_END = 151644, 151645
 
 
@@ -426,9 +431,11 @@ def test_unreadable_parquet_is_one_line(tmp_path: Path) -> None:
     ],
 )
 @pytest.mark.parametrize("line", [1, 2])
-def test_a_jsonl_line_that_is_no_object_is_named_as_such(tmp_path: Path, bad_line, kind, found, line) -> None:
-    """On line 1 too, where the format was guessed from its columns ("cannot tell the data format from [])")."""
-    lines = [json.dumps(GOOD), json.dumps(GOOD)]
+@pytest.mark.parametrize("good", [GOOD, CONVERSATION], ids=["orca", "conversational"])
+def test_a_jsonl_line_that_is_no_object_is_named_as_such(tmp_path: Path, bad_line, kind, found, line, good) -> None:
+    """On line 1 too, where the format was guessed from its columns ("cannot tell the data format from [])"), and
+    after a first conversational row, whose checks named it differently."""
+    lines = [json.dumps(good), json.dumps(good)]
     lines.insert(line - 1, bad_line)
     path = write_jsonl(tmp_path / "sample.jsonl", lines)
     with pytest.raises(PreferenceDataError) as caught:

@@ -108,6 +108,8 @@ def test_cpu_always_works(monkeypatch) -> None:
     _devices(monkeypatch)
     assert select_device("cpu") == torch.device("cpu")
     assert select_device("cpu:0").type == "cpu"
+    with pytest.raises(DeviceNotAvailableError, match="one CPU device"):
+        select_device("cpu:5")
 
 
 def test_real_machine_auto_and_explicit_absent() -> None:

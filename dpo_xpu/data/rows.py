@@ -285,6 +285,7 @@ def _read_jsonl(path: Path, text: str | None = None) -> tuple[list[Any], list[in
                 f"found {found!r}. Fix: write one JSON object per line, "
                 '{"system": "...", "question": "...", "chosen": "...", "rejected": "..."}.'
             ) from error
+        check_row_object(row, f"{path.name} line {number}")
         _refuse_repeated_key(row, f"{path.name} line {number}")
         rows.append(row)
         line_numbers.append(number)
