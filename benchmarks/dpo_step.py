@@ -432,6 +432,8 @@ def run_strategy(strategy: str, settings: Settings, tokenizer: Any, work: Path, 
         "precompute_seconds": None if info is None else info.seconds,
         "prefix_token_ratio": ratio,
         "answer_share": answer_share(trainer.train_dataset, settings.max_length),
+        # prefix sharing runs a pair as one packed sequence: the planner's share of the two-sequence positions
+        "position_share": position_share(trainer.train_dataset, settings.max_length) if prefix_sharing else 1.0,
         "prefix_sharing": prefix_sharing,
         "step_seconds": step_ends.seconds(),
         "sequence_tokens": sequence_tokens(train_dataset, tokenizer, settings),
@@ -674,6 +676,22 @@ def answer_share(dataset: Any, max_length: int) -> float | None:
     return max(shares, default=1.0) or 1.0
 
 
+def position_share(dataset: Any, max_length: int) -> float:
+    """The largest share of a pair's ``2 * max_length`` two-sequence positions that prefix sharing runs: its prompt
+    once and both answers (``prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected``, answers cut as
+    :func:`answer_share` cuts them); 1.0 for columns other than TRL 1.x's."""
+    from dpo_xpu.data.truncation import kept_answer_length
+
+    if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
+        return 1.0
+    shares = [
+        (len(p) + 1 + kept_answer_length(len(p), len(c), max_length) + kept_answer_length(len(p), len(r), max_length))
+        / (2 * max_length)
+        for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+    ]
+    return min(1.0, max(shares, default=1.0))
+
+
 #: The planner's configuration of each strategy: (reference, LM head scores every position on the CPU, TRL's
 #: chunked log-probs rather than the full logits). TRL's CPU path, which ``original`` and the peers keep, scores
 #: every position; TRL 1.x (dpo_xpu and the peers alike: ``DPOTrainer`` adds its fused LM head) computes chunked
@@ -692,12 +710,19 @@ PLANNER_CONFIG = {
 }
 
 
-def estimate_rows(settings: Settings, config: Any, strategies: list[str], scored: float = 1.0) -> list[dict[str, Any]]:
+def estimate_rows(
+    settings: Settings,
+    config: Any,
+    strategies: list[str],
+    scored: float = 1.0,
+    positions: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
     """The memory planner's estimate for each strategy's settings (``dpo_xpu.train.memory.estimate_memory``,
     configured by :data:`PLANNER_CONFIG`).
 
     ``scored`` is the answer tokens' share of the positions (:func:`answer_share`): the LM head's share for
-    dpo_xpu's strategies, and for every strategy on a GPU (TRL scores answer tokens only there).
+    dpo_xpu's strategies, and for every strategy on a GPU (TRL scores answer tokens only there). ``positions``: each
+    strategy's share of the two-sequence positions its layers run (:func:`position_share`; default 1.0).
     """
     from dpo_xpu.train.memory import estimate_memory
     from dpo_xpu.train.trl_internals import LOGPROB_TILE
@@ -718,6 +743,7 @@ def estimate_rows(settings: Settings, config: Any, strategies: list[str], scored
             scored_fraction=1.0 if every_position and on_cpu else scored,
             chunked_logits=chunked,
             vocab_chunk=LOGPROB_TILE[1] if every_position else None,  # TRL's own tiles, or dpo_xpu's on the CPU
+            position_fraction=(positions or {}).get(strategy, 1.0),
         )
         rows.append({"strategy": strategy, **est.to_dict()})
     return rows
@@ -1089,7 +1115,9 @@ def main(argv: list[str] | None = None) -> dict:
         add_scaling(results, run_nproc(argv, args.nproc, ran, args.work_dir), args.nproc)
     config = AutoConfig.from_pretrained(model_path)
     share = max((r["answer_share"] for r in results if r.get("answer_share")), default=1.0)
-    estimates = estimate_rows(settings, config, [r["strategy"] for r in results if not r.get("skipped")], share)
+    ran = [r for r in results if not r.get("skipped")]
+    positions = {r["strategy"]: r.get("position_share") or 1.0 for r in ran}
+    estimates = estimate_rows(settings, config, [r["strategy"] for r in ran], share, positions)
     add_planner_error(results, estimates)
     payload = write_results(
         out,

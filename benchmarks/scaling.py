@@ -14,6 +14,7 @@ Commands (from the project root)::
     python benchmarks/scaling.py                      # the full sweep: hours on a GPU, days on 2 CPU cores
     python benchmarks/scaling.py --steps 2 --rounds 1 --dtypes float32    # a first pass
     python benchmarks/scaling.py --report             # the table and figure again, from the JSON alone
+    python benchmarks/scaling.py --rerun defaults     # the defaults again in every cell measured, TRL's rows kept
 
 Cells already in ``--out`` with the same model, steps and rounds are kept, so an interrupted sweep continues where
 it stopped (a cell where a strategy failed runs again; ``--fresh`` starts over). Outputs: the JSON
@@ -39,7 +40,8 @@ logger = logging.getLogger("scaling")
 STRATEGIES = ("defaults", "trl-precompute", "trl-peft")
 #: The row values a cell keeps from ``dpo_step.py``'s result row.
 KEPT = ("pairs_per_s", "peak_memory_mib", "planner_mib", "planner_error", "first_loss", "last_loss", "mfu")
-KEPT += ("rounds_pairs_per_s", "step_seconds", "sequence_tokens", "answer_share", "seconds", "phase_peaks_mib")
+KEPT += ("rounds_pairs_per_s", "step_seconds", "sequence_tokens", "answer_share", "position_share", "seconds")
+KEPT += ("phase_peaks_mib",)
 
 
 def _ints(text: str) -> list[int]:
@@ -61,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--figure", type=Path, default=None, help="default docs/assets/scaling-<device>.png")
     parser.add_argument("--work-dir", type=Path, default=dpo_step.CACHE / "benchmark-work" / "scaling")
     parser.add_argument("--fresh", action="store_true", help="run every cell again")
+    parser.add_argument(
+        "--rerun",
+        default="",
+        help="comma-separated strategies to run again in the cells already measured, replacing their rows (e.g. "
+        "defaults, after a change to dpo_xpu); the other strategies' rows are kept",
+    )
     parser.add_argument(
         "--one-process",
         action="store_true",
@@ -111,6 +119,11 @@ def run_cell(args: argparse.Namespace, dtype: str, batch: int, max_length: int, 
         row["step_pairs_per_s"] = batch / statistics.fmean(after_first) if after_first else None
         rows.append(row)
     return {"dtype": dtype, "batch": batch, "max_length": max_length, "rows": rows}
+
+
+def cell_key(cell: dict) -> tuple[str, int, int]:
+    """``(dtype, batch, max_length)`` of a cell."""
+    return cell["dtype"], cell["batch"], cell["max_length"]
 
 
 def markdown(payload: dict) -> str:
@@ -235,6 +248,14 @@ def main(argv: list[str] | None = None) -> dict:
         "cells": cells,
     }
     done = {(c["dtype"], c["batch"], c["max_length"]) for c in cells}
+    if args.rerun:
+        again = argparse.Namespace(**{**vars(args), "strategies": args.rerun})
+        for cell in [c for c in cells if c["dtype"] in args.dtypes.split(",")]:
+            logger.info("cell %s, batch %d, max_length %d: %s again ...", *cell_key(cell), args.rerun)
+            fresh = {r["strategy"]: r for r in run_cell(again, *cell_key(cell), gflops)["rows"]}
+            kept = [fresh.pop(r["strategy"], r) for r in cell["rows"]]  # in place, in the cell's order
+            cell["rows"] = kept + list(fresh.values())
+            write(payload, out, figure)
     for dtype in args.dtypes.split(","):
         for batch in args.batches:
             for max_length in args.max_lengths:

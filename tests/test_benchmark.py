@@ -172,5 +172,10 @@ def test_scaling_runs_a_cell_writes_table_and_figure_and_resumes(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| float32 | 2 | 256 |" in table and "commit " in table
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0 < row["position_share"] < 1  # prefix sharing runs each prompt once: the planner is told so
     again = scaling.main([*argv, "--work-dir", str(tmp_path / "none")])  # resumed: nothing left to run
     assert again["cells"] == payload["cells"] and not (tmp_path / "none").exists()
+    rerun = scaling.main([*argv, "--rerun", "defaults", "--work-dir", str(tmp_path / "rerun")])  # its row replaced
+    (cell_again,) = rerun["cells"]
+    assert [r["strategy"] for r in cell_again["rows"]] == ["defaults"] and (tmp_path / "rerun").is_dir()
+    assert cell_again["rows"][0]["seconds"] != row["seconds"]

@@ -61,6 +61,22 @@ def test_checkpointing_and_length_scale_activations():
     assert longer.components_mib["activations"] == pytest.approx(2 * off.components_mib["activations"])
 
 
+def test_prefix_sharing_positions_scale_the_layers_terms_only():
+    """position_fraction (prefix sharing's packed rows) scales what grows with the positions the layers run, not the
+    weights, the adapters or the LM head's tile (scored_fraction's)."""
+    for checkpointing in (True, False):
+        two = estimate_memory(QWEN05, batch=2, max_length=512, gradient_checkpointing=checkpointing, device="cpu")
+        one = estimate_memory(
+            QWEN05, batch=2, max_length=512, gradient_checkpointing=checkpointing, device="cpu", position_fraction=0.5
+        )
+        for name in ("activations", "transients"):
+            assert one.components_mib[name] < two.components_mib[name]
+        assert one.components_mib["activations"] == pytest.approx(two.components_mib["activations"] / 2)
+        for name in ("weights", "lora_and_optimizer", "logits", "runtime"):
+            assert one.components_mib[name] == two.components_mib[name]
+        assert one.total_mib < two.total_mib
+
+
 def test_scoring_answer_tokens_only_shrinks_the_logit_tile():
     trl_tiles = {"device": "cpu", "vocab_chunk": LOGPROB_TILE[1]}  # TRL's own trainer on the CPU
     every = estimate_memory(QWEN05, batch=1, max_length=256, **trl_tiles)
@@ -81,6 +97,8 @@ def test_scoring_answer_tokens_only_shrinks_the_logit_tile():
         {"batch": 0},
         {"scored_fraction": 0.0},
         {"scored_fraction": 1.5},
+        {"position_fraction": 0.0},
+        {"position_fraction": 1.01},
     ],
 )
 def test_bad_arguments_raise(kwargs):

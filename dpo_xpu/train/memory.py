@@ -142,6 +142,7 @@ def estimate_memory(
     scored_fraction: float = 1.0,
     chunked_logits: bool = True,
     vocab_chunk: int | None = None,
+    position_fraction: float = 1.0,
 ) -> MemoryEstimate:
     """The peak memory of a DPO training step (policy + reference), by component, as a :class:`MemoryEstimate`.
 
@@ -159,10 +160,14 @@ def estimate_memory(
         vocab_chunk: vocabulary entries per log-prob tile; default dpo_xpu's trainers' (on the CPU
             :data:`~dpo_xpu.train.trl_internals.CPU_LOGPROB_CHUNK`, elsewhere TRL's ``LOGPROB_TILE[1]``); TRL's own
             trainer on the CPU: ``LOGPROB_TILE[1]``.
+        position_fraction: the share of the ``2 * batch * max_length`` positions a micro-batch runs through the
+            layers, in (0, 1]: 1.0 (two sequences per pair, padded: TRL's layout, and the bound a fit check uses),
+            or less where prefix sharing runs each prompt once in packed rows without padding (dpo_xpu's default
+            on the CPU; the largest pair's ``(prompt + chosen + rejected) / (2 * max_length)`` bounds it).
 
     Raises:
         ValueError: an unknown ``quantization``, ``reference``, ``compute_dtype`` or ``device``, a non-positive
-            size, or a ``scored_fraction`` outside (0, 1].
+            size, or a ``scored_fraction`` or ``position_fraction`` outside (0, 1].
     """
     settings = {k: v for k, v in locals().items() if k not in ("config", "lora_targets")}  # the arguments
     choices = {
@@ -176,8 +181,9 @@ def estimate_memory(
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, found {value!r}")
     if batch <= 0 or max_length <= 0 or lora_r <= 0:
         raise ValueError(f"batch, max_length and lora_r must be > 0, found {batch}, {max_length}, {lora_r}")
-    if not 0.0 < scored_fraction <= 1.0:
-        raise ValueError(f"scored_fraction must be in (0, 1], found {scored_fraction}")
+    for name, share in (("scored_fraction", scored_fraction), ("position_fraction", position_fraction)):
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], found {share}")
     hidden, inter, layers, _, _, vocab, tied = _dims(config)
     act_bytes = DTYPE_BYTES[compute_dtype]
     shapes = linear_shapes(config)
@@ -199,8 +205,9 @@ def estimate_memory(
     )
 
     tokens = 2 * batch * max_length
+    run = tokens * position_fraction  # the positions the layers run
     per_layer_full = (ACT_PER_TOKEN_LAYER[0] * hidden + ACT_PER_TOKEN_LAYER[1] * inter) * act_bytes
-    activations = tokens * layers * (hidden * act_bytes if gradient_checkpointing else per_layer_full)
+    activations = run * layers * (hidden * act_bytes if gradient_checkpointing else per_layer_full)
     chunk = vocab_chunk or (CPU_LOGPROB_CHUNK if device == "cpu" else LOGPROB_TILE[1])
     tile = min(tokens * scored_fraction, LOGPROB_TILE[0]) * min(vocab, chunk) * 4
     logits = tile * (CPU_TILE_COPIES if device == "cpu" else GPU_TILE_COPIES[device])
@@ -209,7 +216,7 @@ def estimate_memory(
     dequantised = max(i * o for i, o in shapes.values()) * 4 if device == "cpu" and quantization == "nf4" else 0
     # one layer's backward: its recomputed activations (checkpointing), their gradients' temporaries, and on CPU
     # one dequantised weight
-    transients = tokens * per_layer_full * (1.5 if gradient_checkpointing else 0.5) + dequantised
+    transients = run * per_layer_full * (1.5 if gradient_checkpointing else 0.5) + dequantised
     # policy: logits, log-softmax, gradient (3 copies); reference: logits and log-softmax (2 copies)
     full_logits = tokens * vocab * 4 * (3 + (0 if reference == "precomputed" else 2))
     components = {
@@ -224,7 +231,7 @@ def estimate_memory(
     # embedding (and untied head) upcast to float32, a dequantised NF4 weight (CPU kernels)
     single = {
         ("logits tile" if chunked_logits else "full logits"): tile if chunked_logits else tokens * vocab * 4,
-        "MLP activation": tokens * inter * act_bytes,
+        "MLP activation": run * inter * act_bytes,
         "embedding / output head": vocab * hidden * (4 if quantization == "nf4" else act_bytes),
         "dequantised weight": dequantised,
     }
