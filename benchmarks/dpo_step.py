@@ -155,6 +155,18 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
 logger = logging.getLogger("dpo_step")
 
 
+def model_folder(model: str) -> Path:
+    """The folder of ``--model``: a real model converted once from ``../shared``'s GGUF, a random model built once,
+    or the folder given; exits naming the missing shared asset."""
+    if model in REAL_MODELS:
+        from dpo_xpu.models.gguf import gguf_to_folder
+
+        if not REAL_MODELS[model].is_file():
+            sys.exit(f"missing shared asset {REAL_MODELS[model]}: set DPO_XPU_SHARED to the folder holding ../shared")
+        return Path(gguf_to_folder(REAL_MODELS[model], cache_dir=CACHE / "benchmark-models"))
+    return Path(model) if model not in MODEL_CONFIGS else build_random_model(model)
+
+
 def build_random_model(name: str, cache_dir: Path = CACHE / "benchmark-models", seed: int = 0) -> Path:
     """Build (once) and return the folder of a randomly initialised Qwen2 model saved in bf16.
 
@@ -1052,16 +1064,7 @@ def main(argv: list[str] | None = None) -> dict:
     rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(os.cpu_count() or 1)
     fixed_malloc = not on_gpu and not args.keep_malloc and fix_malloc_mmap_threshold()
-    if args.model in REAL_MODELS:
-        from dpo_xpu.models.gguf import gguf_to_folder
-
-        if not REAL_MODELS[args.model].is_file():
-            sys.exit(
-                f"missing shared asset {REAL_MODELS[args.model]}: set DPO_XPU_SHARED to the folder holding ../shared"
-            )
-        model_path = gguf_to_folder(REAL_MODELS[args.model], cache_dir=CACHE / "benchmark-models")
-    else:
-        model_path = Path(args.model) if args.model not in MODEL_CONFIGS else build_random_model(args.model)
+    model_path = model_folder(args.model)
     settings = Settings(
         model=args.model,
         model_path=str(model_path),

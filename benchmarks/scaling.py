@@ -15,6 +15,7 @@ Commands (from the project root)::
     python benchmarks/scaling.py --steps 2 --rounds 1 --dtypes float32    # a first pass
     python benchmarks/scaling.py --report             # the table and figure again, from the JSON alone
     python benchmarks/scaling.py --rerun defaults     # the defaults again in every cell measured, TRL's rows kept
+    python benchmarks/scaling.py --report --replan    # the planner column again, with the installed planner
 
 Cells already in ``--out`` with the same model, steps and rounds are kept, so an interrupted sweep continues where
 it stopped (a cell where a strategy failed runs again; ``--fresh`` starts over). Outputs: the JSON
@@ -41,7 +42,7 @@ STRATEGIES = ("defaults", "trl-precompute", "trl-peft")
 #: The row values a cell keeps from ``dpo_step.py``'s result row.
 KEPT = ("pairs_per_s", "peak_memory_mib", "planner_mib", "planner_error", "first_loss", "last_loss", "mfu")
 KEPT += ("rounds_pairs_per_s", "step_seconds", "sequence_tokens", "answer_share", "position_share", "seconds")
-KEPT += ("phase_peaks_mib",)
+KEPT += ("phase_peaks_mib", "peak_rss_mib")
 
 
 def _ints(text: str) -> list[int]:
@@ -76,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "reset before each strategy; on a CPU the resident peak would carry earlier runs' leftovers)",
     )
     parser.add_argument("--report", action="store_true", help="only write the table and figure from --out")
+    parser.add_argument(
+        "--replan",
+        action="store_true",
+        help="with --report: each row's planner estimate again with the installed planner, from the shares the row "
+        "recorded (after a change to dpo_xpu.train.memory; nothing is run)",
+    )
     args = parser.parse_args(argv)
     unknown = sorted({d for d in args.dtypes.split(",")} - {"float32", "bfloat16"})
     if unknown:
@@ -119,6 +126,33 @@ def run_cell(args: argparse.Namespace, dtype: str, batch: int, max_length: int, 
         row["step_pairs_per_s"] = batch / statistics.fmean(after_first) if after_first else None
         rows.append(row)
     return {"dtype": dtype, "batch": batch, "max_length": max_length, "rows": rows}
+
+
+def replan(payload: dict) -> None:
+    """Put the installed planner's ``planner_mib`` and ``planner_error`` on every measured row, from the shares it
+    recorded (``answer_share``, ``position_share``) and its cell's dtype, batch and ``max_length``."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(dpo_step.model_folder(payload["settings"]["model"]))
+    for cell in payload["cells"]:
+        rows = [r for r in cell["rows"] if not r.get("error")]
+        dtype, batch, max_length = cell_key(cell)
+        settings = SimpleNamespace(
+            batch=batch,
+            max_length=max_length,
+            gradient_checkpointing=True,  # as every cell runs
+            bf16=dtype == "bfloat16",
+            device=payload["settings"]["device"],
+        )
+        share = max((r["answer_share"] for r in rows if r.get("answer_share")), default=1.0)
+        positions = {r["strategy"]: r.get("position_share") or 1.0 for r in rows}
+        if settings.device.startswith("cpu"):  # the peak is resident memory: compared with the training phase's
+            for row in rows:
+                row.setdefault("peak_rss_mib", row["peak_memory_mib"])
+        estimates = dpo_step.estimate_rows(settings, config, [r["strategy"] for r in rows], share, positions)
+        dpo_step.add_planner_error(rows, estimates)
 
 
 def cell_key(cell: dict) -> tuple[str, int, int]:
@@ -230,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings["rows"] = args.rows
     old = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
     if args.report:
+        if args.replan:
+            replan(old)
         write(old, out, figure)
         return old
     same = old is not None and all(old["settings"].get(k) == v for k, v in settings.items())

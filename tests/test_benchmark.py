@@ -179,3 +179,9 @@ def test_scaling_runs_a_cell_writes_table_and_figure_and_resumes(tmp_path):
     (cell_again,) = rerun["cells"]
     assert [r["strategy"] for r in cell_again["rows"]] == ["defaults"] and (tmp_path / "rerun").is_dir()
     assert cell_again["rows"][0]["seconds"] != row["seconds"]
+    stale = json.loads(out.read_text())  # a planner column from an older planner: --replan puts today's back
+    stale["cells"][0]["rows"][0].update(planner_mib=1.0, planner_error=-0.99)
+    out.write_text(json.dumps(stale))
+    replanned = scaling.main([*argv, "--report", "--replan"])["cells"][0]["rows"][0]
+    assert replanned["planner_mib"] == cell_again["rows"][0]["planner_mib"]
+    assert replanned["planner_error"] == pytest.approx(cell_again["rows"][0]["planner_error"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import STORIES260K, require_stories260k
 from helpers import QWEN05
 
 from dpo_xpu.recipes import make_recipe
@@ -214,3 +215,30 @@ def test_gpu_logits_are_tiles_in_place_with_the_allocators_own_tensors_beside():
     assert cuda.total_mib < xpu.total_mib == gpu.total_mib
     with pytest.raises(ValueError, match="device must be"):
         estimate_memory(QWEN05, device="tpu")
+
+
+@require_stories260k
+def test_an_nf4_models_activations_stay_float32_under_bf16_autocast_on_the_cpu():
+    """The fact the CPU's activation term rests on: a k-bit-prepared NF4 model (bf16 compute) passes float32 hidden
+    states between its layers under bf16 autocast (bitsandbytes' Linear4bit returns its input's dtype), so the planner
+    counts them at 4 bytes in bf16 too, and an NF4 bf16 estimate's activations equal float32's on the CPU."""
+    import torch
+
+    from dpo_xpu.models.backends.native import load_base
+
+    model = load_base(str(STORIES260K), "nf4", torch.device("cpu"), torch.bfloat16, prepare=True)
+    dtypes = []
+    model.model.layers[0].register_forward_hook(lambda module, args, out: dtypes.append(out[0].dtype))
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.tensor([[1, 2, 3, 4]]))
+    assert dtypes == [torch.float32, torch.float32]  # the projection's output, then the layer's
+    kwargs = {"batch": 2, "max_length": 512, "device": "cpu"}
+    bf16 = estimate_memory(QWEN05, compute_dtype="bfloat16", **kwargs)
+    fp32 = estimate_memory(QWEN05, compute_dtype="float32", **kwargs)
+    for name in ("activations", "transients"):
+        assert bf16.components_mib[name] == fp32.components_mib[name]
+    gpu = {**kwargs, "device": "cuda"}  # the GPU's terms stay as fitted (H200)
+    assert estimate_memory(QWEN05, compute_dtype="bfloat16", **gpu).components_mib["activations"] == pytest.approx(
+        estimate_memory(QWEN05, compute_dtype="float32", **gpu).components_mib["activations"] / 2
+    )

@@ -16,10 +16,13 @@ From the model config (a Llama / Mistral / Qwen2-style decoder) and the recipe:
 
 The LM head's backward runs before any layer's: the total is ``weights + lora_and_optimizer + runtime + activations
 + max(logits, transients)``. The estimate names its largest single allocation (Intel Arc A-series cards allocate at
-most 4 GiB in one piece, intel/intel-extension-for-pytorch #325). Sequences count as padded to ``max_length``.
-Within 15% of the training peaks ``benchmarks/dpo_step.py`` (CPU float32, SmolLM2-135M-Instruct: -2% to -0%) and
-``benchmarks/scaling.py`` (CUDA, ``max_length`` 256-1024, batch 1-4, bf16) measure. Not yet in CPU bf16: there
-dpo_xpu's defaults peaked at 671 MiB against 370 planned (TRL's peers within 4%), a gap not yet explained.
+most 4 GiB in one piece, intel/intel-extension-for-pytorch #325). Sequences count as padded to ``max_length``, or
+as the share of those positions prefix sharing's packed rows run (``position_fraction``). Within 15% of the training
+peaks ``benchmarks/dpo_step.py`` (CPU float32, SmolLM2-135M-Instruct: -2% to -0%) and ``benchmarks/scaling.py``
+measure (CUDA bf16; CPU float32 at ``max_length`` 256-1024, batch 1-4: 25 of 27 peaks, the misses dpo_xpu's
+defaults at batch 4 x 1024, +37%, and batch 1 x 256, -34%, glibc's freed heap; docs/performance.md). On the CPU
+an NF4 model's activations count as float32 in bf16 too (bitsandbytes returns its input's dtype): CPU bf16 in
+``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -185,7 +188,10 @@ def estimate_memory(
         if not 0.0 < share <= 1.0:
             raise ValueError(f"{name} must be in (0, 1], found {share}")
     hidden, inter, layers, _, _, vocab, tied = _dims(config)
-    act_bytes = DTYPE_BYTES[compute_dtype]
+    # bitsandbytes' Linear4bit returns its input's dtype, and a k-bit-prepared model's embeddings and norms are
+    # float32, so under bf16 autocast an NF4 model's activations between the matrix multiplies stay float32 (probed on
+    # the CPU, where dpo_xpu's bf16 peaks equal its float32 ones); the GPU's terms stay as fitted on the H200
+    act_bytes = 4 if quantization == "nf4" and device == "cpu" else DTYPE_BYTES[compute_dtype]
     shapes = linear_shapes(config)
     linear_params = layers * sum(i * o for i, o in shapes.values())
     other_params = vocab * hidden * (1 if tied else 2) + layers * 2 * hidden + hidden
