@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "recorded (after a change to dpo_xpu.train.memory; nothing is run)",
     )
     args = parser.parse_args(argv)
+    if args.replan and not args.report:
+        parser.error("--replan goes with --report (it recomputes the planner column of --out; nothing is run)")
     unknown = sorted({d for d in args.dtypes.split(",")} - {"float32", "bfloat16"})
     if unknown:
         parser.error(f"--dtypes: unknown {unknown}: choose from float32, bfloat16")
@@ -264,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings["rows"] = args.rows
     old = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
     if args.report:
+        if old is None:
+            sys.exit(f"--report: no results at {out} (run the sweep first, or pass --out)")
         if args.replan:
             replan(old)
         write(old, out, figure)

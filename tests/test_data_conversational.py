@@ -246,8 +246,8 @@ EXPLICIT_FIX = "Fix: 'chosen' and 'rejected' hold only the assistant answer to t
         ),
         (
             ["not", "an", "object"],
-            "c.jsonl line 3: expected an object with 'chosen' and 'rejected' lists of chat messages (and an "
-            "optional 'prompt' list), found list ['not', 'an', 'object']. Fix:",
+            "c.jsonl line 3: is a JSON array, not an object with the columns of a preference pair (found list "
+            "['not', 'an', 'object']). Fix:",
         ),
     ],
 )
