@@ -669,39 +669,50 @@ def trl011_tokens(dataset: Any) -> int:
     return sum(len(ids) for column in columns for ids in dataset[column])
 
 
-def answer_share(dataset: Any, max_length: int) -> float | None:
-    """The largest share of a pair's ``2 * max_length`` positions that are answer tokens (scored by the LM head).
-
-    Rows are TRL 1.x-tokenized (``prompt_ids``, ``chosen_ids``, ``rejected_ids``), answers cut as TRL's collator
-    cuts them (``keep_start`` at ``max_length``); the largest pair bounds the scored tile of a batch. ``None``
-    for TRL 0.11's columns (it has no answer-only scoring).
-    """
+def pair_lengths(dataset: Any, max_length: int) -> list[tuple[int, int, int]] | None:
+    """Each pair's ``(prompt, chosen, rejected)`` token counts, answers cut as TRL's collator cuts them
+    (``keep_start`` at ``max_length``); ``None`` for columns other than TRL 1.x's tokenized ones (``prompt_ids``,
+    ``chosen_ids``, ``rejected_ids``)."""
     from dpo_xpu.data.truncation import kept_answer_length
 
     if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
         return None
-    shares = [
-        (kept_answer_length(len(p), len(c), max_length) + kept_answer_length(len(p), len(r), max_length))
-        / (2 * max_length)
+    return [
+        (len(p), kept_answer_length(len(p), len(c), max_length), kept_answer_length(len(p), len(r), max_length))
         for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
     ]
-    return max(shares, default=1.0) or 1.0
+
+
+def answer_share(dataset: Any, max_length: int) -> float | None:
+    """The largest share of a pair's ``2 * max_length`` positions that are answer tokens (scored by the LM head):
+    the largest pair bounds the scored tile of a batch. ``None`` for TRL 0.11's columns (it has no answer-only
+    scoring)."""
+    lengths = pair_lengths(dataset, max_length)
+    if lengths is None:
+        return None
+    return max(((c + r) / (2 * max_length) for _, c, r in lengths), default=1.0) or 1.0
 
 
 def position_share(dataset: Any, max_length: int) -> float:
     """The largest share of a pair's ``2 * max_length`` two-sequence positions that prefix sharing runs: its prompt
-    once and both answers (``prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected``, answers cut as
-    :func:`answer_share` cuts them); 1.0 for columns other than TRL 1.x's."""
-    from dpo_xpu.data.truncation import kept_answer_length
-
-    if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
+    once and both answers (``prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected``); 1.0 for columns other than
+    TRL 1.x's."""
+    lengths = pair_lengths(dataset, max_length)
+    if lengths is None:
         return 1.0
-    shares = [
-        (len(p) + 1 + kept_answer_length(len(p), len(c), max_length) + kept_answer_length(len(p), len(r), max_length))
-        / (2 * max_length)
-        for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
-    ]
-    return min(1.0, max(shares, default=1.0))
+    return min(1.0, max(((p + 1 + c + r) / (2 * max_length) for p, c, r in lengths), default=1.0))
+
+
+def plan_rows(settings: Any, config: Any, rows: list[dict]) -> list[dict[str, Any]]:
+    """Put the planner's ``planner_mib`` and ``planner_error`` on measured result rows (skipped ones left out),
+    from the shares they recorded: the largest ``answer_share`` of them, each row's own ``position_share``; returns
+    the estimates (:func:`estimate_rows`)."""
+    ran = [r for r in rows if not r.get("skipped") and not r.get("error")]
+    share = max((r["answer_share"] for r in ran if r.get("answer_share")), default=1.0)
+    positions = {r["strategy"]: r.get("position_share") or 1.0 for r in ran}
+    estimates = estimate_rows(settings, config, [r["strategy"] for r in ran], share, positions)
+    add_planner_error(ran, estimates)
+    return estimates
 
 
 #: The planner's configuration of each strategy: (reference, LM head scores every position on the CPU, TRL's
@@ -1117,11 +1128,7 @@ def main(argv: list[str] | None = None) -> dict:
         ran = [r["strategy"] for r in results if not r.get("skipped")]
         add_scaling(results, run_nproc(argv, args.nproc, ran, args.work_dir), args.nproc)
     config = AutoConfig.from_pretrained(model_path)
-    share = max((r["answer_share"] for r in results if r.get("answer_share")), default=1.0)
-    ran = [r for r in results if not r.get("skipped")]
-    positions = {r["strategy"]: r.get("position_share") or 1.0 for r in ran}
-    estimates = estimate_rows(settings, config, [r["strategy"] for r in ran], share, positions)
-    add_planner_error(results, estimates)
+    estimates = plan_rows(settings, config, results)
     payload = write_results(
         out,
         machine_info(args.device),

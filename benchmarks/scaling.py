@@ -139,7 +139,6 @@ def replan(payload: dict) -> None:
 
     config = AutoConfig.from_pretrained(dpo_step.model_folder(payload["settings"]["model"]))
     for cell in payload["cells"]:
-        rows = [r for r in cell["rows"] if not r.get("error")]
         dtype, batch, max_length = cell_key(cell)
         settings = SimpleNamespace(
             batch=batch,
@@ -148,13 +147,10 @@ def replan(payload: dict) -> None:
             bf16=dtype == "bfloat16",
             device=payload["settings"]["device"],
         )
-        share = max((r["answer_share"] for r in rows if r.get("answer_share")), default=1.0)
-        positions = {r["strategy"]: r.get("position_share") or 1.0 for r in rows}
-        if settings.device.startswith("cpu"):  # the peak is resident memory: compared with the training phase's
-            for row in rows:
-                row.setdefault("peak_rss_mib", row["peak_memory_mib"])
-        estimates = dpo_step.estimate_rows(settings, config, [r["strategy"] for r in rows], share, positions)
-        dpo_step.add_planner_error(rows, estimates)
+        if settings.device.startswith("cpu"):  # the peak is resident memory (rows from before it was kept)
+            for row in cell["rows"]:
+                row.setdefault("peak_rss_mib", row.get("peak_memory_mib"))
+        dpo_step.plan_rows(settings, config, cell["rows"])
 
 
 def cell_key(cell: dict) -> tuple[str, int, int]:

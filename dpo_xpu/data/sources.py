@@ -17,7 +17,6 @@ import datasets
 
 from dpo_xpu.data.rows import (
     ORCA_COLUMNS,
-    check_row_object,
     read_source,
     validate_conversational_rows,
     validate_preference_rows,
@@ -87,8 +86,6 @@ def load_preference_pairs(
         raise ValueError(f"limit must be a positive number of rows or None, got {limit!r}.")
     rows, line_numbers, name = read_source(source, split)
     where = f"{name} line {line_numbers[0]}" if line_numbers else f"{name} row 1"
-    if data_format == "auto":
-        check_row_object(rows[0], where)  # the format is told from its columns
     found = data_format if data_format != "auto" else detect_format(list(rows[0]), where, rows[0])
     if found == "conversational":
         dataset = datasets.Dataset.from_list(validate_conversational_rows(rows, name, line_numbers))
